@@ -10,7 +10,9 @@ Activation method (Yu et al. 2024, Sec. 3.1), one forward pass of one prompt per
 3. In the earliest spiking layer the output peak ``Y[t, j]`` gives the row ``j``; the column is the
    ``k`` whose term ``X[t, k] * W[j, k]`` contributes most to it. That weight is a super weight
    when its term carries at least ``min_share`` of ``Y[t, j]`` (one weight makes the spike) and
-   its input ``|X[t, k]|`` itself passes the spike rule.
+   its input ``|X[t, k]|`` itself passes the spike rule, and ``|W[j, k]|`` is an outlier of its
+   matrix (at least ``min_weight_z`` standard deviations): a large input on an ordinary weight
+   is not a super weight.
 4. The weight is zeroed (temporarily; restored bit for bit afterwards) and the prompt is run
    again, until no spiking layer yields a new super weight or ``max_iter`` is reached.
 
@@ -46,6 +48,7 @@ class SpikeRule:
     floor: float = 50.0  # absolute |activation| floor (the authors' plots printed |x| > 50)
     ratio: float = 50.0  # times the median of the other layers' maxima
     min_share: float = 0.5  # the weight's term must carry this share of the output spike
+    min_weight_z: float = 5.0  # |w| must be this many standard deviations of its matrix
 
     def threshold(self, maxima: Sequence[float], layer: int) -> float:
         others = [m for i, m in enumerate(maxima) if i != layer]
@@ -206,6 +209,8 @@ def find_candidate(
         share = float(terms[col]) / st.output.value if st.output.value else 0.0
         x_col = abs(float(x[col]))
         if share < rule.min_share or x_col < rule.threshold(ins, i) or (i, row, col) in skip:
+            continue
+        if abs(float(w_row[col])) < rule.min_weight_z * float(arch.weight_matrix(model, i).detach().float().std()):
             continue
         return SuperWeight(
             layer=i, row=row, col=col, module=arch.down_proj_name(i), value=float(w_row[col]),

