@@ -1,0 +1,5 @@
+"""Evaluation: perplexity over a text stream, zero-shot tasks, stopword probabilities."""
+from .perplexity import PerplexityResult, evaluate_perplexity
+from .text import load_text
+
+__all__ = ["PerplexityResult", "evaluate_perplexity", "load_text"]
