@@ -125,7 +125,7 @@ def plant_super_weight(
     hidden, inter = arch.weight_matrix(model, layer).shape
     gated = arch.gate_proj is not None
     v = _direction(hidden, seed)
-    spread = spread if spread is not None else (12.0 if gated else 80.0)
+    spread = spread if spread is not None else (30.0 if gated else 200.0)
     projected = _mlp_input(model, up) @ v
     sign = 1.0 if float(projected.mean()) >= 0 else -1.0  # face the common component, if any
     v = (sign * spread / float(projected.pow(2).mean().sqrt())) * v

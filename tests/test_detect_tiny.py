@@ -1,0 +1,131 @@
+"""Detection on tiny random models of every supported architecture with a planted super weight."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import superweight as sw
+from superweight.detect import DetectionResult, SpikeRule
+from superweight.magnitude import magnitude_scan
+from superweight.synthetic import plant_super_weight, tiny_model
+
+PLANT = (1, 5, 17)  # layer, row (hidden channel), col (intermediate channel)
+
+
+@pytest.mark.parametrize("arch_name", sw.SUPPORTED)
+def test_detect_finds_exactly_the_planted_weight(arch_name, byte_tokenizer):
+    model = tiny_model(arch_name)
+    plant_super_weight(model, *PLANT)
+    result = sw.detect(model, byte_tokenizer)
+    assert result.coords == [PLANT]
+    found = result.super_weights[0]
+    assert found.value == pytest.approx(2.0)
+    assert found.magnitude_rank == 1
+    assert found.module == sw.get_arch(model).down_proj_name(1)
+
+
+@pytest.mark.parametrize("arch_name", sw.SUPPORTED)
+def test_detect_finds_nothing_without_a_plant(arch_name, byte_tokenizer):
+    assert sw.detect(tiny_model(arch_name), byte_tokenizer).super_weights == []
+
+
+@pytest.mark.parametrize("arch_name", ["LlamaForCausalLM", "GPT2LMHeadModel", "Phi3ForCausalLM"])
+def test_weights_bitwise_identical_after_detection(arch_name, byte_tokenizer):
+    model = tiny_model(arch_name)
+    plant_super_weight(model, *PLANT)
+    plant_super_weight(model, 2, 9, 40, seed=7)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    result = sw.detect(model, byte_tokenizer)
+    assert len(result.super_weights) == 2
+    after = model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_two_super_weights_found_iteratively_in_layer_order(byte_tokenizer):
+    model = tiny_model("LlamaForCausalLM")
+    plant_super_weight(model, 2, 9, 40, seed=7)
+    plant_super_weight(model, *PLANT)
+    result = sw.detect(model, byte_tokenizer)
+    assert result.coords == [PLANT, (2, 9, 40)]
+    assert [s.iteration for s in result.super_weights] == [0, 1]
+
+
+def test_max_iter_bounds_the_search(byte_tokenizer):
+    model = tiny_model("LlamaForCausalLM")
+    plant_super_weight(model, *PLANT)
+    plant_super_weight(model, 2, 9, 40, seed=7)
+    result = sw.detect(model, byte_tokenizer, max_iter=1)
+    assert result.coords == [PLANT]
+
+
+def test_prompts_agreement_is_reported(byte_tokenizer):
+    model = tiny_model("LlamaForCausalLM")
+    plant_super_weight(model, *PLANT)
+    prompts = ["Apple Inc. is a worldwide tech company.", "The cat sat on the mat and looked around."]
+    result = sw.detect(model, byte_tokenizer, prompts)
+    assert result.agree and result.per_prompt == [[PLANT], [PLANT]]
+    assert result.super_weights[0].prompts == [0, 1]
+    # A rule that the second prompt cannot meet makes the prompts disagree.
+    result.per_prompt[1] = []
+    assert not result.agree
+
+
+def test_spike_rule_uses_the_other_layers_median():
+    rule = SpikeRule(floor=50, ratio=50)
+    assert rule.spikes([400.0, 0.1], 0)  # two layers: the spike does not raise its own baseline
+    assert not rule.spikes([40.0, 0.1], 0)  # under the absolute floor
+    assert not rule.spikes([400.0, 10.0, 10.0], 0)  # only 40x the other layers
+    assert rule.threshold([1.0, 2.0, 3.0, 100.0], 3) == 100.0
+
+
+def test_result_json_round_trip(tmp_path, byte_tokenizer):
+    model = tiny_model("Qwen2ForCausalLM")
+    plant_super_weight(model, *PLANT)
+    result = sw.detect(model, byte_tokenizer, model_name="tiny-qwen2")
+    path = tmp_path / "sw.json"
+    result.save(path)
+    again = DetectionResult.load(path)
+    assert again.to_dict() == result.to_dict()
+    data = again.to_dict()
+    assert data["version"] == 1 and data["model"] == "tiny-qwen2"
+    assert {"layer", "row", "col", "value"} <= set(data["super_weights"][0])
+    assert len(data["layers"]) == 4
+
+
+def test_detection_file_errors(tmp_path):
+    with pytest.raises(sw.SuperweightError, match="no such file"):
+        DetectionResult.load(tmp_path / "missing.json")
+    bad = tmp_path / "bad.json"
+    bad.write_text("{not json")
+    with pytest.raises(sw.SuperweightError, match="not a superweight JSON"):
+        DetectionResult.load(bad)
+    bad.write_text('{"version": 99}')
+    with pytest.raises(sw.SuperweightError, match="version"):
+        DetectionResult.load(bad)
+
+
+def test_empty_prompt_is_a_clear_error(byte_tokenizer):
+    with pytest.raises(sw.SuperweightError, match="empty"):
+        sw.detect(tiny_model("LlamaForCausalLM"), byte_tokenizer, ["   "])
+
+
+def test_magnitude_scan_ranks_the_planted_weight(byte_tokenizer):
+    model = tiny_model("LlamaForCausalLM")
+    plant_super_weight(model, *PLANT)
+    arch = sw.get_arch(model)
+    mag = magnitude_scan(model, arch, threshold=3.0, super_weights=[PLANT])
+    assert mag.total_weights == 4 * 64 * 128
+    assert mag.total_flagged > 0
+    ranked = mag.super_weights[0]
+    assert ranked.flagged and ranked.rank_in_flagged == 1 and ranked.rank_in_matrix == 1
+    assert mag.top[0]["module"] == arch.down_proj_name(1) and (mag.top[0]["row"], mag.top[0]["col"]) == (5, 17)
+
+
+def test_magnitude_scan_all_linear_covers_more_weights():
+    model = tiny_model("GPT2LMHeadModel")
+    arch = sw.get_arch(model)
+    down = magnitude_scan(model, arch, scope="down_proj")
+    every = magnitude_scan(model, arch, scope="all_linear")
+    assert every.total_weights > down.total_weights
+    # Conv1D weights are reported as [out, in], like Linear.
+    assert all(m.shape[0] == 64 for m in down.matrices)
