@@ -1,0 +1,113 @@
+"""llama.cpp bridge: ``--tensor-type`` arguments that keep super-weight tensors at a higher type.
+
+``llama-quantize`` accepts ``--tensor-type PATTERN=TYPE`` (repeatable; or one such item per
+line in ``--tensor-type-file``). PATTERN is a regular expression searched in the GGUF tensor name
+(``blk.11.ffn_down.weight``); TYPE is a ggml type name (``f16``, ``q8_0``, ...). We anchor and
+escape the pattern (``^blk\\.11\\.ffn_down\\.weight$``) so it selects exactly one tensor.
+
+Hugging Face module names become GGUF tensor names through gguf-py's own ``TensorNameMap`` for
+the llama.cpp architecture of the model (the table below: Hugging Face class -> gguf
+``MODEL_ARCH``, as llama.cpp's ``convert_hf_to_gguf.py`` registers them). llama.cpp keeps the
+Hugging Face layer numbering (``model.layers.11`` -> ``blk.11``) and the down-projection's
+row/column layout, so only the tensor name changes.
+"""
+from __future__ import annotations
+
+import re
+import shlex
+from dataclasses import asdict, dataclass, field
+from typing import Sequence
+
+from .arch import spec_for_name
+from .errors import SuperweightError
+
+# Hugging Face class name -> gguf.MODEL_ARCH member (convert_hf_to_gguf.py registers Mistral as LLAMA).
+GGUF_ARCH: dict[str, str] = {
+    "LlamaForCausalLM": "LLAMA",
+    "MistralForCausalLM": "LLAMA",
+    "Qwen2ForCausalLM": "QWEN2",
+    "Qwen3ForCausalLM": "QWEN3",
+    "GemmaForCausalLM": "GEMMA",
+    "Gemma2ForCausalLM": "GEMMA2",
+    "Gemma3ForCausalLM": "GEMMA3",
+    "OlmoForCausalLM": "OLMO",
+    "Olmo2ForCausalLM": "OLMO2",
+    "Phi3ForCausalLM": "PHI3",
+    "GPT2LMHeadModel": "GPT2",
+    "GPTNeoXForCausalLM": "GPTNEOX",
+    "FalconForCausalLM": "FALCON",
+}
+DEFAULT_TYPE = "f16"
+
+
+@dataclass
+class TensorOverride:
+    tensor: str  # GGUF tensor name, e.g. blk.11.ffn_down.weight
+    type: str  # ggml type name, e.g. f16
+    hf_module: str  # e.g. model.layers.11.mlp.down_proj
+    super_weights: list[list[int]] = field(default_factory=list)  # [layer, row, col] it holds
+
+    @property
+    def pattern(self) -> str:
+        return f"^{re.escape(self.tensor)}$"
+
+    @property
+    def argument(self) -> str:
+        return f"{self.pattern}={self.type}"
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "argument": self.argument}
+
+
+def ggml_type_name(name: str) -> str:
+    """A ggml type name as llama-quantize spells it (case-insensitive check against gguf-py)."""
+    from gguf import GGMLQuantizationType
+
+    known = {t.name.lower() for t in GGMLQuantizationType}
+    if name.lower() not in known:
+        raise SuperweightError(f"unknown ggml type {name!r}: use e.g. f16, bf16, q8_0, q6_k ({', '.join(sorted(known))})")
+    return name.lower()
+
+
+def gguf_tensor_name(architecture: str, hf_module: str, num_layers: int) -> str:
+    """The GGUF base name (``blk.11.ffn_down``) of a Hugging Face module of ``architecture``."""
+    import gguf
+
+    if architecture not in GGUF_ARCH:
+        raise SuperweightError(
+            f"llama.cpp has no architecture for {architecture}: the bridge covers {', '.join(sorted(GGUF_ARCH))}"
+        )
+    name_map = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, GGUF_ARCH[architecture]), num_layers)
+    name = name_map.get_name(hf_module)
+    if name is None:
+        raise SuperweightError(f"gguf-py has no GGUF name for {hf_module} in {architecture}: update the gguf package")
+    return name
+
+
+def overrides_for(
+    architecture: str, num_layers: int, coords: Sequence[Sequence[int]], type_name: str = DEFAULT_TYPE
+) -> list[TensorOverride]:
+    """One override per down-projection holding a super weight ``(layer, row, col)``, by layer."""
+    spec = spec_for_name(architecture)
+    type_name = ggml_type_name(type_name)
+    by_layer: dict[int, list[list[int]]] = {}
+    for layer, row, col in coords:
+        if not 0 <= layer < num_layers:
+            raise SuperweightError(f"layer {layer} is outside the model's {num_layers} layers")
+        by_layer.setdefault(int(layer), []).append([int(layer), int(row), int(col)])
+    out = []
+    for layer in sorted(by_layer):
+        module = spec.down_proj_name(layer)
+        tensor = gguf_tensor_name(architecture, module, num_layers) + ".weight"
+        out.append(TensorOverride(tensor, type_name, module, by_layer[layer]))
+    return out
+
+
+def shell_args(overrides: Sequence[TensorOverride]) -> str:
+    """``--tensor-type '^blk\\.11\\.ffn_down\\.weight$=f16' ...`` ready to paste after llama-quantize."""
+    return " ".join(f"--tensor-type {shlex.quote(o.argument)}" for o in overrides)
+
+
+def tensor_type_file(overrides: Sequence[TensorOverride]) -> str:
+    """The same, one item per line, for ``llama-quantize --tensor-type-file FILE``."""
+    return "".join(f"{o.argument}\n" for o in overrides)

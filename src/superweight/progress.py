@@ -1,0 +1,57 @@
+"""Progress bars for long steps, shown only on an interactive terminal and never with --quiet.
+
+>>> for window in bar(windows, "perplexity"):
+...     ...
+>>> with step("converting the GGUF file"):
+...     convert()
+
+Bars go to stderr (so piped stdout stays clean) and vanish when stdout is not a terminal, when
+``configure(quiet=True)`` was called (the CLI's ``--quiet``), or when ``SUPERWEIGHT_PROGRESS=0``.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import sys
+import time
+from typing import Iterable, Iterator, TypeVar
+
+T = TypeVar("T")
+log = logging.getLogger("superweight")
+_quiet = False
+
+
+def configure(quiet: bool = False) -> None:
+    """Turn bars off for the rest of the process (the CLI calls this from ``setup_logging``)."""
+    global _quiet
+    _quiet = quiet
+
+
+def enabled() -> bool:
+    if _quiet or os.environ.get("SUPERWEIGHT_PROGRESS", "1") == "0":
+        return False
+    return sys.stdout.isatty() and sys.stderr.isatty()
+
+
+def bar(iterable: Iterable[T], desc: str, total: int | None = None, unit: str = "it") -> Iterable[T]:
+    """``iterable`` wrapped in a tqdm bar when ``enabled()``; the plain iterable otherwise."""
+    if not enabled():
+        return iterable
+    from tqdm.auto import tqdm
+
+    return tqdm(iterable, desc=desc, total=total, unit=unit, leave=False, dynamic_ncols=True, file=sys.stderr)
+
+
+@contextlib.contextmanager
+def step(desc: str) -> Iterator[None]:
+    """A spinner for a step of unknown length; logs its duration at INFO (``--verbose`` shows it)."""
+    start = time.perf_counter()
+    if enabled():
+        from rich.console import Console
+
+        with Console(stderr=True).status(desc):
+            yield
+    else:
+        yield
+    log.info("%s: %.1f s", desc, time.perf_counter() - start)
