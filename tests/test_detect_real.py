@@ -1,0 +1,50 @@
+"""Detection on the real SmolLM2-135M (float weights dequantized from a Q4_1 GGUF)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import superweight as sw
+from superweight.load import _gguf_cache_folder, builtin_path, default_cache_dir
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def smol_result(smollm2):
+    return sw.detect(smollm2.model, smollm2.tokenizer, model_name="smollm2-135m", arch=smollm2.arch)
+
+
+def test_finds_the_weight_behind_the_largest_spike(smollm2, smol_result):
+    layers = smol_result.layers
+    biggest = max(layers, key=lambda s: s.output.magnitude)
+    first = smol_result.super_weights[0]
+    assert (first.layer, first.row) == (biggest.layer, biggest.output.channel)
+    assert first.col == biggest.input.channel  # the input spike's channel
+    assert first.layer < smollm2.arch.num_layers(smollm2.model) // 2  # an early layer
+    assert first.token == 0 and first.share > 0.5
+    # The super activation is carried by the residual stream in the super weight's row.
+    later = [s.residual for s in layers[first.layer + 1 :]]
+    assert sum(p.channel == first.row for p in later) >= 0.8 * len(later)
+
+
+def test_detection_leaves_weights_bitwise_identical(smollm2):
+    before = {k: v.clone() for k, v in smollm2.model.state_dict().items() if "mlp.down_proj" in k}
+    sw.detect(smollm2.model, smollm2.tokenizer, arch=smollm2.arch)
+    after = smollm2.model.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_coordinates_agree_across_ordinary_prompts(smollm2, smol_result):
+    prompts = [
+        "Apple Inc. is a worldwide tech company.",
+        "The weather today is sunny with a light breeze from the west.",
+    ]
+    result = sw.detect(smollm2.model, smollm2.tokenizer, prompts, arch=smollm2.arch)
+    assert result.agree and result.coords == smol_result.coords
+
+
+def test_gguf_conversion_is_cached(smollm2):
+    folder = _gguf_cache_folder(str(builtin_path("smollm2-135m")), default_cache_dir())
+    assert (folder / "model.safetensors").is_file() and (folder / "config.json").is_file()
+    assert any("Q4_1" in n for n in smollm2.notes)
