@@ -1,0 +1,292 @@
+"""Packed quantized artifact: write it (``save_quantized``) and load it back (``load_quantized``).
+
+A folder holding ``model.safetensors`` (bit-packed codes, scales, zero points, a sparse exact
+outlier table per matrix, the untouched tensors), the model's ``config.json``, its tokenizer and
+``superweight_manifest.json`` (scheme, kept weights, source model, tool version, sizes). For a
+quantized weight ``W`` the file holds ``W::codes`` (uint8, packed), ``W::scale`` and ``W::zero``
+(``[rows, runs]``, float16), and ``W::sparse_idx`` (int32 flat ``[out, in]`` indices) with
+``W::sparse_val`` (float16 when that is exact for every value, else the model's dtype: the manifest
+says which). The folder is written under a temporary name and renamed, so it is complete or absent.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from . import __version__
+from .errors import SuperweightError
+from .quant.api import QuantResult
+from .quant.config import describe, from_dict, to_dict
+from .quant.layout import Layout
+from .quant.pack import pack_bits, pack_ternary, packed_bytes, unpack_bits, unpack_ternary
+from .quant.primitives import QuantizedTensor
+
+MANIFEST = "superweight_manifest.json"
+WEIGHTS = "model.safetensors"
+MANIFEST_VERSION = 1
+SEP = "::"
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def is_artifact(path: str | os.PathLike) -> bool:
+    return (Path(path) / MANIFEST).is_file()
+
+
+# ---------------------------------------------------------------- sizes
+
+
+def sparse_dtype(values: torch.Tensor) -> torch.dtype:
+    """float16 when every value survives the round trip exactly, else the values' own dtype."""
+    return torch.float16 if torch.equal(values.half().to(values.dtype), values) else values.dtype
+
+
+def predicted_bytes(qt: QuantizedTensor, param_bytes: int = 2) -> int:
+    """Bytes a quantized tensor takes in the file, from the scheme alone (codes, params, sparse)."""
+    L = qt.layout
+    codes = packed_bytes(qt.numel, 0 if qt.kind == "ternary" else qt.bits)
+    params = L.rows * L.runs * param_bytes * (2 if qt.kind == "rtn" else 1)
+    k = int(qt.sparse_idx.numel())
+    val_bytes = torch.empty(0, dtype=sparse_dtype(qt.sparse_val)).element_size() if k else 0
+    return codes + params + k * (4 + val_bytes)
+
+
+def sparse_bytes(qt: QuantizedTensor) -> int:
+    k = int(qt.sparse_idx.numel())
+    return k * (4 + torch.empty(0, dtype=sparse_dtype(qt.sparse_val)).element_size()) if k else 0
+
+
+# ---------------------------------------------------------------- packing
+
+
+def pack_tensor(key: str, qt: QuantizedTensor, param_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    codes = pack_ternary(qt.codes) if qt.kind == "ternary" else pack_bits(qt.codes, qt.bits)
+    out = {f"{key}{SEP}codes": codes, f"{key}{SEP}scale": qt.scale.to(param_dtype).contiguous()}
+    if qt.zero is not None:
+        out[f"{key}{SEP}zero"] = qt.zero.to(param_dtype).contiguous()
+    if qt.sparse_idx.numel():
+        out[f"{key}{SEP}sparse_idx"] = qt.sparse_idx.to(torch.int32)
+        out[f"{key}{SEP}sparse_val"] = qt.sparse_val.to(sparse_dtype(qt.sparse_val)).contiguous()
+    return out
+
+
+def _untouched(model: nn.Module, skip: set[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """State dict minus the quantized weights; tied tensors stored once (alias -> stored name)."""
+    tensors, tied, seen = {}, {}, {}
+    for name, t in model.state_dict().items():
+        if name in skip:
+            continue
+        ptr = (t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+        if t.numel() and ptr in seen:
+            tied[name] = seen[ptr]
+            continue
+        seen[ptr] = name
+        tensors[name] = t.detach().contiguous().clone()
+    return tensors, tied
+
+
+def _tensor_entry(qt: QuantizedTensor, transposed: bool) -> dict:
+    return {
+        "kind": qt.kind, "bits": qt.bits, "shape": list(qt.shape), "layout": qt.layout.to_dict(),
+        "transposed": transposed, "packing": "base3x5" if qt.kind == "ternary" else f"lsb{qt.bits}",
+        "sparse": int(qt.sparse_idx.numel()),
+        "sparse_dtype": _dtype_name(sparse_dtype(qt.sparse_val)) if qt.sparse_idx.numel() else None,
+    }
+
+
+def size_report(result: QuantResult, file_bytes: int, untouched_bytes: int, total_params: int, header_bytes: int) -> dict:
+    """Measured and predicted sizes, and bits per quantized weight."""
+    n = result.quantized_weights
+    q_bytes = sum(predicted_bytes(qt) for qt in result.tensors.values())
+    sp_bytes = sum(sparse_bytes(qt) for qt in result.tensors.values())
+    predicted = q_bytes + untouched_bytes
+    return {
+        "file_bytes": file_bytes,
+        "predicted_data_bytes": predicted,
+        "data_bytes": file_bytes - header_bytes,
+        "header_bytes": header_bytes,
+        "quantized_weights": n,
+        "quantized_bytes": q_bytes,
+        "bits_per_weight": 8.0 * q_bytes / n,
+        "sparse_bits_per_weight": 8.0 * sp_bytes / n,
+        "total_params": total_params,
+        "file_bits_per_param": 8.0 * file_bytes / total_params,
+    }
+
+
+def _safetensors_header_bytes(path: Path) -> int:
+    with open(path, "rb") as f:
+        return 8 + int.from_bytes(f.read(8), "little")
+
+
+def save_quantized(
+    model: nn.Module, tokenizer, result: QuantResult, out: str | os.PathLike, source: str = "",
+    notes: list[str] | None = None, force: bool = False, param_dtype: torch.dtype = torch.float16,
+) -> dict:
+    """Write the artifact of a model already fake-quantized by ``quantize`` (``result``); return the manifest."""
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    if out.exists() and not force:
+        raise SuperweightError(f"{out} already exists: pick another --out or pass --force to replace it")
+    tensors, tied = _untouched(model, set(result.tensors))
+    untouched_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
+    for key, qt in result.tensors.items():
+        tensors.update(pack_tensor(key, qt, param_dtype))
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    try:
+        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "superweight": __version__})
+        model.config.save_pretrained(tmp)
+        if getattr(model, "generation_config", None) is not None:
+            model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        file_bytes = (tmp / WEIGHTS).stat().st_size
+        total = sum(p.numel() for p in model.parameters())
+        manifest = {
+            "version": MANIFEST_VERSION,
+            "tool_version": __version__,
+            "scheme": describe(result.config),
+            "config": to_dict(result.config),
+            "param_dtype": _dtype_name(param_dtype),
+            "dtype": _dtype_name(next(model.parameters()).dtype),
+            "source_model": source,
+            "architecture": type(model).__name__,
+            "notes": list(notes or []),
+            "kept": result.kept,
+            "tied": tied,
+            "tensors": {k: _tensor_entry(qt, result.transposed[k]) for k, qt in result.tensors.items()},
+            "size": size_report(result, file_bytes, untouched_bytes, total, _safetensors_header_bytes(tmp / WEIGHTS)),
+        }
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        _replace_dir(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return manifest
+
+
+def _replace_dir(tmp: Path, out: Path) -> None:
+    """Rename ``tmp`` to ``out``; an existing ``out`` (``--force``) is moved aside first, then deleted."""
+    old = None
+    if out.exists():
+        old = out.with_name(f".{out.name}.old-{os.getpid()}")
+        os.replace(out, old)
+    os.replace(tmp, out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
+
+
+# ---------------------------------------------------------------- loading
+
+
+def read_manifest(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not (path / MANIFEST).is_file():
+        raise SuperweightError(f"{path} is not a superweight quantized artifact (no {MANIFEST}): write one with `superweight quantize --out`")
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SuperweightError(f"{path / MANIFEST} is corrupted ({exc}): re-export the artifact") from None
+    if not isinstance(manifest, dict) or manifest.get("version") != MANIFEST_VERSION:
+        got = manifest.get("version") if isinstance(manifest, dict) else None
+        raise SuperweightError(f"artifact manifest version {got!r} is not {MANIFEST_VERSION}: re-export it with this version")
+    return manifest
+
+
+def _layout(entry: dict) -> Layout:
+    L = Layout(**entry["layout"])
+    if L.numel != math.prod(entry["shape"]):
+        raise ValueError(f"layout holds {L.numel} elements, shape {entry['shape']} needs {math.prod(entry['shape'])}")
+    return L
+
+
+def _expect(t: torch.Tensor, shape: tuple[int, ...], what: str) -> torch.Tensor:
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{what} has shape {tuple(t.shape)}, expected {shape}")
+    return t
+
+
+def unpack_tensor(f, key: str, entry: dict) -> QuantizedTensor:
+    """Rebuild one ``QuantizedTensor`` from an open safetensors file, checking every shape."""
+    L = _layout(entry)
+    kind, bits = entry["kind"], int(entry["bits"])
+    packed = f.get_tensor(f"{key}{SEP}codes")
+    codes = unpack_ternary(packed, L.numel) if kind == "ternary" else unpack_bits(packed, bits, L.numel)
+    scale = _expect(f.get_tensor(f"{key}{SEP}scale"), (L.rows, L.runs), f"{key} scale")
+    zero = _expect(f.get_tensor(f"{key}{SEP}zero"), (L.rows, L.runs), f"{key} zero") if kind == "rtn" else None
+    idx, val = torch.zeros(0, dtype=torch.int64), torch.zeros(0)
+    if entry.get("sparse"):
+        idx = f.get_tensor(f"{key}{SEP}sparse_idx").long()
+        val = _expect(f.get_tensor(f"{key}{SEP}sparse_val"), tuple(idx.shape), f"{key} sparse values")
+        if idx.numel() != entry["sparse"] or (idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= L.numel)):
+            raise ValueError(f"{key} sparse indices are out of range")
+    if kind not in ("rtn", "nf4", "ternary"):
+        raise ValueError(f"unknown kind {kind!r}")
+    return QuantizedTensor(kind, bits, tuple(entry["shape"]), L, codes, scale, zero, idx, val)
+
+
+def read_state_dict(path: str | os.PathLike, manifest: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Dequantized weights plus untouched tensors, every quantized weight in its stored orientation."""
+    from safetensors import safe_open
+
+    from .load import check_safetensors
+
+    weights = Path(path) / WEIGHTS
+    if not weights.is_file():
+        raise SuperweightError(f"{weights} is missing: the artifact is incomplete, re-export it")
+    check_safetensors(weights)
+    state: dict[str, torch.Tensor] = {}
+    try:
+        with safe_open(str(weights), framework="pt") as f:
+            for key, entry in manifest["tensors"].items():
+                w = unpack_tensor(f, key, entry).dequantize(dtype)
+                state[key] = w.t().contiguous() if entry["transposed"] else w
+            for name in f.keys():
+                if SEP not in name:
+                    state[name] = f.get_tensor(name)
+    except SuperweightError as exc:
+        raise SuperweightError(f"{path} is a corrupted artifact ({exc})") from None
+    except Exception as exc:  # safetensors / torch raise many kinds on a damaged file
+        raise SuperweightError(f"{path} is a corrupted artifact ({type(exc).__name__}: {exc}): re-export it") from None
+    return state
+
+
+def load_quantized(path: str | os.PathLike, dtype: str | torch.dtype | None = None):
+    """Rebuild a working transformers model (and tokenizer) from an artifact: a ``LoadedModel``."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from .arch import architecture_name, spec_for_name
+    from .load import LoadedModel, parse_dtype
+
+    path = Path(path)
+    manifest = read_manifest(path)
+    torch_dtype = parse_dtype(dtype) if dtype is not None else _DTYPES.get(manifest.get("dtype"), torch.float32)
+    try:
+        from_dict(manifest["config"])
+        config = AutoConfig.from_pretrained(str(path))
+    except (KeyError, ValueError, OSError) as exc:
+        raise SuperweightError(f"{path} is a corrupted artifact (config: {exc}): re-export it") from None
+    state = read_state_dict(path, manifest, torch_dtype)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    missing, unexpected = model.load_state_dict({k: v.to(torch_dtype) if v.is_floating_point() else v for k, v in state.items()}, strict=False)
+    missing = [m for m in missing if m not in manifest.get("tied", {})]
+    if missing or unexpected:
+        raise SuperweightError(f"{path} does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]}): re-export it")
+    model.tie_weights()
+    model.eval()
+    tokenizer = AutoTokenizer.from_pretrained(str(path)) if (path / "tokenizer_config.json").is_file() else None
+    notes = list(manifest.get("notes", [])) + [f"quantized artifact: {manifest['scheme']}, {manifest['size']['bits_per_weight']:.3f} bits per quantized weight"]
+    return LoadedModel(model, tokenizer, spec_for_name(architecture_name(model)), str(path), manifest.get("source_model", ""), notes)

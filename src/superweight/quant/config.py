@@ -1,0 +1,202 @@
+"""Quantization configs: small frozen dataclasses that round-trip through versioned JSON.
+
+``RTN(bits=4, block=128 * 128, clip=ZScore(9))`` reads as the paper's blockwise INT4 with z-score
+clipping; ``Ternary(topk=64)`` as BitNet b1.58 absmean ternary with 64 extra FP16 outliers per
+matrix; ``W8A8(method="holdout")`` as the activation simulation. ``to_dict``/``from_dict`` give
+``{"version": 1, "type": "RTN", ...}``; ``scheme_config("int4", block=...)`` maps CLI names.
+"""
+from __future__ import annotations
+
+import difflib
+from dataclasses import asdict, dataclass, fields
+from typing import Union
+
+from ..errors import SuperweightError
+
+CONFIG_VERSION = 1
+
+
+@dataclass(frozen=True)
+class ZScore:
+    """Clamp a tensor to ``mean +- z * std`` before quantizing."""
+
+    z: float = 9.0
+
+    def __post_init__(self) -> None:
+        if not self.z > 0:
+            raise SuperweightError(f"z-score clip threshold must be > 0, got {self.z}")
+
+
+@dataclass(frozen=True)
+class Percentile:
+    """Clamp ``|w|`` to its ``p``-th percentile (e.g. 99.99) before quantizing."""
+
+    p: float = 99.99
+
+    def __post_init__(self) -> None:
+        if not 0 < self.p <= 100:
+            raise SuperweightError(f"percentile clip must be in (0, 100], got {self.p}")
+
+
+Clip = Union[ZScore, Percentile]
+
+
+def _check_size(name: str, value: int | None) -> None:
+    if value is not None and (not isinstance(value, int) or value < 1):
+        raise SuperweightError(f"{name} must be a positive integer, got {value!r}")
+
+
+def _check_granularity(group: int | None, block: int | None, per_channel: bool) -> None:
+    _check_size("group", group)
+    _check_size("block", block)
+    if sum([group is not None, block is not None, per_channel]) > 1:
+        raise SuperweightError("pick one of group, block or per_channel (or none: per tensor)")
+
+
+@dataclass(frozen=True)
+class RTN:
+    """Asymmetric round-to-nearest INT-``bits`` (or NF4 levels) with one scale per group.
+
+    Granularity: ``block`` = contiguous runs of B elements of the flattened tensor (the paper's
+    "block"; a last, shorter run takes the remainder), ``group`` = runs of g along the input
+    dimension of each row (shorter last group when g does not divide it), ``per_channel`` = one
+    group per output row, none of them = one group per tensor. ``oversize="tensor"`` quantizes a
+    tensor smaller than the block per tensor instead of refusing it.
+    """
+
+    bits: int = 4
+    group: int | None = None
+    block: int | None = None
+    per_channel: bool = False
+    clip: Clip | None = None
+    levels: str = "uniform"  # "uniform" (asymmetric INT-N) or "nf4" (QLoRA NormalFloat4, absmax scale)
+    oversize: str = "error"  # "error" or "tensor"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
+            raise SuperweightError(f"bits must be an integer from 2 to 8, got {self.bits!r}")
+        _check_granularity(self.group, self.block, self.per_channel)
+        if self.levels not in ("uniform", "nf4"):
+            raise SuperweightError(f"levels must be 'uniform' or 'nf4', got {self.levels!r}")
+        if self.levels == "nf4" and self.bits != 4:
+            raise SuperweightError("NF4 levels need bits=4")
+        if self.oversize not in ("error", "tensor"):
+            raise SuperweightError(f"oversize must be 'error' or 'tensor', got {self.oversize!r}")
+
+
+@dataclass(frozen=True)
+class Ternary:
+    """BitNet b1.58 absmean ternary: ``gamma = mean|W|`` per tensor (or per group / block),
+    ``W_q = clip(round(W / (gamma + eps)), -1, 1)``; ``topk`` largest other weights per matrix are
+    kept as sparse FP16 values (on top of any super weights passed as ``keep``)."""
+
+    group: int | None = None
+    block: int | None = None
+    topk: int = 0
+    eps: float = 1e-5
+    oversize: str = "error"
+
+    def __post_init__(self) -> None:
+        _check_granularity(self.group, self.block, False)
+        if not isinstance(self.topk, int) or self.topk < 0:
+            raise SuperweightError(f"topk must be a non-negative integer, got {self.topk!r}")
+        if self.oversize not in ("error", "tensor"):
+            raise SuperweightError(f"oversize must be 'error' or 'tensor', got {self.oversize!r}")
+
+
+@dataclass(frozen=True)
+class W8A8:
+    """Simulated W8A8: per-tensor 8-bit weights, per-token 8-bit activations on every linear input.
+
+    ``method``: "naive"; "holdout" (elements with ``|x| >= holdout_ratio * median|x|`` of the input
+    tensor, i.e. the super activations, are replaced by the median, the tensor is quantized and
+    dequantized, then they are put back exactly); "smoothquant" (per-channel smoothing with
+    ``alpha``, calibrated on a few text samples).
+    """
+
+    method: str = "naive"
+    alpha: float = 0.85
+    holdout_ratio: float = 1000.0
+
+    def __post_init__(self) -> None:
+        if self.method not in ("naive", "holdout", "smoothquant"):
+            raise SuperweightError(f"W8A8 method must be naive, holdout or smoothquant, got {self.method!r}")
+        if not 0 <= self.alpha <= 1:
+            raise SuperweightError(f"SmoothQuant alpha must be in [0, 1], got {self.alpha}")
+
+
+QuantConfig = Union[RTN, Ternary, W8A8]
+_TYPES = {cls.__name__: cls for cls in (RTN, Ternary, W8A8, ZScore, Percentile)}
+
+
+def to_dict(config) -> dict:
+    """``{"version": 1, "type": <class>, <fields>}``; nested clip configs become dicts too."""
+    out = {"version": CONFIG_VERSION, "type": type(config).__name__}
+    for f in fields(config):
+        value = getattr(config, f.name)
+        out[f.name] = to_dict(value) if type(value).__name__ in _TYPES else value
+    return out
+
+
+def from_dict(data: dict):
+    """Rebuild a config written by ``to_dict``; a clear error for another version or type."""
+    if not isinstance(data, dict):
+        raise SuperweightError(f"a quantization config must be a JSON object, got {type(data).__name__}")
+    if data.get("version") != CONFIG_VERSION:
+        raise SuperweightError(f"quantization config version {data.get('version')!r} is not {CONFIG_VERSION}")
+    name = data.get("type")
+    if name not in _TYPES:
+        raise SuperweightError(f"unknown quantization config type {name!r}: one of {', '.join(_TYPES)}")
+    cls = _TYPES[name]
+    kwargs = {}
+    for f in fields(cls):
+        if f.name in data:
+            value = data[f.name]
+            kwargs[f.name] = from_dict(value) if isinstance(value, dict) else value
+    return cls(**kwargs)
+
+
+SCHEMES = ("int2", "int3", "int4", "int8", "nf4", "ternary")
+
+
+def scheme_config(
+    scheme: str, block: int | None = None, group: int | None = None, clip_z: float | None = None,
+    topk: int = 0, per_channel: bool = False,
+) -> RTN | Ternary:
+    """The config behind a CLI ``--scheme`` name."""
+    clip = ZScore(clip_z) if clip_z is not None else None
+    if scheme.startswith("int") and scheme in SCHEMES:
+        return RTN(bits=int(scheme[3:]), block=block, group=group, per_channel=per_channel, clip=clip)
+    if scheme == "nf4":
+        return RTN(bits=4, block=block, group=group, per_channel=per_channel, clip=clip, levels="nf4")
+    if scheme == "ternary":
+        if clip is not None:
+            raise SuperweightError("--clip-z does not apply to ternary (absmean already bounds the scale)")
+        return Ternary(group=group, block=block, topk=topk)
+    guess = difflib.get_close_matches(scheme, SCHEMES, n=1)
+    hint = f" Did you mean {guess[0]}?" if guess else ""
+    raise SuperweightError(f"unknown scheme {scheme!r}.{hint} Use one of: {', '.join(SCHEMES)}")
+
+
+def describe(config) -> str:
+    """A short human label, e.g. ``int4 block=16384 clip z=9``."""
+    d = asdict(config)
+    if isinstance(config, W8A8):
+        return f"W8A8 {config.method}"
+    head = "ternary" if isinstance(config, Ternary) else ("nf4" if config.levels == "nf4" else f"int{config.bits}")
+    parts = [head]
+    for key in ("block", "group"):
+        if d.get(key):
+            parts.append(f"{key}={d[key]}")
+    if d.get("per_channel"):
+        parts.append("per-channel")
+    if not any(d.get(k) for k in ("block", "group", "per_channel")):
+        parts.append("per-tensor")
+    clip = getattr(config, "clip", None)
+    if isinstance(clip, ZScore):
+        parts.append(f"clip z={clip.z:g}")
+    elif isinstance(clip, Percentile):
+        parts.append(f"clip p={clip.p:g}")
+    if isinstance(config, Ternary) and config.topk:
+        parts.append(f"top{config.topk}")
+    return " ".join(parts)

@@ -1,0 +1,206 @@
+"""Pure tensor primitives: RTN INT-N, NF4, absmean ternary, clipping, hold-out, SQNR.
+
+Asymmetric RTN (the paper's Sec. 4): per run, ``zero = min`` and ``scale = (max - min) / (2^N - 1)``,
+``q = round((x - zero) / scale)`` in ``[0, 2^N - 1]``, ``x_hat = q * scale + zero`` (the zero point
+is kept in the float domain, as HQQ does). Scales and zero points are stored in ``param_dtype``
+(float16 by default); the zero point is rounded down and the scale up to that dtype *before* the
+codes are computed, so the stored parameters are the ones used, the range still covers every
+value, and the dequantized error stays within half a step. ``QuantizedTensor.dequantize`` is the
+only dequantization there is: the in-memory fake quantization and the packed artifact both call it,
+which is why a reloaded artifact is bitwise equal to the fake-quantized model.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+from ..errors import SuperweightError
+from .config import RTN, Percentile, Ternary, ZScore
+from .layout import Layout, make_layout
+
+# QLoRA's NormalFloat4 levels (Dettmers et al. 2023, bitsandbytes).
+NF4_LEVELS = torch.tensor([
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
+    -0.18477343022823334, -0.09105003625154495, 0.0, 0.07958029955625534, 0.16093020141124725,
+    0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
+    0.7229568362236023, 1.0,
+])
+
+
+@dataclass
+class QuantizedTensor:
+    """Codes (one uint8 per element, tensor order), per-run parameters and a sparse exact part."""
+
+    kind: str  # "rtn", "nf4" or "ternary"
+    bits: int  # code width before packing (ternary: 2 levels-bits, packed at 1.6)
+    shape: tuple[int, ...]
+    layout: Layout
+    codes: torch.Tensor  # uint8 [numel]
+    scale: torch.Tensor  # [rows, runs]
+    zero: torch.Tensor | None  # [rows, runs] for "rtn", else None
+    sparse_idx: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
+    sparse_val: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+
+    @property
+    def numel(self) -> int:
+        return self.layout.numel
+
+    def dense(self) -> torch.Tensor:
+        """The dequantized codes in float32, ``[rows, row_len]``, before the sparse part."""
+        L = self.layout
+        q = L.view(self.codes).float()
+        if self.kind == "rtn":
+            return q * L.expand(self.scale.float()) + L.expand(self.zero.float())
+        if self.kind == "nf4":
+            return NF4_LEVELS[self.codes.long()].view(L.rows, L.row_len) * L.expand(self.scale.float())
+        return (q - 1.0) * L.expand(self.scale.float())
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        out = self.dense().to(dtype).reshape(self.shape)
+        if self.sparse_idx.numel():
+            out.view(-1)[self.sparse_idx] = self.sparse_val.to(dtype)
+        return out
+
+
+# ---------------------------------------------------------------- helpers
+
+
+def _to_dtype(x: torch.Tensor, dtype: torch.dtype, direction: float) -> torch.Tensor:
+    """Round float32 ``x`` to ``dtype`` towards ``direction`` (-inf: down, +inf: up)."""
+    h = x.to(dtype)
+    if not torch.isfinite(h).all():
+        raise SuperweightError(
+            f"quantization parameters overflow {dtype}: the tensor holds values too large for it; use param_dtype=float32"
+        )
+    if dtype == torch.float32:
+        return h
+    wrong = h.float() > x if direction < 0 else h.float() < x
+    return torch.where(wrong, torch.nextafter(h, torch.full_like(h, direction)), h)
+
+
+def sqnr(x: torch.Tensor, x_hat: torch.Tensor) -> float:
+    """Signal-to-quantization-noise ratio in dB (``inf`` for an exact copy)."""
+    x, x_hat = x.double(), x_hat.double()
+    noise = (x - x_hat).pow(2).sum()
+    if noise == 0:
+        return float("inf")
+    return float(10.0 * torch.log10(x.pow(2).sum() / noise))
+
+
+def clip_tensor(w: torch.Tensor, clip: ZScore | Percentile | None) -> torch.Tensor:
+    """``w`` in float32, clamped by a z-score (mean +- z std) or a percentile of ``|w|``."""
+    x = w.detach().float()
+    if clip is None:
+        return x
+    if isinstance(clip, ZScore):
+        mean, std = float(x.mean()), float(x.std()) if x.numel() > 1 else 0.0
+        return x.clamp(mean - clip.z * std, mean + clip.z * std)
+    flat = x.abs().reshape(-1)
+    k = max(1, min(flat.numel(), int(round(clip.p / 100.0 * flat.numel()))))
+    t = float(flat.kthvalue(k).values)
+    return x.clamp(-t, t)
+
+
+# ---------------------------------------------------------------- quantizers
+
+
+def rtn_codes(
+    x: torch.Tensor, bits: int, layout: Layout, param_dtype: torch.dtype = torch.float16
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Asymmetric RTN of float32 ``x``: ``(codes uint8 [numel], scale, zero)`` per run."""
+    qmax = 2**bits - 1
+    lo = layout.padded(x, float("inf")).amin(-1)
+    hi = layout.padded(x, float("-inf")).amax(-1)
+    zero = _to_dtype(lo, param_dtype, float("-inf"))
+    scale = _to_dtype((hi - zero.float()) / qmax, param_dtype, float("inf"))
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    q = (layout.view(x) - layout.expand(zero.float())) / layout.expand(scale.float())
+    codes = q.round_().clamp_(0, qmax).to(torch.uint8).reshape(-1)
+    return codes, scale, zero
+
+
+def nf4_codes(x: torch.Tensor, layout: Layout, param_dtype: torch.dtype = torch.float16) -> tuple[torch.Tensor, torch.Tensor]:
+    """NF4: absmax per run (rounded up), nearest NormalFloat level: ``(codes, scale)``."""
+    absmax = layout.padded(x.abs(), 0.0).amax(-1)
+    scale = _to_dtype(absmax, param_dtype, float("inf"))
+    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+    y = (layout.view(x) / layout.expand(scale.float())).reshape(-1)
+    mids = (NF4_LEVELS[1:] + NF4_LEVELS[:-1]) / 2
+    return torch.bucketize(y, mids).to(torch.uint8), scale
+
+
+def ternary_codes(
+    x: torch.Tensor, layout: Layout, eps: float = 1e-5, param_dtype: torch.dtype = torch.float16
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """BitNet b1.58 absmean: ``gamma = mean|x|`` per run; codes ``round(x / (gamma + eps))`` clipped to
+    {-1, 0, 1}, stored as {0, 1, 2}; ``x_hat = (code - 1) * gamma``."""
+    gamma = layout.padded(x.abs(), 0.0).sum(-1) / layout.run_counts()
+    gamma = gamma.to(param_dtype)
+    q = layout.view(x) / (layout.expand(gamma.float()) + eps)
+    codes = (q.round_().clamp_(-1, 1) + 1).to(torch.uint8).reshape(-1)
+    return codes, gamma
+
+
+def topk_outliers(w: torch.Tensor, k: int, exclude: torch.Tensor) -> torch.Tensor:
+    """Flat indices of the ``k`` largest ``|w|`` not in ``exclude``."""
+    if k <= 0:
+        return torch.zeros(0, dtype=torch.int64)
+    mag = w.detach().float().abs().reshape(-1).clone()
+    mag[exclude] = -1.0
+    return mag.topk(min(k, mag.numel() - exclude.numel())).indices
+
+
+def quantize_tensor(
+    w: torch.Tensor, config: RTN | Ternary, keep: torch.Tensor | list[int] | None = None,
+    param_dtype: torch.dtype = torch.float16,
+) -> QuantizedTensor:
+    """Quantize ``w`` (``[out, in]`` or any shape) under ``config``.
+
+    ``keep`` are flat indices (e.g. super weights) that take part in clipping and quantization and
+    then get their exact original value back through the sparse part.
+    """
+    keep_idx = torch.as_tensor(keep if keep is not None else [], dtype=torch.int64).reshape(-1)
+    if keep_idx.numel() and (int(keep_idx.min()) < 0 or int(keep_idx.max()) >= w.numel()):
+        raise SuperweightError(f"a kept index is outside the tensor of shape {tuple(w.shape)}")
+    per_channel = getattr(config, "per_channel", False)
+    layout = make_layout(tuple(w.shape), config.group, config.block, per_channel, config.oversize)
+    if isinstance(config, Ternary):
+        codes, scale = ternary_codes(w.detach().float(), layout, config.eps, param_dtype)
+        zero, kind, bits = None, "ternary", 2
+        keep_idx = torch.cat([keep_idx, topk_outliers(w, config.topk, keep_idx)])
+    else:
+        x = clip_tensor(w, config.clip)
+        if config.levels == "nf4":
+            codes, scale = nf4_codes(x, layout, param_dtype)
+            zero, kind = None, "nf4"
+        else:
+            codes, scale, zero = rtn_codes(x, config.bits, layout, param_dtype)
+            kind = "rtn"
+        bits = config.bits
+    idx = torch.unique(keep_idx)  # sorted
+    val = w.detach().reshape(-1)[idx].clone()
+    return QuantizedTensor(kind, bits, tuple(w.shape), layout, codes, scale, zero, idx, val)
+
+
+def fake_quantize(w: torch.Tensor, config: RTN | Ternary, keep=None, param_dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """``w`` quantized and dequantized (same dtype and shape); kept indices exact."""
+    return quantize_tensor(w, config, keep, param_dtype).dequantize(w.dtype)
+
+
+def quantize_per_token(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """Asymmetric per-token (last dimension) RTN, quantized and dequantized, float32 parameters."""
+    flat = x.reshape(-1, x.shape[-1]).float()
+    layout = Layout(flat.shape[0], flat.shape[1], flat.shape[1])
+    codes, scale, zero = rtn_codes(flat, bits, layout, torch.float32)
+    qt = QuantizedTensor("rtn", bits, tuple(flat.shape), layout, codes, scale, zero)
+    return qt.dense().reshape(x.shape).to(x.dtype)
+
+
+def holdout_quantize(x: torch.Tensor, mask: torch.Tensor, bits: int = 8) -> torch.Tensor:
+    """The paper's super-activation hold-out: masked elements are replaced by the tensor's median,
+    everything is quantized per token and dequantized, then the masked elements are restored."""
+    if not bool(mask.any()):
+        return quantize_per_token(x, bits)
+    filled = torch.where(mask, x.detach().float().median().to(x.dtype), x)
+    return torch.where(mask, x, quantize_per_token(filled, bits))
