@@ -13,9 +13,11 @@ from .load import LoadedModel, load_model, DEFAULT_MODEL  # noqa: E402
 from .capture import ActivationCapture  # noqa: E402
 from .detect import DetectionResult, SpikeRule, SuperWeight, detect  # noqa: E402
 from .ablate import scaled_weights, zeroed_weights  # noqa: E402
+from .export import load_quantized, save_quantized  # noqa: E402
 
 __all__ = [
     "SuperweightError", "ArchSpec", "get_arch", "SUPPORTED", "LoadedModel", "load_model",
     "DEFAULT_MODEL", "ActivationCapture", "DetectionResult", "SpikeRule", "SuperWeight", "detect",
     "scaled_weights", "zeroed_weights",
+    "load_quantized", "save_quantized",
 ]

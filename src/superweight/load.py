@@ -88,7 +88,7 @@ def builtin_path(name: str) -> Path:
 
 
 def resolve(name: str) -> tuple[str, str]:
-    """Classify a model argument: ("gguf", path), ("dir", path) or ("hub", id)."""
+    """Classify a model argument: ("gguf", path), ("quantized", path), ("dir", path) or ("hub", id)."""
     if name in BUILTIN_MODELS:
         return "gguf", str(builtin_path(name))
     path = Path(name).expanduser()
@@ -99,6 +99,8 @@ def resolve(name: str) -> tuple[str, str]:
             return "dir", str(path.parent)
         raise SuperweightError(f"{name} is not a model: pass a model folder, a .gguf file or a hub id")
     if path.is_dir():
+        if (path / "superweight_manifest.json").is_file():  # a `superweight quantize --out` artifact
+            return "quantized", str(path)
         if not (path / "config.json").is_file():
             raise SuperweightError(
                 f"{name} is not a model folder (no config.json): pass a Hugging Face model folder or a .gguf file"
@@ -244,6 +246,10 @@ def load_model(
     """Load ``name`` (built-in name, ``.gguf`` file, model folder or hub id) for analysis."""
     torch_dtype = parse_dtype(dtype)
     kind, where = resolve(name)
+    if kind == "quantized":
+        from .export import load_quantized
+
+        return load_quantized(where, dtype=torch_dtype)
     notes: list[str] = []
     if kind == "gguf":
         notes.append(gguf_note(check_gguf(where)))
