@@ -56,7 +56,7 @@ def _load(model: str, dtype: str, cache_dir: Optional[Path], device_map: Optiona
 
 def print_super_weights(result) -> None:
     table = Table(title=f"Super weights of {result.model} ({result.architecture}, {result.num_layers} layers)")
-    for col in ("layer", "[row, col]", "value", "|w| rank", "input", "output", "share", "token", "iter", "prompts"):
+    for col in ("layer", "\\[row, col]", "value", "|w| rank", "input", "output", "share", "token", "iter", "prompts"):
         table.add_column(col, justify="right")
     n_prompts = len(result.prompts)
     for sw in result.super_weights:
@@ -150,6 +150,307 @@ def detect(
         print_layers(result)
     if json_path:
         result.save(json_path)
+        console.print(f"wrote {json_path}")
+
+
+def _detect_default(lm, prompts: Optional[List[str]] = None):
+    from .detect import DEFAULT_PROMPT
+    from .detect import detect as run_detect
+
+    result = run_detect(lm.model, lm.tokenizer, list(prompts or [DEFAULT_PROMPT]), model_name=lm.name, arch=lm.arch)
+    result.notes = list(lm.notes)
+    return result
+
+
+@app.command("catalog")
+def catalog_cmd(
+    catalog_path: Optional[Path] = typer.Option(None, "--catalog", help="A catalog JSON file (default: the shipped one)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the catalog as JSON."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also print each entry's notes and provenance."),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """List the published super weight coordinates and where each comes from."""
+    import json
+
+    from .catalog import Catalog
+
+    setup_logging(verbose, quiet)
+    cat = Catalog.load(catalog_path)
+    if json_out:
+        print(json.dumps(cat.to_dict(), indent=2))
+        return
+    table = Table(title=f"Super weight catalog ({cat.path}): layer: \\[row, col] of the down-projection", highlight=False)
+    for col in ("id", "matches", "super weights (layer: \\[row, col])", "source"):
+        table.add_column(col)
+    for e in cat.entries:
+        coords = "; ".join(f"{c.layer}: \\[{c.row}, {c.col}]{' late' if c.late_layer else ''}" for c in e.super_weights)
+        table.add_row(e.id, "\n".join(e.match), coords, e.source["kind"])
+    console.print(table)
+    for e in cat.entries:
+        for note in e.notes if verbose or e.source["kind"] != "measured" else []:
+            console.print(f"{e.id}: {note}", highlight=False)
+        if verbose and e.source["kind"] == "measured":
+            console.print(f"{e.id}: {e.source}", highlight=False)
+    for kind, ref in cat.sources.items():
+        console.print(f"[bold]{kind}[/]: {ref}", highlight=False)
+
+
+def print_verdict(v) -> None:
+    colour = {"agree": "green", "differ": "red"}.get(v.status, "yellow")
+    fmt = lambda cs: ", ".join(f"{c[0]}: [{c[1]}, {c[2]}]" for c in cs) or "none"  # noqa: E731
+    console.print(f"[bold {colour}]{v.status}[/]: {v.model}", highlight=False)
+    if v.entry is None:
+        console.print(f"  detected: {fmt(v.detected)}", highlight=False)
+        console.print("  No catalog entry matches this model's names; see `superweight catalog`.")
+        return
+    console.print(f"  catalog entry {v.entry} (matched {v.matched_name!r}; source: {v.source.get('kind')})", highlight=False)
+    console.print(f"  catalog:  {fmt(v.catalog)}", highlight=False)
+    console.print(f"  detected: {fmt(v.detected)}", highlight=False)
+    if v.missing:
+        console.print(f"  [red]in the catalog, not detected:[/] {fmt(v.missing)}", highlight=False)
+    if v.extra:
+        console.print(f"  [red]detected, not in the catalog:[/] {fmt(v.extra)}", highlight=False)
+    if v.extra_late:
+        console.print(f"  late-layer spikes not in the catalog (do not count): {fmt(v.extra_late)}", highlight=False)
+    for note in v.notes:
+        console.print(f"  note: {note}", highlight=False)
+
+
+@app.command()
+def verify(
+    model: str = ModelArg,
+    catalog_path: Optional[Path] = typer.Option(None, "--catalog", help="A catalog JSON file (default: the shipped one)."),
+    prompt: List[str] = typer.Option(None, "--prompt", "-p", help="Detection prompt(s). Default: the paper's."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the verdict here."),
+    dtype: str = DtypeOpt,
+    cache_dir: Optional[Path] = CacheOpt,
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Detect MODEL's super weights and compare them with its catalog entry.
+
+    Prints agree / differ / not in catalog. Exit code: 0 agree, 1 differ, 0 not in catalog.
+    """
+    from .catalog import Catalog, model_names
+    from .catalog import verify as run_verify
+    from .detect import write_json_atomic
+
+    setup_logging(verbose, quiet)
+    cat = Catalog.load(catalog_path)
+    lm = _load(model, dtype, cache_dir)
+    result = _detect_default(lm, prompt)
+    verdict = run_verify(model_names(model, lm.model, lm.source), result.super_weights, cat)
+    print_verdict(verdict)
+    if json_path:
+        write_json_atomic(json_path, verdict.to_dict())
+    raise typer.Exit(verdict.exit_code)
+
+
+@app.command("llama-cpp-overrides")
+def llama_cpp_overrides(
+    source: str = typer.Argument(
+        "smollm2-135m", help="A model (detection runs), a detect.json file, or with --from-catalog a catalog id or hub id."
+    ),
+    type_name: str = typer.Option("f16", "--type", help="ggml type for tensors holding super weights (f16, bf16, q8_0, ...)."),
+    fmt: str = typer.Option("args", "--format", help="args (shell-quoted --tensor-type ...), file (for --tensor-type-file) or json."),
+    from_catalog: bool = typer.Option(False, "--from-catalog", help="Use the published coordinates: no model needed."),
+    catalog_path: Optional[Path] = typer.Option(None, "--catalog", help="A catalog JSON file (default: the shipped one)."),
+    dtype: str = DtypeOpt,
+    cache_dir: Optional[Path] = CacheOpt,
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the arguments."),
+) -> None:
+    """Print llama-quantize --tensor-type arguments that keep super-weight tensors at --type.
+
+    Example: llama-quantize $(superweight llama-cpp-overrides sw.json --format args) ... or
+    llama-quantize --tensor-type-file <(superweight llama-cpp-overrides sw.json --format file) in.gguf out.gguf Q4_K_M
+    """
+    import json
+
+    from . import llama_cpp
+    from .catalog import Catalog
+    from .detect import DetectionResult
+
+    setup_logging(verbose, quiet)
+    if fmt not in ("args", "file", "json"):
+        raise SuperweightError(f"unknown --format {fmt!r}: use args, file or json")
+    if from_catalog:
+        cat = Catalog.load(catalog_path)
+        entry = cat.get(source) or cat.find([source])[0]
+        if entry is None:
+            raise SuperweightError(f"{source!r} is not in the catalog: see `superweight catalog` for ids")
+        arch, n_layers, coords = entry.architecture, None, entry.coords
+        origin = f"catalog entry {entry.id} ({entry.source['kind']})"
+    elif source.endswith(".json") and Path(source).is_file():
+        det = DetectionResult.load(source)
+        arch, n_layers, coords, origin = det.architecture, det.num_layers, det.coords, source
+    else:
+        det = _detect_default(_load(source, dtype, cache_dir))
+        arch, n_layers, coords, origin = det.architecture, det.num_layers, det.coords, f"detection on {source}"
+    if not coords:
+        raise SuperweightError(f"{origin}: no super weight, so nothing to keep: llama-quantize needs no override")
+    overrides = llama_cpp.overrides_for(arch, n_layers, coords, type_name)
+    if not quiet:
+        for o in overrides:
+            err_console.print(f"{o.tensor} <- {o.hf_module}: super weights {o.super_weights} ({origin})", highlight=False)
+    if fmt == "json":
+        print(json.dumps({"version": 1, "source": origin, "architecture": arch, "overrides": [o.to_dict() for o in overrides]}, indent=2))
+    else:
+        print(llama_cpp.shell_args(overrides) if fmt == "args" else llama_cpp.tensor_type_file(overrides), end="\n" if fmt == "args" else "")
+
+
+@app.command()
+def report(
+    model: str = ModelArg,
+    out: Path = typer.Option(..., "--out", help="Folder for report.html, report.md and the PNGs (written all or nothing)."),
+    ablation: Optional[Path] = typer.Option(None, "--ablation", help="An ablation JSON (`superweight ablate --json`)."),
+    sweep: Optional[Path] = typer.Option(None, "--sweep", help="A sweep JSON (`superweight quantize --sweep --json`)."),
+    run_ablation: bool = typer.Option(False, "--run-ablation", help="Run the ablation now (slow; see --limit)."),
+    run_sweep: bool = typer.Option(False, "--run-sweep", help="Run the quantization sweep now (slow)."),
+    limit: int = typer.Option(20, "--limit", min=1, help="Items per task when --run-ablation evaluates accuracy."),
+    prompt: List[str] = typer.Option(None, "--prompt", "-p", help="Detection prompt(s). Default: the paper's."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out folder."),
+    dtype: str = DtypeOpt,
+    cache_dir: Optional[Path] = CacheOpt,
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Write a one-page report (HTML with embedded figures, Markdown + PNGs) of MODEL's super weights."""
+    from . import report as rep
+
+    setup_logging(verbose, quiet)
+    rep.check_out_dir(out, force)
+    lm = _load(model, dtype, cache_dir)
+    detection = _detect_default(lm, prompt)
+    command = "superweight report " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else ""
+    inputs = rep.gather(lm, detection, ablation, sweep, run_ablation, run_sweep, limit, command)
+    figs = rep.build_figures(inputs)
+    rep.write_report(inputs, figs, out, force)
+    console.print(f"wrote {out}/report.html, report.md and {len(figs)} figures", highlight=False)
+    for m in inputs.missing:
+        console.print(f"  not shown: {m}", highlight=False)
+
+
+def _parse_size(text: str) -> Optional[int]:
+    """``16384``, ``128x128`` or ``tensor`` (per tensor) -> elements per block."""
+    if text.lower() in ("tensor", "per-tensor", "none"):
+        return None
+    try:
+        parts = [int(p) for p in text.lower().split("x")]
+    except ValueError:
+        raise SuperweightError(f"bad --size {text!r}: use e.g. 16384, 128x128 or tensor") from None
+    size = 1
+    for p in parts:
+        size *= p
+    return size
+
+
+def _keep_for(lm, keep: bool, super_weights: Optional[Path]):
+    """The super weights to hold out: from a detection JSON, or detected now; [] when not kept."""
+    if not keep:
+        return []
+    if super_weights is not None:
+        from .detect import DetectionResult
+
+        return DetectionResult.load(super_weights).super_weights
+    found = _detect_default(lm).super_weights
+    if not found:
+        err_console.print("[yellow]note:[/] no super weight detected: nothing is held out")
+    return found
+
+
+def print_sweep_tables(result) -> None:
+    from .quant.sweep import tables
+
+    for title, headers, rows in tables(result):
+        table = Table(title=title)
+        for h in headers:
+            table.add_column(h, justify="right")
+        for r in rows:
+            table.add_row(*r)
+        console.print(table)
+
+
+@app.command("quantize")
+def quantize_cmd(
+    model: str = ModelArg,
+    scheme: str = typer.Option("int4", "--scheme", help="int2, int3, int4, int8, nf4 or ternary."),
+    block: Optional[int] = typer.Option(None, "--block", help="Paper's blocks: runs of B elements of the flattened tensor."),
+    group: Optional[int] = typer.Option(None, "--group", help="Groups of G along the input dimension of each row."),
+    per_channel: bool = typer.Option(False, "--per-channel", help="One scale per output channel."),
+    clip_z: Optional[float] = typer.Option(None, "--clip-z", help="Clip weights at mean +- Z std before quantizing."),
+    topk: int = typer.Option(0, "--topk", min=0, help="Ternary: also keep the K largest other weights per matrix in FP16."),
+    keep_super_weights: bool = typer.Option(True, "--keep-super-weights/--no-keep-super-weights", help="Hold the super weights out (exact)."),
+    super_weights: Optional[Path] = typer.Option(None, "--super-weights", help="A `superweight detect --json` file (default: detect now)."),
+    include: Optional[str] = typer.Option(None, "--include", help="Regex: quantize only linear modules whose name matches."),
+    exclude: str = typer.Option(r"(^|\.)lm_head$", "--exclude", help="Regex of linear modules to leave untouched."),
+    oversize: str = typer.Option("error", "--oversize", help="A tensor smaller than --block/--group: error, or tensor (quantize it per tensor)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Artifact folder to write (written to a temp folder, then renamed)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out folder."),
+    sweep: bool = typer.Option(False, "--sweep", help="Evaluate perplexity over a grid of schemes instead of writing an artifact."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the manifest (or the sweep result) here."),
+    text: str = typer.Option("wikitext2", "--text", help="Sweep text: wikitext2, wiki-intros or a file."),
+    max_tokens: int = typer.Option(2048, "--max-tokens", min=2, help="Sweep: tokens of --text evaluated per grid point."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Sweep: perplexity window (default min(2048, model max))."),
+    bits: List[int] = typer.Option(None, "--bits", help="Sweep: RTN bit widths (repeat; default 4 3)."),
+    size: List[str] = typer.Option(None, "--size", help="Sweep: block sizes (repeat; 16384, 128x128 or tensor)."),
+    sweep_group: List[int] = typer.Option(None, "--sweep-group", help="Sweep: naive group sizes (repeat; default 128)."),
+    sweep_clip_z: float = typer.Option(9.0, "--sweep-clip-z", help="Sweep: z-score clip threshold of the clip variants."),
+    dtype: str = DtypeOpt,
+    cache_dir: Optional[Path] = CacheOpt,
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Quantize MODEL into a packed artifact (--out), or sweep schemes by perplexity (--sweep).
+
+    Example: `superweight quantize --scheme int4 --block 16384 --clip-z 9 --out smol-int4`, then
+    `superweight.load_quantized("smol-int4")` (or any command with MODEL = smol-int4).
+    """
+    from .quant.config import scheme_config
+
+    setup_logging(verbose, quiet)
+    if sweep:
+        from .quant.sweep import DEFAULT_SIZES, default_grid, run_sweep
+
+        sizes = tuple(_parse_size(s) for s in size) if size else DEFAULT_SIZES
+        grid = default_grid(tuple(bits or (4, 3)), sizes, sweep_clip_z, tuple(sweep_group or (128,)))
+        lm = _load(model, dtype, cache_dir)
+        keep = _keep_for(lm, keep_super_weights, super_weights)
+        result = run_sweep(
+            lm, keep, grid, text_name=text, max_tokens=max_tokens, seq_len=seq_len,
+            progress=lambda p: err_console.print(f"  {p.label}: ppl {p.ppl:.4g} ({p.seconds:.0f} s)", highlight=False),
+        )
+        print_sweep_tables(result)
+        for note in result.notes:
+            console.print(f"note: {note}", highlight=False)
+        if json_path:
+            result.save(json_path)
+            console.print(f"wrote {json_path}")
+        return
+    from .export import export_artifact
+
+    if out is None:
+        raise SuperweightError("pass --out DIR to write an artifact (or --sweep to compare schemes)")
+    if out.exists() and not force:
+        raise SuperweightError(f"{out} already exists: pick another --out or pass --force to replace it")
+    config = scheme_config(scheme, block, group, clip_z, topk, per_channel, oversize)
+    lm = _load(model, dtype, cache_dir)
+    keep = _keep_for(lm, keep_super_weights, super_weights)
+    manifest = export_artifact(lm, config, keep, out, force, include, exclude)
+    s = manifest["size"]
+    table = Table(title=f"{manifest['scheme']} -> {out}")
+    for col in ("quantized weights", "bits/weight", "sparse bits/weight", "kept", "file MB", "predicted MB", "file bits/param"):
+        table.add_column(col, justify="right")
+    table.add_row(
+        f"{s['quantized_weights']:,}", f"{s['bits_per_weight']:.4f}", f"{s['sparse_bits_per_weight']:.2e}",
+        str(len(manifest["kept"])), f"{s['file_bytes'] / 1e6:.2f}", f"{(s['predicted_data_bytes'] + s['header_bytes']) / 1e6:.2f}",
+        f"{s['file_bits_per_param']:.3f}",
+    )
+    console.print(table)
+    if json_path:
+        from .detect import write_json_atomic
+
+        write_json_atomic(json_path, manifest)
         console.print(f"wrote {json_path}")
 
 

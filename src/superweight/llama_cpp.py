@@ -85,11 +85,15 @@ def gguf_tensor_name(architecture: str, hf_module: str, num_layers: int) -> str:
 
 
 def overrides_for(
-    architecture: str, num_layers: int, coords: Sequence[Sequence[int]], type_name: str = DEFAULT_TYPE
+    architecture: str, num_layers: int | None, coords: Sequence[Sequence[int]], type_name: str = DEFAULT_TYPE
 ) -> list[TensorOverride]:
-    """One override per down-projection holding a super weight ``(layer, row, col)``, by layer."""
+    """One override per down-projection holding a super weight ``(layer, row, col)``, by layer.
+
+    ``num_layers`` bounds-checks the layers; None (catalog entries) trusts them.
+    """
     spec = spec_for_name(architecture)
     type_name = ggml_type_name(type_name)
+    num_layers = num_layers or 1 + max(int(c[0]) for c in coords)
     by_layer: dict[int, list[list[int]]] = {}
     for layer, row, col in coords:
         if not 0 <= layer < num_layers:

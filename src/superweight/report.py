@@ -1,0 +1,507 @@
+"""One page that shows what the tool found: ``report.html`` (self-contained) and ``report.md`` + PNGs.
+
+``build_report`` runs detection on a loaded model, traces the super activation with and without
+the super weights, reads (or runs) the ablation and the quantization sweep, draws the paper's
+figures (``superweight.plots``) and ``write_report`` writes them into a temporary folder that is
+renamed into place only when complete.
+"""
+from __future__ import annotations
+
+import base64
+import contextlib
+import datetime as dt
+import html
+import json
+import logging
+import shutil
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from . import __version__, plots
+from .ablate import zeroed_weights
+from .arch import ArchSpec
+from .capture import _first_tensor
+from .detect import DetectionResult, SpikeRule, encode_prompt
+from .errors import SuperweightError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class Figure:
+    name: str  # file stem of the PNG
+    title: str
+    caption: str  # one sentence: what to see
+    png: bytes
+    labels: list[str] = field(default_factory=list)
+
+
+@dataclass
+class ResidualTrace:
+    """|residual[token, channel]| and max |residual| after every layer, with and without the SWs."""
+
+    channel: int
+    token: int
+    sa_with: list[float]
+    sa_without: list[float]
+    max_with: list[float]
+    max_without: list[float]
+
+    @property
+    def first(self) -> int:
+        """The first layer where the channel holds most of its peak (the super activation appears)."""
+        peak = max(self.sa_with)
+        return next(i for i, v in enumerate(self.sa_with) if v >= 0.5 * peak)
+
+    @property
+    def drop(self) -> float:
+        """Median relative drop of the channel from ``first`` on when the super weights are zeroed."""
+        ratios = sorted(1 - b / a for a, b in zip(self.sa_with[self.first:], self.sa_without[self.first:]) if a > 0)
+        return ratios[len(ratios) // 2] if ratios else 0.0
+
+
+@dataclass
+class ReportInputs:
+    model: str
+    architecture: str
+    detection: DetectionResult
+    trace: ResidualTrace | None = None
+    ablation: dict | None = None
+    ablation_source: str = ""
+    sweep: dict | None = None
+    sweep_source: str = ""
+    notes: list[str] = field(default_factory=list)  # caveats (e.g. GGUF-derived baselines)
+    missing: list[str] = field(default_factory=list)  # parts not shown, and why
+    command: str = ""
+
+
+# ---------------------------------------------------------------- measuring
+
+
+@contextlib.contextmanager
+def _residual_hooks(model: nn.Module, arch: ArchSpec, channel: int, token: int, out: dict) -> Iterator[None]:
+    handles = []
+
+    def hook_for(i: int):
+        def hook(module, args, output):
+            h = _first_tensor(output).detach()
+            h = h.reshape(-1, h.shape[-2], h.shape[-1])[0].float()
+            out.setdefault("sa", {})[i] = abs(float(h[token, channel]))
+            out.setdefault("max", {})[i] = float(h.abs().max())
+
+        return hook
+
+    try:
+        for i, layer in enumerate(arch.layer_modules(model)):
+            handles.append(layer.register_forward_hook(hook_for(i)))
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+
+
+def _trace_once(model: nn.Module, arch: ArchSpec, inputs: dict, channel: int, token: int) -> tuple[list, list]:
+    seen: dict = {}
+    with _residual_hooks(model, arch, channel, token, seen), torch.no_grad():
+        model(**inputs, use_cache=False)
+    n = arch.num_layers(model)
+    return [seen["sa"][i] for i in range(n)], [seen["max"][i] for i in range(n)]
+
+
+def super_activation_site(detection: DetectionResult) -> tuple[int, int]:
+    """(channel, token) of the largest residual activation of the unmodified model."""
+    peak = max(detection.layers, key=lambda s: s.residual.magnitude)
+    return peak.residual.channel, peak.residual.token
+
+
+def residual_trace(model: nn.Module, tokenizer, arch: ArchSpec, detection: DetectionResult) -> ResidualTrace:
+    """Trace the super activation's channel through the layers, then again with the SWs zeroed."""
+    channel, token = super_activation_site(detection)
+    device = next(model.parameters()).device
+    inputs = encode_prompt(tokenizer, detection.prompts[0], device)
+    sa_with, max_with = _trace_once(model, arch, inputs, channel, token)
+    with zeroed_weights(model, arch, detection.super_weights):
+        sa_without, max_without = _trace_once(model, arch, inputs, channel, token)
+    return ResidualTrace(channel, token, sa_with, sa_without, max_with, max_without)
+
+
+# ---------------------------------------------------------------- figures
+
+
+def figure_down_proj(detection: DetectionResult) -> Figure:
+    rule: SpikeRule = detection.rule
+    ins = [s.input.magnitude for s in detection.layers]
+    outs = [s.output.magnitude for s in detection.layers]
+    spikes_in = [i for i in range(len(ins)) if rule.spikes(ins, i)]
+    spikes_out = [i for i in range(len(outs)) if rule.spikes(outs, i)]
+    median_thr = (min(rule.threshold(ins, i) for i in range(len(ins))), min(rule.threshold(outs, i) for i in range(len(outs))))
+    p = plots.down_proj_maxima(
+        ins, [s.input.channel for s in detection.layers], outs, [s.output.channel for s in detection.layers],
+        spikes_in, spikes_out, median_thr,
+    )
+    both = ", ".join(str(i) for i in sorted(set(spikes_in) & set(spikes_out))) or "none"
+    confirmed = ", ".join(str(i) for i in sorted({s.layer for s in detection.super_weights})) or "none"
+    caption = (
+        f"Input and output of the down-projection spike together in layers {both}; the labelled channels "
+        f"[row = output channel, col = input channel] locate the super weights that detection confirmed "
+        f"in layers {confirmed} (paper Fig. 3)."
+    )
+    return Figure("fig3_down_proj_maxima", "Down-projection activations per layer", caption, p.png(), p.labels)
+
+
+def figure_super_activation(trace: ResidualTrace) -> Figure:
+    p = plots.super_activation(
+        trace.sa_with, trace.sa_without, trace.max_with, trace.max_without, trace.channel, trace.token,
+        trace.first, trace.drop,
+    )
+    caption = (
+        f"The super activation on hidden channel {trace.channel} (token {trace.token}) appears at layer "
+        f"{trace.first} and rides the residual stream; zeroing the super weights lowers it by a median "
+        f"{trace.drop:.0%} over the following layers (the paper reports about 75%, Fig. 4)."
+    )
+    return Figure("fig4_super_activation", "Super activation with and without the super weights", caption, p.png(), p.labels)
+
+
+def _mean(xs: Sequence[float]) -> float | None:
+    return sum(xs) / len(xs) if xs else None
+
+
+def _condition_acc(cond: dict) -> tuple[float | None, dict[str, float]]:
+    tasks = {t: v["acc"] for t, v in (cond.get("tasks") or {}).items() if isinstance(v, dict) and v.get("acc") is not None}
+    return _mean(list(tasks.values())), tasks
+
+
+def ablation_conditions(ablation: dict) -> dict[str, dict]:
+    conds = ablation.get("conditions")
+    if not isinstance(conds, dict) or not conds:
+        raise SuperweightError("the ablation JSON has no 'conditions': write it with `superweight ablate --json PATH`")
+    return conds
+
+
+def figures_ablation(ablation: dict) -> list[Figure]:
+    conds = ablation_conditions(ablation)
+    names = [n for n in conds if not n.startswith("scale_")]
+    accs = [_condition_acc(conds[n]) for n in names]
+    task_names = sorted({t for _, ts in accs for t in ts})
+    task_acc = {t: [ts.get(t) for _, ts in accs] for t in task_names}
+    p = plots.ablation_bars(names, [conds[n].get("ppl") for n in names], [a for a, _ in accs], task_acc)
+    figs = [Figure(
+        "fig6_ablation", "Ablation: what each weight edit costs",
+        "Zeroing the super weights should cost far more perplexity and accuracy than zeroing thousands of "
+        "other large weights or random ones; restoring the super activation should win part of it back (paper Table 1).",
+        p.png(), p.labels,
+    )]
+    scales = sorted((float(n[len("scale_"):]), n) for n in conds if n.startswith("scale_"))
+    if scales:
+        q = plots.scaling_curve(
+            [s for s, _ in scales], [conds[n].get("ppl") for _, n in scales], [_condition_acc(conds[n])[0] for _, n in scales]
+        )
+        figs.append(Figure(
+            "fig6_scaling", "Scaling the super weights",
+            "Quality collapses as the scale goes to 0 and changes little (or improves slightly) above 1 (paper Fig. 6).",
+            q.png(), q.labels,
+        ))
+    return figs
+
+
+def stopword_data(ablation: dict) -> tuple[dict, dict | None] | None:
+    """(groups, tokens) as {name: (original, zeroed)} from the ablation JSON's stopword block."""
+    sw = ablation.get("stopwords")
+    if not isinstance(sw, dict):
+        return None
+    before, after = sw.get("original") or {}, sw.get("zero_super_weights") or {}
+    groups = {
+        g: (before[k], after[k])
+        for g, k in (("stopwords", "stopword_prob"), ("other tokens", "other_prob"))
+        if k in before and k in after
+    }
+    tb, ta = before.get("per_token") or {}, after.get("per_token") or {}
+    tokens = {t: (tb[t], ta[t]) for t in tb if t in ta} or None
+    return (groups, tokens) if groups else None
+
+
+def figure_stopwords(ablation: dict) -> Figure | None:
+    data = stopword_data(ablation)
+    if data is None:
+        return None
+    p = plots.stopword_bars(*data)
+    return Figure(
+        "fig5_stopwords", "Stopword probabilities",
+        "Without the super weights the model shifts probability towards stopwords and away from content "
+        "tokens; the x-labels give the ratio zeroed / original (paper Fig. 5).",
+        p.png(), p.labels,
+    )
+
+
+def sweep_series(sweep: dict) -> tuple[dict[str, list[tuple[float, float]]], float | None]:
+    """{method: [(block size, ppl)]} for the block-size rows of a sweep JSON, and the baseline ppl."""
+    series: dict[str, list[tuple[float, float]]] = {}
+    for row in sweep.get("rows") or sweep.get("results") or []:
+        block = row.get("block") or row.get("block_size")
+        if not block or row.get("ppl") is None:
+            continue
+        label = f"INT{row['bits']} {row.get('method', row.get('variant', '?'))}" if row.get("bits") else str(row.get("method"))
+        series.setdefault(label, []).append((float(block), float(row["ppl"])))
+    base = sweep.get("baseline_ppl") or (sweep.get("baseline") or {}).get("ppl")
+    return series, base
+
+
+def figure_sweep(sweep: dict) -> Figure | None:
+    series, base = sweep_series(sweep)
+    if not series:
+        return None
+    p = plots.block_size_curves(series, base)
+    return Figure(
+        "fig7_block_size", "Quantization: perplexity vs block size",
+        "Naive round-to-nearest degrades as blocks grow; clipping with the super weights held out in FP16 "
+        "keeps large blocks usable (paper Fig. 7).",
+        p.png(), p.labels,
+    )
+
+
+def build_figures(inputs: ReportInputs) -> list[Figure]:
+    figs = [figure_down_proj(inputs.detection)]
+    if inputs.trace is not None:
+        figs.append(figure_super_activation(inputs.trace))
+    if inputs.ablation is not None:
+        stop = figure_stopwords(inputs.ablation)
+        if stop is None:
+            inputs.missing.append("Stopword probabilities: the ablation JSON has no 'stopwords' block.")
+        else:
+            figs.append(stop)
+        figs.extend(figures_ablation(inputs.ablation))
+    if inputs.sweep is not None:
+        fig7 = figure_sweep(inputs.sweep)
+        if fig7 is None:
+            inputs.missing.append("Block-size sweep: the sweep JSON has no block-size rows.")
+        else:
+            figs.append(fig7)
+    return figs
+
+
+# ---------------------------------------------------------------- text
+
+
+def text_sources(inputs: ReportInputs) -> list[str]:
+    out = [f"Detection prompt(s): {', '.join(repr(p) for p in inputs.detection.prompts)}"]
+    for label, data, src in (("Ablation", inputs.ablation, inputs.ablation_source), ("Sweep", inputs.sweep, inputs.sweep_source)):
+        if data is None:
+            continue
+        bits = [f"from {src}"] if src else []
+        for key in ("ppl_source", "text", "text_source", "source"):
+            if isinstance(data.get(key), str):
+                bits.append(f"perplexity text: {data[key]}")
+                break
+        tokens = data.get("ppl_tokens") or data.get("tokens")
+        if tokens:
+            bits.append(f"{tokens:,} tokens" if isinstance(tokens, int) else f"tokens: {tokens}")
+        if data.get("tasks"):
+            bits.append(f"tasks: {', '.join(data['tasks']) if isinstance(data['tasks'], list) else data['tasks']}")
+        if data.get("limit"):
+            bits.append(f"limit {data['limit']} items per task")
+        out.append(f"{label}: {'; '.join(bits) or 'see the JSON file'}")
+    return out
+
+
+def super_weight_rows(detection: DetectionResult) -> list[list[str]]:
+    return [
+        [f"{s.layer}{' (late)' if s.late_layer else ''}", f"[{s.row}, {s.col}]", f"{s.value:+.4g}", str(s.magnitude_rank),
+         f"{s.input_value:+.4g}", f"{s.output_value:+.4g}"]
+        for s in detection.super_weights
+    ]
+
+
+SW_HEADER = ["layer", "[row, col]", "value", "|w| rank", "input", "output"]
+
+
+def render_markdown(inputs: ReportInputs, figs: Sequence[Figure]) -> str:
+    d = inputs.detection
+    lines = [f"# Super weights of {inputs.model}", ""]
+    lines += [f"- Model: `{inputs.model}` ({inputs.architecture}, {d.num_layers} layers)"]
+    lines += [f"- {s}" for s in text_sources(inputs)]
+    lines += [f"- **Note:** {n}" for n in inputs.notes]
+    lines += [f"- Generated by superweight {__version__}" + (f": `{inputs.command}`" if inputs.command else ""), ""]
+    lines += ["## Super weights found", ""]
+    if d.super_weights:
+        lines += ["| " + " | ".join(SW_HEADER) + " |", "|" + "---|" * len(SW_HEADER)]
+        lines += ["| " + " | ".join(r) + " |" for r in super_weight_rows(d)]
+    else:
+        lines.append("No super weight found.")
+    lines.append("")
+    for f in figs:
+        lines += [f"## {f.title}", "", f"![{f.title}]({f.name}.png)", "", f"*{f.caption}*", ""]
+    if inputs.missing:
+        lines += ["## Not shown", ""] + [f"- {m}" for m in inputs.missing] + [""]
+    return "\n".join(lines)
+
+
+CSS = """
+body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222;line-height:1.45}
+h1{font-size:1.6em;margin-bottom:.2em}h2{font-size:1.2em;margin-top:1.8em;border-bottom:1px solid #ddd;padding-bottom:.2em}
+.note{background:#fff6e0;border-left:4px solid #edae49;padding:.5em .8em;margin:.6em 0}
+table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ddd;padding:.25em .6em;text-align:right}
+th{background:#f3f5f8}figure{margin:1em 0}img{max-width:100%;height:auto;border:1px solid #eee}
+figcaption{font-style:italic;color:#444;margin-top:.3em}ul.meta{padding-left:1.2em}.missing{color:#7a4b00}
+"""
+
+
+def render_html(inputs: ReportInputs, figs: Sequence[Figure]) -> str:
+    e = html.escape
+    d = inputs.detection
+    parts = [
+        "<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
+        f"<title>Super weights of {e(inputs.model)}</title><style>{CSS}</style></head><body>",
+        f"<h1>Super weights of {e(inputs.model)}</h1>", '<ul class="meta">',
+        f"<li>Model: <code>{e(inputs.model)}</code> ({e(inputs.architecture)}, {d.num_layers} layers)</li>",
+    ]
+    parts += [f"<li>{e(s)}</li>" for s in text_sources(inputs)]
+    parts += [f"<li>Generated by superweight {e(__version__)}" + (f": <code>{e(inputs.command)}</code>" if inputs.command else "") + "</li>", "</ul>"]
+    parts += [f'<div class="note"><b>Note:</b> {e(n)}</div>' for n in inputs.notes]
+    parts.append("<h2>Super weights found</h2>")
+    if d.super_weights:
+        parts.append("<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in SW_HEADER) + "</tr>")
+        parts += ["<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in super_weight_rows(d)]
+        parts.append("</table>")
+    else:
+        parts.append("<p>No super weight found.</p>")
+    for f in figs:
+        data = base64.b64encode(f.png).decode("ascii")
+        parts += [
+            f"<h2>{e(f.title)}</h2>", "<figure>",
+            f'<img id="{e(f.name)}" alt="{e(f.title)}" src="data:image/png;base64,{data}">',
+            f"<figcaption>{e(f.caption)}</figcaption>", "</figure>",
+        ]
+    if inputs.missing:
+        parts += ["<h2>Not shown</h2>", "<ul>"] + [f'<li class="missing">{e(m)}</li>' for m in inputs.missing] + ["</ul>"]
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+# ---------------------------------------------------------------- writing
+
+
+def check_out_dir(out: Path, force: bool) -> None:
+    """Refuse an existing non-empty folder unless ``force`` (call before the expensive work)."""
+    if out.exists() and not (out.is_dir() and not any(out.iterdir())) and not force:
+        raise SuperweightError(f"{out} already exists: pass --force to replace it, or choose another --out")
+    if out.exists() and not out.is_dir():
+        raise SuperweightError(f"{out} is a file: choose a folder for --out")
+
+
+def write_report(inputs: ReportInputs, figs: Sequence[Figure], out: str | Path, force: bool = False) -> Path:
+    """Write report.html, report.md, the PNGs and report.json into ``out``, all or nothing."""
+    out = Path(out)
+    check_out_dir(out, force)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
+    tmp.chmod(0o755)
+    try:
+        for f in figs:
+            (tmp / f"{f.name}.png").write_bytes(f.png)
+        (tmp / "report.md").write_text(render_markdown(inputs, figs))
+        (tmp / "report.html").write_text(render_html(inputs, figs))
+        (tmp / "report.json").write_text(json.dumps(report_summary(inputs, figs), indent=2) + "\n")
+        _swap_into_place(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def _swap_into_place(tmp: Path, out: Path) -> None:
+    old = None
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        old.rmdir()
+        out.rename(old)
+    tmp.rename(out)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def report_summary(inputs: ReportInputs, figs: Sequence[Figure]) -> dict:
+    return {
+        "version": 1, "tool_version": __version__, "model": inputs.model, "architecture": inputs.architecture,
+        "generated": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "super_weights": [list(c) for c in inputs.detection.coords], "notes": inputs.notes,
+        "text_sources": text_sources(inputs), "missing": inputs.missing,
+        "figures": [{"file": f"{f.name}.png", "title": f.title, "caption": f.caption, "labels": f.labels} for f in figs],
+        "detection": inputs.detection.to_dict(),
+    }
+
+
+# ---------------------------------------------------------------- orchestration
+
+
+def read_json(path: str | Path, what: str) -> dict:
+    try:
+        data = json.loads(Path(path).read_text())
+    except FileNotFoundError:
+        raise SuperweightError(f"no such {what} file: {path}") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SuperweightError(f"{path} is not a JSON {what} file ({exc})") from None
+    if not isinstance(data, dict):
+        raise SuperweightError(f"{path} is not a {what} file (expected a JSON object)")
+    return data
+
+
+def run_ablation(loaded, detection: DetectionResult, limit: int) -> dict:
+    """The ablation table of ``superweight ablate`` (issue 3's module), imported only when asked."""
+    try:
+        from .experiments import run_ablation as _run  # type: ignore[attr-defined]
+    except ImportError as exc:
+        raise ModuleNotFoundError(f"the ablation module is not available ({exc})") from None
+    return _run(loaded, detection, limit=limit).to_dict()
+
+
+def run_sweep(loaded, detection: DetectionResult) -> dict:
+    """The quantization sweep of ``superweight quantize --sweep`` (issue 4's module), imported only when asked."""
+    try:
+        from .quant.sweep import run_sweep as _run  # type: ignore[import-not-found]
+    except ImportError as exc:
+        raise ModuleNotFoundError(f"the quantization sweep module is not available ({exc})") from None
+    return _run(loaded, detection).to_dict()
+
+
+def _optional(label: str, fn, missing: list[str]):
+    try:
+        return fn()
+    except ModuleNotFoundError as exc:
+        missing.append(f"{label}: not run: {exc}.")
+        log.warning("%s not run: %s", label, exc)
+        return None
+
+
+def gather(
+    loaded, detection: DetectionResult, ablation: str | Path | None = None, sweep: str | Path | None = None,
+    do_ablation: bool = False, do_sweep: bool = False, limit: int = 20, command: str = "",
+) -> ReportInputs:
+    """Everything the report shows, measured on ``loaded`` (a ``LoadedModel``) or read from JSON."""
+    from .progress import step
+
+    with step("tracing the super activation"):
+        trace = residual_trace(loaded.model, loaded.tokenizer, loaded.arch, detection)
+    inputs = ReportInputs(
+        model=loaded.name, architecture=loaded.arch.name, detection=detection, trace=trace,
+        notes=list(dict.fromkeys([*loaded.notes, *detection.notes])), command=command,
+    )
+    if ablation is not None:
+        inputs.ablation, inputs.ablation_source = read_json(ablation, "ablation"), Path(ablation).name
+    elif do_ablation:
+        inputs.ablation = _optional("Ablation", lambda: run_ablation(loaded, detection, limit), inputs.missing)
+        inputs.ablation_source = f"run by this report (--limit {limit})" if inputs.ablation else ""
+    else:
+        inputs.missing.append("Ablation, stopwords, scaling (Fig. 5-6): pass --ablation JSON or --run-ablation.")
+    if sweep is not None:
+        inputs.sweep, inputs.sweep_source = read_json(sweep, "sweep"), Path(sweep).name
+    elif do_sweep:
+        inputs.sweep = _optional("Quantization sweep", lambda: run_sweep(loaded, detection), inputs.missing)
+        inputs.sweep_source = "run by this report" if inputs.sweep else ""
+    else:
+        inputs.missing.append("Perplexity vs block size (Fig. 7): pass --sweep JSON or --run-sweep.")
+    return inputs
