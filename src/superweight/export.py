@@ -189,6 +189,21 @@ def _replace_dir(tmp: Path, out: Path) -> None:
         shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
 
 
+def export_artifact(
+    lm, config, keep=None, out: str | os.PathLike = "", force: bool = False, include: str | None = None,
+    exclude: str | None = None, param_dtype: torch.dtype = torch.float16,
+) -> dict:
+    """Quantize ``lm.model`` in place (fake quantization) and write its packed artifact to ``out``."""
+    from .quant.api import DEFAULT_EXCLUDE, quantize
+
+    if Path(out).exists() and not force:
+        raise SuperweightError(f"{out} already exists: pick another --out or pass --force to replace it")
+    result = quantize(lm.model, config, keep=keep, include=include,
+                      exclude=DEFAULT_EXCLUDE if exclude is None else exclude, arch=lm.arch, param_dtype=param_dtype)
+    return save_quantized(lm.model, lm.tokenizer, result, out, source=lm.source or lm.name, notes=lm.notes,
+                          force=force, param_dtype=param_dtype)
+
+
 # ---------------------------------------------------------------- loading
 
 

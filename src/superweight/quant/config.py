@@ -161,18 +161,20 @@ SCHEMES = ("int2", "int3", "int4", "int8", "nf4", "ternary")
 
 def scheme_config(
     scheme: str, block: int | None = None, group: int | None = None, clip_z: float | None = None,
-    topk: int = 0, per_channel: bool = False,
+    topk: int = 0, per_channel: bool = False, oversize: str = "error",
 ) -> RTN | Ternary:
     """The config behind a CLI ``--scheme`` name."""
     clip = ZScore(clip_z) if clip_z is not None else None
     if scheme.startswith("int") and scheme in SCHEMES:
-        return RTN(bits=int(scheme[3:]), block=block, group=group, per_channel=per_channel, clip=clip)
+        return RTN(bits=int(scheme[3:]), block=block, group=group, per_channel=per_channel, clip=clip, oversize=oversize)
     if scheme == "nf4":
-        return RTN(bits=4, block=block, group=group, per_channel=per_channel, clip=clip, levels="nf4")
+        return RTN(bits=4, block=block, group=group, per_channel=per_channel, clip=clip, levels="nf4", oversize=oversize)
     if scheme == "ternary":
         if clip is not None:
             raise SuperweightError("--clip-z does not apply to ternary (absmean already bounds the scale)")
-        return Ternary(group=group, block=block, topk=topk)
+        if per_channel:
+            raise SuperweightError("ternary is per tensor, --group or --block: drop --per-channel")
+        return Ternary(group=group, block=block, topk=topk, oversize=oversize)
     guess = difflib.get_close_matches(scheme, SCHEMES, n=1)
     hint = f" Did you mean {guess[0]}?" if guess else ""
     raise SuperweightError(f"unknown scheme {scheme!r}.{hint} Use one of: {', '.join(SCHEMES)}")

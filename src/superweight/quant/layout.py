@@ -45,9 +45,14 @@ class Layout:
             x2 = torch.nn.functional.pad(x2, (0, pad), value=fill)
         return x2.reshape(self.rows, self.runs, self.size)
 
-    def expand(self, params: torch.Tensor) -> torch.Tensor:
-        """Per-run parameters ``[rows, runs]`` broadcast to one per element ``[rows, row_len]``."""
-        return params.repeat_interleave(self.size, dim=1)[:, : self.row_len]
+    def unpad(self, x3: torch.Tensor) -> torch.Tensor:
+        """Inverse of ``padded``: ``[rows, runs, size]`` back to ``[rows, row_len]``."""
+        return x3.reshape(self.rows, self.runs * self.size)[:, : self.row_len]
+
+    def per_element(self, fn, x: torch.Tensor, *params: torch.Tensor) -> torch.Tensor:
+        """``fn(x_runs, *params)`` with each run's ``[rows, runs]`` parameters broadcast over its
+        elements, without materialising them per element: ``[rows, row_len]``."""
+        return self.unpad(fn(self.padded(x, 0.0), *(p.unsqueeze(-1) for p in params)))
 
     def run_counts(self) -> torch.Tensor:
         """Elements in each run, ``[runs]`` (all equal but maybe the last)."""

@@ -49,15 +49,14 @@ class QuantizedTensor:
     def dense(self) -> torch.Tensor:
         """The dequantized codes in float32, ``[rows, row_len]``, before the sparse part."""
         L = self.layout
-        q = L.view(self.codes).float()
         if self.kind == "rtn":
-            return q * L.expand(self.scale.float()) + L.expand(self.zero.float())
+            return L.per_element(lambda q, s, z: q * s + z, self.codes.float(), self.scale.float(), self.zero.float())
         if self.kind == "nf4":
-            return NF4_LEVELS[self.codes.long()].view(L.rows, L.row_len) * L.expand(self.scale.float())
-        return (q - 1.0) * L.expand(self.scale.float())
+            return L.per_element(torch.mul, NF4_LEVELS[self.codes.long()], self.scale.float())
+        return L.per_element(lambda q, g: (q - 1.0) * g, self.codes.float(), self.scale.float())
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        out = self.dense().to(dtype).reshape(self.shape)
+        out = self.dense().to(dtype).contiguous().reshape(self.shape)
         if self.sparse_idx.numel():
             out.view(-1)[self.sparse_idx] = self.sparse_val.to(dtype)
         return out
@@ -94,7 +93,7 @@ def clip_tensor(w: torch.Tensor, clip: ZScore | Percentile | None) -> torch.Tens
     if clip is None:
         return x
     if isinstance(clip, ZScore):
-        mean, std = float(x.mean()), float(x.std()) if x.numel() > 1 else 0.0
+        std, mean = (float(v) for v in torch.std_mean(x)) if x.numel() > 1 else (0.0, float(x.mean()))
         return x.clamp(mean - clip.z * std, mean + clip.z * std)
     flat = x.abs().reshape(-1)
     k = max(1, min(flat.numel(), int(round(clip.p / 100.0 * flat.numel()))))
@@ -115,8 +114,8 @@ def rtn_codes(
     zero = _to_dtype(lo, param_dtype, float("-inf"))
     scale = _to_dtype((hi - zero.float()) / qmax, param_dtype, float("inf"))
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = (layout.view(x) - layout.expand(zero.float())) / layout.expand(scale.float())
-    codes = q.round_().clamp_(0, qmax).to(torch.uint8).reshape(-1)
+    q = layout.per_element(lambda v, z, s: ((v - z) / s).round_().clamp_(0, qmax), x, zero.float(), scale.float())
+    codes = q.to(torch.uint8).reshape(-1)
     return codes, scale, zero
 
 
@@ -125,7 +124,7 @@ def nf4_codes(x: torch.Tensor, layout: Layout, param_dtype: torch.dtype = torch.
     absmax = layout.padded(x.abs(), 0.0).amax(-1)
     scale = _to_dtype(absmax, param_dtype, float("inf"))
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    y = (layout.view(x) / layout.expand(scale.float())).reshape(-1)
+    y = layout.per_element(torch.div, x, scale.float()).reshape(-1)
     mids = (NF4_LEVELS[1:] + NF4_LEVELS[:-1]) / 2
     return torch.bucketize(y, mids).to(torch.uint8), scale
 
@@ -137,8 +136,8 @@ def ternary_codes(
     {-1, 0, 1}, stored as {0, 1, 2}; ``x_hat = (code - 1) * gamma``."""
     gamma = layout.padded(x.abs(), 0.0).sum(-1) / layout.run_counts()
     gamma = gamma.to(param_dtype)
-    q = layout.view(x) / (layout.expand(gamma.float()) + eps)
-    codes = (q.round_().clamp_(-1, 1) + 1).to(torch.uint8).reshape(-1)
+    q = layout.per_element(lambda v, g: (v / g).round_().clamp_(-1, 1) + 1, x, gamma.float() + eps)
+    codes = q.to(torch.uint8).reshape(-1)
     return codes, gamma
 
 
