@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import asdict, dataclass, field
-from typing import Iterable, Iterator
+from typing import Callable, Iterable, Iterator
 
 import torch
 from torch import nn
@@ -105,14 +105,23 @@ def magnitude_scan(
 ) -> MagnitudeResult:
     """Run the z-score scan and rank the given super weights (layer, row, col) among its flags."""
     result, flagged_z = scan_matrices(iter_matrices(model, arch, scope), threshold, top_k, scope)
+    rank_super_weights(result, flagged_z, super_weights, lambda layer: arch.weight_matrix(model, layer).detach())
+    return result
+
+
+def rank_super_weights(
+    result: MagnitudeResult, flagged_z: dict[str, torch.Tensor], super_weights: Iterable,
+    matrix_of: Callable[[int], torch.Tensor],
+) -> None:
+    """Append where each (layer, row, col) ranks among the scan's flags; ``matrix_of(layer)`` is [out, in]."""
     from .ablate import as_coords
 
+    threshold = result.threshold
     for layer, row, col in as_coords(super_weights):
-        w = arch.weight_matrix(model, layer).detach()
+        w = matrix_of(layer)
         z, _, _ = _zscores(w)
         zv = float(z[row, col])
         flagged = zv > threshold
         rank = 1 + sum(int((fz > zv).sum()) for fz in flagged_z.values()) if flagged else 0
         in_matrix = int((w.abs() > w[row, col].abs()).sum()) + 1
         result.super_weights.append(RankedWeight(layer, row, col, float(w[row, col]), zv, flagged, rank, in_matrix))
-    return result

@@ -1,0 +1,118 @@
+"""A local safetensors checkpoint (one file or shards with ``model.safetensors.index.json``), checked.
+
+``open_checkpoint`` reads only the headers: it checks that every shard the index names exists and
+holds all the bytes its header promises, and that the index and the shards agree on which tensor
+lives where. It then knows each tensor's file, dtype and shape, so the streaming code can read
+one tensor at a time and size its memory before reading anything.
+"""
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .errors import SuperweightError
+from .load import check_safetensors
+
+INDEX = "model.safetensors.index.json"
+SINGLE = "model.safetensors"
+
+_ST_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    file: Path
+    dtype: torch.dtype
+    shape: tuple[int, ...]
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        return self.numel * self.dtype.itemsize
+
+
+@dataclass
+class Checkpoint:
+    folder: Path
+    tensors: dict[str, TensorInfo]  # checkpoint key -> where it is
+
+    @property
+    def files(self) -> list[Path]:
+        return sorted({t.file for t in self.tensors.values()})
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of tensor data, as stored."""
+        return sum(t.nbytes for t in self.tensors.values())
+
+    def bytes_as(self, dtype: torch.dtype | None) -> int:
+        """Bytes of all floating tensors once cast to ``dtype`` (None: as stored)."""
+        return sum(t.numel * (dtype.itemsize if dtype and t.dtype.is_floating_point else t.dtype.itemsize)
+                   for t in self.tensors.values())
+
+
+def _index_map(folder: Path) -> dict[str, str]:
+    path = folder / INDEX
+    try:
+        weight_map = json.loads(path.read_text())["weight_map"]
+    except (json.JSONDecodeError, UnicodeDecodeError, KeyError, TypeError) as exc:
+        raise SuperweightError(f"{path} is not a valid safetensors index ({exc}): re-download or re-save the model") from None
+    if not isinstance(weight_map, dict) or not weight_map:
+        raise SuperweightError(f"{path} has an empty weight_map: re-download or re-save the model")
+    return weight_map
+
+
+def _shard_headers(folder: Path, files: set[str]) -> dict[str, dict]:
+    headers = {}
+    for name in sorted(files):
+        path = folder / name
+        if not path.is_file():
+            raise SuperweightError(
+                f"shard {name} named by {INDEX} is missing from {folder}: re-download the model (all shards)"
+            )
+        headers[name] = check_safetensors(path)
+    return headers
+
+
+def _info(path: Path, header: dict, key: str) -> TensorInfo:
+    entry = header[key]
+    dtype = _ST_DTYPES.get(entry["dtype"])
+    if dtype is None:
+        raise SuperweightError(f"{path.name}: tensor {key} has dtype {entry['dtype']}, which streaming cannot read")
+    return TensorInfo(path, dtype, tuple(entry["shape"]))
+
+
+def open_checkpoint(path: str | Path) -> Checkpoint:
+    """Check a local safetensors checkpoint's files and index; return where each tensor lives."""
+    folder = Path(path).expanduser()
+    folder = folder.parent if folder.is_file() else folder
+    if (folder / INDEX).is_file():
+        weight_map = _index_map(folder)
+        headers = _shard_headers(folder, set(weight_map.values()))
+        tensors = {}
+        for key, name in weight_map.items():
+            if key not in headers[name]:
+                raise SuperweightError(
+                    f"{INDEX} is inconsistent: it puts {key} in {name}, which does not hold it; re-download or re-save the model"
+                )
+            tensors[key] = _info(folder / name, headers[name], key)
+        return Checkpoint(folder, tensors)
+    single = folder / SINGLE
+    files = [single] if single.is_file() else sorted(folder.glob("*.safetensors"))
+    if len(files) != 1:
+        what = "no .safetensors file" if not files else f"{len(files)} .safetensors files and no {INDEX}"
+        raise SuperweightError(f"{folder} has {what}: streaming needs {SINGLE} or a sharded model with its index")
+    header = check_safetensors(files[0])
+    keys = [k for k in header if k != "__metadata__"]
+    return Checkpoint(folder, {k: _info(files[0], header, k) for k in keys})

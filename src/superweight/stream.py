@@ -1,0 +1,572 @@
+"""Detect super weights in a checkpoint larger than memory, one decoder layer at a time.
+
+The model is built on the meta device (accelerate's ``init_empty_weights``); only the tensors
+outside the decoder layers (embeddings, final norm) and the layer being run are materialised,
+read with ``safe_open(...).get_tensor`` from the memory-mapped shards and freed right after.
+
+Nothing of the model's forward is copied. One call of the model's own ``forward`` with every
+decoder layer replaced by a recorder gives, per layer, the exact arguments the model passes it
+(attention mask, rotary ``position_embeddings``, ``position_ids``, per-layer sliding-window masks);
+the first recorder also receives the embedded input. ``StreamedModel.run_layer`` then calls the
+real layer with those arguments and the running hidden state, under the same
+``ActivationCapture`` hooks as in-memory detection, so every activation is bit for bit the one an
+in-memory forward computes (same dtype, same kernels).
+
+Iterative detection needs one forward pass per found super weight. Re-reading the checkpoint for
+each would double the I/O, so the pass *speculates*: when a layer's down-projection shows a
+candidate (input and output maxima above the rule's floor, one weight carrying ``min_share`` of
+the output peak), a branch with that weight zeroed continues from that layer on the already
+loaded weights. After the pass, ``superweight.detect.find_candidate`` decides exactly as in
+memory; if it picks a weight no branch zeroed, the stream restarts from that weight's layer with
+the cached residual input of that layer (earlier layers are unchanged, so are their outputs).
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from .ablate import zeroed_weights
+from .arch import ArchSpec, architecture_name, spec_for_name
+from .capture import ActivationCapture, LayerStats, _first_tensor
+from .checkpoint import Checkpoint, open_checkpoint
+from .detect import (
+    DEFAULT_PROMPT, DetectionResult, SpikeRule, SuperWeight, encode_prompt, find_candidate, magnitude_rank,
+)
+from .errors import SuperweightError
+from .load import parse_dtype
+
+log = logging.getLogger(__name__)
+
+Coord = tuple[int, int, int]
+Call = tuple[tuple, dict]  # the positional and keyword arguments the model passes one layer
+
+
+class _Recorded(Exception):
+    """Raised by the last recorder: the model's forward has built every layer's arguments."""
+
+
+class _Recorder(nn.Module):
+    """Stands in for decoder layer ``index``: records its arguments, passes the hidden state on."""
+
+    def __init__(self, index: int, calls: list, last: bool, layer: nn.Module):
+        super().__init__()
+        self.index, self.calls, self.last = index, calls, last
+        self.__dict__["_layer"] = layer  # not a submodule: attributes the model may read
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_layer"], name)
+
+    def forward(self, *args, **kwargs):
+        self.calls[self.index] = (args, kwargs)
+        if self.last:
+            raise _Recorded
+        return args[0] if args else kwargs["hidden_states"]
+
+
+def _with_hidden(call: Call, hidden: torch.Tensor) -> Call:
+    args, kwargs = call
+    if args:
+        return (hidden, *args[1:]), kwargs
+    return args, {**kwargs, "hidden_states": hidden}
+
+
+def _hidden_of(call: Call) -> torch.Tensor:
+    args, kwargs = call
+    return args[0] if args else kwargs["hidden_states"]
+
+
+def _set_tensor(root: nn.Module, name: str, tensor: torch.Tensor) -> None:
+    owner, _, leaf = name.rpartition(".")
+    module = root.get_submodule(owner) if owner else root
+    if leaf in module._parameters:
+        module._parameters[leaf] = tensor if isinstance(tensor, nn.Parameter) else nn.Parameter(tensor, requires_grad=False)
+    else:
+        module._buffers[leaf] = tensor
+
+
+def checkpoint_names(model: nn.Module, ckpt: Checkpoint) -> dict[str, str]:
+    """Model tensor name -> checkpoint key, with transformers' own key renamings (legacy names,
+    base-model prefix), as ``from_pretrained`` applies them. Keys that need a converter (fused or
+    split tensors) are left out: streaming reads tensors as stored."""
+    from transformers.conversion_mapping import get_model_conversion_mapping
+    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+
+    transforms = get_model_conversion_mapping(model)
+    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
+    converters = [t for t in transforms if isinstance(t, WeightConverter)]
+    meta = model.state_dict()
+    names = {}
+    for key in ckpt.tensors:
+        name, converter = rename_source_key(key, renamings, converters, model.base_model_prefix, meta)
+        if converter is None:
+            names.setdefault(name, key)
+    return names
+
+
+def _aliases(model: nn.Module) -> dict[str, list[str]]:
+    """Each parameter's name -> every name it has (tied weights share one parameter)."""
+    by_id: dict[int, list[str]] = {}
+    for n, p in model.named_parameters(remove_duplicate=False):
+        by_id.setdefault(id(p), []).append(n)
+    return {names[0]: names for names in by_id.values()}
+
+
+def _persistent_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters and persistent buffers: what a checkpoint stores."""
+    out = dict(module.named_parameters())
+    for mod_name, mod in module.named_modules():
+        for b_name, buf in mod._buffers.items():
+            if buf is not None and b_name not in mod._non_persistent_buffers_set:
+                out[f"{mod_name}.{b_name}" if mod_name else b_name] = buf
+    return out
+
+
+class StreamedModel:
+    """A causal LM on the meta device whose layers are read from safetensors one at a time."""
+
+    def __init__(self, path: str | Path, dtype: str | torch.dtype = "float32"):
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        self.ckpt: Checkpoint = open_checkpoint(path)
+        self.dtype = parse_dtype(dtype)
+        try:
+            config = AutoConfig.from_pretrained(self.ckpt.folder)
+        except Exception as exc:
+            raise SuperweightError(f"cannot read the config of {self.ckpt.folder}: {exc}".splitlines()[0]) from None
+        self.arch: ArchSpec = spec_for_name(architecture_name(config))
+        with init_empty_weights():
+            self.model = AutoModelForCausalLM.from_config(config, dtype=self.dtype).eval()
+        self.model.tie_weights()  # as from_pretrained does: a tied lm_head is the embedding
+        self.layers = self.arch.layer_modules(self.model)
+        self.num_layers = len(self.layers)
+        self._meta = {n: t for n, t in _persistent_tensors(self.model).items()}
+        self._aliases = _aliases(self.model)
+        self._renamed = checkpoint_names(self.model, self.ckpt)
+        self._keys = {n: self._key(n) for n in self._needed_names()}
+        self._check_shapes()
+        self._load(self._outer_names())
+
+    # ------------------------------------------------------------ which tensor is where
+
+    def _layer_prefix(self, i: int) -> str:
+        return f"{self.arch.layers}.{i}."
+
+    def _outer_names(self) -> list[str]:
+        """Tensors of the base model outside the decoder layers (embeddings, final norm)."""
+        base = self.model.base_model_prefix + "."
+        layers = self.arch.layers + "."
+        return [n for n in self._meta if n.startswith(base) and not n.startswith(layers)]
+
+    def layer_names(self, i: int) -> list[str]:
+        prefix = self._layer_prefix(i)
+        return [n for n in self._meta if n.startswith(prefix)]
+
+    def _needed_names(self) -> list[str]:
+        return self._outer_names() + [n for i in range(self.num_layers) for n in self.layer_names(i)]
+
+    def key(self, name: str) -> str:
+        """The checkpoint key of model tensor ``name`` ("" for a buffer the file does not store)."""
+        if name not in self._keys:
+            self._keys[name] = self._key(name)
+        return self._keys[name]
+
+    def _key(self, name: str) -> str:
+        if name in self._renamed:
+            return self._renamed[name]
+        if name in dict(self.model.named_buffers()):
+            return ""  # a persistent buffer the file does not store: keep its initial value
+        raise SuperweightError(
+            f"{self.ckpt.folder} has no tensor {name}: the checkpoint does not match its config.json "
+            "(incomplete download or a different layout); re-download it or load it without --stream"
+        )
+
+    def _check_shapes(self) -> None:
+        for name, key in self._keys.items():
+            if key and tuple(self.ckpt.tensors[key].shape) != tuple(self._meta[name].shape):
+                raise SuperweightError(
+                    f"{key} has shape {list(self.ckpt.tensors[key].shape)} in the checkpoint but "
+                    f"{list(self._meta[name].shape)} in config.json: the files do not belong together"
+                )
+
+    # ------------------------------------------------------------ materialise / free
+
+    def _read(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
+        """Read tensors from their shards (opened, read, closed: no mapping outlives the call)."""
+        from safetensors import safe_open
+
+        by_file: dict[Path, list[str]] = {}
+        for n in names:
+            if self.key(n):
+                by_file.setdefault(self.ckpt.tensors[self.key(n)].file, []).append(n)
+        out = {}
+        for file, file_names in by_file.items():
+            with safe_open(str(file), framework="pt") as f:
+                for n in file_names:
+                    out[n] = f.get_tensor(self.key(n)).to(self._meta[n].dtype)
+        return out
+
+    def _set(self, name: str, tensor: torch.Tensor) -> None:
+        aliases = self._aliases.get(name, [name])  # a tied lm_head follows its embedding
+        if len(aliases) > 1 and not isinstance(tensor, nn.Parameter):
+            tensor = nn.Parameter(tensor, requires_grad=False)
+        for alias in aliases:
+            _set_tensor(self.model, alias, tensor)
+
+    def _load(self, names: Sequence[str]) -> None:
+        for n, t in self._read(names).items():
+            self._set(n, t)
+
+    def _free(self, names: Sequence[str]) -> None:
+        for n in names:
+            if self.key(n):
+                self._set(n, self._meta[n])
+
+    @contextlib.contextmanager
+    def materialised(self, names: Sequence[str]) -> Iterator[None]:
+        """Read ``names`` into the model for the block, then put the meta tensors back."""
+        try:
+            self._load(names)
+            yield
+        finally:
+            self._free(names)
+
+    def layer(self, i: int) -> contextlib.AbstractContextManager:
+        return self.materialised(self.layer_names(i))
+
+    def down_proj_names(self, i: int) -> list[str]:
+        return [f"{self.arch.down_proj_name(i)}.weight"]
+
+    # ------------------------------------------------------------ forward, layer by layer
+
+    @torch.no_grad()
+    def layer_calls(self, inputs: dict) -> list[Call]:
+        """The arguments the model's own forward passes each decoder layer for ``inputs``."""
+        calls: list = [None] * self.num_layers
+        original = list(self.layers)
+        for i in range(self.num_layers):
+            self.layers[i] = _Recorder(i, calls, i == self.num_layers - 1, original[i])
+        try:
+            self.model(**inputs, use_cache=False)
+        except _Recorded:
+            pass
+        finally:
+            for i, layer in enumerate(original):
+                self.layers[i] = layer
+        if any(c is None for c in calls):
+            raise SuperweightError(f"{self.arch.name}: the model's forward did not call every decoder layer")
+        return calls
+
+    @torch.no_grad()
+    def run_layer(self, i: int, call: Call, hidden: torch.Tensor, zeroed: Sequence[Coord] = ()) -> tuple[torch.Tensor, LayerStats]:
+        """Run the (materialised) layer ``i`` on ``hidden``; its output and activation maxima."""
+        args, kwargs = _with_hidden(call, hidden)
+        with zeroed_weights(self.model, self.arch, [c for c in zeroed if c[0] == i]):
+            with ActivationCapture(self.model, self.arch, layers=[i]) as cap:
+                out = self.layers[i](*args, **kwargs)
+        return _first_tensor(out), cap.stats[i]
+
+
+# ---------------------------------------------------------------- streaming detection
+
+
+@dataclass
+class _Branch:
+    """One forward pass of one prompt with some weights zeroed, run layer by layer."""
+
+    prompt: int
+    zeroed: tuple[Coord, ...]
+    start: int
+    inputs: dict[int, torch.Tensor] = field(default_factory=dict)  # residual input of each layer
+    stats: dict[int, LayerStats] = field(default_factory=dict)
+
+    def child(self, coord: Coord, layer: int) -> "_Branch":
+        """The same pass with ``coord`` also zeroed, from ``layer`` on (earlier layers are shared)."""
+        keep = lambda d, last: {k: v for k, v in d.items() if k <= last}  # noqa: E731
+        return _Branch(self.prompt, self.zeroed + (coord,), layer, keep(self.inputs, layer), keep(self.stats, layer - 1))
+
+
+def speculative_candidate(weight: torch.Tensor, st: LayerStats, rule: SpikeRule) -> tuple[int, int] | None:
+    """``(row, col)`` worth a speculative branch: both maxima above the floor, one dominant term.
+
+    A cheap local test (no medians, which need every layer); only speed depends on it.
+    """
+    x = st.input_at_output_peak
+    if x is None or min(st.input.magnitude, st.output.magnitude) < rule.floor or not st.output.value:
+        return None
+    terms = x * weight[st.output.channel].float()
+    col = int(terms.abs().argmax())
+    return (st.output.channel, col) if float(terms[col]) / st.output.value >= rule.min_share else None
+
+
+class StreamingDetector:
+    """The iterative method of ``superweight.detect`` over a ``StreamedModel``."""
+
+    def __init__(self, sm: StreamedModel, rule: SpikeRule, max_iter: int, max_branches: int = 4):
+        self.sm, self.rule, self.max_iter, self.max_branches = sm, rule, max_iter, max_branches
+        self.branches: dict[tuple[int, tuple[Coord, ...]], _Branch] = {}
+        self.passes = 0
+        self.layers_read = 0
+
+    def stream(self, starts: list[_Branch], calls: list[list[Call]]) -> None:
+        """One pass over the layers from the earliest start; runs and extends the branches."""
+        self.passes += 1
+        live = list(starts)
+        for b in starts:
+            self.branches[(b.prompt, b.zeroed)] = b
+        for i in range(min(b.start for b in live), self.sm.num_layers):
+            with self.sm.layer(i):
+                self.layers_read += 1
+                spawned = 0
+                todo = [b for b in live if b.start <= i]
+                while todo:
+                    b = todo.pop(0)
+                    hidden, st = self.sm.run_layer(i, calls[b.prompt][i], b.inputs[i], b.zeroed)
+                    b.stats[i] = st
+                    if i + 1 < self.sm.num_layers:
+                        b.inputs[i + 1] = hidden
+                    child = self._speculate(b, i, st, spawned)
+                    if child is not None:
+                        spawned += 1
+                        live.append(child)
+                        todo.append(child)
+                        self.branches[(child.prompt, child.zeroed)] = child
+
+    def _speculate(self, b: _Branch, i: int, st: LayerStats, spawned: int) -> _Branch | None:
+        if len(b.zeroed) + 1 >= self.max_iter or spawned >= self.max_branches:
+            return None
+        with zeroed_weights(self.sm.model, self.sm.arch, [c for c in b.zeroed if c[0] == i]):
+            rc = speculative_candidate(self.sm.arch.weight_matrix(self.sm.model, i), st, self.rule)
+        if rc is None or (i, *rc) in b.zeroed or (b.prompt, b.zeroed + ((i, *rc),)) in self.branches:
+            return None
+        return b.child((i, *rc), i)
+
+    def find(self, stats: list[LayerStats], found: list[SuperWeight]) -> SuperWeight | None:
+        """``find_candidate`` with the down-projections of the spiking layers read in."""
+        ins = [s.input.magnitude for s in stats]
+        outs = [s.output.magnitude for s in stats]
+        spiking = [i for i in range(len(stats)) if self.rule.spikes(ins, i) and self.rule.spikes(outs, i)]
+        names = [n for i in spiking for n in self.sm.down_proj_names(i)]
+        with self.sm.materialised(names):
+            with zeroed_weights(self.sm.model, self.sm.arch, [sw for sw in found if sw.layer in spiking]):
+                sw = find_candidate(self.sm.model, self.sm.arch, stats, self.rule, {s.coord for s in found})
+            if sw is not None:
+                matrix = self.sm.arch.weight_matrix(self.sm.model, sw.layer).detach()
+                sw.value = float(matrix[sw.row, sw.col])
+                sw.magnitude_rank = magnitude_rank(matrix, sw.row, sw.col)
+        return sw
+
+    def resolve(self, prompt: int, calls: list[list[Call]]) -> tuple[list[SuperWeight], list[LayerStats], int]:
+        """Walk the iterations of one prompt through the branches; re-stream only on a miss."""
+        found: list[SuperWeight] = []
+        first: list[LayerStats] = []
+        branch = self.branches[(prompt, ())]
+        iterations = 0
+        for it in range(self.max_iter):
+            stats = [branch.stats[i] for i in range(self.sm.num_layers)]
+            iterations += 1
+            first = first or stats
+            sw = self.find(stats, found)
+            if sw is None:
+                break
+            sw.iteration = it
+            found.append(sw)
+            if it + 1 == self.max_iter:
+                break
+            key = (prompt, tuple(s.coord for s in found))
+            if key not in self.branches:
+                log.info("re-streaming from layer %d (zeroed %s)", sw.layer, [s.coord for s in found])
+                self.stream([branch.child(sw.coord, sw.layer)], calls)
+            branch = self.branches[key]
+        return found, first, iterations
+
+
+def stream_detect(
+    path: str | Path,
+    prompts: Sequence[str] | str = (DEFAULT_PROMPT,),
+    rule: SpikeRule | None = None,
+    max_iter: int = 10,
+    model_name: str = "",
+    dtype: str | torch.dtype = "float32",
+    tokenizer=None,
+    max_branches: int = 4,
+) -> DetectionResult:
+    """``superweight.detect.detect`` for a local safetensors checkpoint, streamed layer by layer.
+
+    Same ``DetectionResult`` as loading the model and calling ``detect`` (bit for bit on the same
+    dtype); peak memory is about the embeddings plus one decoder layer.
+    """
+    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+    if not prompts:
+        raise SuperweightError("no prompt given: pass at least one --prompt")
+    rule = rule or SpikeRule()
+    sm = StreamedModel(path, dtype)
+    tokenizer = tokenizer or _tokenizer(sm.ckpt.folder)
+    encoded = [encode_prompt(tokenizer, p) for p in prompts]
+    calls = [sm.layer_calls(inputs) for inputs in encoded]
+    det = StreamingDetector(sm, rule, max_iter, max_branches)
+    det.stream([_Branch(p, (), 0, {0: _hidden_of(c[0])}) for p, c in enumerate(calls)], calls)
+    merged: dict[Coord, SuperWeight] = {}
+    per_prompt, layers, total_iter = [], [], 0
+    for p in range(len(prompts)):
+        found, stats, iters = det.resolve(p, calls)
+        layers = layers or stats
+        total_iter += iters
+        per_prompt.append([sw.coord for sw in found])
+        for sw in found:
+            merged.setdefault(sw.coord, sw).prompts.append(p)
+    log.info("streamed %d layer reads in %d pass(es) over %d layers", det.layers_read, det.passes, sm.num_layers)
+    return DetectionResult(
+        model=model_name or str(path), architecture=sm.arch.name, num_layers=sm.num_layers, prompts=prompts,
+        rule=rule, super_weights=list(merged.values()), layers=layers, per_prompt=per_prompt, iterations=total_iter,
+    )
+
+
+def _tokenizer(folder: Path):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(folder)
+    except Exception as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise SuperweightError(f"cannot load the tokenizer of {folder}: {first}") from None
+
+
+# ---------------------------------------------------------------- streaming magnitude scan
+
+
+def iter_streamed_matrices(sm: StreamedModel, scope: str = "down_proj") -> Iterator[tuple[str, torch.Tensor]]:
+    """``magnitude.iter_matrices`` over a ``StreamedModel``: each matrix read alone, then freed."""
+    from .magnitude import iter_matrices
+
+    canonical = {id(p): n for n, p in sm.model.named_parameters()}  # tied lm_head -> the embedding
+    for name, view in list(iter_matrices(sm.model, sm.arch, scope)):
+        meta = sm.model.get_submodule(name).weight
+        transposed = view.stride() != meta.stride()  # iter_matrices yields w.t() for Conv1D
+        param = canonical[id(meta)]
+        with sm.materialised([param]):
+            weight = sm.model.get_submodule(name).weight.detach()
+            yield name, weight.t() if transposed else weight
+
+
+def stream_magnitude_scan(
+    path: str | Path, threshold: float = 3.0, scope: str = "down_proj", super_weights=(), top_k: int = 10,
+    dtype: str | torch.dtype = "float32",
+):
+    """``magnitude.magnitude_scan`` for a checkpoint on disk, one tensor in memory at a time."""
+    from .magnitude import rank_super_weights, scan_matrices
+
+    sm = StreamedModel(path, dtype)
+    result, flagged_z = scan_matrices(iter_streamed_matrices(sm, scope), threshold, top_k, scope)
+
+    def matrix_of(layer: int) -> torch.Tensor:
+        with sm.materialised(sm.down_proj_names(layer)):
+            return sm.arch.weight_matrix(sm.model, layer).detach().clone()
+
+    rank_super_weights(result, flagged_z, super_weights, matrix_of)
+    return result
+
+
+# ---------------------------------------------------------------- which mode fits
+
+
+@dataclass
+class MemoryPlan:
+    """Bytes each mode needs for a checkpoint, and what this machine has."""
+
+    in_memory: int  # the whole model in the chosen dtype
+    streaming: int  # outer tensors + the largest layer, twice (read + cast), + a float32 down_proj
+    available: int
+    disk_free: int
+
+    @property
+    def fits_in_memory(self) -> bool:
+        return self.in_memory * 1.2 < self.available
+
+    @property
+    def fits_streaming(self) -> bool:
+        return self.streaming < self.available
+
+
+def gib(n: int) -> str:
+    return f"{n / 2**30:.1f} GiB"
+
+
+def memory_plan(path: str | Path, dtype: str | torch.dtype = "float32") -> MemoryPlan:
+    """Size both modes from the checkpoint headers alone (nothing is read)."""
+    import shutil
+
+    import psutil
+
+    ckpt = open_checkpoint(path)
+    torch_dtype = parse_dtype(dtype)
+    per_layer: dict[str, int] = {}
+    outer = 0
+    down = 0
+    for key, info in ckpt.tensors.items():
+        size = info.numel * (torch_dtype.itemsize if info.dtype.is_floating_point else info.dtype.itemsize)
+        layer = _layer_key(key)
+        if layer is None:
+            outer += size if "lm_head" not in key else 0
+        else:
+            per_layer[layer] = per_layer.get(layer, 0) + size
+            if any(p in key for p in ("down_proj", "dense_4h_to_h", "c_proj", "fc2")):
+                down = max(down, info.numel * 4)
+    largest = max(per_layer.values(), default=0)
+    streaming = outer + 2 * largest + 2 * down + 512 * 2**20  # + interpreter, torch, transformers
+    return MemoryPlan(ckpt.bytes_as(torch_dtype), streaming, psutil.virtual_memory().available,
+                      shutil.disk_usage(ckpt.folder).free)
+
+
+def _layer_key(key: str) -> str | None:
+    """``model.layers.12.`` for a key inside a decoder layer, else None."""
+    parts = key.split(".")
+    for j, p in enumerate(parts[:-1]):
+        if p.isdigit() and j > 0:
+            return ".".join(parts[: j + 1])
+    return None
+
+
+def choose_mode(path: str | Path | None, dtype: str, stream: bool, device_map: str | None) -> str:
+    """"stream" or "memory" for a model argument; logs the automatic switch, errors when neither fits."""
+    if path is None or not _is_local_safetensors(path):
+        if stream:
+            raise SuperweightError(
+                "--stream reads a local safetensors model folder; a .gguf file or hub id is loaded in memory "
+                "(drop --stream, or save the model with save_pretrained first)"
+            )
+        return "memory"
+    plan = memory_plan(path, dtype)
+    if stream:
+        if not plan.fits_streaming:
+            raise SuperweightError(
+                f"not enough memory to stream: about {gib(plan.streaming)} needed (embeddings + one layer), "
+                f"{gib(plan.available)} available; free memory, try --dtype bfloat16, or use --device-map auto (disk offload)"
+            )
+        return "stream"
+    if device_map not in (None, "cpu") or plan.fits_in_memory:
+        return "memory"
+    if plan.fits_streaming:
+        log.info("the model needs %s in memory, %s available: streaming it layer by layer (as with --stream)",
+                 gib(plan.in_memory), gib(plan.available))
+        return "stream"
+    raise SuperweightError(
+        f"not enough memory: in memory needs {gib(plan.in_memory)}, streaming about {gib(plan.streaming)}, "
+        f"{gib(plan.available)} available; free memory or try --dtype bfloat16"
+    )
+
+
+def _is_local_safetensors(path: str | Path) -> bool:
+    p = Path(path).expanduser()
+    folder = p.parent if p.is_file() else p
+    return folder.is_dir() and (any(folder.glob("*.safetensors")) or (folder / "model.safetensors.index.json").is_file())
