@@ -38,6 +38,9 @@ DtypeOpt = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16
 def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
+    from .progress import configure
+
+    configure(quiet=quiet)  # progress bars: terminal only, never with --quiet
     import transformers
 
     transformers.logging.set_verbosity_error()
@@ -120,6 +123,12 @@ def detect(
     all_linear: bool = typer.Option(False, "--all-linear", help="Magnitude method: scan every linear layer."),
     dtype: str = DtypeOpt,
     cache_dir: Optional[Path] = CacheOpt,
+    stream: bool = typer.Option(
+        False, "--stream", help="Read a local safetensors model one layer at a time (automatic when it does not fit in memory)."
+    ),
+    device_map: Optional[str] = typer.Option(
+        None, "--device-map", help="Passed to transformers/accelerate: auto (GPUs, CPU and disk offload), cpu, cuda, ..."
+    ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Also print the per-layer maxima."),
     quiet: bool = typer.Option(False, "--quiet", "-q"),
 ) -> None:
@@ -132,15 +141,19 @@ def detect(
     if method not in ("activation", "magnitude", "both"):
         raise SuperweightError(f"unknown method {method!r}: use activation, magnitude or both")
     prompts = list(prompt) if prompt else [DEFAULT_PROMPT]
-    lm = _load(model, dtype, cache_dir)
-    result = run_detect(
-        lm.model, lm.tokenizer, prompts, SpikeRule(floor=floor, ratio=ratio), max_iter, model_name=model, arch=lm.arch
-    )
-    result.notes = list(lm.notes)
+    rule, scope = SpikeRule(floor=floor, ratio=ratio), "all_linear" if all_linear else "down_proj"
+    from .stream import choose_mode, stream_detect, stream_magnitude_scan
+
+    if choose_mode(model, dtype, stream, device_map) == "stream":
+        result = stream_detect(model, prompts, rule, max_iter, model_name=model, dtype=dtype)
+        scan = lambda sws: stream_magnitude_scan(model, z_threshold, scope, sws, dtype=dtype)  # noqa: E731
+    else:
+        lm = _load(model, dtype, cache_dir, device_map)
+        result = run_detect(lm.model, lm.tokenizer, prompts, rule, max_iter, model_name=model, arch=lm.arch)
+        result.notes = list(lm.notes)
+        scan = lambda sws: magnitude_scan(lm.model, lm.arch, z_threshold, scope, sws)  # noqa: E731
     if method in ("magnitude", "both"):
-        mag = magnitude_scan(
-            lm.model, lm.arch, z_threshold, "all_linear" if all_linear else "down_proj", result.super_weights
-        )
+        mag = scan(result.super_weights)
         result.magnitude = mag.to_dict()
     if method in ("activation", "both"):
         print_super_weights(result)
@@ -157,7 +170,10 @@ def _detect_default(lm, prompts: Optional[List[str]] = None):
     from .detect import DEFAULT_PROMPT
     from .detect import detect as run_detect
 
-    result = run_detect(lm.model, lm.tokenizer, list(prompts or [DEFAULT_PROMPT]), model_name=lm.name, arch=lm.arch)
+    from .progress import step
+
+    with step("detecting super weights"):
+        result = run_detect(lm.model, lm.tokenizer, list(prompts or [DEFAULT_PROMPT]), model_name=lm.name, arch=lm.arch)
     result.notes = list(lm.notes)
     return result
 

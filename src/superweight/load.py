@@ -24,6 +24,7 @@ from torch import nn
 
 from .arch import ArchSpec, architecture_name, spec_for_name
 from .errors import SuperweightError
+from .progress import step
 
 log = logging.getLogger(__name__)
 
@@ -255,7 +256,8 @@ def load_model(
         notes.append(gguf_note(check_gguf(where)))
         cache = _gguf_cache_folder(where, Path(cache_dir) if cache_dir else default_cache_dir())
         if not (cache / "model.safetensors").is_file():
-            _convert_gguf(where, cache)
+            with step(f"converting {Path(where).name} (first load only)"):
+                _convert_gguf(where, cache)
         source, where = where, str(cache)
     else:
         source = where
@@ -263,5 +265,6 @@ def load_model(
             for shard in Path(where).glob("*.safetensors"):
                 check_safetensors(shard)
         _check_causal_config(where)
-    model, tokenizer = _from_pretrained(where, torch_dtype, device_map)
+    with step(f"loading {name}"):
+        model, tokenizer = _from_pretrained(where, torch_dtype, device_map)
     return LoadedModel(model, tokenizer, spec_for_name(architecture_name(model)), name, source, notes)

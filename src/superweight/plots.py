@@ -118,15 +118,17 @@ def super_activation(
     _layers_axis(ax, n)
     ax.set_ylabel("|activation| (log)")
     ax.set_title(f"Super activation: hidden channel {channel}, token {token}")
+    top = max(max(max_with), max(max_without))
+    positive = [v for v in (*sa_with, *sa_without, *max_with, *max_without) if v > 0]
+    bottom = max(min(positive), 1e-3 * top) / 6
+    ax.set_ylim(bottom, top * 60)
     labels = [f"SA channel {channel}: {sa_with[first]:,.0f}", f"super weights zeroed: {drop:.0%} lower (median)"]
     mid = min(n - 1, first + max(1, (n - first) // 2))
     ax.annotate(labels[0], (first, sa_with[first]), xytext=(-12, 14), textcoords="offset points", ha="right",
                 fontsize=9, fontweight="bold", color=WITH, arrowprops=dict(arrowstyle="->", color=WITH))
-    ax.annotate(labels[1], (mid, sa_without[mid]), xytext=(0, -28), textcoords="offset points", ha="center",
-                fontsize=9, fontweight="bold", color=WITHOUT, arrowprops=dict(arrowstyle="->", color=WITHOUT))
-    top = max(max(max_with), max(max_without))
-    bottom = min(min(v for v in sa_with if v > 0), min(v for v in sa_without if v > 0))
-    ax.set_ylim(bottom / 6, top * 60)
+    ax.annotate(labels[1], (mid, max(sa_without[mid], bottom)), xytext=(0, -28) if sa_without[mid] > 3 * bottom
+                else (0, 28), textcoords="offset points", ha="center", fontsize=9, fontweight="bold", color=WITHOUT,
+                arrowprops=dict(arrowstyle="->", color=WITHOUT))
     ax.legend(loc="upper left", ncols=2, frameon=False)
     fig.tight_layout()
     return Plot(fig, labels)
@@ -168,7 +170,7 @@ def ablation_bars(
         _bar_labels(ax2, ax2.bar(xs, vals, color=colors, alpha=0.85), "{:.1f}", labels)
         for t, (task, accs) in enumerate((task_acc or {}).items()):
             pts = [(x, 100 * a) for x, a in zip(xs, accs) if a is not None]
-            ax2.plot([p[0] + 0.25 for p in pts], [p[1] for p in pts], "o", ms=4, color="black", alpha=0.55,
+            ax2.plot([p[0] + 0.25 for p in pts], [p[1] for p in pts], ms=4, color="black", alpha=0.55,
                      marker="os^vD<>p"[t % 8], ls="none", label=task)
         ax2.set_ylabel("accuracy (%)")
         ax2.set_ylim(0, 100)

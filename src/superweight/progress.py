@@ -45,7 +45,7 @@ def bar(iterable: Iterable[T], desc: str, total: int | None = None, unit: str = 
 
 @contextlib.contextmanager
 def step(desc: str) -> Iterator[None]:
-    """A spinner for a step of unknown length; logs its duration at INFO (``--verbose`` shows it)."""
+    """A spinner for a step of unknown length; logs its duration at DEBUG (``--verbose`` shows it)."""
     start = time.perf_counter()
     if enabled():
         from rich.console import Console
@@ -54,4 +54,16 @@ def step(desc: str) -> Iterator[None]:
             yield
     else:
         yield
-    log.info("%s: %.1f s", desc, time.perf_counter() - start)
+    log.debug("%s: %.1f s", desc, time.perf_counter() - start)
+
+
+@contextlib.contextmanager
+def counter(total: int, desc: str, unit: str = "it") -> Iterator:
+    """A bar advanced by calling the yielded function once per finished item (for callbacks)."""
+    if not enabled():
+        yield lambda *_: None
+        return
+    from tqdm.auto import tqdm
+
+    with tqdm(total=total, desc=desc, unit=unit, leave=False, dynamic_ncols=True, file=sys.stderr) as t:
+        yield lambda *_: t.update(1)

@@ -1,0 +1,39 @@
+"""Progress bars appear only on a terminal and never with --quiet."""
+from __future__ import annotations
+
+import sys
+
+from superweight import progress
+
+
+class _Tty:
+    def __init__(self, stream):
+        self.stream = stream
+
+    def isatty(self) -> bool:
+        return True
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+
+
+def test_no_bar_when_stdout_is_not_a_terminal():
+    items = [1, 2, 3]
+    assert progress.bar(items, "x") is items  # pytest captures stdout: not a terminal
+    with progress.counter(3, "x") as tick:
+        tick()
+
+
+def test_bar_on_a_terminal_unless_quiet(monkeypatch):
+    monkeypatch.setattr(sys, "stdout", _Tty(sys.stdout))
+    monkeypatch.setattr(sys, "stderr", _Tty(sys.stderr))
+    monkeypatch.delenv("SUPERWEIGHT_PROGRESS", raising=False)
+    wrapped = progress.bar([1, 2], "x")
+    assert type(wrapped).__name__ == "tqdm" and list(wrapped) == [1, 2]
+    try:
+        progress.configure(quiet=True)
+        assert not progress.enabled()
+    finally:
+        progress.configure(quiet=False)
+    monkeypatch.setenv("SUPERWEIGHT_PROGRESS", "0")
+    assert not progress.enabled()

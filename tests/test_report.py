@@ -1,0 +1,255 @@
+"""The report: figure content, the self-contained HTML, all-or-nothing writing, and a real browser."""
+from __future__ import annotations
+
+import base64
+import io
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+
+import matplotlib.image as mpimg
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import superweight as sw
+from superweight import plots, report
+from superweight.cli import app
+from superweight.errors import SuperweightError
+from superweight.synthetic import byte_tokenizer, plant_super_weight, tiny_model
+
+PLANT = (1, 5, 17)
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+ABLATION = {
+    "version": 1, "ppl_source": "wikitext2", "tasks": ["piqa", "lambada"], "limit": 20,
+    "conditions": {
+        "original": {"ppl": 21.5, "tasks": {"piqa": {"acc": 0.65, "ci": [0.6, 0.7], "n": 20}, "lambada": {"acc": 0.4, "n": 20}}},
+        "zero_super_weights": {"ppl": 1830.0, "tasks": {"piqa": {"acc": 0.5, "n": 20}, "lambada": {"acc": 0.0, "n": 20}}},
+        "zero_top_non_super": {"ppl": 23.0, "tasks": {"piqa": {"acc": 0.64, "n": 20}, "lambada": {"acc": 0.38, "n": 20}}},
+        "scale_0": {"ppl": 1830.0, "tasks": {"piqa": {"acc": 0.5, "n": 20}}},
+        "scale_1": {"ppl": 21.5, "tasks": {"piqa": {"acc": 0.65, "n": 20}}},
+        "scale_2": {"ppl": 22.0, "tasks": {"piqa": {"acc": 0.66, "n": 20}}},
+    },
+    "stopwords": {
+        "original": {"stopword_prob": 0.1, "other_prob": 0.02, "per_token": {"the": 0.05, ",": 0.01}},
+        "zero_super_weights": {"stopword_prob": 0.3, "other_prob": 0.01, "per_token": {"the": 0.1, ",": 0.1}},
+    },
+}
+SWEEP = {
+    "version": 1, "text": "wikitext2", "max_tokens": 2048, "baseline_ppl": 20.0,
+    "rows": [{"family": "fp", "variant": "fp", "bits": None, "block": None, "ppl": 20.0}]
+    + [{"family": "rtn", "variant": v, "bits": 4, "block": b, "ppl": p}
+       for v, pts in (("naive", ((4096, 25.0), (16384, 60.0))), ("clip+SW", ((4096, 23.0), (16384, 30.0))))
+       for b, p in pts]
+    + [{"family": "w8a8", "variant": "naive", "bits": 8, "block": None, "ppl": 21.0}],
+}
+
+
+@pytest.fixture(scope="module")
+def planted():
+    model = tiny_model("LlamaForCausalLM")
+    plant_super_weight(model, *PLANT)
+    tok = byte_tokenizer()
+    return model, tok, sw.detect(model, tok)
+
+
+@pytest.fixture(scope="module")
+def inputs(planted) -> report.ReportInputs:
+    model, tok, det = planted
+    arch = sw.get_arch(model)
+    return report.ReportInputs(
+        model="tiny-planted", architecture=arch.name, detection=det, trace=report.residual_trace(model, tok, arch, det),
+        ablation=ABLATION, ablation_source="ablation.json", sweep=SWEEP, sweep_source="sweep.json",
+        notes=["baselines come from a test model"],
+    )
+
+
+def _png_ok(data: bytes) -> np.ndarray:
+    assert data.startswith(PNG_MAGIC)
+    return mpimg.imread(io.BytesIO(data), format="png")
+
+
+# ---------------------------------------------------------------- figure content
+
+
+def test_spike_labels_name_the_detected_channels(planted):
+    _, _, det = planted
+    fig = report.figure_down_proj(det)
+    layer, row, col = PLANT
+    assert fig.labels == [f"L{layer}: ch {col}", f"L{layer}: ch {row}"]  # input panel: col; output panel: row
+    assert f"layers {layer}" in fig.caption
+    assert _png_ok(fig.png).shape[1] > 800
+
+
+def test_down_proj_panels_are_log_scale_and_plot_the_maxima():
+    ins, outs = [1.0, 500.0, 2.0, 1.5], [3.0, 4000.0, 2.5, 3.5]
+    p = plots.down_proj_maxima(ins, [0, 17, 3, 4], outs, [1, 5, 2, 2], [1], [1])
+    assert [ax.get_yscale() for ax in p.figure.axes] == ["log", "log"]
+    assert list(p.figure.axes[0].lines[0].get_ydata()) == ins
+    assert [t.get_text() for t in p.figure.axes[1].texts] == ["L1: ch 5"]
+
+
+def test_super_activation_trace_follows_the_planted_row(planted, inputs):
+    model, _, _ = planted
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    t = inputs.trace
+    assert t.channel == PLANT[1] and t.first == PLANT[0] + 0
+    assert all(a > 10 * b for a, b in zip(t.sa_with[t.first:], t.sa_without[t.first:]))
+    assert t.drop > 0.9
+    fig = report.figure_super_activation(t)
+    assert f"SA channel {PLANT[1]}: {t.sa_with[t.first]:,.0f}" in fig.labels
+    assert f"{t.drop:.0%}" in fig.caption
+    assert all((before[k] == v).all() for k, v in model.state_dict().items())  # trace restored the weights
+
+
+def test_ablation_figures_show_the_numbers():
+    bars, scaling = report.figures_ablation(ABLATION)
+    assert {"1.83e+03", "21.5", "23"} <= set(bars.labels)  # ppl bar labels
+    assert "52.5" in bars.labels  # mean accuracy of the original model, in %
+    assert "original (s = 1)" in scaling.labels
+    p = plots.ablation_bars(["a", "b"], [10.0, 1000.0], [0.5, 0.25])
+    assert [round(b.get_height(), 6) for b in p.figure.axes[0].patches] == [10.0, 1000.0]
+    assert [round(b.get_height(), 6) for b in p.figure.axes[1].patches] == [50.0, 25.0]
+
+
+def test_stopword_figure_gives_the_ratios():
+    fig = report.figure_stopwords(ABLATION)
+    assert fig.labels == ["x3", "x0.5", "x2", "x10"]
+    assert report.figure_stopwords({"conditions": {}}) is None
+
+
+def test_sweep_figure_has_one_line_per_method():
+    series, base = report.sweep_series(SWEEP)
+    assert base == 20.0
+    assert series == {"INT4 naive": [(4096.0, 25.0), (16384.0, 60.0)], "INT4 clip+SW": [(4096.0, 23.0), (16384.0, 30.0)]}
+    p = plots.block_size_curves(series, base)
+    assert [line.get_label() for line in p.figure.axes[0].lines[:2]] == ["INT4 naive", "INT4 clip+SW"]
+    assert "unquantized: 20" in p.labels
+
+
+# ---------------------------------------------------------------- writing
+
+
+def test_report_html_embeds_every_figure(inputs, tmp_path):
+    figs = report.build_figures(inputs)
+    assert [f.name for f in figs] == [
+        "fig3_down_proj_maxima", "fig4_super_activation", "fig5_stopwords", "fig6_ablation", "fig6_scaling", "fig7_block_size",
+    ]
+    out = report.write_report(inputs, figs, tmp_path / "rep")
+    page = (out / "report.html").read_text()
+    embedded = re.findall(r'<img id="([^"]+)" alt="[^"]*" src="data:image/png;base64,([^"]+)"', page)
+    assert [name for name, _ in embedded] == [f.name for f in figs]
+    for name, data in embedded:
+        assert base64.b64decode(data) == (out / f"{name}.png").read_bytes()
+    assert not re.search(r'(src|href)="(?!data:)', page)  # nothing to fetch: opens offline
+    for text in ("tiny-planted", "baselines come from a test model", "wikitext2", "Apple Inc."):
+        assert text in page
+    md = (out / "report.md").read_text()
+    assert all(f"]({f.name}.png)" in md and f.caption in md for f in figs)
+
+
+def test_existing_output_needs_force_and_failure_leaves_nothing(inputs, tmp_path, monkeypatch):
+    out = tmp_path / "rep"
+    figs = report.build_figures(inputs)[:1]
+    report.write_report(inputs, figs, out)
+    with pytest.raises(SuperweightError, match="--force"):
+        report.write_report(inputs, figs, out)
+    first = (out / "report.html").read_text()
+
+    def boom(*a, **k):
+        raise RuntimeError("disk full")
+
+    monkeypatch.setattr(report, "render_html", boom)
+    with pytest.raises(RuntimeError):
+        report.write_report(inputs, figs, out, force=True)
+    assert (out / "report.html").read_text() == first  # the old report is intact
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["rep"]  # no temporary folder left
+    monkeypatch.undo()
+    report.write_report(inputs, figs, out, force=True)
+
+
+def test_missing_parts_are_said_on_the_page(planted, tmp_path):
+    model, tok, det = planted
+    lm = sw.LoadedModel(model, tok, sw.get_arch(model), "tiny", "tiny", [])
+    got = report.gather(lm, det)
+    assert any("--ablation" in m for m in got.missing) and any("--sweep" in m for m in got.missing)
+    assert got.findings[0] == "Catalog: not in catalog"
+    assert "--tensor-type '^blk\\.1\\.ffn_down\\.weight$=f16'" in got.findings[1]
+    got = report.gather(lm, det, do_ablation=True)
+    assert got.ablation is None or "conditions" in got.ablation
+    out = report.write_report(got, report.build_figures(got), tmp_path / "r")
+    assert "Not shown" in (out / "report.html").read_text()
+
+
+def test_report_cli_on_a_model_folder(tmp_path):
+    folder = tmp_path / "tiny"
+    model = tiny_model("LlamaForCausalLM")
+    plant_super_weight(model, *PLANT)
+    model.save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    (tmp_path / "abl.json").write_text(__import__("json").dumps(ABLATION))
+    res = CliRunner().invoke(app, ["report", str(folder), "--out", str(tmp_path / "rep"), "--ablation", str(tmp_path / "abl.json")])
+    assert res.exit_code == 0, res.output
+    assert "\r" not in res.output  # no progress bar when stdout is not a terminal
+    assert sorted(p.name for p in (tmp_path / "rep").glob("*.png")) == [
+        "fig3_down_proj_maxima.png", "fig4_super_activation.png", "fig5_stopwords.png", "fig6_ablation.png", "fig6_scaling.png",
+    ]
+    res = CliRunner().invoke(app, ["report", str(folder), "--out", str(tmp_path / "rep")])
+    assert res.exit_code != 0 and "--force" in str(res.exception)
+
+
+# ---------------------------------------------------------------- a real browser
+
+
+def chromium() -> str:
+    """Debian's chromium, installed with apt-get when missing; skip only where that is impossible."""
+    found = shutil.which("chromium") or shutil.which("chromium-browser")
+    if found:
+        return found
+    if shutil.which("apt-get") is None or os.geteuid() != 0:
+        pytest.skip("chromium is not installed and cannot be (needs root and apt-get): `apt-get install -y chromium`")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    done = subprocess.run("apt-get update -qq && apt-get install -y -qq chromium", shell=True, env=env,
+                          capture_output=True, text=True, timeout=900)
+    found = shutil.which("chromium")
+    if done.returncode != 0 or not found:
+        pytest.skip(f"chromium could not be installed with apt-get: {done.stderr.strip()[-300:]}")
+    return found
+
+
+def _browser(binary: str, profile: Path, *args: str) -> subprocess.CompletedProcess:
+    flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={profile}", "--virtual-time-budget=5000"]
+    return subprocess.run([binary, *flags, *args], capture_output=True, text=True, timeout=180)
+
+
+@pytest.mark.slow
+def test_smollm2_report_renders_in_headless_chromium(smollm2, tmp_path):
+    binary = chromium()
+    det = sw.detect(smollm2.model, smollm2.tokenizer, model_name=smollm2.name, arch=smollm2.arch)
+    got = report.gather(smollm2, det)
+    figs = report.build_figures(got)
+    out = report.write_report(got, figs, tmp_path / "smollm2")
+    page = (out / "report.html").read_text()
+    assert "4-bit" in page  # the GGUF-baseline note
+    # A copy with a probe script: the title becomes the number of decoded images.
+    probe = out / "probe.html"
+    probe.write_text(page.replace(
+        "</body>",
+        "<script>window.addEventListener('load',()=>{const i=[...document.images];"
+        "document.title='decoded '+i.filter(x=>x.complete&&x.naturalWidth>0).length+' of '+i.length;});</script></body>",
+    ))
+    dom = _browser(binary, tmp_path / "profile", "--dump-dom", probe.as_uri())
+    assert dom.returncode == 0, dom.stderr[-2000:]
+    assert len(re.findall(r'<img [^>]*src="data:image/png;base64,', dom.stdout)) == len(figs)
+    assert f"<title>decoded {len(figs)} of {len(figs)}</title>" in dom.stdout
+    shot = tmp_path / "shot.png"
+    res = _browser(binary, tmp_path / "profile", f"--screenshot={shot}", "--window-size=1200,1800", (out / "report.html").as_uri())
+    assert res.returncode == 0 and shot.is_file(), res.stderr[-2000:]
+    pixels = mpimg.imread(shot)[..., :3]
+    assert pixels.shape[:2] == (1800, 1200)
+    assert pixels.std() > 0.05 and (pixels < 0.5).mean() > 0.005  # not blank: text and plot lines drawn
