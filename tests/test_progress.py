@@ -29,7 +29,9 @@ def test_bar_on_a_terminal_unless_quiet(monkeypatch):
     monkeypatch.setattr(sys, "stderr", _Tty(sys.stderr))
     monkeypatch.delenv("SUPERWEIGHT_PROGRESS", raising=False)
     wrapped = progress.bar([1, 2], "x")
-    assert type(wrapped).__name__ == "tqdm" and list(wrapped) == [1, 2]
+    from tqdm import tqdm
+
+    assert isinstance(wrapped, tqdm) and list(wrapped) == [1, 2]
     try:
         progress.configure(quiet=True)
         assert not progress.enabled()
