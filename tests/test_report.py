@@ -147,6 +147,8 @@ def test_report_html_embeds_every_figure(inputs, tmp_path):
     assert not re.search(r'(src|href)="(?!data:)', page)  # nothing to fetch: opens offline
     for text in ("tiny-planted", "baselines come from a test model", "wikitext2", "Apple Inc."):
         assert text in page
+    assert "<td>zero_super_weights</td><td>1830</td><td>0.250</td>" in page  # the ablation's numbers
+    assert "<td>16384</td><td>60</td><td>30</td>" in page  # the sweep's INT4 table
     md = (out / "report.md").read_text()
     assert all(f"]({f.name}.png)" in md and f.caption in md for f in figs)
 

@@ -335,6 +335,74 @@ def super_weight_rows(detection: DetectionResult) -> list[list[str]]:
 SW_HEADER = ["layer", "[row, col]", "value", "|w| rank", "input", "output"]
 
 
+Table = tuple[str, list[str], list[list[str]]]  # title, header, rows
+
+
+def _num(x: float | None, fmt: str = "{:.4g}") -> str:
+    return "-" if x is None else fmt.format(x)
+
+
+def ablation_table(ablation: dict) -> Table:
+    """The paper's Table 1 shape: perplexity, mean accuracy and each task's accuracy [95% CI]."""
+    conds = ablation_conditions(ablation)
+    tasks = sorted({t for c in conds.values() for t in (c.get("tasks") or {})})
+    rows = []
+    for name, c in conds.items():
+        mean, accs = _condition_acc(c)
+        cells = []
+        for t in tasks:
+            r = (c.get("tasks") or {}).get(t) or {}
+            ci = r.get("ci")
+            cells.append(_num(r.get("acc"), "{:.3f}") + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""))
+        rows.append([name, _num(c.get("ppl")), _num(mean, "{:.3f}")] + cells)
+    return "Ablation (accuracy with its 95% bootstrap CI)", ["condition", "ppl", "mean acc"] + tasks, rows
+
+
+def sweep_tables(sweep: dict) -> list[Table]:
+    """RTN perplexity by granularity and variant (Fig. 7's numbers), W8A8 and ternary rows."""
+    rows = [r for r in sweep.get("rows") or [] if isinstance(r, dict)]
+    out: list[Table] = []
+    rtn = [r for r in rows if r.get("family") == "rtn"]
+    for bits in sorted({r.get("bits") for r in rtn if r.get("bits")}, reverse=True):
+        variants = list(dict.fromkeys(r.get("variant") for r in rtn if r.get("bits") == bits))
+        grans = list(dict.fromkeys(r.get("granularity", str(r.get("block"))) for r in rtn if r.get("bits") == bits))
+        cell = {(r.get("granularity", str(r.get("block"))), r.get("variant")): r for r in rtn if r.get("bits") == bits}
+        body = [[g] + [_num((cell.get((g, v)) or {}).get("ppl")) for v in variants] for g in grans]
+        out.append((f"INT{bits} round-to-nearest perplexity (unquantized {_num(sweep.get('baseline_ppl'))})",
+                    ["granularity"] + variants, body))
+    for fam, title in (("w8a8", "W8A8 perplexity"), ("ternary", "Ternary (BitNet b1.58) perplexity")):
+        sel = [r for r in rows if r.get("family") == fam]
+        if sel:
+            out.append((title, ["variant", "bits/weight", "ppl"],
+                        [[str(r.get("variant")), _num(r.get("bits_per_weight"), "{:.3f}"), _num(r.get("ppl"))] for r in sel]))
+    return out
+
+
+def tables(inputs: ReportInputs) -> list[Table]:
+    out: list[Table] = []
+    if inputs.ablation is not None:
+        with contextlib.suppress(SuperweightError):
+            out.append(ablation_table(inputs.ablation))
+    if inputs.sweep is not None:
+        out.extend(sweep_tables(inputs.sweep))
+    return out
+
+
+def _md_table(t: Table) -> list[str]:
+    title, header, rows = t
+    return [f"**{title}**", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
+        "| " + " | ".join(r) + " |" for r in rows
+    ] + [""]
+
+
+def _html_table(t: Table) -> list[str]:
+    e = html.escape
+    title, header, rows = t
+    return [f"<h3>{e(title)}</h3>", "<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>"] + [
+        "<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows
+    ] + ["</table>"]
+
+
 def render_markdown(inputs: ReportInputs, figs: Sequence[Figure]) -> str:
     d = inputs.detection
     lines = [f"# Super weights of {inputs.model}", ""]
@@ -352,6 +420,10 @@ def render_markdown(inputs: ReportInputs, figs: Sequence[Figure]) -> str:
     lines.append("")
     for f in figs:
         lines += [f"## {f.title}", "", f"![{f.title}]({f.name}.png)", "", f"*{f.caption}*", ""]
+    if tables(inputs):
+        lines += ["## Numbers", ""]
+        for t in tables(inputs):
+            lines += _md_table(t)
     if inputs.missing:
         lines += ["## Not shown", ""] + [f"- {m}" for m in inputs.missing] + [""]
     return "\n".join(lines)
@@ -362,7 +434,7 @@ body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;max-width:1100px;
 h1{font-size:1.6em;margin-bottom:.2em}h2{font-size:1.2em;margin-top:1.8em;border-bottom:1px solid #ddd;padding-bottom:.2em}
 .note{background:#fff6e0;border-left:4px solid #edae49;padding:.5em .8em;margin:.6em 0}
 table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ddd;padding:.25em .6em;text-align:right}
-th{background:#f3f5f8}figure{margin:1em 0}img{max-width:100%;height:auto;border:1px solid #eee}
+th{background:#f3f5f8}td:first-child{text-align:left}h3{font-size:1em;margin-top:1.2em}figure{margin:1em 0}img{max-width:100%;height:auto;border:1px solid #eee}
 figcaption{font-style:italic;color:#444;margin-top:.3em}ul.meta{padding-left:1.2em}.missing{color:#7a4b00}
 """
 
@@ -394,6 +466,10 @@ def render_html(inputs: ReportInputs, figs: Sequence[Figure]) -> str:
             f'<img id="{e(f.name)}" alt="{e(f.title)}" src="data:image/png;base64,{data}">',
             f"<figcaption>{e(f.caption)}</figcaption>", "</figure>",
         ]
+    if tables(inputs):
+        parts.append("<h2>Numbers</h2>")
+        for t in tables(inputs):
+            parts += _html_table(t)
     if inputs.missing:
         parts += ["<h2>Not shown</h2>", "<ul>"] + [f'<li class="missing">{e(m)}</li>' for m in inputs.missing] + ["</ul>"]
     parts.append("</body></html>")
