@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..errors import SuperweightError
+from ..progress import bar
 
 log = logging.getLogger(__name__)
 
@@ -119,7 +120,7 @@ def evaluate_perplexity(
     if not spans:
         raise SuperweightError("the text has fewer than 2 tokens: pass a longer text")
     total, count = torch.zeros((), dtype=torch.float64), 0
-    for begin, end, first in spans:
+    for begin, end, first in bar(spans, "perplexity", unit="window"):
         total += window_nll(model, ids[begin:end], first - begin).cpu()
         count += end - first
     nll = float(total) / count
