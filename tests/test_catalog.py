@@ -8,6 +8,7 @@ import re
 from pathlib import Path
 
 import pytest
+import torch
 from typer.testing import CliRunner
 
 import superweight as sw
@@ -224,3 +225,25 @@ def test_gguf_tensor_holds_the_hf_super_weight(smollm2):
         hf = sw.get_arch(smollm2.model).weight_matrix(smollm2.model, o.super_weights[0][0]).detach().numpy()
         for _, row, col in o.super_weights:
             assert np.isclose(matrix[row, col], hf[row, col], rtol=1e-3), (o.tensor, row, col)
+
+
+def test_simulated_llama_quantize_keeps_override_tensors_and_restores():
+    model = tiny_model("LlamaForCausalLM")
+    plant_super_weight(model, *PLANTS[0])
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    layer, row, col = PLANTS[0]
+    overrides = llama_cpp.overrides_for("LlamaForCausalLM", 4, [PLANTS[0]], "f16")
+    key = f"model.layers.{layer}.mlp.down_proj.weight"
+    with llama_cpp.simulated_quantize(model, "LlamaForCausalLM", "q4_0", overrides) as n:
+        kept = model.state_dict()[key]
+        assert n == 4 * (64 * 64 + 2 * 64 * 32 + 64 * 64 + 3 * 64 * 128)  # 4 layers: q, k, v, o, gate, up, down
+        assert (kept - before[key]).abs().max() < 1e-3  # f16 rounding only
+        other = model.state_dict()["model.layers.2.mlp.down_proj.weight"]
+        assert (other - before["model.layers.2.mlp.down_proj.weight"]).abs().max() > 1e-3  # q4_0 elsewhere
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    w = torch.zeros(2, 64)
+    w[0, 1], w[0, 2] = 6.0, 0.02
+    q = llama_cpp.roundtrip(w, "q4_0")
+    assert q[0, 1] == pytest.approx(6.0) and q[0, 2] == 0  # the super weight sets its block's scale
+    with pytest.raises(SuperweightError, match="cannot quantize"):
+        llama_cpp.roundtrip(w, "q4_k")

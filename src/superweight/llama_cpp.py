@@ -13,10 +13,11 @@ row/column layout, so only the tensor name changes.
 """
 from __future__ import annotations
 
+import contextlib
 import re
 import shlex
 from dataclasses import asdict, dataclass, field
-from typing import Sequence
+from typing import Iterator, Sequence
 
 from .arch import spec_for_name
 from .errors import SuperweightError
@@ -115,3 +116,55 @@ def shell_args(overrides: Sequence[TensorOverride]) -> str:
 def tensor_type_file(overrides: Sequence[TensorOverride]) -> str:
     """The same, one item per line, for ``llama-quantize --tensor-type-file FILE``."""
     return "".join(f"{o.argument}\n" for o in overrides)
+
+
+# ---------------------------------------------------------------- what llama-quantize would do
+
+
+def _ggml_type(name: str):
+    from gguf import GGMLQuantizationType
+
+    return GGMLQuantizationType[ggml_type_name(name).upper()]
+
+
+def roundtrip(weight, type_name: str):
+    """``weight`` ([out, in]) quantized and dequantized by gguf-py's reference code for ``type_name``.
+
+    llama.cpp quantizes each row (the input dimension, GGUF's ne0) in blocks (32 for q4_0/q8_0).
+    Raises ``SuperweightError`` for types gguf-py cannot quantize (the k-quants, i-quants).
+    """
+    import torch
+    from gguf import quants
+
+    t = _ggml_type(type_name)
+    w = weight.detach().float().cpu().numpy()
+    try:
+        q = quants.dequantize(quants.quantize(w, t), t)
+    except NotImplementedError:
+        raise SuperweightError(f"gguf-py cannot quantize {type_name}: use q4_0, q4_1, q5_0, q5_1, q8_0, f16 or bf16") from None
+    return torch.from_numpy(q.reshape(w.shape)).to(weight.dtype)
+
+
+@contextlib.contextmanager
+def simulated_quantize(model, architecture: str, base_type: str, overrides: Sequence[TensorOverride] = ()) -> Iterator[int]:
+    """Inside the block, every decoder-layer ``nn.Linear`` weight holds what ``llama-quantize --pure``
+    with ``base_type`` and these ``--tensor-type`` overrides would store (embeddings and the output
+    head stay float). Yields the number of weights changed; the originals are restored on exit.
+    """
+    import torch
+    from torch import nn
+
+    spec = spec_for_name(architecture)
+    types = {o.hf_module: o.type for o in overrides}
+    saved = []
+    try:
+        with torch.no_grad():
+            for name, module in spec.layer_modules(model).named_modules(prefix=spec.layers):
+                if isinstance(module, nn.Linear):
+                    saved.append((module.weight, module.weight.detach().clone()))
+                    module.weight.copy_(roundtrip(module.weight, types.get(name, base_type)))
+        yield sum(w.numel() for w, _ in saved)
+    finally:
+        with torch.no_grad():
+            for weight, original in saved:
+                weight.copy_(original)
