@@ -241,7 +241,7 @@ def test_simulated_llama_quantize_keeps_override_tensors_and_restores():
         other = model.state_dict()["model.layers.2.mlp.down_proj.weight"]
         assert (other - before["model.layers.2.mlp.down_proj.weight"]).abs().max() > 1e-3  # q4_0 elsewhere
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
-    w = torch.zeros(2, 64)
+    w = torch.zeros(2, 256)
     w[0, 1], w[0, 2] = 6.0, 0.02
     q = llama_cpp.roundtrip(w, "q4_0")
     assert q[0, 1] == pytest.approx(6.0) and q[0, 2] == 0  # the super weight sets its block's scale

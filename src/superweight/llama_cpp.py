@@ -140,8 +140,11 @@ def roundtrip(weight, type_name: str):
     w = weight.detach().float().cpu().numpy()
     try:
         q = quants.dequantize(quants.quantize(w, t), t)
-    except NotImplementedError:
-        raise SuperweightError(f"gguf-py cannot quantize {type_name}: use q4_0, q4_1, q5_0, q5_1, q8_0, f16 or bf16") from None
+    except (NotImplementedError, quants.QuantError) as exc:
+        raise SuperweightError(
+            f"gguf-py cannot quantize {tuple(w.shape)} to {type_name} ({type(exc).__name__}): "
+            "use q4_0, q4_1, q5_0, q5_1, q8_0, f16 or bf16 on rows that are a multiple of 32"
+        ) from None
     return torch.from_numpy(q.reshape(w.shape)).to(weight.dtype)
 
 
