@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -32,6 +33,8 @@ class TensorInfo:
     file: Path
     dtype: torch.dtype
     shape: tuple[int, ...]
+    offset: int = 0  # byte offset of the data in the file
+
 
     @property
     def numel(self) -> int:
@@ -55,6 +58,21 @@ class Checkpoint:
     def nbytes(self) -> int:
         """Bytes of tensor data, as stored."""
         return sum(t.nbytes for t in self.tensors.values())
+
+    def prefetch(self, keys: list[str]) -> None:
+        """Ask the kernel to start reading these tensors into the page cache (returns at once)."""
+        if not hasattr(os, "posix_fadvise"):
+            return
+        by_file: dict[Path, list[TensorInfo]] = {}
+        for k in keys:
+            by_file.setdefault(self.tensors[k].file, []).append(self.tensors[k])
+        for file, infos in by_file.items():
+            fd = os.open(file, os.O_RDONLY)
+            try:
+                for t in infos:
+                    os.posix_fadvise(fd, t.offset, t.nbytes, os.POSIX_FADV_WILLNEED)
+            finally:
+                os.close(fd)
 
     def bytes_as(self, dtype: torch.dtype | None) -> int:
         """Bytes of all floating tensors once cast to ``dtype`` (None: as stored)."""
@@ -85,12 +103,17 @@ def _shard_headers(folder: Path, files: set[str]) -> dict[str, dict]:
     return headers
 
 
+def _data_start(path: Path) -> int:
+    with open(path, "rb") as f:
+        return 8 + int.from_bytes(f.read(8), "little")
+
+
 def _info(path: Path, header: dict, key: str) -> TensorInfo:
     entry = header[key]
     dtype = _ST_DTYPES.get(entry["dtype"])
     if dtype is None:
         raise SuperweightError(f"{path.name}: tensor {key} has dtype {entry['dtype']}, which streaming cannot read")
-    return TensorInfo(path, dtype, tuple(entry["shape"]))
+    return TensorInfo(path, dtype, tuple(entry["shape"]), _data_start(path) + entry["data_offsets"][0])
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:

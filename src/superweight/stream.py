@@ -13,10 +13,10 @@ real layer with those arguments and the running hidden state, under the same
 in-memory forward computes (same dtype, same kernels).
 
 Iterative detection needs one forward pass per found super weight. Re-reading the checkpoint for
-each would double the I/O, so the pass *speculates*: when a layer's down-projection shows a
-candidate (input and output maxima above the rule's floor, one weight carrying ``min_share`` of
-the output peak), a branch with that weight zeroed continues from that layer on the already
-loaded weights. After the pass, ``superweight.detect.find_candidate`` decides exactly as in
+each would double the I/O, so the pass *speculates*: when a layer's down-projection passes every
+local test of the rule (``find_candidate`` on that layer alone: floors, share, weight outlier; the
+median test needs all layers), a branch with that weight zeroed continues from that layer on the
+already loaded weights. After the pass, ``superweight.detect.find_candidate`` decides exactly as in
 memory; if it picks a weight no branch zeroed, the stream restarts from that weight's layer with
 the cached residual input of that layer (earlier layers are unchanged, so are their outputs).
 """
@@ -244,6 +244,11 @@ class StreamedModel:
     def layer(self, i: int) -> contextlib.AbstractContextManager:
         return self.materialised(self.layer_names(i))
 
+    def prefetch_layer(self, i: int) -> None:
+        """Start reading layer ``i`` from disk in the background (the kernel's readahead)."""
+        if 0 <= i < self.num_layers:
+            self.ckpt.prefetch([self.key(n) for n in self.layer_names(i) if self.key(n)])
+
     def down_proj_names(self, i: int) -> list[str]:
         return [f"{self.arch.down_proj_name(i)}.weight"]
 
@@ -296,19 +301,6 @@ class _Branch:
         return _Branch(self.prompt, self.zeroed + (coord,), layer, keep(self.inputs, layer), keep(self.stats, layer - 1))
 
 
-def speculative_candidate(weight: torch.Tensor, st: LayerStats, rule: SpikeRule) -> tuple[int, int] | None:
-    """``(row, col)`` worth a speculative branch: both maxima above the floor, one dominant term.
-
-    A cheap local test (no medians, which need every layer); only speed depends on it.
-    """
-    x = st.input_at_output_peak
-    if x is None or min(st.input.magnitude, st.output.magnitude) < rule.floor or not st.output.value:
-        return None
-    terms = x * weight[st.output.channel].float()
-    col = int(terms.abs().argmax())
-    return (st.output.channel, col) if float(terms[col]) / st.output.value >= rule.min_share else None
-
-
 class StreamingDetector:
     """The iterative method of ``superweight.detect`` over a ``StreamedModel``."""
 
@@ -316,7 +308,8 @@ class StreamingDetector:
         self.sm, self.rule, self.max_iter, self.max_branches = sm, rule, max_iter, max_branches
         self.branches: dict[tuple[int, tuple[Coord, ...]], _Branch] = {}
         self.passes = 0
-        self.layers_read = 0
+        self.layers_read = 0  # decoder layers read from disk
+        self.layer_runs = 0  # decoder layer forward calls (several per read when branches run)
 
     def stream(self, starts: list[_Branch], calls: list[list[Call]]) -> None:
         """One pass over the layers from the earliest start; runs and extends the branches."""
@@ -326,12 +319,14 @@ class StreamingDetector:
             self.branches[(b.prompt, b.zeroed)] = b
         for i in range(min(b.start for b in live), self.sm.num_layers):
             with self.sm.layer(i):
+                self.sm.prefetch_layer(i + 1)  # the disk reads the next layer while this one runs
                 self.layers_read += 1
                 spawned = 0
                 todo = [b for b in live if b.start <= i]
                 while todo:
                     b = todo.pop(0)
                     hidden, st = self.sm.run_layer(i, calls[b.prompt][i], b.inputs[i], b.zeroed)
+                    self.layer_runs += 1
                     b.stats[i] = st
                     if i + 1 < self.sm.num_layers:
                         b.inputs[i + 1] = hidden
@@ -345,11 +340,14 @@ class StreamingDetector:
     def _speculate(self, b: _Branch, i: int, st: LayerStats, spawned: int) -> _Branch | None:
         if len(b.zeroed) + 1 >= self.max_iter or spawned >= self.max_branches:
             return None
+        # find_candidate on this layer alone (earlier layers as empty stats) applies every local
+        # test of the rule (floor, share, input, weight outlier); only the median test must wait.
+        local = [LayerStats(j) for j in range(i)] + [st]
         with zeroed_weights(self.sm.model, self.sm.arch, [c for c in b.zeroed if c[0] == i]):
-            rc = speculative_candidate(self.sm.arch.weight_matrix(self.sm.model, i), st, self.rule)
-        if rc is None or (i, *rc) in b.zeroed or (b.prompt, b.zeroed + ((i, *rc),)) in self.branches:
+            sw = find_candidate(self.sm.model, self.sm.arch, local, self.rule, set(b.zeroed))
+        if sw is None or (b.prompt, b.zeroed + (sw.coord,)) in self.branches:
             return None
-        return b.child((i, *rc), i)
+        return b.child(sw.coord, i)
 
     def find(self, stats: list[LayerStats], found: list[SuperWeight]) -> SuperWeight | None:
         """``find_candidate`` with the down-projections of the spiking layers read in."""
@@ -425,7 +423,8 @@ def stream_detect(
         per_prompt.append([sw.coord for sw in found])
         for sw in found:
             merged.setdefault(sw.coord, sw).prompts.append(p)
-    log.info("streamed %d layer reads in %d pass(es) over %d layers", det.layers_read, det.passes, sm.num_layers)
+    log.info("streamed %d layers: %d layer reads in %d pass(es), %d layer runs",
+             sm.num_layers, det.layers_read, det.passes, det.layer_runs)
     return DetectionResult(
         model=model_name or str(path), architecture=sm.arch.name, num_layers=sm.num_layers, prompts=prompts,
         rule=rule, super_weights=list(merged.values()), layers=layers, per_prompt=per_prompt, iterations=total_iter,
