@@ -196,6 +196,8 @@ def test_report_cli_on_a_model_folder(tmp_path):
     res = CliRunner().invoke(app, ["report", str(folder), "--out", str(tmp_path / "rep"), "--ablation", str(tmp_path / "abl.json")])
     assert res.exit_code == 0, res.output
     assert "\r" not in res.output  # no progress bar when stdout is not a terminal
+    page = (tmp_path / "rep" / "report.html").read_text()
+    assert f"superweight report {folder} --out {tmp_path / 'rep'} --ablation {tmp_path / 'abl.json'}</code>" in page
     assert sorted(p.name for p in (tmp_path / "rep").glob("*.png")) == [
         "fig3_down_proj_maxima.png", "fig4_super_activation.png", "fig5_stopwords.png", "fig6_ablation.png", "fig6_scaling.png",
     ]

@@ -338,7 +338,9 @@ def report(
     rep.check_out_dir(out, force)
     lm = _load(model, dtype, cache_dir)
     detection = _detect_default(lm, prompt)
-    command = "superweight report " + " ".join(sys.argv[2:]) if len(sys.argv) > 2 else ""
+    flags = [f"--ablation {ablation}" if ablation else "", f"--sweep {sweep}" if sweep else "",
+             f"--run-ablation --limit {limit}" if run_ablation else "", "--run-sweep" if run_sweep else ""]
+    command = " ".join(x for x in ["superweight report", model, f"--out {out}", *flags, *(f"-p {p!r}" for p in prompt or [])] if x)
     inputs = rep.gather(lm, detection, ablation, sweep, run_ablation, run_sweep, limit, command)
     figs = rep.build_figures(inputs)
     rep.write_report(inputs, figs, out, force)
