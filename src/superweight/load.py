@@ -263,7 +263,11 @@ def load_model(
         source = where
         if kind == "dir":
             for shard in Path(where).glob("*.safetensors"):
-                check_safetensors(shard)
+                if any(k.endswith("::codes") for k in check_safetensors(shard)):
+                    raise SuperweightError(
+                        f"{where} holds packed quantized weights but no superweight_manifest.json: "
+                        "the artifact is damaged, re-export it with `superweight quantize --out`"
+                    )
         _check_causal_config(where)
     with step(f"loading {name}"):
         model, tokenizer = _from_pretrained(where, torch_dtype, device_map)
