@@ -54,9 +54,18 @@ def peak_of(t: torch.Tensor) -> tuple[Peak, tuple[int, ...]]:
     """The max-|value| entry of a ``[..., tokens, channels]`` tensor, and its full index."""
     flat = t.detach().reshape(-1)
     i = int(flat.abs().argmax())
-    index = tuple(int(v) for v in torch.unravel_index(torch.tensor(i), t.shape))
+    index = _unravel(i, t.shape)
     token = index[-2] if t.dim() >= 2 else 0
     return Peak(float(flat[i]), index[-1], token), index
+
+
+def _unravel(flat_index: int, shape: torch.Size) -> tuple[int, ...]:
+    """``torch.unravel_index`` in plain ints: it runs in every hook, and tensor ops cost ~10x more."""
+    index = []
+    for dim in reversed(shape):
+        flat_index, rest = divmod(flat_index, dim)
+        index.append(rest)
+    return tuple(reversed(index))
 
 
 def _first_tensor(output) -> torch.Tensor:
