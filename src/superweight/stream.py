@@ -364,6 +364,31 @@ class StreamingDetector:
                 sw.magnitude_rank = magnitude_rank(matrix, sw.row, sw.col)
         return sw
 
+    def detect(self, prompts: Sequence[str] | str, tokenizer=None, model_name: str = "") -> DetectionResult:
+        """All prompts in one pass (plus a re-stream per speculation miss), resolved as ``detect`` does."""
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        if not prompts:
+            raise SuperweightError("no prompt given: pass at least one --prompt")
+        tokenizer = tokenizer or _tokenizer(self.sm.ckpt.folder)
+        calls = [self.sm.layer_calls(encode_prompt(tokenizer, p)) for p in prompts]
+        self.stream([_Branch(p, (), 0, {0: _hidden_of(c[0])}) for p, c in enumerate(calls)], calls)
+        merged: dict[Coord, SuperWeight] = {}
+        per_prompt, layers, total_iter = [], [], 0
+        for p in range(len(prompts)):
+            found, stats, iters = self.resolve(p, calls)
+            layers = layers or stats
+            total_iter += iters
+            per_prompt.append([sw.coord for sw in found])
+            for sw in found:
+                merged.setdefault(sw.coord, sw).prompts.append(p)
+        log.info("streamed %d layers: %d layer reads in %d pass(es), %d layer runs",
+                 self.sm.num_layers, self.layers_read, self.passes, self.layer_runs)
+        return DetectionResult(
+            model=model_name, architecture=self.sm.arch.name, num_layers=self.sm.num_layers, prompts=prompts,
+            rule=self.rule, super_weights=list(merged.values()), layers=layers, per_prompt=per_prompt,
+            iterations=total_iter,
+        )
+
     def resolve(self, prompt: int, calls: list[list[Call]]) -> tuple[list[SuperWeight], list[LayerStats], int]:
         """Walk the iterations of one prompt through the branches; re-stream only on a miss."""
         found: list[SuperWeight] = []
@@ -404,31 +429,8 @@ def stream_detect(
     Same ``DetectionResult`` as loading the model and calling ``detect`` (bit for bit on the same
     dtype); peak memory is about the embeddings plus one decoder layer.
     """
-    prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-    if not prompts:
-        raise SuperweightError("no prompt given: pass at least one --prompt")
-    rule = rule or SpikeRule()
-    sm = StreamedModel(path, dtype)
-    tokenizer = tokenizer or _tokenizer(sm.ckpt.folder)
-    encoded = [encode_prompt(tokenizer, p) for p in prompts]
-    calls = [sm.layer_calls(inputs) for inputs in encoded]
-    det = StreamingDetector(sm, rule, max_iter, max_branches)
-    det.stream([_Branch(p, (), 0, {0: _hidden_of(c[0])}) for p, c in enumerate(calls)], calls)
-    merged: dict[Coord, SuperWeight] = {}
-    per_prompt, layers, total_iter = [], [], 0
-    for p in range(len(prompts)):
-        found, stats, iters = det.resolve(p, calls)
-        layers = layers or stats
-        total_iter += iters
-        per_prompt.append([sw.coord for sw in found])
-        for sw in found:
-            merged.setdefault(sw.coord, sw).prompts.append(p)
-    log.info("streamed %d layers: %d layer reads in %d pass(es), %d layer runs",
-             sm.num_layers, det.layers_read, det.passes, det.layer_runs)
-    return DetectionResult(
-        model=model_name or str(path), architecture=sm.arch.name, num_layers=sm.num_layers, prompts=prompts,
-        rule=rule, super_weights=list(merged.values()), layers=layers, per_prompt=per_prompt, iterations=total_iter,
-    )
+    det = StreamingDetector(StreamedModel(path, dtype), rule or SpikeRule(), max_iter, max_branches)
+    return det.detect(prompts, tokenizer, model_name or str(path))
 
 
 def _tokenizer(folder: Path):

@@ -1,0 +1,112 @@
+"""Detection cost on SmolLM2-135M: one detection iteration / one plain forward, cached / first load.
+
+    python bench/detect.py                      # writes bench/results/detect.json
+
+* ``iteration_ratio``: median time of one detection iteration (``detect_prompt`` with
+  ``max_iter=1``: capture hooks, forward, candidate search, rank of the found weight) over the
+  median time of one plain ``model(**inputs, use_cache=False)`` on the same encoded prompt.
+  The two are timed alternately, ``--reps`` times each, after a warm-up. Target <= 1.10.
+* ``load_ratio``: ``load_model("smollm2-135m")`` from a cache folder that already holds the
+  converted safetensors, over the first load into a fresh empty cache folder (GGUF
+  dequantization + save). Target <= 0.2. Each load runs in its own process so neither benefits
+  from the other's imports; the process time is reported as well as the in-process load time.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+TARGET_ITER, TARGET_LOAD = 1.10, 0.2
+
+
+def load_child(cache: str) -> None:
+    """In a fresh process: time load_model into ``cache``; print one JSON line."""
+    import transformers  # noqa: F401  (import time is not load time)
+
+    from superweight.load import load_model
+
+    t0 = time.perf_counter()
+    lm = load_model("smollm2-135m", cache_dir=cache)
+    print(json.dumps({"load_s": time.perf_counter() - t0, "params": sum(p.numel() for p in lm.model.parameters())}))
+
+
+def timed_load(cache: str) -> dict:
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, __file__, "--load-child", cache], capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"load failed:\n{proc.stderr[-3000:]}")
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    out["process_s"] = time.perf_counter() - t0
+    return out
+
+
+def bench_loads() -> dict:
+    with tempfile.TemporaryDirectory(prefix="sw-cache-") as cache:
+        first = timed_load(cache)
+        cached = timed_load(cache)
+    return {"first_load": first, "cached_load": cached, "load_ratio": cached["load_s"] / first["load_s"],
+            "load_ratio_process": cached["process_s"] / first["process_s"]}
+
+
+def bench_iteration(reps: int) -> dict:
+    import torch
+
+    from superweight.detect import DEFAULT_PROMPT, SpikeRule, detect_prompt, encode_prompt
+    from superweight.load import load_model
+
+    lm = load_model("smollm2-135m")
+    inputs = encode_prompt(lm.tokenizer, DEFAULT_PROMPT)
+    rule = SpikeRule()
+
+    def forward() -> None:
+        with torch.no_grad():
+            lm.model(**inputs, use_cache=False)
+
+    def iteration() -> None:
+        detect_prompt(lm.model, lm.arch, inputs, rule, max_iter=1)
+
+    for fn in (forward, iteration, forward, iteration):
+        fn()
+    times: dict[str, list[float]] = {"forward": [], "iteration": []}
+    for _ in range(reps):
+        for name, fn in (("forward", forward), ("iteration", iteration)):
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+    fwd, it = statistics.median(times["forward"]), statistics.median(times["iteration"])
+    found = detect_prompt(lm.model, lm.arch, inputs, rule, max_iter=1)[0]
+    return {"tokens": int(inputs["input_ids"].shape[-1]), "reps": reps, "forward_s": fwd, "iteration_s": it,
+            "iteration_ratio": it / fwd, "found_first_iteration": [list(sw.coord) for sw in found],
+            "notes": lm.notes}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--out", type=Path, default=ROOT / "results" / "detect.json")
+    ap.add_argument("--load-child", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.load_child:
+        load_child(args.load_child)
+        return {}
+    result = {**bench_iteration(args.reps), **bench_loads()}
+    result["targets"] = {"iteration_ratio": TARGET_ITER, "load_ratio": TARGET_LOAD}
+    result["machine"] = {"cpus": os.cpu_count(), "loadavg_1m": os.getloadavg()[0]}
+    result["command"] = "python bench/detect.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    from superweight.detect import write_json_atomic
+
+    write_json_atomic(args.out, result)
+    print(json.dumps({k: result[k] for k in ("forward_s", "iteration_s", "iteration_ratio", "load_ratio")}, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()

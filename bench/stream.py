@@ -1,0 +1,155 @@
+"""Streaming detection on a checkpoint on disk: peak RSS / checkpoint size, wall time / cold read time.
+
+    python bench/stream.py --model /tmp/big-llama            # a checkpoint from make_big_model.py
+    python bench/stream.py --size-gb 3 --dtype bfloat16      # makes a small one in a temp folder
+
+Both timings start from a cold page cache: each shard is evicted with
+``posix_fadvise(DONTNEED)`` (and ``/proc/sys/vm/drop_caches`` when writable) before the baseline
+read (every byte of every shard, once, sequentially) and again before the detection. Detection
+runs in a child process that reports its own peak RSS (``VmHWM``), its RSS after imports, the wall
+time of ``stream_detect`` and the coordinates it found; the planted coordinates come from
+``superweight_planted.json`` when the checkpoint has one.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+TARGET_RSS, TARGET_TIME = 0.25, 1.5
+
+
+def shards(folder: Path) -> list[Path]:
+    return sorted(folder.glob("*.safetensors"))
+
+
+def evict(folder: Path) -> bool:
+    """Drop the checkpoint's pages from the page cache; True when the global drop also worked."""
+    for path in shards(folder):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+    try:
+        os.sync()
+        Path("/proc/sys/vm/drop_caches").write_text("1\n")
+        return True
+    except OSError:
+        return False
+
+
+def read_once(folder: Path, chunk: int = 16 << 20) -> float:
+    """Seconds to read every shard once, sequentially."""
+    buf = bytearray(chunk)
+    t0 = time.perf_counter()
+    for path in shards(folder):
+        with open(path, "rb", buffering=0) as f:
+            while f.readinto(buf):
+                pass
+    return time.perf_counter() - t0
+
+
+def _status(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def child(folder: str, dtype: str) -> None:
+    """Run in a fresh process: stream_detect, print one JSON line."""
+    import logging
+
+    import superweight.stream as stream
+
+    logging.basicConfig(level=logging.WARNING)
+    import transformers  # noqa: F401  (imported before the baseline RSS)
+
+    rss_imports = _status("VmRSS")
+    t0 = time.perf_counter()
+    det = stream.StreamingDetector(stream.StreamedModel(folder, dtype), stream.SpikeRule(), max_iter=10)
+    result = det.detect(stream.DEFAULT_PROMPT, model_name=folder)
+    wall = time.perf_counter() - t0
+    print(json.dumps({
+        "stream_s": wall, "peak_rss": _status("VmHWM"), "rss_after_imports": rss_imports,
+        "found": [list(c) for c in result.coords], "iterations": result.iterations,
+        "passes": det.passes, "layer_reads": det.layers_read, "layer_runs": det.layer_runs,
+    }))
+
+
+def run_child(folder: Path, dtype: str) -> tuple[dict, float]:
+    t0 = time.perf_counter()
+    proc = subprocess.run([sys.executable, __file__, "--child", str(folder), "--dtype", dtype],
+                          capture_output=True, text=True)
+    total = time.perf_counter() - t0
+    if proc.returncode:
+        raise SystemExit(f"streaming detection failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1]), total
+
+
+def bench(folder: Path, dtype: str) -> dict:
+    size = sum(p.stat().st_size for p in shards(folder))
+    dropped = evict(folder)
+    read_s = read_once(folder)
+    evict(folder)
+    out, process_s = run_child(folder, dtype)
+    planted_file = folder / "superweight_planted.json"
+    planted = json.loads(planted_file.read_text()) if planted_file.is_file() else None
+    coord = [planted["layer"], planted["row"], planted["col"]] if planted else None
+    return {
+        "checkpoint": str(folder), "checkpoint_bytes": size, "dtype": dtype,
+        "read_s": read_s, "read_GBps": size / read_s / 1e9, "page_cache_dropped": dropped,
+        **out, "process_s": process_s,
+        "rss_ratio": out["peak_rss"] / size, "time_ratio": out["stream_s"] / read_s,
+        "targets": {"rss_ratio": TARGET_RSS, "time_ratio": TARGET_TIME},
+        "planted": coord, "found_planted": coord in out["found"] if coord else None,
+        "machine": {"cpus": os.cpu_count(), "loadavg_1m": os.getloadavg()[0], "python": platform.python_version()},
+    }
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", type=Path, help="a safetensors checkpoint folder (default: make one)")
+    ap.add_argument("--size-gb", type=float, default=2.0, help="size of the checkpoint to make (GiB)")
+    ap.add_argument("--width", default="7b")
+    ap.add_argument("--dtype", default="bfloat16", help="detection dtype (bfloat16: the checkpoint's own)")
+    ap.add_argument("--out", type=Path, default=ROOT / "results" / "stream.json")
+    ap.add_argument("--child", help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        child(args.child, args.dtype)
+        return {}
+    tmp = None
+    folder = args.model
+    if folder is None:
+        sys.path.insert(0, str(ROOT))
+        from make_big_model import main as make
+
+        tmp = Path(tempfile.mkdtemp(prefix="sw-stream-"))
+        folder = tmp / "model"
+        make(["--size-gb", str(args.size_gb), "--out", str(folder), "--width", args.width])
+    try:
+        result = bench(folder, args.dtype)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+    result["command"] = "python bench/stream.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    from superweight.detect import write_json_atomic
+
+    write_json_atomic(args.out, result)
+    print(json.dumps({k: result[k] for k in ("checkpoint_bytes", "read_s", "stream_s", "peak_rss", "rss_ratio",
+                                             "time_ratio", "found", "planted")}, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
