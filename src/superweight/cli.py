@@ -472,6 +472,156 @@ def quantize_cmd(
         console.print(f"wrote {json_path}")
 
 
+def _eval_config(ppl: str, tasks: str, limit: Optional[int], max_tokens: Optional[int], seq_len: Optional[int], **kw):
+    from .eval.tasks import parse_tasks
+    from .experiments import AblationConfig
+
+    ppl_source = None if ppl.lower() in ("none", "") else ppl
+    task_list = [] if tasks.lower() in ("none", "") else parse_tasks(tasks)
+    return AblationConfig(ppl=ppl_source, tasks=task_list, limit=limit, max_tokens=max_tokens, seq_len=seq_len, **kw)
+
+
+def _parse_scales(text: str) -> tuple:
+    try:
+        return tuple(float(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise SuperweightError(f"--scales {text!r}: give comma-separated numbers, e.g. 0,0.5,1,2") from None
+
+
+def _task_cell(r: Optional[dict]) -> str:
+    if not r:
+        return "-"
+    return f"{100 * r['acc']:.1f} [{100 * r['ci'][0]:.0f}-{100 * r['ci'][1]:.0f}]"
+
+
+def print_ablation_table(result) -> None:
+    conds = result.conditions
+    tasks = list(dict.fromkeys(t for c in conds.values() for t in c.get("tasks", {})))
+    table = Table(title=f"Super weight ablation of {result.model} (paper Table 1 shape; acc % [95% CI], n per task)")
+    for col in ["condition", "weights", "avg acc", "PPL", *tasks, "lambada ppl" if "lambada" in tasks else None]:
+        if col:
+            table.add_column(col, justify="right")
+    for name, c in conds.items():
+        avg = c.get("avg_acc")
+        row = [name, str(c.get("weights_changed", 0)), "-" if avg is None else f"{100 * avg:.1f}",
+               "-" if c.get("ppl") is None else f"{c['ppl']:.4g}"]
+        row += [_task_cell(c.get("tasks", {}).get(t)) for t in tasks]
+        if "lambada" in tasks:
+            lam = c.get("tasks", {}).get("lambada")
+            row.append("-" if not lam else f"{lam['ppl']:.4g}")
+        table.add_row(*row)
+    console.print(table)
+    ns = {t: r["n"] for c in conds.values() for t, r in c.get("tasks", {}).items()}
+    if ns:
+        console.print("n: " + ", ".join(f"{t} {n}" for t, n in ns.items()), highlight=False)
+    tokens = next((c.get("ppl_tokens") for c in conds.values() if c.get("ppl_tokens")), None)
+    if tokens:
+        console.print(f"PPL over {tokens:,} tokens ({result.config.get('ppl')}).", highlight=False)
+
+
+def print_stopwords(result) -> None:
+    if result.stopwords:
+        b, a = result.stopwords["original"], result.stopwords["zero_super_weights"]
+        console.print(
+            f"Stopwords over {result.stopwords['prompts']} LAMBADA contexts (original -> super weights zeroed): "
+            f"mean stopword prob {b['stopword_prob']:.3g} -> {a['stopword_prob']:.3g}, other tokens "
+            f"{b['other_prob']:.3g} -> {a['other_prob']:.3g}, next-word prob {b['target_prob']:.3g} -> {a['target_prob']:.3g}",
+            highlight=False,
+        )
+    if result.top5:
+        for key in ("original", "zero_super_weights"):
+            toks = ", ".join(f"{t!r} {100 * p:.1f}%" for t, p in result.top5[key])
+            console.print(f"{result.top5['prompt']!r} ({key}): {toks}", highlight=False, markup=False)
+
+
+@app.command()
+def ablate(
+    model: str = ModelArg,
+    super_weights: Optional[Path] = typer.Option(None, "--super-weights", help="A detection JSON; default: detect now."),
+    ppl: str = typer.Option("wikitext2", "--ppl", help="Perplexity text: wikitext2, wiki-intros, a file, or none."),
+    tasks: str = typer.Option("all", "--tasks", help="Comma-separated: piqa,arc_easy,arc_challenge,hellaswag,winogrande,sciq,lambada; all; none."),
+    limit: Optional[int] = typer.Option(100, "--limit", min=1, help="First N documents per task (lm-eval's --limit)."),
+    max_tokens: Optional[int] = typer.Option(20000, "--max-tokens", min=2, help="Tokens of the perplexity text to score."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Perplexity window (default min(2048, model max))."),
+    top_n: int = typer.Option(7000, "--top-n", min=1, help="zero_top_non_super: how many of the largest other weights."),
+    random_n: Optional[int] = typer.Option(None, "--random-n", min=1, help="zero_random: how many (default: as many as super weights)."),
+    scales: str = typer.Option("0,0.2,0.5,0.8,1,1.5,2,3", "--scales", help="Super weight scales to sweep ('' for none)."),
+    scale_tasks: Optional[str] = typer.Option(None, "--scale-tasks", help="Tasks for the scale sweep (default: --tasks; 'none' for PPL only)."),
+    stopword_prompts: int = typer.Option(50, "--stopword-prompts", min=0, help="LAMBADA contexts for the stopword statistics."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random null baseline."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the versioned result here."),
+    dtype: str = DtypeOpt,
+    cache_dir: Optional[Path] = CacheOpt,
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Prove the super weights matter: zero, scale and restore them; paper Table 1, Fig. 5 and Fig. 6."""
+    from .detect import DetectionResult
+    from .eval.tasks import parse_tasks
+    from .experiments import run_ablation
+
+    setup_logging(verbose, quiet)
+    sweep_tasks = None if scale_tasks is None else [] if scale_tasks.lower() == "none" else parse_tasks(scale_tasks)
+    config = _eval_config(
+        ppl, tasks, limit, max_tokens, seq_len, top_n=top_n, random_n=random_n, scales=_parse_scales(scales),
+        scale_tasks=sweep_tasks, stopword_prompts=stopword_prompts, seed=seed,
+    )
+    lm = _load(model, dtype, cache_dir)
+    found = DetectionResult.load(super_weights).super_weights if super_weights else _detect_default(lm).super_weights
+    console.print("super weights: " + ", ".join(f"{s.layer}:[{s.row}, {s.col}]" for s in found), highlight=False)
+    result = run_ablation(lm, found, config)
+    print_ablation_table(result)
+    print_stopwords(result)
+    for note in result.notes:
+        console.print(f"note: {note}", highlight=False)
+    if json_path:
+        result.save(json_path)
+        console.print(f"wrote {json_path}")
+
+
+@app.command("eval")
+def eval_cmd(
+    model: str = ModelArg,
+    ppl: str = typer.Option("wikitext2", "--ppl", help="Perplexity text: wikitext2, wiki-intros, a file, or none."),
+    tasks: str = typer.Option("all", "--tasks", help="Comma-separated task names, all, or none."),
+    limit: Optional[int] = typer.Option(100, "--limit", min=1, help="First N documents per task."),
+    max_tokens: Optional[int] = typer.Option(20000, "--max-tokens", min=2, help="Tokens of the perplexity text to score."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Perplexity window (default min(2048, model max))."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the versioned result here."),
+    dtype: str = DtypeOpt,
+    cache_dir: Optional[Path] = CacheOpt,
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    quiet: bool = typer.Option(False, "--quiet", "-q"),
+) -> None:
+    """Perplexity and zero-shot accuracy (lm-eval semantics, 95% bootstrap CI) of one model."""
+    from .experiments import run_eval
+
+    setup_logging(verbose, quiet)
+    config = _eval_config(ppl, tasks, limit, max_tokens, seq_len)
+    lm = _load(model, dtype, cache_dir)
+    result = run_eval(lm, config)
+    table = Table(title=f"Evaluation of {result.model}")
+    for col in ("metric", "value", "95% CI", "n"):
+        table.add_column(col, justify="right")
+    if result.ppl is not None:
+        table.add_row(f"PPL ({config.ppl})", f"{result.ppl:.4g}", "", f"{result.ppl_tokens} tokens")
+    for t, r in result.tasks.items():
+        table.add_row(f"{t} acc", f"{100 * r['acc']:.1f}", f"{100 * r['ci'][0]:.1f}-{100 * r['ci'][1]:.1f}", str(r["n"]))
+        if "acc_norm" in r:
+            lo, hi = r["acc_norm_ci"]
+            table.add_row(f"{t} acc_norm", f"{100 * r['acc_norm']:.1f}", f"{100 * lo:.1f}-{100 * hi:.1f}", str(r["n"]))
+        if "ppl" in r:
+            table.add_row(f"{t} ppl", f"{r['ppl']:.4g}", f"{r['ppl_ci'][0]:.4g}-{r['ppl_ci'][1]:.4g}", str(r["n"]))
+    if result.avg_acc is not None:
+        table.add_row("avg acc", f"{100 * result.avg_acc:.1f}", "", "")
+    console.print(table)
+    for note in result.notes:
+        console.print(f"note: {note}", highlight=False)
+    if json_path:
+        result.save(json_path)
+        console.print(f"wrote {json_path}")
+
+
 @app.callback()
 def _group() -> None:
     """Find, prove and use the super weights of causal language models."""

@@ -1,0 +1,304 @@
+"""The paper's importance experiments (Table 1, Fig. 5, Fig. 6) as one typed run.
+
+``run_ablation`` evaluates the model under each condition, always restoring the weights:
+
+- ``original``: the unmodified model;
+- ``zero_super_weights``: the super weights set to 0;
+- ``zero_top_non_super``: the ``top_n`` (7000) largest-|w| entries of the super weight layers'
+  down-projections set to 0, the super weights kept (the paper's control);
+- ``restore_super_activation``: super weights zeroed, the super activation written back where
+  it first appears (see ``ablate.restored_super_activation`` for the exact rule);
+- ``zero_random``: ``random_n`` random entries of the same matrices set to 0 (a null baseline;
+  default: as many as there are super weights, the matched control);
+- ``scale_<s>``: the super weights multiplied by ``s`` (Fig. 6). ``scale_1`` leaves the weights
+  bitwise unchanged and ``scale_0`` equals ``zero_super_weights``, so those two reuse the
+  measured result instead of running again (their ``same_as`` field says so).
+
+Each condition gets a perplexity (strided windows over ``ppl``) and the zero-shot tasks; the
+stopword block compares ``original`` with ``zero_super_weights`` (Fig. 5).
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence
+
+from . import __version__
+from .ablate import (
+    DEFAULT_SCALES, DEFAULT_TOP_N, as_coords, random_coords, restored_super_activation, scaled_weights, sw_layers,
+    top_magnitude_coords, zeroed_entries,
+)
+from .detect import write_json_atomic
+from .errors import SuperweightError
+from .eval.perplexity import evaluate_perplexity
+from .eval.stopwords import SEASON_PROMPT, lambada_prompts, stopword_stats, top_next_tokens
+from .eval.tasks import PreparedTask, average_accuracy, evaluate_prepared, parse_tasks, prepare_task
+from .eval.text import load_text
+
+log = logging.getLogger(__name__)
+
+RESULT_VERSION = 1
+
+
+@dataclass
+class AblationConfig:
+    """What to measure. ``None`` for ``ppl`` skips perplexity; an empty ``tasks`` skips the tasks."""
+
+    ppl: str | None = "wikitext2"
+    tasks: list[str] = field(default_factory=lambda: parse_tasks(None))
+    limit: int | None = 100
+    max_tokens: int | None = 20000
+    seq_len: int | None = None
+    top_n: int = DEFAULT_TOP_N
+    random_n: int | None = None  # None: as many as there are super weights
+    scales: tuple[float, ...] = DEFAULT_SCALES
+    scale_tasks: list[str] | None = None  # tasks for the scale_<s> conditions; None: same as tasks
+    stopword_prompts: int = 50
+    seed: int = 0
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class ConditionResult:
+    """One condition's perplexity and zero-shot results."""
+
+    description: str
+    weights_changed: int
+    ppl: float | None = None
+    ppl_tokens: int | None = None
+    avg_acc: float | None = None
+    tasks: dict[str, dict] = field(default_factory=dict)
+    seconds: float = 0.0
+    same_as: str | None = None
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v is not None}
+
+
+@dataclass
+class AblationResult:
+    model: str
+    architecture: str
+    super_weights: list[dict]
+    config: dict
+    conditions: dict[str, dict]
+    stopwords: dict | None = None
+    top5: dict | None = None
+    notes: list[str] = field(default_factory=list)
+    version: int = RESULT_VERSION
+    tool_version: str = __version__
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        write_json_atomic(path, self.to_dict())
+
+    @classmethod
+    def load(cls, path: str | Path) -> "AblationResult":
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise SuperweightError(f"cannot read ablation result {path} ({exc}): write it with `superweight ablate --json`") from None
+        if data.get("version") != RESULT_VERSION:
+            raise SuperweightError(f"{path}: ablation result version {data.get('version')!r} is not {RESULT_VERSION}: re-run")
+        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+
+
+# ---------------------------------------------------------------- evaluation under one condition
+
+
+@dataclass
+class Workload:
+    """The text and tokenized tasks, prepared once and evaluated under every condition."""
+
+    text: str | None
+    tasks: dict[str, PreparedTask]
+
+
+def prepare_workload(tokenizer, config: AblationConfig) -> Workload:
+    text = load_text(config.ppl) if config.ppl else None
+    tasks = {t: prepare_task(tokenizer, t, config.limit) for t in config.tasks}
+    return Workload(text, tasks)
+
+
+def evaluate_condition(
+    model, tokenizer, work: Workload, config: AblationConfig, tasks: Sequence[str] | None = None
+) -> tuple[float | None, int | None, dict[str, dict], float | None]:
+    """(ppl, tokens scored, {task: metrics}, mean acc) of the model as it is now."""
+    ppl = tokens = None
+    if work.text is not None:
+        r = evaluate_perplexity(model, tokenizer, work.text, seq_len=config.seq_len, max_tokens=config.max_tokens)
+        ppl, tokens = r.ppl, r.tokens
+    names = list(work.tasks) if tasks is None else [t for t in tasks if t in work.tasks]
+    results = {t: evaluate_prepared(model, work.tasks[t]) for t in names}
+    avg = average_accuracy(results) if results else None
+    return ppl, tokens, {t: r.to_dict() for t, r in results.items()}, avg
+
+
+# ---------------------------------------------------------------- the conditions
+
+
+@dataclass
+class Condition:
+    name: str
+    description: str
+    edit: Callable[[], contextlib.AbstractContextManager]
+    weights_changed: int
+    same_as: str | None = None
+    scale: bool = False
+
+
+def build_conditions(model, arch, coords: list, config: AblationConfig) -> list[Condition]:
+    layers = sw_layers(coords)
+    k = len(coords)
+    top = top_magnitude_coords(model, arch, layers, config.top_n, exclude=coords)
+    rand = random_coords(model, arch, layers, config.random_n or k, exclude=coords, seed=config.seed)
+    where = f"layer(s) {', '.join(map(str, layers))} down_proj"
+    conds = [
+        Condition("original", "unmodified model", contextlib.nullcontext, 0),
+        Condition("zero_super_weights", f"the {k} super weight(s) set to 0", lambda: zeroed_entries(model, arch, coords), k),
+        Condition(
+            "zero_top_non_super", f"the {len(top)} largest-|w| other entries of {where} set to 0, super weights kept",
+            lambda: zeroed_entries(model, arch, top), len(top),
+        ),
+        Condition(
+            "restore_super_activation", "super weights zeroed, super activation written back where it first appears",
+            lambda: restored_super_activation(model, arch, coords), k,
+        ),
+        Condition(
+            "zero_random", f"{len(rand)} random entries of {where} set to 0 (seed {config.seed})",
+            lambda: zeroed_entries(model, arch, rand), len(rand),
+        ),
+    ]
+    for s in config.scales:
+        same = "original" if s == 1 else "zero_super_weights" if s == 0 else None
+        conds.append(Condition(
+            scale_name(s), f"super weights x {s:g}", lambda s=s: scaled_weights(model, arch, coords, s), k,
+            same_as=same, scale=True,
+        ))
+    return conds
+
+
+def scale_name(s: float) -> str:
+    return f"scale_{s:g}"
+
+
+def super_weight_dicts(super_weights) -> list[dict]:
+    out = []
+    for sw in super_weights:
+        if isinstance(sw, dict):
+            out.append(sw)
+        elif hasattr(sw, "__dataclass_fields__"):
+            out.append(asdict(sw))
+        else:
+            layer, row, col = sw
+            out.append({"layer": layer, "row": row, "col": col})
+    return out
+
+
+def run_ablation(loaded, super_weights, config: AblationConfig | None = None, **overrides) -> AblationResult:
+    """Evaluate ``loaded`` (a ``LoadedModel``) under every condition; weights restored after each.
+
+    ``super_weights``: a ``DetectionResult``, or SuperWeight objects / dicts / (layer, row, col).
+    Keyword overrides set ``AblationConfig`` fields (e.g. ``limit=20``).
+    """
+    config = config or AblationConfig()
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    sws = getattr(super_weights, "super_weights", super_weights)
+    coords = as_coords(sws)
+    if not coords:
+        raise SuperweightError("no super weights to ablate: detection found none (try `superweight detect -v`)")
+    model, tokenizer, arch = loaded.model, loaded.tokenizer, loaded.arch
+    work = prepare_workload(tokenizer, config)
+    conditions: dict[str, dict] = {}
+    for cond in build_conditions(model, arch, coords, config):
+        conditions[cond.name] = run_condition(model, tokenizer, work, config, cond, conditions)
+    stop, top5 = stopword_block(model, tokenizer, arch, coords, config)
+    return AblationResult(
+        model=loaded.name, architecture=arch.name, super_weights=super_weight_dicts(sws), config=config.to_dict(),
+        conditions=conditions, stopwords=stop, top5=top5, notes=list(loaded.notes),
+    )
+
+
+def run_condition(model, tokenizer, work: Workload, config: AblationConfig, cond: Condition, done: dict) -> dict:
+    if cond.same_as and cond.same_as in done:
+        base = done[cond.same_as]
+        reused = {k: base.get(k) for k in ("ppl", "ppl_tokens", "avg_acc", "tasks")}
+        if cond.scale and config.scale_tasks is not None:
+            reused["tasks"] = {t: v for t, v in base["tasks"].items() if t in config.scale_tasks}
+            reused["avg_acc"] = _mean_acc(reused["tasks"])
+        return ConditionResult(cond.description, cond.weights_changed, same_as=cond.same_as, **reused).to_dict()
+    start = time.perf_counter()
+    tasks = config.scale_tasks if cond.scale else None
+    with cond.edit():
+        ppl, tokens, task_results, avg = evaluate_condition(model, tokenizer, work, config, tasks)
+    seconds = time.perf_counter() - start
+    log.info("%s: ppl %s, mean acc %s (%.0f s)", cond.name, _fmt(ppl), _fmt(avg), seconds)
+    return ConditionResult(cond.description, cond.weights_changed, ppl, tokens, avg, task_results, seconds).to_dict()
+
+
+def _mean_acc(tasks: dict[str, dict]) -> float | None:
+    return sum(v["acc"] for v in tasks.values()) / len(tasks) if tasks else None
+
+
+def _fmt(x: float | None) -> str:
+    return "-" if x is None else f"{x:.4g}"
+
+
+def stopword_block(model, tokenizer, arch, coords, config: AblationConfig) -> tuple[dict | None, dict]:
+    """Stopword statistics and the season prompt's top-5, with and without the super weights."""
+    stop = None
+    prompts, targets = lambada_prompts(config.stopword_prompts) if config.stopword_prompts else ([], [])
+    before_top = top_next_tokens(model, tokenizer, SEASON_PROMPT)
+    before = stopword_stats(model, tokenizer, prompts, targets).to_dict() if prompts else None
+    with zeroed_entries(model, arch, coords):
+        after_top = top_next_tokens(model, tokenizer, SEASON_PROMPT)
+        after = stopword_stats(model, tokenizer, prompts, targets).to_dict() if prompts else None
+    if prompts:
+        stop = {"prompts": len(prompts), "source": "lambada", "original": before, "zero_super_weights": after}
+    top5 = {"prompt": SEASON_PROMPT, "original": before_top, "zero_super_weights": after_top}
+    return stop, top5
+
+
+# ---------------------------------------------------------------- one model, no ablation
+
+
+@dataclass
+class EvalResult:
+    model: str
+    config: dict
+    ppl: float | None
+    ppl_tokens: int | None
+    avg_acc: float | None
+    tasks: dict[str, dict]
+    notes: list[str] = field(default_factory=list)
+    seconds: float = 0.0
+    version: int = RESULT_VERSION
+    tool_version: str = __version__
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        write_json_atomic(path, self.to_dict())
+
+
+def run_eval(loaded, config: AblationConfig | None = None, **overrides) -> EvalResult:
+    """Perplexity and zero-shot tasks of ``loaded`` as it is (e.g. a quantized artifact)."""
+    config = config or AblationConfig()
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    start = time.perf_counter()
+    work = prepare_workload(loaded.tokenizer, config)
+    ppl, tokens, tasks, avg = evaluate_condition(loaded.model, loaded.tokenizer, work, config)
+    return EvalResult(
+        loaded.name, config.to_dict(), ppl, tokens, avg, tasks, list(loaded.notes), time.perf_counter() - start
+    )
