@@ -19,24 +19,21 @@ def packed_bytes(n: int, bits: int) -> int:
 
 
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack uint8 codes below ``2**bits`` into ``ceil(n * bits / 8)`` bytes."""
+    """Pack uint8 codes below ``2**bits`` into ``ceil(n * bits / 8)`` bytes.
+
+    Every 8 codes form one little-endian word of ``bits`` bytes (code k at bit ``k * bits``), which
+    is the LSB-first bit stream; the last word is cut to the bytes the stream needs.
+    """
     if not 1 <= bits <= 8:
         raise SuperweightError(f"cannot pack {bits}-bit codes: bits must be 1..8")
     codes = codes.reshape(-1).to(torch.uint8)
     if bits == 8:
         return codes.clone()
     n = codes.numel()
-    shifts = torch.arange(bits, dtype=torch.uint8)
-    stream = ((codes[:, None] >> shifts) & 1).reshape(-1)
-    pad = (-stream.numel()) % 8
-    if pad:
-        stream = torch.cat([stream, torch.zeros(pad, dtype=torch.uint8)])
-    stream = stream.view(-1, 8)
-    out = torch.zeros(stream.shape[0], dtype=torch.uint8)
-    for k in range(8):
-        out |= stream[:, k] << k
-    assert out.numel() == packed_bytes(n, bits)
-    return out
+    words = torch.nn.functional.pad(codes, (0, (-n) % 8)).view(-1, 8).long() << (torch.arange(8) * bits)
+    word = words.sum(1, keepdim=True)
+    out = ((word >> (torch.arange(bits) * 8)) & 0xFF).to(torch.uint8).reshape(-1)
+    return out[: packed_bytes(n, bits)].clone()
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
@@ -46,12 +43,10 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     packed = packed.reshape(-1).to(torch.uint8)
     if bits == 8:
         return packed.clone()
-    stream = ((packed[:, None] >> torch.arange(8, dtype=torch.uint8)) & 1).reshape(-1)[: n * bits]
-    stream = stream.view(n, bits)
-    out = torch.zeros(n, dtype=torch.uint8)
-    for k in range(bits):
-        out |= stream[:, k] << k
-    return out
+    full = torch.nn.functional.pad(packed, (0, (-packed.numel()) % bits)).view(-1, bits).long()
+    word = (full << (torch.arange(bits) * 8)).sum(1, keepdim=True)
+    codes = (word >> (torch.arange(8) * bits)) & (2**bits - 1)
+    return codes.to(torch.uint8).reshape(-1)[:n].clone()
 
 
 _POW3 = torch.tensor([1, 3, 9, 27, 81], dtype=torch.int16)

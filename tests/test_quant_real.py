@@ -1,0 +1,58 @@
+"""Quantization on the real SmolLM2-135M (float weights dequantized from a Q4_1 GGUF): one INT4 artifact
+round trip with generation, and a two-point sweep on a short text. The session fixture's weights are
+restored after each test."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from superweight.detect import detect
+from superweight.export import load_quantized, save_quantized
+from superweight.quant import RTN, ZScore, quantize
+from superweight.quant.sweep import GridPoint, WeightSnapshot, run_sweep, tables
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def super_weights(smollm2):
+    found = detect(smollm2.model, smollm2.tokenizer).super_weights
+    assert found, "detection found no super weight in SmolLM2"
+    return found
+
+
+def test_int4_artifact_round_trip_generates(smollm2, super_weights, tmp_path):
+    lm = smollm2
+    snapshot = WeightSnapshot(lm.model)
+    originals = {sw.coord: float(lm.arch.weight_matrix(lm.model, sw.layer)[sw.row, sw.col]) for sw in super_weights}
+    try:
+        result = quantize(lm.model, RTN(bits=4, block=128 * 128, clip=ZScore(9)), keep=super_weights)
+        manifest = save_quantized(lm.model, lm.tokenizer, result, tmp_path / "art", source=lm.source, notes=lm.notes)
+        expected = {k: lm.model.get_parameter(k).detach().clone() for k in result.tensors}
+    finally:
+        snapshot.restore()
+    assert snapshot.intact()
+    size = manifest["size"]
+    assert abs(size["file_bytes"] - size["predicted_data_bytes"]) <= 0.02 * size["predicted_data_bytes"]
+    assert size["sparse_bits_per_weight"] < 0.001
+    assert 4.0 < size["bits_per_weight"] < 4.01  # 4-bit codes + 2 float16 per 16384 weights
+    loaded = load_quantized(tmp_path / "art")
+    for key, weight in expected.items():
+        assert torch.equal(loaded.model.get_parameter(key), weight), key
+    for (layer, row, col), value in originals.items():
+        assert float(loaded.arch.weight_matrix(loaded.model, layer)[row, col]) == value
+    assert any("Q4_1" in n for n in loaded.notes)
+    ids = loaded.tokenizer("The capital of France is", return_tensors="pt")["input_ids"]
+    out = loaded.model.generate(ids, max_new_tokens=8, do_sample=False)
+    text = loaded.tokenizer.decode(out[0, ids.shape[1]:])
+    assert out.shape[1] == ids.shape[1] + 8 and text.strip()
+
+
+def test_sweep_two_points(smollm2, super_weights, wikitext_path):
+    grid = [GridPoint("fp", "fp"), GridPoint("rtn", "clip+SW", RTN(bits=4, group=128, clip=ZScore(9)), keep_super=True)]
+    result = run_sweep(smollm2, super_weights, grid, text=wikitext_path.read_text(), text_name="wikitext2",
+                       max_tokens=512, seq_len=256)
+    fp, q = result.rows
+    assert fp.tokens == q.tokens == 511 and q.bits_per_weight == pytest.approx(4.25, abs=0.01)
+    assert fp.ppl < q.ppl < 10 * fp.ppl  # group-128 INT4 costs some perplexity but keeps the model working
+    assert result.to_dict()["baseline_ppl"] == fp.ppl and tables(result)
