@@ -1,0 +1,258 @@
+"""Streaming detection (layer by layer from safetensors shards) equals in-memory detection."""
+from __future__ import annotations
+
+import json
+import logging
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+import torch
+
+import superweight as sw
+from superweight.checkpoint import open_checkpoint
+from superweight.errors import SuperweightError
+from superweight.magnitude import magnitude_scan
+from superweight.stream import (
+    MemoryPlan, StreamedModel, choose_mode, memory_plan, stream_detect, stream_magnitude_scan,
+)
+from superweight.synthetic import byte_tokenizer, plant_super_weight, tiny_model
+
+PLANT = (1, 7, 33)
+PROMPTS = ["Apple Inc. is a worldwide tech company.", "Paris is the capital of France."]
+# Llama-like (rotary, GQA), GPT-2 (learned positions, Conv1D, tied head), GPT-NeoX (partial rotary,
+# legacy `embed_out` key), Gemma2 (per-layer sliding / full masks), Falcon (layers return tuples).
+ARCHS = ["LlamaForCausalLM", "GPT2LMHeadModel", "GPTNeoXForCausalLM", "Gemma2ForCausalLM", "FalconForCausalLM"]
+
+
+def save_sharded(model, folder: Path, shard: str = "60KB") -> Path:
+    model.save_pretrained(folder, max_shard_size=shard)
+    byte_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def planted(arch: str, folder: Path, *plants, **overrides) -> Path:
+    model = tiny_model(arch, **overrides)
+    for i, p in enumerate(plants or [PLANT]):
+        plant_super_weight(model, *p, seed=1234 + i)
+    return save_sharded(model, folder)
+
+
+def in_memory(folder: Path, dtype: str = "float32", **kw) -> sw.DetectionResult:
+    lm = sw.load_model(str(folder), dtype=dtype)
+    return sw.detect(lm.model, lm.tokenizer, model_name="m", **kw)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_streaming_equals_in_memory_bit_for_bit(arch, tmp_path):
+    folder = planted(arch, tmp_path / arch)
+    assert len(open_checkpoint(folder).files) > 3  # really sharded
+    expected = in_memory(folder, prompts=PROMPTS)
+    got = stream_detect(folder, PROMPTS, model_name="m")
+    assert got.coords == [PLANT]
+    assert got.to_dict() == expected.to_dict()
+
+
+def test_second_iteration_without_speculation_restreams_and_agrees(tmp_path, caplog):
+    folder = planted("GPT2LMHeadModel", tmp_path / "m", PLANT, (3, 20, 90), layers=6)
+    expected = in_memory(folder)
+    assert expected.coords == [PLANT, (3, 20, 90)]
+    with caplog.at_level(logging.INFO, logger="superweight.stream"):
+        got = stream_detect(folder, model_name="m", max_branches=0)
+    assert got.to_dict() == expected.to_dict()
+    assert "re-streaming from layer 1" in caplog.text
+    assert stream_detect(folder, model_name="m").to_dict() == expected.to_dict()  # with speculation
+
+
+def test_streaming_one_pass_when_speculation_hits(tmp_path):
+    from superweight.stream import StreamingDetector
+
+    folder = planted("LlamaForCausalLM", tmp_path / "m")
+    det = StreamingDetector(StreamedModel(folder), sw.SpikeRule(), max_iter=10)
+    result = det.detect(PROMPTS, model_name="m")
+    assert result.coords == [PLANT] and result.iterations == 4
+    assert det.passes == 1 and det.layers_read == 4
+
+
+def test_streaming_bfloat16_equals_in_memory_bfloat16(tmp_path):
+    folder = planted("LlamaForCausalLM", tmp_path / "m")
+    assert stream_detect(folder, model_name="m", dtype="bfloat16").to_dict() == in_memory(folder, "bfloat16").to_dict()
+
+
+def test_no_plant_finds_nothing(tmp_path):
+    folder = save_sharded(tiny_model("GPTNeoXForCausalLM"), tmp_path / "m")
+    assert stream_detect(folder).super_weights == []
+
+
+@pytest.mark.parametrize("arch", ["GPT2LMHeadModel", "GPTNeoXForCausalLM"])
+@pytest.mark.parametrize("scope", ["down_proj", "all_linear"])
+def test_streaming_magnitude_scan_equals_in_memory(arch, scope, tmp_path):
+    folder = planted(arch, tmp_path / "m")
+    lm = sw.load_model(str(folder))
+    expected = magnitude_scan(lm.model, lm.arch, scope=scope, super_weights=[PLANT]).to_dict()
+    assert stream_magnitude_scan(folder, scope=scope, super_weights=[PLANT]).to_dict() == expected
+
+
+def test_layers_are_freed_after_streaming(tmp_path):
+    sm = StreamedModel(planted("LlamaForCausalLM", tmp_path / "m"))
+    with sm.layer(2):
+        assert not sm.layers[2].mlp.down_proj.weight.is_meta
+    assert all(p.is_meta for p in sm.layers.parameters())
+    assert not sm.model.model.embed_tokens.weight.is_meta
+
+
+# ---------------------------------------------------------------- bad checkpoints
+
+
+@pytest.fixture
+def sharded(tmp_path) -> Path:
+    return planted("LlamaForCausalLM", tmp_path / "m")
+
+
+def test_missing_shard_is_a_clear_error(sharded):
+    victim = sorted(sharded.glob("*.safetensors"))[1]
+    victim.unlink()
+    with pytest.raises(SuperweightError, match=f"shard {victim.name} .* is missing"):
+        stream_detect(sharded)
+
+
+def test_truncated_shard_is_a_clear_error(sharded):
+    victim = sorted(sharded.glob("*.safetensors"))[2]
+    victim.write_bytes(victim.read_bytes()[:-100])
+    with pytest.raises(SuperweightError, match="truncated"):
+        stream_detect(sharded)
+
+
+def test_inconsistent_index_is_a_clear_error(sharded):
+    index_path = sharded / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    shards = sorted(set(index["weight_map"].values()))
+    key = next(k for k, v in index["weight_map"].items() if v == shards[0])
+    index["weight_map"][key] = shards[1]
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(SuperweightError, match="inconsistent"):
+        stream_detect(sharded)
+
+
+def test_tensor_missing_from_index_is_a_clear_error(sharded):
+    index_path = sharded / "model.safetensors.index.json"
+    index = json.loads(index_path.read_text())
+    del index["weight_map"]["model.layers.3.mlp.down_proj.weight"]
+    index_path.write_text(json.dumps(index))
+    with pytest.raises(SuperweightError, match="no tensor model.layers.3.mlp.down_proj.weight"):
+        StreamedModel(sharded)
+
+
+def test_config_that_does_not_match_the_shards_is_a_clear_error(sharded):
+    cfg = json.loads((sharded / "config.json").read_text())
+    cfg["intermediate_size"] = 256
+    (sharded / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(SuperweightError, match="do not belong together"):
+        StreamedModel(sharded)
+
+
+# ---------------------------------------------------------------- which mode
+
+
+def _plan(monkeypatch, in_memory: int, streaming: int, available: int) -> None:
+    monkeypatch.setattr("superweight.stream.memory_plan",
+                        lambda path, dtype: MemoryPlan(in_memory, streaming, available, 10**12))
+
+
+def test_memory_plan_sizes_from_headers(sharded):
+    plan = memory_plan(sharded, "float32")
+    assert plan.in_memory == open_checkpoint(sharded).nbytes  # saved in float32
+    assert plan.streaming < plan.in_memory + 600 * 2**20 and plan.available > 0
+    assert memory_plan(sharded, "bfloat16").in_memory == plan.in_memory // 2
+
+
+def test_mode_is_automatic_with_a_log_line(sharded, monkeypatch, caplog):
+    _plan(monkeypatch, 10 * 2**30, 2**30, 4 * 2**30)
+    with caplog.at_level(logging.INFO, logger="superweight.stream"):
+        assert choose_mode(str(sharded), "float32", False, None) == "stream"
+    assert "streaming it layer by layer" in caplog.text
+    _plan(monkeypatch, 2**30, 2**29, 4 * 2**30)
+    assert choose_mode(str(sharded), "float32", False, None) == "memory"
+    assert choose_mode("smollm2-135m", "float32", False, None) == "memory"
+
+
+def test_not_enough_memory_names_the_mode_that_fits(sharded, monkeypatch):
+    _plan(monkeypatch, 10 * 2**30, 3 * 2**30, 2**30)
+    with pytest.raises(SuperweightError, match="in memory needs 10.0 GiB, streaming about 3.0 GiB"):
+        choose_mode(str(sharded), "float32", False, None)
+    with pytest.raises(SuperweightError, match="not enough memory to stream.*device-map auto"):
+        choose_mode(str(sharded), "float32", True, None)
+
+
+def test_stream_refuses_gguf_and_hub_ids():
+    with pytest.raises(SuperweightError, match="--stream reads a local safetensors"):
+        choose_mode("some-org/some-model", "float32", True, None)
+
+
+def run_cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "superweight", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_cli_stream_and_device_map(sharded, tmp_path):
+    out = tmp_path / "sw.json"
+    proc = run_cli("detect", str(sharded), "--stream", "--method", "both", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(out.read_text())
+    assert [(s["layer"], s["row"], s["col"]) for s in doc["super_weights"]] == [PLANT]
+    assert doc["magnitude"]["super_weights"][0]["rank_in_matrix"] == 1
+    proc = run_cli("detect", str(sharded), "--device-map", "cpu", "--json", str(out))
+    assert proc.returncode == 0, proc.stderr
+    assert json.loads(out.read_text())["super_weights"][0]["layer"] == PLANT[0]
+
+
+def test_cli_truncated_shard_exits_2(sharded):
+    victim = sorted(sharded.glob("*.safetensors"))[0]
+    victim.write_bytes(victim.read_bytes()[:-10])
+    proc = run_cli("detect", str(sharded), "--stream")
+    assert proc.returncode == 2 and "truncated" in proc.stderr and "Traceback" not in proc.stderr
+
+
+# ---------------------------------------------------------------- peak memory
+
+
+PEAK_SCRIPT = textwrap.dedent("""
+    import json, sys
+    from pathlib import Path
+    from superweight.stream import stream_detect
+
+    def status(field):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+
+    stream_detect(sys.argv[1])  # warm-up on a small copy: lazy imports, allocator arenas
+    Path("/proc/self/clear_refs").write_text("5")  # reset the peak RSS (VmHWM) to the current RSS
+    before = status("VmRSS")
+    result = stream_detect(sys.argv[2])
+    print(json.dumps({"before": before, "peak": status("VmHWM"), "coords": result.coords}))
+""")
+
+
+@pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc to reset peak RSS")
+def test_streaming_peak_memory_is_bounded_by_the_largest_layer(tmp_path):
+    """Peak RSS growth stays under 4 layers + 64 MiB on a checkpoint several times that size."""
+    dims = dict(hidden=512, intermediate=2048, layers=16)
+    small = save_sharded(tiny_model("LlamaForCausalLM", **{**dims, "layers": 2}), tmp_path / "small", "8MB")
+    big_model = tiny_model("LlamaForCausalLM", **dims)
+    plant_super_weight(big_model, *PLANT)
+    big = save_sharded(big_model, tmp_path / "big", "20MB")
+    del big_model
+    ckpt = open_checkpoint(big)
+    layer_bytes = max(
+        sum(t.nbytes for k, t in ckpt.tensors.items() if k.startswith(f"model.layers.{i}.")) for i in range(16)
+    )
+    bound = 4 * layer_bytes + 64 * 2**20
+    assert ckpt.nbytes > 1.8 * bound  # holding the whole model would break the bound
+    proc = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(small), str(big)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert [tuple(c) for c in out["coords"]] == [PLANT]
+    assert out["peak"] - out["before"] < bound, (out, layer_bytes, ckpt.nbytes)
