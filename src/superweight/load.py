@@ -238,6 +238,26 @@ def gguf_note(types: list[str]) -> str:
     )
 
 
+def _gguf_note_cached(path: str, cache: Path) -> str:
+    """Convert the GGUF into ``cache`` on first use; its note, stored beside the converted model.
+
+    Parsing the GGUF's metadata (tens of thousands of vocabulary strings) costs more than loading
+    the cached model, so it runs once; the cache is keyed by the file's hash, so a changed or
+    truncated file gets a new folder and is checked again.
+    """
+    note_file = cache / "superweight_note.txt"
+    if note_file.is_file() and (cache / "model.safetensors").is_file():
+        return note_file.read_text().strip()
+    note = gguf_note(check_gguf(path))
+    if not (cache / "model.safetensors").is_file():
+        with step(f"converting {Path(path).name} (first load only)"):
+            _convert_gguf(path, cache)
+    tmp = note_file.with_name(f".{note_file.name}.tmp")
+    tmp.write_text(note + "\n")
+    tmp.replace(note_file)
+    return note
+
+
 def load_model(
     name: str = DEFAULT_MODEL,
     dtype: str | torch.dtype = "float32",
@@ -253,11 +273,8 @@ def load_model(
         return load_quantized(where, dtype=torch_dtype)
     notes: list[str] = []
     if kind == "gguf":
-        notes.append(gguf_note(check_gguf(where)))
         cache = _gguf_cache_folder(where, Path(cache_dir) if cache_dir else default_cache_dir())
-        if not (cache / "model.safetensors").is_file():
-            with step(f"converting {Path(where).name} (first load only)"):
-                _convert_gguf(where, cache)
+        notes.append(_gguf_note_cached(where, cache))
         source, where = where, str(cache)
     else:
         source = where
