@@ -65,11 +65,16 @@ def _status(field: str) -> int:
     return 0
 
 
-def child(folder: str, dtype: str) -> None:
+def child(folder: str, dtype: str, threads: int | None) -> None:
     """Run in a fresh process: stream_detect, print one JSON line."""
     import logging
 
+    import torch
+
     import superweight.stream as stream
+
+    if threads:
+        torch.set_num_threads(threads)
 
     logging.basicConfig(level=logging.WARNING)
     import transformers  # noqa: F401  (imported before the baseline RSS)
@@ -83,25 +88,26 @@ def child(folder: str, dtype: str) -> None:
         "stream_s": wall, "peak_rss": _status("VmHWM"), "rss_after_imports": rss_imports,
         "found": [list(c) for c in result.coords], "iterations": result.iterations,
         "passes": det.passes, "layer_reads": det.layers_read, "layer_runs": det.layer_runs,
+        "torch_threads": torch.get_num_threads(),
     }))
 
 
-def run_child(folder: Path, dtype: str) -> tuple[dict, float]:
+def run_child(folder: Path, dtype: str, threads: int | None) -> tuple[dict, float]:
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, __file__, "--child", str(folder), "--dtype", dtype],
-                          capture_output=True, text=True)
+    cmd = [sys.executable, __file__, "--child", str(folder), "--dtype", dtype]
+    proc = subprocess.run(cmd + (["--threads", str(threads)] if threads else []), capture_output=True, text=True)
     total = time.perf_counter() - t0
     if proc.returncode:
         raise SystemExit(f"streaming detection failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1]), total
 
 
-def bench(folder: Path, dtype: str) -> dict:
+def bench(folder: Path, dtype: str, threads: int | None = None) -> dict:
     size = sum(p.stat().st_size for p in shards(folder))
     dropped = evict(folder)
     read_s = read_once(folder)
     evict(folder)
-    out, process_s = run_child(folder, dtype)
+    out, process_s = run_child(folder, dtype, threads)
     planted_file = folder / "superweight_planted.json"
     planted = json.loads(planted_file.read_text()) if planted_file.is_file() else None
     coord = [planted["layer"], planted["row"], planted["col"]] if planted else None
@@ -123,10 +129,11 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--width", default="7b")
     ap.add_argument("--dtype", default="bfloat16", help="detection dtype (bfloat16: the checkpoint's own)")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "stream.json")
+    ap.add_argument("--threads", type=int, help="torch threads for detection (default: torch's own)")
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        child(args.child, args.dtype)
+        child(args.child, args.dtype, args.threads)
         return {}
     tmp = None
     folder = args.model
@@ -138,7 +145,7 @@ def main(argv: list[str] | None = None) -> dict:
         folder = tmp / "model"
         make(["--size-gb", str(args.size_gb), "--out", str(folder), "--width", args.width])
     try:
-        result = bench(folder, args.dtype)
+        result = bench(folder, args.dtype, args.threads)
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
