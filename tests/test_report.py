@@ -37,6 +37,8 @@ ABLATION = {
         "original": {"stopword_prob": 0.1, "other_prob": 0.02, "per_token": {"the": 0.05, ",": 0.01}},
         "zero_super_weights": {"stopword_prob": 0.3, "other_prob": 0.01, "per_token": {"the": 0.1, ",": 0.1}},
     },
+    "top5": {"prompt": "Summer is hot. Winter is", "original": [[" cold", 0.814], [" a", 0.05]],
+             "zero_super_weights": [[" the", 0.09], [" a", 0.08]]},
 }
 SWEEP = {
     "version": 1, "text": "wikitext2", "max_tokens": 2048, "baseline_ppl": 20.0,
@@ -149,6 +151,7 @@ def test_report_html_embeds_every_figure(inputs, tmp_path):
         assert text in page
     assert "<td>zero_super_weights</td><td>1830</td><td>0.250</td>" in page  # the ablation's numbers
     assert "<td>16384</td><td>60</td><td>30</td>" in page  # the sweep's INT4 table
+    assert "<td>1</td><td>&#x27; cold&#x27; 81.4%</td><td>&#x27; the&#x27; 9.0%</td>" in page  # top-5 table
     md = (out / "report.md").read_text()
     assert all(f"]({f.name}.png)" in md and f.caption in md for f in figs)
 
@@ -180,10 +183,30 @@ def test_missing_parts_are_said_on_the_page(planted, tmp_path):
     assert any("--ablation" in m for m in got.missing) and any("--sweep" in m for m in got.missing)
     assert got.findings[0] == "Catalog: not in catalog"
     assert "--tensor-type '^blk\\.1\\.ffn_down\\.weight$=f16'" in got.findings[1]
-    got = report.gather(lm, det, do_ablation=True)
-    assert got.ablation is None or "conditions" in got.ablation
     out = report.write_report(got, report.build_figures(got), tmp_path / "r")
     assert "Not shown" in (out / "report.html").read_text()
+
+
+def test_run_ablation_passes_the_limit_and_degrades_when_absent(planted, monkeypatch):
+    import sys
+
+    import superweight.experiments as experiments
+
+    model, tok, det = planted
+    lm = sw.LoadedModel(model, tok, sw.get_arch(model), "tiny", "tiny", [])
+    seen = {}
+
+    class Result:
+        def to_dict(self):
+            return ABLATION
+
+    monkeypatch.setattr(experiments, "run_ablation", lambda loaded, sws, **kw: seen.update(kw, sws=sws) or Result())
+    got = report.gather(lm, det, do_ablation=True, limit=7)
+    assert seen == {"limit": 7, "sws": det} and got.ablation == ABLATION
+    assert "--limit 7" in got.ablation_source
+    monkeypatch.setitem(sys.modules, "superweight.experiments", None)  # as if the module were not installed
+    got = report.gather(lm, det, do_ablation=True)
+    assert got.ablation is None and any(m.startswith("Ablation: not run") for m in got.missing)
 
 
 def test_report_cli_on_a_model_folder(tmp_path):

@@ -213,7 +213,8 @@ def scaling_curve(scales: Sequence[float], ppl: Sequence[float | None], acc: Seq
 def stopword_bars(groups: dict[str, tuple[float, float]], tokens: dict[str, tuple[float, float]] | None = None) -> Plot:
     """Mean next-token probability (with / without the super weights) per group and per token."""
     panels = [("Mean next-token probability", groups)] + ([("Individual stopwords", tokens)] if tokens else [])
-    fig, axes = plt.subplots(1, len(panels), figsize=(11 if tokens else 6.5, 3.8), squeeze=False)
+    fig, axes = plt.subplots(1, len(panels), figsize=(11 if tokens else 6.5, 4), squeeze=False,
+                             gridspec_kw={"width_ratios": [1, 2]} if tokens else None)
     labels: list[str] = []
     for ax, (title, data) in zip(axes[0], panels):
         names = list(data)
@@ -231,10 +232,11 @@ def stopword_bars(groups: dict[str, tuple[float, float]], tokens: dict[str, tupl
                 labels.append(text)
         ax.set_xticks(list(xs), [repr(n) if title.startswith("Individual") else n for n in names])
         ax.set_title(title)
-        ax.set_ylabel("probability")
-        ax.set_ylim(top=max(max(v) for v in data.values()) * 1.25)
-        ax.legend()
-    fig.tight_layout()
+        ax.set_yscale("log")
+        ax.set_ylabel("probability (log)")
+        ax.set_ylim(top=max(max(v) for v in data.values()) * 8)
+    fig.legend(handles=[b1, b2], loc="lower center", ncols=2, frameon=False)
+    fig.tight_layout(rect=(0, 0.07, 1, 1))
     return Plot(fig, labels)
 
 

@@ -210,19 +210,21 @@ def figures_ablation(ablation: dict) -> list[Figure]:
     return figs
 
 
-def stopword_data(ablation: dict) -> tuple[dict, dict | None] | None:
-    """(groups, tokens) as {name: (original, zeroed)} from the ablation JSON's stopword block."""
+def stopword_data(ablation: dict, n_tokens: int = 8) -> tuple[dict, dict | None] | None:
+    """(groups, tokens) as {name: (original, zeroed)} from the ablation JSON's stopword block.
+
+    Groups: mean next-token probability of a stopword, of any other token, and of the true next
+    word; tokens: the ``n_tokens`` stopwords most likely in either run.
+    """
     sw = ablation.get("stopwords")
     if not isinstance(sw, dict):
         return None
     before, after = sw.get("original") or {}, sw.get("zero_super_weights") or {}
-    groups = {
-        g: (before[k], after[k])
-        for g, k in (("stopwords", "stopword_prob"), ("other tokens", "other_prob"))
-        if k in before and k in after
-    }
+    names = (("stopwords", "stopword_prob"), ("other tokens", "other_prob"), ("true next word", "target_prob"))
+    groups = {g: (before[k], after[k]) for g, k in names if before.get(k) is not None and after.get(k) is not None}
     tb, ta = before.get("per_token") or {}, after.get("per_token") or {}
-    tokens = {t: (tb[t], ta[t]) for t in tb if t in ta} or None
+    common = sorted((t for t in tb if t in ta), key=lambda t: -max(tb[t], ta[t]))[:n_tokens]
+    tokens = {t: (tb[t], ta[t]) for t in common} or None
     return (groups, tokens) if groups else None
 
 
@@ -231,10 +233,12 @@ def figure_stopwords(ablation: dict) -> Figure | None:
     if data is None:
         return None
     p = plots.stopword_bars(*data)
+    n = (ablation.get("stopwords") or {}).get("prompts")
+    where = f" over {n} {ablation['stopwords'].get('source', '')} contexts" if n else ""
     return Figure(
         "fig5_stopwords", "Stopword probabilities",
-        "Without the super weights the model shifts probability towards stopwords and away from content "
-        "tokens; the x-labels give the ratio zeroed / original (paper Fig. 5).",
+        f"Mean next-token probabilities{where}: the paper finds that without the super weights probability "
+        "moves to stopwords and away from content tokens; the labels give the ratio zeroed / original (Fig. 5).",
         p.png(), p.labels,
     )
 
@@ -288,24 +292,32 @@ def build_figures(inputs: ReportInputs) -> list[Figure]:
 # ---------------------------------------------------------------- text
 
 
+def _describe_run(data: dict, src: str) -> str:
+    """Where a JSON result's numbers come from: file, perplexity text and tokens, tasks, limit."""
+    cfg = data.get("config") if isinstance(data.get("config"), dict) else data
+    bits = [f"from {src}"] if src else []
+    text = cfg.get("ppl") or data.get("text") or data.get("ppl_source")
+    if isinstance(text, str):
+        bits.append(f"perplexity text: {text}")
+    original = (data.get("conditions") or {}).get("original") or {}
+    tokens = original.get("ppl_tokens") or cfg.get("max_tokens")
+    if tokens:
+        bits.append(f"{tokens:,} tokens scored" if original.get("ppl_tokens") else f"up to {tokens:,} tokens")
+    if cfg.get("tasks"):
+        bits.append(f"tasks: {', '.join(cfg['tasks']) if isinstance(cfg['tasks'], list) else cfg['tasks']}")
+    if cfg.get("limit"):
+        bits.append(f"first {cfg['limit']} items per task")
+    stop = data.get("stopwords")
+    if isinstance(stop, dict) and stop.get("prompts"):
+        bits.append(f"stopwords: {stop['prompts']} {stop.get('source', '')} contexts")
+    return "; ".join(bits) or "see the JSON file"
+
+
 def text_sources(inputs: ReportInputs) -> list[str]:
     out = [f"Detection prompt(s): {', '.join(repr(p) for p in inputs.detection.prompts)}"]
     for label, data, src in (("Ablation", inputs.ablation, inputs.ablation_source), ("Sweep", inputs.sweep, inputs.sweep_source)):
-        if data is None:
-            continue
-        bits = [f"from {src}"] if src else []
-        for key in ("ppl_source", "text", "text_source", "source"):
-            if isinstance(data.get(key), str):
-                bits.append(f"perplexity text: {data[key]}")
-                break
-        tokens = data.get("ppl_tokens") or data.get("tokens") or data.get("max_tokens")
-        if tokens:
-            bits.append(f"{tokens:,} tokens" if isinstance(tokens, int) else f"tokens: {tokens}")
-        if data.get("tasks"):
-            bits.append(f"tasks: {', '.join(data['tasks']) if isinstance(data['tasks'], list) else data['tasks']}")
-        if data.get("limit"):
-            bits.append(f"limit {data['limit']} items per task")
-        out.append(f"{label}: {'; '.join(bits) or 'see the JSON file'}")
+        if data is not None:
+            out.append(f"{label}: {_describe_run(data, src)}")
     return out
 
 
@@ -378,11 +390,24 @@ def sweep_tables(sweep: dict) -> list[Table]:
     return out
 
 
+def top5_table(ablation: dict) -> Table | None:
+    """The paper's "Summer is hot. Winter is" example: top next tokens with and without the SWs."""
+    top = ablation.get("top5")
+    if not isinstance(top, dict) or not top.get("original") or not top.get("zero_super_weights"):
+        return None
+    pairs = list(zip(top["original"], top["zero_super_weights"]))
+    rows = [[str(i + 1), f"{a[0]!r} {a[1]:.1%}", f"{b[0]!r} {b[1]:.1%}"] for i, (a, b) in enumerate(pairs)]
+    return f"Next token after {top.get('prompt', '')!r}", ["rank", "original", "super weights zeroed"], rows
+
+
 def tables(inputs: ReportInputs) -> list[Table]:
     out: list[Table] = []
     if inputs.ablation is not None:
         with contextlib.suppress(SuperweightError):
             out.append(ablation_table(inputs.ablation))
+        top = top5_table(inputs.ablation)
+        if top is not None:
+            out.append(top)
     if inputs.sweep is not None:
         out.extend(sweep_tables(inputs.sweep))
     return out
