@@ -191,6 +191,20 @@ def test_stream_refuses_gguf_and_hub_ids():
         choose_mode("some-org/some-model", "float32", True, None)
 
 
+def test_not_enough_disk_for_a_gguf_conversion_says_where(tmp_path, monkeypatch):
+    import shutil
+    from collections import namedtuple
+
+    gguf = tmp_path / "m.gguf"
+    gguf.write_bytes(b"\0" * 4096)
+    usage = namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**6, 10**6 - 1000, 1000))
+    with pytest.raises(SuperweightError, match=r"writes up to .* has 0.0 GiB free: pass --cache-dir"):
+        choose_mode(str(gguf), "float32", False, None, tmp_path / "cache")
+    monkeypatch.setattr(shutil, "disk_usage", lambda p: usage(10**12, 0, 10**12))
+    assert choose_mode(str(gguf), "float32", False, None, tmp_path / "cache") == "memory"
+
+
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "superweight", *args], capture_output=True, text=True, timeout=300)
 

@@ -144,7 +144,7 @@ def detect(
     rule, scope = SpikeRule(floor=floor, ratio=ratio), "all_linear" if all_linear else "down_proj"
     from .stream import choose_mode, stream_detect, stream_magnitude_scan
 
-    if choose_mode(model, dtype, stream, device_map) == "stream":
+    if choose_mode(model, dtype, stream, device_map, cache_dir) == "stream":
         result = stream_detect(model, prompts, rule, max_iter, model_name=model, dtype=dtype)
         scan = lambda sws: stream_magnitude_scan(model, z_threshold, scope, sws, dtype=dtype)  # noqa: E731
     else:

@@ -538,9 +538,36 @@ def _layer_key(key: str) -> str | None:
     return None
 
 
-def choose_mode(path: str | Path | None, dtype: str, stream: bool, device_map: str | None) -> str:
+def check_gguf_disk(name: str, cache_dir: str | Path | None = None) -> None:
+    """A first GGUF load writes a float32 copy to the cache: refuse early when the disk cannot hold it."""
+    import shutil
+
+    from .load import _gguf_cache_folder, default_cache_dir, resolve
+
+    kind, where = resolve(name)
+    if kind != "gguf":
+        return
+    root = Path(cache_dir) if cache_dir else default_cache_dir()
+    need = GGUF_EXPANSION * os.path.getsize(where)
+    existing = next(p for p in [root, *root.parents] if p.exists())
+    free = shutil.disk_usage(existing).free
+    if free < need and not (_gguf_cache_folder(where, root) / "model.safetensors").is_file():
+        raise SuperweightError(
+            f"converting {Path(where).name} writes up to {gib(need)} (float32) to {root}, which has {gib(free)} free: "
+            "pass --cache-dir on a disk with room (or convert it elsewhere and --stream the saved folder)"
+        )
+
+
+GGUF_EXPANSION = 8  # float32 bytes per GGUF byte, at most (4-bit blocks: 32 / 4.5 ~ 7.1)
+
+
+def choose_mode(
+    path: str | Path | None, dtype: str, stream: bool, device_map: str | None, cache_dir: str | Path | None = None
+) -> str:
     """"stream" or "memory" for a model argument; logs the automatic switch, errors when neither fits."""
     if path is None or not _is_local_safetensors(path):
+        if path is not None and not stream:
+            check_gguf_disk(str(path), cache_dir)
         if stream:
             raise SuperweightError(
                 "--stream reads a local safetensors model folder; a .gguf file or hub id is loaded in memory "
