@@ -46,7 +46,8 @@ SWEEP = {
     + [{"family": "rtn", "variant": v, "bits": 4, "block": b, "ppl": p}
        for v, pts in (("naive", ((4096, 25.0), (16384, 60.0))), ("clip+SW", ((4096, 23.0), (16384, 30.0))))
        for b, p in pts]
-    + [{"family": "w8a8", "variant": "naive", "bits": 8, "block": None, "ppl": 21.0}],
+    + [{"family": "rtn", "variant": "naive", "bits": 4, "block": None, "group": 128, "granularity": "group=128", "ppl": 22.0},
+       {"family": "w8a8", "variant": "naive", "bits": 8, "block": None, "ppl": 21.0}],
 }
 
 
@@ -124,12 +125,15 @@ def test_stopword_figure_gives_the_ratios():
 
 
 def test_sweep_figure_has_one_line_per_method():
-    series, base = report.sweep_series(SWEEP)
-    assert base == 20.0
+    series, refs = report.sweep_series(SWEEP)
+    assert refs == {"unquantized": 20.0, "INT4 naive group=128": 22.0}
     assert series == {"INT4 naive": [(4096.0, 25.0), (16384.0, 60.0)], "INT4 clip+SW": [(4096.0, 23.0), (16384.0, 30.0)]}
-    p = plots.block_size_curves(series, base)
-    assert [line.get_label() for line in p.figure.axes[0].lines[:2]] == ["INT4 naive", "INT4 clip+SW"]
-    assert "unquantized: 20" in p.labels
+    p = plots.block_size_curves(series, refs)
+    ax = p.figure.axes[0]
+    assert [line.get_label() for line in ax.lines[:2]] == ["INT4 naive", "INT4 clip+SW"]
+    assert list(ax.lines[1].get_ydata()) == [23.0, 30.0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["64x64", "128x128"]
+    assert p.labels == ["unquantized: 20", "INT4 naive group=128: 22"]
 
 
 # ---------------------------------------------------------------- writing

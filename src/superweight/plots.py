@@ -243,24 +243,33 @@ def stopword_bars(groups: dict[str, tuple[float, float]], tokens: dict[str, tupl
 # ---------------------------------------------------------------- Figure 7
 
 
-def block_size_curves(series: dict[str, list[tuple[float, float]]], baseline: float | None = None,
-                      xlabel: str = "block size (elements)") -> Plot:
-    """Perplexity vs quantization block size, one line per method (naive, super-weight aware, ...)."""
-    fig, ax = plt.subplots(figsize=(8.5, 4))
+def _block_label(x: float) -> str:
+    side = round(math.sqrt(x))
+    return f"{side}x{side}" if side * side == x else f"{int(x):,}"
+
+
+def block_size_curves(series: dict[str, list[tuple[float, float]]], references: dict[str, float] | None = None,
+                      xlabel: str = "block size (contiguous elements of the flattened tensor)") -> Plot:
+    """Perplexity vs quantization block size, one line per method; ``references`` as dashed levels."""
+    fig, ax = plt.subplots(figsize=(9, 4.2))
     labels: list[str] = []
+    ax.set_xscale("log", base=2)
+    ax.set_yscale("log")
+    xs = sorted({p[0] for pts in series.values() for p in pts})
     for i, (name, pts) in enumerate(series.items()):
         pts = sorted(pts)
         ax.plot([p[0] for p in pts], [p[1] for p in pts], "-o", color=PALETTE[i % len(PALETTE)], label=name)
-    if baseline is not None:
-        ax.axhline(baseline, color="gray", ls="--", lw=1)
-        text = f"unquantized: {baseline:.3g}"
-        ax.text(ax.get_xlim()[0], baseline, " " + text, va="bottom", fontsize=8, color="gray")
+    for j, (name, level) in enumerate((references or {}).items()):
+        ax.axhline(level, color="gray", ls=["--", ":", "-."][j % 3], lw=1)
+        text = f"{name}: {level:.4g}"
+        ax.annotate(text, (xs[0], level), xytext=(2, -10 if j == 0 else 3), textcoords="offset points", fontsize=8,
+                    color="dimgray")
         labels.append(text)
-    ax.set_xscale("log", base=2)
-    ax.set_yscale("log")
+    ax.set_xticks(xs, [_block_label(x) for x in xs])
+    ax.minorticks_off()
     ax.set_xlabel(xlabel)
     ax.set_ylabel("perplexity (log)")
     ax.set_title("Weight quantization: perplexity vs block size")
-    ax.legend()
+    ax.legend(loc="upper left")
     fig.tight_layout()
     return Plot(fig, labels)

@@ -243,28 +243,33 @@ def figure_stopwords(ablation: dict) -> Figure | None:
     )
 
 
-def sweep_series(sweep: dict) -> tuple[dict[str, list[tuple[float, float]]], float | None]:
-    """{method: [(block size, ppl)]} for the block-size rows of a sweep JSON, and the baseline ppl."""
+def sweep_series(sweep: dict) -> tuple[dict[str, list[tuple[float, float]]], dict[str, float]]:
+    """{method: [(block size, ppl)]} for the round-to-nearest block rows of a sweep JSON, and the
+    reference levels: the unquantized perplexity and the non-block RTN rows (groups, per tensor)."""
     series: dict[str, list[tuple[float, float]]] = {}
-    for row in sweep.get("rows") or sweep.get("results") or []:
-        block = row.get("block") or row.get("block_size")
-        if not block or row.get("ppl") is None:
+    refs: dict[str, float] = {}
+    if sweep.get("baseline_ppl") is not None:
+        refs["unquantized"] = float(sweep["baseline_ppl"])
+    for row in sweep.get("rows") or []:
+        if row.get("family", "rtn") != "rtn" or row.get("ppl") is None:
             continue
-        label = f"INT{row['bits']} {row.get('method', row.get('variant', '?'))}" if row.get("bits") else str(row.get("method"))
-        series.setdefault(label, []).append((float(block), float(row["ppl"])))
-    base = sweep.get("baseline_ppl") or (sweep.get("baseline") or {}).get("ppl")
-    return series, base
+        name = f"INT{row.get('bits')} {row.get('variant', '?')}"
+        if row.get("block"):
+            series.setdefault(name, []).append((float(row["block"]), float(row["ppl"])))
+        elif row.get("group"):
+            refs[f"{name} group={row['group']}"] = float(row["ppl"])
+    return series, refs
 
 
 def figure_sweep(sweep: dict) -> Figure | None:
-    series, base = sweep_series(sweep)
+    series, refs = sweep_series(sweep)
     if not series:
         return None
-    p = plots.block_size_curves(series, base)
+    p = plots.block_size_curves(series, refs)
     return Figure(
         "fig7_block_size", "Quantization: perplexity vs block size",
-        "Naive round-to-nearest degrades as blocks grow; clipping with the super weights held out in FP16 "
-        "keeps large blocks usable (paper Fig. 7).",
+        "Lower is better: the paper finds that naive round-to-nearest degrades as blocks grow and that clipping "
+        "with the super weights held out in FP16 keeps large blocks usable; compare the lines at each size (Fig. 7).",
         p.png(), p.labels,
     )
 
