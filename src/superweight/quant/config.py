@@ -40,6 +40,9 @@ class Percentile:
 
 Clip = Union[ZScore, Percentile]
 
+# Linear layers fed by a norm (attention q/k/v and MLP up/gate of the 14 supported architectures).
+SMOOTHABLE = r"(q_proj|k_proj|v_proj|qkv_proj|query_key_value|c_attn|gate_proj|up_proj|gate_up_proj|c_fc|fc1|dense_h_to_4h)$"
+
 
 def _check_size(name: str, value: int | None) -> None:
     if value is not None and (not isinstance(value, int) or value < 1):
@@ -111,12 +114,15 @@ class W8A8:
     ``method``: "naive"; "holdout" (elements with ``|x| >= holdout_ratio * median|x|`` of the input
     tensor, i.e. the super activations, are replaced by the median, the tensor is quantized and
     dequantized, then they are put back exactly); "smoothquant" (per-channel smoothing with
-    ``alpha``, calibrated on a few text samples).
+    ``alpha``, calibrated on a few text samples, on the layers matching ``smooth``: those that read a
+    norm's output, as SmoothQuant's ``smooth_lm`` does; o_proj / down_proj are quantized naively,
+    since folding their smoothing into a norm is impossible).
     """
 
     method: str = "naive"
     alpha: float = 0.85
     holdout_ratio: float = 1000.0
+    smooth: str = SMOOTHABLE
 
     def __post_init__(self) -> None:
         if self.method not in ("naive", "holdout", "smoothquant"):

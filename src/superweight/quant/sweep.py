@@ -2,8 +2,9 @@
 
 Each grid point fake-quantizes the model in memory, measures perplexity, and writes the original
 weights back (a copy of every targeted weight is kept and the restore is checked bitwise at the
-end). Points: the unquantized model; RTN INT-N for each (bits, block or group size) as *naive*,
-*clip* (z-score clipping) and *clip+SW* (clipping, then the super weights restored exactly);
+end). Points: the unquantized model; RTN INT-N for each (bits, block or group size) as *naive*, *naive+SW* (the
+super weights restored exactly), *clip* (z-score clipping) and *clip+SW* (clipping, then the super
+weights restored);
 W8A8 naive / SmoothQuant / super-activation hold-out; ternary without and with the FP16 sparse
 part (super weights, then super weights + top-k outliers per matrix).
 """
@@ -111,8 +112,8 @@ def default_grid(
         for size in sizes:
             base = RTN(bits=b, block=size, oversize="tensor")
             clipped = RTN(bits=b, block=size, clip=ZScore(clip_z), oversize="tensor")
-            grid += [GridPoint("rtn", "naive", base), GridPoint("rtn", "clip", clipped),
-                     GridPoint("rtn", "clip+SW", clipped, keep_super=True)]
+            grid += [GridPoint("rtn", "naive", base), GridPoint("rtn", "naive+SW", base, keep_super=True),
+                     GridPoint("rtn", "clip", clipped), GridPoint("rtn", "clip+SW", clipped, keep_super=True)]
         for g in groups:
             grid.append(GridPoint("rtn", "naive", RTN(bits=b, group=g)))
     if w8a8:
@@ -221,6 +222,9 @@ def run_sweep(
 # ---------------------------------------------------------------- tables
 
 
+RTN_VARIANTS = ("naive", "naive+SW", "clip", "clip+SW")
+
+
 def _fmt(ppl: float | None) -> str:
     return "-" if ppl is None else f"{ppl:.4g}" if ppl < 1e4 else f"{ppl:.3g}"
 
@@ -237,8 +241,8 @@ def tables(result: SweepResult) -> list[tuple[str, list[str], list[list[str]]]]:
         for size in sizes:
             cell = {p.variant: p for p in rtn if p.bits == bits and p.granularity == size}
             bpw = next((c.bits_per_weight for c in cell.values() if c.bits_per_weight), None)
-            rows.append([size, f"{bpw:.3f}" if bpw else "-"] + [_fmt(cell[v].ppl) if v in cell else "-" for v in ("naive", "clip", "clip+SW")])
-        out.append((f"INT{bits} RTN perplexity (unquantized {_fmt(fp)})", ["granularity", "bits/w", "naive", "clip", "clip+SW"], rows))
+            rows.append([size, f"{bpw:.3f}" if bpw else "-"] + [_fmt(cell[v].ppl) if v in cell else "-" for v in RTN_VARIANTS])
+        out.append((f"INT{bits} RTN perplexity (unquantized {_fmt(fp)})", ["granularity", "bits/w", *RTN_VARIANTS], rows))
     w8 = [p for p in pts if p.family == "w8a8"]
     if w8:
         rows = [["FP (unquantized)", _fmt(fp), "-"]] + [

@@ -6,11 +6,13 @@ inside the block, forward pre-hooks quantize the inputs, and on exit the hooks a
 exact original weights written back. SmoothQuant (Xiao et al. 2023) divides each input channel j
 by ``s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)`` and multiplies the weight's column j by it
 (mathematically equal; a deployment folds ``1/s`` into the previous norm), calibrated on
-``calib`` token batches.
+``calib`` token batches. Only the layers matching ``W8A8.smooth`` are smoothed (those fed by a norm,
+where a deployment can fold ``1/s``); the others are quantized as in the naive method.
 """
 from __future__ import annotations
 
 import contextlib
+import re
 from dataclasses import dataclass, field
 from typing import Iterator, Sequence
 
@@ -92,8 +94,9 @@ def simulate_w8a8(
     if config.method == "smoothquant":
         if not calib:
             raise ValueError("SmoothQuant needs calibration batches (calib=[token ids, ...])")
-        act = input_channel_absmax(model, modules, calib)
-        smooth = {n: smoothing_factors(act[n], out_in(m), config.alpha) for n, m in modules.items() if n in act}
+        smoothed = {n: m for n, m in modules.items() if re.search(config.smooth, n)}
+        act = input_channel_absmax(model, smoothed, calib)
+        smooth = {n: smoothing_factors(act[n], out_in(m), config.alpha) for n, m in smoothed.items() if n in act}
     saved = {n: m.weight.detach().clone() for n, m in modules.items()}
     handles = []
     try:
