@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import base64
 import io
+import json
 import os
 import re
 import shutil
@@ -156,6 +157,7 @@ def test_report_html_embeds_every_figure(inputs, tmp_path):
     assert "<td>zero_super_weights</td><td>1830</td><td>0.250</td>" in page  # the ablation's numbers
     assert "<td>16384</td><td>60</td><td>30</td>" in page  # the sweep's INT4 table
     assert "<td>1</td><td>&#x27; cold&#x27; 81.4%</td><td>&#x27; the&#x27; 9.0%</td>" in page  # top-5 table
+    assert json.loads((out / "sweep.json").read_text()) == SWEEP and json.loads((out / "ablation.json").read_text()) == ABLATION
     md = (out / "report.md").read_text()
     assert all(f"]({f.name}.png)" in md and f.caption in md for f in figs)
 
@@ -219,7 +221,7 @@ def test_report_cli_on_a_model_folder(tmp_path):
     plant_super_weight(model, *PLANT)
     model.save_pretrained(folder)
     byte_tokenizer().save_pretrained(folder)
-    (tmp_path / "abl.json").write_text(__import__("json").dumps(ABLATION))
+    (tmp_path / "abl.json").write_text(json.dumps(ABLATION))
     res = CliRunner().invoke(app, ["report", str(folder), "--out", str(tmp_path / "rep"), "--ablation", str(tmp_path / "abl.json")])
     assert res.exit_code == 0, res.output
     assert "\r" not in res.output  # no progress bar when stdout is not a terminal

@@ -518,7 +518,8 @@ def check_out_dir(out: Path, force: bool) -> None:
 
 
 def write_report(inputs: ReportInputs, figs: Sequence[Figure], out: str | Path, force: bool = False) -> Path:
-    """Write report.html, report.md, the PNGs and report.json into ``out``, all or nothing."""
+    """Write report.html, report.md, the PNGs, report.json (and the ablation / sweep JSON used)
+    into ``out``, all or nothing."""
     out = Path(out)
     check_out_dir(out, force)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -530,6 +531,9 @@ def write_report(inputs: ReportInputs, figs: Sequence[Figure], out: str | Path, 
         (tmp / "report.md").write_text(render_markdown(inputs, figs))
         (tmp / "report.html").write_text(render_html(inputs, figs))
         (tmp / "report.json").write_text(json.dumps(report_summary(inputs, figs), indent=2) + "\n")
+        for name, data in (("ablation.json", inputs.ablation), ("sweep.json", inputs.sweep)):
+            if data is not None:  # the numbers behind Fig. 5-7, kept with the report
+                (tmp / name).write_text(json.dumps(data, indent=2) + "\n")
         _swap_into_place(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
