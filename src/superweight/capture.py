@@ -59,6 +59,22 @@ def peak_of(t: torch.Tensor) -> tuple[Peak, tuple[int, ...]]:
     return Peak(float(flat[i]), index[-1], token), index
 
 
+def peaks_of(tensors: list[torch.Tensor]) -> list[tuple[Peak, tuple[int, ...]]]:
+    """``peak_of`` of each tensor, computed in one stacked reduction per shape (same answers)."""
+    groups: dict[tuple, list[int]] = {}
+    for j, t in enumerate(tensors):
+        groups.setdefault((t.shape, t.dtype, t.device), []).append(j)
+    out: list = [None] * len(tensors)
+    for (shape, _, _), idxs in groups.items():
+        flat = torch.stack([tensors[j] for j in idxs]).reshape(len(idxs), -1)
+        pos = flat.abs().argmax(dim=1)
+        values = flat.gather(1, pos[:, None])[:, 0].tolist()
+        for j, i, v in zip(idxs, pos.tolist(), values):
+            index = _unravel(i, shape)
+            out[j] = (Peak(float(v), index[-1], index[-2] if len(shape) >= 2 else 0), index)
+    return out
+
+
 def _unravel(flat_index: int, shape: torch.Size) -> tuple[int, ...]:
     """``torch.unravel_index`` in plain ints: it runs in every hook, and tensor ops cost ~10x more."""
     index = []
@@ -78,17 +94,32 @@ class ActivationCapture:
     >>> with ActivationCapture(model, arch) as cap:
     ...     model(**inputs)
     >>> cap.stats[11].output.channel
+
+    The hooks only copy the activations they see; the peaks are computed in a few batched tensor
+    ops when ``stats`` is read (or when the copies pass ``flush_bytes``), which keeps the hooks'
+    cost to a few percent of a forward pass. Copies, not references: some models add to a
+    module's output in place (Falcon's parallel attention).
     """
 
-    def __init__(self, model: nn.Module, arch: ArchSpec, layers: list[int] | None = None):
+    def __init__(self, model: nn.Module, arch: ArchSpec, layers: list[int] | None = None, flush_bytes: int = 64 << 20):
         self.model, self.arch = model, arch
         self.layer_ids = list(range(arch.num_layers(model))) if layers is None else list(layers)
-        self.stats: dict[int, LayerStats] = {}
+        self.flush_bytes = flush_bytes
+        self._stats: dict[int, LayerStats] = {}
+        self._pending: list[tuple[int, torch.Tensor, torch.Tensor | None]] = []  # (layer, x or residual, y)
+        self._pending_bytes = 0
         self._handles: list = []
         self.reset()
 
+    @property
+    def stats(self) -> dict[int, LayerStats]:
+        self.flush()
+        return self._stats
+
     def reset(self) -> None:
-        self.stats = {i: LayerStats(i) for i in self.layer_ids}
+        self._pending.clear()
+        self._pending_bytes = 0
+        self._stats = {i: LayerStats(i) for i in self.layer_ids}
 
     def __enter__(self) -> "ActivationCapture":
         try:
@@ -110,28 +141,46 @@ class ActivationCapture:
             h.remove()
         self._handles.clear()
 
+    def _defer(self, layer: int, a: torch.Tensor, b: torch.Tensor | None) -> None:
+        a = a.detach().clone()
+        b = None if b is None else b.detach().clone()
+        self._pending.append((layer, a, b))
+        self._pending_bytes += a.nbytes + (0 if b is None else b.nbytes)
+        if self._pending_bytes > self.flush_bytes:
+            self.flush()
+
     def _down_hook(self, i: int):
         def hook(module, args, output):
-            st = self.stats[i]
-            x = args[0]
-            p_in, _ = peak_of(x)
-            if p_in.magnitude > st.input.magnitude:
-                st.input = p_in
-            p_out, idx = peak_of(_first_tensor(output))
-            if p_out.magnitude > st.output.magnitude:
-                st.output = p_out
-                st.input_at_output_peak = x.detach()[idx[:-1]].float().clone()
+            self._defer(i, args[0], _first_tensor(output))
 
         return hook
 
     def _residual_hook(self, i: int):
         def hook(module, args, output):
-            st = self.stats[i]
-            p, _ = peak_of(_first_tensor(output))
-            if p.magnitude > st.residual.magnitude:
-                st.residual = p
+            self._defer(i, _first_tensor(output), None)
 
         return hook
+
+    def flush(self) -> None:
+        """Fold the pending copies into ``stats``, in the order the hooks saw them."""
+        if not self._pending:
+            return
+        pending, self._pending, self._pending_bytes = self._pending, [], 0
+        tensors = [t for _, a, b in pending for t in ((a,) if b is None else (a, b))]
+        peaks = iter(peaks_of(tensors))
+        for layer, a, b in pending:
+            st = self._stats[layer]
+            if b is None:
+                p, _ = next(peaks)
+                if p.magnitude > st.residual.magnitude:
+                    st.residual = p
+                continue
+            (p_in, _), (p_out, idx) = next(peaks), next(peaks)
+            if p_in.magnitude > st.input.magnitude:
+                st.input = p_in
+            if p_out.magnitude > st.output.magnitude:
+                st.output = p_out
+                st.input_at_output_peak = a[idx[:-1]].float().clone()
 
     def as_list(self) -> list[LayerStats]:
         return [self.stats[i] for i in self.layer_ids]
