@@ -9,8 +9,8 @@ run() {
   echo "== $*" >&2
   "$@" || { echo "FAILED: $*" >&2; status=1; }
 }
-run python bench/detect.py
-run python bench/stream.py --size-gb "${STREAM_GB:-2}"
+run python bench/detect.py --threads 1
+run python bench/stream.py --size-gb "${STREAM_GB:-2}" --threads 1
 for script in bench/eval.py bench/quantize.py bench/llama_cpp_pure.py; do
   [[ -f "$script" ]] && run python "$script"
 done

@@ -98,8 +98,13 @@ def checkpoint_names(model: nn.Module, ckpt: Checkpoint) -> dict[str, str]:
     """Model tensor name -> checkpoint key, with transformers' own key renamings (legacy names,
     base-model prefix), as ``from_pretrained`` applies them. Keys that need a converter (fused or
     split tensors) are left out: streaming reads tensors as stored."""
-    from transformers.conversion_mapping import get_model_conversion_mapping
-    from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    try:  # transformers >= 5
+        from transformers.conversion_mapping import get_model_conversion_mapping
+        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
+    except ImportError:
+        prefix = model.base_model_prefix + "."
+        own = set(model.state_dict())
+        return {(k if k in own or prefix + k not in own else prefix + k): k for k in ckpt.tensors}
 
     transforms = get_model_conversion_mapping(model)
     renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
