@@ -109,7 +109,7 @@ TASKS: dict[str, TaskSpec] = {
         TaskSpec("arc_challenge", "arc_challenge/test_rc_5shot", _arc, "test"),
         TaskSpec("hellaswag", "hellaswag/val_rc_5shot", _hellaswag, "validation"),
         TaskSpec("winogrande", "winogrande/val_rc_5shot", _winogrande, "validation", norm=False),
-        TaskSpec("sciq", "sciq/rc_0shot", _sciq, "validation"),
+        TaskSpec("sciq", "sciq/rc_0shot", _sciq, "validation"),  # lm-eval: test, not shipped offline
         TaskSpec("lambada", "lambada/bpb_0shot", _lambada, "test", norm=False, greedy=True),
     ]
 }
