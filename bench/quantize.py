@@ -60,6 +60,8 @@ def bench_throughput(lm, repeats: int) -> list[dict]:
     n = sum(w.numel() for w in weights)
     copy_s = _median_time(lambda: [w.clone() for w in weights], repeats)
     snapshot = WeightSnapshot(lm.model)
+    quantize(lm.model, SCHEMES[0])  # warm-up: first-call allocations are not the scheme's cost
+    snapshot.restore()
     rows = []
     for config in SCHEMES:
         def run():

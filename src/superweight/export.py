@@ -295,12 +295,19 @@ def load_quantized(path: str | os.PathLike, dtype: str | torch.dtype | None = No
     except (KeyError, ValueError, OSError) as exc:
         raise SuperweightError(f"{path} is a corrupted artifact (config: {exc}): re-export it") from None
     state = read_state_dict(path, manifest, torch_dtype)
-    model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
-    missing, unexpected = model.load_state_dict({k: v.to(torch_dtype) if v.is_floating_point() else v for k, v in state.items()}, strict=False)
+    from accelerate import init_empty_weights
+
+    with init_empty_weights(include_buffers=False):  # parameters on "meta": no random init, no copy
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    state = {k: v.to(torch_dtype) if v.is_floating_point() else v for k, v in state.items()}
+    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
     missing = [m for m in missing if m not in manifest.get("tied", {})]
     if missing or unexpected:
         raise SuperweightError(f"{path} does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]}): re-export it")
     model.tie_weights()
+    meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if meta:
+        raise SuperweightError(f"{path} lacks {meta[0]} (and {len(meta) - 1} more): re-export it")
     model.eval()
     tokenizer = AutoTokenizer.from_pretrained(str(path)) if (path / "tokenizer_config.json").is_file() else None
     notes = list(manifest.get("notes", [])) + [f"quantized artifact: {manifest['scheme']}, {manifest['size']['bits_per_weight']:.3f} bits per quantized weight"]
