@@ -114,6 +114,8 @@ def test_ablation_figures_show_the_numbers():
     assert {"1.83e+03", "21.5", "23"} <= set(bars.labels)  # ppl bar labels
     assert "52.5" in bars.labels  # mean accuracy of the original model, in %
     assert "original (s = 1)" in scaling.labels
+    assert bars.caption.startswith("Zeroing the super weights takes perplexity from 21.5 to 1830 and mean accuracy from 52.5% to 25.0%")
+    assert "lowest (21.5) at s = 1" in scaling.caption and "peaks at s = 2 (66.0%)" in scaling.caption
     p = plots.ablation_bars(["a", "b"], [10.0, 1000.0], [0.5, 0.25])
     assert [round(b.get_height(), 6) for b in p.figure.axes[0].patches] == [10.0, 1000.0]
     assert [round(b.get_height(), 6) for b in p.figure.axes[1].patches] == [50.0, 25.0]
@@ -122,6 +124,7 @@ def test_ablation_figures_show_the_numbers():
 def test_stopword_figure_gives_the_ratios():
     fig = report.figure_stopwords(ABLATION)
     assert fig.labels == ["x3", "x0.5", "x2", "x10"]
+    assert "of: stopwords x3, other tokens x0.5;" in fig.caption
     assert report.figure_stopwords({"conditions": {}}) is None
 
 
@@ -135,6 +138,7 @@ def test_sweep_figure_has_one_line_per_method():
     assert list(ax.lines[1].get_ydata()) == [23.0, 30.0]
     assert [t.get_text() for t in ax.get_xticklabels()] == ["64x64", "128x128"]
     assert p.labels == ["unquantized: 20", "INT4 naive group=128: 22"]
+    assert "INT4 clip+SW beats naive at 2 of 2 block sizes (64x64, 128x128)" in report.sweep_caption(series)
 
 
 # ---------------------------------------------------------------- writing

@@ -176,7 +176,7 @@ def ablation_bars(
         ax2.set_ylim(0, 100)
         ax2.set_title("Zero-shot accuracy (bar: mean of tasks; marks: each task)")
         if task_acc:
-            ax2.legend(fontsize=7, ncols=2, loc="upper right")
+            ax2.legend(fontsize=8, loc="center left", bbox_to_anchor=(1.0, 0.5), frameon=False)
     for a in axes[0]:
         a.set_xticks(xs, [n.replace("_", " ") for n in names], rotation=25, ha="right")
     fig.tight_layout()
