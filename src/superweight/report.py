@@ -495,7 +495,7 @@ CSS = """
 body{font-family:system-ui,-apple-system,"Segoe UI",sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222;line-height:1.45}
 h1{font-size:1.6em;margin-bottom:.2em}h2{font-size:1.2em;margin-top:1.8em;border-bottom:1px solid #ddd;padding-bottom:.2em}
 .note{background:#fff6e0;border-left:4px solid #edae49;padding:.5em .8em;margin:.6em 0}
-table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ddd;padding:.25em .6em;text-align:right}
+table{border-collapse:collapse;margin:.5em 0;font-size:.85em;display:block;overflow-x:auto}td,th{border:1px solid #ddd;padding:.25em .6em;text-align:right;white-space:nowrap}
 th{background:#f3f5f8}td:first-child{text-align:left}h3{font-size:1em;margin-top:1.2em}figure{margin:1em 0}img{max-width:100%;height:auto;border:1px solid #eee}
 figcaption{font-style:italic;color:#444;margin-top:.3em}ul.meta{padding-left:1.2em}.missing{color:#7a4b00}
 """
