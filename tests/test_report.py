@@ -290,3 +290,26 @@ def test_smollm2_report_renders_in_headless_chromium(smollm2, tmp_path):
     pixels = mpimg.imread(shot)[..., :3]
     assert pixels.shape[:2] == (1800, 1200)
     assert pixels.std() > 0.05 and (pixels < 0.5).mean() > 0.005  # not blank: text and plot lines drawn
+
+
+def test_run_sweep_uses_the_default_grid_with_progress(planted, monkeypatch):
+    import superweight.quant.sweep as sweep_mod
+
+    model, tok, det = planted
+    lm = sw.LoadedModel(model, tok, sw.get_arch(model), "tiny", "tiny", [])
+    seen = {}
+
+    class Result:
+        def to_dict(self):
+            return SWEEP
+
+    def fake(loaded, keep, grid=None, progress=None, **kw):
+        seen.update(keep=keep, points=len(grid))
+        for _ in grid:
+            progress(None)
+        return Result()
+
+    monkeypatch.setattr(sweep_mod, "run_sweep", fake)
+    got = report.gather(lm, det, do_sweep=True)
+    assert got.sweep == SWEEP and seen == {"keep": det, "points": len(sweep_mod.default_grid())}
+    assert [f.name for f in report.build_figures(got)][-1] == "fig7_block_size"
