@@ -9,7 +9,6 @@ import textwrap
 from pathlib import Path
 
 import pytest
-import torch
 
 import superweight as sw
 from superweight.checkpoint import open_checkpoint
