@@ -5,6 +5,7 @@ Quick start::
     superweight detect                      # the built-in SmolLM2-135M, the paper's prompt
     superweight detect MODEL --json sw.json # any hub id, model folder or .gguf file
     superweight detect --method both        # compare with the weight-magnitude z-score scan
+    superweight detect DIR --stream         # a checkpoint larger than memory, one layer at a time
 """
 from __future__ import annotations
 
