@@ -93,11 +93,11 @@ def test_result_json_round_trip(tmp_path, byte_tokenizer):
 
 
 def test_detection_file_errors(tmp_path):
-    with pytest.raises(sw.SuperweightError, match="no such file"):
+    with pytest.raises(sw.SuperweightError, match="no such detection file"):
         DetectionResult.load(tmp_path / "missing.json")
     bad = tmp_path / "bad.json"
     bad.write_text("{not json")
-    with pytest.raises(sw.SuperweightError, match="not a superweight JSON"):
+    with pytest.raises(sw.SuperweightError, match="not a JSON detection file"):
         DetectionResult.load(bad)
     bad.write_text('{"version": 99}')
     with pytest.raises(sw.SuperweightError, match="version"):

@@ -112,13 +112,9 @@ class Catalog:
         if path is None:
             text = resources.files("superweight").joinpath("data/catalog.json").read_text()
             return cls.from_dict(json.loads(text), "superweight/data/catalog.json")
-        try:
-            data = json.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise SuperweightError(f"no such catalog file: {path}") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise SuperweightError(f"{path} is not a JSON catalog ({exc})") from None
-        return cls.from_dict(data, str(path))
+        from .files import read_json
+
+        return cls.from_dict(read_json(path, "catalog"), str(path))
 
     def save(self, path: str | Path) -> None:
         from .detect import write_json_atomic

@@ -22,7 +22,6 @@ largest non-super layer about 30x.
 """
 from __future__ import annotations
 
-import json
 import statistics
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -36,6 +35,7 @@ from .ablate import zeroed_weights
 from .arch import ArchSpec, get_arch
 from .capture import ActivationCapture, LayerStats
 from .errors import SuperweightError
+from .files import read_json, write_json_atomic  # noqa: F401  (write_json_atomic: re-exported)
 
 SCHEMA_VERSION = 1
 DEFAULT_PROMPT = "Apple Inc. is a worldwide tech company."
@@ -148,25 +148,11 @@ class DetectionResult:
 
     @classmethod
     def load(cls, path: str | Path) -> "DetectionResult":
-        try:
-            data = json.loads(Path(path).read_text())
-        except FileNotFoundError:
-            raise SuperweightError(f"no such file: {path} (write one with `superweight detect --json {path}`)") from None
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise SuperweightError(f"{path} is not a superweight JSON file ({exc})") from None
+        data = read_json(path, "detection", f" (write one with `superweight detect --json {path}`)")
         try:
             return cls.from_dict(data)
         except (KeyError, TypeError) as exc:
             raise SuperweightError(f"{path} is not a detection result (missing {exc})") from None
-
-
-def write_json_atomic(path: str | Path, data: dict) -> None:
-    """Write JSON to ``path`` through a temporary file, so no half-written file is left."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(data, indent=2) + "\n")
-    tmp.replace(path)
 
 
 # ---------------------------------------------------------------- activation method

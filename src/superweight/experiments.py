@@ -20,7 +20,6 @@ stopword block compares ``original`` with ``zero_super_weights`` (Fig. 5).
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import time
 from dataclasses import asdict, dataclass, field
@@ -32,7 +31,7 @@ from .ablate import (
     DEFAULT_SCALES, DEFAULT_TOP_N, as_coords, random_coords, restored_super_activation, scaled_weights, sw_layers,
     top_magnitude_coords, zeroed_entries,
 )
-from .detect import write_json_atomic
+from .files import read_json, write_json_atomic
 from .errors import SuperweightError
 from .eval.perplexity import default_seq_len, evaluate_perplexity
 from .eval.stopwords import SEASON_PROMPT, lambada_prompts, stopword_stats, top_next_tokens
@@ -102,10 +101,7 @@ class AblationResult:
 
     @classmethod
     def load(cls, path: str | Path) -> "AblationResult":
-        try:
-            data = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise SuperweightError(f"cannot read ablation result {path} ({exc}): write it with `superweight ablate --json`") from None
+        data = read_json(path, "ablation result", ": write it with `superweight ablate --json`")
         if data.get("version") != RESULT_VERSION:
             raise SuperweightError(f"{path}: ablation result version {data.get('version')!r} is not {RESULT_VERSION}: re-run")
         return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})

@@ -28,6 +28,7 @@ from .arch import ArchSpec
 from .capture import _first_tensor
 from .detect import DetectionResult, SpikeRule, encode_prompt
 from .errors import SuperweightError
+from .files import read_json, replace_dir
 
 log = logging.getLogger(__name__)
 
@@ -566,22 +567,11 @@ def write_report(inputs: ReportInputs, figs: Sequence[Figure], out: str | Path, 
         for name, data in (("ablation.json", inputs.ablation), ("sweep.json", inputs.sweep)):
             if data is not None:  # the numbers behind Fig. 5-7, kept with the report
                 (tmp / name).write_text(json.dumps(data, indent=2) + "\n")
-        _swap_into_place(tmp, out)
+        replace_dir(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
-
-
-def _swap_into_place(tmp: Path, out: Path) -> None:
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
-        old.rmdir()
-        out.rename(old)
-    tmp.rename(out)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
 
 
 def report_summary(inputs: ReportInputs, figs: Sequence[Figure]) -> dict:
@@ -596,18 +586,6 @@ def report_summary(inputs: ReportInputs, figs: Sequence[Figure]) -> dict:
 
 
 # ---------------------------------------------------------------- orchestration
-
-
-def read_json(path: str | Path, what: str) -> dict:
-    try:
-        data = json.loads(Path(path).read_text())
-    except FileNotFoundError:
-        raise SuperweightError(f"no such {what} file: {path}") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise SuperweightError(f"{path} is not a JSON {what} file ({exc})") from None
-    if not isinstance(data, dict):
-        raise SuperweightError(f"{path} is not a {what} file (expected a JSON object)")
-    return data
 
 
 def run_ablation(loaded, detection: DetectionResult, limit: int) -> dict:
