@@ -34,6 +34,15 @@ err_console = Console(stderr=True)
 ModelArg = typer.Argument("smollm2-135m", help="Hub id, local model folder, .gguf file or built-in name.")
 CacheOpt = typer.Option(None, "--cache-dir", help="Where converted GGUF models are cached (env SUPERWEIGHT_CACHE).")
 DtypeOpt = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16.")
+VerboseOpt = typer.Option(False, "--verbose", "-v")
+QuietOpt = typer.Option(False, "--quiet", "-q")
+PplOpt = typer.Option("wikitext2", "--ppl", help="Perplexity text: wikitext2, wiki-intros, a file, or none.")
+TasksOpt = typer.Option(
+    "all", "--tasks", help="Comma-separated: piqa,arc_easy,arc_challenge,hellaswag,winogrande,sciq,lambada; all; none."
+)
+LimitOpt = typer.Option(100, "--limit", min=1, help="First N documents per task (lm-eval's --limit).")
+MaxTokensOpt = typer.Option(20000, "--max-tokens", min=2, help="Tokens of the perplexity text to score.")
+SeqLenOpt = typer.Option(None, "--seq-len", help="Perplexity window (default min(2048, model max)).")
 
 
 def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
@@ -131,7 +140,7 @@ def detect(
         None, "--device-map", help="Passed to transformers/accelerate: auto (GPUs, CPU and disk offload), cpu, cuda, ..."
     ),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Also print the per-layer maxima."),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    quiet: bool = QuietOpt,
 ) -> None:
     """Find the super weights of MODEL (default: the built-in SmolLM2-135M)."""
     from .detect import DEFAULT_PROMPT, SpikeRule
@@ -184,7 +193,7 @@ def catalog_cmd(
     catalog_path: Optional[Path] = typer.Option(None, "--catalog", help="A catalog JSON file (default: the shipped one)."),
     json_out: bool = typer.Option(False, "--json", help="Print the catalog as JSON."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Also print each entry's notes and provenance."),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    quiet: bool = QuietOpt,
 ) -> None:
     """List the published super weight coordinates and where each comes from."""
     import json
@@ -241,8 +250,8 @@ def verify(
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the verdict here."),
     dtype: str = DtypeOpt,
     cache_dir: Optional[Path] = CacheOpt,
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    verbose: bool = VerboseOpt,
+    quiet: bool = QuietOpt,
 ) -> None:
     """Detect MODEL's super weights and compare them with its catalog entry.
 
@@ -329,8 +338,8 @@ def report(
     force: bool = typer.Option(False, "--force", help="Replace an existing --out folder."),
     dtype: str = DtypeOpt,
     cache_dir: Optional[Path] = CacheOpt,
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    verbose: bool = VerboseOpt,
+    quiet: bool = QuietOpt,
 ) -> None:
     """Write a one-page report (HTML with embedded figures, Markdown + PNGs) of MODEL's super weights."""
     from . import report as rep
@@ -417,8 +426,8 @@ def quantize_cmd(
     sweep_clip_z: float = typer.Option(9.0, "--sweep-clip-z", help="Sweep: z-score clip threshold of the clip variants."),
     dtype: str = DtypeOpt,
     cache_dir: Optional[Path] = CacheOpt,
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    verbose: bool = VerboseOpt,
+    quiet: bool = QuietOpt,
 ) -> None:
     """Quantize MODEL into a packed artifact (--out), or sweep schemes by perplexity (--sweep).
 
@@ -539,11 +548,11 @@ def print_stopwords(result) -> None:
 def ablate(
     model: str = ModelArg,
     super_weights: Optional[Path] = typer.Option(None, "--super-weights", help="A detection JSON; default: detect now."),
-    ppl: str = typer.Option("wikitext2", "--ppl", help="Perplexity text: wikitext2, wiki-intros, a file, or none."),
-    tasks: str = typer.Option("all", "--tasks", help="Comma-separated: piqa,arc_easy,arc_challenge,hellaswag,winogrande,sciq,lambada; all; none."),
-    limit: Optional[int] = typer.Option(100, "--limit", min=1, help="First N documents per task (lm-eval's --limit)."),
-    max_tokens: Optional[int] = typer.Option(20000, "--max-tokens", min=2, help="Tokens of the perplexity text to score."),
-    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Perplexity window (default min(2048, model max))."),
+    ppl: str = PplOpt,
+    tasks: str = TasksOpt,
+    limit: Optional[int] = LimitOpt,
+    max_tokens: Optional[int] = MaxTokensOpt,
+    seq_len: Optional[int] = SeqLenOpt,
     top_n: int = typer.Option(7000, "--top-n", min=1, help="zero_top_non_super: how many of the largest other weights."),
     random_n: Optional[int] = typer.Option(None, "--random-n", min=1, help="zero_random: how many (default: as many as super weights)."),
     scales: str = typer.Option("0,0.2,0.5,0.8,1,1.5,2,3", "--scales", help="Super weight scales to sweep ('' for none)."),
@@ -553,8 +562,8 @@ def ablate(
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the versioned result here."),
     dtype: str = DtypeOpt,
     cache_dir: Optional[Path] = CacheOpt,
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    verbose: bool = VerboseOpt,
+    quiet: bool = QuietOpt,
 ) -> None:
     """Prove the super weights matter: zero, scale and restore them; paper Table 1, Fig. 5 and Fig. 6."""
     from .detect import DetectionResult
@@ -583,16 +592,16 @@ def ablate(
 @app.command("eval")
 def eval_cmd(
     model: str = ModelArg,
-    ppl: str = typer.Option("wikitext2", "--ppl", help="Perplexity text: wikitext2, wiki-intros, a file, or none."),
-    tasks: str = typer.Option("all", "--tasks", help="Comma-separated task names, all, or none."),
-    limit: Optional[int] = typer.Option(100, "--limit", min=1, help="First N documents per task."),
-    max_tokens: Optional[int] = typer.Option(20000, "--max-tokens", min=2, help="Tokens of the perplexity text to score."),
-    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Perplexity window (default min(2048, model max))."),
+    ppl: str = PplOpt,
+    tasks: str = TasksOpt,
+    limit: Optional[int] = LimitOpt,
+    max_tokens: Optional[int] = MaxTokensOpt,
+    seq_len: Optional[int] = SeqLenOpt,
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the versioned result here."),
     dtype: str = DtypeOpt,
     cache_dir: Optional[Path] = CacheOpt,
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
-    quiet: bool = typer.Option(False, "--quiet", "-q"),
+    verbose: bool = VerboseOpt,
+    quiet: bool = QuietOpt,
 ) -> None:
     """Perplexity and zero-shot accuracy (lm-eval semantics, 95% bootstrap CI) of one model."""
     from .experiments import run_eval
