@@ -13,8 +13,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import shutil
-import tempfile
 from pathlib import Path
 
 import torch
@@ -22,7 +20,7 @@ from torch import nn
 
 from . import __version__
 from .errors import SuperweightError
-from .files import replace_dir
+from .files import staged_dir
 from .quant.api import QuantResult
 from .quant.config import describe, from_dict, to_dict
 from .quant.layout import Layout
@@ -144,9 +142,7 @@ def save_quantized(
     untouched_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
     for key, qt in result.tensors.items():
         tensors.update(pack_tensor(key, qt, param_dtype))
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    try:
+    with staged_dir(out) as tmp:
         save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "superweight": __version__})
         model.config.save_pretrained(tmp)
         if getattr(model, "generation_config", None) is not None:
@@ -171,10 +167,6 @@ def save_quantized(
             "size": size_report(result, file_bytes, untouched_bytes, total, _safetensors_header_bytes(tmp / WEIGHTS)),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 

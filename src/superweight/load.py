@@ -13,9 +13,7 @@ import json
 import logging
 import os
 import re
-import shutil
 import struct
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -24,6 +22,7 @@ from torch import nn
 
 from .arch import ArchSpec, architecture_name, spec_for_name
 from .errors import SuperweightError
+from .files import staged_dir
 from .progress import step
 
 log = logging.getLogger(__name__)
@@ -207,9 +206,7 @@ def _convert_gguf(path: str, target: Path) -> None:
     log.info("converting %s (first load only; cached in %s)", filename, target)
     model, tokenizer = _from_pretrained(folder, torch.float32, None, gguf_file=filename)
     spec_for_name(architecture_name(model))
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=target.parent))
-    try:
+    with staged_dir(target) as tmp:  # a concurrent conversion of the same file is replaced, not an error
         model.config.architectures = [type(model).__name__]
         if hasattr(model.config, "quantization_config"):
             del model.config.quantization_config
@@ -218,11 +215,6 @@ def _convert_gguf(path: str, target: Path) -> None:
             model.generation_config.save_pretrained(tmp)
         save_model(model, str(tmp / "model.safetensors"))
         tokenizer.save_pretrained(tmp)
-        os.replace(tmp, target)
-    except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
-        if not target.is_dir():
-            raise
 
 
 def gguf_note(types: list[str]) -> str:

@@ -13,8 +13,6 @@ import datetime as dt
 import html
 import json
 import logging
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -28,7 +26,7 @@ from .arch import ArchSpec
 from .capture import _first_tensor
 from .detect import DetectionResult, SpikeRule, encode_prompt
 from .errors import SuperweightError
-from .files import read_json, replace_dir
+from .files import read_json, staged_dir
 
 log = logging.getLogger(__name__)
 
@@ -555,10 +553,7 @@ def write_report(inputs: ReportInputs, figs: Sequence[Figure], out: str | Path, 
     into ``out``, all or nothing."""
     out = Path(out)
     check_out_dir(out, force)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-    tmp.chmod(0o755)
-    try:
+    with staged_dir(out) as tmp:
         for f in figs:
             (tmp / f"{f.name}.png").write_bytes(f.png)
         (tmp / "report.md").write_text(render_markdown(inputs, figs))
@@ -567,10 +562,6 @@ def write_report(inputs: ReportInputs, figs: Sequence[Figure], out: str | Path, 
         for name, data in (("ablation.json", inputs.ablation), ("sweep.json", inputs.sweep)):
             if data is not None:  # the numbers behind Fig. 5-7, kept with the report
                 (tmp / name).write_text(json.dumps(data, indent=2) + "\n")
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return out
 
 
