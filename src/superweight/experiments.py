@@ -80,8 +80,18 @@ class ConditionResult:
         return {k: v for k, v in asdict(self).items() if v is not None}
 
 
+class _SavedResult:
+    """Versioned JSON for the result dataclasses below."""
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        write_json_atomic(path, self.to_dict())
+
+
 @dataclass
-class AblationResult:
+class AblationResult(_SavedResult):
     model: str
     architecture: str
     super_weights: list[dict]
@@ -92,12 +102,6 @@ class AblationResult:
     notes: list[str] = field(default_factory=list)
     version: int = RESULT_VERSION
     tool_version: str = __version__
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def save(self, path: str | Path) -> None:
-        write_json_atomic(path, self.to_dict())
 
     @classmethod
     def load(cls, path: str | Path) -> "AblationResult":
@@ -269,7 +273,7 @@ def stopword_block(model, tokenizer, arch, coords, config: AblationConfig) -> tu
 
 
 @dataclass
-class EvalResult:
+class EvalResult(_SavedResult):
     model: str
     config: dict
     ppl: float | None
@@ -280,12 +284,6 @@ class EvalResult:
     seconds: float = 0.0
     version: int = RESULT_VERSION
     tool_version: str = __version__
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def save(self, path: str | Path) -> None:
-        write_json_atomic(path, self.to_dict())
 
 
 def run_eval(loaded, config: AblationConfig | None = None, **overrides) -> EvalResult:
