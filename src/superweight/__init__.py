@@ -5,15 +5,15 @@
 >>> result = sw.detect(lm.model, lm.tokenizer)
 >>> [(s.layer, s.row, s.col) for s in result.super_weights]
 """
-__version__ = "0.1.0"
+from .version import __version__
 
-from .errors import SuperweightError  # noqa: E402
-from .arch import ArchSpec, get_arch, SUPPORTED  # noqa: E402
-from .load import LoadedModel, load_model, DEFAULT_MODEL  # noqa: E402
-from .capture import ActivationCapture  # noqa: E402
-from .detect import DetectionResult, SpikeRule, SuperWeight, detect  # noqa: E402
-from .ablate import scaled_weights, zeroed_weights  # noqa: E402
-from .export import load_quantized, save_quantized  # noqa: E402
+from .errors import SuperweightError
+from .arch import ArchSpec, get_arch, SUPPORTED
+from .load import LoadedModel, load_model, DEFAULT_MODEL
+from .capture import ActivationCapture
+from .detect import DetectionResult, SpikeRule, SuperWeight, detect
+from .ablate import scaled_weights, zeroed_weights
+from .export import load_quantized, save_quantized
 
 __all__ = [
     "SuperweightError", "ArchSpec", "get_arch", "SUPPORTED", "LoadedModel", "load_model",

@@ -30,7 +30,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from . import __version__
+from .version import __version__
 from .ablate import zeroed_weights
 from .arch import ArchSpec, get_arch
 from .capture import ActivationCapture, LayerStats

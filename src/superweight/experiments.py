@@ -26,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from . import __version__
+from .version import __version__
 from .ablate import (
     DEFAULT_SCALES, DEFAULT_TOP_N, as_coords, random_coords, restored_super_activation, scaled_weights, sw_layers,
     top_magnitude_coords, zeroed_entries,

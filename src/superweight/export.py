@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from . import __version__
+from .version import __version__
 from .errors import SuperweightError
 from .files import staged_dir
 from .quant.api import QuantResult

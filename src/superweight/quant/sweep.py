@@ -19,7 +19,7 @@ from typing import Callable, Sequence
 import torch
 from torch import nn
 
-from .. import __version__
+from ..version import __version__
 from .api import DEFAULT_EXCLUDE, quantize, target_modules
 from .config import RTN, W8A8, Ternary, ZScore, describe, to_dict
 from .w8a8 import simulate_w8a8

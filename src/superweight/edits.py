@@ -1,0 +1,74 @@
+"""Temporary changes to a model, always undone: weight edits and forward hooks.
+
+``edited_weights`` snapshots the tensors it is given and writes the exact original bits back on
+exit, whatever happens inside the block (an exception, Ctrl-C). ``HookSet`` owns forward hooks and
+removes every one of them on exit. Every temporary weight change and every temporary hook in the
+package goes through these two.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, Iterable, Iterator
+
+import torch
+from torch import nn
+
+
+@contextlib.contextmanager
+def edited_weights(tensors: Iterable[torch.Tensor]) -> Iterator[None]:
+    """Inside the block, change the given tensors in place as you like; on exit they are restored
+    bit for bit. Snapshots are taken of whole tensors (use ``edited_entries`` for a few scalars)."""
+    saved = [(t, t.detach().clone()) for t in _unique(tensors)]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for t, original in reversed(saved):
+                t.copy_(original)
+
+
+@contextlib.contextmanager
+def edited_entries(entries: Iterable[tuple[torch.Tensor, tuple]]) -> Iterator[None]:
+    """Like ``edited_weights`` for single entries ``(tensor, index)``: only those values are saved,
+    so editing a handful of scalars of a large matrix costs no copy of the matrix."""
+    saved = [(t, idx, t[idx].detach().clone()) for t, idx in entries]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for t, idx, original in reversed(saved):
+                t[idx] = original
+
+
+def _unique(tensors: Iterable[torch.Tensor]) -> list[torch.Tensor]:
+    seen: set[int] = set()
+    out = []
+    for t in tensors:
+        if id(t) not in seen:
+            seen.add(id(t))
+            out.append(t)
+    return out
+
+
+class HookSet:
+    """Forward hooks owned by one object: ``with HookSet() as hooks: hooks.forward(m, fn)``.
+    Every hook is removed on exit, even when the forward pass raises."""
+
+    def __init__(self) -> None:
+        self._handles: list[torch.utils.hooks.RemovableHandle] = []
+
+    def forward(self, module: nn.Module, fn: Callable, **kw) -> None:
+        self._handles.append(module.register_forward_hook(fn, **kw))
+
+    def pre(self, module: nn.Module, fn: Callable, **kw) -> None:
+        self._handles.append(module.register_forward_pre_hook(fn, **kw))
+
+    def remove(self) -> None:
+        while self._handles:
+            self._handles.pop().remove()
+
+    def __enter__(self) -> "HookSet":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.remove()

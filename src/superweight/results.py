@@ -1,0 +1,83 @@
+"""One base for every result the tool writes: typed dataclasses that round-trip through versioned JSON.
+
+A result class sets ``KIND`` (what the file holds, used in messages) and ``VERSION`` (bumped when
+its schema changes). ``to_dict`` / ``from_dict`` default to the dataclass fields (nested
+``Versioned`` / dataclass fields are handled by overriding ``_decode``); ``save`` writes
+atomically and ``load`` turns every malformed file into one ``SuperweightError`` line::
+
+    @dataclass
+    class SweepResult(Versioned):
+        KIND: ClassVar[str] = "sweep"
+        VERSION: ClassVar[int] = 1
+        rows: list[dict]
+
+    SweepResult(rows=[]).save("sweep.json")
+    SweepResult.load("sweep.json")
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any, ClassVar, TypeVar
+
+from .errors import SuperweightError
+from .files import read_json, write_json_atomic
+from .version import __version__
+
+T = TypeVar("T", bound="Versioned")
+
+
+class Versioned:
+    """Mixin for dataclass results: ``to_dict``, ``from_dict``, ``save``, ``load``, one version check."""
+
+    KIND: ClassVar[str] = "result"
+    VERSION: ClassVar[int] = 1
+    HINT: ClassVar[str] = ""  # how to write such a file, appended to error messages
+
+    def to_dict(self) -> dict:
+        body = {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
+        return {"kind": self.KIND, "version": self.VERSION, "tool_version": __version__, **body}
+
+    @classmethod
+    def check_version(cls, d: dict, source: str = "") -> None:
+        if d.get("version") != cls.VERSION:
+            where = f"{source} " if source else ""
+            raise SuperweightError(
+                f"{where}{cls.KIND} file version {d.get('version')!r} is not {cls.VERSION}: write it again{cls.HINT}"
+            )
+
+    @classmethod
+    def from_dict(cls: type[T], d: dict, source: str = "") -> T:
+        cls.check_version(d, source)
+        try:
+            return cls(**cls._decode(d))  # type: ignore[call-arg]
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            where = source or "the data"
+            raise SuperweightError(f"{where} is not a valid {cls.KIND} file ({exc}){cls.HINT}") from None
+
+    @classmethod
+    def _decode(cls, d: dict) -> dict[str, Any]:
+        """Constructor keyword arguments from a dict; override to rebuild nested types."""
+        names = {f.name for f in dataclasses.fields(cls)}  # type: ignore[arg-type]
+        return {k: v for k, v in d.items() if k in names}
+
+    def save(self, path: str | Path) -> None:
+        write_json_atomic(path, self.to_dict())
+
+    @classmethod
+    def load(cls: type[T], path: str | Path) -> T:
+        data = read_json(path, cls.KIND, cls.HINT)
+        return cls.from_dict(data, str(path))
+
+
+def _plain(value: Any) -> Any:
+    """JSON-ready copy of a field value: nested results and dataclasses become dicts, tuples lists."""
+    if isinstance(value, Versioned):
+        return value.to_dict()
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return {f.name: _plain(getattr(value, f.name)) for f in dataclasses.fields(value)}
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
