@@ -20,7 +20,8 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from . import __version__, plots
+from . import plots
+from .version import __version__
 from .ablate import zeroed_weights
 from .arch import ArchSpec
 from .capture import _first_tensor
