@@ -1,0 +1,88 @@
+"""The ``superweight`` Typer app, the options every command shares, and the entry point.
+
+Each command group lives in its own module of this package and registers itself on ``app``;
+table printers live in ``console``.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.console import Console
+
+from ..errors import SuperweightError
+
+app = typer.Typer(
+    help="Find, prove and use the super weights of causal language models (Yu et al., 2024).\n\n"
+    "Quick start: `superweight detect` finds the super weights of the built-in SmolLM2-135M offline.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+console = Console(width=None if sys.stdout.isatty() else 120)
+err_console = Console(stderr=True)
+
+ModelArg = typer.Argument("smollm2-135m", help="Hub id, local model folder, .gguf file or built-in name.")
+CacheOpt = typer.Option(None, "--cache-dir", help="Where converted GGUF models are cached (env SUPERWEIGHT_CACHE).")
+DtypeOpt = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16.")
+VerboseOpt = typer.Option(False, "--verbose", "-v")
+QuietOpt = typer.Option(False, "--quiet", "-q")
+PplOpt = typer.Option("wikitext2", "--ppl", help="Perplexity text: wikitext2, wiki-intros, a file, or none.")
+TasksOpt = typer.Option(
+    "all", "--tasks", help="Comma-separated: piqa,arc_easy,arc_challenge,hellaswag,winogrande,sciq,lambada; all; none."
+)
+LimitOpt = typer.Option(100, "--limit", min=1, help="First N documents per task (lm-eval's --limit).")
+MaxTokensOpt = typer.Option(20000, "--max-tokens", min=2, help="Tokens of the perplexity text to score.")
+SeqLenOpt = typer.Option(None, "--seq-len", help="Perplexity window (default min(2048, model max)).")
+
+
+def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
+    level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
+    logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
+    from ..progress import configure
+
+    configure(quiet=quiet)  # progress bars: terminal only, never with --quiet
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def load_lm(model: str, dtype: str, cache_dir: Optional[Path], device_map: Optional[str] = None):
+    from ..load import load_model
+
+    lm = load_model(model, dtype=dtype, cache_dir=cache_dir, device_map=device_map)
+    for note in lm.notes:
+        err_console.print(f"[yellow]note:[/] {note}")
+    return lm
+
+
+def detect_default(lm, prompts: Optional[List[str]] = None):
+    from ..detect import DEFAULT_PROMPT
+    from ..detect import detect as run_detect
+    from ..progress import step
+
+    with step("detecting super weights"):
+        result = run_detect(lm.model, lm.tokenizer, list(prompts or [DEFAULT_PROMPT]), model_name=lm.name, arch=lm.arch)
+    result.notes = list(lm.notes)
+    return result
+
+
+@app.callback()
+def _group() -> None:
+    """Find, prove and use the super weights of causal language models."""
+
+
+def main() -> None:
+    """Entry point: user errors become one line on stderr and exit code 2."""
+    try:
+        app()
+    except SuperweightError as exc:
+        err_console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+

@@ -1,0 +1,140 @@
+"""Console tables of every command: one printer per result, shared by the commands."""
+from __future__ import annotations
+
+from typing import Optional
+
+from rich.table import Table
+
+from .app import console
+
+
+def print_super_weights(result) -> None:
+    table = Table(title=f"Super weights of {result.model} ({result.architecture}, {result.num_layers} layers)")
+    for col in ("layer", "\\[row, col]", "value", "|w| rank", "input", "output", "share", "token", "iter", "prompts"):
+        table.add_column(col, justify="right")
+    n_prompts = len(result.prompts)
+    for sw in result.super_weights:
+        table.add_row(
+            f"{sw.layer}{' (late)' if sw.late_layer else ''}", f"[{sw.row}, {sw.col}]", f"{sw.value:+.4g}",
+            str(sw.magnitude_rank), f"{sw.input_value:+.4g}", f"{sw.output_value:+.4g}", f"{sw.share:.0%}",
+            str(sw.token), str(sw.iteration), f"{len(sw.prompts)}/{n_prompts}",
+        )
+    console.print(table)
+    if not result.super_weights:
+        console.print("No super weight found: no layer's down-projection spikes (see --verbose for the maxima).")
+    if n_prompts > 1:
+        verdict = "agree" if result.agree else "DIFFER"
+        console.print(f"Coordinates across {n_prompts} prompts: {verdict}.")
+        if not result.agree:
+            for p, coords in zip(result.prompts, result.per_prompt):
+                console.print(f"  {p[:40]!r}: {coords}")
+    if any(sw.late_layer for sw in result.super_weights):
+        console.print(
+            "(late) marks a spike in the last quarter of the model; the paper reports one for "
+            "Llama-2-7B layer 30. `superweight ablate` measures whether it matters."
+        )
+
+
+def print_layers(result) -> None:
+    table = Table(title="Per-layer maxima (unmodified model, first prompt)")
+    for col in ("layer", "max|in|", "in ch", "max|out|", "out ch", "token", "max|resid|", "resid ch"):
+        table.add_column(col, justify="right")
+    for s in result.layers:
+        table.add_row(
+            str(s.layer), f"{s.input.magnitude:.4g}", str(s.input.channel), f"{s.output.magnitude:.4g}",
+            str(s.output.channel), str(s.output.token), f"{s.residual.magnitude:.4g}", str(s.residual.channel),
+        )
+    console.print(table)
+
+
+def print_magnitude(mag) -> None:
+    pct = 100.0 * mag.total_flagged / max(mag.total_weights, 1)
+    console.print(
+        f"Magnitude z-score scan ({mag.scope}, z > {mag.threshold:g}): {mag.total_flagged:,} of "
+        f"{mag.total_weights:,} weights flagged ({pct:.2f}%)."
+    )
+    for r in mag.super_weights:
+        where = f"rank {r.rank_in_flagged:,} of {mag.total_flagged:,} flagged" if r.flagged else "NOT flagged"
+        console.print(f"  super weight {r.layer}:[{r.row}, {r.col}] z={r.z:.1f}: {where}")
+    if mag.top:
+        t = mag.top[0]
+        console.print(f"  highest z: {t['module']}[{t['row']}, {t['col']}] z={t['z']:.1f} value={t['value']:+.4g}")
+
+
+def print_verdict(v) -> None:
+    colour = {"agree": "green", "differ": "red"}.get(v.status, "yellow")
+    fmt = lambda cs: ", ".join(f"{c[0]}: [{c[1]}, {c[2]}]" for c in cs) or "none"  # noqa: E731
+    console.print(f"[bold {colour}]{v.status}[/]: {v.model}", highlight=False)
+    if v.entry is None:
+        console.print(f"  detected: {fmt(v.detected)}", highlight=False)
+        console.print("  No catalog entry matches this model's names; see `superweight catalog`.")
+        return
+    console.print(f"  catalog entry {v.entry} (matched {v.matched_name!r}; source: {v.source.get('kind')})", highlight=False)
+    console.print(f"  catalog:  {fmt(v.catalog)}", highlight=False)
+    console.print(f"  detected: {fmt(v.detected)}", highlight=False)
+    if v.missing:
+        console.print(f"  [red]in the catalog, not detected:[/] {fmt(v.missing)}", highlight=False)
+    if v.extra:
+        console.print(f"  [red]detected, not in the catalog:[/] {fmt(v.extra)}", highlight=False)
+    if v.extra_late:
+        console.print(f"  late-layer spikes not in the catalog (do not count): {fmt(v.extra_late)}", highlight=False)
+    for note in v.notes:
+        console.print(f"  note: {note}", highlight=False)
+
+
+def print_sweep_tables(result) -> None:
+    from ..quant.sweep import tables
+
+    for title, headers, rows in tables(result):
+        table = Table(title=title)
+        for h in headers:
+            table.add_column(h, justify="right")
+        for r in rows:
+            table.add_row(*r)
+        console.print(table)
+
+
+def _task_cell(r: Optional[dict]) -> str:
+    if not r:
+        return "-"
+    return f"{100 * r['acc']:.1f} [{100 * r['ci'][0]:.0f}-{100 * r['ci'][1]:.0f}]"
+
+
+def print_ablation_table(result) -> None:
+    conds = result.conditions
+    tasks = list(dict.fromkeys(t for c in conds.values() for t in c.get("tasks", {})))
+    table = Table(title=f"Super weight ablation of {result.model} (paper Table 1 shape; acc % [95% CI], n per task)")
+    for col in ["condition", "weights", "avg acc", "PPL", *tasks, "lambada ppl" if "lambada" in tasks else None]:
+        if col:
+            table.add_column(col, justify="right")
+    for name, c in conds.items():
+        avg = c.get("avg_acc")
+        row = [name, str(c.get("weights_changed", 0)), "-" if avg is None else f"{100 * avg:.1f}",
+               "-" if c.get("ppl") is None else f"{c['ppl']:.4g}"]
+        row += [_task_cell(c.get("tasks", {}).get(t)) for t in tasks]
+        if "lambada" in tasks:
+            lam = c.get("tasks", {}).get("lambada")
+            row.append("-" if not lam else f"{lam['ppl']:.4g}")
+        table.add_row(*row)
+    console.print(table)
+    ns = {t: r["n"] for c in conds.values() for t, r in c.get("tasks", {}).items()}
+    if ns:
+        console.print("n: " + ", ".join(f"{t} {n}" for t, n in ns.items()), highlight=False)
+    tokens = next((c.get("ppl_tokens") for c in conds.values() if c.get("ppl_tokens")), None)
+    if tokens:
+        console.print(f"PPL over {tokens:,} tokens ({result.config.get('ppl')}).", highlight=False)
+
+
+def print_stopwords(result) -> None:
+    if result.stopwords:
+        b, a = result.stopwords["original"], result.stopwords["zero_super_weights"]
+        console.print(
+            f"Stopwords over {result.stopwords['prompts']} LAMBADA contexts (original -> super weights zeroed): "
+            f"mean stopword prob {b['stopword_prob']:.3g} -> {a['stopword_prob']:.3g}, other tokens "
+            f"{b['other_prob']:.3g} -> {a['other_prob']:.3g}, next-word prob {b['target_prob']:.3g} -> {a['target_prob']:.3g}",
+            highlight=False,
+        )
+    if result.top5:
+        for key in ("original", "zero_super_weights"):
+            toks = ", ".join(f"{t!r} {100 * p:.1f}%" for t, p in result.top5[key])
+            console.print(f"{result.top5['prompt']!r} ({key}): {toks}", highlight=False, markup=False)

@@ -1,0 +1,196 @@
+"""Commands that find and check super weights: detect, catalog, verify, llama-cpp-overrides."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.table import Table
+
+from ..errors import SuperweightError
+from .app import (
+    CacheOpt,
+    DtypeOpt,
+    ModelArg,
+    QuietOpt,
+    VerboseOpt,
+    app,
+    console,
+    detect_default,
+    err_console,
+    load_lm,
+    setup_logging,
+)
+from .console import print_layers, print_magnitude, print_super_weights, print_verdict
+
+
+@app.command()
+def detect(
+    model: str = ModelArg,
+    prompt: List[str] = typer.Option(None, "--prompt", "-p", help="Prompt(s); repeat to compare. Default: the paper's."),
+    method: str = typer.Option("activation", "--method", help="activation (the paper's), magnitude (z-score) or both."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the versioned result here."),
+    max_iter: int = typer.Option(10, "--max-iter", min=1, help="Most detect-zero-rerun iterations per prompt."),
+    floor: float = typer.Option(50.0, "--floor", help="Spike rule: absolute |activation| floor."),
+    ratio: float = typer.Option(50.0, "--ratio", help="Spike rule: times the median of the other layers' maxima."),
+    z_threshold: float = typer.Option(3.0, "--z-threshold", help="Magnitude method: mean + z * std of |W|."),
+    all_linear: bool = typer.Option(False, "--all-linear", help="Magnitude method: scan every linear layer."),
+    dtype: str = DtypeOpt,
+    cache_dir: Optional[Path] = CacheOpt,
+    stream: bool = typer.Option(
+        False, "--stream", help="Read a local safetensors model one layer at a time (automatic when it does not fit in memory)."
+    ),
+    device_map: Optional[str] = typer.Option(
+        None, "--device-map", help="Passed to transformers/accelerate: auto (GPUs, CPU and disk offload), cpu, cuda, ..."
+    ),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also print the per-layer maxima."),
+    quiet: bool = QuietOpt,
+) -> None:
+    """Find the super weights of MODEL (default: the built-in SmolLM2-135M)."""
+    from ..detect import DEFAULT_PROMPT, SpikeRule
+    from ..detect import detect as run_detect
+    from ..magnitude import magnitude_scan
+
+    setup_logging(verbose, quiet)
+    if method not in ("activation", "magnitude", "both"):
+        raise SuperweightError(f"unknown method {method!r}: use activation, magnitude or both")
+    prompts = list(prompt) if prompt else [DEFAULT_PROMPT]
+    rule, scope = SpikeRule(floor=floor, ratio=ratio), "all_linear" if all_linear else "down_proj"
+    from ..stream import choose_mode, stream_detect, stream_magnitude_scan
+
+    if choose_mode(model, dtype, stream, device_map, cache_dir) == "stream":
+        result = stream_detect(model, prompts, rule, max_iter, model_name=model, dtype=dtype)
+        scan = lambda sws: stream_magnitude_scan(model, z_threshold, scope, sws, dtype=dtype)  # noqa: E731
+    else:
+        lm = load_lm(model, dtype, cache_dir, device_map)
+        result = run_detect(lm.model, lm.tokenizer, prompts, rule, max_iter, model_name=model, arch=lm.arch)
+        result.notes = list(lm.notes)
+        scan = lambda sws: magnitude_scan(lm.model, lm.arch, z_threshold, scope, sws)  # noqa: E731
+    if method in ("magnitude", "both"):
+        mag = scan(result.super_weights)
+        result.magnitude = mag.to_dict()
+    if method in ("activation", "both"):
+        print_super_weights(result)
+    if result.magnitude is not None:
+        print_magnitude(mag)
+    if verbose:
+        print_layers(result)
+    if json_path:
+        result.save(json_path)
+        console.print(f"wrote {json_path}")
+
+
+@app.command("catalog")
+def catalog_cmd(
+    catalog_path: Optional[Path] = typer.Option(None, "--catalog", help="A catalog JSON file (default: the shipped one)."),
+    json_out: bool = typer.Option(False, "--json", help="Print the catalog as JSON."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also print each entry's notes and provenance."),
+    quiet: bool = QuietOpt,
+) -> None:
+    """List the published super weight coordinates and where each comes from."""
+    import json
+
+    from ..catalog import Catalog
+
+    setup_logging(verbose, quiet)
+    cat = Catalog.load(catalog_path)
+    if json_out:
+        print(json.dumps(cat.to_dict(), indent=2))
+        return
+    table = Table(title=f"Super weight catalog ({cat.path}): layer: \\[row, col] of the down-projection", highlight=False)
+    for col in ("id", "matches", "super weights (layer: \\[row, col])", "source"):
+        table.add_column(col)
+    for e in cat.entries:
+        coords = "; ".join(f"{c.layer}: \\[{c.row}, {c.col}]{' late' if c.late_layer else ''}" for c in e.super_weights)
+        table.add_row(e.id, "\n".join(e.match), coords, e.source["kind"])
+    console.print(table)
+    for e in cat.entries:
+        for note in e.notes if verbose or e.source["kind"] != "measured" else []:
+            console.print(f"{e.id}: {note}", highlight=False)
+        if verbose and e.source["kind"] == "measured":
+            console.print(f"{e.id}: {e.source}", highlight=False)
+    for kind, ref in cat.sources.items():
+        console.print(f"[bold]{kind}[/]: {ref}", highlight=False)
+
+
+@app.command()
+def verify(
+    model: str = ModelArg,
+    catalog_path: Optional[Path] = typer.Option(None, "--catalog", help="A catalog JSON file (default: the shipped one)."),
+    prompt: List[str] = typer.Option(None, "--prompt", "-p", help="Detection prompt(s). Default: the paper's."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the verdict here."),
+    dtype: str = DtypeOpt,
+    cache_dir: Optional[Path] = CacheOpt,
+    verbose: bool = VerboseOpt,
+    quiet: bool = QuietOpt,
+) -> None:
+    """Detect MODEL's super weights and compare them with its catalog entry.
+
+    Prints agree / differ / not in catalog. Exit code: 0 agree, 1 differ, 0 not in catalog.
+    """
+    from ..catalog import Catalog, model_names
+    from ..catalog import verify as run_verify
+    from ..detect import write_json_atomic
+
+    setup_logging(verbose, quiet)
+    cat = Catalog.load(catalog_path)
+    lm = load_lm(model, dtype, cache_dir)
+    result = detect_default(lm, prompt)
+    verdict = run_verify(model_names(model, lm.model, lm.source), result.super_weights, cat)
+    print_verdict(verdict)
+    if json_path:
+        write_json_atomic(json_path, verdict.to_dict())
+    raise typer.Exit(verdict.exit_code)
+
+
+@app.command("llama-cpp-overrides")
+def llama_cpp_overrides(
+    source: str = typer.Argument(
+        "smollm2-135m", help="A model (detection runs), a detect.json file, or with --from-catalog a catalog id or hub id."
+    ),
+    type_name: str = typer.Option("f16", "--type", help="ggml type for tensors holding super weights (f16, bf16, q8_0, ...)."),
+    fmt: str = typer.Option("args", "--format", help="args (shell-quoted --tensor-type ...), file (for --tensor-type-file) or json."),
+    from_catalog: bool = typer.Option(False, "--from-catalog", help="Use the published coordinates: no model needed."),
+    catalog_path: Optional[Path] = typer.Option(None, "--catalog", help="A catalog JSON file (default: the shipped one)."),
+    dtype: str = DtypeOpt,
+    cache_dir: Optional[Path] = CacheOpt,
+    verbose: bool = typer.Option(False, "--verbose", "-v"),
+    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the arguments."),
+) -> None:
+    """Print llama-quantize --tensor-type arguments that keep super-weight tensors at --type.
+
+    Example: llama-quantize $(superweight llama-cpp-overrides sw.json --format args) ... or
+    llama-quantize --tensor-type-file <(superweight llama-cpp-overrides sw.json --format file) in.gguf out.gguf Q4_K_M
+    """
+    import json
+
+    from .. import llama_cpp
+    from ..catalog import Catalog
+    from ..detect import DetectionResult
+
+    setup_logging(verbose, quiet)
+    if fmt not in ("args", "file", "json"):
+        raise SuperweightError(f"unknown --format {fmt!r}: use args, file or json")
+    if from_catalog:
+        cat = Catalog.load(catalog_path)
+        entry = cat.get(source) or cat.find([source])[0]
+        if entry is None:
+            raise SuperweightError(f"{source!r} is not in the catalog: see `superweight catalog` for ids")
+        arch, n_layers, coords = entry.architecture, None, entry.coords
+        origin = f"catalog entry {entry.id} ({entry.source['kind']})"
+    elif source.endswith(".json") and Path(source).is_file():
+        det = DetectionResult.load(source)
+        arch, n_layers, coords, origin = det.architecture, det.num_layers, det.coords, source
+    else:
+        det = detect_default(load_lm(source, dtype, cache_dir))
+        arch, n_layers, coords, origin = det.architecture, det.num_layers, det.coords, f"detection on {source}"
+    if not coords:
+        raise SuperweightError(f"{origin}: no super weight, so nothing to keep: llama-quantize needs no override")
+    overrides = llama_cpp.overrides_for(arch, n_layers, coords, type_name)
+    if not quiet:
+        for o in overrides:
+            err_console.print(f"{o.tensor} <- {o.hf_module}: super weights {o.super_weights} ({origin})", highlight=False)
+    if fmt == "json":
+        print(json.dumps({"version": 1, "source": origin, "architecture": arch, "overrides": [o.to_dict() for o in overrides]}, indent=2))
+    else:
+        print(llama_cpp.shell_args(overrides) if fmt == "args" else llama_cpp.tensor_type_file(overrides), end="\n" if fmt == "args" else "")

@@ -1,0 +1,132 @@
+"""Commands that measure: ablate (the paper's Table 1, Fig. 5, Fig. 6) and eval."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.table import Table
+
+from ..errors import SuperweightError
+from .app import (
+    CacheOpt,
+    DtypeOpt,
+    LimitOpt,
+    MaxTokensOpt,
+    ModelArg,
+    PplOpt,
+    QuietOpt,
+    SeqLenOpt,
+    TasksOpt,
+    VerboseOpt,
+    app,
+    console,
+    detect_default,
+    load_lm,
+    setup_logging,
+)
+from .console import print_ablation_table, print_stopwords
+
+
+def _eval_config(ppl: str, tasks: str, limit: Optional[int], max_tokens: Optional[int], seq_len: Optional[int], **kw):
+    from ..eval.tasks import parse_tasks
+    from ..experiments import AblationConfig
+
+    ppl_source = None if ppl.lower() in ("none", "") else ppl
+    task_list = [] if tasks.lower() in ("none", "") else parse_tasks(tasks)
+    return AblationConfig(ppl=ppl_source, tasks=task_list, limit=limit, max_tokens=max_tokens, seq_len=seq_len, **kw)
+
+
+def _parse_scales(text: str) -> tuple:
+    try:
+        return tuple(float(s) for s in text.split(",") if s.strip())
+    except ValueError:
+        raise SuperweightError(f"--scales {text!r}: give comma-separated numbers, e.g. 0,0.5,1,2") from None
+
+
+@app.command()
+def ablate(
+    model: str = ModelArg,
+    super_weights: Optional[Path] = typer.Option(None, "--super-weights", help="A detection JSON; default: detect now."),
+    ppl: str = PplOpt,
+    tasks: str = TasksOpt,
+    limit: Optional[int] = LimitOpt,
+    max_tokens: Optional[int] = MaxTokensOpt,
+    seq_len: Optional[int] = SeqLenOpt,
+    top_n: int = typer.Option(7000, "--top-n", min=1, help="zero_top_non_super: how many of the largest other weights."),
+    random_n: Optional[int] = typer.Option(None, "--random-n", min=1, help="zero_random: how many (default: as many as super weights)."),
+    scales: str = typer.Option("0,0.2,0.5,0.8,1,1.5,2,3", "--scales", help="Super weight scales to sweep ('' for none)."),
+    scale_tasks: Optional[str] = typer.Option(None, "--scale-tasks", help="Tasks for the scale sweep (default: --tasks; 'none' for PPL only)."),
+    stopword_prompts: int = typer.Option(50, "--stopword-prompts", min=0, help="LAMBADA contexts for the stopword statistics."),
+    seed: int = typer.Option(0, "--seed", help="Seed of the random null baseline."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the versioned result here."),
+    dtype: str = DtypeOpt,
+    cache_dir: Optional[Path] = CacheOpt,
+    verbose: bool = VerboseOpt,
+    quiet: bool = QuietOpt,
+) -> None:
+    """Prove the super weights matter: zero, scale and restore them; paper Table 1, Fig. 5 and Fig. 6."""
+    from ..detect import DetectionResult
+    from ..eval.tasks import parse_tasks
+    from ..experiments import run_ablation
+
+    setup_logging(verbose, quiet)
+    sweep_tasks = None if scale_tasks is None else [] if scale_tasks.lower() == "none" else parse_tasks(scale_tasks)
+    config = _eval_config(
+        ppl, tasks, limit, max_tokens, seq_len, top_n=top_n, random_n=random_n, scales=_parse_scales(scales),
+        scale_tasks=sweep_tasks, stopword_prompts=stopword_prompts, seed=seed,
+    )
+    lm = load_lm(model, dtype, cache_dir)
+    found = DetectionResult.load(super_weights).super_weights if super_weights else detect_default(lm).super_weights
+    console.print("super weights: " + ", ".join(f"{s.layer}:[{s.row}, {s.col}]" for s in found), highlight=False)
+    result = run_ablation(lm, found, config)
+    print_ablation_table(result)
+    print_stopwords(result)
+    for note in result.notes:
+        console.print(f"note: {note}", highlight=False)
+    if json_path:
+        result.save(json_path)
+        console.print(f"wrote {json_path}")
+
+
+@app.command("eval")
+def eval_cmd(
+    model: str = ModelArg,
+    ppl: str = PplOpt,
+    tasks: str = TasksOpt,
+    limit: Optional[int] = LimitOpt,
+    max_tokens: Optional[int] = MaxTokensOpt,
+    seq_len: Optional[int] = SeqLenOpt,
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the versioned result here."),
+    dtype: str = DtypeOpt,
+    cache_dir: Optional[Path] = CacheOpt,
+    verbose: bool = VerboseOpt,
+    quiet: bool = QuietOpt,
+) -> None:
+    """Perplexity and zero-shot accuracy (lm-eval semantics, 95% bootstrap CI) of one model."""
+    from ..experiments import run_eval
+
+    setup_logging(verbose, quiet)
+    config = _eval_config(ppl, tasks, limit, max_tokens, seq_len)
+    lm = load_lm(model, dtype, cache_dir)
+    result = run_eval(lm, config)
+    table = Table(title=f"Evaluation of {result.model}")
+    for col in ("metric", "value", "95% CI", "n"):
+        table.add_column(col, justify="right")
+    if result.ppl is not None:
+        table.add_row(f"PPL ({config.ppl})", f"{result.ppl:.4g}", "", f"{result.ppl_tokens} tokens")
+    for t, r in result.tasks.items():
+        table.add_row(f"{t} acc", f"{100 * r['acc']:.1f}", f"{100 * r['ci'][0]:.1f}-{100 * r['ci'][1]:.1f}", str(r["n"]))
+        if "acc_norm" in r:
+            lo, hi = r["acc_norm_ci"]
+            table.add_row(f"{t} acc_norm", f"{100 * r['acc_norm']:.1f}", f"{100 * lo:.1f}-{100 * hi:.1f}", str(r["n"]))
+        if "ppl" in r:
+            table.add_row(f"{t} ppl", f"{r['ppl']:.4g}", f"{r['ppl_ci'][0]:.4g}-{r['ppl_ci'][1]:.4g}", str(r["n"]))
+    if result.avg_acc is not None:
+        table.add_row("avg acc", f"{100 * result.avg_acc:.1f}", "", "")
+    console.print(table)
+    for note in result.notes:
+        console.print(f"note: {note}", highlight=False)
+    if json_path:
+        result.save(json_path)
+        console.print(f"wrote {json_path}")

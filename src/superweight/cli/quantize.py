@@ -1,0 +1,135 @@
+"""The quantize command: packed artifacts and the perplexity sweep of schemes."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+from rich.table import Table
+
+from ..errors import SuperweightError
+from .app import (
+    CacheOpt,
+    DtypeOpt,
+    ModelArg,
+    QuietOpt,
+    VerboseOpt,
+    app,
+    console,
+    detect_default,
+    err_console,
+    load_lm,
+    setup_logging,
+)
+from .console import print_sweep_tables
+
+
+def _parse_size(text: str) -> Optional[int]:
+    """``16384``, ``128x128`` or ``tensor`` (per tensor) -> elements per block."""
+    if text.lower() in ("tensor", "per-tensor", "none"):
+        return None
+    try:
+        parts = [int(p) for p in text.lower().split("x")]
+    except ValueError:
+        raise SuperweightError(f"bad --size {text!r}: use e.g. 16384, 128x128 or tensor") from None
+    size = 1
+    for p in parts:
+        size *= p
+    return size
+
+
+def _keep_for(lm, keep: bool, super_weights: Optional[Path]):
+    """The super weights to hold out: from a detection JSON, or detected now; [] when not kept."""
+    if not keep:
+        return []
+    if super_weights is not None:
+        from ..detect import DetectionResult
+
+        return DetectionResult.load(super_weights).super_weights
+    found = detect_default(lm).super_weights
+    if not found:
+        err_console.print("[yellow]note:[/] no super weight detected: nothing is held out")
+    return found
+
+
+@app.command("quantize")
+def quantize_cmd(
+    model: str = ModelArg,
+    scheme: str = typer.Option("int4", "--scheme", help="int2, int3, int4, int8, nf4 or ternary."),
+    block: Optional[int] = typer.Option(None, "--block", help="Paper's blocks: runs of B elements of the flattened tensor."),
+    group: Optional[int] = typer.Option(None, "--group", help="Groups of G along the input dimension of each row."),
+    per_channel: bool = typer.Option(False, "--per-channel", help="One scale per output channel."),
+    clip_z: Optional[float] = typer.Option(None, "--clip-z", help="Clip weights at mean +- Z std before quantizing."),
+    topk: int = typer.Option(0, "--topk", min=0, help="Ternary: also keep the K largest other weights per matrix in FP16."),
+    keep_super_weights: bool = typer.Option(True, "--keep-super-weights/--no-keep-super-weights", help="Hold the super weights out (exact)."),
+    super_weights: Optional[Path] = typer.Option(None, "--super-weights", help="A `superweight detect --json` file (default: detect now)."),
+    include: Optional[str] = typer.Option(None, "--include", help="Regex: quantize only linear modules whose name matches."),
+    exclude: str = typer.Option(r"(^|\.)lm_head$", "--exclude", help="Regex of linear modules to leave untouched."),
+    oversize: str = typer.Option("error", "--oversize", help="A tensor smaller than --block/--group: error, or tensor (quantize it per tensor)."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Artifact folder to write (written to a temp folder, then renamed)."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out folder."),
+    sweep: bool = typer.Option(False, "--sweep", help="Evaluate perplexity over a grid of schemes instead of writing an artifact."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the manifest (or the sweep result) here."),
+    text: str = typer.Option("wikitext2", "--text", help="Sweep text: wikitext2, wiki-intros or a file."),
+    max_tokens: int = typer.Option(2048, "--max-tokens", min=2, help="Sweep: tokens of --text evaluated per grid point."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Sweep: perplexity window (default min(2048, model max))."),
+    bits: List[int] = typer.Option(None, "--bits", help="Sweep: RTN bit widths (repeat; default 4 3)."),
+    size: List[str] = typer.Option(None, "--size", help="Sweep: block sizes (repeat; 16384, 128x128 or tensor)."),
+    sweep_group: List[int] = typer.Option(None, "--sweep-group", help="Sweep: naive group sizes (repeat; default 128)."),
+    sweep_clip_z: float = typer.Option(9.0, "--sweep-clip-z", help="Sweep: z-score clip threshold of the clip variants."),
+    dtype: str = DtypeOpt,
+    cache_dir: Optional[Path] = CacheOpt,
+    verbose: bool = VerboseOpt,
+    quiet: bool = QuietOpt,
+) -> None:
+    """Quantize MODEL into a packed artifact (--out), or sweep schemes by perplexity (--sweep).
+
+    Example: `superweight quantize --scheme int4 --block 16384 --clip-z 9 --out smol-int4`, then
+    `superweight.load_quantized("smol-int4")` (or any command with MODEL = smol-int4).
+    """
+    from ..quant.config import scheme_config
+
+    setup_logging(verbose, quiet)
+    if sweep:
+        from ..quant.sweep import DEFAULT_SIZES, default_grid, run_sweep
+
+        sizes = tuple(_parse_size(s) for s in size) if size else DEFAULT_SIZES
+        grid = default_grid(tuple(bits or (4, 3)), sizes, sweep_clip_z, tuple(sweep_group or (128,)))
+        lm = load_lm(model, dtype, cache_dir)
+        keep = _keep_for(lm, keep_super_weights, super_weights)
+        result = run_sweep(
+            lm, keep, grid, text_name=text, max_tokens=max_tokens, seq_len=seq_len,
+            progress=lambda p: err_console.print(f"  {p.label}: ppl {p.ppl:.4g} ({p.seconds:.0f} s)", highlight=False),
+        )
+        print_sweep_tables(result)
+        for note in result.notes:
+            console.print(f"note: {note}", highlight=False)
+        if json_path:
+            result.save(json_path)
+            console.print(f"wrote {json_path}")
+        return
+    from ..export import export_artifact
+
+    if out is None:
+        raise SuperweightError("pass --out DIR to write an artifact (or --sweep to compare schemes)")
+    if out.exists() and not force:
+        raise SuperweightError(f"{out} already exists: pick another --out or pass --force to replace it")
+    config = scheme_config(scheme, block, group, clip_z, topk, per_channel, oversize)
+    lm = load_lm(model, dtype, cache_dir)
+    keep = _keep_for(lm, keep_super_weights, super_weights)
+    manifest = export_artifact(lm, config, keep, out, force, include, exclude)
+    s = manifest["size"]
+    table = Table(title=f"{manifest['scheme']} -> {out}")
+    for col in ("quantized weights", "bits/weight", "sparse bits/weight", "kept", "file MB", "predicted MB", "file bits/param"):
+        table.add_column(col, justify="right")
+    table.add_row(
+        f"{s['quantized_weights']:,}", f"{s['bits_per_weight']:.4f}", f"{s['sparse_bits_per_weight']:.2e}",
+        str(len(manifest["kept"])), f"{s['file_bytes'] / 1e6:.2f}", f"{(s['predicted_data_bytes'] + s['header_bytes']) / 1e6:.2f}",
+        f"{s['file_bits_per_param']:.3f}",
+    )
+    console.print(table)
+    if json_path:
+        from ..detect import write_json_atomic
+
+        write_json_atomic(json_path, manifest)
+        console.print(f"wrote {json_path}")

@@ -1,0 +1,54 @@
+"""The report command."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from .app import (
+    CacheOpt,
+    DtypeOpt,
+    ModelArg,
+    QuietOpt,
+    VerboseOpt,
+    app,
+    console,
+    detect_default,
+    load_lm,
+    setup_logging,
+)
+
+
+@app.command()
+def report(
+    model: str = ModelArg,
+    out: Path = typer.Option(..., "--out", help="Folder for report.html, report.md and the PNGs (written all or nothing)."),
+    ablation: Optional[Path] = typer.Option(None, "--ablation", help="An ablation JSON (`superweight ablate --json`)."),
+    sweep: Optional[Path] = typer.Option(None, "--sweep", help="A sweep JSON (`superweight quantize --sweep --json`)."),
+    run_ablation: bool = typer.Option(False, "--run-ablation", help="Run the ablation now (slow; see --limit)."),
+    run_sweep: bool = typer.Option(False, "--run-sweep", help="Run the quantization sweep now (slow)."),
+    limit: int = typer.Option(20, "--limit", min=1, help="Items per task when --run-ablation evaluates accuracy."),
+    prompt: List[str] = typer.Option(None, "--prompt", "-p", help="Detection prompt(s). Default: the paper's."),
+    force: bool = typer.Option(False, "--force", help="Replace an existing --out folder."),
+    dtype: str = DtypeOpt,
+    cache_dir: Optional[Path] = CacheOpt,
+    verbose: bool = VerboseOpt,
+    quiet: bool = QuietOpt,
+) -> None:
+    """Write a one-page report (HTML with embedded figures, Markdown + PNGs) of MODEL's super weights."""
+    from .. import report as rep
+
+    setup_logging(verbose, quiet)
+    rep.check_out_dir(out, force)
+    lm = load_lm(model, dtype, cache_dir)
+    detection = detect_default(lm, prompt)
+    flags = [f"--ablation {ablation}" if ablation else "", f"--sweep {sweep}" if sweep else "",
+             f"--run-ablation --limit {limit}" if run_ablation else "", "--run-sweep" if run_sweep else ""]
+    command = " ".join(x for x in ["superweight report", model, f"--out {out}", *flags, *(f"-p {p!r}" for p in prompt or [])] if x)
+    inputs = rep.gather(lm, detection, ablation, sweep, run_ablation, run_sweep, limit, command)
+    figs = rep.build_figures(inputs)
+    rep.write_report(inputs, figs, out, force)
+    console.print(f"wrote {out}/report.html, report.md and {len(figs)} figures", highlight=False)
+    for m in inputs.missing:
+        console.print(f"  not shown: {m}", highlight=False)
