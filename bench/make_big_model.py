@@ -20,12 +20,13 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import struct
 import sys
 import time
 from pathlib import Path
 
 import torch
+
+from superweight.checkpoint import read_header
 
 WIDTHS = {
     "7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32),
@@ -113,10 +114,8 @@ def write_checkpoint(out: Path, width: str, layers: int, dtype: torch.dtype, see
 
 
 def _data_offset(path: Path, key: str) -> tuple[int, list[int]]:
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8))
-        header = json.loads(f.read(n))
-    return 8 + n + header[key]["data_offsets"][0], header[key]["shape"]
+    header = read_header(path)
+    return header.data_start + header.entries[key]["data_offsets"][0], header.entries[key]["shape"]
 
 
 def write_row(path: Path, key: str, row: int, values: torch.Tensor) -> None:

@@ -14,9 +14,8 @@ import superweight as sw
 from superweight.checkpoint import open_checkpoint
 from superweight.errors import SuperweightError
 from superweight.magnitude import magnitude_scan
-from superweight.stream import (
-    MemoryPlan, StreamedModel, choose_mode, memory_plan, stream_detect, stream_magnitude_scan,
-)
+from superweight.plan import MemoryPlan, choose_mode, memory_plan
+from superweight.stream import StreamedModel, stream_detect, stream_magnitude_scan
 from superweight.synthetic import byte_tokenizer, plant_super_weight, tiny_model
 
 PLANT = (1, 7, 33)
@@ -156,7 +155,7 @@ def test_config_that_does_not_match_the_shards_is_a_clear_error(sharded):
 
 
 def _plan(monkeypatch, in_memory: int, streaming: int, available: int) -> None:
-    monkeypatch.setattr("superweight.stream.memory_plan",
+    monkeypatch.setattr("superweight.plan.memory_plan",
                         lambda path, dtype: MemoryPlan(in_memory, streaming, available, 10**12))
 
 
@@ -169,7 +168,7 @@ def test_memory_plan_sizes_from_headers(sharded):
 
 def test_mode_is_automatic_with_a_log_line(sharded, monkeypatch, caplog):
     _plan(monkeypatch, 10 * 2**30, 2**30, 4 * 2**30)
-    with caplog.at_level(logging.INFO, logger="superweight.stream"):
+    with caplog.at_level(logging.INFO, logger="superweight.plan"):
         assert choose_mode(str(sharded), "float32", False, None) == "stream"
     assert "streaming it layer by layer" in caplog.text
     _plan(monkeypatch, 2**30, 2**29, 4 * 2**30)

