@@ -81,6 +81,7 @@ def zeroed_entries(model: nn.Module, arch: ArchSpec, coords: Iterable) -> Iterat
         with torch.no_grad():
             for layer, (rows, cols) in _by_layer(coords).items():
                 matrix = arch.weight_matrix(model, layer)
+                rows, cols = rows.to(matrix.device), cols.to(matrix.device)  # index where the weights are
                 saved.append((matrix, rows, cols, matrix[rows, cols].clone()))
             for matrix, rows, cols, _ in saved:
                 matrix[rows, cols] = 0

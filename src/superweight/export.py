@@ -20,6 +20,7 @@ from torch import nn
 
 from .version import __version__
 from .checkpoint import check_safetensors, read_header
+from .device import resolve_device
 from .errors import SuperweightError
 from .files import staged_dir
 from .loaded import LoadedModel, parse_dtype
@@ -78,7 +79,7 @@ def pack_tensor(key: str, qt: QuantizedTensor, param_dtype: torch.dtype) -> dict
     if qt.sparse_idx.numel():
         out[f"{key}{SEP}sparse_idx"] = qt.sparse_idx.to(torch.int32)
         out[f"{key}{SEP}sparse_val"] = qt.sparse_val.to(sparse_dtype(qt.sparse_val)).contiguous()
-    return out
+    return {k: v.cpu() for k, v in out.items()}  # packed on the model's device, written from host memory
 
 
 def _untouched(model: nn.Module, skip: set[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
@@ -92,7 +93,7 @@ def _untouched(model: nn.Module, skip: set[str]) -> tuple[dict[str, torch.Tensor
             tied[name] = seen[ptr]
             continue
         seen[ptr] = name
-        tensors[name] = t.detach().contiguous().clone()
+        tensors[name] = t.detach().to("cpu", copy=True).contiguous()  # the file is written from host memory
     return tensors, tied
 
 
@@ -255,8 +256,13 @@ def read_state_dict(path: str | os.PathLike, manifest: dict, dtype: torch.dtype)
     return state
 
 
-def load_quantized(path: str | os.PathLike, dtype: str | torch.dtype | None = None):
-    """Rebuild a working transformers model (and tokenizer) from an artifact: a ``LoadedModel``."""
+def load_quantized(
+    path: str | os.PathLike, dtype: str | torch.dtype | None = None, device: str | torch.device | None = "cpu"
+):
+    """Rebuild a working transformers model (and tokenizer) from an artifact: a ``LoadedModel``.
+
+    The packed weights are unpacked on the CPU, then the model moves to ``device`` (``auto``:
+    CUDA when available)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from .arch import architecture_name, spec_for_name
@@ -283,7 +289,7 @@ def load_quantized(path: str | os.PathLike, dtype: str | torch.dtype | None = No
     meta = [n for n, p in model.named_parameters() if p.is_meta]
     if meta:
         raise SuperweightError(f"{path} lacks {meta[0]} (and {len(meta) - 1} more): re-export it")
-    model.eval()
+    model.to(resolve_device(device)).eval()
     tokenizer = AutoTokenizer.from_pretrained(str(path)) if (path / "tokenizer_config.json").is_file() else None
     notes = list(manifest.get("notes", [])) + [f"quantized artifact: {manifest['scheme']}, {manifest['size']['bits_per_weight']:.3f} bits per quantized weight"]
     return LoadedModel(model, tokenizer, spec_for_name(architecture_name(model)), str(path), manifest.get("source_model", ""), notes)

@@ -203,14 +203,22 @@ def load_model(
     dtype: str | torch.dtype = "float32",
     cache_dir: str | os.PathLike | None = None,
     device_map: str | None = None,
+    device: str | torch.device | None = None,
 ) -> LoadedModel:
-    """Load ``name`` (built-in name, ``.gguf`` file, model folder or hub id) for analysis."""
+    """Load ``name`` (built-in name, ``.gguf`` file, model folder or hub id) for analysis.
+
+    ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``) puts the whole model there; ``device_map``
+    lets accelerate place the layers instead (GPUs, CPU, disk). Neither: the CPU.
+    """
+    from .device import device_map_for
+
     torch_dtype = parse_dtype(dtype)
+    device_map = device_map_for(device, device_map)
     kind, where = resolve(name)
     if kind == "quantized":
         from .export import load_quantized
 
-        return load_quantized(where, dtype=torch_dtype)
+        return load_quantized(where, dtype=torch_dtype, device=device_map or "cpu")
     notes: list[str] = []
     if kind == "gguf":
         cache = _gguf_cache_folder(where, Path(cache_dir) if cache_dir else default_cache_dir())

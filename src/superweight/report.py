@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from . import plots
+from .device import input_device
 from .version import __version__
 from .ablate import zeroed_weights
 from .arch import ArchSpec
@@ -123,7 +124,7 @@ def super_activation_site(detection: DetectionResult) -> tuple[int, int]:
 def residual_trace(model: nn.Module, tokenizer, arch: ArchSpec, detection: DetectionResult) -> ResidualTrace:
     """Trace the super activation's channel through the layers, then again with the SWs zeroed."""
     channel, token = super_activation_site(detection)
-    device = next(model.parameters()).device
+    device = input_device(model)
     inputs = encode_prompt(tokenizer, detection.prompts[0], device)
     sa_with, max_with = _trace_once(model, arch, inputs, channel, token)
     with zeroed_weights(model, arch, detection.super_weights):

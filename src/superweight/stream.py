@@ -38,7 +38,9 @@ from .checkpoint import Checkpoint, open_checkpoint
 from .detect import (
     DEFAULT_PROMPT, DetectionResult, SpikeRule, SuperWeight, encode_prompt, find_candidate, magnitude_rank,
 )
+from .device import resolve_device
 from .errors import SuperweightError
+from .prefetch import LayerPrefetcher
 from .loaded import parse_dtype
 
 log = logging.getLogger(__name__)
@@ -125,6 +127,14 @@ def _aliases(model: nn.Module) -> dict[str, list[str]]:
     return {names[0]: names for names in by_id.values()}
 
 
+def _buffers_to(model: nn.Module, device: torch.device) -> None:
+    """Move every materialised buffer (``init_empty_weights`` leaves buffers real, on the CPU)."""
+    for mod in model.modules():
+        for name, buf in mod._buffers.items():
+            if buf is not None and buf.device.type != "meta" and buf.device != device:
+                mod._buffers[name] = buf.to(device)
+
+
 def _persistent_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
     """Parameters and persistent buffers: what a checkpoint stores."""
     out = dict(module.named_parameters())
@@ -138,12 +148,19 @@ def _persistent_tensors(module: nn.Module) -> dict[str, torch.Tensor]:
 class StreamedModel:
     """A causal LM on the meta device whose layers are read from safetensors one at a time."""
 
-    def __init__(self, path: str | Path, dtype: str | torch.dtype = "float32"):
+    def __init__(
+        self, path: str | Path, dtype: str | torch.dtype = "float32", device: str | torch.device | None = None,
+        prefetch: bool = True,
+    ):
+        """``device``: where layers run (``auto``: CUDA when available; default the CPU). ``prefetch``:
+        read the next layer on a background thread while the current one runs (pinned for CUDA)."""
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM
 
         self.ckpt: Checkpoint = open_checkpoint(path)
         self.dtype = parse_dtype(dtype)
+        self.device = resolve_device(device or "cpu")
+        self._prefetcher = LayerPrefetcher(self.device, prefetch)
         try:
             config = AutoConfig.from_pretrained(self.ckpt.folder)
         except Exception as exc:
@@ -152,6 +169,7 @@ class StreamedModel:
         with init_empty_weights():
             self.model = AutoModelForCausalLM.from_config(config, dtype=self.dtype).eval()
         self.model.tie_weights()  # as from_pretrained does: a tied lm_head is the embedding
+        _buffers_to(self.model, self.device)  # rotary frequencies, masks: built on the CPU
         self.layers = self.arch.layer_modules(self.model)
         self.num_layers = len(self.layers)
         self._meta = {n: t for n, t in _persistent_tensors(self.model).items()}
@@ -205,20 +223,14 @@ class StreamedModel:
 
     # ------------------------------------------------------------ materialise / free
 
-    def _read(self, names: Sequence[str]) -> dict[str, torch.Tensor]:
-        """Read tensors from their shards (opened, read, closed: no mapping outlives the call)."""
-        from safetensors import safe_open
+    def _wanted(self, names: Sequence[str]) -> dict[str, tuple]:
+        """name -> (where the checkpoint holds it, the dtype the model wants) for stored tensors."""
+        return {n: (self.ckpt.tensors[self.key(n)], self._meta[n].dtype) for n in names if self.key(n)}
 
-        by_file: dict[Path, list[str]] = {}
-        for n in names:
-            if self.key(n):
-                by_file.setdefault(self.ckpt.tensors[self.key(n)].file, []).append(n)
-        out = {}
-        for file, file_names in by_file.items():
-            with safe_open(str(file), framework="pt") as f:
-                for n in file_names:
-                    out[n] = f.get_tensor(self.key(n)).to(self._meta[n].dtype)
-        return out
+    def _read(self, names: Sequence[str], ahead: int | None = None) -> dict[str, torch.Tensor]:
+        """Read tensors from their shards onto ``self.device`` (layer ``ahead``: what the background
+        thread already read, when it did)."""
+        return self._prefetcher.take(ahead, self._wanted(names))
 
     def _set(self, name: str, tensor: torch.Tensor) -> None:
         aliases = self._aliases.get(name, [name])  # a tied lm_head follows its embedding
@@ -227,8 +239,8 @@ class StreamedModel:
         for alias in aliases:
             _set_tensor(self.model, alias, tensor)
 
-    def _load(self, names: Sequence[str]) -> None:
-        for n, t in self._read(names).items():
+    def _load(self, names: Sequence[str], ahead: int | None = None) -> None:
+        for n, t in self._read(names, ahead).items():
             self._set(n, t)
 
     def _free(self, names: Sequence[str]) -> None:
@@ -237,21 +249,32 @@ class StreamedModel:
                 self._set(n, self._meta[n])
 
     @contextlib.contextmanager
-    def materialised(self, names: Sequence[str]) -> Iterator[None]:
-        """Read ``names`` into the model for the block, then put the meta tensors back."""
+    def materialised(self, names: Sequence[str], layer: int | None = None) -> Iterator[None]:
+        """Read ``names`` into the model for the block, then put the meta tensors back. For decoder
+        ``layer`` i, layer i + 1 is read in the background meanwhile."""
         try:
-            self._load(names)
+            self._load(names, layer)
+            if layer is not None:
+                self.prefetch_layer(layer + 1)
             yield
         finally:
             self._free(names)
 
     def layer(self, i: int) -> contextlib.AbstractContextManager:
-        return self.materialised(self.layer_names(i))
+        return self.materialised(self.layer_names(i), layer=i)
 
     def prefetch_layer(self, i: int) -> None:
-        """Start reading layer ``i`` from disk in the background (the kernel's readahead)."""
+        """Start reading layer ``i`` in the background: the kernel's readahead, and (unless
+        ``prefetch=False``) a thread that reads it into (pinned) host memory. Idempotent."""
         if 0 <= i < self.num_layers:
-            self.ckpt.prefetch([self.key(n) for n in self.layer_names(i) if self.key(n)])
+            keys = [self.key(n) for n in self.layer_names(i) if self.key(n)]
+            if not self._prefetcher.pending(i):
+                self.ckpt.prefetch(keys)
+            self._prefetcher.start(i, self._wanted(self.layer_names(i)))
+
+    def close(self) -> None:
+        """Stop the background reader (it also stops with the process)."""
+        self._prefetcher.close()
 
     def down_proj_names(self, i: int) -> list[str]:
         return [f"{self.arch.down_proj_name(i)}.weight"]
@@ -262,6 +285,7 @@ class StreamedModel:
     def layer_calls(self, inputs: dict) -> list[Call]:
         """The arguments the model's own forward passes each decoder layer for ``inputs``."""
         calls: list = [None] * self.num_layers
+        inputs = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
         original = list(self.layers)
         for i in range(self.num_layers):
             self.layers[i] = _Recorder(i, calls, i == self.num_layers - 1, original[i])
@@ -427,14 +451,20 @@ def stream_detect(
     dtype: str | torch.dtype = "float32",
     tokenizer=None,
     max_branches: int = 4,
+    device: str | torch.device | None = None,
 ) -> DetectionResult:
     """``superweight.detect.detect`` for a local safetensors checkpoint, streamed layer by layer.
 
     Same ``DetectionResult`` as loading the model and calling ``detect`` (bit for bit on the same
-    dtype); peak memory is about the embeddings plus one decoder layer.
+    dtype); peak memory is about the embeddings plus two decoder layers (one read ahead). Layers
+    run on ``device`` (``auto``: CUDA when available; default the CPU).
     """
-    det = StreamingDetector(StreamedModel(path, dtype), rule or SpikeRule(), max_iter, max_branches)
-    return det.detect(prompts, tokenizer, model_name or str(path))
+    sm = StreamedModel(path, dtype, device)
+    try:
+        det = StreamingDetector(sm, rule or SpikeRule(), max_iter, max_branches)
+        return det.detect(prompts, tokenizer, model_name or str(path))
+    finally:
+        sm.close()
 
 
 def _tokenizer(folder: Path):
@@ -466,12 +496,12 @@ def iter_streamed_matrices(sm: StreamedModel, scope: str = "down_proj") -> Itera
 
 def stream_magnitude_scan(
     path: str | Path, threshold: float = 3.0, scope: str = "down_proj", super_weights=(), top_k: int = 10,
-    dtype: str | torch.dtype = "float32",
+    dtype: str | torch.dtype = "float32", device: str | torch.device | None = None,
 ):
     """``magnitude.magnitude_scan`` for a checkpoint on disk, one tensor in memory at a time."""
     from .magnitude import rank_super_weights, scan_matrices
 
-    sm = StreamedModel(path, dtype)
+    sm = StreamedModel(path, dtype, device, prefetch=False)
     result, flagged_z = scan_matrices(iter_streamed_matrices(sm, scope), threshold, top_k, scope)
 
     def matrix_of(layer: int) -> torch.Tensor:

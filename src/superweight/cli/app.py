@@ -38,6 +38,10 @@ TasksOpt = typer.Option(
 LimitOpt = typer.Option(100, "--limit", min=1, help="First N documents per task (lm-eval's --limit).")
 MaxTokensOpt = typer.Option(20000, "--max-tokens", min=2, help="Tokens of the perplexity text to score.")
 SeqLenOpt = typer.Option(None, "--seq-len", help="Perplexity window (default min(2048, model max)).")
+DeviceOpt = typer.Option("auto", "--device", help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N.")
+DeviceMapOpt = typer.Option(
+    None, "--device-map", help="Instead of --device: passed to transformers/accelerate (auto: GPUs, CPU and disk offload)."
+)
 
 
 def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
@@ -53,10 +57,12 @@ def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
-def load_lm(model: str, dtype: str, cache_dir: Optional[Path], device_map: Optional[str] = None):
+def load_lm(
+    model: str, dtype: str, cache_dir: Optional[Path], device_map: Optional[str] = None, device: Optional[str] = "auto"
+):
     from ..load import load_model
 
-    lm = load_model(model, dtype=dtype, cache_dir=cache_dir, device_map=device_map)
+    lm = load_model(model, dtype=dtype, cache_dir=cache_dir, device_map=device_map, device=device)
     for note in lm.notes:
         err_console.print(f"[yellow]note:[/] {note}")
     return lm

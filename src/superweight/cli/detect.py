@@ -10,6 +10,8 @@ from rich.table import Table
 from ..errors import SuperweightError
 from .app import (
     CacheOpt,
+    DeviceMapOpt,
+    DeviceOpt,
     DtypeOpt,
     ModelArg,
     QuietOpt,
@@ -40,9 +42,8 @@ def detect(
     stream: bool = typer.Option(
         False, "--stream", help="Read a local safetensors model one layer at a time (automatic when it does not fit in memory)."
     ),
-    device_map: Optional[str] = typer.Option(
-        None, "--device-map", help="Passed to transformers/accelerate: auto (GPUs, CPU and disk offload), cpu, cuda, ..."
-    ),
+    device: str = DeviceOpt,
+    device_map: Optional[str] = DeviceMapOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Also print the per-layer maxima."),
     quiet: bool = QuietOpt,
 ) -> None:
@@ -60,10 +61,10 @@ def detect(
     from ..stream import stream_detect, stream_magnitude_scan
 
     if choose_mode(model, dtype, stream, device_map, cache_dir) == "stream":
-        result = stream_detect(model, prompts, rule, max_iter, model_name=model, dtype=dtype)
-        scan = lambda sws: stream_magnitude_scan(model, z_threshold, scope, sws, dtype=dtype)  # noqa: E731
+        result = stream_detect(model, prompts, rule, max_iter, model_name=model, dtype=dtype, device=device)
+        scan = lambda sws: stream_magnitude_scan(model, z_threshold, scope, sws, dtype=dtype, device=device)  # noqa: E731
     else:
-        lm = load_lm(model, dtype, cache_dir, device_map)
+        lm = load_lm(model, dtype, cache_dir, device_map, device)
         result = run_detect(lm.model, lm.tokenizer, prompts, rule, max_iter, model_name=model, arch=lm.arch)
         result.notes = list(lm.notes)
         scan = lambda sws: magnitude_scan(lm.model, lm.arch, z_threshold, scope, sws)  # noqa: E731
@@ -122,6 +123,8 @@ def verify(
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the verdict here."),
     dtype: str = DtypeOpt,
     cache_dir: Optional[Path] = CacheOpt,
+    device: str = DeviceOpt,
+    device_map: Optional[str] = DeviceMapOpt,
     verbose: bool = VerboseOpt,
     quiet: bool = QuietOpt,
 ) -> None:
@@ -135,7 +138,7 @@ def verify(
 
     setup_logging(verbose, quiet)
     cat = Catalog.load(catalog_path)
-    lm = load_lm(model, dtype, cache_dir)
+    lm = load_lm(model, dtype, cache_dir, device_map, device)
     result = detect_default(lm, prompt)
     verdict = run_verify(model_names(model, lm.model, lm.source), result.super_weights, cat)
     print_verdict(verdict)
@@ -155,6 +158,8 @@ def llama_cpp_overrides(
     catalog_path: Optional[Path] = typer.Option(None, "--catalog", help="A catalog JSON file (default: the shipped one)."),
     dtype: str = DtypeOpt,
     cache_dir: Optional[Path] = CacheOpt,
+    device: str = DeviceOpt,
+    device_map: Optional[str] = DeviceMapOpt,
     verbose: bool = typer.Option(False, "--verbose", "-v"),
     quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the arguments."),
 ) -> None:
@@ -183,7 +188,7 @@ def llama_cpp_overrides(
         det = DetectionResult.load(source)
         arch, n_layers, coords, origin = det.architecture, det.num_layers, det.coords, source
     else:
-        det = detect_default(load_lm(source, dtype, cache_dir))
+        det = detect_default(load_lm(source, dtype, cache_dir, device_map, device))
         arch, n_layers, coords, origin = det.architecture, det.num_layers, det.coords, f"detection on {source}"
     if not coords:
         raise SuperweightError(f"{origin}: no super weight, so nothing to keep: llama-quantize needs no override")

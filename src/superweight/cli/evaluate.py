@@ -10,6 +10,8 @@ from rich.table import Table
 from ..errors import SuperweightError
 from .app import (
     CacheOpt,
+    DeviceMapOpt,
+    DeviceOpt,
     DtypeOpt,
     LimitOpt,
     MaxTokensOpt,
@@ -62,6 +64,8 @@ def ablate(
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the versioned result here."),
     dtype: str = DtypeOpt,
     cache_dir: Optional[Path] = CacheOpt,
+    device: str = DeviceOpt,
+    device_map: Optional[str] = DeviceMapOpt,
     verbose: bool = VerboseOpt,
     quiet: bool = QuietOpt,
 ) -> None:
@@ -76,7 +80,7 @@ def ablate(
         ppl, tasks, limit, max_tokens, seq_len, top_n=top_n, random_n=random_n, scales=_parse_scales(scales),
         scale_tasks=sweep_tasks, stopword_prompts=stopword_prompts, seed=seed,
     )
-    lm = load_lm(model, dtype, cache_dir)
+    lm = load_lm(model, dtype, cache_dir, device_map, device)
     found = DetectionResult.load(super_weights).super_weights if super_weights else detect_default(lm).super_weights
     console.print("super weights: " + ", ".join(f"{s.layer}:[{s.row}, {s.col}]" for s in found), highlight=False)
     result = run_ablation(lm, found, config)
@@ -100,6 +104,8 @@ def eval_cmd(
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the versioned result here."),
     dtype: str = DtypeOpt,
     cache_dir: Optional[Path] = CacheOpt,
+    device: str = DeviceOpt,
+    device_map: Optional[str] = DeviceMapOpt,
     verbose: bool = VerboseOpt,
     quiet: bool = QuietOpt,
 ) -> None:
@@ -108,7 +114,7 @@ def eval_cmd(
 
     setup_logging(verbose, quiet)
     config = _eval_config(ppl, tasks, limit, max_tokens, seq_len)
-    lm = load_lm(model, dtype, cache_dir)
+    lm = load_lm(model, dtype, cache_dir, device_map, device)
     result = run_eval(lm, config)
     table = Table(title=f"Evaluation of {result.model}")
     for col in ("metric", "value", "95% CI", "n"):

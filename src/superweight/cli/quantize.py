@@ -10,6 +10,8 @@ from rich.table import Table
 from ..errors import SuperweightError
 from .app import (
     CacheOpt,
+    DeviceMapOpt,
+    DeviceOpt,
     DtypeOpt,
     ModelArg,
     QuietOpt,
@@ -79,6 +81,8 @@ def quantize_cmd(
     sweep_clip_z: float = typer.Option(9.0, "--sweep-clip-z", help="Sweep: z-score clip threshold of the clip variants."),
     dtype: str = DtypeOpt,
     cache_dir: Optional[Path] = CacheOpt,
+    device: str = DeviceOpt,
+    device_map: Optional[str] = DeviceMapOpt,
     verbose: bool = VerboseOpt,
     quiet: bool = QuietOpt,
 ) -> None:
@@ -95,7 +99,7 @@ def quantize_cmd(
 
         sizes = tuple(_parse_size(s) for s in size) if size else DEFAULT_SIZES
         grid = default_grid(tuple(bits or (4, 3)), sizes, sweep_clip_z, tuple(sweep_group or (128,)))
-        lm = load_lm(model, dtype, cache_dir)
+        lm = load_lm(model, dtype, cache_dir, device_map, device)
         keep = _keep_for(lm, keep_super_weights, super_weights)
         result = run_sweep(
             lm, keep, grid, text_name=text, max_tokens=max_tokens, seq_len=seq_len,
@@ -115,7 +119,7 @@ def quantize_cmd(
     if out.exists() and not force:
         raise SuperweightError(f"{out} already exists: pick another --out or pass --force to replace it")
     config = scheme_config(scheme, block, group, clip_z, topk, per_channel, oversize)
-    lm = load_lm(model, dtype, cache_dir)
+    lm = load_lm(model, dtype, cache_dir, device_map, device)
     keep = _keep_for(lm, keep_super_weights, super_weights)
     manifest = export_artifact(lm, config, keep, out, force, include, exclude)
     s = manifest["size"]

@@ -8,6 +8,8 @@ import typer
 
 from .app import (
     CacheOpt,
+    DeviceMapOpt,
+    DeviceOpt,
     DtypeOpt,
     ModelArg,
     QuietOpt,
@@ -33,6 +35,8 @@ def report(
     force: bool = typer.Option(False, "--force", help="Replace an existing --out folder."),
     dtype: str = DtypeOpt,
     cache_dir: Optional[Path] = CacheOpt,
+    device: str = DeviceOpt,
+    device_map: Optional[str] = DeviceMapOpt,
     verbose: bool = VerboseOpt,
     quiet: bool = QuietOpt,
 ) -> None:
@@ -41,7 +45,7 @@ def report(
 
     setup_logging(verbose, quiet)
     rep.check_out_dir(out, force)
-    lm = load_lm(model, dtype, cache_dir)
+    lm = load_lm(model, dtype, cache_dir, device_map, device)
     detection = detect_default(lm, prompt)
     flags = [f"--ablation {ablation}" if ablation else "", f"--sweep {sweep}" if sweep else "",
              f"--run-ablation --limit {limit}" if run_ablation else "", "--run-sweep" if run_sweep else ""]

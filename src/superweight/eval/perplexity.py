@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ..device import input_device
 from ..errors import SuperweightError
 from ..progress import bar
 
@@ -114,7 +115,7 @@ def evaluate_perplexity(
     stride = stride or seq_len
     if seq_len < 2 or not 0 < stride <= seq_len:
         raise SuperweightError(f"need seq_len >= 2 and 0 < stride <= seq_len (got {seq_len}, {stride})")
-    device = next(model.parameters()).device
+    device = input_device(model)
     ids = tokenize_stream(tokenizer, text, max_tokens).to(device)
     spans = window_spans(len(ids), seq_len, stride)
     if not spans:

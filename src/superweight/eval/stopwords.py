@@ -14,6 +14,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
+from ..device import input_device
 from .tasks import length_batches, load_items
 
 DEFAULT_STOPWORDS: tuple[str, ...] = (
@@ -55,7 +56,7 @@ def lambada_prompts(n: int = DEFAULT_PROMPTS) -> tuple[list[str], list[str]]:
 @torch.no_grad()
 def next_token_probs(model: nn.Module, tokenizer, prompts: Sequence[str], batch_tokens: int = 2048) -> torch.Tensor:
     """``[len(prompts), vocab]`` next-token probabilities after each prompt (right-padded batches)."""
-    device = next(model.parameters()).device
+    device = input_device(model)
     encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
     out: list[torch.Tensor | None] = [None] * len(prompts)
     for batch in length_batches([len(e) for e in encoded], batch_tokens):

@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..device import input_device
 from ..errors import SuperweightError
 from .stats import bootstrap_ci
 
@@ -222,7 +223,7 @@ def score_batch(model: nn.Module, pairs: Sequence[tuple[list[int], list[int]]]) 
     Causal attention never lets a real token see the padding after it, so no mask is needed and
     each row's scores equal those of its own unpadded forward.
     """
-    device = next(model.parameters()).device
+    device = input_device(model)
     rows = [(ctx + cont)[:-1] for ctx, cont in pairs]
     width = max(len(r) for r in rows)
     ids = torch.tensor([r + [r[-1]] * (width - len(r)) for r in rows], device=device)
