@@ -1,0 +1,130 @@
+"""Commands that study super weights across training: train, emergence."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from ..errors import SuperweightError
+from .app import QuietOpt, VerboseOpt, app, console, setup_logging
+
+
+def parse_coord(text: str) -> list[int]:
+    """``LAYER:ROW:COL`` -> ``[layer, row, col]``."""
+    parts = text.split(":")
+    if len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
+        raise SuperweightError(f"--keep {text!r}: write a down-projection coordinate as LAYER:ROW:COL, e.g. 1:57:301")
+    return [int(p) for p in parts]
+
+
+def keep_coords(keep: List[str], keep_file: Optional[Path]) -> list[list[int]]:
+    coords = [parse_coord(k) for k in keep or []]
+    if keep_file is not None:
+        from ..detect import DetectionResult
+
+        coords += [list(c) for c in DetectionResult.load(keep_file).coords]
+    return coords
+
+
+@app.command()
+def train(
+    out: Path = typer.Option(..., "--out", help="Folder for step-NNNNNN checkpoints and train_log.json."),
+    preset: str = typer.Option("cpu", "--preset", help="test (seconds), cpu (minutes on 2 cores) or gpu."),
+    steps: Optional[int] = typer.Option(None, "--steps", min=1),
+    save_every: Optional[int] = typer.Option(None, "--save-every", min=1, help="Checkpoint every N steps."),
+    seed: int = typer.Option(0, "--seed", help="Initialisation and data-order seed."),
+    layers: Optional[int] = typer.Option(None, "--layers", min=1),
+    hidden: Optional[int] = typer.Option(None, "--hidden", min=8),
+    intermediate: Optional[int] = typer.Option(None, "--intermediate", min=8),
+    heads: Optional[int] = typer.Option(None, "--heads", min=1),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", min=8),
+    batch: Optional[int] = typer.Option(None, "--batch", min=1),
+    lr: Optional[float] = typer.Option(None, "--lr"),
+    text: str = typer.Option("wiki-intros", "--text", help="wiki-intros, wikitext2-train or a text file."),
+    tokenizer: str = typer.Option("bpe", "--tokenizer", help="bpe (trained on the text here) or a model whose tokenizer to reuse, e.g. smollm2-135m."),
+    device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or auto."),
+    bitnet: bool = typer.Option(False, "--bitnet", help="BitNet b1.58 QAT: ternary weights, 8-bit activations, STE."),
+    keep: List[str] = typer.Option(None, "--keep", help="With --bitnet: a down_proj weight LAYER:ROW:COL kept in full precision (repeat)."),
+    keep_file: Optional[Path] = typer.Option(None, "--keep-file", help="With --bitnet: keep the super weights of a detection JSON."),
+    keep_random: bool = typer.Option(False, "--keep-random", help="Control: keep as many random weights of the same layers instead."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for torch."),
+    force: bool = typer.Option(False, "--force", help="Train into an existing --out folder."),
+    verbose: bool = VerboseOpt,
+    quiet: bool = QuietOpt,
+) -> None:
+    """Train a small Llama-style model from scratch (transformers' LlamaForCausalLM), saving checkpoints.
+
+    Quick start: `superweight train --out runs/s0 --steps 800 --save-every 50` (~15 min on 2 idle cores)."""
+    import torch
+
+    from ..train import TrainConfig
+    from ..train import train as run_train
+
+    setup_logging(verbose, quiet)
+    if out.exists() and any(out.iterdir()) and not force:
+        raise SuperweightError(f"{out} is not empty: pick another --out or pass --force")
+    coords = keep_coords(keep, keep_file)
+    if (coords or keep_random) and not bitnet:
+        raise SuperweightError("--keep, --keep-file and --keep-random only apply with --bitnet")
+    if keep_random and not coords:
+        raise SuperweightError("--keep-random needs --keep or --keep-file: it draws as many random weights")
+    if threads:
+        torch.set_num_threads(threads)
+    config = TrainConfig.preset(
+        preset, steps=steps, save_every=save_every, seed=seed, layers=layers, hidden=hidden, intermediate=intermediate,
+        heads=heads, seq_len=seq_len, batch=batch, lr=lr, text=text, tokenizer=tokenizer, device=device,
+        bitnet=bitnet, keep=coords, keep_random=keep_random,
+    )
+    result = run_train(config, out)
+    last = result.evals[-1]
+    console.print(
+        f"trained {config.steps} steps in {result.seconds:.0f} s: held-out loss {last[1]:.3f} ({result.heldout}); "
+        f"{len(result.checkpoints)} checkpoints in {out}", highlight=False,
+    )
+
+
+@app.command()
+def emergence(
+    checkpoints: List[Path] = typer.Argument(..., help="Checkpoint folders, or `superweight train --out` folders."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the versioned result here."),
+    plot: Optional[Path] = typer.Option(None, "--plot", help="Write the four-panel PNG here."),
+    text: str = typer.Option("wikitext2", "--text", help="Held-out text: wikitext2, wiki-intros or a file."),
+    eval_tokens: int = typer.Option(4096, "--eval-tokens", min=16, help="Held-out tokens per loss."),
+    prompt: Optional[str] = typer.Option(None, "--prompt", "-p", help="Detection prompt. Default: the paper's."),
+    label: str = typer.Option("", "--label", help="Name of the run in the plot."),
+    verbose: bool = VerboseOpt,
+    quiet: bool = QuietOpt,
+) -> None:
+    """Run detection at every checkpoint: largest residual activation, its creator, and whether zeroing hurts."""
+    from ..emergence import emergence as run_emergence
+    from ..emergence_plots import run_figure, write_png
+
+    setup_logging(verbose, quiet)
+
+    def show(i: int, n: int, p) -> None:
+        console.print(
+            f"[{i}/{n}] step {p.step}: loss {p.loss:.3f} (top creator zeroed {p.loss_zero_top:.3f}); "
+            f"max |h| {p.residual_max:.1f} at layer {p.residual_layer} channel {p.residual_channel}; "
+            f"creator {p.top} share {p.top_share:.2f}; detected {p.detected}", highlight=False,
+        )
+
+    result = run_emergence(checkpoints, text, eval_tokens, prompt, label, progress=None if quiet else show)
+    if json_path:
+        result.save(json_path)
+    if plot:
+        write_png(run_figure(result, _train_losses(checkpoints)), plot)
+    first = result.first_hurting()
+    console.print(
+        f"zeroing the top creator first hurts (>= 0.1 nats) at step {first.step}" if first
+        else "zeroing the top creator never hurts (>= 0.1 nats) in these checkpoints", highlight=False,
+    )
+
+
+def _train_losses(paths: List[Path]) -> list:
+    """The training-loss curve when a single `superweight train --out` folder was given."""
+    from ..train import TrainResult
+
+    if len(paths) == 1 and (paths[0] / "train_log.json").is_file():
+        return TrainResult.load(paths[0] / "train_log.json").losses
+    return []

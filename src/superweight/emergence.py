@@ -1,0 +1,167 @@
+"""Super weights across training: detection, the largest residual activation and its creator, and
+whether zeroing the creator hurts yet, at every checkpoint of a run.
+
+Per checkpoint (any ``save_pretrained`` folder: ``superweight train`` outputs, or e.g. Pythia
+revisions downloaded by the user):
+
+- ``superweight.detect`` (the paper's iterative spike method) and its per-layer maxima: the largest
+  residual-stream |h| over layers (value, layer, channel, token) and the median over layers;
+- the *top creator*: in the layer whose down-projection output peak is the largest, the weight
+  ``[row, col]`` whose term ``X[t, col] * W[row, col]`` carries most of that peak (found whether or
+  not detection's spike rule accepts it, so its place can be followed from the first checkpoint);
+- the held-out loss, the loss with the top creator zeroed and with the detected super weights
+  zeroed: the verdict "does zeroing them hurt yet".
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar, Sequence
+
+import torch
+from torch import nn
+
+from .ablate import zeroed_weights
+from .errors import SuperweightError
+from .results import Versioned
+
+log = logging.getLogger(__name__)
+
+HURT_NATS = 0.1  # a zeroing that raises the held-out loss by this much "hurts"
+
+
+@dataclass
+class CheckpointPoint:
+    """What one checkpoint shows."""
+
+    path: str
+    step: int | None
+    loss: float  # held-out next-token loss, nats
+    loss_zero_top: float  # ... with the top creator zeroed
+    loss_zero_detected: float | None  # ... with the detected super weights zeroed (None: none found)
+    residual_max: float  # largest |h| of the residual stream over layers and tokens
+    residual_layer: int  # the layer after which it is largest
+    residual_channel: int
+    residual_token: int
+    residual_median_layer_max: float  # median over layers of the per-layer max |h|
+    top: list[int]  # top creator [layer, row, col]
+    top_value: float  # its weight value
+    top_share: float  # share of the down-projection output peak its term carries
+    top_output: float  # the down-projection output peak it creates
+    top_input: float  # the input X[t, col] it multiplies
+    detected: list[list[int]]  # detection's super weights [layer, row, col]
+    residual_per_layer: list[float] = field(default_factory=list)  # max |h| after each layer
+    output_per_layer: list[float] = field(default_factory=list)  # max |down_proj output| per layer
+
+    @property
+    def hurts(self) -> bool:
+        return self.loss_zero_top - self.loss >= HURT_NATS
+
+
+@dataclass
+class EmergenceResult(Versioned):
+    """A series of checkpoints (one training run) and what each shows."""
+
+    KIND: ClassVar[str] = "emergence"
+    VERSION: ClassVar[int] = 1
+    HINT: ClassVar[str] = " with `superweight emergence CHECKPOINTS... --json PATH`"
+
+    label: str
+    text: str
+    eval_tokens: int
+    points: list[CheckpointPoint]
+    notes: list[str] = field(default_factory=list)
+
+    @classmethod
+    def _decode(cls, d: dict) -> dict:
+        out = {k: d[k] for k in ("label", "text", "eval_tokens", "notes") if k in d}
+        out["points"] = [CheckpointPoint(**p) for p in d["points"]]
+        return out
+
+    def first_hurting(self) -> CheckpointPoint | None:
+        return next((p for p in self.points if p.hurts), None)
+
+
+# ---------------------------------------------------------------- one checkpoint
+
+
+def detect_checkpoint(model: nn.Module, tokenizer, arch, prompt: str | None = None):
+    """The one place this module calls detection (``superweight.detect``)."""
+    from .detect import DEFAULT_PROMPT, detect
+
+    return detect(model, tokenizer, [prompt or DEFAULT_PROMPT], arch=arch)
+
+
+def top_creator(model: nn.Module, arch, layers) -> tuple[tuple[int, int, int], float, float, float, float]:
+    """``((layer, row, col), weight, share, output, input)`` behind the largest down-projection output."""
+    best = max(layers, key=lambda s: s.output.magnitude)
+    row = best.output.channel
+    w_row = arch.weight_matrix(model, best.layer)[row].detach().float()
+    x = best.input_at_output_peak.to(w_row.device).float()
+    terms = x * w_row
+    col = int(terms.abs().argmax())
+    share = float(terms[col]) / best.output.value if best.output.value else 0.0
+    return (best.layer, row, col), float(w_row[col]), share, best.output.value, float(x[col])
+
+
+def load_checkpoint(path: Path):
+    """A checkpoint as a ``LoadedModel``; a BitNet QAT checkpoint gets its ternary forward back."""
+    from .bitnet import restore
+    from .load import load_model
+
+    lm = load_model(str(path))
+    restore(lm.model)
+    return lm
+
+
+def measure(path: Path, text: str, eval_tokens: int, prompt: str | None = None) -> CheckpointPoint:
+    """Everything one checkpoint shows (see the module docstring)."""
+    from .train import bos_id, checkpoint_step, eval_windows, heldout_loss, token_stream
+
+    lm = load_checkpoint(path)
+    model, arch = lm.model.eval(), lm.arch
+    seq_len = min(getattr(model.config, "max_position_embeddings", 128) or 128, 512)
+    windows = eval_windows(token_stream(lm.tokenizer, text), bos_id(lm.tokenizer), seq_len, eval_tokens)
+    result = detect_checkpoint(model, lm.tokenizer, arch, prompt)
+    layers = result.layers
+    top, value, share, out_peak, in_val = top_creator(model, arch, layers)
+    loss = heldout_loss(model, windows)
+    with zeroed_weights(model, arch, [top]):
+        loss_top = heldout_loss(model, windows)
+    loss_det = None
+    if result.super_weights:
+        with zeroed_weights(model, arch, result.super_weights):
+            loss_det = heldout_loss(model, windows)
+    res = [s.residual.magnitude for s in layers]
+    peak = max(layers, key=lambda s: s.residual.magnitude)
+    return CheckpointPoint(
+        path=str(path), step=checkpoint_step(path), loss=loss, loss_zero_top=loss_top, loss_zero_detected=loss_det,
+        residual_max=peak.residual.magnitude, residual_layer=peak.layer, residual_channel=peak.residual.channel,
+        residual_token=peak.residual.token, residual_median_layer_max=float(torch.tensor(res).median()),
+        top=list(top), top_value=value, top_share=share, top_output=out_peak, top_input=in_val,
+        detected=[list(c) for c in result.coords], residual_per_layer=res,
+        output_per_layer=[s.output.magnitude for s in layers],
+    )
+
+
+def emergence(
+    checkpoints: Sequence[str | Path], text: str = "wikitext2", eval_tokens: int = 4096,
+    prompt: str | None = None, label: str = "", progress=None,
+) -> EmergenceResult:
+    """Measure every checkpoint (folders, or ``superweight train`` outputs holding ``step-*``)."""
+    from .eval.text import load_text
+    from .train import checkpoint_folders
+
+    folders = checkpoint_folders(list(checkpoints))
+    if not folders:
+        raise SuperweightError("no checkpoints given: pass checkpoint folders or a `superweight train --out` folder")
+    from .train import CHARS_PER_TOKEN_BOUND
+
+    body = load_text(text)[: (eval_tokens + 1024) * CHARS_PER_TOKEN_BOUND]  # only what the windows use
+    points = []
+    for i, folder in enumerate(folders):
+        points.append(measure(folder, body, eval_tokens, prompt))
+        if progress:
+            progress(i + 1, len(folders), points[-1])
+    return EmergenceResult(label or Path(checkpoints[0]).name, text, eval_tokens, points)

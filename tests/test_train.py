@@ -1,0 +1,84 @@
+"""superweight train: a tiny run writes loadable checkpoints and a loss curve, reproducibly."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from superweight.errors import SuperweightError
+from superweight.train import TrainConfig, TrainResult, checkpoint_folders, lr_at, train
+
+SENTENCES = [
+    "The river flows past the old mill and into the valley.",
+    "Apple Inc. is a worldwide tech company based in California.",
+    "In 1901 the city opened its first public library.",
+    "Winter is cold and summer is hot in the northern hills.",
+]
+
+
+@pytest.fixture(scope="module")
+def text_file(tmp_path_factory):
+    path = tmp_path_factory.mktemp("text") / "corpus.txt"
+    path.write_text("\n\n".join(SENTENCES[i % 4] + f" Item {i}." for i in range(400)))
+    return path
+
+
+def tiny(text_file, **kw) -> TrainConfig:
+    return TrainConfig.preset("test", text=str(text_file), heldout="split", eval_tokens=64, **kw)
+
+
+@pytest.fixture(scope="module")
+def run(text_file, tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    return out, train(tiny(text_file), out)
+
+
+def test_tiny_run_writes_checkpoints(run):
+    out, result = run
+    assert [c for c in result.checkpoints] == ["step-000000", "step-000002", "step-000004"]
+    assert [s for s, _ in result.losses] == [1, 2, 3, 4]
+    assert all(torch.isfinite(torch.tensor(v)) for _, v in result.losses)
+    assert result.heldout == "last 5% of the training text"
+    state = json.loads((out / "step-000004" / "train_state.json").read_text())
+    assert state["step"] == 4 and state["config"]["seed"] == 0
+    assert TrainResult.load(out / "train_log.json").evals == result.evals
+
+
+def test_checkpoints_load_with_the_tool(run):
+    from superweight import load_model
+
+    out, _ = run
+    lm = load_model(str(out / "step-000004"))
+    assert type(lm.model).__name__ == "LlamaForCausalLM" and lm.arch.name == "LlamaForCausalLM"
+    ids = lm.tokenizer("Apple Inc.")["input_ids"]
+    assert ids[0] == lm.tokenizer.bos_token_id  # samples and prompts start with BOS
+    assert checkpoint_folders([out]) == [out / f"step-00000{i}" for i in (0, 2, 4)]
+
+
+def test_same_seed_same_weights_other_seed_differs(run, text_file, tmp_path):
+    from safetensors.torch import load_file
+
+    out, _ = run
+    again = train(tiny(text_file, steps=2, save_every=2), tmp_path / "a")
+    other = train(tiny(text_file, steps=2, save_every=2, seed=1), tmp_path / "b")
+    first = load_file(out / "step-000002" / "model.safetensors")
+    assert again.losses == run[1].losses[:2]  # same data order
+    same = load_file(tmp_path / "a" / "step-000002" / "model.safetensors")
+    diff = load_file(tmp_path / "b" / "step-000002" / "model.safetensors")
+    key = "model.layers.0.mlp.down_proj.weight"
+    assert torch.equal(first[key], same[key]) and not torch.equal(first[key], diff[key])
+    assert other.losses != again.losses
+
+
+def test_schedule_warms_up_then_decays():
+    c = TrainConfig(steps=100, warmup=10, lr=1.0)
+    assert lr_at(0, c) == pytest.approx(0.1) and lr_at(9, c) == pytest.approx(1.0)
+    assert lr_at(99, c) == pytest.approx(0.1, abs=1e-3) and lr_at(50, c) < 1.0
+
+
+def test_bad_inputs_are_one_line_errors(tmp_path):
+    with pytest.raises(SuperweightError, match="preset"):
+        TrainConfig.preset("huge")
+    with pytest.raises(SuperweightError, match="neither a checkpoint"):
+        checkpoint_folders([tmp_path])
