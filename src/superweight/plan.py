@@ -63,7 +63,8 @@ def memory_plan(path: str | Path, dtype: str | torch.dtype = "float32") -> Memor
             if any(p in key for p in ("down_proj", "dense_4h_to_h", "c_proj", "fc2")):
                 down = max(down, info.numel * 4)
     largest = max(per_layer.values(), default=0)
-    streaming = outer + 2 * largest + 2 * down + 512 * 2**20  # + interpreter, torch, transformers
+    # + one layer read ahead by the prefetch thread, + interpreter, torch, transformers
+    streaming = outer + 3 * largest + 2 * down + 512 * 2**20
     return MemoryPlan(ckpt.bytes_as(torch_dtype), streaming, psutil.virtual_memory().available,
                       shutil.disk_usage(ckpt.folder).free)
 
@@ -101,9 +102,11 @@ GGUF_EXPANSION = 8  # float32 bytes per GGUF byte, at most (4-bit blocks: 32 / 4
 
 
 def choose_mode(
-    path: str | Path | None, dtype: str, stream: bool, device_map: str | None, cache_dir: str | Path | None = None
+    path: str | Path | None, dtype: str, stream: bool, device_map: str | None, cache_dir: str | Path | None = None,
+    device: str | None = None,
 ) -> str:
-    """"stream" or "memory" for a model argument; logs the automatic switch, errors when neither fits."""
+    """"stream" or "memory" for a model argument; logs the automatic switch, errors when neither fits.
+    With a CUDA ``device`` (and no ``device_map``), in memory means in the GPU's free memory."""
     if path is None or not _is_local_safetensors(path):
         if path is not None and not stream:
             check_gguf_disk(str(path), cache_dir)
@@ -114,6 +117,7 @@ def choose_mode(
             )
         return "memory"
     plan = memory_plan(path, dtype)
+    fits_in_memory = plan.in_memory * 1.2 < _room_for_model(plan.available, device if device_map is None else None)
     if stream:
         if not plan.fits_streaming:
             raise SuperweightError(
@@ -121,7 +125,7 @@ def choose_mode(
                 f"{gib(plan.available)} available; free memory, try --dtype bfloat16, or use --device-map auto (disk offload)"
             )
         return "stream"
-    if device_map not in (None, "cpu") or plan.fits_in_memory:
+    if device_map not in (None, "cpu") or fits_in_memory:
         return "memory"
     if plan.fits_streaming:
         log.info("the model needs %s in memory, %s available: streaming it layer by layer (as with --stream)",
@@ -131,6 +135,16 @@ def choose_mode(
         f"not enough memory: in memory needs {gib(plan.in_memory)}, streaming about {gib(plan.streaming)}, "
         f"{gib(plan.available)} available; free memory or try --dtype bfloat16"
     )
+
+
+def _room_for_model(host_available: int, device: str | None) -> int:
+    """Bytes free where an in-memory model would live: the GPU's for a CUDA device, else the host's."""
+    from .device import resolve_device
+
+    dev = resolve_device(device) if device is not None else None
+    if dev is None or dev.type != "cuda":
+        return host_available
+    return torch.cuda.mem_get_info(dev)[0]
 
 
 def _is_local_safetensors(path: str | Path) -> bool:

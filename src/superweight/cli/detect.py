@@ -60,7 +60,7 @@ def detect(
     from ..plan import choose_mode
     from ..stream import stream_detect, stream_magnitude_scan
 
-    if choose_mode(model, dtype, stream, device_map, cache_dir) == "stream":
+    if choose_mode(model, dtype, stream, device_map, cache_dir, device) == "stream":
         result = stream_detect(model, prompts, rule, max_iter, model_name=model, dtype=dtype, device=device)
         scan = lambda sws: stream_magnitude_scan(model, z_threshold, scope, sws, dtype=dtype, device=device)  # noqa: E731
     else:
