@@ -17,7 +17,7 @@ from torch import nn
 from ..ablate import as_coords
 from ..arch import ArchSpec, get_arch
 from ..errors import SuperweightError
-from .config import RTN, Ternary, W8A8, describe, to_dict
+from .config import RTN, SMOOTHABLE, Ternary, W8A8, describe, to_dict
 from .primitives import QuantizedTensor, quantize_tensor, sqnr
 
 DEFAULT_EXCLUDE = r"(^|\.)lm_head$"
@@ -49,17 +49,35 @@ class QuantResult:
         }
 
 
-def is_linear(module: nn.Module) -> bool:
-    return isinstance(module, nn.Linear) or (
-        type(module).__name__ == "Conv1D" and getattr(module, "weight", None) is not None and module.weight.dim() == 2
-    )
+def is_linear(module: nn.Module, arch: ArchSpec | None = None) -> bool:
+    """``nn.Linear``, or a 2-D weight module in an architecture whose ``ArchSpec`` says its linear
+    layers are stored transposed (GPT-2's ``Conv1D``)."""
+    if isinstance(module, nn.Linear):
+        return True
+    weight = getattr(module, "weight", None)
+    return bool(arch is not None and arch.transposed and isinstance(weight, torch.Tensor) and weight.dim() == 2
+                and not isinstance(module, (nn.Embedding, nn.LayerNorm)))
 
 
-def target_modules(model: nn.Module, include: str | None = None, exclude: str | None = DEFAULT_EXCLUDE) -> dict[str, nn.Module]:
+def is_transposed(module: nn.Module, arch: ArchSpec | None) -> bool:
+    """True when the module stores ``[in, out]`` (``arch.transposed`` and not an ``nn.Linear``)."""
+    return bool(arch is not None and arch.transposed and not isinstance(module, nn.Linear))
+
+
+def _arch_of(model: nn.Module) -> ArchSpec | None:
+    try:
+        return get_arch(model)
+    except SuperweightError:
+        return None
+
+
+def target_modules(model: nn.Module, include: str | None = None, exclude: str | None = DEFAULT_EXCLUDE,
+                   arch: ArchSpec | None = None) -> dict[str, nn.Module]:
     """Linear modules by name, filtered by ``include`` / ``exclude`` regular expressions (re.search)."""
+    arch = arch or _arch_of(model)
     found = {
         name: m for name, m in model.named_modules()
-        if is_linear(m) and (include is None or re.search(include, name))
+        if is_linear(m, arch) and (include is None or re.search(include, name))
         and not (exclude and re.search(exclude, name))
     }
     if not found:
@@ -67,9 +85,9 @@ def target_modules(model: nn.Module, include: str | None = None, exclude: str | 
     return found
 
 
-def out_in(module: nn.Module) -> torch.Tensor:
-    """A module's weight as ``[out, in]`` (a transposed view for Conv1D)."""
-    return module.weight.t() if type(module).__name__ == "Conv1D" else module.weight
+def out_in(module: nn.Module, arch: ArchSpec | None = None) -> torch.Tensor:
+    """A module's weight as ``[out, in]`` (a transposed view where the ``ArchSpec`` says so)."""
+    return module.weight.t() if is_transposed(module, arch) else module.weight
 
 
 def keep_indices(model: nn.Module, keep: Iterable | dict | None, arch: ArchSpec | None) -> dict[str, list[int]]:
@@ -83,11 +101,49 @@ def keep_indices(model: nn.Module, keep: Iterable | dict | None, arch: ArchSpec 
     out: dict[str, list[int]] = {}
     for layer, row, col in as_coords(keep):
         module = arch.down_proj_module(model, layer)
-        n_out, n_in = out_in(module).shape
+        n_out, n_in = out_in(module, arch).shape
         if not (0 <= row < n_out and 0 <= col < n_in):
             raise SuperweightError(f"kept weight {layer}:[{row}, {col}] is outside its [{n_out}, {n_in}] down-projection")
         out.setdefault(arch.down_proj_name(layer), []).append(row * n_in + col)
     return out
+
+
+def sa_fit_weights(model: nn.Module, modules: dict[str, nn.Module], keep: Iterable | dict | None,
+                   weight: float, arch: ArchSpec) -> dict[str, torch.Tensor]:
+    """Fit weights (``[out, in]``, 1 everywhere but ``weight``) on the elements that read the super
+    activation: the super weight's input column of its down-projection (the channel carrying the
+    massive gate*up value) and, in every later layer, the column of the super activation's hidden
+    channel (the SW's row) of the layers fed by a norm (q/k/v, gate/up: ``SMOOTHABLE``)."""
+    if weight == 1 or not keep or isinstance(keep, dict):
+        return {}
+    coords = as_coords(keep)
+    first = min(layer for layer, _, _ in coords)
+    rows = sorted({row for _, row, _ in coords})
+    out: dict[str, torch.Tensor] = {}
+
+    def mark(name: str, col: int) -> None:
+        w = out_in(modules[name], arch)
+        m = out.setdefault(name, torch.ones(w.shape, dtype=torch.float32, device=w.device))
+        if 0 <= col < w.shape[1]:
+            m[:, col] = weight
+
+    for layer, _, col in coords:
+        if arch.down_proj_name(layer) in modules:
+            mark(arch.down_proj_name(layer), col)
+    for name in modules:
+        layer = _layer_of(name, arch)
+        if layer is not None and layer >= first and re.search(SMOOTHABLE, name):
+            for row in rows:
+                mark(name, row)
+    return out
+
+
+def _layer_of(name: str, arch: ArchSpec) -> int | None:
+    head = arch.layers + "."
+    if not name.startswith(head):
+        return None
+    index = name[len(head):].split(".", 1)[0]
+    return int(index) if index.isdigit() else None
 
 
 @torch.no_grad()
@@ -96,24 +152,28 @@ def quantize(
     include: str | None = None, exclude: str | None = DEFAULT_EXCLUDE, arch: ArchSpec | None = None,
     param_dtype: torch.dtype = torch.float16,
 ) -> QuantResult:
-    """Fake-quantize the target weights of ``model`` in place; return the codes for packing."""
+    """Fake-quantize the target weights of ``model`` in place; return the codes for packing.
+
+    Works on any device: every tensor it builds follows the weight's device."""
     if isinstance(config, W8A8):
         raise SuperweightError("W8A8 quantizes activations too: use superweight.quant.simulate_w8a8(model, config)")
-    modules = target_modules(model, include, exclude)
+    arch = arch or _arch_of(model)
+    modules = target_modules(model, include, exclude, arch)
     keeps = keep_indices(model, keep, arch)
     missing = sorted(set(keeps) - set(modules))
     if missing:
         raise SuperweightError(f"kept weights in {missing[0]}, which is not quantized: widen include/exclude")
+    care = sa_fit_weights(model, modules, keep, getattr(config, "sa_weight", 1.0), arch) if arch else {}
     result = QuantResult(config, {}, {}, {})
     for name, module in modules.items():
-        w = out_in(module)
-        qt = quantize_tensor(w, config, keeps.get(name), param_dtype)
+        w = out_in(module, arch)
+        qt = quantize_tensor(w, config, keeps.get(name), param_dtype, fit_weights=care.get(name))
         w_hat = qt.dequantize(w.dtype)
         key = f"{name}.weight"
         result.sqnr_db[key] = sqnr(w, w_hat)
         w.copy_(w_hat)
         result.tensors[key] = qt
-        result.transposed[key] = type(module).__name__ == "Conv1D"
+        result.transposed[key] = is_transposed(module, arch)
         for i in keeps.get(name, []):
             result.kept.append({"name": key, "index": i, "value": float(w.reshape(-1)[i])})
     return result

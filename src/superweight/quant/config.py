@@ -49,6 +49,11 @@ def _check_size(name: str, value: int | None) -> None:
         raise SuperweightError(f"{name} must be a positive integer, got {value!r}")
 
 
+def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise SuperweightError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
+
+
 def _check_granularity(group: int | None, block: int | None, per_channel: bool) -> None:
     _check_size("group", group)
     _check_size("block", block)
@@ -74,17 +79,40 @@ class RTN:
     clip: Clip | None = None
     levels: str = "uniform"  # "uniform" (asymmetric INT-N) or "nf4" (QLoRA NormalFloat4, absmax scale)
     oversize: str = "error"  # "error" or "tensor"
+    search: str = "minmax"  # "minmax" (the range of each group) or "mse" (range search, see quant/search.py)
+    zero_point: str = "float"  # "float" (float16 zero, any value) or "int8" (integer zero point, 8 bits)
+    outliers: float = 0.0  # sparse-part budget in bits per weight for the largest other weights of each matrix
+    sa_weight: float = 1.0  # fit weight of the elements that read the super activation's channel (mse only)
 
     def __post_init__(self) -> None:
         if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
             raise SuperweightError(f"bits must be an integer from 2 to 8, got {self.bits!r}")
         _check_granularity(self.group, self.block, self.per_channel)
-        if self.levels not in ("uniform", "nf4"):
-            raise SuperweightError(f"levels must be 'uniform' or 'nf4', got {self.levels!r}")
+        _check_choice("levels", self.levels, ("uniform", "nf4"))
         if self.levels == "nf4" and self.bits != 4:
             raise SuperweightError("NF4 levels need bits=4")
-        if self.oversize not in ("error", "tensor"):
-            raise SuperweightError(f"oversize must be 'error' or 'tensor', got {self.oversize!r}")
+        _check_choice("oversize", self.oversize, ("error", "tensor"))
+        _check_choice("search", self.search, ("minmax", "mse"))
+        _check_choice("zero_point", self.zero_point, ("float", "int8"))
+        if self.zero_point == "int8" and self.levels == "nf4":
+            raise SuperweightError("NF4 has no zero point: drop zero_point='int8'")
+        if not 0 <= self.outliers < 8:
+            raise SuperweightError(f"outliers is a budget in bits per weight, from 0 to 8, got {self.outliers}")
+        if not self.sa_weight >= 1:
+            raise SuperweightError(f"sa_weight must be >= 1 (1 = no special care), got {self.sa_weight}")
+
+    @property
+    def kind(self) -> str:
+        """The handler that stores this config's codes (see ``quant/schemes.py``)."""
+        if self.levels == "nf4":
+            return "nf4"
+        return "rtn_z8" if self.zero_point == "int8" else "rtn"
+
+    @property
+    def holds_out_of_range(self) -> bool:
+        """True when held-out values are left out of their group's range (every new option);
+        False for the paper's recipe and plain RTN, where kept weights are quantized with the rest."""
+        return self.search != "minmax" or self.outliers > 0 or self.zero_point != "float"
 
 
 @dataclass(frozen=True)
@@ -103,8 +131,11 @@ class Ternary:
         _check_granularity(self.group, self.block, False)
         if not isinstance(self.topk, int) or self.topk < 0:
             raise SuperweightError(f"topk must be a non-negative integer, got {self.topk!r}")
-        if self.oversize not in ("error", "tensor"):
-            raise SuperweightError(f"oversize must be 'error' or 'tensor', got {self.oversize!r}")
+        _check_choice("oversize", self.oversize, ("error", "tensor"))
+
+    @property
+    def kind(self) -> str:
+        return "ternary"
 
 
 @dataclass(frozen=True)
@@ -167,14 +198,19 @@ SCHEMES = ("int2", "int3", "int4", "int8", "nf4", "ternary")
 
 def scheme_config(
     scheme: str, block: int | None = None, group: int | None = None, clip_z: float | None = None,
-    topk: int = 0, per_channel: bool = False, oversize: str = "error",
+    topk: int = 0, per_channel: bool = False, oversize: str = "error", **rtn_options,
 ) -> RTN | Ternary:
-    """The config behind a CLI ``--scheme`` name."""
+    """The config behind a CLI ``--scheme`` name; ``rtn_options`` (``search``, ``zero_point``,
+    ``outliers``, ``sa_weight``) go to ``RTN``."""
     clip = ZScore(clip_z) if clip_z is not None else None
     if scheme.startswith("int") and scheme in SCHEMES:
-        return RTN(bits=int(scheme[3:]), block=block, group=group, per_channel=per_channel, clip=clip, oversize=oversize)
+        return RTN(bits=int(scheme[3:]), block=block, group=group, per_channel=per_channel, clip=clip, oversize=oversize,
+                   **rtn_options)
     if scheme == "nf4":
-        return RTN(bits=4, block=block, group=group, per_channel=per_channel, clip=clip, levels="nf4", oversize=oversize)
+        return RTN(bits=4, block=block, group=group, per_channel=per_channel, clip=clip, levels="nf4", oversize=oversize,
+                   **rtn_options)
+    if rtn_options and any(v not in (None, 0, 1.0, "minmax", "float") for v in rtn_options.values()):
+        raise SuperweightError(f"{', '.join(rtn_options)} apply to int* and nf4 schemes, not {scheme}")
     if scheme == "ternary":
         if clip is not None:
             raise SuperweightError("--clip-z does not apply to ternary (absmean already bounds the scale)")
@@ -207,4 +243,17 @@ def describe(config) -> str:
         parts.append(f"clip p={clip.p:g}")
     if isinstance(config, Ternary) and config.topk:
         parts.append(f"top{config.topk}")
+    if isinstance(config, RTN):
+        parts += _rtn_options(config)
     return " ".join(parts)
+
+
+def _rtn_options(config: RTN) -> list[str]:
+    out = ["mse"] if config.search == "mse" else []
+    if config.zero_point == "int8":
+        out.append("zero=int8")
+    if config.outliers:
+        out.append(f"outliers={config.outliers:g}b")
+    if config.sa_weight != 1:
+        out.append(f"sa-weight={config.sa_weight:g}")
+    return out

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 
 from ..errors import SuperweightError
 
@@ -18,11 +19,16 @@ def packed_bytes(n: int, bits: int) -> int:
     return math.ceil(n / 5) if bits == 0 else math.ceil(n * bits / 8)
 
 
+def _word_dtype(bits: int) -> torch.dtype:
+    return torch.int32 if 8 * bits <= 31 else torch.int64
+
+
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack uint8 codes below ``2**bits`` into ``ceil(n * bits / 8)`` bytes.
 
     Every 8 codes form one little-endian word of ``bits`` bytes (code k at bit ``k * bits``), which
-    is the LSB-first bit stream; the last word is cut to the bytes the stream needs.
+    is the LSB-first bit stream; the last word is cut to the bytes the stream needs. Vectorised: one
+    shift-and-or per code position, in uint8 when ``bits`` divides 8, else in 32/64-bit words.
     """
     if not 1 <= bits <= 8:
         raise SuperweightError(f"cannot pack {bits}-bit codes: bits must be 1..8")
@@ -30,10 +36,21 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     if bits == 8:
         return codes.clone()
     n = codes.numel()
-    words = torch.nn.functional.pad(codes, (0, (-n) % 8)).view(-1, 8).long() << (torch.arange(8) * bits)
-    word = words.sum(1, keepdim=True)
-    out = ((word >> (torch.arange(bits) * 8)) & 0xFF).to(torch.uint8).reshape(-1)
-    return out[: packed_bytes(n, bits)].clone()
+    if 8 % bits == 0:
+        per = 8 // bits
+        c = F.pad(codes, (0, (-n) % per)).view(-1, per)
+        out = c[:, 0].clone()
+        for k in range(1, per):
+            out |= c[:, k] << (k * bits)
+        return out
+    c = F.pad(codes, (0, (-n) % 8)).view(-1, 8).to(_word_dtype(bits))
+    word = c[:, 0].clone()
+    for k in range(1, 8):
+        word |= c[:, k] << (k * bits)
+    out = torch.empty((word.numel(), bits), dtype=torch.uint8, device=codes.device)
+    for b in range(bits):
+        out[:, b] = (word >> (8 * b)) & 0xFF
+    return out.reshape(-1)[: packed_bytes(n, bits)].clone()
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
@@ -43,22 +60,34 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     packed = packed.reshape(-1).to(torch.uint8)
     if bits == 8:
         return packed.clone()
-    full = torch.nn.functional.pad(packed, (0, (-packed.numel()) % bits)).view(-1, bits).long()
-    word = (full << (torch.arange(bits) * 8)).sum(1, keepdim=True)
-    codes = (word >> (torch.arange(8) * bits)) & (2**bits - 1)
-    return codes.to(torch.uint8).reshape(-1)[:n].clone()
+    mask = 2**bits - 1
+    if 8 % bits == 0:
+        per = 8 // bits
+        out = torch.empty((packed.numel(), per), dtype=torch.uint8, device=packed.device)
+        for k in range(per):
+            out[:, k] = (packed >> (k * bits)) & mask
+        return out.reshape(-1)[:n].clone()
+    full = F.pad(packed, (0, (-packed.numel()) % bits)).view(-1, bits).to(_word_dtype(bits))
+    word = full[:, 0].clone()
+    for b in range(1, bits):
+        word |= full[:, b] << (8 * b)
+    out = torch.empty((word.numel(), 8), dtype=torch.uint8, device=packed.device)
+    for k in range(8):
+        out[:, k] = (word >> (k * bits)) & mask
+    return out.reshape(-1)[:n].clone()
 
 
-_POW3 = torch.tensor([1, 3, 9, 27, 81], dtype=torch.int16)
+_POW3 = (1, 3, 9, 27, 81)
 
 
 def pack_ternary(codes: torch.Tensor) -> torch.Tensor:
     """Five codes in {0, 1, 2} per byte, first code in the lowest base-3 digit."""
-    codes = codes.reshape(-1).to(torch.int16)
-    pad = (-codes.numel()) % 5
-    if pad:
-        codes = torch.cat([codes, torch.zeros(pad, dtype=torch.int16)])
-    return (codes.view(-1, 5) * _POW3).sum(1).to(torch.uint8)
+    codes = codes.reshape(-1).to(torch.uint8)
+    c = F.pad(codes, (0, (-codes.numel()) % 5)).view(-1, 5)
+    out = c[:, 0].clone()
+    for k in range(1, 5):
+        out += c[:, k] * _POW3[k]
+    return out
 
 
 def unpack_ternary(packed: torch.Tensor, n: int) -> torch.Tensor:
@@ -67,5 +96,8 @@ def unpack_ternary(packed: torch.Tensor, n: int) -> torch.Tensor:
         raise SuperweightError(f"packed ternary codes hold {packed.numel()} bytes, expected {packed_bytes(n, 0)}")
     if packed.numel() and int(packed.max()) > 242:
         raise SuperweightError("packed ternary codes hold a byte above 242: the file is corrupted")
-    digits = (packed.reshape(-1, 1).to(torch.int16) // _POW3) % 3
-    return digits.reshape(-1)[:n].to(torch.uint8)
+    packed = packed.reshape(-1).to(torch.uint8)
+    out = torch.empty((packed.numel(), 5), dtype=torch.uint8, device=packed.device)
+    for k in range(5):
+        out[:, k] = (packed // _POW3[k]) % 3
+    return out.reshape(-1)[:n].clone()

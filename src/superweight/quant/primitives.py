@@ -30,15 +30,17 @@ NF4_LEVELS = torch.tensor([
 
 @dataclass
 class QuantizedTensor:
-    """Codes (one uint8 per element, tensor order), per-run parameters and a sparse exact part."""
+    """Codes (one uint8 per element, tensor order), per-run parameters and a sparse exact part.
 
-    kind: str  # "rtn", "nf4" or "ternary"
+    ``kind`` names the scheme handler (``quant/schemes.py``) that dequantizes, packs and sizes it."""
+
+    kind: str  # "rtn", "rtn_z8", "nf4" or "ternary"
     bits: int  # code width before packing (ternary: 2 levels-bits, packed at 1.6)
     shape: tuple[int, ...]
     layout: Layout
     codes: torch.Tensor  # uint8 [numel]
     scale: torch.Tensor  # [rows, runs]
-    zero: torch.Tensor | None  # [rows, runs] for "rtn", else None
+    zero: torch.Tensor | None  # [rows, runs] for "rtn" (float) and "rtn_z8" (int8), else None
     sparse_idx: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
     sparse_val: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
 
@@ -46,19 +48,20 @@ class QuantizedTensor:
     def numel(self) -> int:
         return self.layout.numel
 
+    @property
+    def handler(self):
+        from .schemes import handler
+
+        return handler(self.kind)
+
     def dense(self) -> torch.Tensor:
         """The dequantized codes in float32, ``[rows, row_len]``, before the sparse part."""
-        L = self.layout
-        if self.kind == "rtn":
-            return L.per_element(lambda q, s, z: q * s + z, self.codes.float(), self.scale.float(), self.zero.float())
-        if self.kind == "nf4":
-            return L.per_element(torch.mul, NF4_LEVELS[self.codes.long()], self.scale.float())
-        return L.per_element(lambda q, g: (q - 1.0) * g, self.codes.float(), self.scale.float())
+        return self.handler.dense(self.codes, self.scale, self.zero, self.bits, self.layout)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         out = self.dense().to(dtype).contiguous().reshape(self.shape)
         if self.sparse_idx.numel():
-            out.view(-1)[self.sparse_idx] = self.sparse_val.to(dtype)
+            out.view(-1)[self.sparse_idx.to(out.device)] = self.sparse_val.to(device=out.device, dtype=dtype)
         return out
 
 
@@ -107,26 +110,17 @@ def clip_tensor(w: torch.Tensor, clip: ZScore | Percentile | None) -> torch.Tens
 def rtn_codes(
     x: torch.Tensor, bits: int, layout: Layout, param_dtype: torch.dtype = torch.float16
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Asymmetric RTN of float32 ``x``: ``(codes uint8 [numel], scale, zero)`` per run."""
-    qmax = 2**bits - 1
-    lo = layout.padded(x, float("inf")).amin(-1)
-    hi = layout.padded(x, float("-inf")).amax(-1)
-    zero = _to_dtype(lo, param_dtype, float("-inf"))
-    scale = _to_dtype((hi - zero.float()) / qmax, param_dtype, float("inf"))
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    q = layout.per_element(lambda v, z, s: ((v - z) / s).round_().clamp_(0, qmax), x, zero.float(), scale.float())
-    codes = q.to(torch.uint8).reshape(-1)
-    return codes, scale, zero
+    """Asymmetric min/max RTN of float32 ``x``: ``(codes uint8 [numel], scale, zero)`` per run."""
+    from .schemes import handler
+
+    return handler("rtn").quantize(x, layout, RTN(bits=bits), None, param_dtype)
 
 
 def nf4_codes(x: torch.Tensor, layout: Layout, param_dtype: torch.dtype = torch.float16) -> tuple[torch.Tensor, torch.Tensor]:
     """NF4: absmax per run (rounded up), nearest NormalFloat level: ``(codes, scale)``."""
-    absmax = layout.padded(x.abs(), 0.0).amax(-1)
-    scale = _to_dtype(absmax, param_dtype, float("inf"))
-    scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    y = layout.per_element(torch.div, x, scale.float()).reshape(-1)
-    mids = (NF4_LEVELS[1:] + NF4_LEVELS[:-1]) / 2
-    return torch.bucketize(y, mids).to(torch.uint8), scale
+    from .schemes import handler
+
+    return handler("nf4").quantize(x, layout, RTN(levels="nf4"), None, param_dtype)[:2]
 
 
 def ternary_codes(
@@ -134,7 +128,7 @@ def ternary_codes(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """BitNet b1.58 absmean: ``gamma = mean|x|`` per run; codes ``round(x / (gamma + eps))`` clipped to
     {-1, 0, 1}, stored as {0, 1, 2}; ``x_hat = (code - 1) * gamma``."""
-    gamma = layout.padded(x.abs(), 0.0).sum(-1) / layout.run_counts()
+    gamma = layout.padded(x.abs(), 0.0).sum(-1) / layout.run_counts().to(x.device)
     gamma = gamma.to(param_dtype)
     q = layout.per_element(lambda v, g: (v / g).round_().clamp_(-1, 1) + 1, x, gamma.float() + eps)
     codes = q.to(torch.uint8).reshape(-1)
@@ -144,42 +138,60 @@ def ternary_codes(
 def topk_outliers(w: torch.Tensor, k: int, exclude: torch.Tensor) -> torch.Tensor:
     """Flat indices of the ``k`` largest ``|w|`` not in ``exclude``."""
     if k <= 0:
-        return torch.zeros(0, dtype=torch.int64)
+        return torch.zeros(0, dtype=torch.int64, device=w.device)
     mag = w.detach().float().abs().reshape(-1).clone()
-    mag[exclude] = -1.0
+    mag[exclude.to(mag.device)] = -1.0
     return mag.topk(min(k, mag.numel() - exclude.numel())).indices
+
+
+def outlier_count(numel: int, budget_bits: float, value_bytes: int) -> int:
+    """Sparse values a budget of ``budget_bits`` per weight pays for (int32 index + value each)."""
+    return int(budget_bits * numel // (8 * (4 + value_bytes)))
+
+
+def _kept(w: torch.Tensor, keep) -> torch.Tensor:
+    keep_idx = torch.as_tensor(keep if keep is not None else [], dtype=torch.int64).reshape(-1).to(w.device)
+    if keep_idx.numel() and (int(keep_idx.min()) < 0 or int(keep_idx.max()) >= w.numel()):
+        raise SuperweightError(f"a kept index is outside the tensor of shape {tuple(w.shape)}")
+    return keep_idx
+
+
+def _fit_weights(x: torch.Tensor, held: torch.Tensor, fit_weights: torch.Tensor | None) -> torch.Tensor:
+    """Per-element fit weights (``fit_weights`` or ones), 0 at the held-out indices."""
+    m = torch.ones_like(x) if fit_weights is None else fit_weights.to(device=x.device, dtype=torch.float32).reshape(x.shape).clone()
+    m.view(-1)[held] = 0.0
+    return m
 
 
 def quantize_tensor(
     w: torch.Tensor, config: RTN | Ternary, keep: torch.Tensor | list[int] | None = None,
-    param_dtype: torch.dtype = torch.float16,
+    param_dtype: torch.dtype = torch.float16, fit_weights: torch.Tensor | None = None,
 ) -> QuantizedTensor:
     """Quantize ``w`` (``[out, in]`` or any shape) under ``config``.
 
-    ``keep`` are flat indices (e.g. super weights) that take part in clipping and quantization and
-    then get their exact original value back through the sparse part.
+    ``keep`` are flat indices (e.g. super weights) that get their exact original value back through
+    the sparse part. Under plain RTN and the paper's recipe they take part in clipping and
+    quantization like the rest; under the outlier-aware options (``config.holds_out_of_range``) they
+    and the ``config.outliers`` budget's largest other weights leave their group's range.
+    ``fit_weights`` (same shape as ``w``) weight the range search's error (``search="mse"``).
     """
-    keep_idx = torch.as_tensor(keep if keep is not None else [], dtype=torch.int64).reshape(-1)
-    if keep_idx.numel() and (int(keep_idx.min()) < 0 or int(keep_idx.max()) >= w.numel()):
-        raise SuperweightError(f"a kept index is outside the tensor of shape {tuple(w.shape)}")
+    from .schemes import handler
+
+    keep_idx = _kept(w, keep)
     per_channel = getattr(config, "per_channel", False)
     layout = make_layout(tuple(w.shape), config.group, config.block, per_channel, config.oversize)
-    if isinstance(config, Ternary):
-        codes, scale = ternary_codes(w.detach().float(), layout, config.eps, param_dtype)
-        zero, kind, bits = None, "ternary", 2
-        keep_idx = torch.cat([keep_idx, topk_outliers(w, config.topk, keep_idx)])
-    else:
-        x = clip_tensor(w, config.clip)
-        if config.levels == "nf4":
-            codes, scale = nf4_codes(x, layout, param_dtype)
-            zero, kind = None, "nf4"
-        else:
-            codes, scale, zero = rtn_codes(x, config.bits, layout, param_dtype)
-            kind = "rtn"
-        bits = config.bits
-    idx = torch.unique(keep_idx)  # sorted
-    val = w.detach().reshape(-1)[idx].clone()
-    return QuantizedTensor(kind, bits, tuple(w.shape), layout, codes, scale, zero, idx, val)
+    extra = getattr(config, "topk", 0)
+    if isinstance(config, RTN) and config.outliers:
+        extra = outlier_count(w.numel(), config.outliers, w.element_size())
+    keep_idx = torch.unique(torch.cat([keep_idx, topk_outliers(w, extra, keep_idx)]))  # sorted
+    x = clip_tensor(w, config.clip) if isinstance(config, RTN) else w.detach().float()
+    m = None
+    if isinstance(config, RTN) and config.holds_out_of_range:
+        m = _fit_weights(x, keep_idx, fit_weights)
+    codes, scale, zero = handler(config.kind).quantize(x, layout, config, m, param_dtype)
+    bits = 2 if isinstance(config, Ternary) else config.bits
+    val = w.detach().reshape(-1)[keep_idx].clone()
+    return QuantizedTensor(config.kind, bits, tuple(w.shape), layout, codes, scale, zero, keep_idx, val)
 
 
 def fake_quantize(w: torch.Tensor, config: RTN | Ternary, keep=None, param_dtype: torch.dtype = torch.float16) -> torch.Tensor:

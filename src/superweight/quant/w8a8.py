@@ -19,7 +19,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from .api import DEFAULT_EXCLUDE, out_in, target_modules
+from .api import DEFAULT_EXCLUDE, _arch_of, out_in, target_modules
 from .config import RTN, W8A8
 from .primitives import fake_quantize, holdout_quantize, quantize_per_token
 
@@ -88,7 +88,8 @@ def simulate_w8a8(
     exclude: str | None = DEFAULT_EXCLUDE,
 ) -> Iterator[W8A8Stats]:
     """Run ``model`` as W8A8 inside the block; original weights restored bitwise on exit."""
-    modules = target_modules(model, include, exclude)
+    arch = _arch_of(model)
+    modules = target_modules(model, include, exclude, arch)
     stats = W8A8Stats(config, modules=len(modules))
     smooth: dict[str, torch.Tensor] = {}
     if config.method == "smoothquant":
@@ -96,13 +97,13 @@ def simulate_w8a8(
             raise ValueError("SmoothQuant needs calibration batches (calib=[token ids, ...])")
         smoothed = {n: m for n, m in modules.items() if re.search(config.smooth, n)}
         act = input_channel_absmax(model, smoothed, calib)
-        smooth = {n: smoothing_factors(act[n], out_in(m), config.alpha) for n, m in smoothed.items() if n in act}
+        smooth = {n: smoothing_factors(act[n], out_in(m, arch), config.alpha) for n, m in smoothed.items() if n in act}
     saved = {n: m.weight.detach().clone() for n, m in modules.items()}
     handles = []
     try:
         with torch.no_grad():
             for name, module in modules.items():
-                w = out_in(module)
+                w = out_in(module, arch)
                 s = smooth.get(name)
                 scaled = w * s.to(w.dtype) if s is not None else w
                 w.copy_(fake_quantize(scaled, RTN(bits=8), param_dtype=torch.float32))

