@@ -8,42 +8,22 @@ import torch
 from torch import nn
 
 from .arch import ArchSpec, check_index
-
-Coord = tuple[int, int, int]  # (layer, row, col) in the paper's convention
-
-
-def as_coords(items: Iterable) -> list[Coord]:
-    """Accept SuperWeight objects, dicts or (layer, row, col) tuples."""
-    out = []
-    for it in items:
-        if isinstance(it, dict):
-            out.append((int(it["layer"]), int(it["row"]), int(it["col"])))
-        elif hasattr(it, "layer"):
-            out.append((int(it.layer), int(it.row), int(it.col)))
-        else:
-            layer, row, col = it
-            out.append((int(layer), int(row), int(col)))
-    return out
+from .coords import Coord, as_coords  # noqa: F401  (re-exported: ablate.Coord, ablate.as_coords)
+from .edits import HookSet, edited_entries
 
 
 @contextlib.contextmanager
 def scaled_weights(model: nn.Module, arch: ArchSpec, coords: Iterable, scale: float) -> Iterator[None]:
     """Multiply the given super weights by ``scale`` inside the block (0 zeroes them)."""
-    coords = as_coords(coords)
-    saved: list[tuple[torch.Tensor, tuple[int, int], torch.Tensor]] = []
-    try:
+    entries = []
+    for layer, row, col in as_coords(coords):
+        check_index(arch, model, layer, row, col)
+        entries.append((arch.down_proj_module(model, layer).weight, arch.index(row, col)))
+    with edited_entries(entries):
         with torch.no_grad():
-            for layer, row, col in coords:
-                check_index(arch, model, layer, row, col)
-                weight = arch.down_proj_module(model, layer).weight
-                idx = arch.index(row, col)
-                saved.append((weight, idx, weight[idx].clone()))
+            for weight, idx in entries:
                 weight[idx] = weight[idx] * scale
         yield
-    finally:
-        with torch.no_grad():
-            for weight, idx, original in reversed(saved):
-                weight[idx] = original
 
 
 def zeroed_weights(model: nn.Module, arch: ArchSpec, coords: Iterable) -> contextlib.AbstractContextManager:
@@ -76,20 +56,15 @@ def zeroed_entries(model: nn.Module, arch: ArchSpec, coords: Iterable) -> Iterat
     coords = as_coords(coords)
     for layer, row, col in coords:
         check_index(arch, model, layer, row, col)
-    saved: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]] = []
-    try:
+    entries = []
+    for layer, (rows, cols) in _by_layer(coords).items():
+        matrix = arch.weight_matrix(model, layer)
+        entries.append((matrix, (rows.to(matrix.device), cols.to(matrix.device))))  # index where the weights are
+    with edited_entries(entries):
         with torch.no_grad():
-            for layer, (rows, cols) in _by_layer(coords).items():
-                matrix = arch.weight_matrix(model, layer)
-                rows, cols = rows.to(matrix.device), cols.to(matrix.device)  # index where the weights are
-                saved.append((matrix, rows, cols, matrix[rows, cols].clone()))
-            for matrix, rows, cols, _ in saved:
-                matrix[rows, cols] = 0
+            for matrix, idx in entries:
+                matrix[idx] = 0
         yield len(set(coords))
-    finally:
-        with torch.no_grad():
-            for matrix, rows, cols, original in reversed(saved):
-                matrix[rows, cols] = original
 
 
 def sw_layers(coords: Iterable) -> list[int]:
@@ -157,17 +132,12 @@ def restored_super_activation(
     """
     coords = as_coords(coords)
     originals = {c: float(arch.weight_matrix(model, c[0])[c[1], c[2]].detach()) for c in coords}
-    handles = []
-    try:
+    with HookSet() as hooks:
         for layer in sw_layers(coords):
             mine = [(row, col, originals[(l, row, col)]) for l, row, col in coords if l == layer]
-            module = arch.down_proj_module(model, layer)
-            handles.append(module.register_forward_hook(_restore_hook(mine, floor)))
+            hooks.forward(arch.down_proj_module(model, layer), _restore_hook(mine, floor))
         with zeroed_entries(model, arch, coords):
             yield
-    finally:
-        for h in handles:
-            h.remove()
 
 
 def _restore_hook(entries: list[tuple[int, int, float]], floor: float):

@@ -157,17 +157,13 @@ def simulated_quantize(model, architecture: str, base_type: str, overrides: Sequ
     import torch
     from torch import nn
 
+    from .edits import edited_weights
+
     spec = spec_for_name(architecture)
     types = {o.hf_module: o.type for o in overrides}
-    saved = []
-    try:
+    linears = {name: m for name, m in spec.layer_modules(model).named_modules(prefix=spec.layers) if isinstance(m, nn.Linear)}
+    with edited_weights(m.weight for m in linears.values()):
         with torch.no_grad():
-            for name, module in spec.layer_modules(model).named_modules(prefix=spec.layers):
-                if isinstance(module, nn.Linear):
-                    saved.append((module.weight, module.weight.detach().clone()))
-                    module.weight.copy_(roundtrip(module.weight, types.get(name, base_type)))
-        yield sum(w.numel() for w, _ in saved)
-    finally:
-        with torch.no_grad():
-            for weight, original in saved:
-                weight.copy_(original)
+            for name, module in linears.items():
+                module.weight.copy_(roundtrip(module.weight, types.get(name, base_type)))
+        yield sum(m.weight.numel() for m in linears.values())

@@ -15,7 +15,7 @@ import json
 import logging
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
@@ -27,6 +27,7 @@ from .ablate import zeroed_weights
 from .arch import ArchSpec
 from .capture import _first_tensor
 from .detect import DetectionResult, SpikeRule, encode_prompt
+from .edits import HookSet
 from .errors import SuperweightError
 from .files import read_json, staged_dir
 
@@ -85,31 +86,21 @@ class ReportInputs:
 # ---------------------------------------------------------------- measuring
 
 
-@contextlib.contextmanager
-def _residual_hooks(model: nn.Module, arch: ArchSpec, channel: int, token: int, out: dict) -> Iterator[None]:
-    handles = []
+def _residual_hook(i: int, channel: int, token: int, out: dict):
+    def hook(module, args, output):
+        h = _first_tensor(output).detach()
+        h = h.reshape(-1, h.shape[-2], h.shape[-1])[0].float()
+        out.setdefault("sa", {})[i] = abs(float(h[token, channel]))
+        out.setdefault("max", {})[i] = float(h.abs().max())
 
-    def hook_for(i: int):
-        def hook(module, args, output):
-            h = _first_tensor(output).detach()
-            h = h.reshape(-1, h.shape[-2], h.shape[-1])[0].float()
-            out.setdefault("sa", {})[i] = abs(float(h[token, channel]))
-            out.setdefault("max", {})[i] = float(h.abs().max())
-
-        return hook
-
-    try:
-        for i, layer in enumerate(arch.layer_modules(model)):
-            handles.append(layer.register_forward_hook(hook_for(i)))
-        yield
-    finally:
-        for h in handles:
-            h.remove()
+    return hook
 
 
 def _trace_once(model: nn.Module, arch: ArchSpec, inputs: dict, channel: int, token: int) -> tuple[list, list]:
     seen: dict = {}
-    with _residual_hooks(model, arch, channel, token, seen), torch.no_grad():
+    with HookSet() as hooks, torch.no_grad():
+        for i, layer in enumerate(arch.layer_modules(model)):
+            hooks.forward(layer, _residual_hook(i, channel, token, seen))
         model(**inputs, use_cache=False)
     n = arch.num_layers(model)
     return [seen["sa"][i] for i in range(n)], [seen["max"][i] for i in range(n)]

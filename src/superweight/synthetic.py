@@ -12,6 +12,7 @@ import torch
 from torch import nn
 
 from .arch import ArchSpec, get_arch
+from .edits import HookSet
 
 TINY = dict(hidden=64, intermediate=128, layers=4, heads=4, kv_heads=2, vocab=320, positions=256)
 
@@ -97,13 +98,11 @@ def _direction(dim: int, seed: int) -> torch.Tensor:
 def _mlp_input(model: nn.Module, module: nn.Module, tokens: int = 48, seed: int = 0) -> torch.Tensor:
     """The input rows ``module`` sees for a fixed random token sequence: ``[tokens, hidden]``."""
     seen = []
-    handle = module.register_forward_pre_hook(lambda m, args: seen.append(args[0].detach()))
-    try:
+    with HookSet() as hooks:
+        hooks.pre(module, lambda m, args: seen.append(args[0].detach()))
         g = torch.Generator().manual_seed(seed)
         ids = torch.randint(0, model.config.vocab_size, (1, tokens), generator=g)
         model(input_ids=ids, use_cache=False)
-    finally:
-        handle.remove()
     return seen[0].reshape(-1, seen[0].shape[-1]).float()
 
 
