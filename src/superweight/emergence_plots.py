@@ -33,7 +33,7 @@ def run_figure(result: EmergenceResult, train_losses: Sequence[Sequence[float]] 
     a.semilogy(steps, [p.residual_median_layer_max for p in pts], "-", color="#8c8c8c", label="median layer's max |h|")
     last = pts[-1]
     text = f"layer {last.residual_layer}, channel {last.residual_channel}, token {last.residual_token}"
-    a.annotate(text, (steps[-1], last.residual_max), textcoords="offset points", xytext=(-150, 10), fontsize=8)
+    a.annotate(text, (steps[-1], last.residual_max), textcoords="offset points", xytext=(-170, -14), fontsize=8)
     labels.append(text)
     a.set(xlabel="step", ylabel="|h|", title="largest residual-stream activation")
     a.legend()
