@@ -74,13 +74,14 @@ def summarize(run: Path, result: EmergenceResult) -> dict:
         "seed": json.loads((run / "train_log.json").read_text())["config"]["seed"],
         "final": {"step": last.step, "loss": last.loss, "loss_zero_top": last.loss_zero_top,
                   "loss_zero_detected": last.loss_zero_detected, "residual_max": last.residual_max,
-                  "residual_median_layer_max": last.residual_median_layer_max, "layer": last.residual_layer,
+                  "residual_median_layer_max": last.residual_median_layer_max, "massive_ratio": last.massive, "layer": last.residual_layer,
                   "channel": last.residual_channel, "token": last.residual_token, "top": last.top,
                   "top_share": last.top_share, "detected": last.detected},
         "channel_stable_from_step": pts[i_ch].step,
         "top_creator_stable_from_step": pts[i_top].step,
         "first_step_zeroing_top_hurts": first.step if first else None,
         "first_step_detected": detected.step if detected else None,
+        "massive_ratio_per_step": [[p.step, p.massive] for p in pts],
         "init_ranks_of_final_channel": init_ranks(Path(pts[0].path), last.residual_channel, last.top[0]),
     }
 

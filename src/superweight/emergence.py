@@ -51,8 +51,14 @@ class CheckpointPoint:
     top_output: float  # the down-projection output peak it creates
     top_input: float  # the input X[t, col] it multiplies
     detected: list[list[int]]  # detection's super weights [layer, row, col]
+    residual_typical: float = 0.0  # median |h| over tokens and channels after the peak's layer
     residual_per_layer: list[float] = field(default_factory=list)  # max |h| after each layer
     output_per_layer: list[float] = field(default_factory=list)  # max |down_proj output| per layer
+
+    @property
+    def massive(self) -> float:
+        """How many times the typical |h| of its layer the largest activation is (paper: ~100-10,000x)."""
+        return self.residual_max / self.residual_typical if self.residual_typical else 0.0
 
     @property
     def hurts(self) -> bool:
@@ -105,6 +111,21 @@ def top_creator(model: nn.Module, arch, layers) -> tuple[tuple[int, int, int], f
     return (best.layer, row, col), float(w_row[col]), share, best.output.value, float(x[col])
 
 
+@torch.no_grad()
+def typical_residual(model: nn.Module, arch, tokenizer, layer: int, prompt: str | None = None) -> float:
+    """Median |h| over tokens and channels of the residual stream after decoder ``layer`` on the prompt."""
+    from .detect import DEFAULT_PROMPT
+    from .edits import HookSet
+
+    seen: list[torch.Tensor] = []
+    device = next(model.parameters()).device
+    ids = tokenizer(prompt or DEFAULT_PROMPT, return_tensors="pt")["input_ids"].to(device)
+    with HookSet() as hooks:
+        hooks.forward(arch.layer_modules(model)[layer], lambda m, a, out: seen.append(out[0] if isinstance(out, tuple) else out))
+        model(input_ids=ids, use_cache=False)
+    return float(seen[0].detach().abs().float().median())
+
+
 def load_checkpoint(path: Path):
     """A checkpoint as a ``LoadedModel``; a BitNet QAT checkpoint gets its ternary forward back."""
     from .bitnet import restore
@@ -139,6 +160,7 @@ def measure(path: Path, text: str, eval_tokens: int, prompt: str | None = None) 
         path=str(path), step=checkpoint_step(path), loss=loss, loss_zero_top=loss_top, loss_zero_detected=loss_det,
         residual_max=peak.residual.magnitude, residual_layer=peak.layer, residual_channel=peak.residual.channel,
         residual_token=peak.residual.token, residual_median_layer_max=float(torch.tensor(res).median()),
+        residual_typical=typical_residual(model, arch, lm.tokenizer, peak.layer, prompt),
         top=list(top), top_value=value, top_share=share, top_output=out_peak, top_input=in_val,
         detected=[list(c) for c in result.coords], residual_per_layer=res,
         output_per_layer=[s.output.magnitude for s in layers],

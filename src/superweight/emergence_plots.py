@@ -31,8 +31,10 @@ def run_figure(result: EmergenceResult, train_losses: Sequence[Sequence[float]] 
     a = ax[0][1]
     a.semilogy(steps, [p.residual_max for p in pts], "o-", color=WITH, ms=3, label="max |h| over layers")
     a.semilogy(steps, [p.residual_median_layer_max for p in pts], "-", color="#8c8c8c", label="median layer's max |h|")
+    a.semilogy(steps, [p.residual_typical for p in pts], ":", color="#8c8c8c", label="median |h| of the peak's layer")
     last = pts[-1]
-    text = f"layer {last.residual_layer}, channel {last.residual_channel}, token {last.residual_token}"
+    text = (f"layer {last.residual_layer}, channel {last.residual_channel}, token {last.residual_token}: "
+            f"{last.massive:.0f}x the median |h|")
     a.annotate(text, (steps[-1], last.residual_max), textcoords="offset points", xytext=(-170, -14), fontsize=8)
     labels.append(text)
     a.set(xlabel="step", ylabel="|h|", title="largest residual-stream activation")
