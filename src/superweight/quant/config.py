@@ -154,10 +154,13 @@ class W8A8:
     alpha: float = 0.85
     holdout_ratio: float = 1000.0
     smooth: str = SMOOTHABLE
+    weights: str = "tensor"  # "tensor": asymmetric per tensor (the paper); "channel": symmetric absmax per output row
+    symmetric: bool = False  # activations: asymmetric per token (the paper) or symmetric absmax (SmoothQuant's code)
 
     def __post_init__(self) -> None:
         if self.method not in ("naive", "holdout", "smoothquant"):
             raise SuperweightError(f"W8A8 method must be naive, holdout or smoothquant, got {self.method!r}")
+        _check_choice("weights", self.weights, ("tensor", "channel"))
         if not 0 <= self.alpha <= 1:
             raise SuperweightError(f"SmoothQuant alpha must be in [0, 1], got {self.alpha}")
 
@@ -226,7 +229,8 @@ def describe(config) -> str:
     """A short human label, e.g. ``int4 block=16384 clip z=9``."""
     d = asdict(config)
     if isinstance(config, W8A8):
-        return f"W8A8 {config.method}"
+        setting = "" if (config.weights, config.symmetric) == ("tensor", False) else f" ({config.weights} W, {'sym' if config.symmetric else 'asym'} A)"
+        return f"W8A8 {config.method}{setting}"
     head = "ternary" if isinstance(config, Ternary) else ("nf4" if config.levels == "nf4" else f"int{config.bits}")
     parts = [head]
     for key in ("block", "group"):

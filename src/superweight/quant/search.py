@@ -76,7 +76,11 @@ class UniformInt8Zero(UniformGrid):
         return scale, (-z / scale.float()).round().clamp(-128, 127).to(torch.int8)
 
     def minmax(self, lo: torch.Tensor, hi: torch.Tensor) -> Params:
-        return self.from_affine((hi - lo) / self.qmax, lo)
+        s = (hi - lo) / self.qmax
+        return self.from_affine(torch.where(s > 0, s, lo.abs()), lo)  # one value: a step of |value| holds it
+
+    def from_range(self, lo: torch.Tensor, hi: torch.Tensor) -> Params:
+        return self.minmax(lo, hi)
 
     def codes(self, x3: torch.Tensor, p: Params) -> torch.Tensor:
         return (x3 / p[0].float() + p[1].float()).round_().clamp_(0, self.qmax)

@@ -6,8 +6,16 @@ inside the block, forward pre-hooks quantize the inputs, and on exit the hooks a
 exact original weights written back. SmoothQuant (Xiao et al. 2023) divides each input channel j
 by ``s_j = max|X_j|^alpha / max|W_j|^(1 - alpha)`` and multiplies the weight's column j by it
 (mathematically equal; a deployment folds ``1/s`` into the previous norm), calibrated on
-``calib`` token batches. Only the layers matching ``W8A8.smooth`` are smoothed (those fed by a norm,
-where a deployment can fold ``1/s``); the others are quantized as in the naive method.
+``calib`` token batches. As in the reference code (mit-han-lab/smoothquant ``smooth_lm`` /
+``smooth_ln_fcs``), only the layers matching ``W8A8.smooth`` are smoothed (those fed by a norm) and
+the layers that read one norm (q/k/v; gate/up) share one ``s``. ``W8A8.weights="channel"`` and
+``symmetric=True`` give the reference's fake quantization (symmetric absmax per output row and per
+token); the defaults are the paper's Table 3 setting (asymmetric per tensor and per token).
+
+The W8A8 artifact (``export.save_quantized(..., activations=...)``) stores int8 weights with
+per-tensor scales and, in its manifest, the input channels held out of activation quantization
+(``held_channels``: the super activations' channels, found on calibration text); loading it
+installs ``activation_hook`` on every quantized layer.
 """
 from __future__ import annotations
 
@@ -21,6 +29,7 @@ from torch import nn
 
 from .api import DEFAULT_EXCLUDE, _arch_of, out_in, target_modules
 from .config import RTN, W8A8
+from ..edits import HookSet, edited_weights
 from .primitives import fake_quantize, holdout_quantize, quantize_per_token
 
 
@@ -41,35 +50,78 @@ class W8A8Stats:
 @torch.no_grad()
 def input_channel_absmax(model: nn.Module, modules: dict[str, nn.Module], calib: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
     """Max ``|x|`` per input channel of each module over the calibration batches."""
+    return _input_stats(model, modules, calib)[0]
+
+
+@torch.no_grad()
+def _input_stats(model: nn.Module, modules: dict[str, nn.Module], calib: Sequence[torch.Tensor]):
+    """Per module: max ``|x|`` per input channel, and the median ``|x|`` (median over batches)."""
     maxima: dict[str, torch.Tensor] = {}
+    medians: dict[str, list[float]] = {}
 
     def hook(name):
         def fn(module, args):
-            x = args[0].detach().abs().reshape(-1, args[0].shape[-1]).amax(0).float()
-            maxima[name] = torch.maximum(maxima[name], x) if name in maxima else x
+            x = args[0].detach().abs().reshape(-1, args[0].shape[-1]).float()
+            m = x.amax(0)
+            maxima[name] = torch.maximum(maxima[name], m) if name in maxima else m
+            medians.setdefault(name, []).append(float(x.median()))
         return fn
 
-    handles = [m.register_forward_pre_hook(hook(n)) for n, m in modules.items()]
-    try:
+    with HookSet() as hooks:
+        for n, m in modules.items():
+            hooks.pre(m, hook(n))
         for ids in calib:
             model(input_ids=ids.reshape(1, -1).to(next(model.parameters()).device), use_cache=False)
-    finally:
-        for h in handles:
-            h.remove()
-    return maxima
+    return maxima, {n: float(torch.tensor(v).median()) for n, v in medians.items()}
 
 
-def smoothing_factors(act_max: torch.Tensor, weight: torch.Tensor, alpha: float) -> torch.Tensor:
-    """SmoothQuant's ``s_j = max|X_j|^alpha / max|W_:,j|^(1 - alpha)`` (``weight`` is ``[out, in]``)."""
-    w_max = weight.detach().abs().amax(0).float().clamp(min=1e-5)
-    return (act_max.clamp(min=1e-5).pow(alpha) / w_max.pow(1 - alpha)).clamp(min=1e-5)
+def smoothing_factors(act_max: torch.Tensor, weight: torch.Tensor | Sequence[torch.Tensor], alpha: float) -> torch.Tensor:
+    """SmoothQuant's ``s_j = max|X_j|^alpha / max|W_:,j|^(1 - alpha)`` (weights ``[out, in]``); several
+    weights that read the same input (q/k/v after one norm) share one ``s``: the column maxima are
+    taken over all of them, as the reference ``smooth_ln_fcs`` does."""
+    weights = [weight] if isinstance(weight, torch.Tensor) else list(weight)
+    w_max = torch.stack([w.detach().abs().amax(0).float() for w in weights]).amax(0).clamp(min=1e-5)
+    return (act_max.float().clamp(min=1e-5).pow(alpha) / w_max.pow(1 - alpha)).clamp(min=1e-5)
+
+
+def shared_smoothing(model: nn.Module, smoothed: dict[str, nn.Module], calib, alpha: float, arch) -> dict[str, torch.Tensor]:
+    """One ``s`` per group of smoothed modules with the same parent (q/k/v of one attention block,
+    gate/up of one MLP: they read the output of the same norm, into which ``1/s`` folds)."""
+    act = input_channel_absmax(model, smoothed, calib)
+    by_parent: dict[str, list[str]] = {}
+    for name in smoothed:
+        if name in act:
+            by_parent.setdefault(name.rsplit(".", 1)[0], []).append(name)
+    out = {}
+    for names in by_parent.values():
+        a = torch.stack([act[n] for n in names]).amax(0)
+        s = smoothing_factors(a, [out_in(smoothed[n], arch) for n in names], alpha)
+        out.update({n: s for n in names})
+    return out
+
+
+def quantize_weight_w8(w: torch.Tensor, config: W8A8) -> torch.Tensor:
+    """8-bit weights: asymmetric RTN per tensor (the paper), or symmetric absmax per output row
+    (SmoothQuant's ``quantize_weight_per_channel_absmax``)."""
+    if config.weights == "tensor":
+        return fake_quantize(w, RTN(bits=8), param_dtype=torch.float32)
+    scale = w.detach().abs().amax(-1, keepdim=True).float().clamp(min=1e-5) / 127
+    return ((w.float() / scale).round() * scale).to(w.dtype)
+
+
+def quantize_act_w8(x: torch.Tensor, symmetric: bool) -> torch.Tensor:
+    """Per-token 8-bit activations: asymmetric min/max, or symmetric absmax (SmoothQuant's code)."""
+    if not symmetric:
+        return quantize_per_token(x, 8)
+    scale = x.detach().abs().amax(-1, keepdim=True).float().clamp(min=1e-5) / 127
+    return ((x.float() / scale).round() * scale).to(x.dtype)
 
 
 def _input_hook(name: str, config: W8A8, stats: W8A8Stats, smooth: torch.Tensor | None):
     def fn(module, args):
         x = args[0]
         if smooth is not None:
-            x = x / smooth.to(x.dtype)
+            x = x / smooth.to(device=x.device, dtype=x.dtype)
         stats.calls += 1
         if config.method == "holdout":
             mag = x.detach().abs()
@@ -78,7 +130,7 @@ def _input_hook(name: str, config: W8A8, stats: W8A8Stats, smooth: torch.Tensor 
             if held:
                 stats.held_out[name] = stats.held_out.get(name, 0) + held
             return (holdout_quantize(x, mask, 8), *args[1:])
-        return (quantize_per_token(x, 8), *args[1:])
+        return (quantize_act_w8(x, config.symmetric), *args[1:])
     return fn
 
 
@@ -96,22 +148,57 @@ def simulate_w8a8(
         if not calib:
             raise ValueError("SmoothQuant needs calibration batches (calib=[token ids, ...])")
         smoothed = {n: m for n, m in modules.items() if re.search(config.smooth, n)}
-        act = input_channel_absmax(model, smoothed, calib)
-        smooth = {n: smoothing_factors(act[n], out_in(m, arch), config.alpha) for n, m in smoothed.items() if n in act}
-    saved = {n: m.weight.detach().clone() for n, m in modules.items()}
-    handles = []
-    try:
-        with torch.no_grad():
-            for name, module in modules.items():
-                w = out_in(module, arch)
-                s = smooth.get(name)
-                scaled = w * s.to(w.dtype) if s is not None else w
-                w.copy_(fake_quantize(scaled, RTN(bits=8), param_dtype=torch.float32))
-                handles.append(module.register_forward_pre_hook(_input_hook(name, config, stats, s)))
+        smooth = shared_smoothing(model, smoothed, calib, config.alpha, arch)
+    with edited_weights([m.weight for m in modules.values()]), HookSet() as hooks, torch.no_grad():
+        for name, module in modules.items():
+            w = out_in(module, arch)
+            s = smooth.get(name)
+            scaled = w * s.to(device=w.device, dtype=w.dtype) if s is not None else w
+            w.copy_(quantize_weight_w8(scaled, config))
+            hooks.pre(module, _input_hook(name, config, stats, s))
         yield stats
-    finally:
-        for h in handles:
-            h.remove()
-        with torch.no_grad():
-            for name, module in modules.items():
-                module.weight.copy_(saved[name])
+
+
+# ---------------------------------------------------------------- the W8A8 artifact's activations
+
+
+def held_channels(model: nn.Module, calib: Sequence[torch.Tensor], ratio: float = 1000.0, include: str | None = None,
+                  exclude: str | None = DEFAULT_EXCLUDE) -> dict[str, list[int]]:
+    """Per linear module, the input channels whose calibration max ``|x|`` reaches ``ratio`` x the
+    median ``|x|`` of its input (the super activations' channels): held out of 8-bit quantization."""
+    arch = _arch_of(model)
+    modules = target_modules(model, include, exclude, arch)
+    maxima, medians = _input_stats(model, modules, calib)
+    out = {}
+    for name, mx in maxima.items():
+        chans = torch.nonzero(mx >= ratio * max(medians[name], 1e-12)).reshape(-1).tolist()
+        if chans:
+            out[name] = chans
+    return out
+
+
+def activation_hook(channels: Sequence[int], symmetric: bool = False):
+    """A pre-hook quantizing a linear layer's input per token to 8 bits, the ``channels`` kept exact
+    (filled with the median while the range is taken, then put back)."""
+    idx = torch.as_tensor(list(channels), dtype=torch.long)
+
+    def fn(module, args):
+        x = args[0]
+        if not idx.numel():
+            return (quantize_act_w8(x, symmetric), *args[1:])
+        mask = torch.zeros(x.shape[-1], dtype=torch.bool, device=x.device)
+        mask[idx.to(x.device)] = True
+        return (holdout_quantize(x, mask.expand_as(x), 8), *args[1:])
+    return fn
+
+
+def attach_activation_quant(model: nn.Module, spec: dict) -> list:
+    """Install the 8-bit activation quantization an artifact's manifest describes (``activations``:
+    ``{"bits": 8, "modules": [...], "held_out_channels": {module: [channel, ...]}}``); the hooks
+    stay with the model (it is a W8A8 model). Returns their handles."""
+    held = spec.get("held_out_channels", {})
+    handles = []
+    for name in spec["modules"]:
+        module = model.get_submodule(name)
+        handles.append(module.register_forward_pre_hook(activation_hook(held.get(name, []), bool(spec.get("symmetric")))))
+    return handles
