@@ -67,7 +67,7 @@ def _status(field: str) -> int:
     return 0
 
 
-def child(folder: str, dtype: str, threads: int | None) -> None:
+def child(folder: str, dtype: str, threads: int | None, device: str = "cpu", prefetch: bool = True) -> None:
     """Run in a fresh process: stream_detect, print one JSON line."""
     import logging
 
@@ -88,33 +88,44 @@ def child(folder: str, dtype: str, threads: int | None) -> None:
     imports_s = time.perf_counter() - t_imports
     rss_imports = _status("VmRSS")
     t0 = time.perf_counter()
-    det = stream.StreamingDetector(stream.StreamedModel(folder, dtype), stream.SpikeRule(), max_iter=10)
+    sm = stream.StreamedModel(folder, dtype, device, prefetch=prefetch)
+    det = stream.StreamingDetector(sm, stream.SpikeRule(), max_iter=10)
     result = det.detect(stream.DEFAULT_PROMPT, model_name=folder)
+    if sm.device.type == "cuda":
+        torch.cuda.synchronize()
     wall = time.perf_counter() - t0
+    sm.close()
     print(json.dumps({
         "stream_s": wall, "model_imports_s": imports_s, "peak_rss": _status("VmHWM"), "rss_after_imports": rss_imports,
         "found": [list(c) for c in result.coords], "iterations": result.iterations,
         "passes": det.passes, "layer_reads": det.layers_read, "layer_runs": det.layer_runs,
-        "torch_threads": torch.get_num_threads(),
+        "torch_threads": torch.get_num_threads(), "device": str(sm.device), "prefetch": prefetch,
+        "gpu_peak_bytes": torch.cuda.max_memory_allocated(sm.device) if sm.device.type == "cuda" else None,
     }))
 
 
-def run_child(folder: Path, dtype: str, threads: int | None) -> tuple[dict, float]:
+def run_child(folder: Path, dtype: str, threads: int | None, device: str = "cpu", prefetch: bool = True) -> tuple[dict, float]:
     t0 = time.perf_counter()
-    cmd = [sys.executable, __file__, "--child", str(folder), "--dtype", dtype]
-    proc = subprocess.run(cmd + (["--threads", str(threads)] if threads else []), capture_output=True, text=True)
+    cmd = [sys.executable, __file__, "--child", str(folder), "--dtype", dtype, "--device", device]
+    cmd += ([] if prefetch else ["--no-prefetch"]) + (["--threads", str(threads)] if threads else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True)
     total = time.perf_counter() - t0
     if proc.returncode:
         raise SystemExit(f"streaming detection failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1]), total
 
 
-def bench(folder: Path, dtype: str, threads: int | None = None) -> dict:
+def bench(folder: Path, dtype: str, threads: int | None = None, device: str = "cpu", compare: bool = False) -> dict:
     size = sum(p.stat().st_size for p in shards(folder))
     dropped = evict(folder)
     read_s = read_once(folder)
+    without = {}
+    if compare:  # the same run without the read-ahead thread (the kernel's readahead only), cold too
+        evict(folder)
+        off, _ = run_child(folder, dtype, threads, device, prefetch=False)
+        without = {"no_prefetch": off, "no_prefetch_time_ratio": off["stream_s"] / read_s}
     evict(folder)
-    out, process_s = run_child(folder, dtype, threads)
+    out, process_s = run_child(folder, dtype, threads, device)
     planted_file = folder / "superweight_planted.json"
     planted = json.loads(planted_file.read_text()) if planted_file.is_file() else None
     coord = [planted["layer"], planted["row"], planted["col"]] if planted else None
@@ -126,6 +137,7 @@ def bench(folder: Path, dtype: str, threads: int | None = None) -> dict:
         "targets": {"rss_ratio": TARGET_RSS, "time_ratio": TARGET_TIME},
         "planted": coord, "found_planted": coord in out["found"] if coord else None,
         "machine": {"cpus": os.cpu_count(), "loadavg_1m": os.getloadavg()[0], "python": platform.python_version()},
+        **without,
     }
 
 
@@ -137,10 +149,13 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--dtype", default="bfloat16", help="detection dtype (bfloat16: the checkpoint's own)")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "stream.json")
     ap.add_argument("--threads", type=int, help="torch threads for detection (default: torch's own)")
+    ap.add_argument("--device", default="cpu", help="where layers run: cpu, cuda, auto")
+    ap.add_argument("--compare-prefetch", action="store_true", help="also time a run without the read-ahead thread")
+    ap.add_argument("--no-prefetch", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        child(args.child, args.dtype, args.threads)
+        child(args.child, args.dtype, args.threads, args.device, not args.no_prefetch)
         return {}
     tmp = None
     folder = args.model
@@ -152,7 +167,7 @@ def main(argv: list[str] | None = None) -> dict:
         folder = tmp / "model"
         make(["--size-gb", str(args.size_gb), "--out", str(folder), "--width", args.width])
     try:
-        result = bench(folder, args.dtype, args.threads)
+        result = bench(folder, args.dtype, args.threads, args.device, args.compare_prefetch)
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
@@ -161,7 +176,9 @@ def main(argv: list[str] | None = None) -> dict:
 
     write_json_atomic(args.out, result)
     print(json.dumps({k: result[k] for k in ("checkpoint_bytes", "read_s", "stream_s", "peak_rss", "rss_ratio",
-                                             "time_ratio", "found", "planted")}, indent=1))
+                                             "time_ratio", "found", "planted")}
+                      | ({"no_prefetch_time_ratio": result["no_prefetch_time_ratio"]} if args.compare_prefetch else {}),
+                      indent=1))
     return result
 
 

@@ -38,7 +38,17 @@ TasksOpt = typer.Option(
 LimitOpt = typer.Option(100, "--limit", min=1, help="First N documents per task (lm-eval's --limit).")
 MaxTokensOpt = typer.Option(20000, "--max-tokens", min=2, help="Tokens of the perplexity text to score.")
 SeqLenOpt = typer.Option(None, "--seq-len", help="Perplexity window (default min(2048, model max)).")
-DeviceOpt = typer.Option("auto", "--device", help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N.")
+def _check_device(value: str) -> str:
+    """Fail on a device this machine lacks before anything is loaded."""
+    from ..device import resolve_device
+
+    resolve_device(value)
+    return value
+
+
+DeviceOpt = typer.Option(
+    "auto", "--device", callback=_check_device, help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N."
+)
 DeviceMapOpt = typer.Option(
     None, "--device-map", help="Instead of --device: passed to transformers/accelerate (auto: GPUs, CPU and disk offload)."
 )
