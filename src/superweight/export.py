@@ -27,7 +27,7 @@ from .loaded import LoadedModel, parse_dtype
 from .quant.api import QuantResult
 from .quant.config import describe, from_dict, to_dict
 from .quant.layout import Layout
-from .quant.pack import pack_bits, pack_ternary, packed_bytes, unpack_bits, unpack_ternary
+from .quant.schemes import handler
 from .quant.primitives import QuantizedTensor
 
 MANIFEST = "superweight_manifest.json"
@@ -55,9 +55,9 @@ def sparse_dtype(values: torch.Tensor) -> torch.dtype:
 
 def predicted_bytes(qt: QuantizedTensor, param_bytes: int = 2) -> int:
     """Bytes a quantized tensor takes in the file, from the scheme alone (codes, params, sparse)."""
-    L = qt.layout
-    codes = packed_bytes(qt.numel, 0 if qt.kind == "ternary" else qt.bits)
-    params = L.rows * L.runs * param_bytes * (2 if qt.kind == "rtn" else 1)
+    h = handler(qt.kind)
+    codes = h.code_bytes(qt.numel, qt.bits)
+    params = h.param_bytes(qt.layout, param_bytes)
     k = int(qt.sparse_idx.numel())
     val_bytes = torch.empty(0, dtype=sparse_dtype(qt.sparse_val)).element_size() if k else 0
     return codes + params + k * (4 + val_bytes)
@@ -72,10 +72,7 @@ def sparse_bytes(qt: QuantizedTensor) -> int:
 
 
 def pack_tensor(key: str, qt: QuantizedTensor, param_dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    codes = pack_ternary(qt.codes) if qt.kind == "ternary" else pack_bits(qt.codes, qt.bits)
-    out = {f"{key}{SEP}codes": codes, f"{key}{SEP}scale": qt.scale.to(param_dtype).contiguous()}
-    if qt.zero is not None:
-        out[f"{key}{SEP}zero"] = qt.zero.to(param_dtype).contiguous()
+    out = handler(qt.kind).pack(key, qt.codes, qt.scale, qt.zero, qt.bits, param_dtype)
     if qt.sparse_idx.numel():
         out[f"{key}{SEP}sparse_idx"] = qt.sparse_idx.to(torch.int32)
         out[f"{key}{SEP}sparse_val"] = qt.sparse_val.to(sparse_dtype(qt.sparse_val)).contiguous()
@@ -100,7 +97,7 @@ def _untouched(model: nn.Module, skip: set[str]) -> tuple[dict[str, torch.Tensor
 def _tensor_entry(qt: QuantizedTensor, transposed: bool) -> dict:
     return {
         "kind": qt.kind, "bits": qt.bits, "shape": list(qt.shape), "layout": qt.layout.to_dict(),
-        "transposed": transposed, "packing": "base3x5" if qt.kind == "ternary" else f"lsb{qt.bits}",
+        "transposed": transposed, "packing": handler(qt.kind).packing(qt.bits),
         "sparse": int(qt.sparse_idx.numel()),
         "sparse_dtype": _dtype_name(sparse_dtype(qt.sparse_val)) if qt.sparse_idx.numel() else None,
     }
@@ -129,8 +126,12 @@ def size_report(result: QuantResult, file_bytes: int, untouched_bytes: int, tota
 def save_quantized(
     model: nn.Module, tokenizer, result: QuantResult, out: str | os.PathLike, source: str = "",
     notes: list[str] | None = None, force: bool = False, param_dtype: torch.dtype = torch.float16,
+    activations: dict | None = None,
 ) -> dict:
-    """Write the artifact of a model already fake-quantized by ``quantize`` (``result``); return the manifest."""
+    """Write the artifact of a model already fake-quantized by ``quantize`` (``result``); return the manifest.
+
+    ``activations`` (a W8A8 artifact): ``{"bits": 8, "modules": [...], "held_out_channels": {...}}``,
+    stored in the manifest and installed as input quantization when the artifact is loaded."""
     from safetensors.torch import save_file
 
     out = Path(out)
@@ -164,6 +165,8 @@ def save_quantized(
             "tensors": {k: _tensor_entry(qt, result.transposed[k]) for k, qt in result.tensors.items()},
             "size": size_report(result, file_bytes, untouched_bytes, total, read_header(tmp / WEIGHTS).data_start),
         }
+        if activations:
+            manifest["activations"] = activations
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
@@ -217,18 +220,13 @@ def unpack_tensor(f, key: str, entry: dict) -> QuantizedTensor:
     """Rebuild one ``QuantizedTensor`` from an open safetensors file, checking every shape."""
     L = _layout(entry)
     kind, bits = entry["kind"], int(entry["bits"])
-    packed = f.get_tensor(f"{key}{SEP}codes")
-    codes = unpack_ternary(packed, L.numel) if kind == "ternary" else unpack_bits(packed, bits, L.numel)
-    scale = _expect(f.get_tensor(f"{key}{SEP}scale"), (L.rows, L.runs), f"{key} scale")
-    zero = _expect(f.get_tensor(f"{key}{SEP}zero"), (L.rows, L.runs), f"{key} zero") if kind == "rtn" else None
+    codes, scale, zero = handler(kind).unpack(f.get_tensor, key, bits, L)
     idx, val = torch.zeros(0, dtype=torch.int64), torch.zeros(0)
     if entry.get("sparse"):
         idx = f.get_tensor(f"{key}{SEP}sparse_idx").long()
         val = _expect(f.get_tensor(f"{key}{SEP}sparse_val"), tuple(idx.shape), f"{key} sparse values")
         if idx.numel() != entry["sparse"] or (idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= L.numel)):
             raise ValueError(f"{key} sparse indices are out of range")
-    if kind not in ("rtn", "nf4", "ternary"):
-        raise ValueError(f"unknown kind {kind!r}")
     return QuantizedTensor(kind, bits, tuple(entry["shape"]), L, codes, scale, zero, idx, val)
 
 
@@ -290,6 +288,10 @@ def load_quantized(
     if meta:
         raise SuperweightError(f"{path} lacks {meta[0]} (and {len(meta) - 1} more): re-export it")
     model.to(resolve_device(device)).eval()
+    if manifest.get("activations"):
+        from .quant.w8a8 import attach_activation_quant
+
+        attach_activation_quant(model, manifest["activations"])
     tokenizer = AutoTokenizer.from_pretrained(str(path)) if (path / "tokenizer_config.json").is_file() else None
     notes = list(manifest.get("notes", [])) + [f"quantized artifact: {manifest['scheme']}, {manifest['size']['bits_per_weight']:.3f} bits per quantized weight"]
     return LoadedModel(model, tokenizer, spec_for_name(architecture_name(model)), str(path), manifest.get("source_model", ""), notes)
