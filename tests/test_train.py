@@ -82,3 +82,15 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
         TrainConfig.preset("huge")
     with pytest.raises(SuperweightError, match="neither a checkpoint"):
         checkpoint_folders([tmp_path])
+
+
+def test_continued_bitnet_training_from_a_checkpoint(run, text_file, tmp_path):
+    from superweight.bitnet import BitLinear
+    from superweight.emergence import load_checkpoint
+
+    out, _ = run
+    result = train(tiny(text_file, steps=2, save_every=2, init=str(out / "step-000004"), bitnet=True, keep=[[0, 1, 2]]), tmp_path / "q")
+    assert result.evals[0][1] == pytest.approx(run[1].evals[-1][1], rel=0.2)  # starts from the trained model, not from scratch
+    lm = load_checkpoint(tmp_path / "q" / "step-000002")
+    down = lm.model.model.layers[0].mlp.down_proj
+    assert isinstance(down, BitLinear) and down.keep_idx.tolist() == [1 * 64 + 2]

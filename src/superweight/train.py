@@ -71,6 +71,7 @@ class TrainConfig(Versioned):
     text: str = "wiki-intros"
     heldout: str = "wikitext2"  # held-out loss text: wikitext2, split (last 5% of the text) or a file
     tokenizer: str = "bpe"  # "bpe" (trained on the text), or a model name / folder whose tokenizer to reuse
+    init: str = ""  # continue training this model (name, folder, .gguf) instead of starting from scratch
     device: str = "cpu"
     bitnet: bool = False
     keep: list[list[int]] = field(default_factory=list)  # (layer, row, col) of down_proj kept in full precision
@@ -258,9 +259,9 @@ class TrainResult(Versioned):
     threads: int = 0
 
 
-def _prepare(config: TrainConfig):
+def _prepare(config: TrainConfig, tokenizer=None):
     text, held, held_name = heldout_text(training_text(config.text), config.heldout)
-    tokenizer = make_tokenizer(config, text)
+    tokenizer = tokenizer or make_tokenizer(config, text)
     bos = bos_id(tokenizer)
     stream = token_stream(tokenizer, text)
     if len(stream) <= config.seq_len:
@@ -293,11 +294,26 @@ def _train_step(model, opt, ids: torch.Tensor, lr: float, clip: float) -> float:
     return float(loss.detach())
 
 
+def _initial(config: TrainConfig):
+    """``(model, tokenizer)`` to continue training from ``config.init``, or ``(None, None)``."""
+    if not config.init:
+        return None, None
+    from .load import load_model
+
+    torch.manual_seed(config.seed)
+    lm = load_model(config.init)
+    if type(lm.model).__name__ != "LlamaForCausalLM":
+        raise SuperweightError(f"--init {config.init}: continued training supports Llama-architecture models only")
+    return lm.model, lm.tokenizer
+
+
 def train(config: TrainConfig, out: str | Path, progress=None) -> TrainResult:
-    """Train from scratch; a checkpoint at step 0, every ``save_every`` steps and at the end."""
+    """Train from scratch (or continue ``config.init``); a checkpoint at step 0, every
+    ``save_every`` steps and at the end."""
     out, device = Path(out), resolve_device(config.device)
-    tokenizer, bos, stream, windows, held_name = _prepare(config)
-    model = build_model(config, len(tokenizer), bos)
+    model, tokenizer = _initial(config)
+    tokenizer, bos, stream, windows, held_name = _prepare(config, tokenizer)
+    model = model if model is not None else build_model(config, len(tokenizer), bos)
     if config.bitnet:
         config = _with_kept(model, config)
         from .bitnet import BitNetConfig, convert

@@ -44,6 +44,7 @@ def train(
     text: str = typer.Option("wiki-intros", "--text", help="wiki-intros, wikitext2-train or a text file."),
     tokenizer: str = typer.Option("bpe", "--tokenizer", help="bpe (trained on the text here) or a model whose tokenizer to reuse, e.g. smollm2-135m."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or auto."),
+    init: str = typer.Option("", "--init", help="Continue training this Llama model (e.g. smollm2-135m) instead of starting from scratch."),
     bitnet: bool = typer.Option(False, "--bitnet", help="BitNet b1.58 QAT: ternary weights, 8-bit activations, STE."),
     keep: List[str] = typer.Option(None, "--keep", help="With --bitnet: a down_proj weight LAYER:ROW:COL kept in full precision (repeat)."),
     keep_file: Optional[Path] = typer.Option(None, "--keep-file", help="With --bitnet: keep the super weights of a detection JSON."),
@@ -55,7 +56,9 @@ def train(
 ) -> None:
     """Train a small Llama-style model from scratch (transformers' LlamaForCausalLM), saving checkpoints.
 
-    Quick start: `superweight train --out runs/s0 --steps 800 --save-every 50` (~15 min on 2 idle cores)."""
+    Quick start: `superweight train --out runs/s0 --steps 800 --save-every 50` (~15 min on 2 idle cores).
+    BitNet QAT of SmolLM2 keeping its super weights (needs a GPU to be useful):
+    `superweight detect --json sw.json && superweight train --init smollm2-135m --bitnet --keep-file sw.json --device auto --out runs/q`"""
     import torch
 
     from ..train import TrainConfig
@@ -74,7 +77,7 @@ def train(
     config = TrainConfig.preset(
         preset, steps=steps, save_every=save_every, seed=seed, layers=layers, hidden=hidden, intermediate=intermediate,
         heads=heads, seq_len=seq_len, batch=batch, lr=lr, text=text, tokenizer=tokenizer, device=device,
-        bitnet=bitnet, keep=coords, keep_random=keep_random,
+        bitnet=bitnet, keep=coords, keep_random=keep_random, init=init,
     )
     result = run_train(config, out)
     last = result.evals[-1]
