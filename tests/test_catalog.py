@@ -12,6 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 import superweight as sw
+from superweight.arch import DENSE
 from superweight import llama_cpp
 from superweight.catalog import AGREE, DIFFER, NOT_IN_CATALOG, Catalog, CatalogEntry, candidate_names, compare, verify
 from superweight.cli import app
@@ -158,7 +159,7 @@ def test_verify_cli_exit_codes(tmp_path, tiny_folder):
 # ---------------------------------------------------------------- llama.cpp bridge
 
 
-@pytest.mark.parametrize("arch_name", [a for a in sw.SUPPORTED if a != "OPTForCausalLM"])
+@pytest.mark.parametrize("arch_name", [a for a in DENSE if a != "OPTForCausalLM"])
 def test_gguf_names_for_every_bridged_architecture(arch_name):
     [o] = llama_cpp.overrides_for(arch_name, 4, [(2, 1, 3)], "Q8_0")
     assert o.tensor == "blk.2.ffn_down.weight" and o.type == "q8_0"

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import superweight as sw
+from superweight.arch import DENSE, MOE
 from superweight.detect import DetectionResult, SpikeRule
 from superweight.magnitude import magnitude_scan
 from superweight.synthetic import plant_super_weight, tiny_model
@@ -12,7 +13,7 @@ from superweight.synthetic import plant_super_weight, tiny_model
 PLANT = (1, 5, 17)  # layer, row (hidden channel), col (intermediate channel)
 
 
-@pytest.mark.parametrize("arch_name", sw.SUPPORTED)
+@pytest.mark.parametrize("arch_name", DENSE)
 def test_detect_finds_exactly_the_planted_weight(arch_name, byte_tokenizer):
     model = tiny_model(arch_name)
     plant_super_weight(model, *PLANT)
@@ -33,7 +34,7 @@ def test_detect_finds_nothing_without_a_plant(arch_name, byte_tokenizer):
 def test_weights_bitwise_identical_after_detection(arch_name, byte_tokenizer):
     model = tiny_model(arch_name)
     plant_super_weight(model, *PLANT)
-    plant_super_weight(model, 2, 9, 40, seed=7)
+    plant_super_weight(model, 2, 9, 40, seed=7)  # planted after layer 1's: calibrated with it present
     before = {k: v.clone() for k, v in model.state_dict().items()}
     result = sw.detect(model, byte_tokenizer)
     assert len(result.super_weights) == 2
@@ -41,21 +42,14 @@ def test_weights_bitwise_identical_after_detection(arch_name, byte_tokenizer):
     assert all(torch.equal(before[k], after[k]) for k in before)
 
 
-def test_two_super_weights_found_iteratively_in_layer_order(byte_tokenizer):
+def test_two_independent_super_activations_found_in_one_pass_in_layer_order(byte_tokenizer):
     model = tiny_model("LlamaForCausalLM")
-    plant_super_weight(model, 2, 9, 40, seed=7)
     plant_super_weight(model, *PLANT)
+    plant_super_weight(model, 2, 9, 40, seed=7)
     result = sw.detect(model, byte_tokenizer)
     assert result.coords == [PLANT, (2, 9, 40)]
-    assert [s.iteration for s in result.super_weights] == [0, 1]
-
-
-def test_max_iter_bounds_the_search(byte_tokenizer):
-    model = tiny_model("LlamaForCausalLM")
-    plant_super_weight(model, *PLANT)
-    plant_super_weight(model, 2, 9, 40, seed=7)
-    result = sw.detect(model, byte_tokenizer, max_iter=1)
-    assert result.coords == [PLANT]
+    assert [s.iteration for s in result.super_weights] == [0, 0]
+    assert sorted(a.channel for a in result.activations) == [5, 9]
 
 
 def test_prompts_agreement_is_reported(byte_tokenizer):
@@ -87,7 +81,8 @@ def test_result_json_round_trip(tmp_path, byte_tokenizer):
     again = DetectionResult.load(path)
     assert again.to_dict() == result.to_dict()
     data = again.to_dict()
-    assert data["version"] == 1 and data["model"] == "tiny-qwen2"
+    assert data["version"] == 2 and data["kind"] == "detection" and data["model"] == "tiny-qwen2"
+    assert data["activations"][0]["channel"] == PLANT[1] and data["sources"][0]["weights"] == [[*PLANT, None]]
     assert {"layer", "row", "col", "value"} <= set(data["super_weights"][0])
     assert len(data["layers"]) == 4
 
@@ -101,6 +96,9 @@ def test_detection_file_errors(tmp_path):
         DetectionResult.load(bad)
     bad.write_text('{"version": 99}')
     with pytest.raises(sw.SuperweightError, match="version"):
+        DetectionResult.load(bad)
+    bad.write_text('{"version": 1, "model": "m", "super_weights": []}')  # a file of the previous schema
+    with pytest.raises(sw.SuperweightError, match="re-run `superweight detect"):
         DetectionResult.load(bad)
 
 
@@ -129,3 +127,31 @@ def test_magnitude_scan_all_linear_covers_more_weights():
     assert every.total_weights > down.total_weights
     # Conv1D weights are reported as [out, in], like Linear.
     assert all(m.shape[0] == 64 for m in down.matrices)
+
+
+@pytest.mark.parametrize("arch_name", MOE)
+def test_moe_planted_weight_found_in_its_expert(arch_name, byte_tokenizer):
+    model = tiny_model(arch_name)
+    plant_super_weight(model, *PLANT, expert=2)
+    result = sw.detect(model, byte_tokenizer)
+    assert result.keys == [(*PLANT, 2)]
+    found = result.super_weights[0]
+    assert found.expert == 2 and found.value == pytest.approx(2.0) and found.role == "creates"
+    assert ".down_proj[2]" in found.module
+
+
+def test_paper_method_refuses_moe_with_a_clear_error(byte_tokenizer):
+    with pytest.raises(sw.SuperweightError, match="default method"):
+        sw.detect(tiny_model("MixtralForCausalLM"), byte_tokenizer, method="paper")
+
+
+@pytest.mark.parametrize("method", ["trace", "paper"])
+def test_both_methods_find_the_plant_on_llama_like_gemma(method, byte_tokenizer):
+    model = tiny_model("GemmaForCausalLM")
+    plant_super_weight(model, *PLANT)
+    assert sw.detect(model, byte_tokenizer, method=method).coords == [PLANT]
+
+
+def test_unknown_method_is_a_clear_error(byte_tokenizer):
+    with pytest.raises(sw.SuperweightError, match="unknown detection method"):
+        sw.detect(tiny_model("LlamaForCausalLM"), byte_tokenizer, method="magic")

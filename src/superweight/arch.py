@@ -32,6 +32,18 @@ class ArchSpec:
     gate_proj: str | None = None  # gated MLPs: act(gate_proj(x)) * up_proj(x)
     transposed: bool = False  # True for GPT-2's Conv1D: weight is [in, out]
     fused_gate_up: bool = False  # Phi-3: gate and up in one matrix, up is the second half
+    attn_out: str = "self_attn"  # the module whose output the attention adds to the residual stream
+    mlp_out: str = "mlp"  # the module whose output the MLP adds (post-norm models: the post-FFN norm)
+    experts: str | None = None  # MoE: the experts module holding 3-D ``down_proj`` [experts, out, in]
+
+    @property
+    def post_norm(self) -> bool:
+        """Whether the MLP's output reaches the residual stream through a norm (Gemma-2/3, OLMo-2)."""
+        return self.mlp_out.endswith("layernorm")
+
+    @property
+    def is_moe(self) -> bool:
+        return self.experts is not None
 
     def layer_modules(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.layers)
@@ -40,7 +52,36 @@ class ArchSpec:
         return len(self.layer_modules(model))
 
     def down_proj_module(self, model: nn.Module, layer: int) -> nn.Module:
+        if self.is_moe:
+            raise SuperweightError(
+                f"{self.name} is a mixture of experts: each expert has its own down-projection "
+                "(use expert_matrix(model, layer, expert))"
+            )
         return self.layer_modules(model)[layer].get_submodule(self.down_proj)
+
+    def experts_module(self, model: nn.Module, layer: int) -> nn.Module | None:
+        """The MoE experts module of ``layer`` (None for a dense layer, e.g. Qwen2-MoE's ``mlp_only_layers``)."""
+        block = self.layer_modules(model)[layer]
+        try:
+            module = block.get_submodule(self.experts) if self.experts else None
+        except AttributeError:
+            return None
+        return module if module is not None and isinstance(getattr(module, "down_proj", None), torch.Tensor) else None
+
+    def expert_matrix(self, model: nn.Module, layer: int, expert: int | None) -> torch.Tensor:
+        """The ``[out, in]`` down-projection of one expert (``expert=None``: the dense one), no copy."""
+        if expert is None:
+            return self.weight_matrix(model, layer)
+        module = self.experts_module(model, layer)
+        if module is None:
+            raise SuperweightError(f"layer {layer} of {self.name} has no experts")
+        return module.down_proj[expert]
+
+    def weight_entry(self, model: nn.Module, layer: int, row: int, col: int, expert: int | None = None):
+        """``(tensor, index)`` of one down-projection weight, for ``edits.edited_entries``."""
+        if expert is None:
+            return self.down_proj_module(model, layer).weight, self.index(row, col)
+        return self.experts_module(model, layer).down_proj, (expert, row, col)
 
     def down_proj_name(self, layer: int) -> str:
         return f"{self.layers}.{layer}.{self.down_proj}"
@@ -56,6 +97,15 @@ class ArchSpec:
     def weight_matrix(self, model: nn.Module, layer: int) -> torch.Tensor:
         """The down-projection weight of ``layer`` as an ``[out, in]`` view (no copy)."""
         return self.as_out_in(self.down_proj_module(model, layer).weight)
+
+
+def _moe(name: str, **kw) -> ArchSpec:
+    """Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE: the experts' weights are 3-D tensors of ``mlp.experts``."""
+    return _llama_like(name, down_proj="mlp.experts", up_proj="mlp.experts", gate_proj="mlp.experts",
+                       experts="mlp.experts", **kw)
+
+
+_POST_NORM = dict(attn_out="post_attention_layernorm", mlp_out="post_feedforward_layernorm")
 
 
 def _llama_like(name: str, **kw) -> ArchSpec:
@@ -79,10 +129,14 @@ _SPECS: dict[str, ArchSpec] = {
         _llama_like("Qwen2ForCausalLM"),
         _llama_like("Qwen3ForCausalLM"),
         _llama_like("GemmaForCausalLM"),
-        _llama_like("Gemma2ForCausalLM"),
-        _llama_like("Gemma3ForCausalLM"),
+        _llama_like("Gemma2ForCausalLM", **_POST_NORM),
+        _llama_like("Gemma3ForCausalLM", **_POST_NORM),
         _llama_like("OlmoForCausalLM"),
-        _llama_like("Olmo2ForCausalLM"),
+        _llama_like("Olmo2ForCausalLM", **_POST_NORM),
+        _moe("MixtralForCausalLM"),
+        _moe("Qwen2MoeForCausalLM"),
+        _moe("Qwen3MoeForCausalLM"),
+        _moe("OlmoeForCausalLM"),
         _llama_like(
             "Phi3ForCausalLM", up_proj="mlp.gate_up_proj", gate_proj="mlp.gate_up_proj", fused_gate_up=True
         ),
@@ -94,6 +148,7 @@ _SPECS: dict[str, ArchSpec] = {
             embed="transformer.wte",
             final_norm="transformer.ln_f",
             transposed=True,
+            attn_out="attn",
         ),
         ArchSpec(
             name="GPTNeoXForCausalLM",
@@ -102,6 +157,7 @@ _SPECS: dict[str, ArchSpec] = {
             up_proj="mlp.dense_h_to_4h",
             embed="gpt_neox.embed_in",
             final_norm="gpt_neox.final_layer_norm",
+            attn_out="attention",
         ),
         ArchSpec(
             name="OPTForCausalLM",
@@ -110,6 +166,7 @@ _SPECS: dict[str, ArchSpec] = {
             up_proj="fc1",
             embed="model.decoder.embed_tokens",
             final_norm="model.decoder.final_layer_norm",
+            mlp_out="fc2",
         ),
         ArchSpec(
             name="FalconForCausalLM",
@@ -118,11 +175,14 @@ _SPECS: dict[str, ArchSpec] = {
             up_proj="mlp.dense_h_to_4h",
             embed="transformer.word_embeddings",
             final_norm="transformer.ln_f",
+            attn_out="self_attention",
         ),
     ]
 }
 
 SUPPORTED: tuple[str, ...] = tuple(sorted(_SPECS))
+MOE: tuple[str, ...] = tuple(n for n in SUPPORTED if _SPECS[n].is_moe)
+DENSE: tuple[str, ...] = tuple(n for n in SUPPORTED if not _SPECS[n].is_moe)
 
 
 def architecture_name(model_or_config) -> str:
@@ -163,6 +223,8 @@ def check_index(spec: ArchSpec, model: nn.Module, layer: int, row: int, col: int
     n = spec.num_layers(model)
     if not 0 <= layer < n:
         raise SuperweightError(f"layer {layer} is out of range: the model has {n} layers (0..{n - 1})")
+    if spec.is_moe:
+        raise SuperweightError(f"{spec.name} is a mixture of experts: give the expert of each weight")
     out_dim, in_dim = spec.weight_matrix(model, layer).shape
     if not (0 <= row < out_dim and 0 <= col < in_dim):
         raise SuperweightError(

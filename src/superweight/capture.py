@@ -184,3 +184,107 @@ class ActivationCapture:
 
     def as_list(self) -> list[LayerStats]:
         return [self.stats[i] for i in self.layer_ids]
+
+
+# ---------------------------------------------------------------- full per-layer trace
+
+
+@dataclass
+class LayerTrace:
+    """What one decoder layer saw and did for one prompt (batch 0), kept whole for attribution.
+
+    ``h_in``/``h_out``: the residual stream before and after the layer ``[tokens, hidden]``;
+    ``attn``/``mlp``: what the attention and the MLP added to it (post-norm models: the outputs of
+    the post-attention / post-FFN norms); ``x``/``y``: the dense down-projection's input and output;
+    ``moe``: for an MoE layer, the experts module's ``(hidden_states, top_k_index, top_k_weights)``.
+    """
+
+    layer: int
+    h_in: torch.Tensor | None = None
+    h_out: torch.Tensor | None = None
+    attn: torch.Tensor | None = None
+    mlp: torch.Tensor | None = None
+    x: torch.Tensor | None = None
+    y: torch.Tensor | None = None
+    moe: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def stats(self) -> LayerStats:
+        """The paper method's per-layer maxima (as ``ActivationCapture`` records them)."""
+        st = LayerStats(self.layer)
+        if self.h_out is not None:
+            st.residual = peak_of(self.h_out)[0]
+        if self.x is not None and self.y is not None:
+            st.input = peak_of(self.x)[0]
+            st.output, idx = peak_of(self.y)
+            st.input_at_output_peak = self.x[idx[0]].float().clone()
+        return st
+
+
+def _batch0(t: torch.Tensor) -> torch.Tensor:
+    t = t.detach()
+    return (t[0] if t.dim() == 3 else t).clone()
+
+
+class TraceCapture:
+    """Context manager: a ``LayerTrace`` per decoder layer of one forward pass (hooks in a ``HookSet``).
+
+    ``traces[i]`` holds the layer's input and output hidden states, the attention and MLP outputs
+    added to the residual, and the down-projection's input/output (or, for MoE, the experts' call).
+    """
+
+    def __init__(self, model: nn.Module, arch: ArchSpec, layers: list[int] | None = None):
+        self.model, self.arch = model, arch
+        self.layer_ids = list(range(arch.num_layers(model))) if layers is None else list(layers)
+        self.traces: dict[int, LayerTrace] = {i: LayerTrace(i) for i in self.layer_ids}
+        self._hooks = None
+
+    def __enter__(self) -> "TraceCapture":
+        from .edits import HookSet
+
+        self._hooks = HookSet()
+        try:
+            for i in self.layer_ids:
+                self._hook_layer(i)
+        except BaseException:
+            self._hooks.remove()
+            raise
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.remove()
+
+    def _set(self, i: int, name: str):
+        def hook(module, args, output):
+            setattr(self.traces[i], name, _batch0(_first_tensor(output)))
+
+        return hook
+
+    def _hook_layer(self, i: int) -> None:
+        arch, hooks, tr = self.arch, self._hooks, self.traces[i]
+        block = arch.layer_modules(self.model)[i]
+
+        def layer_in(module, args, kwargs):
+            tr.h_in = _batch0(args[0] if args else kwargs["hidden_states"])
+
+        hooks.pre(block, layer_in, with_kwargs=True)
+        hooks.forward(block, self._set(i, "h_out"))
+        hooks.forward(block.get_submodule(arch.attn_out), self._set(i, "attn"))
+        hooks.forward(block.get_submodule(arch.mlp_out), self._set(i, "mlp"))
+        experts = arch.experts_module(self.model, i) if arch.is_moe else None
+        if experts is not None:
+            def moe_in(module, args, kwargs):
+                names = ("hidden_states", "top_k_index", "top_k_weights")
+                vals = list(args) + [kwargs[n] for n in names[len(args):]]
+                tr.moe = tuple(v.detach().clone() for v in vals[:3])
+
+            hooks.pre(experts, moe_in, with_kwargs=True)
+        elif not arch.is_moe:
+            down = block.get_submodule(arch.down_proj)
+
+            def down_io(module, args, output):
+                tr.x, tr.y = _batch0(args[0]), _batch0(_first_tensor(output))
+
+            hooks.forward(down, down_io)
+
+    def as_list(self) -> list[LayerTrace]:
+        return [self.traces[i] for i in self.layer_ids]

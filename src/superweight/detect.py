@@ -1,49 +1,52 @@
-"""Find super weights: the paper's data-free activation-spike method and the seed's z-score scan.
+"""Find super weights: trace the super activation, attribute every rise, iterate; or the paper's exact rule.
 
-Activation method (Yu et al. 2024, Sec. 3.1), one forward pass of one prompt per iteration:
+Two methods share one loop (``run_detection``), written against the ``Runner`` interface
+(``superweight.runner``) so that the in-memory model and the layer-streamed checkpoint
+(``superweight.stream_detect``) run the very same code:
 
-1. ``ActivationCapture`` records, per layer, max |input| and max |output| of the MLP
-   down-projection.
-2. A layer *spikes* when ``SpikeRule`` says so for both its input and its output maximum:
-   at least ``floor`` in absolute value **and** at least ``ratio`` times the median of the same
-   maximum over the *other* layers.
-3. In the earliest spiking layer the output peak ``Y[t, j]`` gives the row ``j``; the column is the
-   ``k`` whose term ``X[t, k] * W[j, k]`` contributes most to it. That weight is a super weight
-   when its term carries at least ``min_share`` of ``Y[t, j]`` (one weight makes the spike) and
-   its input ``|X[t, k]|`` itself passes the spike rule, and ``|W[j, k]|`` is an outlier of its
-   matrix (at least ``min_weight_z`` standard deviations): a large input on an ordinary weight
-   is not a super weight.
-4. The weight is zeroed (temporarily; restored bit for bit afterwards) and the prompt is run
-   again, until no spiking layer yields a new super weight or ``max_iter`` is reached.
+* ``trace`` (the default): ``superweight.trace`` finds each super activation in the residual
+  stream (a (token, channel) far above its layer's median |h|) and the layers where it rises and
+  falls; ``superweight.attribute`` names, for every rise and fall, the sublayer that carries it and,
+  for the MLP, the down-projection weights whose terms ``X[t, k] * W[j, k]`` make it. The
+  creating weights are zeroed and the prompt runs again, until no new creating weight appears.
+* ``paper`` (Yu et al. 2024, Sec. 3.1, kept for reproduction): a layer *spikes* when its
+  down-projection's max |input| and max |output| both pass ``SpikeRule`` (``floor`` and ``ratio``
+  times the median of the other layers); in the earliest spiking layer the output peak gives the
+  row, the largest term the column; accepted when the term carries ``min_share`` of the spike, its
+  input spikes and ``|W| >= min_weight_z`` standard deviations; zero, rerun, repeat.
 
-The defaults (floor 50, ratio 50, share 0.5) were chosen by measuring SmolLM2-135M (see
-docs in README.md): its super activation layers sit 300-700x above the median layer, the
-largest non-super layer about 30x.
+The model's weights are bitwise unchanged afterwards (``edits.edited_entries``). A verdict by
+impact (``superweight.verdict``) can then say which findings the model depends on.
 """
 from __future__ import annotations
 
 import statistics
-from dataclasses import asdict, dataclass, field
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
+from typing import Any, ClassVar, Sequence
 
 import torch
 from torch import nn
 
-from .version import __version__
-from .ablate import zeroed_weights
 from .arch import ArchSpec, get_arch
-from .capture import ActivationCapture, LayerStats
+from .attribute import CANCELS, CREATES, Source, Term, attribute
+from .capture import LayerStats, LayerTrace
 from .errors import SuperweightError
 from .files import read_json, write_json_atomic  # noqa: F401  (write_json_atomic: re-exported)
+from .results import Versioned
+from .runner import InMemoryRunner, Runner
+from .trace import SuperActivation, TraceRule, find_activations
+from .verdict import Verdict
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 DEFAULT_PROMPT = "Apple Inc. is a worldwide tech company."
+METHODS = ("trace", "paper")
+DEFAULT_METHOD = "trace"
 
 
 @dataclass
 class SpikeRule:
-    """When is a layer maximum a spike? Both conditions must hold."""
+    """The paper method's spike test: both conditions must hold."""
 
     floor: float = 50.0  # absolute |activation| floor (the authors' plots printed |x| > 50)
     ratio: float = 50.0  # times the median of the other layers' maxima
@@ -61,6 +64,8 @@ class SpikeRule:
 
 @dataclass
 class SuperWeight:
+    """One weight found: coordinates in the paper's convention (row = hidden channel), and why."""
+
     layer: int
     row: int  # output (hidden) channel
     col: int  # input (intermediate) channel
@@ -74,27 +79,45 @@ class SuperWeight:
     iteration: int
     late_layer: bool = False  # in the last quarter of the model: see the paper's Llama-2-7B layer 30
     prompts: list[int] = field(default_factory=list)  # indices of the prompts that found it
+    expert: int | None = None  # MoE: the expert whose down-projection holds it
+    role: str = CREATES  # "creates" (a rise of its super activation) or "cancels" (a fall)
+    verdict: str = ""  # the verdict's label, when one was measured
 
     @property
     def coord(self) -> tuple[int, int, int]:
         return (self.layer, self.row, self.col)
 
+    @property
+    def key(self) -> tuple:
+        """``coord``, with the expert appended for an MoE weight."""
+        return self.coord if self.expert is None else (*self.coord, self.expert)
+
+    def where(self) -> str:
+        return f"{self.layer}{'' if self.expert is None else f' e{self.expert}'}: [{self.row}, {self.col}]"
+
 
 @dataclass
-class DetectionResult:
+class DetectionResult(Versioned):
+    KIND: ClassVar[str] = "detection"
+    VERSION: ClassVar[int] = SCHEMA_VERSION
+    HINT: ClassVar[str] = " (re-run `superweight detect --json PATH`: older detection files are not read)"
+
     model: str
     architecture: str
     num_layers: int
     prompts: list[str]
     rule: SpikeRule
     super_weights: list[SuperWeight]
-    layers: list[LayerStats]  # per-layer maxima of the unmodified model, first prompt
-    per_prompt: list[list[tuple[int, int, int]]]  # coordinates found by each prompt
+    layers: list[LayerStats]  # per-layer down-projection maxima of the unmodified model, first prompt
+    per_prompt: list[list[tuple]]  # weight keys found by each prompt
     iterations: int = 0
     notes: list[str] = field(default_factory=list)
     magnitude: dict | None = None  # the z-score scan (see magnitude_scan), when run
-    version: int = SCHEMA_VERSION
-    tool_version: str = __version__
+    method: str = DEFAULT_METHOD
+    trace_rule: TraceRule = field(default_factory=TraceRule)
+    activations: list[SuperActivation] = field(default_factory=list)
+    sources: list[Source] = field(default_factory=list)
+    verdicts: list[Verdict] = field(default_factory=list)
 
     @property
     def agree(self) -> bool:
@@ -104,58 +127,31 @@ class DetectionResult:
     def coords(self) -> list[tuple[int, int, int]]:
         return [sw.coord for sw in self.super_weights]
 
+    @property
+    def keys(self) -> list[tuple]:
+        return [sw.key for sw in self.super_weights]
+
     def to_dict(self) -> dict:
-        return {
-            "version": self.version,
-            "tool_version": self.tool_version,
-            "model": self.model,
-            "architecture": self.architecture,
-            "num_layers": self.num_layers,
-            "prompts": self.prompts,
-            "rule": asdict(self.rule),
-            "agree_across_prompts": self.agree,
-            "super_weights": [asdict(sw) for sw in self.super_weights],
-            "per_prompt": [[list(c) for c in p] for p in self.per_prompt],
-            "iterations": self.iterations,
-            "layers": [s.to_dict() for s in self.layers],
-            "magnitude": self.magnitude,
-            "notes": self.notes,
-        }
+        d = super().to_dict()
+        d["layers"] = [s.to_dict() for s in self.layers]
+        d["agree_across_prompts"] = self.agree
+        return d
 
     @classmethod
-    def from_dict(cls, d: dict) -> "DetectionResult":
-        if d.get("version") != SCHEMA_VERSION:
-            raise SuperweightError(
-                f"detection file version {d.get('version')!r} is not {SCHEMA_VERSION}: re-run `superweight detect`"
-            )
-        return cls(
-            model=d["model"],
-            architecture=d["architecture"],
-            num_layers=d["num_layers"],
-            prompts=d["prompts"],
-            rule=SpikeRule(**d["rule"]),
-            super_weights=[SuperWeight(**sw) for sw in d["super_weights"]],
-            layers=[LayerStats.from_dict(x) for x in d["layers"]],
-            per_prompt=[[tuple(c) for c in p] for p in d["per_prompt"]],
-            iterations=d.get("iterations", 0),
-            notes=d.get("notes", []),
-            magnitude=d.get("magnitude"),
-            tool_version=d.get("tool_version", "?"),
-        )
-
-    def save(self, path: str | Path) -> None:
-        write_json_atomic(path, self.to_dict())
-
-    @classmethod
-    def load(cls, path: str | Path) -> "DetectionResult":
-        data = read_json(path, "detection", f" (write one with `superweight detect --json {path}`)")
-        try:
-            return cls.from_dict(data)
-        except (KeyError, TypeError) as exc:
-            raise SuperweightError(f"{path} is not a detection result (missing {exc})") from None
+    def _decode(cls, d: dict) -> dict[str, Any]:
+        out = super()._decode(d)
+        out["rule"] = SpikeRule(**d["rule"])
+        out["trace_rule"] = TraceRule(**d["trace_rule"])
+        out["super_weights"] = [SuperWeight(**s) for s in d["super_weights"]]
+        out["layers"] = [LayerStats.from_dict(x) for x in d["layers"]]
+        out["per_prompt"] = [[tuple(c) for c in p] for p in d["per_prompt"]]
+        out["activations"] = [SuperActivation.from_dict(a) for a in d["activations"]]
+        out["sources"] = [Source.from_dict(s) for s in d["sources"]]
+        out["verdicts"] = [Verdict.from_dict(v) for v in d["verdicts"]]
+        return out
 
 
-# ---------------------------------------------------------------- activation method
+# ---------------------------------------------------------------- shared pieces
 
 
 def encode_prompt(tokenizer, prompt: str, device: torch.device | str = "cpu") -> dict:
@@ -167,66 +163,163 @@ def encode_prompt(tokenizer, prompt: str, device: torch.device | str = "cpu") ->
     return {k: v.to(device) for k, v in enc.items()}
 
 
-def run_capture(model: nn.Module, arch: ArchSpec, inputs: dict) -> list[LayerStats]:
-    """One forward pass under an ``ActivationCapture``; per-layer maxima."""
-    with ActivationCapture(model, arch) as cap, torch.no_grad():
-        model(**inputs, use_cache=False)
-    return cap.as_list()
-
-
 def magnitude_rank(matrix: torch.Tensor, row: int, col: int) -> int:
     return int((matrix.abs() > matrix[row, col].abs()).sum()) + 1
 
 
-def find_candidate(
-    model: nn.Module, arch: ArchSpec, stats: list[LayerStats], rule: SpikeRule, skip: set
-) -> SuperWeight | None:
-    """The super weight behind the earliest spiking layer, or None (see module doc)."""
+def _finish(runner: Runner, sw: SuperWeight) -> SuperWeight:
+    """Fill in the weight's original value and |w| rank (its layer read with nothing zeroed)."""
+    with runner.layer(sw.layer):
+        matrix = runner.arch.expert_matrix(runner.model, sw.layer, sw.expert).detach()
+        sw.value = float(matrix[sw.row, sw.col])
+        sw.magnitude_rank = magnitude_rank(matrix, sw.row, sw.col)
+    sw.module = runner.arch.down_proj_name(sw.layer) + ("" if sw.expert is None else f".down_proj[{sw.expert}]")
+    return sw
+
+
+# ---------------------------------------------------------------- the paper's rule
+
+
+def find_candidate(runner: Runner, stats: list[LayerStats], rule: SpikeRule, found: Sequence[SuperWeight]) -> SuperWeight | None:
+    """The super weight behind the earliest spiking layer, or None (the paper's rule, module doc)."""
     ins = [s.input.magnitude for s in stats]
     outs = [s.output.magnitude for s in stats]
+    skip = {s.coord for s in found}
     for i, st in enumerate(stats):
         if not (rule.spikes(ins, i) and rule.spikes(outs, i)) or st.input_at_output_peak is None:
             continue
-        row = st.output.channel
-        w_row = arch.weight_matrix(model, i)[row].detach().float()
-        x = st.input_at_output_peak.to(w_row.device)
-        terms = x * w_row
-        col = int(terms.abs().argmax())
-        share = float(terms[col]) / st.output.value if st.output.value else 0.0
-        x_col = abs(float(x[col]))
-        if share < rule.min_share or x_col < rule.threshold(ins, i) or (i, row, col) in skip:
-            continue
-        if abs(float(w_row[col])) < rule.min_weight_z * float(arch.weight_matrix(model, i).detach().float().std()):
+        with runner.layer(i, found):
+            matrix = runner.arch.weight_matrix(runner.model, i).detach().float()
+            row = st.output.channel
+            x = st.input_at_output_peak.to(matrix.device)
+            terms = x * matrix[row]
+            col = int(terms.abs().argmax())
+            share = float(terms[col]) / st.output.value if st.output.value else 0.0
+            outlier = abs(float(matrix[row, col])) >= rule.min_weight_z * float(matrix.std())
+        if share < rule.min_share or abs(float(x[col])) < rule.threshold(ins, i) or (i, row, col) in skip or not outlier:
             continue
         return SuperWeight(
-            layer=i, row=row, col=col, module=arch.down_proj_name(i), value=float(w_row[col]),
-            magnitude_rank=0, input_value=float(x[col]), output_value=st.output.value, share=share,
-            token=st.output.token, iteration=0, late_layer=i >= 0.75 * len(stats),
+            layer=i, row=row, col=col, module="", value=0.0, magnitude_rank=0, input_value=float(x[col]),
+            output_value=st.output.value, share=share, token=st.output.token, iteration=0,
         )
     return None
 
 
-def detect_prompt(
-    model: nn.Module, arch: ArchSpec, inputs: dict, rule: SpikeRule, max_iter: int
-) -> tuple[list[SuperWeight], list[LayerStats], int]:
-    """Iterative detection for one encoded prompt. Returns (super weights, first stats, iterations)."""
-    found: list[SuperWeight] = []
-    first: list[LayerStats] = []
-    iterations = 0
+# ---------------------------------------------------------------- one iteration of each method
+
+
+@dataclass
+class PromptState:
+    """Where the loop stands for one prompt."""
+
+    index: int
+    zeroing: list[SuperWeight] = field(default_factory=list)  # creating weights found, zeroed from now on
+    found: list[SuperWeight] = field(default_factory=list)  # every weight found, in order
+    activations: list[SuperActivation] = field(default_factory=list)
+    sources: list[Source] = field(default_factory=list)
+    layers: list[LayerStats] = field(default_factory=list)
+    iterations: int = 0
+    done: bool = False
+
+    def known(self) -> set:
+        return {s.key for s in self.found}
+
+
+def _weight(term: Term, layer: int, row: int, token: int, role: str, it: int, n_layers: int) -> SuperWeight:
+    return SuperWeight(
+        layer=layer, row=row, col=term.col, module="", value=term.w, magnitude_rank=0, input_value=term.x,
+        output_value=term.output, share=term.share, token=token, iteration=it,
+        late_layer=layer >= 0.75 * n_layers, expert=term.expert, role=role,
+    )
+
+
+def paper_step(runner: Runner, traces: list[LayerTrace], state: PromptState, rule: SpikeRule, it: int) -> list[SuperWeight]:
+    if runner.arch.is_moe:
+        raise SuperweightError("--method paper hooks dense down-projections: use the default method for MoE models")
+    sw = find_candidate(runner, [t.stats() for t in traces], rule, state.zeroing)
+    if sw is None:
+        return []
+    sw.iteration, sw.late_layer = it, sw.layer >= 0.75 * runner.num_layers
+    return [_finish(runner, sw)]
+
+
+def trace_step(runner: Runner, traces: list[LayerTrace], state: PromptState, rule: TraceRule, it: int) -> list[SuperWeight]:
+    """Trace, attribute every rise and fall; returns the new creating weights."""
+    seen_channels = {a.channel for a in state.activations}
+    new: list[SuperWeight] = []
+    for sa in find_activations(traces, rule, it, state.index):
+        fresh = sa.channel not in seen_channels
+        if fresh:
+            state.activations.append(sa)
+        # After the first pass only rises matter (what is left of a super activation once its
+        # first sources are zeroed); falls are read on the pass that first sees the activation.
+        for role, changes in ((CREATES, sa.rises), (CANCELS, sa.falls if fresh else [])):
+            for ch in changes:
+                new += _attribute_change(runner, traces[ch.layer], sa, ch, role, state, rule, it, fresh)
+    return [s for s in new if s.role == CREATES]
+
+
+def _attribute_change(runner, tr, sa, ch, role, state: PromptState, rule, it: int, fresh: bool) -> list[SuperWeight]:
+    with runner.layer(tr.layer, state.zeroing):
+        src, terms = attribute(runner.model, runner.arch, tr, sa.token, sa.channel, ch, role, rule)
+    known = state.known()
+    sws = [_weight(t, tr.layer, sa.channel, sa.token, role, it, runner.num_layers) for t in terms]
+    sws = [s for s in sws if s.key not in known]
+    if sws or (fresh and not src.weights):
+        src.iteration, src.prompt = it, state.index
+        state.sources.append(src)
+    for s in sws:
+        state.found.append(_finish(runner, s))
+    return sws
+
+
+# ---------------------------------------------------------------- the loop, once for every runner
+
+
+def run_detection(
+    runner: Runner, encoded: Sequence[dict], method: str = DEFAULT_METHOD, rule: SpikeRule | None = None,
+    trace_rule: TraceRule | None = None, max_iter: int = 10,
+) -> list[PromptState]:
+    """Iterate find -> zero -> rerun for every prompt (in lockstep: one ``runner.run`` per iteration)."""
+    if method not in METHODS:
+        raise SuperweightError(f"unknown detection method {method!r}: use one of {', '.join(METHODS)}")
+    rule, trace_rule = rule or SpikeRule(), trace_rule or TraceRule()
+    states = [PromptState(p) for p in range(len(encoded))]
     for it in range(max_iter):
-        with zeroed_weights(model, arch, found):
-            stats = run_capture(model, arch, inputs)
-            iterations += 1
-            first = first or stats
-            sw = find_candidate(model, arch, stats, rule, {s.coord for s in found})
-        if sw is None:
+        active = [s for s in states if not s.done]
+        if not active:
             break
-        matrix = arch.weight_matrix(model, sw.layer).detach()
-        sw.value = float(matrix[sw.row, sw.col])
-        sw.magnitude_rank = magnitude_rank(matrix, sw.row, sw.col)
-        sw.iteration = it
-        found.append(sw)
-    return found, first, iterations
+        runs = runner.run([encoded[s.index] for s in active], [list(s.zeroing) for s in active])
+        for state, traces in zip(active, runs):
+            state.iterations += 1
+            state.layers = state.layers or [t.stats() for t in traces]
+            if method == "paper":
+                new = paper_step(runner, traces, state, rule, it)
+                state.found += new
+            else:
+                new = trace_step(runner, traces, state, trace_rule, it)
+            state.zeroing += new
+            state.done = not new
+    return states
+
+
+def assemble(
+    states: list[PromptState], runner: Runner, prompts: list[str], model_name: str, method: str,
+    rule: SpikeRule | None, trace_rule: TraceRule | None,
+) -> DetectionResult:
+    """One ``DetectionResult`` from the prompts' states (weights merged by coordinates)."""
+    merged: dict[tuple, SuperWeight] = {}
+    for st in states:
+        for sw in st.found:
+            merged.setdefault(sw.key, sw).prompts.append(st.index)
+    return DetectionResult(
+        model=model_name, architecture=runner.arch.name, num_layers=runner.num_layers, prompts=prompts,
+        rule=rule or SpikeRule(), super_weights=sorted(merged.values(), key=lambda s: (s.iteration, s.layer, s.row, s.col)),
+        layers=states[0].layers,
+        per_prompt=[[sw.key for sw in st.found] for st in states], iterations=sum(s.iterations for s in states),
+        method=method, trace_rule=trace_rule or TraceRule(),
+        activations=[a for st in states for a in st.activations], sources=[s for st in states for s in st.sources],
+    )
 
 
 def detect(
@@ -237,35 +330,21 @@ def detect(
     max_iter: int = 10,
     model_name: str = "",
     arch: ArchSpec | None = None,
+    method: str = DEFAULT_METHOD,
+    trace_rule: TraceRule | None = None,
 ) -> DetectionResult:
-    """Find super weights with the paper's iterative activation-spike method.
+    """Find the super weights of an in-memory model (``method``: "trace", the default, or "paper").
 
-    The model's weights are bitwise unchanged afterwards.
+    The model's weights are bitwise unchanged afterwards. ``superweight.verdict.judge`` adds the
+    verdict by impact.
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
         raise SuperweightError("no prompt given: pass at least one --prompt")
-    rule = rule or SpikeRule()
     arch = arch or get_arch(model)
     device = next(model.parameters()).device
     encoded = [encode_prompt(tokenizer, p, device) for p in prompts]
-    merged: dict[tuple[int, int, int], SuperWeight] = {}
-    per_prompt, layers, total_iter = [], [], 0
-    for pi, inputs in enumerate(encoded):
-        found, stats, iters = detect_prompt(model, arch, inputs, rule, max_iter)
-        layers = layers or stats
-        total_iter += iters
-        per_prompt.append([sw.coord for sw in found])
-        for sw in found:
-            merged.setdefault(sw.coord, sw).prompts.append(pi)
-    return DetectionResult(
-        model=model_name or getattr(model.config, "_name_or_path", "") or type(model).__name__,
-        architecture=arch.name,
-        num_layers=arch.num_layers(model),
-        prompts=prompts,
-        rule=rule,
-        super_weights=list(merged.values()),
-        layers=layers,
-        per_prompt=per_prompt,
-        iterations=total_iter,
-    )
+    runner = InMemoryRunner(model, arch)
+    states = run_detection(runner, encoded, method, rule, trace_rule, max_iter)
+    name = model_name or getattr(model.config, "_name_or_path", "") or type(model).__name__
+    return assemble(states, runner, prompts, name, method, rule, trace_rule)

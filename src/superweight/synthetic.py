@@ -32,6 +32,7 @@ def tiny_config(arch_name: str, **overrides):
     t = {**TINY, **overrides}
     llama = _llama_kw(t)
     head_dim = t["hidden"] // t["heads"]
+    moe = dict(num_local_experts=4, num_experts_per_tok=2)
     builders = {
         "LlamaForCausalLM": lambda: tf.LlamaConfig(**llama),
         "MistralForCausalLM": lambda: tf.MistralConfig(**llama, sliding_window=None),
@@ -43,6 +44,15 @@ def tiny_config(arch_name: str, **overrides):
         "OlmoForCausalLM": lambda: tf.OlmoConfig(**llama),
         "Olmo2ForCausalLM": lambda: tf.Olmo2Config(**llama),
         "Phi3ForCausalLM": lambda: tf.Phi3Config(**llama, pad_token_id=0),
+        "MixtralForCausalLM": lambda: tf.MixtralConfig(**llama, **moe),
+        "Qwen2MoeForCausalLM": lambda: tf.Qwen2MoeConfig(
+            **llama, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=t["intermediate"],
+            shared_expert_intermediate_size=t["intermediate"],
+        ),
+        "Qwen3MoeForCausalLM": lambda: tf.Qwen3MoeConfig(
+            **llama, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=t["intermediate"], head_dim=head_dim,
+        ),
+        "OlmoeForCausalLM": lambda: tf.OlmoeConfig(**llama, num_experts=4, num_experts_per_tok=2),
         "GPT2LMHeadModel": lambda: tf.GPT2Config(
             n_embd=t["hidden"], n_inner=t["intermediate"], n_layer=t["layers"], n_head=t["heads"],
             vocab_size=t["vocab"], n_positions=t["positions"],
@@ -95,40 +105,101 @@ def _direction(dim: int, seed: int) -> torch.Tensor:
     return v / v.norm()
 
 
-def _mlp_input(model: nn.Module, module: nn.Module, tokens: int = 48, seed: int = 0) -> torch.Tensor:
-    """The input rows ``module`` sees for a fixed random token sequence: ``[tokens, hidden]``."""
-    seen = []
+def _mlp_input(model: nn.Module, module: nn.Module, block: nn.Module, tokens: int = 48, seed: int = 0) -> tuple[torch.Tensor, float]:
+    """The input rows ``module`` sees for a fixed random token sequence ``[tokens, hidden]``, and the
+    median |h| of ``block``'s output (the residual stream after the layer) on the same tokens."""
+    from .edits import HookSet
+
+    seen, after = [], []
+
+    def take(m, args, kwargs):
+        seen.append((args[0] if args else kwargs["hidden_states"]).detach())
+
     with HookSet() as hooks:
-        hooks.pre(module, lambda m, args: seen.append(args[0].detach()))
+        hooks.pre(module, take, with_kwargs=True)
+        hooks.forward(block, lambda m, a, out: after.append((out[0] if isinstance(out, tuple) else out).detach()))
         g = torch.Generator().manual_seed(seed)
         ids = torch.randint(0, model.config.vocab_size, (1, tokens), generator=g)
         model(input_ids=ids, use_cache=False)
-    return seen[0].reshape(-1, seen[0].shape[-1]).float()
+    return seen[0].reshape(-1, seen[0].shape[-1]).float(), float(after[0].abs().median())
+
+
+# A planted super activation is this many times the median |h| of its layer: SmolLM2-135M's
+# reaches 12,600x, Gemma-3-270M's 6,900x and 8,500x (docs/detect.md).
+REALISTIC_RATIO = 8000.0
+
+
+def _input_scale(projected: torch.Tensor, spread: float | None, gated: bool, target_x: float) -> float:
+    """Factor on the unit direction: RMS ``spread`` when given, else the peak input ``target_x``
+    (``silu(a) * a ~ a**2`` through a gated MLP, ``a`` through GELU / ReLU)."""
+    if spread is not None:
+        return spread / float(projected.pow(2).mean().sqrt())
+    peak = target_x ** 0.5 if gated else target_x
+    return peak / float(projected.abs().quantile(0.9))
 
 
 @torch.no_grad()
 def plant_super_weight(
     model: nn.Module, layer: int, row: int, col: int, weight: float = 2.0, spread: float | None = None,
-    arch: ArchSpec | None = None, seed: int = 1234,
-) -> None:
-    """Make ``[row, col]`` of ``layer``'s down-projection a super weight.
+    arch: ArchSpec | None = None, seed: int = 1234, ratio: float = REALISTIC_RATIO,
+    direction: torch.Tensor | None = None, expert: int | None = None,
+) -> float:
+    """Make ``[row, col]`` of ``layer``'s down-projection (of ``expert``, for MoE) a super weight.
 
-    The up (and gate) projection of intermediate channel ``col`` is pointed along a fixed unit
-    direction ``v`` and scaled so that ``v . h`` has root mean square ``spread`` over the hidden
-    states ``h`` the MLP sees (measured on random tokens). That channel then spikes to hundreds
-    on whichever tokens face ``v``, and the down-projection weight ``[row, col]`` is ``weight``.
+    The up (and gate) projection of intermediate channel ``col`` is pointed along a unit direction
+    ``v`` of the MLP's input (``direction``, else a fixed random one) and scaled so that the super
+    activation ``weight * X[t, col]`` is ``ratio`` times the layer's median |h| on the tokens that
+    face ``v`` most (or, with ``spread``, so that ``v . h`` has that root mean square). For an MoE
+    layer the router is also pointed along ``v``, so those tokens go to ``expert``. Returns the
+    peak input it aimed at.
     """
     arch = arch or get_arch(model)
     block = arch.layer_modules(model)[layer]
     up = block.get_submodule(arch.up_proj)
-    hidden, inter = arch.weight_matrix(model, layer).shape
     gated = arch.gate_proj is not None
-    v = _direction(hidden, seed)
-    spread = spread if spread is not None else (30.0 if gated else 200.0)
-    projected = _mlp_input(model, up) @ v
+    hidden = model.config.hidden_size
+    v = direction.float() / direction.float().norm() if direction is not None else _direction(hidden, seed)
+    inputs, median = _mlp_input(model, up, block)
+    projected = inputs @ v
     sign = 1.0 if float(projected.mean()) >= 0 else -1.0  # face the common component, if any
-    v = (sign * spread / float(projected.pow(2).mean().sqrt())) * v
+    target_x = ratio * median / abs(weight)
+    v = (sign * _input_scale(projected, spread, gated, target_x)) * v
+    for _ in range(4):  # the MLP's nonlinearity and the norms bend the aim: measure and correct
+        _write_plant(model, arch, layer, block, up, v, row, col, weight, gated, expert)
+        _, _, peak = _layer_peak(model, up, block, row)
+        factor = ratio / max(peak, 1e-6)
+        if abs(factor - 1) < 0.1:
+            break
+        if arch.post_norm:  # post-norm: the post-FFN norm's gain on the row sets the size
+            _scale_gain(block.get_submodule(arch.mlp_out), row, factor)
+        else:
+            v = v * (factor ** 0.5 if gated else factor)
+    return target_x
+
+
+def _layer_peak(model, up, block, row: int) -> tuple[torch.Tensor, float, float]:
+    """On the random tokens: MLP inputs, median |h| after the layer, and max |h[:, row]| / that median."""
+    from .edits import HookSet
+
+    after = []
+    with HookSet() as hooks:
+        hooks.forward(block, lambda m, a, out: after.append((out[0] if isinstance(out, tuple) else out).detach()))
+        inputs, median = _mlp_input(model, up, block)
+    return inputs, median, float(after[0][..., row].abs().max()) / median
+
+
+def _scale_gain(norm: nn.Module, row: int, factor: float) -> None:
+    """Multiply a norm's effective gain on ``row`` (Gemma's norms multiply by ``1 + weight``)."""
+    offset = 1.0 if type(norm).__name__.startswith("Gemma") else 0.0
+    norm.weight[row] = (float(norm.weight[row]) + offset) * factor - offset
+
+
+def _write_plant(model, arch, layer, block, up, v, row, col, weight, gated, expert) -> None:
+    if arch.is_moe:
+        _plant_expert(block, arch, v, row, col, weight, expert or 0)
+        return
     v = v.to(up.weight.dtype)
+    inter = arch.weight_matrix(model, layer).shape[1]
     if gated and not arch.fused_gate_up:
         gate = block.get_submodule(arch.gate_proj)
         gate.weight[col] = v
@@ -141,4 +212,17 @@ def plant_super_weight(
             up.weight[r] = v
         if getattr(up, "bias", None) is not None:
             up.bias[r] = 0.0
-    arch.down_proj_module(model, layer).weight[arch.index(row, col)] = weight
+    down = arch.weight_matrix(model, layer)
+    down[:, col] = 0.0  # the column feeds only the planted row (its other entries would lift every channel)
+    down[row, col] = weight
+
+
+def _plant_expert(block: nn.Module, arch: ArchSpec, v: torch.Tensor, row: int, col: int, weight: float, expert: int) -> None:
+    experts = block.get_submodule(arch.experts)
+    inter = experts.down_proj.shape[-1]
+    experts.gate_up_proj[expert, col] = v
+    experts.gate_up_proj[expert, inter + col] = v
+    experts.down_proj[expert, :, col] = 0.0
+    experts.down_proj[expert, row, col] = weight
+    router = block.get_submodule(arch.experts.rsplit(".", 1)[0] + ".gate")
+    router.weight[expert] = v / v.norm() * 50.0  # tokens facing v are routed to this expert first

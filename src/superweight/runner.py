@@ -1,0 +1,72 @@
+"""The "forward + capture" interface the detection loop is written against, and its in-memory form.
+
+Detection (``superweight.detect``) needs two things from a model: run prompts with some
+down-projection weights zeroed and return a ``LayerTrace`` per layer, and lend one layer's weights
+(with the same weights zeroed) to read the terms ``X[t, k] * W[j, k]``. ``InMemoryRunner`` does this
+for a loaded model; ``superweight.stream_detect.StreamedRunner`` for a checkpoint read one layer at
+a time. Zeroing goes through ``edits.edited_entries``: weights are restored bit for bit.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Iterable, Iterator, Protocol, Sequence
+
+import torch
+from torch import nn
+
+from .arch import ArchSpec
+from .capture import LayerTrace, TraceCapture
+from .edits import edited_entries
+
+
+class Runner(Protocol):
+    arch: ArchSpec
+    model: nn.Module  # layers may be on the meta device until ``layer`` materialises them
+    num_layers: int
+
+    def run(self, inputs: Sequence[dict], zeroed: Sequence[Sequence]) -> list[list[LayerTrace]]:
+        """One forward pass per prompt, with ``zeroed[p]`` (SuperWeight-like) zeroed for prompt ``p``."""
+        ...
+
+    def layer(self, layer: int, zeroed: Sequence = ()) -> contextlib.AbstractContextManager:
+        """Inside the block ``layer``'s weights are in ``model``, with the ``zeroed`` ones at zero."""
+        ...
+
+
+def weight_entries(model: nn.Module, arch: ArchSpec, weights: Iterable, layer: int | None = None) -> list:
+    """``(tensor, index)`` of each SuperWeight-like (``layer, row, col[, expert]``), optionally of one layer."""
+    out = []
+    for w in weights:
+        if layer is None or w.layer == layer:
+            out.append(arch.weight_entry(model, w.layer, w.row, w.col, getattr(w, "expert", None)))
+    return out
+
+
+@contextlib.contextmanager
+def zeroed(model: nn.Module, arch: ArchSpec, weights: Iterable, layer: int | None = None) -> Iterator[None]:
+    """Zero the given weights (of one layer, or all) inside the block; restored bit for bit."""
+    entries = weight_entries(model, arch, weights, layer)
+    with edited_entries(entries), torch.no_grad():
+        for tensor, idx in entries:
+            tensor[idx] = 0
+        yield
+
+
+class InMemoryRunner:
+    """``Runner`` over a model whose weights are all in memory."""
+
+    def __init__(self, model: nn.Module, arch: ArchSpec):
+        self.model, self.arch = model, arch
+        self.num_layers = arch.num_layers(model)
+
+    @torch.no_grad()
+    def run(self, inputs: Sequence[dict], zeroed_weights: Sequence[Sequence]) -> list[list[LayerTrace]]:
+        out = []
+        for enc, weights in zip(inputs, zeroed_weights):
+            with zeroed(self.model, self.arch, weights), TraceCapture(self.model, self.arch) as cap:
+                self.model(**enc, use_cache=False)
+            out.append(cap.as_list())
+        return out
+
+    def layer(self, layer: int, zeroed_weights: Sequence = ()) -> contextlib.AbstractContextManager:
+        return zeroed(self.model, self.arch, zeroed_weights, layer)
