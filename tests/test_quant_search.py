@@ -230,3 +230,24 @@ def target_names(model):
     from superweight.quant import target_modules
 
     return target_modules(model)
+
+
+def test_cli_writes_the_outlier_aware_scheme(tmp_path):
+    from typer.testing import CliRunner
+
+    from superweight.cli import app
+
+    folder = tmp_path / "tiny"
+    model = tiny_model("LlamaForCausalLM")
+    plant_super_weight(model, *PLANT, weight=2.5)
+    model.save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    out, runner = tmp_path / "q", CliRunner()
+    res = runner.invoke(app, ["quantize", str(folder), "--scheme", "int4", "--group", "32", "--search", "mse",
+                              "--zero-point", "int8", "--outliers", "0.1", "--sa-weight", "16", "--out", str(out)])
+    assert res.exit_code == 0, res.output
+    manifest = json.loads((out / MANIFEST).read_text())
+    assert manifest["config"]["search"] == "mse" and manifest["scheme"].endswith("sa-weight=16")
+    assert {e["kind"] for e in manifest["tensors"].values()} == {"rtn_z8"}
+    res = runner.invoke(app, ["quantize", str(folder), "--scheme", "ternary", "--search", "mse", "--out", str(tmp_path / "t")])
+    assert isinstance(res.exception, SuperweightError) and "apply to int" in str(res.exception)

@@ -63,6 +63,10 @@ def quantize_cmd(
     per_channel: bool = typer.Option(False, "--per-channel", help="One scale per output channel."),
     clip_z: Optional[float] = typer.Option(None, "--clip-z", help="Clip weights at mean +- Z std before quantizing."),
     topk: int = typer.Option(0, "--topk", min=0, help="Ternary: also keep the K largest other weights per matrix in FP16."),
+    search: str = typer.Option("minmax", "--search", help="int*/nf4 range per group: minmax, or mse (range search, never worse)."),
+    zero_point: str = typer.Option("float", "--zero-point", help="int*: float (float16 zero) or int8 (integer zero point, 8 bits)."),
+    outliers: float = typer.Option(0.0, "--outliers", min=0.0, help="int*/nf4: bits per weight spent on the largest other weights, held out exact."),
+    sa_weight: float = typer.Option(1.0, "--sa-weight", min=1.0, help="With --search mse: fit weight of the columns that read the super activation."),
     keep_super_weights: bool = typer.Option(True, "--keep-super-weights/--no-keep-super-weights", help="Hold the super weights out (exact)."),
     super_weights: Optional[Path] = typer.Option(None, "--super-weights", help="A `superweight detect --json` file (default: detect now)."),
     include: Optional[str] = typer.Option(None, "--include", help="Regex: quantize only linear modules whose name matches."),
@@ -88,7 +92,9 @@ def quantize_cmd(
 ) -> None:
     """Quantize MODEL into a packed artifact (--out), or sweep schemes by perplexity (--sweep).
 
-    Example: `superweight quantize --scheme int4 --block 16384 --clip-z 9 --out smol-int4`, then
+    Example: `superweight quantize --scheme int4 --group 64 --search mse --zero-point int8 --outliers 0.12
+    --sa-weight 16 --out smol-int4` (the outlier-aware scheme; the paper's recipe is
+    `--block 16384 --clip-z 9`), then
     `superweight.load_quantized("smol-int4")` (or any command with MODEL = smol-int4).
     """
     from ..quant.config import scheme_config
@@ -118,7 +124,8 @@ def quantize_cmd(
         raise SuperweightError("pass --out DIR to write an artifact (or --sweep to compare schemes)")
     if out.exists() and not force:
         raise SuperweightError(f"{out} already exists: pick another --out or pass --force to replace it")
-    config = scheme_config(scheme, block, group, clip_z, topk, per_channel, oversize)
+    config = scheme_config(scheme, block, group, clip_z, topk, per_channel, oversize,
+                           search=search, zero_point=zero_point, outliers=outliers, sa_weight=sa_weight)
     lm = load_lm(model, dtype, cache_dir, device_map, device)
     keep = _keep_for(lm, keep_super_weights, super_weights)
     manifest = export_artifact(lm, config, keep, out, force, include, exclude)
