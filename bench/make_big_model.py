@@ -80,6 +80,28 @@ def layers_for(size_gb: float, width: str, itemsize: int) -> int:
     return max(2, math.ceil((size_gb * 2**30 - outer) / per_layer))
 
 
+def size_gb_for(layers: int, width: str, itemsize: int) -> float:
+    """The on-disk size (GiB) of a checkpoint of ``layers`` layers: the inverse of ``layers_for``."""
+    shapes = layer_shapes(WIDTHS[width])
+    per_layer = sum(math.prod(s) for s in shapes.values()) * itemsize
+    return (layers * per_layer + 2 * VOCAB * WIDTHS[width]["hidden_size"] * itemsize) / 2**30
+
+
+def check_plant(args: argparse.Namespace, layers: int, itemsize: int) -> str | None:
+    """Why the planted coordinates do not fit the checkpoint (None when they do)."""
+    w = WIDTHS[args.width]
+    if not 0 <= args.layer < layers:
+        need = size_gb_for(args.layer + 1, args.width, itemsize)
+        return (f"--size-gb {args.size_gb:g} gives {layers} layers of {args.width} width, too few to plant in --layer {args.layer}: "
+                f"pass --size-gb {math.ceil(need * 10) / 10:g} or more, or --layer {layers - 1} or less")
+    if not 0 <= args.row < w["hidden_size"] or not 0 <= args.col < w["intermediate_size"]:
+        return (f"--row {args.row} / --col {args.col} are outside {args.width}'s down-projection "
+                f"[{w['hidden_size']}, {w['intermediate_size']}]: pick a row below {w['hidden_size']} and a col below {w['intermediate_size']}")
+    if args.size_gb <= 0:
+        return f"--size-gb must be positive, not {args.size_gb:g}"
+    return None
+
+
 def write_checkpoint(out: Path, width: str, layers: int, dtype: torch.dtype, seed: int) -> None:
     from safetensors.torch import save_file
 
@@ -189,6 +211,10 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     dtype = getattr(torch, args.dtype)
     layers = layers_for(args.size_gb, args.width, dtype.itemsize)
+    problem = check_plant(args, layers, dtype.itemsize)
+    if problem:
+        print(f"error: {problem}", file=sys.stderr)
+        raise SystemExit(2)
     if args.out.exists() and any(args.out.iterdir()):
         raise SystemExit(f"{args.out} is not empty: pass a new folder")
     print(f"writing {layers} layers of {args.width} width ({args.dtype}) to {args.out}", file=sys.stderr)

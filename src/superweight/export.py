@@ -23,6 +23,7 @@ from .checkpoint import check_safetensors, read_header
 from .device import resolve_device
 from .errors import SuperweightError
 from .files import staged_dir
+from .manifest import check_against_model, check_manifest
 from .loaded import LoadedModel, parse_dtype
 from .quant.api import QuantResult
 from .quant.config import describe, from_dict, to_dict
@@ -200,7 +201,7 @@ def read_manifest(path: str | os.PathLike) -> dict:
     if not isinstance(manifest, dict) or manifest.get("version") != MANIFEST_VERSION:
         got = manifest.get("version") if isinstance(manifest, dict) else None
         raise SuperweightError(f"artifact manifest version {got!r} is not {MANIFEST_VERSION}: re-export it with this version")
-    return manifest
+    return check_manifest(manifest, path)
 
 
 def _layout(entry: dict) -> Layout:
@@ -268,18 +269,21 @@ def load_quantized(
     path = Path(path)
     manifest = read_manifest(path)
     torch_dtype = parse_dtype(dtype) if dtype is not None else _DTYPES.get(manifest.get("dtype"), torch.float32)
-    try:
-        from_dict(manifest["config"])
-        config = AutoConfig.from_pretrained(str(path))
-    except (KeyError, ValueError, OSError) as exc:
-        raise SuperweightError(f"{path} is a corrupted artifact (config: {exc}): re-export it") from None
-    state = read_state_dict(path, manifest, torch_dtype)
     from accelerate import init_empty_weights
 
-    with init_empty_weights(include_buffers=False):  # parameters on "meta": no random init, no copy
-        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+        with init_empty_weights(include_buffers=False):  # parameters on "meta": no random init, no copy
+            model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    except Exception as exc:  # transformers raises many kinds on a damaged config.json
+        raise SuperweightError(f"{path} is a corrupted artifact (config: {exc}): re-export it".splitlines()[0]) from None
+    check_against_model(manifest, model, path)
+    state = read_state_dict(path, manifest, torch_dtype)
     state = {k: v.to(torch_dtype) if v.is_floating_point() else v for k, v in state.items()}
-    missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as exc:  # a stored tensor of another shape than the config's
+        raise SuperweightError(f"{path} does not match its config ({str(exc).strip().splitlines()[-1].strip()}): re-export it") from None
     missing = [m for m in missing if m not in manifest.get("tied", {})]
     if missing or unexpected:
         raise SuperweightError(f"{path} does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]}): re-export it")

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import re
-import shlex
 from dataclasses import asdict, dataclass, field
 from typing import Iterator, Sequence
 
@@ -108,9 +107,71 @@ def overrides_for(
     return out
 
 
+# Characters that need no quoting in a shell word and survive an unquoted ``$(...)`` unchanged
+# (no blanks, quotes, globs or other specials; ``$`` is only special when a name follows it).
+_BARE_WORD = re.compile(r"^[A-Za-z0-9_.,:=+^\\-]+\$?=[a-z0-9_]+$")
+
+
 def shell_args(overrides: Sequence[TensorOverride]) -> str:
-    """``--tensor-type '^blk\\.11\\.ffn_down\\.weight$=f16' ...`` ready to paste after llama-quantize."""
-    return " ".join(f"--tensor-type {shlex.quote(o.argument)}" for o in overrides)
+    """``--tensor-type ^blk\\.11\\.ffn_down\\.weight$=f16 ...``: no quote characters, so it works both
+    pasted and as ``llama-quantize $(superweight llama-cpp-overrides sw.json) ...`` (a shell does not
+    remove quotes from a command substitution). An argument that would need quoting is refused."""
+    for o in overrides:
+        if not _BARE_WORD.match(o.argument):
+            raise SuperweightError(
+                f"{o.argument!r} would need shell quoting: use --format file with llama-quantize --tensor-type-file"
+            )
+    return " ".join(f"--tensor-type {o.argument}" for o in overrides)
+
+
+def gguf_arch_name(architecture: str) -> str:
+    """llama.cpp's name (``llama``) of a Hugging Face class name."""
+    import gguf
+
+    if architecture not in GGUF_ARCH:
+        raise SuperweightError(
+            f"llama.cpp has no architecture for {architecture}: the bridge covers {', '.join(sorted(GGUF_ARCH))}"
+        )
+    return gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, GGUF_ARCH[architecture])]
+
+
+def model_identity(model: str) -> tuple[str, int]:
+    """``(llama.cpp architecture name, layer count)`` of a model argument, read from its metadata
+    only (a GGUF header or a config.json): no weights are loaded."""
+    from .load import resolve
+
+    kind, where = resolve(model)
+    if kind == "gguf":
+        from gguf import GGUFReader
+
+        try:
+            reader = GGUFReader(where, "r")
+            arch = reader.fields["general.architecture"].contents()
+            return str(arch), int(reader.fields[f"{arch}.block_count"].contents())
+        except Exception as exc:  # the reader raises many kinds on a bad file
+            raise SuperweightError(f"{where}: no architecture in its GGUF metadata ({type(exc).__name__}: {exc})") from None
+    if kind == "quantized":
+        where = str(where)
+    from transformers import AutoConfig
+
+    from .arch import architecture_name
+
+    try:
+        config = AutoConfig.from_pretrained(where)
+    except Exception as exc:
+        raise SuperweightError(f"cannot read the config of {model}: {exc}".splitlines()[0]) from None
+    return gguf_arch_name(architecture_name(config)), int(config.num_hidden_layers)
+
+
+def check_model_matches(architecture: str, num_layers: int | None, model: str, origin: str) -> None:
+    """Refuse coordinates of ``architecture`` (from ``origin``) for a ``model`` of another one."""
+    arch, layers = model_identity(model)
+    if gguf_arch_name(architecture) != arch:
+        raise SuperweightError(f"{origin} is for a {architecture} ({gguf_arch_name(architecture)}), but {model} is a {arch} model: "
+                               "detect the super weights of this model")
+    if num_layers and num_layers != layers:
+        raise SuperweightError(f"{origin} is for a model of {num_layers} layers, but {model} has {layers}: "
+                               "detect the super weights of this model")
 
 
 def tensor_type_file(overrides: Sequence[TensorOverride]) -> str:

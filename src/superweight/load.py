@@ -7,11 +7,14 @@ later loads read the cache. ``SUPERWEIGHT_CACHE`` or ``cache_dir=`` moves the ca
 from __future__ import annotations
 
 import collections
+import contextlib
+import functools
 import hashlib
 import importlib.util
 import logging
 import os
 import re
+from typing import Iterator
 from pathlib import Path
 
 import torch
@@ -19,7 +22,7 @@ import torch
 from .arch import architecture_name, spec_for_name
 from .checkpoint import check_safetensors
 from .errors import SuperweightError
-from .files import staged_dir
+from .files import staged_dir, write_text_atomic
 from .loaded import DTYPES, LoadedModel, parse_dtype  # noqa: F401  (re-exported: load.LoadedModel)
 from .progress import step
 
@@ -115,11 +118,11 @@ def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
 # ---------------------------------------------------------------- loaders
 
 
-def _check_causal_config(folder_or_id: str) -> str:
+def _check_causal_config(folder_or_id: str, **kw) -> str:
     from transformers import AutoConfig
 
     try:
-        config = AutoConfig.from_pretrained(folder_or_id)
+        config = AutoConfig.from_pretrained(folder_or_id, **kw)
     except Exception as exc:
         raise SuperweightError(f"cannot read the config of {folder_or_id}: {exc}".splitlines()[0]) from None
     name = architecture_name(config)
@@ -142,6 +145,46 @@ def _from_pretrained(where: str, dtype: torch.dtype, device_map: str | None, **k
     return model, tokenizer
 
 
+def hub_options(repo_id: str) -> dict:
+    """``from_pretrained`` options for a hub id; fails fast (no retries) when it cannot be fetched.
+
+    A cached model loads from the cache (``local_files_only`` when the hub is not usable); an
+    uncached one needs the hub: offline or unreachable, that is a one-line error at once.
+    """
+    from . import hub
+
+    reason = hub.unavailable_reason()
+    if reason is None:
+        return {}
+    if hub.cached(repo_id):
+        return {"local_files_only": True}
+    raise SuperweightError(
+        f"no such file or folder: {repo_id}, and it cannot be fetched as a hub id: {reason}: "
+        f"pass a local model folder, a .gguf file or a built-in name ({', '.join(BUILTIN_MODELS)})"
+    )
+
+
+@contextlib.contextmanager
+def _gguf_bar() -> Iterator[None]:
+    """transformers draws its GGUF conversion bar with tqdm itself: show it only where our bars
+    show (a terminal, no --quiet, SUPERWEIGHT_PROGRESS unset)."""
+    from .progress import enabled
+
+    try:
+        import transformers.modeling_gguf_pytorch_utils as gguf_utils
+    except ImportError:
+        gguf_utils = None
+    original = getattr(gguf_utils, "tqdm", None)
+    if enabled() or original is None:
+        yield
+        return
+    gguf_utils.tqdm = functools.partial(original, disable=True)
+    try:
+        yield
+    finally:
+        gguf_utils.tqdm = original
+
+
 def _gguf_cache_folder(path: str, cache_dir: Path) -> Path:
     return cache_dir / "gguf" / f"{Path(path).stem}-{file_sha256(path)[:16]}"
 
@@ -152,7 +195,8 @@ def _convert_gguf(path: str, target: Path) -> None:
 
     folder, filename = os.path.dirname(path) or ".", os.path.basename(path)
     log.info("converting %s (first load only; cached in %s)", filename, target)
-    model, tokenizer = _from_pretrained(folder, torch.float32, None, gguf_file=filename)
+    with _gguf_bar():
+        model, tokenizer = _from_pretrained(folder, torch.float32, None, gguf_file=filename)
     spec_for_name(architecture_name(model))
     with staged_dir(target) as tmp:  # a concurrent conversion of the same file is replaced, not an error
         model.config.architectures = [type(model).__name__]
@@ -192,9 +236,7 @@ def _gguf_note_cached(path: str, cache: Path) -> str:
     if not (cache / "model.safetensors").is_file():
         with step(f"converting {Path(path).name} (first load only)"):
             _convert_gguf(path, cache)
-    tmp = note_file.with_name(f".{note_file.name}.tmp")
-    tmp.write_text(note + "\n")
-    tmp.replace(note_file)
+    write_text_atomic(note_file, note + "\n")
     return note
 
 
@@ -233,7 +275,8 @@ def load_model(
                         f"{where} holds packed quantized weights but no superweight_manifest.json: "
                         "the artifact is damaged, re-export it with `superweight quantize --out`"
                     )
-        _check_causal_config(where)
+        hub_kw = hub_options(where) if kind == "hub" else {}
+        _check_causal_config(where, **hub_kw)
     with step(f"loading {name}"):
-        model, tokenizer = _from_pretrained(where, torch_dtype, device_map)
+        model, tokenizer = _from_pretrained(where, torch_dtype, device_map, **(hub_kw if kind == "hub" else {}))
     return LoadedModel(model, tokenizer, spec_for_name(architecture_name(model)), name, source, notes)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import logging
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -36,7 +37,9 @@ TasksOpt = typer.Option(
     "all", "--tasks", help="Comma-separated: piqa,arc_easy,arc_challenge,hellaswag,winogrande,sciq,lambada; all; none."
 )
 LimitOpt = typer.Option(100, "--limit", min=1, help="First N documents per task (lm-eval's --limit).")
-MaxTokensOpt = typer.Option(20000, "--max-tokens", min=2, help="Tokens of the perplexity text to score.")
+MaxTokensOpt = typer.Option(
+    20000, "--max-tokens", min=64, help="Tokens of the perplexity text to score (at least 64: eval.perplexity.MIN_TOKENS)."
+)
 SeqLenOpt = typer.Option(None, "--seq-len", help="Perplexity window (default min(2048, model max)).")
 def _check_device(value: str) -> str:
     """Fail on a device this machine lacks before anything is loaded."""
@@ -67,6 +70,12 @@ def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def print_notes(notes, shown=()) -> None:
+    """Each note once, skipping those already printed (``shown``: e.g. the model's, printed on load)."""
+    for note in dict.fromkeys(n for n in notes if n not in set(shown)):
+        console.print(f"note: {note}", highlight=False)
+
+
 def load_lm(
     model: str, dtype: str, cache_dir: Optional[Path], device_map: Optional[str] = None, device: Optional[str] = "auto"
 ):
@@ -94,11 +103,34 @@ def _group() -> None:
     """Find, prove and use the super weights of causal language models."""
 
 
+class Interrupted(KeyboardInterrupt):
+    """SIGINT or SIGTERM, raised where the program is, so that every staged writer (the artifact,
+    the report, the GGUF cache, JSON files) removes its unfinished output on the way out."""
+
+
+_received: list[int] = []
+
+
+def _raise_interrupted(signum: int, frame) -> None:
+    _received.append(signum)
+    raise Interrupted(signal.Signals(signum).name)
+
+
 def main() -> None:
-    """Entry point: user errors become one line on stderr and exit code 2."""
+    """Entry point: user errors become one line on stderr and exit code 2; SIGINT and SIGTERM (what
+    ``timeout`` and job schedulers send) stop the work, unfinished output is removed, exit 128 + N."""
+    _received.clear()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, _raise_interrupted)
     try:
         app()
     except SuperweightError as exc:
         err_console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
         sys.exit(2)
+    except SystemExit:
+        if _received:  # typer turns KeyboardInterrupt into a silent exit 130
+            name = signal.Signals(_received[0]).name
+            err_console.print(f"[red]interrupted[/] ({name}): unfinished output was removed", highlight=False)
+            sys.exit(128 + _received[0])
+        raise
 

@@ -8,6 +8,8 @@ import typer
 from rich.table import Table
 
 from ..errors import SuperweightError
+from ..files import check_output
+from ..inputs import check_prompts, read_super_weights
 from .app import (
     CacheOpt,
     DeviceMapOpt,
@@ -55,6 +57,9 @@ def detect(
     setup_logging(verbose, quiet)
     if method not in ("activation", "magnitude", "both"):
         raise SuperweightError(f"unknown method {method!r}: use activation, magnitude or both")
+    check_prompts(prompt)
+    if json_path:
+        check_output(json_path, "--json")
     prompts = list(prompt) if prompt else [DEFAULT_PROMPT]
     rule, scope = SpikeRule(floor=floor, ratio=ratio), "all_linear" if all_linear else "down_proj"
     from ..plan import choose_mode
@@ -137,6 +142,9 @@ def verify(
     from ..detect import write_json_atomic
 
     setup_logging(verbose, quiet)
+    check_prompts(prompt)
+    if json_path:
+        check_output(json_path, "--json")
     cat = Catalog.load(catalog_path)
     lm = load_lm(model, dtype, cache_dir, device_map, device)
     result = detect_default(lm, prompt)
@@ -153,8 +161,11 @@ def llama_cpp_overrides(
         "smollm2-135m", help="A model (detection runs), a detect.json file, or with --from-catalog a catalog id or hub id."
     ),
     type_name: str = typer.Option("f16", "--type", help="ggml type for tensors holding super weights (f16, bf16, q8_0, ...)."),
-    fmt: str = typer.Option("args", "--format", help="args (shell-quoted --tensor-type ...), file (for --tensor-type-file) or json."),
+    fmt: str = typer.Option("args", "--format", help="args (--tensor-type ..., no quotes), file (for --tensor-type-file) or json."),
     from_catalog: bool = typer.Option(False, "--from-catalog", help="Use the published coordinates: no model needed."),
+    for_model: Optional[str] = typer.Option(
+        None, "--model", help="The model (.gguf, folder, built-in name) the overrides are for: refuse coordinates of another architecture."
+    ),
     catalog_path: Optional[Path] = typer.Option(None, "--catalog", help="A catalog JSON file (default: the shipped one)."),
     dtype: str = DtypeOpt,
     cache_dir: Optional[Path] = CacheOpt,
@@ -165,14 +176,14 @@ def llama_cpp_overrides(
 ) -> None:
     """Print llama-quantize --tensor-type arguments that keep super-weight tensors at --type.
 
-    Example: llama-quantize $(superweight llama-cpp-overrides sw.json --format args) ... or
+    Example: llama-quantize $(superweight llama-cpp-overrides sw.json --model in.gguf) in.gguf out.gguf Q4_K_M
+    (the args carry no quote characters, so they survive $(...)), or
     llama-quantize --tensor-type-file <(superweight llama-cpp-overrides sw.json --format file) in.gguf out.gguf Q4_K_M
     """
     import json
 
     from .. import llama_cpp
     from ..catalog import Catalog
-    from ..detect import DetectionResult
 
     setup_logging(verbose, quiet)
     if fmt not in ("args", "file", "json"):
@@ -185,14 +196,19 @@ def llama_cpp_overrides(
         arch, n_layers, coords = entry.architecture, None, entry.coords
         origin = f"catalog entry {entry.id} ({entry.source['kind']})"
     elif source.endswith(".json") and Path(source).is_file():
-        det = DetectionResult.load(source)
+        det = read_super_weights(source)
         arch, n_layers, coords, origin = det.architecture, det.num_layers, det.coords, source
     else:
         det = detect_default(load_lm(source, dtype, cache_dir, device_map, device))
         arch, n_layers, coords, origin = det.architecture, det.num_layers, det.coords, f"detection on {source}"
     if not coords:
         raise SuperweightError(f"{origin}: no super weight, so nothing to keep: llama-quantize needs no override")
+    if for_model is not None:
+        llama_cpp.check_model_matches(arch, n_layers, for_model, origin)
     overrides = llama_cpp.overrides_for(arch, n_layers, coords, type_name)
+    if for_model is None and not quiet:
+        err_console.print(f"note: these overrides are for a {arch}: pass --model in.gguf to check that the model you quantize is one",
+                          highlight=False)
     if not quiet:
         for o in overrides:
             err_console.print(f"{o.tensor} <- {o.hf_module}: super weights {o.super_weights} ({origin})", highlight=False)

@@ -8,6 +8,8 @@ import typer
 from rich.table import Table
 
 from ..errors import SuperweightError
+from ..files import check_output
+from ..inputs import check_super_weights, check_text_source, read_super_weights
 from .app import (
     CacheOpt,
     DeviceMapOpt,
@@ -25,6 +27,7 @@ from .app import (
     console,
     detect_default,
     load_lm,
+    print_notes,
     setup_logging,
 )
 from .console import print_ablation_table, print_stopwords
@@ -35,6 +38,7 @@ def _eval_config(ppl: str, tasks: str, limit: Optional[int], max_tokens: Optiona
     from ..experiments import AblationConfig
 
     ppl_source = None if ppl.lower() in ("none", "") else ppl
+    check_text_source(ppl_source)  # before the model loads: a wrong --ppl costs nothing
     task_list = [] if tasks.lower() in ("none", "") else parse_tasks(tasks)
     return AblationConfig(ppl=ppl_source, tasks=task_list, limit=limit, max_tokens=max_tokens, seq_len=seq_len, **kw)
 
@@ -70,7 +74,6 @@ def ablate(
     quiet: bool = QuietOpt,
 ) -> None:
     """Prove the super weights matter: zero, scale and restore them; paper Table 1, Fig. 5 and Fig. 6."""
-    from ..detect import DetectionResult
     from ..eval.tasks import parse_tasks
     from ..experiments import run_ablation
 
@@ -80,14 +83,16 @@ def ablate(
         ppl, tasks, limit, max_tokens, seq_len, top_n=top_n, random_n=random_n, scales=_parse_scales(scales),
         scale_tasks=sweep_tasks, stopword_prompts=stopword_prompts, seed=seed,
     )
+    det = read_super_weights(super_weights) if super_weights else None
+    if json_path:
+        check_output(json_path, "--json")
     lm = load_lm(model, dtype, cache_dir, device_map, device)
-    found = DetectionResult.load(super_weights).super_weights if super_weights else detect_default(lm).super_weights
+    found = check_super_weights(det, lm, super_weights) if det else detect_default(lm).super_weights
     console.print("super weights: " + ", ".join(f"{s.layer}:[{s.row}, {s.col}]" for s in found), highlight=False)
     result = run_ablation(lm, found, config)
     print_ablation_table(result)
     print_stopwords(result)
-    for note in result.notes:
-        console.print(f"note: {note}", highlight=False)
+    print_notes(result.notes, shown=lm.notes)
     if json_path:
         result.save(json_path)
         console.print(f"wrote {json_path}")
@@ -114,6 +119,8 @@ def eval_cmd(
 
     setup_logging(verbose, quiet)
     config = _eval_config(ppl, tasks, limit, max_tokens, seq_len)
+    if json_path:
+        check_output(json_path, "--json")
     lm = load_lm(model, dtype, cache_dir, device_map, device)
     result = run_eval(lm, config)
     table = Table(title=f"Evaluation of {result.model}")
@@ -131,8 +138,7 @@ def eval_cmd(
     if result.avg_acc is not None:
         table.add_row("avg acc", f"{100 * result.avg_acc:.1f}", "", "")
     console.print(table)
-    for note in result.notes:
-        console.print(f"note: {note}", highlight=False)
+    print_notes(result.notes, shown=lm.notes)
     if json_path:
         result.save(json_path)
         console.print(f"wrote {json_path}")

@@ -8,6 +8,8 @@ import typer
 from rich.table import Table
 
 from ..errors import SuperweightError
+from ..files import check_output
+from ..inputs import check_super_weights, check_text_source, read_super_weights
 from .app import (
     CacheOpt,
     DeviceMapOpt,
@@ -45,9 +47,7 @@ def _keep_for(lm, keep: bool, super_weights: Optional[Path]):
     if not keep:
         return []
     if super_weights is not None:
-        from ..detect import DetectionResult
-
-        return DetectionResult.load(super_weights).super_weights
+        return check_super_weights(read_super_weights(super_weights), lm, super_weights)
     found = detect_default(lm).super_weights
     if not found:
         err_console.print("[yellow]note:[/] no super weight detected: nothing is held out")
@@ -100,9 +100,14 @@ def quantize_cmd(
     from ..quant.config import scheme_config
 
     setup_logging(verbose, quiet)
+    if super_weights is not None and keep_super_weights:
+        read_super_weights(super_weights)  # a bad file fails now, not after loading the model
+    if json_path:
+        check_output(json_path, "--json")
     if sweep:
         from ..quant.sweep import DEFAULT_SIZES, default_grid, run_sweep
 
+        check_text_source(text)
         sizes = tuple(_parse_size(s) for s in size) if size else DEFAULT_SIZES
         grid = default_grid(tuple(bits or (4, 3)), sizes, sweep_clip_z, tuple(sweep_group or (128,)))
         lm = load_lm(model, dtype, cache_dir, device_map, device)
@@ -124,6 +129,7 @@ def quantize_cmd(
         raise SuperweightError("pass --out DIR to write an artifact (or --sweep to compare schemes)")
     if out.exists() and not force:
         raise SuperweightError(f"{out} already exists: pick another --out or pass --force to replace it")
+    check_output(out, "--out", folder=True)
     config = scheme_config(scheme, block, group, clip_z, topk, per_channel, oversize,
                            search=search, zero_point=zero_point, outliers=outliers, sa_weight=sa_weight)
     lm = load_lm(model, dtype, cache_dir, device_map, device)

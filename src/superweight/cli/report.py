@@ -6,6 +6,9 @@ from typing import List, Optional
 
 import typer
 
+from ..files import check_output
+from ..inputs import check_json_inputs, check_prompts
+
 from .app import (
     CacheOpt,
     DeviceMapOpt,
@@ -45,6 +48,9 @@ def report(
 
     setup_logging(verbose, quiet)
     rep.check_out_dir(out, force)
+    check_output(out, "--out", folder=True)
+    check_prompts(prompt)
+    check_json_inputs(ablation=ablation, sweep=sweep)  # before the model loads: a wrong path costs nothing
     lm = load_lm(model, dtype, cache_dir, device_map, device)
     detection = detect_default(lm, prompt)
     flags = [f"--ablation {ablation}" if ablation else "", f"--sweep {sweep}" if sweep else "",

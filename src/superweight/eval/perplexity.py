@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 
 RESULT_VERSION = 1
 DEFAULT_SEQ_LEN = 2048
+MIN_TOKENS = 64  # below this a perplexity is logged as unreliable (the CLI refuses shorter texts up front)
 CHARS_PER_TOKEN_BOUND = 12  # a prefix this many characters per token always holds enough tokens
 
 
@@ -125,6 +126,9 @@ def evaluate_perplexity(
         total += window_nll(model, ids[begin:end], first - begin).cpu()
         count += end - first
     nll = float(total) / count
+    if count < MIN_TOKENS:
+        log.warning("perplexity over only %d token(s): with fewer than %d its value is noise, not a measurement; "
+                    "score a longer text", count, MIN_TOKENS)
     log.debug("perplexity: %d tokens scored in %d windows of %d", count, len(spans), seq_len)
     return PerplexityResult(
         ppl=math.exp(nll), nll=nll, tokens=count, windows=len(spans), seq_len=seq_len, stride=stride

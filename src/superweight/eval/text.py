@@ -35,8 +35,10 @@ def wikitext_candidates() -> list[Path]:
 
 
 def _wikitext_from_hub() -> str | None:
-    if importlib.util.find_spec("datasets") is None:
-        return None
+    from ..hub import unavailable_reason
+
+    if importlib.util.find_spec("datasets") is None or unavailable_reason() is not None:
+        return None  # no retries when offline: report the local options at once
     try:
         from datasets import load_dataset
 
@@ -85,9 +87,29 @@ def load_text(source: str) -> str:
     if source == "wiki-intros":
         return load_wiki_intros()
     path = Path(source).expanduser()
-    if path.is_file():
-        try:
-            return path.read_text(encoding="utf-8")
-        except UnicodeDecodeError:
-            raise SuperweightError(f"{path} is not UTF-8 text: pass a plain text file") from None
-    raise SuperweightError(f"unknown text source {source!r}: use {', '.join(SOURCES)} or the path of a text file")
+    if path.is_dir():
+        raise SuperweightError(f"{path} is a folder: pass a text file, {' or '.join(SOURCES)}")
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise SuperweightError(f"no such text file: {source} (or use a built-in text: {', '.join(SOURCES)})") from None
+    except UnicodeDecodeError:
+        raise SuperweightError(f"{path} is not UTF-8 text: pass a plain text file") from None
+    except OSError as exc:
+        raise SuperweightError(f"cannot read {path} ({exc.strerror or exc}): pass a readable text file") from None
+
+
+MIN_WORDS = 32  # below this a perplexity is one sentence's luck, not a measurement
+
+
+def check_text(source: str) -> str:
+    """``load_text(source)``, refused when it holds fewer than ``MIN_WORDS`` words (checked before
+    any model loads, so a wrong ``--ppl`` costs nothing)."""
+    text = load_text(source)
+    words = len(text.split())
+    if words < MIN_WORDS:
+        raise SuperweightError(
+            f"{source} holds {words} word(s): too short for a perplexity (at least {MIN_WORDS}, better thousands; "
+            "below that one sentence decides the number): pass a longer text"
+        )
+    return text
