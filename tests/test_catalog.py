@@ -194,7 +194,7 @@ def test_overrides_cli_from_catalog_and_detection_file(tmp_path):
     runner = CliRunner()
     res = runner.invoke(app, ["llama-cpp-overrides", "--from-catalog", "meta-llama/Llama-2-7b-hf", "--type", "q8_0", "-q"])
     assert res.exit_code == 0, res.output
-    assert res.stdout.strip() == r"--tensor-type '^blk\.1\.ffn_down\.weight$=q8_0'"
+    assert res.stdout.strip() == r"--tensor-type ^blk\.1\.ffn_down\.weight$=q8_0"  # no quotes: survives $(...)
     res = runner.invoke(app, ["llama-cpp-overrides", "--from-catalog", "olmo-7b-0724", "--format", "file", "-q"])
     assert [line.split(r"\.")[1] for line in res.stdout.splitlines()] == ["1", "2", "7", "24"]
 
