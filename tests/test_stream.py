@@ -53,25 +53,39 @@ def test_streaming_equals_in_memory_bit_for_bit(arch, tmp_path):
     assert got.to_dict() == expected.to_dict()
 
 
-def test_second_iteration_without_speculation_restreams_and_agrees(tmp_path, caplog):
-    folder = planted("GPT2LMHeadModel", tmp_path / "m", PLANT, (3, 20, 90), layers=6)
-    expected = in_memory(folder)
-    assert expected.coords == [PLANT, (3, 20, 90)]
-    with caplog.at_level(logging.INFO, logger="superweight.stream"):
-        got = stream_detect(folder, model_name="m", max_branches=0)
-    assert got.to_dict() == expected.to_dict()
-    assert "re-streaming from layer 1" in caplog.text
-    assert stream_detect(folder, model_name="m").to_dict() == expected.to_dict()  # with speculation
+@pytest.mark.parametrize("method", ["trace", "paper"])
+def test_second_iteration_restreams_from_the_zeroed_layer_and_agrees(method, tmp_path):
+    from superweight.stream_detect import StreamedRunner
+    from superweight.detect import assemble, encode_prompt, run_detection
+
+    folder = tmp_path / "m"
+    model = tiny_model("GPT2LMHeadModel", layers=6)
+    plant_super_weight(model, *PLANT)
+    plant_super_weight(model, 3, 20, 90, seed=7)
+    save_sharded(model, folder)
+    expected = in_memory(folder, method=method)
+    assert set(expected.coords) == {PLANT, (3, 20, 90)}
+    sm = StreamedModel(folder)
+    runner = StreamedRunner(sm)
+    enc = [encode_prompt(byte_tokenizer(), p) for p in PROMPTS[:1]]
+    states = run_detection(runner, enc, method)
+    got = assemble(states, runner, PROMPTS[:1], "m", method, None, None)
+    assert got.to_dict() == in_memory(folder, prompts=PROMPTS[:1], method=method).to_dict()
+    # the first pass reads every layer; each rerun starts at the layer of the weights it zeroed
+    assert runner.passes == states[0].iterations
+    assert runner.layers_read < 6 * runner.passes
 
 
-def test_streaming_one_pass_when_speculation_hits(tmp_path):
-    from superweight.stream import StreamingDetector
+def test_streaming_reads_each_layer_once_per_iteration_for_all_prompts(tmp_path):
+    from superweight.stream_detect import StreamedRunner
+    from superweight.detect import encode_prompt, run_detection
 
     folder = planted("LlamaForCausalLM", tmp_path / "m")
-    det = StreamingDetector(StreamedModel(folder), sw.SpikeRule(), max_iter=10)
-    result = det.detect(PROMPTS, model_name="m")
-    assert result.coords == [PLANT] and result.iterations == 4
-    assert det.passes == 1 and det.layers_read == 4
+    runner = StreamedRunner(StreamedModel(folder))
+    enc = [encode_prompt(byte_tokenizer(), p) for p in PROMPTS]
+    states = run_detection(runner, enc)
+    assert states[0].found[0].coord == PLANT
+    assert runner.passes == 2 and runner.layers_read == 4 + 3  # the rerun starts at layer 1
 
 
 def test_streaming_bfloat16_equals_in_memory_bfloat16(tmp_path):
