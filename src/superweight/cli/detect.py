@@ -28,15 +28,26 @@ from .app import (
 from .console import print_layers, print_magnitude, print_super_weights, print_verdict
 
 
+METHOD_ALIASES = {"default": "trace", "trace": "trace", "paper": "paper", "activation": "paper"}
+
+
 @app.command()
 def detect(
     model: str = ModelArg,
     prompt: List[str] = typer.Option(None, "--prompt", "-p", help="Prompt(s); repeat to compare. Default: the paper's."),
-    method: str = typer.Option("activation", "--method", help="activation (the paper's), magnitude (z-score) or both."),
+    method: str = typer.Option(
+        "default", "--method",
+        help="default (trace the super activation, attribute every rise), paper (the paper's exact spike rule), "
+        "magnitude (z-score scan) or both (default + magnitude).",
+    ),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the versioned result here."),
     max_iter: int = typer.Option(10, "--max-iter", min=1, help="Most detect-zero-rerun iterations per prompt."),
-    floor: float = typer.Option(50.0, "--floor", help="Spike rule: absolute |activation| floor."),
-    ratio: float = typer.Option(50.0, "--ratio", help="Spike rule: times the median of the other layers' maxima."),
+    floor: float = typer.Option(50.0, "--floor", help="Paper method: absolute |activation| floor."),
+    ratio: float = typer.Option(50.0, "--ratio", help="Paper method: times the median of the other layers' maxima."),
+    sa_ratio: float = typer.Option(2000.0, "--sa-ratio", help="Default method: |h| / its layer's median |h| of a super activation."),
+    verdict: bool = typer.Option(True, "--verdict/--no-verdict", help="Zero each finding and measure the damage (in memory only)."),
+    verdict_tokens: int = typer.Option(1024, "--verdict-tokens", min=16, help="Tokens of text the verdict scores."),
+    verdict_text: str = typer.Option("wiki-intros", "--verdict-text", help="wiki-intros, wikitext2 or a text file."),
     z_threshold: float = typer.Option(3.0, "--z-threshold", help="Magnitude method: mean + z * std of |W|."),
     all_linear: bool = typer.Option(False, "--all-linear", help="Magnitude method: scan every linear layer."),
     dtype: str = DtypeOpt,
@@ -49,35 +60,47 @@ def detect(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Also print the per-layer maxima."),
     quiet: bool = QuietOpt,
 ) -> None:
-    """Find the super weights of MODEL (default: the built-in SmolLM2-135M)."""
+    """Find the super weights of MODEL (default: the built-in SmolLM2-135M), and what zeroing each costs."""
     from ..detect import DEFAULT_PROMPT, SpikeRule
     from ..detect import detect as run_detect
     from ..magnitude import magnitude_scan
+    from ..trace import TraceRule
 
     setup_logging(verbose, quiet)
-    if method not in ("activation", "magnitude", "both"):
-        raise SuperweightError(f"unknown method {method!r}: use activation, magnitude or both")
+    if method not in (*METHOD_ALIASES, "magnitude", "both"):
+        raise SuperweightError(f"unknown method {method!r}: use default, paper, magnitude or both")
     check_prompts(prompt)
     if json_path:
         check_output(json_path, "--json")
+    text = _verdict_text(verdict_text) if verdict else None
     prompts = list(prompt) if prompt else [DEFAULT_PROMPT]
     rule, scope = SpikeRule(floor=floor, ratio=ratio), "all_linear" if all_linear else "down_proj"
+    kw = dict(method=METHOD_ALIASES.get(method, "trace"), trace_rule=TraceRule(ratio=sa_ratio))
     from ..plan import choose_mode
     from ..stream import stream_detect, stream_magnitude_scan
 
     if choose_mode(model, dtype, stream, device_map, cache_dir, device) == "stream":
-        result = stream_detect(model, prompts, rule, max_iter, model_name=model, dtype=dtype, device=device)
+        result = stream_detect(model, prompts, rule, max_iter, model_name=model, dtype=dtype, device=device, **kw)
         scan = lambda sws: stream_magnitude_scan(model, z_threshold, scope, sws, dtype=dtype, device=device)  # noqa: E731
+        if text is not None:
+            result.notes.append("no verdict: it scores text with the whole model, which a streamed run never holds")
     else:
         lm = load_lm(model, dtype, cache_dir, device_map, device)
-        result = run_detect(lm.model, lm.tokenizer, prompts, rule, max_iter, model_name=model, arch=lm.arch)
+        result = run_detect(lm.model, lm.tokenizer, prompts, rule, max_iter, model_name=model, arch=lm.arch, **kw)
         result.notes = list(lm.notes)
         scan = lambda sws: magnitude_scan(lm.model, lm.arch, z_threshold, scope, sws)  # noqa: E731
+        if text is not None and result.super_weights:
+            from ..progress import step
+            from ..verdict import judge
+
+            with step("verdict: zeroing each finding"):
+                judge(lm.model, lm.arch, lm.tokenizer, result, text, verdict_tokens)
     if method in ("magnitude", "both"):
         mag = scan(result.super_weights)
         result.magnitude = mag.to_dict()
-    if method in ("activation", "both"):
+    if method != "magnitude":
         print_super_weights(result)
+        print_activations(result)
     if result.magnitude is not None:
         print_magnitude(mag)
     if verbose:
@@ -85,6 +108,40 @@ def detect(
     if json_path:
         result.save(json_path)
         console.print(f"wrote {json_path}")
+
+
+def _verdict_text(source: str) -> str:
+    from ..eval.text import load_text
+
+    try:
+        return load_text(source)
+    except SuperweightError as exc:
+        raise SuperweightError(f"{exc} (or pass --no-verdict)") from None
+
+
+def print_activations(result) -> None:
+    """The super activations (where each rises and falls), then the verdict of each finding."""
+    for a in result.activations:
+        rises = ", ".join(f"{c.layer} ({c.sublayer} {c.delta:+.4g})" for c in a.rises) or "-"
+        falls = ", ".join(f"{c.layer} ({c.sublayer} {c.delta:+.4g})" for c in a.falls) or "-"
+        console.print(
+            f"super activation: token {a.token}, channel {a.channel}, {a.peak:+.5g} after layer {a.peak_layer} "
+            f"({a.ratio:,.0f}x the layer's median |h|); rises at {rises}; falls at {falls}", highlight=False,
+        )
+    for s in result.sources:
+        if not s.weights:
+            console.print(f"  layer {s.layer} {s.role} channel {s.channel}: {s.note}", highlight=False)
+    if not result.verdicts:
+        return
+    table = Table(title=f"Verdict: zero it, score {result.verdicts[0].tokens} tokens (null: as many random weights of the same matrices)")
+    for col in ("zeroed", "what", "PPL x", "null PPL x", "activation after", "label"):
+        table.add_column(col, justify="right")
+    for v in result.verdicts:
+        where = "; ".join(f"{w[0]}{'' if w[3] is None else f' e{w[3]}'}: \\[{w[1]}, {w[2]}]" for w in v.weights)
+        null = ", ".join(f"{x:.3g}" for x in v.null_ppl_ratios) or "-"
+        after = f"{v.activation_before:+.4g} -> {v.activation_after:+.4g}" if v.activation_before else "-"
+        table.add_row(where, v.target, f"{v.ppl_ratio:.3g}", null, after, v.label)
+    console.print(table)
 
 
 @app.command("catalog")
