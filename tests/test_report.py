@@ -2,8 +2,8 @@
 from __future__ import annotations
 
 import base64
+import html
 import io
-import json
 import re
 import shutil
 import subprocess
@@ -18,37 +18,32 @@ import superweight as sw
 from superweight import plots, report
 from superweight.cli import app
 from superweight.errors import SuperweightError
+from superweight.experiments import AblationConfig, AblationResult, run_ablation
+from superweight.quant.sweep import SweepResult, default_grid, run_sweep
 from superweight.synthetic import byte_tokenizer, plant_super_weight, tiny_model
 
 PLANT = (1, 5, 17)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
-ABLATION = {
-    "version": 1, "ppl_source": "wikitext2", "tasks": ["piqa", "lambada"], "limit": 20,
-    "conditions": {
-        "original": {"ppl": 21.5, "tasks": {"piqa": {"acc": 0.65, "ci": [0.6, 0.7], "n": 20}, "lambada": {"acc": 0.4, "n": 20}}},
-        "zero_super_weights": {"ppl": 1830.0, "tasks": {"piqa": {"acc": 0.5, "n": 20}, "lambada": {"acc": 0.0, "n": 20}}},
-        "zero_top_non_super": {"ppl": 23.0, "tasks": {"piqa": {"acc": 0.64, "n": 20}, "lambada": {"acc": 0.38, "n": 20}}},
-        "scale_0": {"ppl": 1830.0, "tasks": {"piqa": {"acc": 0.5, "n": 20}}},
-        "scale_1": {"ppl": 21.5, "tasks": {"piqa": {"acc": 0.65, "n": 20}}},
-        "scale_2": {"ppl": 22.0, "tasks": {"piqa": {"acc": 0.66, "n": 20}}},
-    },
-    "stopwords": {
-        "original": {"stopword_prob": 0.1, "other_prob": 0.02, "per_token": {"the": 0.05, ",": 0.01}},
-        "zero_super_weights": {"stopword_prob": 0.3, "other_prob": 0.01, "per_token": {"the": 0.1, ",": 0.1}},
-    },
-    "top5": {"prompt": "Summer is hot. Winter is", "original": [[" cold", 0.814], [" a", 0.05]],
-             "zero_super_weights": [[" the", 0.09], [" a", 0.08]]},
-}
-SWEEP = {
-    "version": 1, "text": "wikitext2", "max_tokens": 2048, "baseline_ppl": 20.0,
-    "rows": [{"family": "fp", "variant": "fp", "bits": None, "block": None, "ppl": 20.0}]
-    + [{"family": "rtn", "variant": v, "bits": 4, "block": b, "ppl": p}
-       for v, pts in (("naive", ((4096, 25.0), (16384, 60.0))), ("clip+SW", ((4096, 23.0), (16384, 30.0))))
-       for b, p in pts]
-    + [{"family": "rtn", "variant": "naive", "bits": 4, "block": None, "group": 128, "granularity": "group=128", "ppl": 22.0},
-       {"family": "w8a8", "variant": "naive", "bits": 8, "block": None, "ppl": 21.0}],
-}
+TEXT = "The quick brown fox jumps over the lazy dog. " * 12
+
+
+def _lm(model, tok):
+    return sw.LoadedModel(model, tok, sw.get_arch(model), "tiny", "tiny", [])
+
+
+@pytest.fixture(scope="module")
+def results(planted, tmp_path_factory) -> tuple[AblationResult, SweepResult]:
+    """An ablation and a sweep made by the real functions on the planted model, read back from the
+    JSON they write: the report is tested on the files the commands produce."""
+    model, tok, det = planted
+    config = AblationConfig(ppl="wiki-intros", tasks=["piqa", "lambada"], limit=3, max_tokens=96, seq_len=48,
+                            top_n=20, scales=(0.0, 1.0, 2.0), scale_tasks=["lambada"], stopword_prompts=3)
+    folder = tmp_path_factory.mktemp("results")
+    run_ablation(_lm(model, tok), det, config).save(folder / "ablation.json")
+    grid = default_grid(bits=(4,), sizes=(1024, 4096), clip_z=3.0, groups=(16,), w8a8=False, ternary_topk=-1)
+    run_sweep(_lm(model, tok), det, grid, text=TEXT, max_tokens=96, seq_len=48).save(folder / "sweep.json")
+    return AblationResult.load(folder / "ablation.json"), SweepResult.load(folder / "sweep.json")
 
 
 @pytest.fixture(scope="module")
@@ -60,12 +55,12 @@ def planted():
 
 
 @pytest.fixture(scope="module")
-def inputs(planted) -> report.ReportInputs:
+def inputs(planted, results) -> report.ReportInputs:
     model, tok, det = planted
     arch = sw.get_arch(model)
     return report.ReportInputs(
         model="tiny-planted", architecture=arch.name, detection=det, trace=report.residual_trace(model, tok, arch, det),
-        ablation=ABLATION, ablation_source="ablation.json", sweep=SWEEP, sweep_source="sweep.json",
+        ablation=results[0], ablation_source="ablation.json", sweep=results[1], sweep_source="sweep.json",
         notes=["baselines come from a test model"],
     )
 
@@ -108,36 +103,49 @@ def test_super_activation_trace_follows_the_planted_row(planted, inputs):
     assert all((before[k] == v).all() for k, v in model.state_dict().items())  # trace restored the weights
 
 
-def test_ablation_figures_show_the_numbers():
-    bars, scaling = report.figures_ablation(ABLATION)
-    assert {"1.83e+03", "21.5", "23"} <= set(bars.labels)  # ppl bar labels
-    assert "52.5" in bars.labels  # mean accuracy of the original model, in %
+def test_ablation_figures_show_the_numbers(results):
+    abl = results[0]
+    o, z = abl.conditions["original"], abl.conditions["zero_super_weights"]
+    bars, scaling = report.figures_ablation(abl)
+    assert {f"{o.ppl:,.3g}", f"{z.ppl:,.3g}", f"{100 * o.avg_acc:.1f}"} <= set(bars.labels)
+    assert bars.caption.startswith(
+        f"Zeroing the super weights takes perplexity from {o.ppl:.4g} to {z.ppl:.4g} and mean accuracy from "
+        f"{100 * o.avg_acc:.1f}% to {100 * z.avg_acc:.1f}%")
     assert "original (s = 1)" in scaling.labels
-    assert bars.caption.startswith("Zeroing the super weights takes perplexity from 21.5 to 1830 and mean accuracy from 52.5% to 25.0%")
-    assert "lowest (21.5) at s = 1" in scaling.caption and "peaks at s = 2 (66.0%)" in scaling.caption
+    # the scale conditions scored LAMBADA only (--scale-tasks): the figure says so, not "mean zero-shot accuracy"
+    assert "LAMBADA accuracy (%)" in scaling.labels and "LAMBADA accuracy peaks at s = " in scaling.caption
+    q = plots.scaling_curve([0.0, 1.0], [30.0, 20.0], [0.1, 0.4], acc_label="LAMBADA accuracy")
+    assert q.figure.axes[1].get_ylabel() == "LAMBADA accuracy (%)"
+    assert list(q.figure.axes[0].lines[0].get_ydata()) == [30.0, 20.0]
     p = plots.ablation_bars(["a", "b"], [10.0, 1000.0], [0.5, 0.25])
     assert [round(b.get_height(), 6) for b in p.figure.axes[0].patches] == [10.0, 1000.0]
     assert [round(b.get_height(), 6) for b in p.figure.axes[1].patches] == [50.0, 25.0]
 
 
-def test_stopword_figure_gives_the_ratios():
-    fig = report.figure_stopwords(ABLATION)
-    assert fig.labels == ["x3", "x0.5", "x2", "x10"]
-    assert "of: stopwords x3, other tokens x0.5;" in fig.caption
-    assert report.figure_stopwords({"conditions": {}}) is None
+def test_stopword_figure_gives_the_ratios(results):
+    abl = results[0]
+    fig = report.figure_stopwords(abl)
+    before, after = abl.stopwords["original"], abl.stopwords["zero_super_weights"]
+    ratio = f"x{after['stopword_prob'] / before['stopword_prob']:.2g}"
+    assert fig.labels[0] == ratio and f"of: stopwords {ratio}, other tokens" in fig.caption
+    assert report.figure_stopwords(AblationResult.from_dict({**abl.to_dict(), "stopwords": None})) is None
 
 
-def test_sweep_figure_has_one_line_per_method():
-    series, refs = report.sweep_series(SWEEP)
-    assert refs == {"unquantized": 20.0, "INT4 naive group=128": 22.0}
-    assert series == {"INT4 naive": [(4096.0, 25.0), (16384.0, 60.0)], "INT4 clip+SW": [(4096.0, 23.0), (16384.0, 30.0)]}
+def test_sweep_figure_has_one_line_per_method(results):
+    swp = results[1]
+    series, refs = report.sweep_series(swp)
+    group = next(r for r in swp.rows if r.group)
+    assert refs == {"unquantized": swp.baseline_ppl, "INT4 naive group=16": group.ppl}
+    assert list(series) == ["INT4 naive", "INT4 naive+SW", "INT4 clip", "INT4 clip+SW"]
+    naive = [(float(r.block), r.ppl) for r in swp.rows if r.variant == "naive" and r.block]
+    assert series["INT4 naive"] == naive
     p = plots.block_size_curves(series, refs)
     ax = p.figure.axes[0]
-    assert [line.get_label() for line in ax.lines[:2]] == ["INT4 naive", "INT4 clip+SW"]
-    assert list(ax.lines[1].get_ydata()) == [23.0, 30.0]
-    assert [t.get_text() for t in ax.get_xticklabels()] == ["64x64", "128x128"]
-    assert p.labels == ["unquantized: 20", "INT4 naive group=128: 22"]
-    assert "INT4 clip+SW beats naive at 2 of 2 block sizes (64x64, 128x128)" in report.sweep_caption(series)
+    assert [line.get_label() for line in ax.lines[:4]] == list(series)
+    assert list(ax.lines[0].get_ydata()) == [ppl for _, ppl in naive]
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["32x32", "64x64"]
+    assert p.labels == [f"unquantized: {swp.baseline_ppl:.4g}", f"INT4 naive group=16: {group.ppl:.4g}"]
+    assert "INT4 clip+SW beats naive at" in report.sweep_caption(series)
 
 
 # ---------------------------------------------------------------- writing
@@ -155,12 +163,12 @@ def test_report_html_embeds_every_figure(inputs, tmp_path):
     for name, data in embedded:
         assert base64.b64decode(data) == (out / f"{name}.png").read_bytes()
     assert not re.search(r'(src|href)="(?!data:)', page)  # nothing to fetch: opens offline
-    for text in ("tiny-planted", "baselines come from a test model", "wikitext2", "Apple Inc."):
+    for text in ("tiny-planted", "baselines come from a test model", "wiki-intros", "Apple Inc.", "scale conditions: LAMBADA accuracy"):
         assert text in page
-    assert "<td>zero_super_weights</td><td>1830</td><td>0.250</td>" in page  # the ablation's numbers
-    assert "<td>16384</td><td>60</td><td>30</td>" in page  # the sweep's INT4 table
-    assert "<td>1</td><td>&#x27; cold&#x27; 81.4%</td><td>&#x27; the&#x27; 9.0%</td>" in page  # top-5 table
-    assert json.loads((out / "sweep.json").read_text()) == SWEEP and json.loads((out / "ablation.json").read_text()) == ABLATION
+    for table in [*inputs.ablation.tables(), *inputs.sweep.tables()]:  # the same tables the CLI prints
+        assert "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in table.rows[0]) + "</tr>" in page
+    assert AblationResult.load(out / "ablation.json") == inputs.ablation
+    assert SweepResult.load(out / "sweep.json") == inputs.sweep
     md = (out / "report.md").read_text()
     assert all(f"]({f.name}.png)" in md and f.caption in md for f in figs)
 
@@ -187,44 +195,32 @@ def test_existing_output_needs_force_and_failure_leaves_nothing(inputs, tmp_path
 
 def test_missing_parts_are_said_on_the_page(planted, tmp_path):
     model, tok, det = planted
-    lm = sw.LoadedModel(model, tok, sw.get_arch(model), "tiny", "tiny", [])
-    got = report.gather(lm, det)
+    got = report.gather(_lm(model, tok), det)
     assert any("--ablation" in m for m in got.missing) and any("--sweep" in m for m in got.missing)
     assert got.findings[0] == "Catalog: not in catalog"
-    assert "--tensor-type ^blk\\.1\\.ffn_down\\.weight$=f16" in got.findings[1]
+    assert "--tensor-type '^blk\\.1\\.ffn_down\\.weight$=f16'" in got.findings[1]
     out = report.write_report(got, report.build_figures(got), tmp_path / "r")
     assert "Not shown" in (out / "report.html").read_text()
 
 
-def test_run_ablation_passes_the_limit_and_degrades_when_absent(planted, monkeypatch):
-    import sys
-
+def test_run_ablation_passes_the_limit(planted, results, monkeypatch):
     import superweight.experiments as experiments
 
     model, tok, det = planted
-    lm = sw.LoadedModel(model, tok, sw.get_arch(model), "tiny", "tiny", [])
     seen = {}
-
-    class Result:
-        def to_dict(self):
-            return ABLATION
-
-    monkeypatch.setattr(experiments, "run_ablation", lambda loaded, sws, **kw: seen.update(kw, sws=sws) or Result())
-    got = report.gather(lm, det, do_ablation=True, limit=7)
-    assert seen == {"limit": 7, "sws": det} and got.ablation == ABLATION
+    monkeypatch.setattr(experiments, "run_ablation", lambda loaded, sws, **kw: seen.update(kw, sws=sws) or results[0])
+    got = report.gather(_lm(model, tok), det, do_ablation=True, limit=7)
+    assert seen == {"limit": 7, "sws": det} and got.ablation is results[0]
     assert "--limit 7" in got.ablation_source
-    monkeypatch.setitem(sys.modules, "superweight.experiments", None)  # as if the module were not installed
-    got = report.gather(lm, det, do_ablation=True)
-    assert got.ablation is None and any(m.startswith("Ablation: not run") for m in got.missing)
 
 
-def test_report_cli_on_a_model_folder(tmp_path):
+def test_report_cli_on_a_model_folder(tmp_path, results):
     folder = tmp_path / "tiny"
     model = tiny_model("LlamaForCausalLM")
     plant_super_weight(model, *PLANT)
     model.save_pretrained(folder)
     byte_tokenizer().save_pretrained(folder)
-    (tmp_path / "abl.json").write_text(json.dumps(ABLATION))
+    results[0].save(tmp_path / "abl.json")
     res = CliRunner().invoke(app, ["report", str(folder), "--out", str(tmp_path / "rep"), "--ablation", str(tmp_path / "abl.json")])
     assert res.exit_code == 0, res.output
     assert "\r" not in res.output  # no progress bar when stdout is not a terminal
@@ -235,6 +231,27 @@ def test_report_cli_on_a_model_folder(tmp_path):
     ]
     res = CliRunner().invoke(app, ["report", str(folder), "--out", str(tmp_path / "rep")])
     assert res.exit_code != 0 and "--force" in str(res.exception)
+
+
+def test_report_from_files_alone_does_not_load_the_model(planted, results, tmp_path, monkeypatch):
+    import superweight.cli.report as cli_report
+
+    _, _, det = planted
+    det.save(tmp_path / "sw.json")
+    results[0].save(tmp_path / "abl.json")
+    results[1].save(tmp_path / "sweep.json")
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded")
+
+    monkeypatch.setattr(cli_report, "load_lm", no_load)
+    args = ["report", "--out", str(tmp_path / "rep"), "--super-weights", str(tmp_path / "sw.json"),
+            "--ablation", str(tmp_path / "abl.json"), "--sweep", str(tmp_path / "sweep.json")]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert sorted(p.stem for p in (tmp_path / "rep").glob("*.png")) == [
+        "fig3_down_proj_maxima", "fig5_stopwords", "fig6_ablation", "fig6_scaling", "fig7_block_size"]
+    assert "Fig. 4" in (tmp_path / "rep" / "report.md").read_text()  # said to be left out, and why
 
 
 # ---------------------------------------------------------------- a real browser
@@ -284,24 +301,19 @@ def test_smollm2_report_renders_in_headless_chromium(smollm2, tmp_path):
     assert pixels.std() > 0.05 and (pixels < 0.5).mean() > 0.005  # not blank: text and plot lines drawn
 
 
-def test_run_sweep_uses_the_default_grid_with_progress(planted, monkeypatch):
+def test_run_sweep_uses_the_default_grid_with_progress(planted, results, monkeypatch):
     import superweight.quant.sweep as sweep_mod
 
     model, tok, det = planted
-    lm = sw.LoadedModel(model, tok, sw.get_arch(model), "tiny", "tiny", [])
     seen = {}
-
-    class Result:
-        def to_dict(self):
-            return SWEEP
 
     def fake(loaded, keep, grid=None, progress=None, **kw):
         seen.update(keep=keep, points=len(grid))
         for _ in grid:
             progress(None)
-        return Result()
+        return results[1]
 
     monkeypatch.setattr(sweep_mod, "run_sweep", fake)
-    got = report.gather(lm, det, do_sweep=True)
-    assert got.sweep == SWEEP and seen == {"keep": det, "points": len(sweep_mod.default_grid())}
+    got = report.gather(_lm(model, tok), det, do_sweep=True)
+    assert got.sweep is results[1] and seen == {"keep": det, "points": len(sweep_mod.default_grid())}
     assert [f.name for f in report.build_figures(got)][-1] == "fig7_block_size"

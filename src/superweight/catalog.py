@@ -21,15 +21,16 @@ import re
 from dataclasses import asdict, dataclass, field
 from importlib import resources
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import ClassVar, Iterable, Sequence
 
+from .coords import Coord
 from .errors import SuperweightError
+from .results import Versioned
 
 SCHEMA_VERSION = 1
 SOURCE_KINDS = ("paper", "authors_code", "measured")
 AGREE, DIFFER, NOT_IN_CATALOG = "agree", "differ", "not in catalog"
 
-Coord = tuple[int, int, int]
 _HUB_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
 
@@ -43,7 +44,7 @@ class CatalogCoord:
 
     @property
     def coord(self) -> Coord:
-        return (self.layer, self.row, self.col)
+        return Coord(self.layer, self.row, self.col)
 
     def accepted(self) -> set[Coord]:
         """Detected coordinates that count as this one (the paper's layer too, when it differs)."""
@@ -226,7 +227,12 @@ def model_names(name: str, model=None, source: str = "") -> list[str]:
 
 
 @dataclass
-class Verdict:
+class Verdict(Versioned):
+    """How detected coordinates compare with the catalog entry of the model."""
+
+    KIND: ClassVar[str] = "catalog verdict"
+    VERSION: ClassVar[int] = SCHEMA_VERSION
+    HINT: ClassVar[str] = ": write it with `superweight verify --json PATH`"
     status: str  # agree | differ | not in catalog
     model: str
     entry: str | None = None  # catalog entry id
@@ -238,10 +244,6 @@ class Verdict:
     extra: list[list[int]] = field(default_factory=list)  # detected early, not in the catalog
     extra_late: list[list[int]] = field(default_factory=list)  # detected late-layer spikes, not listed
     notes: list[str] = field(default_factory=list)
-    version: int = SCHEMA_VERSION
-
-    def to_dict(self) -> dict:
-        return asdict(self)
 
     @property
     def exit_code(self) -> int:

@@ -23,29 +23,32 @@ import contextlib
 import logging
 import time
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Callable, Sequence
+from typing import Any, Callable, ClassVar, Sequence
 
 from .version import __version__
 from .ablate import (
     DEFAULT_SCALES, DEFAULT_TOP_N, as_coords, random_coords, restored_super_activation, scaled_weights, sw_layers,
     top_magnitude_coords, zeroed_entries,
 )
-from .files import read_json, write_json_atomic
+from .coords import Coord
 from .errors import SuperweightError
 from .eval.perplexity import default_seq_len, evaluate_perplexity
 from .eval.stopwords import SEASON_PROMPT, lambada_prompts, stopword_stats, top_next_tokens
-from .eval.tasks import PreparedTask, average_accuracy, evaluate_prepared, parse_tasks, prepare_task
+from .eval.tasks import PreparedTask, TaskResult, average_accuracy, evaluate_prepared, parse_tasks, prepare_task
 from .eval.text import load_text
+from .results import Table, Versioned, num
 
 log = logging.getLogger(__name__)
 
 RESULT_VERSION = 1
+SCALE_PREFIX = "scale_"
 
 
 @dataclass
-class AblationConfig:
+class AblationConfig(Versioned):
     """What to measure. ``None`` for ``ppl`` skips perplexity; an empty ``tasks`` skips the tasks."""
+
+    KIND: ClassVar[str] = "ablation config"
 
     ppl: str | None = "wikitext2"
     tasks: list[str] = field(default_factory=lambda: parse_tasks(None))
@@ -59,56 +62,120 @@ class AblationConfig:
     stopword_prompts: int = 50
     seed: int = 0
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    @classmethod
+    def _decode(cls, d: dict) -> dict[str, Any]:
+        out = super()._decode(d)
+        out["scales"] = tuple(out.get("scales", DEFAULT_SCALES))
+        return out
+
+
+def _tasks_of(d: dict | None) -> dict[str, TaskResult]:
+    return {t: r if isinstance(r, TaskResult) else TaskResult.from_dict(r) for t, r in (d or {}).items()}
 
 
 @dataclass
-class ConditionResult:
+class ConditionResult(Versioned):
     """One condition's perplexity and zero-shot results."""
 
+    KIND: ClassVar[str] = "ablation condition"
     description: str
     weights_changed: int
     ppl: float | None = None
     ppl_tokens: int | None = None
     avg_acc: float | None = None
-    tasks: dict[str, dict] = field(default_factory=dict)
+    tasks: dict[str, TaskResult] = field(default_factory=dict)
     seconds: float = 0.0
     same_as: str | None = None
 
     def to_dict(self) -> dict:
-        return {k: v for k, v in asdict(self).items() if v is not None}
+        body = {k: v for k, v in super().to_dict().items() if v is not None}
+        return {k: v for k, v in body.items() if k not in ("kind", "version", "tool_version")}
 
+    @classmethod
+    def check_version(cls, d: dict, source: str = "") -> None:
+        """Conditions live inside an ablation file, which carries the version."""
 
-class _SavedResult:
-    """Versioned JSON for the result dataclasses below."""
+    @classmethod
+    def _decode(cls, d: dict) -> dict[str, Any]:
+        return {**super()._decode(d), "tasks": _tasks_of(d.get("tasks"))}
 
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    def save(self, path: str | Path) -> None:
-        write_json_atomic(path, self.to_dict())
+    def accuracy(self, task: str) -> float | None:
+        r = self.tasks.get(task)
+        return None if r is None else r.acc
 
 
 @dataclass
-class AblationResult(_SavedResult):
+class AblationResult(Versioned):
+    """The paper's importance experiments on one model: every condition, the stopwords, the top-5."""
+
+    KIND: ClassVar[str] = "ablation"
+    VERSION: ClassVar[int] = RESULT_VERSION
+    HINT: ClassVar[str] = ": write it with `superweight ablate --json PATH`"
     model: str
     architecture: str
     super_weights: list[dict]
-    config: dict
-    conditions: dict[str, dict]
+    config: AblationConfig
+    conditions: dict[str, ConditionResult]
     stopwords: dict | None = None
     top5: dict | None = None
     notes: list[str] = field(default_factory=list)
-    version: int = RESULT_VERSION
     tool_version: str = __version__
 
     @classmethod
-    def load(cls, path: str | Path) -> "AblationResult":
-        data = read_json(path, "ablation result", ": write it with `superweight ablate --json`")
-        if data.get("version") != RESULT_VERSION:
-            raise SuperweightError(f"{path}: ablation result version {data.get('version')!r} is not {RESULT_VERSION}: re-run")
-        return cls(**{k: v for k, v in data.items() if k in cls.__dataclass_fields__})
+    def _decode(cls, d: dict) -> dict[str, Any]:
+        out = super()._decode(d)
+        if not isinstance(d.get("conditions"), dict) or not d["conditions"]:
+            raise ValueError("no 'conditions'")
+        out["config"] = AblationConfig.from_dict({**d.get("config", {}), "version": AblationConfig.VERSION})
+        out["conditions"] = {n: ConditionResult.from_dict(c) for n, c in d["conditions"].items()}
+        return out
+
+    @property
+    def coords(self) -> list[Coord]:
+        from .coords import as_coords
+
+        return as_coords(self.super_weights)
+
+    @property
+    def scales(self) -> list[tuple[float, str]]:
+        """(scale, condition name) of the ``scale_<s>`` conditions, by scale."""
+        return sorted((float(n[len(SCALE_PREFIX):]), n) for n in self.conditions if n.startswith(SCALE_PREFIX))
+
+    @property
+    def edits(self) -> list[str]:
+        """The conditions that are not part of the scale sweep, in run order."""
+        return [n for n in self.conditions if not n.startswith(SCALE_PREFIX)]
+
+    @property
+    def task_names(self) -> list[str]:
+        return list(dict.fromkeys(t for c in self.conditions.values() for t in c.tasks))
+
+    def tables(self) -> list[Table]:
+        """The paper's Table 1 shape (every condition), then the season prompt's top-5."""
+        return [ablation_table(self)] + ([top5_table(self.top5)] if self.top5 else [])
+
+
+def _task_cell(r: TaskResult | None) -> str:
+    return "-" if r is None else f"{100 * r.acc:.1f} [{100 * r.ci[0]:.0f}-{100 * r.ci[1]:.0f}]"
+
+
+def ablation_table(result: AblationResult) -> Table:
+    tasks = result.task_names
+    lam = ["lambada ppl"] if "lambada" in tasks else []
+    rows = []
+    for name, c in result.conditions.items():
+        row = [name, str(c.weights_changed), num(c.ppl), num(c.avg_acc and 100 * c.avg_acc, "{:.1f}")]
+        row += [_task_cell(c.tasks.get(t)) for t in tasks]
+        rows.append(row + ([num(getattr(c.tasks.get("lambada"), "ppl", None))] if lam else []))
+    title = f"Super weight ablation of {result.model} (paper Table 1 shape; accuracy % [95% CI])"
+    return Table(title, ["condition", "weights", "ppl", "mean acc", *tasks, *lam], rows)
+
+
+def top5_table(top: dict) -> Table:
+    """The paper's "Summer is hot. Winter is" example: top next tokens with and without the SWs."""
+    pairs = list(zip(top["original"], top["zero_super_weights"]))
+    rows = [[str(i + 1), f"{a[0]!r} {a[1]:.1%}", f"{b[0]!r} {b[1]:.1%}"] for i, (a, b) in enumerate(pairs)]
+    return Table(f"Next token after {top.get('prompt', '')!r}", ["rank", "original", "super weights zeroed"], rows)
 
 
 # ---------------------------------------------------------------- evaluation under one condition
@@ -131,7 +198,7 @@ def prepare_workload(model, tokenizer, config: AblationConfig) -> Workload:
 
 def evaluate_condition(
     model, tokenizer, work: Workload, config: AblationConfig, tasks: Sequence[str] | None = None
-) -> tuple[float | None, int | None, dict[str, dict], float | None]:
+) -> tuple[float | None, int | None, dict[str, TaskResult], float | None]:
     """(ppl, tokens scored, {task: metrics}, mean acc) of the model as it is now."""
     ppl = tokens = None
     if work.text is not None:
@@ -140,7 +207,7 @@ def evaluate_condition(
     names = list(work.tasks) if tasks is None else [t for t in tasks if t in work.tasks]
     results = {t: evaluate_prepared(model, work.tasks[t]) for t in names}
     avg = average_accuracy(results) if results else None
-    return ppl, tokens, {t: r.to_dict() for t, r in results.items()}, avg
+    return ppl, tokens, results, avg
 
 
 # ---------------------------------------------------------------- the conditions
@@ -188,7 +255,7 @@ def build_conditions(model, arch, coords: list, config: AblationConfig) -> list[
 
 
 def scale_name(s: float) -> str:
-    return f"scale_{s:g}"
+    return f"{SCALE_PREFIX}{s:g}"
 
 
 def super_weight_dicts(super_weights) -> list[dict]:
@@ -219,35 +286,39 @@ def run_ablation(loaded, super_weights, config: AblationConfig | None = None, **
         raise SuperweightError("no super weights to ablate: detection found none (try `superweight detect -v`)")
     model, tokenizer, arch = loaded.model, loaded.tokenizer, loaded.arch
     work = prepare_workload(model, tokenizer, config)
-    conditions: dict[str, dict] = {}
+    conditions: dict[str, ConditionResult] = {}
     for cond in build_conditions(model, arch, coords, config):
         conditions[cond.name] = run_condition(model, tokenizer, work, config, cond, conditions)
     stop, top5 = stopword_block(model, tokenizer, arch, coords, config)
     return AblationResult(
-        model=loaded.name, architecture=arch.name, super_weights=super_weight_dicts(sws), config=config.to_dict(),
+        model=loaded.name, architecture=arch.name, super_weights=super_weight_dicts(sws), config=config,
         conditions=conditions, stopwords=stop, top5=top5, notes=list(loaded.notes),
     )
 
 
-def run_condition(model, tokenizer, work: Workload, config: AblationConfig, cond: Condition, done: dict) -> dict:
+def run_condition(
+    model, tokenizer, work: Workload, config: AblationConfig, cond: Condition, done: dict[str, ConditionResult]
+) -> ConditionResult:
     if cond.same_as and cond.same_as in done:
         base = done[cond.same_as]
-        reused = {k: base.get(k) for k in ("ppl", "ppl_tokens", "avg_acc", "tasks")}
+        tasks, avg = base.tasks, base.avg_acc
         if cond.scale and config.scale_tasks is not None:
-            reused["tasks"] = {t: v for t, v in base["tasks"].items() if t in config.scale_tasks}
-            reused["avg_acc"] = _mean_acc(reused["tasks"])
-        return ConditionResult(cond.description, cond.weights_changed, same_as=cond.same_as, **reused).to_dict()
+            tasks = {t: v for t, v in base.tasks.items() if t in config.scale_tasks}
+            avg = _mean_acc(tasks)
+        return ConditionResult(
+            cond.description, cond.weights_changed, base.ppl, base.ppl_tokens, avg, dict(tasks), same_as=cond.same_as
+        )
     start = time.perf_counter()
     tasks = config.scale_tasks if cond.scale else None
     with cond.edit():
         ppl, tokens, task_results, avg = evaluate_condition(model, tokenizer, work, config, tasks)
     seconds = time.perf_counter() - start
     log.info("%s: ppl %s, mean acc %s (%.0f s)", cond.name, _fmt(ppl), _fmt(avg), seconds)
-    return ConditionResult(cond.description, cond.weights_changed, ppl, tokens, avg, task_results, seconds).to_dict()
+    return ConditionResult(cond.description, cond.weights_changed, ppl, tokens, avg, task_results, seconds)
 
 
-def _mean_acc(tasks: dict[str, dict]) -> float | None:
-    return sum(v["acc"] for v in tasks.values()) / len(tasks) if tasks else None
+def _mean_acc(tasks: dict[str, TaskResult]) -> float | None:
+    return sum(v.acc for v in tasks.values()) / len(tasks) if tasks else None
 
 
 def _fmt(x: float | None) -> str:
@@ -265,7 +336,8 @@ def stopword_block(model, tokenizer, arch, coords, config: AblationConfig) -> tu
         after = stopword_stats(model, tokenizer, prompts, targets).to_dict() if prompts else None
     if prompts:
         stop = {"prompts": len(prompts), "source": "lambada", "original": before, "zero_super_weights": after}
-    top5 = {"prompt": SEASON_PROMPT, "original": before_top, "zero_super_weights": after_top}
+    top5 = {"prompt": SEASON_PROMPT, "original": [list(t) for t in before_top],
+            "zero_super_weights": [list(t) for t in after_top]}
     return stop, top5
 
 
@@ -273,17 +345,40 @@ def stopword_block(model, tokenizer, arch, coords, config: AblationConfig) -> tu
 
 
 @dataclass
-class EvalResult(_SavedResult):
+class EvalResult(Versioned):
+    """Perplexity and zero-shot accuracy of one model as it is."""
+
+    KIND: ClassVar[str] = "evaluation"
+    VERSION: ClassVar[int] = RESULT_VERSION
+    HINT: ClassVar[str] = ": write it with `superweight eval --json PATH`"
     model: str
-    config: dict
+    config: AblationConfig
     ppl: float | None
     ppl_tokens: int | None
     avg_acc: float | None
-    tasks: dict[str, dict]
+    tasks: dict[str, TaskResult]
     notes: list[str] = field(default_factory=list)
     seconds: float = 0.0
-    version: int = RESULT_VERSION
     tool_version: str = __version__
+
+    @classmethod
+    def _decode(cls, d: dict) -> dict[str, Any]:
+        out = super()._decode(d)
+        out["config"] = AblationConfig.from_dict({**d.get("config", {}), "version": AblationConfig.VERSION})
+        return {**out, "tasks": _tasks_of(d.get("tasks"))}
+
+    def tables(self) -> list[Table]:
+        rows = [[f"PPL ({self.config.ppl})", num(self.ppl), "", f"{self.ppl_tokens} tokens"]] if self.ppl is not None else []
+        for t, r in self.tasks.items():
+            rows.append([f"{t} acc", f"{100 * r.acc:.1f}", f"{100 * r.ci[0]:.1f}-{100 * r.ci[1]:.1f}", str(r.n)])
+            if r.acc_norm is not None and r.acc_norm_ci:
+                lo, hi = r.acc_norm_ci
+                rows.append([f"{t} acc_norm", f"{100 * r.acc_norm:.1f}", f"{100 * lo:.1f}-{100 * hi:.1f}", str(r.n)])
+            if r.ppl is not None and r.ppl_ci:
+                rows.append([f"{t} ppl", num(r.ppl), f"{r.ppl_ci[0]:.4g}-{r.ppl_ci[1]:.4g}", str(r.n)])
+        if self.avg_acc is not None:
+            rows.append(["avg acc", f"{100 * self.avg_acc:.1f}", "", ""])
+        return [Table(f"Evaluation of {self.model}", ["metric", "value", "95% CI", "n"], rows)]
 
 
 def run_eval(loaded, config: AblationConfig | None = None, **overrides) -> EvalResult:
@@ -294,6 +389,4 @@ def run_eval(loaded, config: AblationConfig | None = None, **overrides) -> EvalR
     start = time.perf_counter()
     work = prepare_workload(loaded.model, loaded.tokenizer, config)
     ppl, tokens, tasks, avg = evaluate_condition(loaded.model, loaded.tokenizer, work, config)
-    return EvalResult(
-        loaded.name, config.to_dict(), ppl, tokens, avg, tasks, list(loaded.notes), time.perf_counter() - start
-    )
+    return EvalResult(loaded.name, config, ppl, tokens, avg, tasks, list(loaded.notes), time.perf_counter() - start)

@@ -7,13 +7,14 @@ them: magnitude alone flags thousands of weights, and the super weights are not 
 from __future__ import annotations
 
 import heapq
-from dataclasses import asdict, dataclass, field
-from typing import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any, Callable, ClassVar, Iterable, Iterator
 
 import torch
 from torch import nn
 
 from .arch import ArchSpec
+from .results import Versioned
 
 
 @dataclass
@@ -39,7 +40,11 @@ class RankedWeight:
 
 
 @dataclass
-class MagnitudeResult:
+class MagnitudeResult(Versioned):
+    """The z-score scan: how many weights it flags, its top weights, and where the super weights rank."""
+
+    KIND: ClassVar[str] = "magnitude scan"
+    HINT: ClassVar[str] = ": write it with `superweight detect --method magnitude --json PATH`"
     threshold: float
     scope: str  # "down_proj" or "all_linear"
     total_weights: int
@@ -48,8 +53,11 @@ class MagnitudeResult:
     top: list[dict]  # the highest-z weights of the whole scan
     super_weights: list[RankedWeight] = field(default_factory=list)
 
-    def to_dict(self) -> dict:
-        return asdict(self)
+    @classmethod
+    def _decode(cls, d: dict) -> dict[str, Any]:
+        out = super()._decode(d)
+        out["matrices"] = [MatrixScan(**m) for m in d["matrices"]]
+        return {**out, "super_weights": [RankedWeight(**r) for r in d.get("super_weights", [])]}
 
 
 def _zscores(weight: torch.Tensor) -> tuple[torch.Tensor, float, float]:

@@ -183,8 +183,13 @@ def ablation_bars(
     return Plot(fig, labels)
 
 
-def scaling_curve(scales: Sequence[float], ppl: Sequence[float | None], acc: Sequence[float | None]) -> Plot:
-    """Perplexity and accuracy as the super weights are scaled by s (s = 1 is the original model)."""
+def scaling_curve(
+    scales: Sequence[float], ppl: Sequence[float | None], acc: Sequence[float | None], acc_label: str = "accuracy",
+) -> Plot:
+    """Perplexity and accuracy as the super weights are scaled by s (s = 1 is the original model).
+
+    ``acc_label`` says what ``acc`` is (e.g. "LAMBADA accuracy" or "mean accuracy of 7 tasks (...)").
+    """
     fig, ax = plt.subplots(figsize=(7.5, 3.8))
     labels: list[str] = []
     pts = [(s, p) for s, p in zip(scales, ppl) if p is not None]
@@ -198,8 +203,9 @@ def scaling_curve(scales: Sequence[float], ppl: Sequence[float | None], acc: Seq
     if any(a is not None for a in acc):
         ax2 = ax.twinx()
         pts = [(s, 100 * a) for s, a in zip(scales, acc) if a is not None]
-        ax2.plot([p[0] for p in pts], [p[1] for p in pts], "-s", color=WITH, label="mean accuracy")
-        ax2.set_ylabel("mean zero-shot accuracy (%)", color=WITH)
+        ax2.plot([p[0] for p in pts], [p[1] for p in pts], "-s", color=WITH, label=acc_label)
+        ax2.set_ylabel(f"{acc_label} (%)", color=WITH)
+        labels.append(f"{acc_label} (%)")
         ax2.grid(False)
         ax2.spines["right"].set_visible(True)
     ax.set_title("Scaling the super weights")

@@ -8,7 +8,6 @@ renamed into place only when complete.
 from __future__ import annotations
 
 import base64
-import contextlib
 import datetime as dt
 import html
 import json
@@ -29,9 +28,15 @@ from .capture import _first_tensor
 from .detect import DetectionResult, SpikeRule, encode_prompt
 from .edits import HookSet
 from .errors import SuperweightError
-from .files import read_json, staged_dir
+from .experiments import AblationResult, ConditionResult
+from .files import staged_dir
+from .quant.sweep import SweepResult
+from .results import Table
 
 log = logging.getLogger(__name__)
+
+TASK_NAMES = {"lambada": "LAMBADA", "piqa": "PIQA", "arc_easy": "ARC-Easy", "arc_challenge": "ARC-Challenge",
+              "hellaswag": "HellaSwag", "winogrande": "WinoGrande", "sciq": "SciQ"}
 
 
 @dataclass
@@ -73,9 +78,9 @@ class ReportInputs:
     architecture: str
     detection: DetectionResult
     trace: ResidualTrace | None = None
-    ablation: dict | None = None
+    ablation: AblationResult | None = None
     ablation_source: str = ""
-    sweep: dict | None = None
+    sweep: SweepResult | None = None
     sweep_source: str = ""
     notes: list[str] = field(default_factory=list)  # caveats (e.g. GGUF-derived baselines)
     missing: list[str] = field(default_factory=list)  # parts not shown, and why
@@ -160,36 +165,37 @@ def figure_super_activation(trace: ResidualTrace) -> Figure:
     return Figure("fig4_super_activation", "Super activation with and without the super weights", caption, p.png(), p.labels)
 
 
-def _mean(xs: Sequence[float]) -> float | None:
-    return sum(xs) / len(xs) if xs else None
+def _task_accs(cond: ConditionResult) -> dict[str, float]:
+    return {t: r.acc for t, r in cond.tasks.items()}
 
 
-def _condition_acc(cond: dict) -> tuple[float | None, dict[str, float]]:
-    tasks = {t: v["acc"] for t, v in (cond.get("tasks") or {}).items() if isinstance(v, dict) and v.get("acc") is not None}
-    return _mean(list(tasks.values())), tasks
+def _acc_label(tasks: Sequence[str]) -> str:
+    """What an accuracy axis shows: one task's accuracy, or the mean over the named tasks."""
+    names = [TASK_NAMES.get(t, t) for t in tasks]
+    if len(names) == 1:
+        return f"{names[0]} accuracy"
+    return f"mean accuracy of {len(names)} tasks ({', '.join(names)})" if names else "accuracy"
 
 
-def ablation_conditions(ablation: dict) -> dict[str, dict]:
-    conds = ablation.get("conditions")
-    if not isinstance(conds, dict) or not conds:
-        raise SuperweightError("the ablation JSON has no 'conditions': write it with `superweight ablate --json PATH`")
-    return conds
+def scale_tasks(ablation: AblationResult) -> list[str]:
+    """The tasks the scale conditions scored (often fewer than the other conditions: ``--scale-tasks``)."""
+    return list(dict.fromkeys(t for _, n in ablation.scales for t in ablation.conditions[n].tasks))
 
 
-def figures_ablation(ablation: dict) -> list[Figure]:
-    conds = ablation_conditions(ablation)
-    names = [n for n in conds if not n.startswith("scale_")]
-    accs = [_condition_acc(conds[n]) for n in names]
-    task_names = sorted({t for _, ts in accs for t in ts})
-    task_acc = {t: [ts.get(t) for _, ts in accs] for t in task_names}
-    p = plots.ablation_bars(names, [conds[n].get("ppl") for n in names], [a for a, _ in accs], task_acc)
-    figs = [Figure("fig6_ablation", "Ablation: what each weight edit costs", ablation_caption(conds), p.png(), p.labels)]
-    scales = sorted((float(n[len("scale_"):]), n) for n in conds if n.startswith("scale_"))
-    if scales:
+def figures_ablation(ablation: AblationResult) -> list[Figure]:
+    conds = ablation.conditions
+    names = ablation.edits
+    task_names = sorted({t for n in names for t in conds[n].tasks})
+    task_acc = {t: [_task_accs(conds[n]).get(t) for n in names] for t in task_names}
+    p = plots.ablation_bars(names, [conds[n].ppl for n in names], [conds[n].avg_acc for n in names], task_acc)
+    figs = [Figure("fig6_ablation", "Ablation: what each weight edit costs", ablation_caption(ablation), p.png(), p.labels)]
+    if ablation.scales:
+        label = _acc_label(scale_tasks(ablation))
         q = plots.scaling_curve(
-            [s for s, _ in scales], [conds[n].get("ppl") for _, n in scales], [_condition_acc(conds[n])[0] for _, n in scales]
+            [s for s, _ in ablation.scales], [conds[n].ppl for _, n in ablation.scales],
+            [conds[n].avg_acc for _, n in ablation.scales], acc_label=label,
         )
-        figs.append(Figure("fig6_scaling", "Scaling the super weights", scaling_caption(conds, scales), q.png(), q.labels))
+        figs.append(Figure("fig6_scaling", "Scaling the super weights", scaling_caption(ablation, label), q.png(), q.labels))
     return figs
 
 
@@ -197,58 +203,57 @@ def _pct(x: float | None) -> str:
     return "-" if x is None else f"{100 * x:.1f}%"
 
 
-def ablation_caption(conds: dict[str, dict]) -> str:
-    o, z = conds.get("original") or {}, conds.get("zero_super_weights") or {}
-    if o.get("ppl") is None or z.get("ppl") is None:
+def ablation_caption(ablation: AblationResult) -> str:
+    o, z = ablation.conditions.get("original"), ablation.conditions.get("zero_super_weights")
+    if o is None or z is None or o.ppl is None or z.ppl is None:
         return "Perplexity and accuracy under each weight edit (paper Table 1)."
-    text = (f"Zeroing the super weights takes perplexity from {o['ppl']:.4g} to {z['ppl']:.4g} and mean accuracy "
-            f"from {_pct(_condition_acc(o)[0])} to {_pct(_condition_acc(z)[0])}")
-    others = [(n, conds[n]["ppl"]) for n in ("zero_top_non_super", "restore_super_activation", "zero_random")
-              if (conds.get(n) or {}).get("ppl") is not None]
+    text = (f"Zeroing the super weights takes perplexity from {o.ppl:.4g} to {z.ppl:.4g} and mean accuracy "
+            f"from {_pct(o.avg_acc)} to {_pct(z.avg_acc)}")
+    others = [(n, ablation.conditions[n].ppl) for n in ("zero_top_non_super", "restore_super_activation", "zero_random")
+              if n in ablation.conditions and ablation.conditions[n].ppl is not None]
     if others:
         text += "; " + ", ".join(f"{n.replace('_', ' ')} {v:.4g}" for n, v in others)
     return text + " (paper Table 1: the super weights alone carry the damage)."
 
 
-def scaling_caption(conds: dict[str, dict], scales: list[tuple[float, str]]) -> str:
-    ppl = [(s, conds[n].get("ppl")) for s, n in scales if conds[n].get("ppl") is not None]
-    acc = [(s, _condition_acc(conds[n])[0]) for s, n in scales if _condition_acc(conds[n])[0] is not None]
+def scaling_caption(ablation: AblationResult, acc_label: str) -> str:
+    conds = ablation.conditions
+    ppl = [(s, conds[n].ppl) for s, n in ablation.scales if conds[n].ppl is not None]
+    acc = [(s, conds[n].avg_acc) for s, n in ablation.scales if conds[n].avg_acc is not None]
     parts = []
     if ppl:
         s_min, p_min = min(ppl, key=lambda t: t[1])
         parts.append(f"perplexity is {ppl[0][1]:.4g} at s = {ppl[0][0]:g} and lowest ({p_min:.4g}) at s = {s_min:g}")
     if acc:
         s_max, a_max = max(acc, key=lambda t: t[1])
-        parts.append(f"mean accuracy peaks at s = {s_max:g} ({_pct(a_max)})")
+        parts.append(f"{acc_label} peaks at s = {s_max:g} ({_pct(a_max)})")
     return ("As the super weights are scaled, " + " and ".join(parts) if parts else "Quality vs scale") + (
         " (paper Fig. 6: collapse towards 0, small gains above 1).")
 
 
-def stopword_data(ablation: dict, n_tokens: int = 8) -> tuple[dict, dict | None] | None:
-    """(groups, tokens) as {name: (original, zeroed)} from the ablation JSON's stopword block.
+def stopword_data(ablation: AblationResult, n_tokens: int = 8) -> tuple[dict, dict | None] | None:
+    """(groups, tokens) as {name: (original, zeroed)} from the ablation's stopword block.
 
     Groups: mean next-token probability of a stopword, of any other token, and of the true next
     word; tokens: the ``n_tokens`` stopwords most likely in either run.
     """
-    sw = ablation.get("stopwords")
-    if not isinstance(sw, dict):
+    if not ablation.stopwords:
         return None
-    before, after = sw.get("original") or {}, sw.get("zero_super_weights") or {}
+    before, after = ablation.stopwords["original"], ablation.stopwords["zero_super_weights"]
     names = (("stopwords", "stopword_prob"), ("other tokens", "other_prob"), ("true next word", "target_prob"))
-    groups = {g: (before[k], after[k]) for g, k in names if before.get(k) is not None and after.get(k) is not None}
-    tb, ta = before.get("per_token") or {}, after.get("per_token") or {}
+    groups = {g: (before[k], after[k]) for g, k in names}
+    tb, ta = before.get("per_token", {}), after.get("per_token", {})
     common = sorted((t for t in tb if t in ta), key=lambda t: -max(tb[t], ta[t]))[:n_tokens]
-    tokens = {t: (tb[t], ta[t]) for t in common} or None
-    return (groups, tokens) if groups else None
+    return groups, {t: (tb[t], ta[t]) for t in common} or None
 
 
-def figure_stopwords(ablation: dict) -> Figure | None:
+def figure_stopwords(ablation: AblationResult) -> Figure | None:
     data = stopword_data(ablation)
     if data is None:
         return None
     p = plots.stopword_bars(*data)
-    n = (ablation.get("stopwords") or {}).get("prompts")
-    where = f"over {n} {ablation['stopwords'].get('source', '')} contexts, " if n else ""
+    stop = ablation.stopwords
+    where = f"over {stop['prompts']} {stop.get('source', '')} contexts, "
     ratios = ", ".join(f"{g} x{a / b:.2g}" for g, (b, a) in data[0].items() if b > 0)
     return Figure(
         "fig5_stopwords", "Stopword probabilities",
@@ -258,21 +263,21 @@ def figure_stopwords(ablation: dict) -> Figure | None:
     )
 
 
-def sweep_series(sweep: dict) -> tuple[dict[str, list[tuple[float, float]]], dict[str, float]]:
-    """{method: [(block size, ppl)]} for the round-to-nearest block rows of a sweep JSON, and the
-    reference levels: the unquantized perplexity and the non-block RTN rows (groups, per tensor)."""
+def sweep_series(sweep: SweepResult) -> tuple[dict[str, list[tuple[float, float]]], dict[str, float]]:
+    """{method: [(block size, ppl)]} for the round-to-nearest block rows of a sweep, and the
+    reference levels: the unquantized perplexity and the non-block RTN rows (groups)."""
     series: dict[str, list[tuple[float, float]]] = {}
     refs: dict[str, float] = {}
-    if sweep.get("baseline_ppl") is not None:
-        refs["unquantized"] = float(sweep["baseline_ppl"])
-    for row in sweep.get("rows") or []:
-        if row.get("family", "rtn") != "rtn" or row.get("ppl") is None:
+    if sweep.baseline_ppl is not None:
+        refs["unquantized"] = sweep.baseline_ppl
+    for row in sweep.rows:
+        if row.family != "rtn":
             continue
-        name = f"INT{row.get('bits')} {row.get('variant', '?')}"
-        if row.get("block"):
-            series.setdefault(name, []).append((float(row["block"]), float(row["ppl"])))
-        elif row.get("group"):
-            refs[f"{name} group={row['group']}"] = float(row["ppl"])
+        name = f"INT{row.bits} {row.variant}"
+        if row.block:
+            series.setdefault(name, []).append((float(row.block), row.ppl))
+        elif row.group:
+            refs[f"{name} group={row.group}"] = row.ppl
     return series, refs
 
 
@@ -321,25 +326,31 @@ def build_figures(inputs: ReportInputs) -> list[Figure]:
 # ---------------------------------------------------------------- text
 
 
-def _describe_run(data: dict, src: str) -> str:
-    """Where a JSON result's numbers come from: file, perplexity text and tokens, tasks, limit."""
-    cfg = data.get("config") if isinstance(data.get("config"), dict) else data
+def _describe_ablation(a: AblationResult, src: str) -> list[str]:
+    cfg, original = a.config, a.conditions.get("original")
+    bits = [f"perplexity text: {cfg.ppl}"] if cfg.ppl else []
+    if original is not None and original.ppl_tokens:
+        bits.append(f"{original.ppl_tokens:,} tokens scored")
+    if cfg.tasks:
+        bits.append(f"tasks: {', '.join(cfg.tasks)}")
+    if a.scales:
+        bits.append(f"scale conditions: {_acc_label(scale_tasks(a))}")
+    if cfg.limit:
+        bits.append(f"first {cfg.limit} items per task")
+    if a.stopwords:
+        bits.append(f"stopwords: {a.stopwords['prompts']} {a.stopwords.get('source', '')} contexts")
+    return bits
+
+
+def _describe_run(data: AblationResult | SweepResult, src: str) -> str:
+    """Where a result's numbers come from: file, perplexity text and tokens, tasks, limit."""
     bits = [f"from {src}"] if src else []
-    text = cfg.get("ppl") or data.get("text") or data.get("ppl_source")
-    if isinstance(text, str):
-        bits.append(f"perplexity text: {text}")
-    original = (data.get("conditions") or {}).get("original") or {}
-    tokens = original.get("ppl_tokens") or cfg.get("max_tokens")
-    if tokens:
-        bits.append(f"{tokens:,} tokens scored" if original.get("ppl_tokens") else f"up to {tokens:,} tokens")
-    if cfg.get("tasks"):
-        bits.append(f"tasks: {', '.join(cfg['tasks']) if isinstance(cfg['tasks'], list) else cfg['tasks']}")
-    if cfg.get("limit"):
-        bits.append(f"first {cfg['limit']} items per task")
-    stop = data.get("stopwords")
-    if isinstance(stop, dict) and stop.get("prompts"):
-        bits.append(f"stopwords: {stop['prompts']} {stop.get('source', '')} contexts")
-    return "; ".join(bits) or "see the JSON file"
+    if isinstance(data, AblationResult):
+        bits += _describe_ablation(data, src)
+    else:
+        bits.append(f"perplexity text: {data.text}")
+        bits.append(f"up to {data.max_tokens:,} tokens" if data.max_tokens else "the whole text")
+    return "; ".join(bits)
 
 
 def text_sources(inputs: ReportInputs) -> list[str]:
@@ -376,74 +387,13 @@ def super_weight_rows(detection: DetectionResult) -> list[list[str]]:
 SW_HEADER = ["layer", "[row, col]", "value", "|w| rank", "input", "output"]
 
 
-Table = tuple[str, list[str], list[list[str]]]  # title, header, rows
-
-
-def _num(x: float | None, fmt: str = "{:.4g}") -> str:
-    return "-" if x is None else fmt.format(x)
-
-
-def ablation_table(ablation: dict) -> Table:
-    """The paper's Table 1 shape: perplexity, mean accuracy and each task's accuracy [95% CI]."""
-    conds = ablation_conditions(ablation)
-    tasks = sorted({t for c in conds.values() for t in (c.get("tasks") or {})})
-    rows = []
-    for name, c in conds.items():
-        mean, accs = _condition_acc(c)
-        cells = []
-        for t in tasks:
-            r = (c.get("tasks") or {}).get(t) or {}
-            ci = r.get("ci")
-            cells.append(_num(r.get("acc"), "{:.3f}") + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""))
-        rows.append([name, _num(c.get("ppl")), _num(mean, "{:.3f}")] + cells)
-    return "Ablation (accuracy with its 95% bootstrap CI)", ["condition", "ppl", "mean acc"] + tasks, rows
-
-
-def sweep_tables(sweep: dict) -> list[Table]:
-    """RTN perplexity by granularity and variant (Fig. 7's numbers), W8A8 and ternary rows."""
-    rows = [r for r in sweep.get("rows") or [] if isinstance(r, dict)]
-    out: list[Table] = []
-    rtn = [r for r in rows if r.get("family") == "rtn"]
-    for bits in sorted({r.get("bits") for r in rtn if r.get("bits")}, reverse=True):
-        variants = list(dict.fromkeys(r.get("variant") for r in rtn if r.get("bits") == bits))
-        grans = list(dict.fromkeys(r.get("granularity", str(r.get("block"))) for r in rtn if r.get("bits") == bits))
-        cell = {(r.get("granularity", str(r.get("block"))), r.get("variant")): r for r in rtn if r.get("bits") == bits}
-        body = [[g] + [_num((cell.get((g, v)) or {}).get("ppl")) for v in variants] for g in grans]
-        out.append((f"INT{bits} round-to-nearest perplexity (unquantized {_num(sweep.get('baseline_ppl'))})",
-                    ["granularity"] + variants, body))
-    for fam, title in (("w8a8", "W8A8 perplexity"), ("ternary", "Ternary (BitNet b1.58) perplexity")):
-        sel = [r for r in rows if r.get("family") == fam]
-        if sel:
-            out.append((title, ["variant", "bits/weight", "ppl"],
-                        [[str(r.get("variant")), _num(r.get("bits_per_weight"), "{:.3f}"), _num(r.get("ppl"))] for r in sel]))
-    return out
-
-
-def top5_table(ablation: dict) -> Table | None:
-    """The paper's "Summer is hot. Winter is" example: top next tokens with and without the SWs."""
-    top = ablation.get("top5")
-    if not isinstance(top, dict) or not top.get("original") or not top.get("zero_super_weights"):
-        return None
-    pairs = list(zip(top["original"], top["zero_super_weights"]))
-    rows = [[str(i + 1), f"{a[0]!r} {a[1]:.1%}", f"{b[0]!r} {b[1]:.1%}"] for i, (a, b) in enumerate(pairs)]
-    return f"Next token after {top.get('prompt', '')!r}", ["rank", "original", "super weights zeroed"], rows
-
-
 def tables(inputs: ReportInputs) -> list[Table]:
-    out: list[Table] = []
-    if inputs.ablation is not None:
-        with contextlib.suppress(SuperweightError):
-            out.append(ablation_table(inputs.ablation))
-        top = top5_table(inputs.ablation)
-        if top is not None:
-            out.append(top)
-    if inputs.sweep is not None:
-        out.extend(sweep_tables(inputs.sweep))
-    return out
+    """The numbers behind the figures: each result's own tables (the same the CLI prints)."""
+    return [*(inputs.ablation.tables() if inputs.ablation else []), *(inputs.sweep.tables() if inputs.sweep else [])]
 
 
 def _md_table(t: Table) -> list[str]:
-    title, header, rows = t
+    title, header, rows = t.title, t.header, t.rows
     return [f"**{title}**", "", "| " + " | ".join(header) + " |", "|" + "---|" * len(header)] + [
         "| " + " | ".join(r) + " |" for r in rows
     ] + [""]
@@ -451,7 +401,7 @@ def _md_table(t: Table) -> list[str]:
 
 def _html_table(t: Table) -> list[str]:
     e = html.escape
-    title, header, rows = t
+    title, header, rows = t.title, t.header, t.rows
     return [f"<h3>{e(title)}</h3>", "<table><tr>" + "".join(f"<th>{e(h)}</th>" for h in header) + "</tr>"] + [
         "<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>" for r in rows
     ] + ["</table>"]
@@ -554,7 +504,7 @@ def write_report(inputs: ReportInputs, figs: Sequence[Figure], out: str | Path, 
         (tmp / "report.json").write_text(json.dumps(report_summary(inputs, figs), indent=2) + "\n")
         for name, data in (("ablation.json", inputs.ablation), ("sweep.json", inputs.sweep)):
             if data is not None:  # the numbers behind Fig. 5-7, kept with the report
-                (tmp / name).write_text(json.dumps(data, indent=2) + "\n")
+                data.save(tmp / name)
     return out
 
 
@@ -572,27 +522,22 @@ def report_summary(inputs: ReportInputs, figs: Sequence[Figure]) -> dict:
 # ---------------------------------------------------------------- orchestration
 
 
-def run_ablation(loaded, detection: DetectionResult, limit: int) -> dict:
-    """The ablation table of ``superweight ablate`` (issue 3's module), imported only when asked."""
-    try:
-        from .experiments import run_ablation as _run  # type: ignore[attr-defined]
-    except ImportError as exc:
-        raise ModuleNotFoundError(f"the ablation module is not available ({exc})") from None
-    return _run(loaded, detection, limit=limit).to_dict()
+def run_ablation(loaded, detection: DetectionResult, limit: int) -> AblationResult:
+    """The ablation of ``superweight ablate``, run now with ``limit`` items per task."""
+    from .experiments import run_ablation as _run
+
+    return _run(loaded, detection, limit=limit)
 
 
-def run_sweep(loaded, detection: DetectionResult) -> dict:
-    """The quantization sweep of ``superweight quantize --sweep`` (issue 4's module), imported only when asked."""
-    try:
-        from .quant.sweep import default_grid
-        from .quant.sweep import run_sweep as _run
-    except ImportError as exc:
-        raise ModuleNotFoundError(f"the quantization sweep module is not available ({exc})") from None
+def run_sweep(loaded, detection: DetectionResult) -> SweepResult:
+    """The quantization sweep of ``superweight sweep`` on its default grid."""
     from .progress import counter
+    from .quant.sweep import default_grid
+    from .quant.sweep import run_sweep as _run
 
     grid = default_grid()
     with counter(len(grid), "quantization sweep", "point") as tick:
-        return _run(loaded, detection, grid=grid, progress=tick).to_dict()
+        return _run(loaded, detection, grid=grid, progress=tick)
 
 
 def _optional(label: str, fn, missing: list[str]):
@@ -604,34 +549,56 @@ def _optional(label: str, fn, missing: list[str]):
         return None
 
 
-def gather(
-    loaded, detection: DetectionResult, ablation: str | Path | None = None, sweep: str | Path | None = None,
-    do_ablation: bool = False, do_sweep: bool = False, limit: int = 20, command: str = "",
-) -> ReportInputs:
-    """Everything the report shows, measured on ``loaded`` (a ``LoadedModel``) or read from JSON."""
+def _trace(loaded, detection: DetectionResult, missing: list[str]) -> ResidualTrace | None:
+    if loaded is None:
+        missing.append("Super activation with and without the super weights (Fig. 4): needs a forward pass of the "
+                       "model, which a report built from JSON files alone does not load (drop --super-weights to draw it).")
+        return None
     from .progress import step
 
     with step("tracing the super activation"):
-        trace = residual_trace(loaded.model, loaded.tokenizer, loaded.arch, detection)
-    inputs = ReportInputs(
-        model=loaded.name, architecture=loaded.arch.name, detection=detection, trace=trace,
-        notes=list(dict.fromkeys([*loaded.notes, *detection.notes])), command=command,
-    )
-    from .catalog import model_names
+        return residual_trace(loaded.model, loaded.tokenizer, loaded.arch, detection)
 
-    inputs.findings = findings(model_names(loaded.name, loaded.model, loaded.source), detection)
+
+def _ablation_part(inputs: ReportInputs, loaded, ablation, do: bool, limit: int) -> None:
     if ablation is not None:
-        inputs.ablation, inputs.ablation_source = read_json(ablation, "ablation"), Path(ablation).name
-    elif do_ablation:
-        inputs.ablation = _optional("Ablation", lambda: run_ablation(loaded, detection, limit), inputs.missing)
+        data = ablation if isinstance(ablation, AblationResult) else AblationResult.load(ablation)
+        inputs.ablation, inputs.ablation_source = data, "" if isinstance(ablation, AblationResult) else Path(ablation).name
+    elif do and loaded is not None:
+        inputs.ablation = _optional("Ablation", lambda: run_ablation(loaded, inputs.detection, limit), inputs.missing)
         inputs.ablation_source = f"run by this report (--limit {limit})" if inputs.ablation else ""
     else:
         inputs.missing.append("Ablation, stopwords, scaling (Fig. 5-6): pass --ablation JSON or --run-ablation.")
+
+
+def _sweep_part(inputs: ReportInputs, loaded, sweep, do: bool) -> None:
     if sweep is not None:
-        inputs.sweep, inputs.sweep_source = read_json(sweep, "sweep"), Path(sweep).name
-    elif do_sweep:
-        inputs.sweep = _optional("Quantization sweep", lambda: run_sweep(loaded, detection), inputs.missing)
+        data = sweep if isinstance(sweep, SweepResult) else SweepResult.load(sweep)
+        inputs.sweep, inputs.sweep_source = data, "" if isinstance(sweep, SweepResult) else Path(sweep).name
+    elif do and loaded is not None:
+        inputs.sweep = _optional("Quantization sweep", lambda: run_sweep(loaded, inputs.detection), inputs.missing)
         inputs.sweep_source = "run by this report" if inputs.sweep else ""
     else:
         inputs.missing.append("Perplexity vs block size (Fig. 7): pass --sweep JSON or --run-sweep.")
+
+
+def gather(
+    loaded, detection: DetectionResult, ablation: str | Path | AblationResult | None = None,
+    sweep: str | Path | SweepResult | None = None, do_ablation: bool = False, do_sweep: bool = False,
+    limit: int = 20, command: str = "",
+) -> ReportInputs:
+    """Everything the report shows: read from result files (or objects), or measured on ``loaded``
+    (a ``LoadedModel``; ``None`` builds the report from the results alone, without Fig. 4)."""
+    from .catalog import model_names
+
+    name = loaded.name if loaded is not None else detection.model
+    inputs = ReportInputs(
+        model=name, architecture=detection.architecture, detection=detection, command=command,
+        notes=list(dict.fromkeys([*(loaded.notes if loaded is not None else []), *detection.notes])),
+    )
+    inputs.trace = _trace(loaded, detection, inputs.missing)
+    names = model_names(loaded.name, loaded.model, loaded.source) if loaded is not None else model_names(name)
+    inputs.findings = findings(names, detection)
+    _ablation_part(inputs, loaded, ablation, do_ablation, limit)
+    _sweep_part(inputs, loaded, sweep, do_sweep)
     return inputs

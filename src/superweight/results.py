@@ -17,6 +17,7 @@ atomically and ``load`` turns every malformed file into one ``SuperweightError``
 from __future__ import annotations
 
 import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar, TypeVar
 
@@ -68,6 +69,20 @@ class Versioned:
     def load(cls: type[T], path: str | Path) -> T:
         data = read_json(path, cls.KIND, cls.HINT)
         return cls.from_dict(data, str(path))
+
+
+@dataclass
+class Table:
+    """One table of a result, as text cells: printed by the CLI (``cli.console``) and written by the report."""
+
+    title: str
+    header: list[str]
+    rows: list[list[str]]
+
+
+def num(x: float | None, fmt: str = "{:.4g}") -> str:
+    """A table cell: ``-`` for a missing number."""
+    return "-" if x is None else fmt.format(x)
 
 
 def _plain(value: Any) -> Any:

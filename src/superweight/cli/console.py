@@ -1,8 +1,6 @@
 """Console tables of every command: one printer per result, shared by the commands."""
 from __future__ import annotations
 
-from typing import Optional
-
 from rich.table import Table
 
 from .app import console
@@ -84,46 +82,28 @@ def print_verdict(v) -> None:
 
 
 def print_sweep_tables(result) -> None:
-    from ..quant.sweep import tables
+    print_tables(result.tables())
 
-    for title, headers, rows in tables(result):
-        table = Table(title=title)
-        for h in headers:
-            table.add_column(h, justify="right")
-        for r in rows:
+
+def print_tables(tables) -> None:
+    """Print ``results.Table`` objects (every result's ``tables()``) as rich tables."""
+    for t in tables:
+        table = Table(title=t.title)
+        for h in t.header:
+            table.add_column(h.replace("[", "\\["), justify="right")
+        for r in t.rows:
             table.add_row(*r)
         console.print(table)
 
 
-def _task_cell(r: Optional[dict]) -> str:
-    if not r:
-        return "-"
-    return f"{100 * r['acc']:.1f} [{100 * r['ci'][0]:.0f}-{100 * r['ci'][1]:.0f}]"
-
-
 def print_ablation_table(result) -> None:
-    conds = result.conditions
-    tasks = list(dict.fromkeys(t for c in conds.values() for t in c.get("tasks", {})))
-    table = Table(title=f"Super weight ablation of {result.model} (paper Table 1 shape; acc % [95% CI], n per task)")
-    for col in ["condition", "weights", "avg acc", "PPL", *tasks, "lambada ppl" if "lambada" in tasks else None]:
-        if col:
-            table.add_column(col, justify="right")
-    for name, c in conds.items():
-        avg = c.get("avg_acc")
-        row = [name, str(c.get("weights_changed", 0)), "-" if avg is None else f"{100 * avg:.1f}",
-               "-" if c.get("ppl") is None else f"{c['ppl']:.4g}"]
-        row += [_task_cell(c.get("tasks", {}).get(t)) for t in tasks]
-        if "lambada" in tasks:
-            lam = c.get("tasks", {}).get("lambada")
-            row.append("-" if not lam else f"{lam['ppl']:.4g}")
-        table.add_row(*row)
-    console.print(table)
-    ns = {t: r["n"] for c in conds.values() for t, r in c.get("tasks", {}).items()}
+    print_tables(result.tables()[:1])
+    ns = {t: r.n for c in result.conditions.values() for t, r in c.tasks.items()}
     if ns:
         console.print("n: " + ", ".join(f"{t} {n}" for t, n in ns.items()), highlight=False)
-    tokens = next((c.get("ppl_tokens") for c in conds.values() if c.get("ppl_tokens")), None)
+    tokens = next((c.ppl_tokens for c in result.conditions.values() if c.ppl_tokens), None)
     if tokens:
-        console.print(f"PPL over {tokens:,} tokens ({result.config.get('ppl')}).", highlight=False)
+        console.print(f"PPL over {tokens:,} tokens ({result.config.ppl}).", highlight=False)
 
 
 def print_stopwords(result) -> None:

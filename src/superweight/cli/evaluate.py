@@ -5,7 +5,6 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.table import Table
 
 from ..errors import SuperweightError
 from ..files import check_output
@@ -30,7 +29,7 @@ from .app import (
     print_notes,
     setup_logging,
 )
-from .console import print_ablation_table, print_stopwords
+from .console import print_ablation_table, print_stopwords, print_tables
 
 
 def _eval_config(ppl: str, tasks: str, limit: Optional[int], max_tokens: Optional[int], seq_len: Optional[int], **kw):
@@ -123,21 +122,7 @@ def eval_cmd(
         check_output(json_path, "--json")
     lm = load_lm(model, dtype, cache_dir, device_map, device)
     result = run_eval(lm, config)
-    table = Table(title=f"Evaluation of {result.model}")
-    for col in ("metric", "value", "95% CI", "n"):
-        table.add_column(col, justify="right")
-    if result.ppl is not None:
-        table.add_row(f"PPL ({config.ppl})", f"{result.ppl:.4g}", "", f"{result.ppl_tokens} tokens")
-    for t, r in result.tasks.items():
-        table.add_row(f"{t} acc", f"{100 * r['acc']:.1f}", f"{100 * r['ci'][0]:.1f}-{100 * r['ci'][1]:.1f}", str(r["n"]))
-        if "acc_norm" in r:
-            lo, hi = r["acc_norm_ci"]
-            table.add_row(f"{t} acc_norm", f"{100 * r['acc_norm']:.1f}", f"{100 * lo:.1f}-{100 * hi:.1f}", str(r["n"]))
-        if "ppl" in r:
-            table.add_row(f"{t} ppl", f"{r['ppl']:.4g}", f"{r['ppl_ci'][0]:.4g}-{r['ppl_ci'][1]:.4g}", str(r["n"]))
-    if result.avg_acc is not None:
-        table.add_row("avg acc", f"{100 * result.avg_acc:.1f}", "", "")
-    console.print(table)
+    print_tables(result.tables())
     print_notes(result.notes, shown=lm.notes)
     if json_path:
         result.save(json_path)

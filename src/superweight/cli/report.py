@@ -30,7 +30,11 @@ def report(
     model: str = ModelArg,
     out: Path = typer.Option(..., "--out", help="Folder for report.html, report.md and the PNGs (written all or nothing)."),
     ablation: Optional[Path] = typer.Option(None, "--ablation", help="An ablation JSON (`superweight ablate --json`)."),
-    sweep: Optional[Path] = typer.Option(None, "--sweep", help="A sweep JSON (`superweight quantize --sweep --json`)."),
+    sweep: Optional[Path] = typer.Option(None, "--sweep", help="A sweep JSON (`superweight sweep --json`)."),
+    super_weights: Optional[Path] = typer.Option(
+        None, "--super-weights", help="A detection JSON (`superweight detect --json`): no detection is run, and with "
+        "--ablation and --sweep the model is not loaded at all (the Fig. 4 trace, which needs it, is then left out).",
+    ),
     run_ablation: bool = typer.Option(False, "--run-ablation", help="Run the ablation now (slow; see --limit)."),
     run_sweep: bool = typer.Option(False, "--run-sweep", help="Run the quantization sweep now (slow)."),
     limit: int = typer.Option(20, "--limit", min=1, help="Items per task when --run-ablation evaluates accuracy."),
@@ -51,9 +55,14 @@ def report(
     check_output(out, "--out", folder=True)
     check_prompts(prompt)
     check_json_inputs(ablation=ablation, sweep=sweep)  # before the model loads: a wrong path costs nothing
-    lm = load_lm(model, dtype, cache_dir, device_map, device)
-    detection = detect_default(lm, prompt)
-    flags = [f"--ablation {ablation}" if ablation else "", f"--sweep {sweep}" if sweep else "",
+    from ..detect import DetectionResult
+
+    detection = DetectionResult.load(super_weights) if super_weights else None
+    needs_model = detection is None or run_ablation or run_sweep
+    lm = load_lm(model, dtype, cache_dir, device_map, device) if needs_model else None
+    detection = detection or detect_default(lm, prompt)
+    flags = [f"--super-weights {super_weights}" if super_weights else "",
+             f"--ablation {ablation}" if ablation else "", f"--sweep {sweep}" if sweep else "",
              f"--run-ablation --limit {limit}" if run_ablation else "", "--run-sweep" if run_sweep else ""]
     command = " ".join(x for x in ["superweight report", model, f"--out {out}", *flags, *(f"-p {p!r}" for p in prompt or [])] if x)
     inputs = rep.gather(lm, detection, ablation, sweep, run_ablation, run_sweep, limit, command)

@@ -12,13 +12,13 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import asdict, dataclass, field
-from pathlib import Path
-from typing import Callable, Sequence
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, ClassVar, Sequence
 
 import torch
 from torch import nn
 
+from ..results import Table, Versioned
 from ..version import __version__
 from .api import DEFAULT_EXCLUDE, quantize, target_modules
 from .config import RTN, W8A8, Ternary, ZScore, describe, to_dict
@@ -64,7 +64,12 @@ class PointResult:
 
 
 @dataclass
-class SweepResult:
+class SweepResult(Versioned):
+    """Perplexity of every grid point (``PointResult`` rows), with the text and settings they share."""
+
+    KIND: ClassVar[str] = "sweep"
+    VERSION: ClassVar[int] = SWEEP_VERSION
+    HINT: ClassVar[str] = ": write it with `superweight sweep --json PATH`"
     model: str
     source: str
     text: str
@@ -74,7 +79,6 @@ class SweepResult:
     rows: list[PointResult]
     notes: list[str] = field(default_factory=list)
     settings: dict = field(default_factory=dict)
-    version: int = SWEEP_VERSION
     tool_version: str = __version__
 
     @property
@@ -82,12 +86,16 @@ class SweepResult:
         return next((p.ppl for p in self.rows if p.family == "fp"), None)
 
     def to_dict(self) -> dict:
-        return {**asdict(self), "baseline_ppl": self.baseline_ppl}
+        return {**super().to_dict(), "baseline_ppl": self.baseline_ppl}
 
-    def save(self, path: str | Path) -> None:
-        from ..detect import write_json_atomic
+    @classmethod
+    def _decode(cls, d: dict) -> dict[str, Any]:
+        out = super()._decode(d)
+        names = {f.name for f in fields(PointResult)}
+        return {**out, "rows": [PointResult(**{k: v for k, v in r.items() if k in names}) for r in d["rows"]]}
 
-        write_json_atomic(path, self.to_dict())
+    def tables(self) -> list[Table]:
+        return [Table(title, headers, rows) for title, headers, rows in tables(self)]
 
 
 def granularity(config) -> str:
