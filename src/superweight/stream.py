@@ -12,19 +12,14 @@ real layer with those arguments and the running hidden state, under the same
 ``ActivationCapture`` hooks as in-memory detection, so every activation is bit for bit the one an
 in-memory forward computes (same dtype, same kernels).
 
-Iterative detection needs one forward pass per found super weight. Re-reading the checkpoint for
-each would double the I/O, so the pass *speculates*: when a layer's down-projection passes every
-local test of the rule (``find_candidate`` on that layer alone: floors, share, weight outlier; the
-median test needs all layers), a branch with that weight zeroed continues from that layer on the
-already loaded weights. After the pass, ``superweight.detect.find_candidate`` decides exactly as in
-memory; if it picks a weight no branch zeroed, the stream restarts from that weight's layer with
-the cached residual input of that layer (earlier layers are unchanged, so are their outputs).
+Detection itself lives once, in ``superweight.detect``; ``superweight.stream_detect`` runs it over a
+``StreamedModel`` (every prompt through each layer read, and a rerun that zeroes a weight of layer
+``L`` restarts from ``L`` with that layer's cached residual input).
 """
 from __future__ import annotations
 
 import contextlib
 import logging
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -35,9 +30,7 @@ from .ablate import zeroed_weights
 from .arch import ArchSpec, architecture_name, spec_for_name
 from .capture import ActivationCapture, LayerStats, _first_tensor
 from .checkpoint import Checkpoint, open_checkpoint
-from .detect import (
-    DEFAULT_PROMPT, DetectionResult, SpikeRule, SuperWeight, encode_prompt, find_candidate, magnitude_rank,
-)
+from .detect import DetectionResult
 from .device import resolve_device
 from .errors import SuperweightError
 from .prefetch import LayerPrefetcher
@@ -313,158 +306,12 @@ class StreamedModel:
 # ---------------------------------------------------------------- streaming detection
 
 
-@dataclass
-class _Branch:
-    """One forward pass of one prompt with some weights zeroed, run layer by layer."""
+def stream_detect(path: str | Path, *args, **kwargs) -> DetectionResult:
+    """Detection streamed layer by layer: ``superweight.stream_detect.stream_detect`` (the loop of
+    ``superweight.detect``, run over a ``StreamedModel``)."""
+    from .stream_detect import stream_detect as run
 
-    prompt: int
-    zeroed: tuple[Coord, ...]
-    start: int
-    inputs: dict[int, torch.Tensor] = field(default_factory=dict)  # residual input of each layer
-    stats: dict[int, LayerStats] = field(default_factory=dict)
-
-    def child(self, coord: Coord, layer: int) -> "_Branch":
-        """The same pass with ``coord`` also zeroed, from ``layer`` on (earlier layers are shared)."""
-        keep = lambda d, last: {k: v for k, v in d.items() if k <= last}  # noqa: E731
-        return _Branch(self.prompt, self.zeroed + (coord,), layer, keep(self.inputs, layer), keep(self.stats, layer - 1))
-
-
-class StreamingDetector:
-    """The iterative method of ``superweight.detect`` over a ``StreamedModel``."""
-
-    def __init__(self, sm: StreamedModel, rule: SpikeRule, max_iter: int, max_branches: int = 4):
-        self.sm, self.rule, self.max_iter, self.max_branches = sm, rule, max_iter, max_branches
-        self.branches: dict[tuple[int, tuple[Coord, ...]], _Branch] = {}
-        self.passes = 0
-        self.layers_read = 0  # decoder layers read from disk
-        self.layer_runs = 0  # decoder layer forward calls (several per read when branches run)
-
-    def stream(self, starts: list[_Branch], calls: list[list[Call]]) -> None:
-        """One pass over the layers from the earliest start; runs and extends the branches."""
-        self.passes += 1
-        live = list(starts)
-        for b in starts:
-            self.branches[(b.prompt, b.zeroed)] = b
-        for i in range(min(b.start for b in live), self.sm.num_layers):
-            with self.sm.layer(i):
-                self.sm.prefetch_layer(i + 1)  # the disk reads the next layer while this one runs
-                self.layers_read += 1
-                spawned = 0
-                todo = [b for b in live if b.start <= i]
-                while todo:
-                    b = todo.pop(0)
-                    hidden, st = self.sm.run_layer(i, calls[b.prompt][i], b.inputs[i], b.zeroed)
-                    self.layer_runs += 1
-                    b.stats[i] = st
-                    if i + 1 < self.sm.num_layers:
-                        b.inputs[i + 1] = hidden
-                    child = self._speculate(b, i, st, spawned)
-                    if child is not None:
-                        spawned += 1
-                        live.append(child)
-                        todo.append(child)
-                        self.branches[(child.prompt, child.zeroed)] = child
-
-    def _speculate(self, b: _Branch, i: int, st: LayerStats, spawned: int) -> _Branch | None:
-        if len(b.zeroed) + 1 >= self.max_iter or spawned >= self.max_branches:
-            return None
-        # find_candidate on this layer alone (earlier layers as empty stats) applies every local
-        # test of the rule (floor, share, input, weight outlier); only the median test must wait.
-        local = [LayerStats(j) for j in range(i)] + [st]
-        with zeroed_weights(self.sm.model, self.sm.arch, [c for c in b.zeroed if c[0] == i]):
-            sw = find_candidate(self.sm.model, self.sm.arch, local, self.rule, set(b.zeroed))
-        if sw is None or (b.prompt, b.zeroed + (sw.coord,)) in self.branches:
-            return None
-        return b.child(sw.coord, i)
-
-    def find(self, stats: list[LayerStats], found: list[SuperWeight]) -> SuperWeight | None:
-        """``find_candidate`` with the down-projections of the spiking layers read in."""
-        ins = [s.input.magnitude for s in stats]
-        outs = [s.output.magnitude for s in stats]
-        spiking = [i for i in range(len(stats)) if self.rule.spikes(ins, i) and self.rule.spikes(outs, i)]
-        names = [n for i in spiking for n in self.sm.down_proj_names(i)]
-        with self.sm.materialised(names):
-            with zeroed_weights(self.sm.model, self.sm.arch, [sw for sw in found if sw.layer in spiking]):
-                sw = find_candidate(self.sm.model, self.sm.arch, stats, self.rule, {s.coord for s in found})
-            if sw is not None:
-                matrix = self.sm.arch.weight_matrix(self.sm.model, sw.layer).detach()
-                sw.value = float(matrix[sw.row, sw.col])
-                sw.magnitude_rank = magnitude_rank(matrix, sw.row, sw.col)
-        return sw
-
-    def detect(self, prompts: Sequence[str] | str, tokenizer=None, model_name: str = "") -> DetectionResult:
-        """All prompts in one pass (plus a re-stream per speculation miss), resolved as ``detect`` does."""
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
-        if not prompts:
-            raise SuperweightError("no prompt given: pass at least one --prompt")
-        tokenizer = tokenizer or _tokenizer(self.sm.ckpt.folder)
-        calls = [self.sm.layer_calls(encode_prompt(tokenizer, p)) for p in prompts]
-        self.stream([_Branch(p, (), 0, {0: _hidden_of(c[0])}) for p, c in enumerate(calls)], calls)
-        merged: dict[Coord, SuperWeight] = {}
-        per_prompt, layers, total_iter = [], [], 0
-        for p in range(len(prompts)):
-            found, stats, iters = self.resolve(p, calls)
-            layers = layers or stats
-            total_iter += iters
-            per_prompt.append([sw.coord for sw in found])
-            for sw in found:
-                merged.setdefault(sw.coord, sw).prompts.append(p)
-        log.info("streamed %d layers: %d layer reads in %d pass(es), %d layer runs",
-                 self.sm.num_layers, self.layers_read, self.passes, self.layer_runs)
-        return DetectionResult(
-            model=model_name, architecture=self.sm.arch.name, num_layers=self.sm.num_layers, prompts=prompts,
-            rule=self.rule, super_weights=list(merged.values()), layers=layers, per_prompt=per_prompt,
-            iterations=total_iter,
-        )
-
-    def resolve(self, prompt: int, calls: list[list[Call]]) -> tuple[list[SuperWeight], list[LayerStats], int]:
-        """Walk the iterations of one prompt through the branches; re-stream only on a miss."""
-        found: list[SuperWeight] = []
-        first: list[LayerStats] = []
-        branch = self.branches[(prompt, ())]
-        iterations = 0
-        for it in range(self.max_iter):
-            stats = [branch.stats[i] for i in range(self.sm.num_layers)]
-            iterations += 1
-            first = first or stats
-            sw = self.find(stats, found)
-            if sw is None:
-                break
-            sw.iteration = it
-            found.append(sw)
-            if it + 1 == self.max_iter:
-                break
-            key = (prompt, tuple(s.coord for s in found))
-            if key not in self.branches:
-                log.info("re-streaming from layer %d (zeroed %s)", sw.layer, [s.coord for s in found])
-                self.stream([branch.child(sw.coord, sw.layer)], calls)
-            branch = self.branches[key]
-        return found, first, iterations
-
-
-def stream_detect(
-    path: str | Path,
-    prompts: Sequence[str] | str = (DEFAULT_PROMPT,),
-    rule: SpikeRule | None = None,
-    max_iter: int = 10,
-    model_name: str = "",
-    dtype: str | torch.dtype = "float32",
-    tokenizer=None,
-    max_branches: int = 4,
-    device: str | torch.device | None = None,
-) -> DetectionResult:
-    """``superweight.detect.detect`` for a local safetensors checkpoint, streamed layer by layer.
-
-    Same ``DetectionResult`` as loading the model and calling ``detect`` (bit for bit on the same
-    dtype); peak memory is about the embeddings plus two decoder layers (one read ahead). Layers
-    run on ``device`` (``auto``: CUDA when available; default the CPU).
-    """
-    sm = StreamedModel(path, dtype, device)
-    try:
-        det = StreamingDetector(sm, rule or SpikeRule(), max_iter, max_branches)
-        return det.detect(prompts, tokenizer, model_name or str(path))
-    finally:
-        sm.close()
+    return run(path, *args, **kwargs)
 
 
 def _tokenizer(folder: Path):

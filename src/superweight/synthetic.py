@@ -108,8 +108,6 @@ def _direction(dim: int, seed: int) -> torch.Tensor:
 def _mlp_input(model: nn.Module, module: nn.Module, block: nn.Module, tokens: int = 48, seed: int = 0) -> tuple[torch.Tensor, float]:
     """The input rows ``module`` sees for a fixed random token sequence ``[tokens, hidden]``, and the
     median |h| of ``block``'s output (the residual stream after the layer) on the same tokens."""
-    from .edits import HookSet
-
     seen, after = [], []
 
     def take(m, args, kwargs):
@@ -179,8 +177,6 @@ def plant_super_weight(
 
 def _layer_peak(model, up, block, row: int) -> tuple[torch.Tensor, float, float]:
     """On the random tokens: MLP inputs, median |h| after the layer, and max |h[:, row]| / that median."""
-    from .edits import HookSet
-
     after = []
     with HookSet() as hooks:
         hooks.forward(block, lambda m, a, out: after.append((out[0] if isinstance(out, tuple) else out).detach()))
