@@ -7,8 +7,10 @@ and test whether the super activation's place is predictable from the initialisa
 
 Predictability: for the channel c* that holds the largest residual activation at the last
 checkpoint, its rank (1 = largest) among the hidden channels at initialisation (step 0) by
-|BOS embedding|, by the norm of each down-projection row of the creator's layer, and by the step-0
-residual |h| at the BOS position; a rank near 1 in every seed would make c* predictable, a rank
+the RMS of its embedding column over the vocabulary, by the norm of each down-projection row of the
+creator's layer, and by the step-0 max |h| over the prompt's tokens after the same layer; ties count
+against the channel (the BOS embedding row is not used: with a pad id equal to BOS it starts at zero).
+A rank near 1 in every seed would make c* predictable, a rank
 spread over 1..hidden says it is not. Stability: the first checkpoint from which the max-|h|
 channel (and the top creator's coordinates) stay the same until the end.
 """
@@ -31,7 +33,8 @@ from superweight.train import TrainResult  # noqa: E402
 
 
 def rank_of(values: torch.Tensor, index: int) -> int:
-    return int((values > values[index]).sum()) + 1
+    """1 + how many entries are larger or equal (other than ``index`` itself): ties never flatter."""
+    return int((values >= values[index]).sum())
 
 
 def stable_from(seq: list) -> int:
@@ -43,21 +46,20 @@ def stable_from(seq: list) -> int:
 
 
 @torch.no_grad()
-def init_ranks(step0: Path, channel: int, layer: int) -> dict:
+def init_ranks(step0: Path, channel: int, layer: int, creator_layer: int) -> dict:
+    """Rank (1 = largest, ties counted as larger) of ``channel`` among the hidden channels at step 0."""
     from superweight.emergence import load_checkpoint
-    from superweight.train import bos_id
 
     lm = load_checkpoint(step0)
-    bos = bos_id(lm.tokenizer)
-    emb = lm.model.get_input_embeddings().weight[bos].abs()
-    rows = lm.arch.weight_matrix(lm.model, layer).norm(dim=1)
+    emb = lm.model.get_input_embeddings().weight
+    rows = lm.arch.weight_matrix(lm.model, creator_layer).norm(dim=1)
     ids = lm.tokenizer("Apple Inc. is a worldwide tech company.", return_tensors="pt")["input_ids"]
-    hidden = lm.model(input_ids=ids, output_hidden_states=True).hidden_states[layer + 1][0, 0].abs()
+    hidden = lm.model(input_ids=ids, output_hidden_states=True).hidden_states[layer + 1][0].abs().amax(0)
     return {
-        "hidden": int(emb.numel()),
-        "bos_embedding": rank_of(emb, channel),
-        "down_proj_row_norm": rank_of(rows, channel),
-        "bos_residual_step0": rank_of(hidden, channel),
+        "hidden": int(emb.shape[1]),
+        "embedding_column_rms": rank_of(emb.pow(2).mean(0), channel),
+        "creator_layer_down_proj_row_norm": rank_of(rows, channel),
+        "step0_max_abs_h_after_its_layer": rank_of(hidden, channel),
     }
 
 
@@ -82,7 +84,7 @@ def summarize(run: Path, result: EmergenceResult) -> dict:
         "first_step_zeroing_top_hurts": first.step if first else None,
         "first_step_detected": detected.step if detected else None,
         "massive_ratio_per_step": [[p.step, p.massive] for p in pts],
-        "init_ranks_of_final_channel": init_ranks(Path(pts[0].path), last.residual_channel, last.top[0]),
+        "init_ranks_of_final_channel": init_ranks(Path(pts[0].path), last.residual_channel, last.residual_layer, last.top[0]),
     }
 
 
@@ -93,13 +95,19 @@ def main() -> None:
     ap.add_argument("--results", type=Path, default=ROOT / "docs" / "results")
     ap.add_argument("--plots", type=Path, default=ROOT / "docs" / "emergence")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--reuse", action="store_true", help="Reuse a saved emergence_s{seed}.json covering the same checkpoints.")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     results, summary = [], []
     for run in args.runs:
         seed = json.loads((run / "train_log.json").read_text())["config"]["seed"]
-        result = emergence([run], eval_tokens=args.eval_tokens, label=f"seed {seed}")
-        result.save(args.results / f"emergence_s{seed}.json")
+        saved = args.results / f"emergence_s{seed}.json"
+        n_ckpt = len(list(run.glob("step-*/config.json")))
+        if args.reuse and saved.is_file() and len(EmergenceResult.load(saved).points) == n_ckpt:
+            result = EmergenceResult.load(saved)  # measured earlier on the same checkpoints
+        else:
+            result = emergence([run], eval_tokens=args.eval_tokens, label=f"seed {seed}")
+            result.save(saved)
         write_png(run_figure(result, TrainResult.load(run / "train_log.json").losses), args.plots / f"run_s{seed}.png")
         results.append(result)
         summary.append(summarize(run, result))

@@ -53,6 +53,8 @@ def test_checkpoints_load_with_the_tool(run):
     assert type(lm.model).__name__ == "LlamaForCausalLM" and lm.arch.name == "LlamaForCausalLM"
     ids = lm.tokenizer("Apple Inc.")["input_ids"]
     assert ids[0] == lm.tokenizer.bos_token_id  # samples and prompts start with BOS
+    start = load_model(str(out / "step-000000")).model.get_input_embeddings()
+    assert start.padding_idx is None and start.weight[ids[0]].abs().sum() > 0  # BOS is trainable from step 0
     assert checkpoint_folders([out]) == [out / f"step-00000{i}" for i in (0, 2, 4)]
 
 

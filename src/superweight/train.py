@@ -199,7 +199,7 @@ def build_model(config: TrainConfig, vocab_size: int, bos: int) -> nn.Module:
         vocab_size=vocab_size, hidden_size=config.hidden, intermediate_size=config.intermediate,
         num_hidden_layers=config.layers, num_attention_heads=config.heads, num_key_value_heads=config.heads,
         max_position_embeddings=config.seq_len, tie_word_embeddings=True, bos_token_id=bos, eos_token_id=bos,
-        pad_token_id=bos,
+        pad_token_id=None,  # a pad id would make BOS the embedding's padding_idx: zero and frozen at its input
     )
     hf.architectures = ["LlamaForCausalLM"]
     return LlamaForCausalLM(hf)
