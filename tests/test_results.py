@@ -99,3 +99,22 @@ def test_coords_accept_every_shape():
 
     assert as_coords([(1, 2, 3), [1, 2, 3], {"layer": 1, "row": 2, "col": 3}, Obj(), Coord(1, 2, 3)]) == [(1, 2, 3)] * 5
     assert str(Coord(1, 2, 3)) == "1:[2, 3]" and json.dumps(Coord(1, 2, 3)) == "[1, 2, 3]"
+
+
+def test_sweep_command_writes_a_loadable_result(lm, tmp_path):
+    from typer.testing import CliRunner
+
+    from superweight.cli import app
+
+    folder = tmp_path / "tiny"
+    lm.model.save_pretrained(folder)
+    lm.tokenizer.save_pretrained(folder)
+    text = tmp_path / "t.txt"
+    text.write_text(TEXT)
+    args = ["sweep", str(folder), "--text", str(text), "--max-tokens", "64", "--seq-len", "32", "--bits", "4",
+            "--size", "1024,tensor", "--group", "16", "--json", str(tmp_path / "s.json")]
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    result = SweepResult.load(tmp_path / "s.json")
+    assert {r.granularity for r in result.rows if r.family == "rtn"} == {"block=1024", "per-tensor", "group=16"}
+    assert "INT4 RTN perplexity" in res.output

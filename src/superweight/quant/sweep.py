@@ -28,6 +28,10 @@ log = logging.getLogger(__name__)
 
 SWEEP_VERSION = 1
 DEFAULT_SIZES: tuple[int | None, ...] = (64 * 64, 128 * 128, 256 * 256, 512 * 512, None)  # None: per tensor
+DEFAULT_BITS: tuple[int, ...] = (4, 3)
+DEFAULT_GROUPS: tuple[int, ...] = (128,)
+DEFAULT_CLIP_Z = 9.0
+DEFAULT_MAX_TOKENS = 2048
 
 
 @dataclass(frozen=True)
@@ -111,8 +115,8 @@ def granularity(config) -> str:
 
 
 def default_grid(
-    bits: Sequence[int] = (4, 3), sizes: Sequence[int | None] = DEFAULT_SIZES, clip_z: float = 9.0,
-    groups: Sequence[int] = (128,), w8a8: bool = True, ternary_topk: int = 64,
+    bits: Sequence[int] = DEFAULT_BITS, sizes: Sequence[int | None] = DEFAULT_SIZES, clip_z: float = DEFAULT_CLIP_Z,
+    groups: Sequence[int] = DEFAULT_GROUPS, w8a8: bool = True, ternary_topk: int = 64,
 ) -> list[GridPoint]:
     """The sweep's grid. Blocks larger than a tensor quantize it per tensor (``oversize="tensor"``)."""
     grid = [GridPoint("fp", "fp")]
@@ -181,7 +185,7 @@ def calibration_batches(tokenizer, text: str, n: int = 4, length: int = 256) -> 
 
 def run_sweep(
     lm, keep, grid: Sequence[GridPoint] | None = None, text_name: str = "wikitext2", text: str | None = None,
-    max_tokens: int | None = 2048, seq_len: int | None = None, calib: Sequence[torch.Tensor] | None = None,
+    max_tokens: int | None = DEFAULT_MAX_TOKENS, seq_len: int | None = None, calib: Sequence[torch.Tensor] | None = None,
     progress: Callable[[PointResult], None] | None = None,
 ) -> SweepResult:
     """Evaluate every grid point (default ``default_grid()``) on ``text`` (default: ``load_text(text_name)``).

@@ -1,0 +1,81 @@
+"""The sweep command: perplexity over a grid of quantization schemes (the paper's Fig. 7, Tables 3-4)."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from ..files import check_output
+from ..inputs import check_text_source, read_super_weights
+from ..quant.sweep import DEFAULT_BITS, DEFAULT_CLIP_Z, DEFAULT_GROUPS, DEFAULT_MAX_TOKENS, DEFAULT_SIZES
+from .app import (
+    CacheOpt,
+    DeviceMapOpt,
+    DeviceOpt,
+    DtypeOpt,
+    ModelArg,
+    QuietOpt,
+    VerboseOpt,
+    app,
+    console,
+    err_console,
+    load_lm,
+    setup_logging,
+)
+from .console import print_sweep_tables
+from .quantize import _keep_for, _parse_size
+
+
+def _grid(bits: List[int], size: List[str], group: List[int], clip_z: float):
+    from ..quant.sweep import default_grid
+
+    sizes = tuple(_parse_size(s) for t in size for s in t.split(",") if s) if size else DEFAULT_SIZES
+    return default_grid(tuple(bits or DEFAULT_BITS), sizes, clip_z, tuple(group or DEFAULT_GROUPS))
+
+
+@app.command("sweep")
+def sweep_cmd(
+    model: str = ModelArg,
+    super_weights: Optional[Path] = typer.Option(None, "--super-weights", help="A `superweight detect --json` file (default: detect now)."),
+    text: str = typer.Option("wikitext2", "--text", help="Perplexity text: wikitext2, wiki-intros or a file."),
+    max_tokens: int = typer.Option(DEFAULT_MAX_TOKENS, "--max-tokens", min=2, help="Tokens of --text evaluated per grid point."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Perplexity window (default min(2048, model max))."),
+    bits: List[int] = typer.Option(None, "--bits", help=f"RTN bit widths (repeat; default {' '.join(map(str, DEFAULT_BITS))})."),
+    size: List[str] = typer.Option(None, "--size", help="Block sizes (repeat, or comma-separated; 16384, 128x128 or tensor)."),
+    group: List[int] = typer.Option(None, "--group", help=f"Naive group sizes (repeat; default {' '.join(map(str, DEFAULT_GROUPS))})."),
+    clip_z: float = typer.Option(DEFAULT_CLIP_Z, "--clip-z", help="z-score clip threshold of the clip variants."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the versioned sweep result here."),
+    dtype: str = DtypeOpt,
+    cache_dir: Optional[Path] = CacheOpt,
+    device: str = DeviceOpt,
+    device_map: Optional[str] = DeviceMapOpt,
+    verbose: bool = VerboseOpt,
+    quiet: bool = QuietOpt,
+) -> None:
+    """Perplexity of MODEL over a grid of schemes: RTN naive / +SW / clip / clip+SW by block size, W8A8, ternary.
+
+    Example: `superweight sweep --super-weights sw.json --json sweep.json`, then
+    `superweight report --super-weights sw.json --sweep sweep.json --out rep`.
+    """
+    from ..quant.sweep import run_sweep
+
+    setup_logging(verbose, quiet)
+    if super_weights is not None:
+        read_super_weights(super_weights)  # a bad file fails now, not after loading the model
+    if json_path:
+        check_output(json_path, "--json")
+    check_text_source(text)
+    grid = _grid(bits, size, group, clip_z)
+    lm = load_lm(model, dtype, cache_dir, device_map, device)
+    keep = _keep_for(lm, True, super_weights)
+    result = run_sweep(
+        lm, keep, grid, text_name=text, max_tokens=max_tokens, seq_len=seq_len,
+        progress=lambda p: err_console.print(f"  {p.label}: ppl {p.ppl:.4g} ({p.seconds:.0f} s)", highlight=False),
+    )
+    print_sweep_tables(result)
+    for note in result.notes:
+        console.print(f"note: {note}", highlight=False)
+    if json_path:
+        result.save(json_path)
+        console.print(f"wrote {json_path}")
