@@ -84,7 +84,7 @@ def _on(model, device: torch.device) -> None:
 def tiny_folder(arch: str, root: Path) -> Path:
     from superweight.synthetic import byte_tokenizer, plant_super_weight, tiny_model
 
-    model = tiny_model(arch)
+    model = tiny_model(arch, positions=2048)  # LAMBADA contexts are ~500 byte tokens
     plant_super_weight(model, *PLANT)
     folder = root / arch
     model.save_pretrained(folder, max_shard_size="60KB")
@@ -100,7 +100,7 @@ def _expect_plant(coords) -> None:
 def check_arch(checks: Checks, arch: str, device: torch.device, root: Path, text: Path, tasks: list[str]) -> None:
     import superweight as sw
     from superweight.experiments import AblationConfig, run_ablation, run_eval
-    from superweight.stream import stream_detect
+    from superweight.stream_detect import stream_detect
 
     folder = checks.run(f"{arch}: save tiny planted model", tiny_folder, arch, root)
     if folder is None:
@@ -234,7 +234,7 @@ def streamed_vs_read(folder: Path, device: torch.device) -> dict:
 def in_memory_timings(folder: Path, device: torch.device, planted: list[int], reps: int) -> dict:
     """Detection iteration / plain forward and quantize+pack / device copy, on ``device``."""
     import superweight as sw
-    from superweight.detect import DEFAULT_PROMPT, SpikeRule, detect_prompt, encode_prompt
+    from superweight.detect import DEFAULT_PROMPT, encode_prompt
 
     t0 = time.perf_counter()
     lm = sw.load_model(str(folder), dtype="bfloat16", device=device)
@@ -249,8 +249,11 @@ def in_memory_timings(folder: Path, device: torch.device, planted: list[int], re
         with torch.no_grad():
             lm.model(**inputs, use_cache=False)
 
-    forward(), detect_prompt(lm.model, lm.arch, inputs, SpikeRule(), 1)  # warm-up
-    it_s, fw_s, paired = _alternate(lambda: detect_prompt(lm.model, lm.arch, inputs, SpikeRule(), 1), forward, reps, device)
+    def iteration():  # the public detect, one iteration: hooks, forward, candidate search, result
+        sw.detect(lm.model, lm.tokenizer, prompts=[DEFAULT_PROMPT], max_iter=1, model_name="big")
+
+    forward(), iteration()  # warm-up
+    it_s, fw_s, paired = _alternate(iteration, forward, reps, device)
     quant = quantize_vs_copy(lm, device)
     return {"load_s": load_s, "found": [list(c) for c in result.coords], "iteration_s": it_s, "forward_s": fw_s,
             "iteration_over_forward": it_s / fw_s, "iteration_over_forward_paired": paired, **quant}

