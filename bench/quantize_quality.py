@@ -13,7 +13,7 @@ counted at 16 bits (as stored with a float16 model; on this CPU run they compute
 integer ones at their own width.
 
     python bench/quantize_quality.py --model smollm2-135m --windows 4 --seq-len 1024
-    python bench/quantize_quality.py --model gemma3-270m --windows 4 --seq-len 1024 --rows core
+    python bench/quantize_quality.py --model gemma3-270m --windows 2 --seq-len 1024 --rows first
 """
 from __future__ import annotations
 
@@ -176,33 +176,36 @@ def best(lm, bits: int, group: int, sa: bool = True, levels: str = "uniform") ->
 
 
 def grid(which: str, lm) -> list[Row]:
-    """``core``: for INT4 g128, INT4 g64, INT3 g64 our ablation ladder and HQQ; ``all`` adds the other
-    peers, NF4, and INT2 g64."""
-    rows = [Row("unquantized", "fp", None, None, lambda lm, sws: (lm.model, 0.0, None, {}))]
-    for bits, group in ((4, 128), (4, 64), (3, 64), (2, 64)):
-        rtn = RTN(bits=bits, group=group)
-        mse = RTN(bits=bits, group=group, search="mse")
-        core = [
-            Row("RTN min/max", "ours", bits, group, ours(rtn, keep_sw=False)),
-            Row("paper: clip z=12 + SW restored", "paper", bits, group, ours(RTN(bits=bits, group=group, clip=ZScore(12)))),
-            Row("mse range search + SW held out", "ours", bits, group, ours(mse)),
-            Row("mse + int8 zero + SW/outliers held out", "ours", bits, group, ours(best(lm, bits, group, sa=False))),
-            Row("mse + int8 zero + outliers + SA-channel care", "ours", bits, group, ours(best(lm, bits, group))),
-            Row("HQQ (hqq 0.2.8, pytorch backend)", "peer", bits, group, hqq(bits, group)),
-        ]
-        extra = [Row("torchao IntxWeightOnly asymmetric (0.18)", "peer", bits, group, torchao_intx(bits, group))]
-        if bits == 4 and group == 128:
-            extra += [Row("mse range search alone (SW not held out)", "ours", bits, group, ours(mse, keep_sw=False)),
-                      Row("optimum-quanto qint4 (0.2.7)", "peer", 4, 128, quanto(4))]
-        if bits == 4 and group == 64:
-            extra += [Row("RTN + SW restored", "ours", bits, group, ours(rtn)),
-                      Row("NF4 absmax", "ours", 4, group, ours(RTN(bits=4, group=group, levels="nf4"), keep_sw=False)),
-                      Row("NF4 + mse + SW held out + SA care", "ours", 4, group, ours(best(lm, 4, group, levels="nf4")))]
-        if bits == 2:
-            core, extra = [core[0], core[4], core[5]], extra
-        if which == "all" or bits != 2:
-            rows += core + (extra if which == "all" else [])
-    return rows
+    """Rows in the order they run (the JSON is rewritten after each, so a cut run keeps the most
+    important ones): first, for INT4 g128, INT4 g64 and INT3 g64, min/max RTN, HQQ, our full scheme
+    and range search alone; then each piece on its own, the paper's recipe and the other peers
+    (``core`` stops after the paper's recipe and the no-SA-care ablation at INT4 g128); INT2 last."""
+    fp = Row("unquantized", "fp", None, None, lambda lm, sws: (lm.model, 0.0, None, {}))
+    first, second = [], []
+    for bits, group in ((4, 128), (4, 64), (3, 64)):
+        rtn, mse = RTN(bits=bits, group=group), RTN(bits=bits, group=group, search="mse")
+        first += [Row("RTN min/max", "ours", bits, group, ours(rtn, keep_sw=False)),
+                  Row("HQQ (hqq 0.2.8, pytorch backend)", "peer", bits, group, hqq(bits, group)),
+                  Row("mse + int8 zero + SW/outliers held out + SA-channel care", "ours", bits, group, ours(best(lm, bits, group))),
+                  Row("mse range search + SW held out", "ours", bits, group, ours(mse))]
+        second += [Row("paper: clip z=12 + SW restored", "paper", bits, group, ours(RTN(bits=bits, group=group, clip=ZScore(12)))),
+                   Row("mse + int8 zero + SW/outliers held out (no SA care)", "ours", bits, group, ours(best(lm, bits, group, sa=False))),
+                   Row("torchao IntxWeightOnly asymmetric (0.18)", "peer", bits, group, torchao_intx(bits, group))]
+        if (bits, group) == (4, 128):
+            second += [Row("optimum-quanto qint4 (0.2.7)", "peer", 4, 128, quanto(4)),
+                       Row("mse range search alone (SW not held out)", "ours", bits, group, ours(mse, keep_sw=False))]
+        if (bits, group) == (4, 64):
+            second += [Row("NF4 absmax", "ours", 4, group, ours(RTN(bits=4, group=group, levels="nf4"), keep_sw=False)),
+                       Row("NF4 + mse + SW held out + SA care", "ours", 4, group, ours(best(lm, 4, group, levels="nf4"))),
+                       Row("RTN + SW restored", "ours", bits, group, ours(rtn))]
+    if which == "first":
+        return [fp] + first
+    if which == "core":
+        return [fp] + first + second[:2]
+    int2 = [Row("RTN min/max", "ours", 2, 64, ours(RTN(bits=2, group=64), keep_sw=False)),
+            Row("HQQ (hqq 0.2.8, pytorch backend)", "peer", 2, 64, hqq(2, 64)),
+            Row("mse + int8 zero + SW/outliers held out + SA-channel care", "ours", 2, 64, ours(best(lm, 2, 64)))]
+    return [fp] + first + second + int2
 
 
 # ---------------------------------------------------------------- running
@@ -248,7 +251,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m", help="smollm2-135m, gemma3-270m, or any load_model name/path")
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=1024)
-    ap.add_argument("--rows", choices=["all", "core"], default="all")
+    ap.add_argument("--rows", choices=["all", "core", "first"], default="all")
     ap.add_argument("--only", default=None, help="run only rows whose name contains this text (plus the unquantized one)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None)

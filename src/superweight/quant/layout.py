@@ -45,6 +45,15 @@ class Layout:
             x2 = torch.nn.functional.pad(x2, (0, pad), value=fill)
         return x2.reshape(self.rows, self.runs, self.size)
 
+    def padded_edge(self, x: torch.Tensor) -> torch.Tensor:
+        """``[rows, runs, size]``, the short last run padded with copies of the row's last element
+        (inside that run's range, so a min/max over each run is unchanged)."""
+        pad = self.runs * self.size - self.row_len
+        x2 = self.view(x)
+        if pad:
+            x2 = torch.nn.functional.pad(x2.unsqueeze(0), (0, pad), mode="replicate").squeeze(0)
+        return x2.reshape(self.rows, self.runs, self.size)
+
     def unpad(self, x3: torch.Tensor) -> torch.Tensor:
         """Inverse of ``padded``: ``[rows, runs, size]`` back to ``[rows, row_len]``."""
         return x3.reshape(self.rows, self.runs * self.size)[:, : self.row_len]
@@ -56,7 +65,7 @@ class Layout:
 
     def run_counts(self) -> torch.Tensor:
         """Elements in each run, ``[runs]`` (all equal but maybe the last)."""
-        counts = torch.full((self.runs,), self.size, dtype=torch.float32)
+        counts = torch.full((self.runs,), self.size, dtype=torch.float32)  # callers move it to their device
         counts[-1] = self.row_len - (self.runs - 1) * self.size
         return counts
 

@@ -11,6 +11,7 @@ which is why a reloaded artifact is bitwise equal to the fake-quantized model.
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -82,12 +83,14 @@ def _to_dtype(x: torch.Tensor, dtype: torch.dtype, direction: float) -> torch.Te
 
 
 def sqnr(x: torch.Tensor, x_hat: torch.Tensor) -> float:
-    """Signal-to-quantization-noise ratio in dB (``inf`` for an exact copy)."""
-    x, x_hat = x.double(), x_hat.double()
-    noise = (x - x_hat).pow(2).sum()
+    """Signal-to-quantization-noise ratio in dB (``inf`` for an exact copy); float32 products,
+    float64 sums, one temporary."""
+    x, diff = x.detach().reshape(-1).float(), (x_hat.detach().reshape(-1).float() - x.detach().reshape(-1).float())
+    noise = float(diff.square_().sum(dtype=torch.float64))
     if noise == 0:
         return float("inf")
-    return float(10.0 * torch.log10(x.pow(2).sum() / noise))
+    signal = float(torch.dot(x, x))
+    return 10.0 * math.log10(signal / noise) if signal > 0 else float("-inf")
 
 
 def clip_tensor(w: torch.Tensor, clip: ZScore | Percentile | None) -> torch.Tensor:

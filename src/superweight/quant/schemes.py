@@ -38,14 +38,14 @@ class Scheme:
     def quantize(self, x: torch.Tensor, layout: Layout, config, fit_weights: torch.Tensor | None,
                  param_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``(codes uint8 [numel], scale [rows, runs], zero [rows, runs] or None)`` of float32 ``x``."""
-        x3 = layout.padded(x, 0.0)
+        search, padded = config.search == "mse", layout.runs * layout.size != layout.row_len
         if fit_weights is not None:
-            m3 = layout.padded(fit_weights, 0.0)
-        elif layout.runs * layout.size != layout.row_len:
-            m3 = layout.padded(torch.ones_like(x), 0.0)  # the padding takes no part in the range
+            x3, m3 = layout.padded(x, 0.0), layout.padded(fit_weights, 0.0)
+        elif search and padded:
+            x3, m3 = layout.padded(x, 0.0), layout.padded(torch.ones_like(x), 0.0)  # the padding takes no part
         else:
-            m3 = None
-        q, params = fit_groups(self.grid(config.bits, param_dtype), x3, m3, config.search == "mse")
+            x3, m3 = layout.padded_edge(x), None  # edge padding leaves each run's min/max unchanged
+        q, params = fit_groups(self.grid(config.bits, param_dtype), x3, m3, search)
         codes = layout.unpad(q).to(torch.uint8).reshape(-1)
         return codes, params[0], (params[1] if self.has_zero else None)
 
@@ -54,7 +54,7 @@ class Scheme:
         """Dequantized ``[rows, row_len]`` float32 (the only dequantization there is)."""
         grid = self.grid(bits, scale.dtype)
         params = (scale,) if zero is None else (scale, zero)
-        return layout.per_element(lambda q, *p: grid.levels(q, p), codes.float(), *params)
+        return layout.per_element(lambda q, *p: grid.levels_(q, p), codes.float(), *params)
 
     def code_bytes(self, n: int, bits: int) -> int:
         return packed_bytes(n, bits)

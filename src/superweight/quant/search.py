@@ -58,11 +58,13 @@ class UniformGrid:
     def from_range(self, lo: torch.Tensor, hi: torch.Tensor) -> Params:
         return self.from_affine((hi - lo) / self.qmax, lo)
 
-    def codes(self, x3: torch.Tensor, p: Params) -> torch.Tensor:
-        return ((x3 - p[1].float()) / p[0].float()).round_().clamp_(0, self.qmax)
+    def codes(self, x3: torch.Tensor, p: Params, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Nearest level's code (float), written into ``out`` when given (no allocation)."""
+        return torch.sub(x3, p[1].float(), out=out).div_(p[0].float()).round_().clamp_(0, self.qmax)
 
-    def levels(self, q: torch.Tensor, p: Params) -> torch.Tensor:
-        return q * p[0].float() + p[1].float()
+    def levels_(self, q: torch.Tensor, p: Params) -> torch.Tensor:
+        """Codes to values, in place (the artifact's dequantization: ``q * scale + zero``)."""
+        return q.mul_(p[0].float()).add_(p[1].float())
 
     def affine(self, p: Params) -> tuple[torch.Tensor, torch.Tensor]:
         return p[0].float(), p[1].float()
@@ -82,11 +84,11 @@ class UniformInt8Zero(UniformGrid):
     def from_range(self, lo: torch.Tensor, hi: torch.Tensor) -> Params:
         return self.minmax(lo, hi)
 
-    def codes(self, x3: torch.Tensor, p: Params) -> torch.Tensor:
-        return (x3 / p[0].float() + p[1].float()).round_().clamp_(0, self.qmax)
+    def codes(self, x3: torch.Tensor, p: Params, out: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.div(x3, p[0].float(), out=out).add_(p[1].float()).round_().clamp_(0, self.qmax)
 
-    def levels(self, q: torch.Tensor, p: Params) -> torch.Tensor:
-        return (q - p[1].float()) * p[0].float()
+    def levels_(self, q: torch.Tensor, p: Params) -> torch.Tensor:
+        return q.sub_(p[1].float()).mul_(p[0].float())
 
     def affine(self, p: Params) -> tuple[torch.Tensor, torch.Tensor]:
         return p[0].float(), -p[1].float() * p[0].float()
@@ -104,12 +106,13 @@ class NF4Grid:
     def from_range(self, lo: torch.Tensor, hi: torch.Tensor) -> Params:
         return self.minmax(lo, hi)
 
-    def codes(self, x3: torch.Tensor, p: Params) -> torch.Tensor:
+    def codes(self, x3: torch.Tensor, p: Params, out: torch.Tensor | None = None) -> torch.Tensor:
         levels = NF4_LEVELS.to(x3.device)
-        return torch.bucketize(x3 / p[0].float(), (levels[1:] + levels[:-1]) / 2).float()
+        q = torch.bucketize(x3 / p[0].float(), (levels[1:] + levels[:-1]) / 2)
+        return q.float() if out is None else out.copy_(q)
 
-    def levels(self, q: torch.Tensor, p: Params) -> torch.Tensor:
-        return NF4_LEVELS.to(q.device)[q.long()] * p[0].float()
+    def levels_(self, q: torch.Tensor, p: Params) -> torch.Tensor:
+        return q.copy_(NF4_LEVELS.to(q.device)[q.long()]).mul_(p[0].float())
 
     def refit(self, x3: torch.Tensor, m3: torch.Tensor, q: torch.Tensor, p: Params) -> Params:
         lv = NF4_LEVELS.to(x3.device)[q.long()].double()
@@ -125,25 +128,36 @@ Grid = UniformGrid | NF4Grid
 def weighted_range(x3: torch.Tensor, m3: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
     """Min and max of each group over the elements with a positive weight (0, 0 for none)."""
     if m3 is None:
-        return x3.amin(-1, keepdim=True), x3.amax(-1, keepdim=True)
+        lo, hi = torch.aminmax(x3, dim=-1, keepdim=True)
+        return lo, hi
     live = m3 > 0
-    lo = torch.where(live, x3, torch.full_like(x3, _INF)).amin(-1, keepdim=True)
-    hi = torch.where(live, x3, torch.full_like(x3, -_INF)).amax(-1, keepdim=True)
+    lo = torch.where(live, x3, _INF).amin(-1, keepdim=True)
+    hi = torch.where(live, x3, -_INF).amax(-1, keepdim=True)
     empty = ~torch.isfinite(lo)
     return lo.masked_fill(empty, 0.0), hi.masked_fill(empty, 0.0)
 
 
-def group_error(grid: Grid, x3: torch.Tensor, m3: torch.Tensor, p: Params) -> torch.Tensor:
-    """``sum m * (x_hat - x)^2`` per group in float64, ``x_hat`` exactly as the artifact dequantizes."""
-    diff = grid.levels(grid.codes(x3, p), p) - x3
-    return (diff * diff * m3).sum(-1, keepdim=True, dtype=torch.float64)
+def group_error(grid: Grid, x3: torch.Tensor, m3: torch.Tensor, p: Params, buf: torch.Tensor | None = None) -> torch.Tensor:
+    """``sum m * (x_hat - x)^2`` per group (float64 result), ``x_hat`` exactly as the artifact
+    dequantizes; ``buf`` (like ``x3``) is scratch space, so a search allocates once."""
+    d = grid.levels_(grid.codes(x3, p, out=buf), p).sub_(x3)
+    return d.square_().mul_(m3).sum(-1, keepdim=True, dtype=torch.float64)
 
 
-def _affine_refit(grid: UniformGrid, x3: torch.Tensor, m3: torch.Tensor, q: torch.Tensor, p: Params) -> Params:
-    """Weighted least squares of ``x`` on the codes ``q``: the best ``(scale, zero)`` for them."""
-    m, q, x = m3.double(), q.double(), x3.double()
-    w, sq, sx = m.sum(-1, keepdim=True), (m * q).sum(-1, keepdim=True), (m * x).sum(-1, keepdim=True)
-    sqq, sqx = (m * q * q).sum(-1, keepdim=True), (m * q * x).sum(-1, keepdim=True)
+def _bdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """Per-group ``sum(a * b)`` over the last dimension, float64, without an element-wise temporary."""
+    r, g, n = a.shape
+    return torch.bmm(a.reshape(r * g, 1, n), b.reshape(r * g, n, 1)).reshape(r, g, 1).double()
+
+
+def _affine_refit(grid: UniformGrid, x3: torch.Tensor, m3: torch.Tensor, q: torch.Tensor, p: Params,
+                  sums: tuple[torch.Tensor, torch.Tensor], buf: torch.Tensor) -> Params:
+    """Weighted least squares of ``x`` on the codes ``q``: the best ``(scale, zero)`` for them
+    (``sums``: the group's ``sum m`` and ``sum m x``; ``buf``: scratch space like ``x3``)."""
+    w, sx = sums
+    mq = torch.mul(q, m3, out=buf)
+    sq = mq.sum(-1, keepdim=True, dtype=torch.float64)
+    sqq, sqx = _bdot(mq, q), _bdot(mq, x3)
     den = w * sqq - sq * sq
     s = (w * sqx - sq * sx) / torch.where(den > 0, den, torch.ones_like(den))
     ok = (den > 1e-12 * w * w) & (s > 0)
@@ -153,30 +167,35 @@ def _affine_refit(grid: UniformGrid, x3: torch.Tensor, m3: torch.Tensor, q: torc
     return grid.from_affine(s.float(), z.float())
 
 
-def _refit(grid: Grid, x3: torch.Tensor, m3: torch.Tensor, q: torch.Tensor, p: Params) -> Params:
+def _refit(grid: Grid, x3, m3, q, p: Params, sums, buf) -> Params:
     if isinstance(grid, NF4Grid):
         return grid.refit(x3, m3, q, p)
-    return _affine_refit(grid, x3, m3, q, p)
+    return _affine_refit(grid, x3, m3, q, p, sums, buf)
 
 
-def _keep_better(grid: Grid, x3, m3, cand: Params, best: Params, best_e: torch.Tensor):
-    e = group_error(grid, x3, m3, cand)
+def _keep_better(grid: Grid, x3, m3, cand: Params, best: Params, best_e: torch.Tensor, buf: torch.Tensor):
+    e = group_error(grid, x3, m3, cand, buf)
     take = e < best_e
     return tuple(torch.where(take, c, b) for c, b in zip(cand, best)), torch.where(take, e, best_e)
 
 
 def search_params(grid: Grid, x3: torch.Tensor, m3: torch.Tensor, rounds: int = LS_ROUNDS,
                   shrink: tuple[float, ...] = SHRINK) -> Params:
-    """Per-group parameters minimising ``group_error``, never worse than ``grid.minmax`` (see module doc)."""
+    """Per-group parameters minimising ``group_error``, never worse than ``grid.minmax`` (see module doc).
+    Two scratch buffers the size of ``x3``; every candidate is evaluated in place."""
+    buf, buf2 = torch.empty_like(x3), torch.empty_like(x3)
     lo, hi = weighted_range(x3, m3)
     best = grid.minmax(lo, hi)
-    best_e = group_error(grid, x3, m3, best)
+    best_e = group_error(grid, x3, m3, best, buf)
     centre, half = (lo + hi) / 2, (hi - lo) / 2
     for r in shrink:
         if r < 1.0:
-            best, best_e = _keep_better(grid, x3, m3, grid.from_range(centre - r * half, centre + r * half), best, best_e)
+            cand = grid.from_range(centre - r * half, centre + r * half)
+            best, best_e = _keep_better(grid, x3, m3, cand, best, best_e, buf)
+    sums = (m3.sum(-1, keepdim=True, dtype=torch.float64), _bdot(m3, x3))
     for _ in range(rounds):
-        best, best_e = _keep_better(grid, x3, m3, _refit(grid, x3, m3, grid.codes(x3, best), best), best, best_e)
+        cand = _refit(grid, x3, m3, grid.codes(x3, best, out=buf), best, sums, buf2)
+        best, best_e = _keep_better(grid, x3, m3, cand, best, best_e, buf)
     return best
 
 
