@@ -164,3 +164,26 @@ def test_task_documents_load_offline(task):
     for it in items:
         assert 0 <= it.gold < len(it.continuations) == len(it.choices)
         assert all(c and x for c, x in it.requests())
+
+
+@pytest.mark.slow
+def test_log_likelihoods_and_accuracies_equal_lm_evals(smollm2):
+    """Our scoring of the same requests equals lm-eval's HFLM on the in-memory model."""
+    lm_eval_hf = pytest.importorskip("lm_eval.models.huggingface", reason="pip install lm-eval==0.4.13")
+    from lm_eval.api.instance import Instance
+
+    from superweight.eval.tasks import choice_metrics, item_pairs, load_items, score_requests
+
+    items = load_items("piqa", 4) + load_items("arc_easy", 4)
+    requests = [r for it in items for r in it.requests()]
+    ours = score_requests(smollm2.model, [p for it in items for p in item_pairs(smollm2.tokenizer, it)])
+    hf = lm_eval_hf.HFLM(pretrained=smollm2.model, tokenizer=smollm2.tokenizer, batch_size=4)
+    theirs = hf.loglikelihood([Instance("loglikelihood", {}, r, i) for i, r in enumerate(requests)])
+    assert [g for _, g in ours] == [bool(g) for _, g in theirs]
+    assert max(abs(a - b) for (a, _), (b, _) in zip(ours, theirs)) < 1e-3
+    start = 0
+    for it in items:
+        n = len(it.requests())
+        ll_ours, ll_theirs = [s for s, _ in ours[start:start + n]], [s for s, _ in theirs[start:start + n]]
+        assert choice_metrics(ll_ours, it.choices, it.gold) == choice_metrics(ll_theirs, it.choices, it.gold)
+        start += n
