@@ -32,6 +32,8 @@ from pathlib import Path
 
 import torch
 
+from superweight.errors import SuperweightError
+
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
 WHEELS = ROOT / "wheels"
@@ -44,7 +46,9 @@ TEXT = ("The super weight is a single scalar in an early down projection. Zeroin
 
 
 class Checks:
-    """Runs named steps, records each one's time and outcome, never stops at a failure."""
+    """Runs named steps, records each one's time and outcome, never stops at a failure. A
+    ``SuperweightError`` is a documented refusal (e.g. ablating a mixture of experts), the same on
+    every device: recorded as refused, not failed."""
 
     def __init__(self) -> None:
         self.steps: list[dict] = []
@@ -56,6 +60,10 @@ class Checks:
             self.steps.append({"step": name, "ok": True, "seconds": round(time.perf_counter() - t0, 3)})
             print(f"ok    {name} ({time.perf_counter() - t0:.1f} s)", flush=True)
             return value
+        except SuperweightError as exc:
+            self.steps.append({"step": name, "ok": None, "refused": str(exc)[:300]})
+            print(f"refused {name}: {exc}"[:300], flush=True)
+            return None
         except Exception as exc:  # a device check reports every failure, then carries on
             tail = traceback.format_exc().strip().splitlines()[-4:]
             self.steps.append({"step": name, "ok": False, "error": f"{type(exc).__name__}: {exc}"[:500], "trace": tail})
@@ -64,7 +72,7 @@ class Checks:
 
     @property
     def failed(self) -> list[str]:
-        return [s["step"] for s in self.steps if not s["ok"]]
+        return [s["step"] for s in self.steps if s["ok"] is False]
 
 
 def _sync(device: torch.device) -> None:
@@ -191,6 +199,8 @@ def check_cli(checks: Checks, device: torch.device, folder: Path, root: Path, te
 
 def _invoke(runner, app, argv: list[str]) -> None:
     result = runner.invoke(app, argv, catch_exceptions=True)
+    if isinstance(result.exception, SuperweightError):
+        raise result.exception  # the CLI's one-line refusal: recorded as refused
     if result.exit_code != 0:
         detail = result.output.strip().splitlines()[-3:] if result.output.strip() else []
         if result.exception is not None and not isinstance(result.exception, SystemExit):
@@ -379,7 +389,8 @@ def main(argv: list[str] | None = None) -> int:
 
     write_json_atomic(args.out, report)
     print(json.dumps({k: report["big"].get(k) for k in RATIOS}, indent=1))
-    print(f"{len(report['failed'])} failed step(s) of {len(report['steps'])}; wrote {args.out}")
+    print(f"{len(report['failed'])} failed and {len(report['refused'])} refused step(s) of {len(report['steps'])}; "
+          f"wrote {args.out}")
     return 1 if report["failed"] else 0
 
 
@@ -398,8 +409,9 @@ def run_all(args, device: torch.device, root: Path, argv: list[str]) -> dict:
     tasks, checks, t0 = _tasks(args.tasks), Checks(), time.perf_counter()
     for arch in buildable:
         check_arch(checks, arch, device, root / "tiny", text, tasks)
-    if buildable:
-        check_cli(checks, device, root / "tiny" / buildable[0], root / "cli", text, tasks)
+    if buildable:  # the CLI on a dense model (a mixture of experts refuses ablate and quantize)
+        cli_arch = "LlamaForCausalLM" if "LlamaForCausalLM" in buildable else buildable[0]
+        check_cli(checks, device, root / "tiny" / cli_arch, root / "cli", text, tasks)
     big_gb = args.big_gb if args.big_gb is not None else 1.2 if args.small else 4.6
     big = check_big(checks, device, root, big_gb, args.reps, args.big_model) if big_gb or args.big_model else {}
     return {
@@ -409,6 +421,7 @@ def run_all(args, device: torch.device, root: Path, argv: list[str]) -> dict:
         "archs_without_tiny_config": [a for a in archs if a not in buildable], "tasks": tasks,
         "seconds": time.perf_counter() - t0, "big": big, "ratios": {k: big.get(k) for k in RATIOS},
         "steps": checks.steps, "failed": checks.failed,
+        "refused": [s["step"] for s in checks.steps if s["ok"] is None],
     }
 
 
