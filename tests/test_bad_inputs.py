@@ -216,7 +216,7 @@ MATRIX = [
      "no such detection file", True),
     ("9-report-missing-ablation", ["report", "{tiny}", "--out", "{work}/r", "--ablation", "{work}/a.json"], "no such ablation file", True),
     ("9-report-bad-sweep", ["report", "{tiny}", "--out", "{work}/r", "--sweep", "{notjson}"], "not a JSON sweep file", True),
-    ("9-sweep-missing-text", ["quantize", "{tiny}", "--sweep", "--text", "{work}/none.txt"], "no such text file", True),
+    ("9-sweep-missing-text", ["sweep", "{tiny}", "--text", "{work}/none.txt"], "no such text file", True),
     ("10-ppl-no-such-file", ["eval", "{tiny}", "--ppl", "/nonexistent.txt", "--tasks", "none"], "no such text file", True),
     ("10-ppl-a-folder", ["eval", "{tiny}", "--ppl", "{work}", "--tasks", "none"], "is a folder", True),
     ("11-ppl-one-word", ["eval", "{tiny}", "--ppl", "{short}", "--tasks", "none"], "too short for a perplexity", True),

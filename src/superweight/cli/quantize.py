@@ -1,15 +1,15 @@
-"""The quantize command: packed artifacts and the perplexity sweep of schemes."""
+"""The quantize command: packed artifacts (the perplexity sweep of schemes is `superweight sweep`)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import List, Optional
+from typing import Optional
 
 import typer
 from rich.table import Table
 
 from ..errors import SuperweightError
 from ..files import check_output
-from ..inputs import check_super_weights, check_text_source, read_super_weights
+from ..inputs import check_super_weights, read_super_weights
 from .app import (
     CacheOpt,
     DeviceMapOpt,
@@ -25,7 +25,6 @@ from .app import (
     load_lm,
     setup_logging,
 )
-from .console import print_sweep_tables
 
 
 def _parse_size(text: str) -> Optional[int]:
@@ -74,15 +73,7 @@ def quantize_cmd(
     oversize: str = typer.Option("error", "--oversize", help="A tensor smaller than --block/--group: error, or tensor (quantize it per tensor)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Artifact folder to write (written to a temp folder, then renamed)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --out folder."),
-    sweep: bool = typer.Option(False, "--sweep", help="Evaluate perplexity over a grid of schemes instead of writing an artifact."),
-    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the manifest (or the sweep result) here."),
-    text: str = typer.Option("wikitext2", "--text", help="Sweep text: wikitext2, wiki-intros or a file."),
-    max_tokens: int = typer.Option(2048, "--max-tokens", min=2, help="Sweep: tokens of --text evaluated per grid point."),
-    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Sweep: perplexity window (default min(2048, model max))."),
-    bits: List[int] = typer.Option(None, "--bits", help="Sweep: RTN bit widths (repeat; default 4 3)."),
-    size: List[str] = typer.Option(None, "--size", help="Sweep: block sizes (repeat; 16384, 128x128 or tensor)."),
-    sweep_group: List[int] = typer.Option(None, "--sweep-group", help="Sweep: naive group sizes (repeat; default 128)."),
-    sweep_clip_z: float = typer.Option(9.0, "--sweep-clip-z", help="Sweep: z-score clip threshold of the clip variants."),
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write the manifest here."),
     dtype: str = DtypeOpt,
     cache_dir: Optional[Path] = CacheOpt,
     device: str = DeviceOpt,
@@ -90,7 +81,7 @@ def quantize_cmd(
     verbose: bool = VerboseOpt,
     quiet: bool = QuietOpt,
 ) -> None:
-    """Quantize MODEL into a packed artifact (--out), or sweep schemes by perplexity (--sweep).
+    """Quantize MODEL into a packed artifact (--out); `superweight sweep` compares schemes by perplexity.
 
     Example: `superweight quantize --scheme int4 --group 64 --search mse --zero-point int8 --outliers 0.12
     --sa-weight 16 --out smol-int4` (the outlier-aware scheme; the paper's recipe is
@@ -104,29 +95,10 @@ def quantize_cmd(
         read_super_weights(super_weights)  # a bad file fails now, not after loading the model
     if json_path:
         check_output(json_path, "--json")
-    if sweep:
-        from ..quant.sweep import DEFAULT_SIZES, default_grid, run_sweep
-
-        check_text_source(text)
-        sizes = tuple(_parse_size(s) for s in size) if size else DEFAULT_SIZES
-        grid = default_grid(tuple(bits or (4, 3)), sizes, sweep_clip_z, tuple(sweep_group or (128,)))
-        lm = load_lm(model, dtype, cache_dir, device_map, device)
-        keep = _keep_for(lm, keep_super_weights, super_weights)
-        result = run_sweep(
-            lm, keep, grid, text_name=text, max_tokens=max_tokens, seq_len=seq_len,
-            progress=lambda p: err_console.print(f"  {p.label}: ppl {p.ppl:.4g} ({p.seconds:.0f} s)", highlight=False),
-        )
-        print_sweep_tables(result)
-        for note in result.notes:
-            console.print(f"note: {note}", highlight=False)
-        if json_path:
-            result.save(json_path)
-            console.print(f"wrote {json_path}")
-        return
     from ..export import export_artifact
 
     if out is None:
-        raise SuperweightError("pass --out DIR to write an artifact (or --sweep to compare schemes)")
+        raise SuperweightError("pass --out DIR to write an artifact (or run `superweight sweep` to compare schemes)")
     if out.exists() and not force:
         raise SuperweightError(f"{out} already exists: pick another --out or pass --force to replace it")
     check_output(out, "--out", folder=True)
