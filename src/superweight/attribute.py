@@ -6,6 +6,9 @@ routed to, each term times its routing weight: ``X_e`` is recomputed from the ex
 ``gate_up_proj``). The terms are ranked by their share of the MLP's output; the largest ones,
 each at least ``min_term`` of it, are reported as weights once together they carry ``min_share``.
 When they do not, the change is *diffuse* (no single weight makes it) and is reported as such;
+in a post-norm model whose down-projection output at ``[t, j]`` stays under ``floor`` (no spike:
+Gemma-3-270M's channel 163 rises by 10,000-17,000 per layer from outputs of 0.07-1.8) the source
+is the post-FFN norm itself (its gain), and no weight is reported;
 when the attention (or something else) carries the change, the source names that sublayer and
 no weight. Post-norm models (Gemma-2/3, OLMo-2): the MLP's contribution is its post-FFN norm's
 output, which is proportional to ``Y[t, j]``, so the same terms decide.
@@ -35,7 +38,7 @@ class Source(Versioned):
     token: int
     layer: int
     role: str  # "creates" (a rise) or "cancels" (a fall)
-    sublayer: str  # "mlp", "attention" or "other"
+    sublayer: str  # "mlp", "attention", "other" or "post-FFN norm"
     delta: float  # the layer's change of h[token, channel]
     sublayer_value: float  # what that sublayer added there
     weights: list[list] = field(default_factory=list)  # [layer, row, col, expert] of each weight found
@@ -111,6 +114,12 @@ def attribute(
     src = Source(j, t, tr.layer, role, change.sublayer, change.delta, value)
     if change.sublayer != "mlp":
         src.note = f"the {change.sublayer} output carries it: no down-projection weight"
+        return src, []
+    if arch.post_norm and tr.y is not None and abs(float(tr.y[t, j])) < rule.floor:
+        y = float(tr.y[t, j])
+        src.sublayer = "post-FFN norm"
+        src.note = (f"no down-projection spike (its output is {y:+.3g}): the post-FFN norm ({arch.mlp_out}) "
+                    f"scales it x{change.mlp / y if y else float('inf'):.3g}, its gain on channel {j} makes the rise")
         return src, []
     terms, total, largest = top_terms(model, arch, tr, t, j, rule)
     src.weight_share = total

@@ -8,6 +8,8 @@ mechanism the paper describes (``Y[t, j] ~ X[t, k] * W[j, k]``).
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import torch
 from torch import nn
 
@@ -127,20 +129,20 @@ def _mlp_input(model: nn.Module, module: nn.Module, block: nn.Module, tokens: in
 REALISTIC_RATIO = 8000.0
 
 
-def _input_scale(projected: torch.Tensor, spread: float | None, gated: bool, target_x: float) -> float:
+def _input_scale(projected: torch.Tensor, spread: float | None, gated: bool, target_x: float, exact: bool = False) -> float:
     """Factor on the unit direction: RMS ``spread`` when given, else the peak input ``target_x``
     (``silu(a) * a ~ a**2`` through a gated MLP, ``a`` through GELU / ReLU)."""
     if spread is not None:
         return spread / float(projected.pow(2).mean().sqrt())
     peak = target_x ** 0.5 if gated else target_x
-    return peak / float(projected.abs().quantile(0.9))
+    return peak / float(projected.abs().max() if exact else projected.abs().quantile(0.9))
 
 
 @torch.no_grad()
 def plant_super_weight(
     model: nn.Module, layer: int, row: int, col: int, weight: float = 2.0, spread: float | None = None,
     arch: ArchSpec | None = None, seed: int = 1234, ratio: float = REALISTIC_RATIO,
-    direction: torch.Tensor | None = None, expert: int | None = None,
+    direction: torch.Tensor | None = None, expert: int | None = None, peak_input: float | None = None,
 ) -> float:
     """Make ``[row, col]`` of ``layer``'s down-projection (of ``expert``, for MoE) a super weight.
 
@@ -160,10 +162,12 @@ def plant_super_weight(
     inputs, median = _mlp_input(model, up, block)
     projected = inputs @ v
     sign = 1.0 if float(projected.mean()) >= 0 else -1.0  # face the common component, if any
-    target_x = ratio * median / abs(weight)
-    v = (sign * _input_scale(projected, spread, gated, target_x)) * v
+    target_x = peak_input or max(ratio * median / abs(weight), 100.0 / abs(weight))  # a spike, even post-norm
+    v = (sign * _input_scale(projected, spread, gated, target_x, peak_input is not None)) * v
     for _ in range(4):  # the MLP's nonlinearity and the norms bend the aim: measure and correct
         _write_plant(model, arch, layer, block, up, v, row, col, weight, gated, expert)
+        if peak_input or spread:
+            break
         _, _, peak = _layer_peak(model, up, block, row)
         factor = ratio / max(peak, 1e-6)
         if abs(factor - 1) < 0.1:
@@ -222,3 +226,102 @@ def _plant_expert(block: nn.Module, arch: ArchSpec, v: torch.Tensor, row: int, c
     experts.down_proj[expert, row, col] = weight
     router = block.get_submodule(arch.experts.rsplit(".", 1)[0] + ".gate")
     router.weight[expert] = v / v.norm() * 50.0  # tokens facing v are routed to this expert first
+
+
+# ---------------------------------------------------------------- hard cases for detection
+
+
+@dataclass
+class HardCase:
+    """A tiny model with a known answer: the weights that create and cancel its super activations."""
+
+    name: str
+    model: nn.Module
+    creates: list[tuple]  # (layer, row, col) of every creating weight
+    cancels: list[tuple] = field(default_factory=list)  # (layer, row, col) of every cancelling weight
+    activations: int = 1  # how many super activations
+    first_token: bool | None = None  # whether they sit on the first token (None: wherever the direction falls)
+    note: str = ""
+
+
+def _unit(dim: int, channel: int) -> torch.Tensor:
+    v = torch.zeros(dim)
+    v[channel] = 1.0
+    return v
+
+
+def _down_input_maxima(model: nn.Module) -> list[float]:
+    from .capture import TraceCapture
+
+    arch = get_arch(model)
+    ids = torch.randint(0, model.config.vocab_size, (1, 48), generator=torch.Generator().manual_seed(0))
+    with TraceCapture(model, arch) as cap, torch.no_grad():
+        model(input_ids=ids, use_cache=False)
+    return [float(t.x.abs().max()) for t in cap.as_list()]
+
+
+def _median_after(model: nn.Module, layer: int, row: int) -> tuple[float, float]:
+    """Median |h| after ``layer`` on the random tokens, and max |h[:, row]| over that median."""
+    arch = get_arch(model)
+    block = arch.layer_modules(model)[layer]
+    _, median, ratio = _layer_peak(model, block.get_submodule(arch.up_proj), block, row)
+    return median, ratio
+
+
+def _weak_spike(model: nn.Module) -> HardCase:
+    """The issue's model A: the input is only ~15x the other layers' median input maximum."""
+    import statistics
+
+    x = 15.0 * statistics.median(_down_input_maxima(model))
+    median, _ = _median_after(model, 1, 5)
+    plant_super_weight(model, 1, 5, 17, weight=REALISTIC_RATIO * median / x)  # calibrated: the input ends near x
+    return HardCase("weak_spike", model, [(1, 5, 17)], note=f"input {x:.3g} = 15x the median layer's max input")
+
+
+def _two_layers(model: nn.Module) -> HardCase:
+    """The issue's model B: layers 1 and 2 build it together (layer 2 reads it and adds to it)."""
+    plant_super_weight(model, 1, 5, 17, ratio=4000)
+    plant_super_weight(model, 2, 5, 40, ratio=10000, direction=_unit(model.config.hidden_size, 5))
+    return HardCase("two_layers", model, [(1, 5, 17), (2, 5, 40)], note="layer 2 reads the activation and adds to it")
+
+
+def _late_cancel(model: nn.Module) -> HardCase:
+    plant_super_weight(model, 1, 5, 17)
+    median, ratio = _median_after(model, 4, 5)
+    plant_super_weight(model, 5, 5, 60, weight=-2.0, peak_input=0.7 * ratio * median / 2.0,
+                       direction=_unit(model.config.hidden_size, 5))
+    return HardCase("late_cancel", model, [(1, 5, 17)], [(5, 5, 60)], note="layer 5 of 6 removes ~70% of it")
+
+
+def _one_column_three_rows(model: nn.Module) -> HardCase:
+    plant_super_weight(model, 1, 5, 17)
+    down = get_arch(model).weight_matrix(model, 1)
+    down[9, 17], down[30, 17] = -0.8 * down[5, 17], 1.2 * down[5, 17]
+    return HardCase("one_column_three_rows", model, [(1, 5, 17), (1, 9, 17), (1, 30, 17)], activations=3,
+                    note="Phi-3's pattern: one intermediate channel feeds three hidden channels")
+
+
+def _other_token(model: nn.Module) -> HardCase:
+    token = byte_tokenizer().convert_tokens_to_ids("w")  # the 'w' of "worldwide" in the paper's prompt
+    plant_super_weight(model, 1, 5, 17, direction=model.get_input_embeddings().weight[token].detach().clone())
+    return HardCase("other_token", model, [(1, 5, 17)], first_token=False, note="the tokens 'w' face the direction")
+
+
+def _two_independent(model: nn.Module) -> HardCase:
+    plant_super_weight(model, 1, 5, 17)
+    plant_super_weight(model, 2, 9, 40, seed=7)
+    return HardCase("two_independent", model, [(1, 5, 17), (2, 9, 40)], activations=2)
+
+
+HARD_CASES = {
+    "weak_spike": (_weak_spike, 4), "two_layers": (_two_layers, 4), "late_cancel": (_late_cancel, 6),
+    "one_column_three_rows": (_one_column_three_rows, 4), "other_token": (_other_token, 4),
+    "two_independent": (_two_independent, 4), "none": (lambda m: HardCase("none", m, [], activations=0), 4),
+}
+
+
+@torch.no_grad()
+def hard_case(name: str, arch_name: str = "LlamaForCausalLM") -> HardCase:
+    """One of ``HARD_CASES`` on a tiny ``arch_name`` model (the dev set's synthetic half)."""
+    build, layers = HARD_CASES[name]
+    return build(tiny_model(arch_name, layers=layers))
