@@ -118,3 +118,17 @@ def test_sweep_command_writes_a_loadable_result(lm, tmp_path):
     result = SweepResult.load(tmp_path / "s.json")
     assert {r.granularity for r in result.rows if r.family == "rtn"} == {"block=1024", "per-tensor", "group=16"}
     assert "INT4 RTN perplexity" in res.output
+
+
+def test_manifest_round_trips_and_prints(tmp_path):
+    from superweight.export import Manifest, read_manifest, save_quantized
+    from superweight.quant.api import quantize
+
+    model = tiny_model("LlamaForCausalLM")
+    plant_super_weight(model, *PLANT)
+    written = save_quantized(model, byte_tokenizer(), quantize(model, RTN(bits=4, group=16), keep=[PLANT]),
+                             tmp_path / "art", source="tiny")
+    manifest = Manifest.from_dict(read_manifest(tmp_path / "art"))
+    assert Manifest.from_dict(json.loads(json.dumps(manifest.to_dict()))) == manifest
+    assert manifest.to_dict() == written  # the typed manifest has exactly the file's fields
+    assert manifest.tables("art")[0].rows[0][3] == "1"  # one kept super weight

@@ -13,7 +13,9 @@ from __future__ import annotations
 import json
 import math
 import os
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import torch
 from torch import nn
@@ -23,6 +25,7 @@ from .checkpoint import check_safetensors, read_header
 from .device import resolve_device
 from .errors import SuperweightError
 from .files import staged_dir
+from .results import Table, Versioned
 from .manifest import check_against_model, check_manifest
 from .loaded import LoadedModel, parse_dtype
 from .quant.api import QuantResult
@@ -124,6 +127,41 @@ def size_report(result: QuantResult, file_bytes: int, untouched_bytes: int, tota
     }
 
 
+@dataclass
+class Manifest(Versioned):
+    """``superweight_manifest.json`` typed: the scheme, the kept weights, every quantized tensor's entry
+    and the sizes. ``save_quantized`` writes it; ``Manifest.from_dict(read_manifest(path))`` reads it back."""
+
+    KIND: ClassVar[str] = "artifact manifest"
+    VERSION: ClassVar[int] = MANIFEST_VERSION
+    HINT: ClassVar[str] = ": re-export it with `superweight quantize --out`"
+    scheme: str
+    config: dict
+    param_dtype: str
+    dtype: str
+    source_model: str
+    architecture: str
+    kept: list[dict]
+    tied: dict[str, str]
+    tensors: dict[str, dict]
+    size: dict
+    notes: list[str] = field(default_factory=list)
+    activations: dict | None = None
+    tool_version: str = __version__
+
+    def to_dict(self) -> dict:
+        d = super().to_dict()
+        return {k: v for k, v in d.items() if k != "kind" and not (k == "activations" and v is None)}
+
+    def tables(self, out: str | os.PathLike = "") -> list[Table]:
+        s = self.size
+        header = ["quantized weights", "bits/weight", "sparse bits/weight", "kept", "file MB", "predicted MB", "file bits/param"]
+        row = [f"{s['quantized_weights']:,}", f"{s['bits_per_weight']:.4f}", f"{s['sparse_bits_per_weight']:.2e}",
+               str(len(self.kept)), f"{s['file_bytes'] / 1e6:.2f}",
+               f"{(s['predicted_data_bytes'] + s['header_bytes']) / 1e6:.2f}", f"{s['file_bits_per_param']:.3f}"]
+        return [Table(f"{self.scheme} -> {out}" if out else self.scheme, header, [row])]
+
+
 def save_quantized(
     model: nn.Module, tokenizer, result: QuantResult, out: str | os.PathLike, source: str = "",
     notes: list[str] | None = None, force: bool = False, param_dtype: torch.dtype = torch.float16,
@@ -168,6 +206,7 @@ def save_quantized(
         }
         if activations:
             manifest["activations"] = activations
+        Manifest.from_dict(manifest)  # the typed manifest accepts what is written
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 

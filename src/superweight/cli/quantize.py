@@ -5,7 +5,6 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.table import Table
 
 from ..errors import SuperweightError
 from ..files import check_output
@@ -25,6 +24,7 @@ from .app import (
     load_lm,
     setup_logging,
 )
+from .console import print_tables
 
 
 def _parse_size(text: str) -> Optional[int]:
@@ -95,7 +95,7 @@ def quantize_cmd(
         read_super_weights(super_weights)  # a bad file fails now, not after loading the model
     if json_path:
         check_output(json_path, "--json")
-    from ..export import export_artifact
+    from ..export import Manifest, export_artifact
 
     if out is None:
         raise SuperweightError("pass --out DIR to write an artifact (or run `superweight sweep` to compare schemes)")
@@ -107,16 +107,7 @@ def quantize_cmd(
     lm = load_lm(model, dtype, cache_dir, device_map, device)
     keep = _keep_for(lm, keep_super_weights, super_weights)
     manifest = export_artifact(lm, config, keep, out, force, include, exclude)
-    s = manifest["size"]
-    table = Table(title=f"{manifest['scheme']} -> {out}")
-    for col in ("quantized weights", "bits/weight", "sparse bits/weight", "kept", "file MB", "predicted MB", "file bits/param"):
-        table.add_column(col, justify="right")
-    table.add_row(
-        f"{s['quantized_weights']:,}", f"{s['bits_per_weight']:.4f}", f"{s['sparse_bits_per_weight']:.2e}",
-        str(len(manifest["kept"])), f"{s['file_bytes'] / 1e6:.2f}", f"{(s['predicted_data_bytes'] + s['header_bytes']) / 1e6:.2f}",
-        f"{s['file_bits_per_param']:.3f}",
-    )
-    console.print(table)
+    print_tables(Manifest.from_dict(manifest).tables(out))
     if json_path:
         from ..detect import write_json_atomic
 
