@@ -88,6 +88,25 @@ def summarize(run: Path, result: EmergenceResult) -> dict:
     }
 
 
+def measure_run(run: Path, seed: int, saved: Path, eval_tokens: int, reuse: bool) -> EmergenceResult:
+    """``emergence`` of every checkpoint of ``run``; with ``reuse``, checkpoints already in ``saved``
+    (same folder, same eval tokens) are not measured again."""
+    from superweight.train import checkpoint_folders
+
+    folders = checkpoint_folders([run])
+    done = {}
+    if reuse and saved.is_file():
+        old = EmergenceResult.load(saved)
+        done = {p.path: p for p in old.points} if old.eval_tokens == eval_tokens else {}
+    todo = [f for f in folders if str(f) not in done]
+    if todo:
+        new = emergence(todo, eval_tokens=eval_tokens, label=f"seed {seed}")
+        done.update({p.path: p for p in new.points})
+    result = EmergenceResult(f"seed {seed}", "wikitext2", eval_tokens, [done[str(f)] for f in folders])
+    result.save(saved)
+    return result
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("runs", nargs="+", type=Path)
@@ -102,12 +121,7 @@ def main() -> None:
     for run in args.runs:
         seed = json.loads((run / "train_log.json").read_text())["config"]["seed"]
         saved = args.results / f"emergence_s{seed}.json"
-        n_ckpt = len(list(run.glob("step-*/config.json")))
-        if args.reuse and saved.is_file() and len(EmergenceResult.load(saved).points) == n_ckpt:
-            result = EmergenceResult.load(saved)  # measured earlier on the same checkpoints
-        else:
-            result = emergence([run], eval_tokens=args.eval_tokens, label=f"seed {seed}")
-            result.save(saved)
+        result = measure_run(run, seed, saved, args.eval_tokens, args.reuse)
         write_png(run_figure(result, TrainResult.load(run / "train_log.json").losses), args.plots / f"run_s{seed}.png")
         results.append(result)
         summary.append(summarize(run, result))

@@ -15,6 +15,7 @@ without loss. Quality is measured elsewhere (bench/bitnet_qat.py); this measures
 from __future__ import annotations
 
 import argparse
+import importlib.util
 import json
 import statistics
 import sys
@@ -93,7 +94,7 @@ def write_gguf(model, tokenizer, path: Path, base: str, f16_tensors: set[str]) -
             if kind == gguf.GGMLQuantizationType.F16:
                 w.add_tensor(name, t.astype(np.float16))
             else:
-                w.add_tensor(name, gguf.quants.quantize(t, kind), raw_shape=t.shape, raw_dtype=kind)
+                w.add_tensor(name, gguf.quants.quantize(t, kind), raw_dtype=kind)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
@@ -114,6 +115,27 @@ def _tokenizer_metadata(w, tokenizer) -> None:
     w.add_token_merges(merges)
     w.add_bos_token_id(tokenizer.bos_token_id)
     w.add_eos_token_id(tokenizer.eos_token_id)
+
+
+def gguf_roundtrip(path: Path, model, sw_tensor: str) -> dict:
+    """Read the GGUF back with gguf-py: bits per decoder weight, and whether the ternary weights and
+    the F16 super-weight tensor come back exactly."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    bits, n, exact = 0, 0, True
+    sd = model.state_dict()
+    for t in reader.tensors:
+        if not t.name.startswith("blk.") or len(t.shape) != 2:
+            continue
+        bits += int(t.n_bytes) * 8
+        n += int(t.n_elements)
+        if t.name.endswith("ffn_down.weight") or t.name == sw_tensor:
+            layer = int(t.name.split(".")[1])
+            ref = sd[f"model.layers.{layer}.mlp.down_proj.weight"].float().numpy()
+            got = gguf.quants.dequantize(t.data, t.tensor_type).reshape(ref.shape)
+            exact = exact and np.array_equal(got.astype(np.float32), ref.astype(np.float16).astype(np.float32))
+    return {"decoder_bits_per_weight": bits / n, "down_proj_exact_at_f16_precision": exact}
 
 
 def decode_speed(path: Path, tokens: list[int], n_gen: int, threads: int) -> dict:
@@ -158,7 +180,17 @@ def main() -> None:
     variants = {"f16": ("f16", set()), "q4_0": ("q4_0", set()),
                 "tq2_0+f16_sw": ("tq2_0", {sw_tensor}), "tq1_0+f16_sw": ("tq1_0", {sw_tensor})}
     sizes = {n: write_gguf(model, tokenizer, args.workdir / f"{n}.gguf", b, f16) for n, (b, f16) in variants.items()}
-    ids = tokenizer(open(ROOT.parent / "shared/data/wikitext-2-raw/wiki.test.raw").read()[:4000])["input_ids"][: args.prompt_tokens]
+    checks = {n: gguf_roundtrip(args.workdir / f"{n}.gguf", model, sw_tensor) for n in variants}
+    config = dict(hidden=args.hidden, intermediate=args.intermediate, layers=args.layers, heads=args.heads,
+                  vocab=len(tokenizer), threads=args.threads, prompt_tokens=args.prompt_tokens, gen=args.gen, reps=args.reps)
+    if importlib.util.find_spec("llama_cpp") is None:
+        rows = {n: {"gguf_bytes": sizes[n], "size_vs_f16": sizes[n] / sizes["f16"], **checks[n]} for n in variants}
+        write_json_atomic(args.out, {"command": "python " + " ".join(sys.argv), "model": config, "sw_tensor": sw_tensor,
+                                     "llama_cpp": "not installed: tokens/s not measured", "rows": rows})
+        for n, r in rows.items():
+            print(f"{n:14s} {r['gguf_bytes'] / 1e6:8.2f} MB  x{r['size_vs_f16']:.3f} of F16  {r}")
+        return
+    ids = tokenizer("\n\n".join(["Apple Inc. is a worldwide tech company."] * 40))["input_ids"][: args.prompt_tokens]
     with torch.no_grad():
         hf_logits = model(input_ids=torch.tensor([ids])).logits[0, -1].numpy()
     runs: dict[str, list[dict]] = {n: [] for n in variants}
@@ -171,7 +203,7 @@ def main() -> None:
         for r in rs[1:]:
             r.pop("last_prompt_logits")
         rows[n] = {
-            "gguf_bytes": sizes[n], "prefill_tok_s": statistics.median(r["prefill_tok_s"] for r in rs),
+            "gguf_bytes": sizes[n], **checks[n], "prefill_tok_s": statistics.median(r["prefill_tok_s"] for r in rs),
             "decode_tok_s": statistics.median(r["decode_tok_s"] for r in rs), "runs": rs,
             "max_abs_logit_diff_vs_hf": float(np.abs(logits - hf_logits).max()),
         }
@@ -180,8 +212,6 @@ def main() -> None:
         r["decode_vs_f16"] = r["decode_tok_s"] / base["decode_tok_s"]
         r["prefill_vs_f16"] = r["prefill_tok_s"] / base["prefill_tok_s"]
         r["size_vs_f16"] = r["gguf_bytes"] / base["gguf_bytes"]
-    config = dict(hidden=args.hidden, intermediate=args.intermediate, layers=args.layers, heads=args.heads,
-                  vocab=len(tokenizer), threads=args.threads, prompt_tokens=len(ids), gen=args.gen, reps=args.reps)
     write_json_atomic(args.out, {"command": "python " + " ".join(sys.argv), "model": config, "sw_tensor": sw_tensor, "rows": rows})
     for n, r in rows.items():
         print(f"{n:14s} {r['gguf_bytes'] / 1e6:8.1f} MB  prefill {r['prefill_tok_s']:8.1f} tok/s  decode {r['decode_tok_s']:7.1f} tok/s  "
