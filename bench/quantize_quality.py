@@ -255,7 +255,11 @@ def main() -> None:
     ap.add_argument("--only", default=None, help="run only rows whose name contains this text (plus the unquantized one)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--table", default=None, help="print the Markdown table of a result JSON and exit")
     args = ap.parse_args()
+    if args.table:
+        print(markdown(args.table))
+        return
     torch.set_num_threads(args.threads)
     import superweight as sw
     from superweight.eval.text import load_text
@@ -283,6 +287,28 @@ def main() -> None:
         out.write_text(json.dumps(result, indent=2) + "\n")
     assert snapshot.intact(), "the weights were not restored"
     print(f"wrote {out}")
+
+
+def markdown(path: str | Path) -> str:
+    """The table of one result JSON, grouped by (bits, group), with the gap to the float model."""
+    d = json.loads(Path(path).read_text())
+    fp = next(r["ppl"] for r in d["rows"] if r["family"] == "fp")
+    lines = [f"{d['model']} ({d['notes'][0] if d['notes'] else d['source']}); WikiText-2 test, {d['windows']} windows x "
+             f"{d['seq_len']} tokens; unquantized {fp:.2f}", "",
+             "| bits | group | scheme | ppl | gap to float | total bits/w | quant s |", "|---|---|---|---|---|---|---|"]
+    keys = sorted({(r["bits"], r["group"]) for r in d["rows"] if r["bits"]}, key=lambda k: (-k[0], -k[1]))
+    for bits, group in keys:
+        rows = [r for r in d["rows"] if (r["bits"], r["group"]) == (bits, group)]
+        rtn = next((r["ppl"] for r in rows if r["name"] == "RTN min/max" and r["ppl"]), None)
+        for r in rows:
+            if r["ppl"] is None:
+                lines.append(f"| {bits} | {group} | {r['name']} | - | - | - | {r['notes']} |")
+                continue
+            gap = r["ppl"] - fp
+            share = f" ({gap / (rtn - fp):.0%} of RTN's)" if rtn and rtn > fp else ""
+            lines.append(f"| {bits} | {group} | {r['name']} | {r['ppl']:.2f} | {gap:+.2f}{share} | "
+                         f"{r['bits_per_weight']:.4f} | {r['quant_seconds']:.0f} |")
+    return "\n".join(lines)
 
 
 def _peer_versions() -> dict:
