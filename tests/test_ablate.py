@@ -17,9 +17,9 @@ SW = [(1, 7, 21)]
 ARCHS = ["LlamaForCausalLM", "GPT2LMHeadModel"]  # nn.Linear and GPT-2's transposed Conv1D
 
 
-def planted(arch_name: str):
+def planted(arch_name: str, **kw):
     model = tiny_model(arch_name)
-    plant_super_weight(model, *SW[0])
+    plant_super_weight(model, *SW[0], **kw)
     return model, get_arch(model)
 
 
@@ -65,11 +65,12 @@ def test_every_ablation_restores_bitwise(arch_name):
 def test_zeroed_entries_zero_exactly_those():
     model, arch = planted("GPT2LMHeadModel")
     coords = SW + [(0, 3, 4), (1, 2, 9), (1, 2, 9)]
+    before = arch.weight_matrix(model, 1).detach().clone()
     with zeroed_entries(model, arch, coords) as n:
         assert n == 3
         m0, m1 = arch.weight_matrix(model, 0), arch.weight_matrix(model, 1)
         assert m0[3, 4] == 0 and m1[2, 9] == 0 and m1[7, 21] == 0
-        assert int((m1 == 0).sum()) == 2
+        assert int((m1 != before).sum()) == int(before[2, 9] != 0) + int(before[7, 21] != 0)  # nothing else
 
 
 def test_top_magnitude_coords_skip_the_super_weight():
@@ -105,7 +106,8 @@ def down_proj_run(model, arch, layer: int, col: int) -> tuple[torch.Tensor, torc
 
 @pytest.mark.parametrize("arch_name", ARCHS)
 def test_restore_writes_back_the_super_activation_only(arch_name):
-    model, arch = planted(arch_name)
+    # a plant by input spread (not the realistic ratio) spikes on some of the random tokens, not all
+    model, arch = planted(arch_name, spread={"LlamaForCausalLM": 30.0, "GPT2LMHeadModel": 200.0}[arch_name])
     layer, row, col = SW[0]
     x, clean = down_proj_run(model, arch, layer, col)
     with zeroed_weights(model, arch, SW):
@@ -137,7 +139,8 @@ def test_ablate_and_eval_commands_on_a_tiny_model(tmp_path, byte_tokenizer):
     text.write_text("The quick brown fox jumps over the lazy dog. " * 8)
     out = tmp_path / "ablate.json"
     args = ["ablate", str(folder), "--super-weights", str(tmp_path / "sw.json"), "--ppl", str(text),
-            "--tasks", "winogrande,piqa", "--limit", "2", "--seq-len", "64", "--top-n", "30", "--scales", "0,1,2",
+            "--tasks", "winogrande", "--tasks", "piqa", "--limit", "2", "--seq-len", "64", "--top-n", "30",
+            "--scales", "0", "--scales", "1,2",
             "--stopword-prompts", "2", "--json", str(out)]
     result = CliRunner().invoke(app, args)
     assert result.exit_code == 0, result.output

@@ -34,7 +34,8 @@ VerboseOpt = typer.Option(False, "--verbose", "-v")
 QuietOpt = typer.Option(False, "--quiet", "-q")
 PplOpt = typer.Option("wikitext2", "--ppl", help="Perplexity text: wikitext2, wiki-intros, a file, or none.")
 TasksOpt = typer.Option(
-    "all", "--tasks", help="Comma-separated: piqa,arc_easy,arc_challenge,hellaswag,winogrande,sciq,lambada; all; none."
+    None, "--tasks", help="Repeat (or comma-separate): piqa, arc_easy, arc_challenge, hellaswag, winogrande, sciq, "
+    "lambada; all (the default); none.",
 )
 LimitOpt = typer.Option(100, "--limit", min=1, help="First N documents per task (lm-eval's --limit).")
 MaxTokensOpt = typer.Option(

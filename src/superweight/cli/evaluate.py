@@ -2,10 +2,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
+from ..ablate import DEFAULT_SCALES, DEFAULT_TOP_N
 from ..errors import SuperweightError
 from ..files import check_output
 from ..inputs import check_super_weights, check_text_source, read_super_weights
@@ -32,21 +33,42 @@ from .app import (
 from .console import print_ablation_table, print_stopwords, print_tables
 
 
-def _eval_config(ppl: str, tasks: str, limit: Optional[int], max_tokens: Optional[int], seq_len: Optional[int], **kw):
+def _items(values: Optional[List[str]]) -> list[str]:
+    """Repeated option values, each possibly comma-separated, as one flat list."""
+    return [s.strip() for v in values or [] for s in v.split(",") if s.strip()]
+
+
+def _task_list(values: Optional[List[str]], default: Optional[list[str]]) -> Optional[list[str]]:
+    """``--tasks a --tasks b,c`` -> validated names; ``none`` -> []; not given -> ``default``."""
+    from ..eval.tasks import parse_tasks
+
+    if not values:
+        return default
+    names = _items(values)
+    if names in ([], ["none"]):
+        return []
+    return parse_tasks("all" if names == ["all"] else names)
+
+
+def _eval_config(ppl: str, tasks: Optional[List[str]], limit: Optional[int], max_tokens: Optional[int],
+                 seq_len: Optional[int], **kw):
     from ..eval.tasks import parse_tasks
     from ..experiments import AblationConfig
 
     ppl_source = None if ppl.lower() in ("none", "") else ppl
     check_text_source(ppl_source)  # before the model loads: a wrong --ppl costs nothing
-    task_list = [] if tasks.lower() in ("none", "") else parse_tasks(tasks)
+    task_list = _task_list(tasks, parse_tasks("all"))
     return AblationConfig(ppl=ppl_source, tasks=task_list, limit=limit, max_tokens=max_tokens, seq_len=seq_len, **kw)
 
 
-def _parse_scales(text: str) -> tuple:
+def _parse_scales(values: Optional[List[str]]) -> tuple[float, ...]:
+    """``--scales 0 --scales 0.5,1`` -> (0.0, 0.5, 1.0); not given -> ``ablate.DEFAULT_SCALES``; '' -> none."""
+    if values is None or values == []:
+        return DEFAULT_SCALES
     try:
-        return tuple(float(s) for s in text.split(",") if s.strip())
+        return tuple(float(s) for s in _items(values))
     except ValueError:
-        raise SuperweightError(f"--scales {text!r}: give comma-separated numbers, e.g. 0,0.5,1,2") from None
+        raise SuperweightError(f"--scales {' '.join(values)!r}: give numbers, e.g. --scales 0 --scales 0.5 or 0,0.5,1,2") from None
 
 
 @app.command()
@@ -54,14 +76,18 @@ def ablate(
     model: str = ModelArg,
     super_weights: Optional[Path] = typer.Option(None, "--super-weights", help="A detection JSON; default: detect now."),
     ppl: str = PplOpt,
-    tasks: str = TasksOpt,
+    tasks: Optional[List[str]] = TasksOpt,
     limit: Optional[int] = LimitOpt,
     max_tokens: Optional[int] = MaxTokensOpt,
     seq_len: Optional[int] = SeqLenOpt,
-    top_n: int = typer.Option(7000, "--top-n", min=1, help="zero_top_non_super: how many of the largest other weights."),
+    top_n: int = typer.Option(DEFAULT_TOP_N, "--top-n", min=1, help="zero_top_non_super: how many of the largest other weights."),
     random_n: Optional[int] = typer.Option(None, "--random-n", min=1, help="zero_random: how many (default: as many as super weights)."),
-    scales: str = typer.Option("0,0.2,0.5,0.8,1,1.5,2,3", "--scales", help="Super weight scales to sweep ('' for none)."),
-    scale_tasks: Optional[str] = typer.Option(None, "--scale-tasks", help="Tasks for the scale sweep (default: --tasks; 'none' for PPL only)."),
+    scales: Optional[List[str]] = typer.Option(
+        None, "--scales", help=f"Super weight scales (repeat or comma-separate; default {','.join(f'{s:g}' for s in DEFAULT_SCALES)}; '' for none).",
+    ),
+    scale_tasks: Optional[List[str]] = typer.Option(
+        None, "--scale-tasks", help="Tasks for the scale sweep (repeat or comma-separate; default: --tasks; 'none' for PPL only).",
+    ),
     stopword_prompts: int = typer.Option(50, "--stopword-prompts", min=0, help="LAMBADA contexts for the stopword statistics."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random null baseline."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the versioned result here."),
@@ -73,11 +99,10 @@ def ablate(
     quiet: bool = QuietOpt,
 ) -> None:
     """Prove the super weights matter: zero, scale and restore them; paper Table 1, Fig. 5 and Fig. 6."""
-    from ..eval.tasks import parse_tasks
     from ..experiments import run_ablation
 
     setup_logging(verbose, quiet)
-    sweep_tasks = None if scale_tasks is None else [] if scale_tasks.lower() == "none" else parse_tasks(scale_tasks)
+    sweep_tasks = _task_list(scale_tasks, None)
     config = _eval_config(
         ppl, tasks, limit, max_tokens, seq_len, top_n=top_n, random_n=random_n, scales=_parse_scales(scales),
         scale_tasks=sweep_tasks, stopword_prompts=stopword_prompts, seed=seed,
@@ -101,7 +126,7 @@ def ablate(
 def eval_cmd(
     model: str = ModelArg,
     ppl: str = PplOpt,
-    tasks: str = TasksOpt,
+    tasks: Optional[List[str]] = TasksOpt,
     limit: Optional[int] = LimitOpt,
     max_tokens: Optional[int] = MaxTokensOpt,
     seq_len: Optional[int] = SeqLenOpt,
