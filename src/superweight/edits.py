@@ -14,17 +14,31 @@ import torch
 from torch import nn
 
 
+class Snapshot:
+    """Exact copies of whole tensors: ``restore()`` writes them back (as often as needed, e.g. after
+    each point of a sweep), ``intact()`` says whether the tensors hold them bit for bit."""
+
+    def __init__(self, tensors: Iterable[torch.Tensor]) -> None:
+        self._saved = [(t, t.detach().clone()) for t in _unique(tensors)]
+
+    def restore(self) -> None:
+        with torch.no_grad():
+            for t, original in reversed(self._saved):
+                t.copy_(original)
+
+    def intact(self) -> bool:
+        return all(torch.equal(t, original) for t, original in self._saved)
+
+
 @contextlib.contextmanager
 def edited_weights(tensors: Iterable[torch.Tensor]) -> Iterator[None]:
     """Inside the block, change the given tensors in place as you like; on exit they are restored
     bit for bit. Snapshots are taken of whole tensors (use ``edited_entries`` for a few scalars)."""
-    saved = [(t, t.detach().clone()) for t in _unique(tensors)]
+    snapshot = Snapshot(tensors)
     try:
         yield
     finally:
-        with torch.no_grad():
-            for t, original in reversed(saved):
-                t.copy_(original)
+        snapshot.restore()
 
 
 @contextlib.contextmanager

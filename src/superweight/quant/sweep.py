@@ -18,6 +18,7 @@ from typing import Any, Callable, ClassVar, Sequence
 import torch
 from torch import nn
 
+from ..edits import Snapshot
 from ..results import Table, Versioned
 from ..version import __version__
 from .api import DEFAULT_EXCLUDE, quantize, target_modules
@@ -138,20 +139,12 @@ def default_grid(
     return grid
 
 
-class WeightSnapshot:
-    """A copy of every targeted weight, written back after each grid point."""
+class WeightSnapshot(Snapshot):
+    """``edits.Snapshot`` of every targeted weight, written back after each grid point."""
 
     def __init__(self, model: nn.Module, exclude: str | None = DEFAULT_EXCLUDE):
         self.modules = target_modules(model, None, exclude)
-        self.saved = {n: m.weight.detach().clone() for n, m in self.modules.items()}
-
-    @torch.no_grad()
-    def restore(self) -> None:
-        for name, module in self.modules.items():
-            module.weight.copy_(self.saved[name])
-
-    def intact(self) -> bool:
-        return all(torch.equal(m.weight, self.saved[n]) for n, m in self.modules.items())
+        super().__init__(m.weight for m in self.modules.values())
 
 
 def _bits_per_weight(result) -> float:
