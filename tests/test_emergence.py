@@ -44,4 +44,6 @@ def test_follows_a_planted_super_weight(run, tmp_path):
     assert planted.top == [0, 7, 21] and planted.top_share > 0.5
     assert [0, 7, 21] in planted.detected and before.detected == []
     assert planted.residual_channel == 7
+    assert any(a[1] == 7 for a in planted.activations) and before.activations == []
+    assert len(planted.verdicts) == len(planted.detected) and all(planted.verdicts)
     assert planted.loss_zero_top != planted.loss  # the zeroing changed the model

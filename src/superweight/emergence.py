@@ -4,7 +4,8 @@ whether zeroing the creator hurts yet, at every checkpoint of a run.
 Per checkpoint (any ``save_pretrained`` folder: ``superweight train`` outputs, or e.g. Pythia
 revisions downloaded by the user):
 
-- ``superweight.detect`` (the paper's iterative spike method) and its per-layer maxima: the largest
+- ``superweight.detect`` (its default method: the super activation traced in the residual stream,
+  its creating weights, and their verdict by impact when any are found) and its per-layer maxima: the largest
   residual-stream |h| over layers (value, layer, channel, token) and the median over layers;
 - the *top creator*: in the layer whose down-projection output peak is the largest, the weight
   ``[row, col]`` whose term ``X[t, col] * W[row, col]`` carries most of that peak (found whether or
@@ -52,6 +53,8 @@ class CheckpointPoint:
     top_input: float  # the input X[t, col] it multiplies
     detected: list[list[int]]  # detection's super weights [layer, row, col]
     residual_typical: float = 0.0  # median |h| over tokens and channels after the peak's layer
+    activations: list[list[float]] = field(default_factory=list)  # detection's super activations: [token, channel, layer, ratio]
+    verdicts: list[str] = field(default_factory=list)  # detection's verdict label per detected weight
     residual_per_layer: list[float] = field(default_factory=list)  # max |h| after each layer
     output_per_layer: list[float] = field(default_factory=list)  # max |down_proj output| per layer
 
@@ -92,11 +95,16 @@ class EmergenceResult(Versioned):
 # ---------------------------------------------------------------- one checkpoint
 
 
-def detect_checkpoint(model: nn.Module, tokenizer, arch, prompt: str | None = None):
-    """The one place this module calls detection (``superweight.detect``)."""
+def detect_checkpoint(model: nn.Module, tokenizer, arch, prompt: str | None = None, text: str = ""):
+    """The one place this module calls detection: ``superweight.detect`` (its default method, the
+    residual-stream trace) and, when it finds weights and ``text`` is given, its verdict by impact."""
     from .detect import DEFAULT_PROMPT, detect
+    from .verdict import judge
 
-    return detect(model, tokenizer, [prompt or DEFAULT_PROMPT], arch=arch)
+    result = detect(model, tokenizer, [prompt or DEFAULT_PROMPT], arch=arch)
+    if result.super_weights and text:
+        judge(model, arch, tokenizer, result, text, tokens=1024, draws=2)
+    return result
 
 
 def top_creator(model: nn.Module, arch, layers) -> tuple[tuple[int, int, int], float, float, float, float]:
@@ -144,7 +152,7 @@ def measure(path: Path, text: str, eval_tokens: int, prompt: str | None = None) 
     model, arch = lm.model.eval(), lm.arch
     seq_len = min(getattr(model.config, "max_position_embeddings", 128) or 128, 512)
     windows = eval_windows(token_stream(lm.tokenizer, text), bos_id(lm.tokenizer), seq_len, eval_tokens)
-    result = detect_checkpoint(model, lm.tokenizer, arch, prompt)
+    result = detect_checkpoint(model, lm.tokenizer, arch, prompt, text)
     layers = result.layers
     top, value, share, out_peak, in_val = top_creator(model, arch, layers)
     loss = heldout_loss(model, windows)
@@ -163,6 +171,8 @@ def measure(path: Path, text: str, eval_tokens: int, prompt: str | None = None) 
         residual_typical=typical_residual(model, arch, lm.tokenizer, peak.layer, prompt),
         top=list(top), top_value=value, top_share=share, top_output=out_peak, top_input=in_val,
         detected=[list(c) for c in result.coords], residual_per_layer=res,
+        activations=[[a.token, a.channel, a.peak_layer, a.ratio] for a in result.activations],
+        verdicts=[sw.verdict for sw in result.super_weights],
         output_per_layer=[s.output.magnitude for s in layers],
     )
 
