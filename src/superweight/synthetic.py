@@ -143,6 +143,7 @@ def plant_super_weight(
     model: nn.Module, layer: int, row: int, col: int, weight: float = 2.0, spread: float | None = None,
     arch: ArchSpec | None = None, seed: int = 1234, ratio: float = REALISTIC_RATIO,
     direction: torch.Tensor | None = None, expert: int | None = None, peak_input: float | None = None,
+    min_input: float = 300.0,
 ) -> float:
     """Make ``[row, col]`` of ``layer``'s down-projection (of ``expert``, for MoE) a super weight.
 
@@ -162,7 +163,7 @@ def plant_super_weight(
     inputs, median = _mlp_input(model, up, block)
     projected = inputs @ v
     sign = 1.0 if float(projected.mean()) >= 0 else -1.0  # face the common component, if any
-    target_x = peak_input or max(ratio * median / abs(weight), 100.0 / abs(weight))  # a spike, even post-norm
+    target_x = peak_input or max(ratio * median / abs(weight), min_input)  # a spike in X (SmolLM2's: 2,996)
     v = (sign * _input_scale(projected, spread, gated, target_x, peak_input is not None)) * v
     for _ in range(4):  # the MLP's nonlinearity and the norms bend the aim: measure and correct
         _write_plant(model, arch, layer, block, up, v, row, col, weight, gated, expert)
@@ -213,7 +214,7 @@ def _write_plant(model, arch, layer, block, up, v, row, col, weight, gated, expe
         if getattr(up, "bias", None) is not None:
             up.bias[r] = 0.0
     down = arch.weight_matrix(model, layer)
-    down[:, col] = 0.0  # the column feeds only the planted row (its other entries would lift every channel)
+    down[:, col] *= 1e-3  # the column feeds the planted row (its other entries would lift every channel)
     down[row, col] = weight
 
 
@@ -222,7 +223,7 @@ def _plant_expert(block: nn.Module, arch: ArchSpec, v: torch.Tensor, row: int, c
     inter = experts.down_proj.shape[-1]
     experts.gate_up_proj[expert, col] = v
     experts.gate_up_proj[expert, inter + col] = v
-    experts.down_proj[expert, :, col] = 0.0
+    experts.down_proj[expert, :, col] *= 1e-3
     experts.down_proj[expert, row, col] = weight
     router = block.get_submodule(arch.experts.rsplit(".", 1)[0] + ".gate")
     router.weight[expert] = v / v.norm() * 50.0  # tokens facing v are routed to this expert first
@@ -274,7 +275,7 @@ def _weak_spike(model: nn.Module) -> HardCase:
 
     x = 15.0 * statistics.median(_down_input_maxima(model))
     median, _ = _median_after(model, 1, 5)
-    plant_super_weight(model, 1, 5, 17, weight=REALISTIC_RATIO * median / x)  # calibrated: the input ends near x
+    plant_super_weight(model, 1, 5, 17, weight=REALISTIC_RATIO * median / x, min_input=0.0)  # the input ends near x
     return HardCase("weak_spike", model, [(1, 5, 17)], note=f"input {x:.3g} = 15x the median layer's max input")
 
 
