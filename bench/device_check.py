@@ -247,6 +247,7 @@ def streamed_vs_read(folder: Path, device: torch.device) -> dict:
 
 def in_memory_timings(folder: Path, device: torch.device, planted: list[int], reps: int) -> dict:
     """Detection iteration / plain forward and quantize+pack / device copy, on ``device``."""
+    import stream as bench_stream
     import superweight as sw
     from superweight.detect import DEFAULT_PROMPT, encode_prompt
 
@@ -255,7 +256,8 @@ def in_memory_timings(folder: Path, device: torch.device, planted: list[int], re
     _sync(device)
     load_s = time.perf_counter() - t0
     _on(lm.model, device)
-    result = sw.detect(lm.model, lm.tokenizer, model_name=str(folder))
+    method = bench_stream.planted_method(folder)  # the method the streamed child used
+    result = sw.detect(lm.model, lm.tokenizer, model_name=str(folder), method=method)
     _expect_big(result.coords, planted)
     inputs = encode_prompt(lm.tokenizer, DEFAULT_PROMPT, device)
 
@@ -264,12 +266,12 @@ def in_memory_timings(folder: Path, device: torch.device, planted: list[int], re
             lm.model(**inputs, use_cache=False)
 
     def iteration():  # the public detect, one iteration: hooks, forward, candidate search, result
-        sw.detect(lm.model, lm.tokenizer, prompts=[DEFAULT_PROMPT], max_iter=1, model_name="big")
+        sw.detect(lm.model, lm.tokenizer, prompts=[DEFAULT_PROMPT], max_iter=1, model_name="big", method=method)
 
     forward(), iteration()  # warm-up
     it_s, fw_s, paired = _alternate(iteration, forward, reps, device)
     quant = quantize_vs_copy(lm, device)
-    return {"load_s": load_s, "found": [list(c) for c in result.coords], "iteration_s": it_s, "forward_s": fw_s,
+    return {"load_s": load_s, "method": method, "found": [list(c) for c in result.coords], "iteration_s": it_s, "forward_s": fw_s,
             "iteration_over_forward": it_s / fw_s, "iteration_over_forward_paired": paired, **quant}
 
 
@@ -363,9 +365,9 @@ def _tasks(asked: str | None) -> list[str]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--device", default="cuda", help="cuda (default), cpu or auto")
-    ap.add_argument("--small", action="store_true", help="two architectures and a ~1.2 GiB checkpoint (a CPU rehearsal)")
+    ap.add_argument("--small", action="store_true", help="two architectures and a 2 GiB checkpoint (a CPU rehearsal)")
     ap.add_argument("--archs", help="comma-separated architectures (default: all with a tiny config)")
-    ap.add_argument("--big-gb", type=float, help="size of the 7B-width checkpoint (default 4.6, --small 1.2); 0 skips part 2")
+    ap.add_argument("--big-gb", type=float, help="size of the 7B-width checkpoint (default 4.6, --small 2.0); 0 skips part 2")
     ap.add_argument("--big-model", type=Path, help="use this planted checkpoint instead of making one")
     ap.add_argument("--tasks", help="zero-shot tasks for ablate/eval: comma-separated or none (default: piqa,lambada)")
     ap.add_argument("--reps", type=int, default=10, help="timing repetitions (alternated)")
@@ -412,17 +414,23 @@ def run_all(args, device: torch.device, root: Path, argv: list[str]) -> dict:
     if buildable:  # the CLI on a dense model (a mixture of experts refuses ablate and quantize)
         cli_arch = "LlamaForCausalLM" if "LlamaForCausalLM" in buildable else buildable[0]
         check_cli(checks, device, root / "tiny" / cli_arch, root / "cli", text, tasks)
-    big_gb = args.big_gb if args.big_gb is not None else 1.2 if args.small else 4.6
+    def report(big: dict, complete: bool) -> dict:
+        return {
+            "version": 1, "command": "python bench/device_check.py " + " ".join(argv), "complete": complete,
+            "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
+            "torch": torch.__version__, "cpus": os.cpu_count(), "archs": buildable,
+            "archs_without_tiny_config": [a for a in archs if a not in buildable], "tasks": tasks,
+            "seconds": time.perf_counter() - t0, "big": big, "ratios": {k: big.get(k) for k in RATIOS},
+            "steps": checks.steps, "failed": checks.failed,
+            "refused": [s["step"] for s in checks.steps if s["ok"] is None],
+        }
+
+    from superweight.files import write_json_atomic
+
+    write_json_atomic(args.out, report({}, False))  # part 1 survives a timeout in part 2
+    big_gb = args.big_gb if args.big_gb is not None else 2.0 if args.small else 4.6
     big = check_big(checks, device, root, big_gb, args.reps, args.big_model) if big_gb or args.big_model else {}
-    return {
-        "version": 1, "command": "python bench/device_check.py " + " ".join(argv),
-        "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
-        "torch": torch.__version__, "cpus": os.cpu_count(), "archs": buildable,
-        "archs_without_tiny_config": [a for a in archs if a not in buildable], "tasks": tasks,
-        "seconds": time.perf_counter() - t0, "big": big, "ratios": {k: big.get(k) for k in RATIOS},
-        "steps": checks.steps, "failed": checks.failed,
-        "refused": [s["step"] for s in checks.steps if s["ok"] is None],
-    }
+    return report(big, True)
 
 
 def _has_tiny(tiny_config, arch: str) -> bool:

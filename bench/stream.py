@@ -68,6 +68,14 @@ def _status(field: str) -> int:
     return 0
 
 
+def planted_method(folder: Path) -> str:
+    """The detection method that finds the checkpoint's plant: ``superweight_planted.json``'s
+    ``method``, else the paper's (make_big_model.py plants a down-projection spike in a random
+    model, which has no residual-stream super activation for the default trace method to follow)."""
+    planted = folder / "superweight_planted.json"
+    return json.loads(planted.read_text()).get("method", "paper") if planted.is_file() else "paper"
+
+
 def child(folder: str, dtype: str, threads: int | None, device: str = "cpu", prefetch: bool = True) -> None:
     """Run in a fresh process: stream_detect, print one JSON line."""
     import logging
@@ -94,7 +102,7 @@ def child(folder: str, dtype: str, threads: int | None, device: str = "cpu", pre
     if not prefetch:  # the same detection with the read-ahead thread off (the kernel's readahead only)
         sd.StreamedModel = functools.partial(stream.StreamedModel, prefetch=False)
     dev = resolve_device(device)
-    result = sd.stream_detect(folder, dtype=dtype, model_name=folder, device=dev)
+    result = sd.stream_detect(folder, dtype=dtype, model_name=folder, device=dev, method=planted_method(Path(folder)))
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     wall = time.perf_counter() - t0

@@ -160,7 +160,7 @@ def test_device_check_cpu_rehearsal(tmp_path):
     plant_super_weight(model, *PLANT)
     model.to(torch.bfloat16).save_pretrained(big, max_shard_size="60KB")
     byte_tokenizer().save_pretrained(big)
-    (big / "superweight_planted.json").write_text('{"layer": 1, "row": 7, "col": 33}')
+    (big / "superweight_planted.json").write_text('{"layer": 1, "row": 7, "col": 33, "method": "trace"}')
     out = tmp_path / "device.json"
     code = device_check.main(["--device", "cpu", "--archs", "LlamaForCausalLM", "--big-model", str(big),
                               "--tasks", "none", "--reps", "2", "--out", str(out), "--workdir", str(tmp_path / "w")])
