@@ -70,7 +70,7 @@ def test_text_sources(tmp_path):
     path = tmp_path / "t.txt"
     path.write_text("hello world", encoding="utf-8")
     assert load_text(str(path)) == "hello world"
-    with pytest.raises(SuperweightError, match="unknown text source"):
+    with pytest.raises(SuperweightError, match="no such text file"):
         load_text("no-such-source")
     with pytest.raises(SuperweightError, match="fewer than 2 tokens"):
         evaluate_perplexity(bigram({}), ListTokenizer(), "a")

@@ -49,7 +49,7 @@ def results(planted, tmp_path_factory) -> tuple[AblationResult, SweepResult]:
 @pytest.fixture(scope="module")
 def planted():
     model = tiny_model("LlamaForCausalLM")
-    plant_super_weight(model, *PLANT)
+    plant_super_weight(model, *PLANT, spread=30.0)  # by input spread: input and output both spike (paper Fig. 3 shape)
     tok = byte_tokenizer()
     return model, tok, sw.detect(model, tok)
 
@@ -198,7 +198,7 @@ def test_missing_parts_are_said_on_the_page(planted, tmp_path):
     got = report.gather(_lm(model, tok), det)
     assert any("--ablation" in m for m in got.missing) and any("--sweep" in m for m in got.missing)
     assert got.findings[0] == "Catalog: not in catalog"
-    assert "--tensor-type '^blk\\.1\\.ffn_down\\.weight$=f16'" in got.findings[1]
+    assert "--tensor-type ^blk\\.1\\.ffn_down\\.weight$=f16" in got.findings[1]
     out = report.write_report(got, report.build_figures(got), tmp_path / "r")
     assert "Not shown" in (out / "report.html").read_text()
 
