@@ -10,6 +10,7 @@
 # With the device tool: run(command="bash bench/device_check.sh", carry=["bench/wheels"], timeout_s=420)
 # Extra arguments go to bench/device_check.py (e.g. --archs LlamaForCausalLM --big-gb 0).
 # Rehearsal on a CPU machine where the package is installed: SKIP_INSTALL=1 DEVICE=cpu bash bench/device_check.sh --small
+# (TIMEOUT=seconds changes the 290 s limit; device.json is written after part 1 too, so a timeout keeps it).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
@@ -26,7 +27,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader 2>
 OUTFILE=${OUT:+$OUT/device.json}
 mkdir -p bench/results ${OUT:-}
 status=0
-timeout 290 $PY bench/device_check.py --device "${DEVICE:-cuda}" --out "${OUTFILE:-bench/results/device.json}" --workdir "${TMPDIR:-/tmp}/sw-device" "$@" || status=$?
+timeout "${TIMEOUT:-290}" $PY bench/device_check.py --device "${DEVICE:-cuda}" --out "${OUTFILE:-bench/results/device.json}" --workdir "${TMPDIR:-/tmp}/sw-device" "$@" || status=$?
 rm -rf "${TMPDIR:-/tmp}/sw-device"
 [ -n "${OUT:-}" ] && cp "$OUTFILE" bench/results/device.json 2>/dev/null || true
 exit $status
