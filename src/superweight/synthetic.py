@@ -118,10 +118,21 @@ def _mlp_input(model: nn.Module, module: nn.Module, block: nn.Module, tokens: in
     with HookSet() as hooks:
         hooks.pre(module, take, with_kwargs=True)
         hooks.forward(block, lambda m, a, out: after.append((out[0] if isinstance(out, tuple) else out).detach()))
-        g = torch.Generator().manual_seed(seed)
-        ids = torch.randint(0, model.config.vocab_size, (1, tokens), generator=g)
-        model(input_ids=ids, use_cache=False)
+        model(input_ids=_calibration_ids(model, tokens, seed), use_cache=False)
     return seen[0].reshape(-1, seen[0].shape[-1]).float(), float(after[0].abs().median())
+
+
+CALIBRATION_TEXT = (  # the prompts the tests and the paper use, so the plant is sized where it is looked for
+    "Apple Inc. is a worldwide tech company. The cat sat on the mat and looked around. Paris is the capital of France."
+)
+
+
+def _calibration_ids(model: nn.Module, tokens: int, seed: int) -> torch.Tensor:
+    """Byte tokens of ``CALIBRATION_TEXT`` (vocabularies of at least 257), else random tokens."""
+    if model.config.vocab_size >= 257:
+        return torch.tensor([byte_tokenizer()(CALIBRATION_TEXT)["input_ids"]])
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, model.config.vocab_size, (1, tokens), generator=g)
 
 
 # A planted super activation is this many times the median |h| of its layer: SmolLM2-135M's
@@ -255,7 +266,7 @@ def _down_input_maxima(model: nn.Module) -> list[float]:
     from .capture import TraceCapture
 
     arch = get_arch(model)
-    ids = torch.randint(0, model.config.vocab_size, (1, 48), generator=torch.Generator().manual_seed(0))
+    ids = _calibration_ids(model, 48, 0)
     with TraceCapture(model, arch) as cap, torch.no_grad():
         model(input_ids=ids, use_cache=False)
     return [float(t.x.abs().max()) for t in cap.as_list()]
