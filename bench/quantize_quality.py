@@ -198,6 +198,10 @@ def grid(which: str, lm) -> list[Row]:
             second += [Row("NF4 absmax", "ours", 4, group, ours(RTN(bits=4, group=group, levels="nf4"), keep_sw=False)),
                        Row("NF4 + mse + SW held out + SA care", "ours", 4, group, ours(best(lm, 4, group, levels="nf4"))),
                        Row("RTN + SW restored", "ours", bits, group, ours(rtn))]
+    if which == "lp":  # HQQ's solver inside our quantizer, with the hold-outs and a fixed-point int8 zero
+        return [fp] + [Row("lp (HQQ's solver) + fix8 zero + SW/outliers held out", "ours", b, g,
+                           ours(RTN(bits=b, group=g, search="lp", zero_point="fix8", outliers=budget(lm, b, g))))
+                       for b, g in ((4, 64), (4, 128), (3, 64))]
     if which == "first":
         return [fp] + first
     if which == "core":
@@ -251,7 +255,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m", help="smollm2-135m, gemma3-270m, or any load_model name/path")
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=1024)
-    ap.add_argument("--rows", choices=["all", "core", "first"], default="all")
+    ap.add_argument("--rows", choices=["all", "core", "first", "lp"], default="all")
     ap.add_argument("--only", default=None, help="run only rows whose name contains this text (plus the unquantized one)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None)

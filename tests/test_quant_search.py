@@ -41,13 +41,27 @@ def _group_sse(w: torch.Tensor, w_hat: torch.Tensor, group: int, mask: torch.Ten
 
 
 @SETTINGS
-@given(groups(), st.sampled_from(["float", "int8"]))
+@given(groups(), st.sampled_from(["float", "int8", "fix8"]))
 def test_range_search_is_never_worse_than_minmax_on_any_group(case, zero_point):
     w, group, bits = case
     base = quantize_tensor(w, RTN(bits=bits, group=group, zero_point=zero_point)).dequantize()
     best = quantize_tensor(w, RTN(bits=bits, group=group, zero_point=zero_point, search="mse")).dequantize()
     err_base, err_best = _group_sse(w, base, group), _group_sse(w, best, group)
     assert bool((err_best <= err_base).all()), (err_best - err_base).max()
+
+
+@SETTINGS
+@given(groups(), st.sampled_from(["float", "fix8"]))
+def test_lp_search_is_never_worse_than_minmax_in_its_norm(case, zero_point):
+    """HQQ's solver inside ours: never worse than min/max RTN under the l_0.7 norm it minimises."""
+    w, group, bits = case
+    base = quantize_tensor(w, RTN(bits=bits, group=group, zero_point=zero_point)).dequantize()
+    best = quantize_tensor(w, RTN(bits=bits, group=group, zero_point=zero_point, search="lp")).dequantize()
+    layout = make_layout(tuple(w.shape), group=group)
+
+    def err(x):
+        return layout.padded((x.double() - w.double()).abs().pow(0.7).float().double(), 0.0).sum(-1)
+    assert bool((err(best) <= err(base) * (1 + 1e-6)).all())
 
 
 @SETTINGS
@@ -96,7 +110,7 @@ def test_int8_zero_point_is_an_integer_and_saves_a_byte_per_group():
 
 
 def test_registry_names_every_kind_and_refuses_an_unknown_one():
-    assert set(kinds()) >= {"rtn", "rtn_z8", "nf4", "ternary"}
+    assert set(kinds()) >= {"rtn", "rtn_z8", "rtn_zf8", "nf4", "ternary"}
     with pytest.raises(SuperweightError, match="did you mean rtn_z8"):
         handler("rtn_z9")
 
@@ -124,6 +138,7 @@ NEW = [
     RTN(bits=4, group=32, search="mse", zero_point="int8", outliers=0.1, sa_weight=16.0),
     RTN(bits=3, group=24, search="mse"),
     RTN(bits=2, group=16, zero_point="int8"),
+    RTN(bits=4, group=32, search="lp", zero_point="fix8", outliers=0.1),
     RTN(bits=4, group=32, levels="nf4", search="mse", outliers=0.05),
 ]
 

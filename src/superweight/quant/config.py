@@ -79,8 +79,8 @@ class RTN:
     clip: Clip | None = None
     levels: str = "uniform"  # "uniform" (asymmetric INT-N) or "nf4" (QLoRA NormalFloat4, absmax scale)
     oversize: str = "error"  # "error" or "tensor"
-    search: str = "minmax"  # "minmax" (the range of each group) or "mse" (range search, see quant/search.py)
-    zero_point: str = "float"  # "float" (float16 zero, any value) or "int8" (integer zero point, 8 bits)
+    search: str = "minmax"  # "minmax" (each group's range), "mse" (range search) or "lp" (HQQ's solver), see quant/search.py
+    zero_point: str = "float"  # "float" (float16), "int8" (integer steps) or "fix8" (8-bit fixed point, 2^-(7-bits) steps)
     outliers: float = 0.0  # sparse-part budget in bits per weight for the largest other weights of each matrix
     sa_weight: float = 1.0  # fit weight of the elements that read the super activation's channel (mse only)
 
@@ -92,9 +92,11 @@ class RTN:
         if self.levels == "nf4" and self.bits != 4:
             raise SuperweightError("NF4 levels need bits=4")
         _check_choice("oversize", self.oversize, ("error", "tensor"))
-        _check_choice("search", self.search, ("minmax", "mse"))
-        _check_choice("zero_point", self.zero_point, ("float", "int8"))
-        if self.zero_point == "int8" and self.levels == "nf4":
+        _check_choice("search", self.search, ("minmax", "mse", "lp"))
+        if self.search == "lp" and self.levels == "nf4":
+            raise SuperweightError("search='lp' moves a zero point, which NF4 has not: use search='mse'")
+        _check_choice("zero_point", self.zero_point, ("float", "int8", "fix8"))
+        if self.zero_point != "float" and self.levels == "nf4":
             raise SuperweightError("NF4 has no zero point: drop zero_point='int8'")
         if not 0 <= self.outliers < 8:
             raise SuperweightError(f"outliers is a budget in bits per weight, from 0 to 8, got {self.outliers}")
@@ -106,7 +108,7 @@ class RTN:
         """The handler that stores this config's codes (see ``quant/schemes.py``)."""
         if self.levels == "nf4":
             return "nf4"
-        return "rtn_z8" if self.zero_point == "int8" else "rtn"
+        return {"int8": "rtn_z8", "fix8": "rtn_zf8"}.get(self.zero_point, "rtn")
 
     @property
     def holds_out_of_range(self) -> bool:
@@ -253,9 +255,9 @@ def describe(config) -> str:
 
 
 def _rtn_options(config: RTN) -> list[str]:
-    out = ["mse"] if config.search == "mse" else []
-    if config.zero_point == "int8":
-        out.append("zero=int8")
+    out = [config.search] if config.search != "minmax" else []
+    if config.zero_point != "float":
+        out.append(f"zero={config.zero_point}")
     if config.outliers:
         out.append(f"outliers={config.outliers:g}b")
     if config.sa_weight != 1:

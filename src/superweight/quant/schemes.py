@@ -1,7 +1,7 @@
 """One registered handler per storage scheme: quantize, dequantize, pack, unpack, label, predicted bytes.
 
 A ``QuantizedTensor.kind`` names its handler: ``rtn`` (asymmetric INT-N, float16 scale and zero),
-``rtn_z8`` (INT-N with an int8 integer zero point), ``nf4`` (NormalFloat4, absmax scale) and
+``rtn_z8`` (INT-N with an int8 integer zero point), ``rtn_zf8`` (an 8-bit fixed-point zero point), ``nf4`` (NormalFloat4, absmax scale) and
 ``ternary`` (BitNet b1.58 absmean). The quantizer (``quantize_tensor``), the dequantizer
 (``QuantizedTensor.dense``), the artifact writer and reader (``export.pack_tensor`` /
 ``unpack_tensor``) and the size prediction all go through ``handler(kind)``; adding a scheme is one
@@ -17,7 +17,7 @@ import torch
 from ..errors import SuperweightError
 from .layout import Layout
 from .pack import pack_bits, pack_ternary, packed_bytes, unpack_bits, unpack_ternary
-from .search import NF4Grid, UniformGrid, UniformInt8Zero, fit_groups
+from .search import NF4Grid, UniformFix8Zero, UniformGrid, UniformInt8Zero, fit_groups
 
 SEP = "::"
 
@@ -38,14 +38,14 @@ class Scheme:
     def quantize(self, x: torch.Tensor, layout: Layout, config, fit_weights: torch.Tensor | None,
                  param_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
         """``(codes uint8 [numel], scale [rows, runs], zero [rows, runs] or None)`` of float32 ``x``."""
-        search, padded = config.search == "mse", layout.runs * layout.size != layout.row_len
+        search, padded = config.search != "minmax", layout.runs * layout.size != layout.row_len
         if fit_weights is not None:
             x3, m3 = layout.padded(x, 0.0), layout.padded(fit_weights, 0.0)
         elif search and padded:
             x3, m3 = layout.padded(x, 0.0), layout.padded(torch.ones_like(x), 0.0)  # the padding takes no part
         else:
             x3, m3 = layout.padded_edge(x), None  # edge padding leaves each run's min/max unchanged
-        q, params = fit_groups(self.grid(config.bits, param_dtype), x3, m3, search)
+        q, params = fit_groups(self.grid(config.bits, param_dtype), x3, m3, config.search)
         codes = layout.unpad(q).to(torch.uint8).reshape(-1)
         return codes, params[0], (params[1] if self.has_zero else None)
 
@@ -113,6 +113,16 @@ class UniformZ8(Scheme):
         return f"int{bits} zero=int8"
 
 
+class UniformZF8(UniformZ8):
+    kind = "rtn_zf8"
+
+    def grid(self, bits, param_dtype):
+        return UniformFix8Zero(bits, param_dtype)
+
+    def label(self, bits: int) -> str:
+        return f"int{bits} zero=fix8"
+
+
 class NF4(Scheme):
     kind = "nf4"
     has_zero = False
@@ -164,7 +174,7 @@ def register(handler: Scheme) -> Scheme:
     return handler
 
 
-for _h in (Uniform(), UniformZ8(), NF4(), TernaryScheme()):
+for _h in (Uniform(), UniformZ8(), UniformZF8(), NF4(), TernaryScheme()):
     register(_h)
 
 

@@ -32,6 +32,7 @@ from .primitives import NF4_LEVELS, _to_dtype
 
 SHRINK = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)  # fractions of the min/max range
 LS_ROUNDS = 4
+LP = (0.7, 20, 10.0, 1.01)  # HQQ's defaults: l_p norm, iterations, beta, kappa
 _INF = float("inf")
 
 Params = tuple[torch.Tensor, ...]  # each [rows, runs, 1]
@@ -94,6 +95,29 @@ class UniformInt8Zero(UniformGrid):
         return p[0].float(), -p[1].float() * p[0].float()
 
 
+class UniformFix8Zero(UniformInt8Zero):
+    """``x_hat = (q - zq / 2^f) * scale``: the zero point as an 8-bit fixed-point number of steps with
+    ``f = 7 - bits`` fraction bits (4-bit codes: 1/8 of a step, zero points from -16 to +15.875 steps),
+    fine enough for HQQ-style zero moves, still 8 bits a group."""
+
+    def __init__(self, bits: int, dtype: torch.dtype):
+        super().__init__(bits, dtype)
+        self.unit = 2.0 ** -max(0, 7 - bits)
+
+    def from_affine(self, s: torch.Tensor, z: torch.Tensor) -> Params:
+        scale = _positive(_to_dtype(s, self.dtype, _INF))
+        return scale, (-z / scale.float() / self.unit).round().clamp(-128, 127).to(torch.int8)
+
+    def codes(self, x3: torch.Tensor, p: Params, out: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.div(x3, p[0].float(), out=out).add_(p[1].float() * self.unit).round_().clamp_(0, self.qmax)
+
+    def levels_(self, q: torch.Tensor, p: Params) -> torch.Tensor:
+        return q.sub_(p[1].float() * self.unit).mul_(p[0].float())
+
+    def affine(self, p: Params) -> tuple[torch.Tensor, torch.Tensor]:
+        return p[0].float(), -p[1].float() * self.unit * p[0].float()
+
+
 class NF4Grid:
     """``x_hat = NF4[q] * scale`` (QLoRA NormalFloat4), float16 absmax scale."""
 
@@ -137,11 +161,13 @@ def weighted_range(x3: torch.Tensor, m3: torch.Tensor | None) -> tuple[torch.Ten
     return lo.masked_fill(empty, 0.0), hi.masked_fill(empty, 0.0)
 
 
-def group_error(grid: Grid, x3: torch.Tensor, m3: torch.Tensor, p: Params, buf: torch.Tensor | None = None) -> torch.Tensor:
-    """``sum m * (x_hat - x)^2`` per group (float64 result), ``x_hat`` exactly as the artifact
+def group_error(grid: Grid, x3: torch.Tensor, m3: torch.Tensor, p: Params, buf: torch.Tensor | None = None,
+                norm: float = 2.0) -> torch.Tensor:
+    """``sum m * |x_hat - x|^norm`` per group (float64 result), ``x_hat`` exactly as the artifact
     dequantizes; ``buf`` (like ``x3``) is scratch space, so a search allocates once."""
     d = grid.levels_(grid.codes(x3, p, out=buf), p).sub_(x3)
-    return d.square_().mul_(m3).sum(-1, keepdim=True, dtype=torch.float64)
+    d = d.square_() if norm == 2.0 else d.abs_().pow_(norm)
+    return d.mul_(m3).sum(-1, keepdim=True, dtype=torch.float64)
 
 
 def _bdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -173,8 +199,9 @@ def _refit(grid: Grid, x3, m3, q, p: Params, sums, buf) -> Params:
     return _affine_refit(grid, x3, m3, q, p, sums, buf)
 
 
-def _keep_better(grid: Grid, x3, m3, cand: Params, best: Params, best_e: torch.Tensor, buf: torch.Tensor):
-    e = group_error(grid, x3, m3, cand, buf)
+def _keep_better(grid: Grid, x3, m3, cand: Params, best: Params, best_e: torch.Tensor, buf: torch.Tensor,
+                 norm: float = 2.0):
+    e = group_error(grid, x3, m3, cand, buf, norm)
     take = e < best_e
     return tuple(torch.where(take, c, b) for c, b in zip(cand, best)), torch.where(take, e, best_e)
 
@@ -199,9 +226,37 @@ def search_params(grid: Grid, x3: torch.Tensor, m3: torch.Tensor, rounds: int = 
     return best
 
 
-def fit_groups(grid: Grid, x3: torch.Tensor, m3: torch.Tensor | None, search: bool) -> tuple[torch.Tensor, Params]:
-    """Codes (float, ``[rows, runs, size]``) and per-group parameters (each ``[rows, runs]``)."""
-    if search:
+def lp_zero_search(grid: UniformGrid, x3: torch.Tensor, m3: torch.Tensor) -> Params:
+    """HQQ's half-quadratic solver (Badri & Shaji 2023, hqq ``optimize_weights_proximal``, its default
+    ``LP``): the min/max step is kept and only the zero point moves, by proximal steps on an l_p
+    (p = 0.7) norm of the error, ``beta`` growing by ``kappa`` each step; each step's parameters,
+    stored in the artifact's format, are kept only if they lower the group's l_p error, so the result
+    is never worse than min/max RTN in that norm. Held-out values (fit weight 0) take no part."""
+    buf = torch.empty_like(x3)
+    best = grid.minmax(*weighted_range(x3, m3))
+    best_e = group_error(grid, x3, m3, best, buf, LP[0])
+    s, z = grid.affine(best)
+    w = m3.sum(-1, keepdim=True).clamp_min(1e-30)
+    beta = LP[2]
+    for _ in range(LP[1]):
+        q = grid.codes(x3, grid.from_affine(s, z), out=buf)
+        qs = q.mul_(s)  # q * step
+        r = x3 - qs - z  # the residual
+        mag = r.abs()
+        e = r.sign_().mul_((mag - mag.clamp_min(1e-12).pow(LP[0] - 1) / beta).clamp_min_(0))
+        z = (x3 - e - qs).mul_(m3).sum(-1, keepdim=True) / w
+        beta *= LP[3]
+        best, best_e = _keep_better(grid, x3, m3, grid.from_affine(s, z), best, best_e, buf, LP[0])
+    return best
+
+
+def fit_groups(grid: Grid, x3: torch.Tensor, m3: torch.Tensor | None, search: str | bool) -> tuple[torch.Tensor, Params]:
+    """Codes (float, ``[rows, runs, size]``) and per-group parameters (each ``[rows, runs]``);
+    ``search``: "minmax" (or False), "mse" (or True) or "lp"."""
+    search = {True: "mse", False: "minmax"}.get(search, search)
+    if search == "lp":
+        p = lp_zero_search(grid, x3, m3 if m3 is not None else torch.ones_like(x3))
+    elif search == "mse":
         p = search_params(grid, x3, m3 if m3 is not None else torch.ones_like(x3))
     else:
         p = grid.minmax(*weighted_range(x3, m3))
