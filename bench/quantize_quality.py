@@ -259,7 +259,7 @@ def main() -> None:
     ap.add_argument("--only", default=None, help="run only rows whose name contains this text (plus the unquantized one)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None)
-    ap.add_argument("--table", default=None, help="print the Markdown table of a result JSON and exit")
+    ap.add_argument("--table", action="append", default=None, help="print the Markdown table of result JSONs (repeat to merge) and exit")
     args = ap.parse_args()
     if args.table:
         print(markdown(args.table))
@@ -293,23 +293,28 @@ def main() -> None:
     print(f"wrote {out}")
 
 
-def markdown(path: str | Path) -> str:
-    """The table of one result JSON, grouped by (bits, group), with the gap to the float model."""
-    d = json.loads(Path(path).read_text())
+def markdown(paths: list[str | Path]) -> str:
+    """One table from result JSONs of the same model and tokens (the first holds the main run; the
+    others add rows), grouped by (bits, group), with each row's gap to the float model and its share
+    of min/max RTN's gap."""
+    runs = [json.loads(Path(p).read_text()) for p in paths]
+    d = runs[0]
+    if any((r["model"], r["tokens"], r["seq_len"]) != (d["model"], d["tokens"], d["seq_len"]) for r in runs):
+        raise SystemExit("--table: the JSONs must share model, tokens and seq_len")
+    rows = [r for run in runs for r in run["rows"] if r["family"] != "fp"]
     fp = next(r["ppl"] for r in d["rows"] if r["family"] == "fp")
-    lines = [f"{d['model']} ({d['notes'][0] if d['notes'] else d['source']}); WikiText-2 test, {d['windows']} windows x "
-             f"{d['seq_len']} tokens; unquantized {fp:.2f}", "",
-             "| bits | group | scheme | ppl | gap to float | total bits/w | quant s |", "|---|---|---|---|---|---|---|"]
-    keys = sorted({(r["bits"], r["group"]) for r in d["rows"] if r["bits"]}, key=lambda k: (-k[0], -k[1]))
-    for bits, group in keys:
-        rows = [r for r in d["rows"] if (r["bits"], r["group"]) == (bits, group)]
-        rtn = next((r["ppl"] for r in rows if r["name"] == "RTN min/max" and r["ppl"]), None)
-        for r in rows:
+    lines = [f"{d['model']}: {d['notes'][0] if d['notes'] else d['source']}. WikiText-2 test, {d['windows']} windows x "
+             f"{d['seq_len']} tokens, every row on the same tokens; unquantized {fp:.2f}.", "",
+             "| bits | group | scheme | ppl | gap to float (share of RTN's) | total bits/w | quant s |", "|---|---|---|---|---|---|---|"]
+    for bits, group in sorted({(r["bits"], r["group"]) for r in rows}, key=lambda k: (-k[0], -k[1])):
+        cell = [r for r in rows if (r["bits"], r["group"]) == (bits, group)]
+        rtn = next((r["ppl"] for r in cell if r["name"] == "RTN min/max" and r["ppl"]), None)
+        for r in cell:
             if r["ppl"] is None:
                 lines.append(f"| {bits} | {group} | {r['name']} | - | - | - | {r['notes']} |")
                 continue
             gap = r["ppl"] - fp
-            share = f" ({gap / (rtn - fp):.0%} of RTN's)" if rtn and rtn > fp else ""
+            share = f" ({gap / (rtn - fp):.0%})" if rtn and rtn > fp else ""
             lines.append(f"| {bits} | {group} | {r['name']} | {r['ppl']:.2f} | {gap:+.2f}{share} | "
                          f"{r['bits_per_weight']:.4f} | {r['quant_seconds']:.0f} |")
     return "\n".join(lines)
