@@ -87,7 +87,9 @@ def _linears(model: nn.Module) -> dict[str, nn.Linear]:
     return {n: m for n, m in target_modules(model, None, DEFAULT_EXCLUDE).items() if isinstance(m, nn.Linear)}
 
 
-def hqq(bits: int, group: int):
+def hqq(bits: int, group: int, params16: bool = False):
+    """HQQ as shipped; ``params16``: its scales and zeros rounded to float16 afterwards (what a
+    float16 deployment stores; on this CPU it computes with float32 parameters)."""
     def run(lm, sws):
         from hqq.core.quantize import BaseQuantizeConfig, HQQBackend, HQQLinear
 
@@ -98,6 +100,9 @@ def hqq(bits: int, group: int):
         start = time.perf_counter()
         for name, lin in _linears(model).items():
             q = HQQLinear(lin, quant_config=cfg, compute_dtype=torch.float32, device="cpu", del_orig=True)
+            if params16:
+                for key in ("scale", "zero"):
+                    q.meta[key] = q.meta[key].half().float()
             parent, _, child = name.rpartition(".")
             setattr(model.get_submodule(parent), child, q)
             numel = lin.in_features * lin.out_features
@@ -143,13 +148,15 @@ def torchao_intx(bits: int, group: int):
         quantize_(model, cfg, filter_fn=lambda m, fqn: isinstance(m, nn.Linear) and not fqn.endswith("lm_head"))
         seconds = time.perf_counter() - start
         n = total = 0
+        zero_dtypes = set()
         for name, m in model.named_modules():
             w = getattr(m, "weight", None)
             if name.endswith("lm_head") or not hasattr(w, "qdata"):
                 continue
             n += w.qdata.numel()
             total += bits * w.qdata.numel() + _param_bits([w.scale, w.zero_point])
-        return model, seconds, total / n, {"zero_point_dtype": str(w.zero_point.dtype)}
+            zero_dtypes.add(str(w.zero_point.dtype))
+        return model, seconds, total / n, {"zero_point_dtypes": sorted(zero_dtypes)}
     return run
 
 
@@ -202,6 +209,13 @@ def grid(which: str, lm) -> list[Row]:
         return [fp] + [Row("lp (HQQ's solver) + fix8 zero + SW/outliers held out", "ours", b, g,
                            ours(RTN(bits=b, group=g, search="lp", zero_point="fix8", outliers=budget(lm, b, g))))
                        for b, g in ((4, 64), (4, 128), (3, 64))]
+    if which == "nf4":  # NF4 at the group sizes that put it at or under HQQ's bits (4.125, 4.25, 4.5)
+        return [fp] + [Row("NF4 absmax", "ours", 4, g, ours(RTN(bits=4, group=g, levels="nf4"), keep_sw=False))
+                       for g in (128, 64, 32)]
+    if which == "torchao":
+        return [fp] + [Row("torchao IntxWeightOnly asymmetric (0.18)", "peer", b, g, torchao_intx(b, g)) for b, g in ((4, 64), (3, 64))]
+    if which == "hqq16":
+        return [fp, Row("HQQ, scale/zero rounded to float16", "peer", 4, 64, hqq(4, 64, params16=True))]
     if which == "first":
         return [fp] + first
     if which == "core":
@@ -255,7 +269,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m", help="smollm2-135m, gemma3-270m, or any load_model name/path")
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=1024)
-    ap.add_argument("--rows", choices=["all", "core", "first", "lp"], default="all")
+    ap.add_argument("--rows", choices=["all", "core", "first", "lp", "hqq16", "torchao", "nf4"], default="all")
     ap.add_argument("--only", default=None, help="run only rows whose name contains this text (plus the unquantized one)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None)
