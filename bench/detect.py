@@ -2,9 +2,13 @@
 
     python bench/detect.py                      # writes bench/results/detect.json
 
-* ``iteration_ratio``: median time of one detection iteration (``detect_prompt`` with
-  ``max_iter=1``: capture hooks, forward, candidate search, rank of the found weight) over the
-  median time of one plain ``model(**inputs, use_cache=False)`` on the same encoded prompt.
+* ``iteration_ratio``: median time of one iteration of the default detection method
+  (``run_detection`` with ``max_iter=1``: trace hooks, forward, super activation search,
+  attribution of every rise and fall, rank of each weight found) over the median time of one plain
+  ``model(**inputs, use_cache=False)`` on the same encoded prompt. ``paper_iteration_ratio``: the
+  same for ``--method paper``.
+* ``verdict``: the verdict's extra evaluations, reported apart: how many forward passes it runs
+  over its scored text and its time in forwards-equivalent (its time / one plain forward).
   The two are timed alternately, ``--reps`` times each, after a warm-up; the JSON also has the
   median of the per-pair ratios (steadier on a shared machine). Target <= 1.10.
 * ``load_ratio``: ``load_model("smollm2-135m")`` from a cache folder that already holds the
@@ -65,35 +69,50 @@ def bench_loads() -> dict:
 def bench_iteration(reps: int) -> dict:
     import torch
 
-    from superweight.detect import DEFAULT_PROMPT, SpikeRule, detect_prompt, encode_prompt
+    from superweight.detect import DEFAULT_PROMPT, encode_prompt, run_detection
     from superweight.load import load_model
+    from superweight.runner import InMemoryRunner
 
     lm = load_model("smollm2-135m")
     inputs = encode_prompt(lm.tokenizer, DEFAULT_PROMPT)
-    rule = SpikeRule()
+    runner = InMemoryRunner(lm.model, lm.arch)
 
     def forward() -> None:
         with torch.no_grad():
             lm.model(**inputs, use_cache=False)
 
-    def iteration() -> None:
-        detect_prompt(lm.model, lm.arch, inputs, rule, max_iter=1)
-
-    for fn in (forward, iteration, forward, iteration):
+    fns = {"forward": forward, "iteration": lambda: run_detection(runner, [inputs], "trace", max_iter=1),
+           "paper_iteration": lambda: run_detection(runner, [inputs], "paper", max_iter=1)}
+    for fn in list(fns.values()) * 2:
         fn()
-    times: dict[str, list[float]] = {"forward": [], "iteration": []}
+    times: dict[str, list[float]] = {k: [] for k in fns}
     for _ in range(reps):
-        for name, fn in (("forward", forward), ("iteration", iteration)):
+        for name, fn in fns.items():
             t0 = time.perf_counter()
             fn()
             times[name].append(time.perf_counter() - t0)
-    fwd, it = statistics.median(times["forward"]), statistics.median(times["iteration"])
+    med = {k: statistics.median(v) for k, v in times.items()}
     paired = statistics.median(i / f for i, f in zip(times["iteration"], times["forward"]))
-    found = detect_prompt(lm.model, lm.arch, inputs, rule, max_iter=1)[0]
-    return {"tokens": int(inputs["input_ids"].shape[-1]), "reps": reps, "forward_s": fwd, "iteration_s": it,
-            "iteration_ratio": it / fwd, "iteration_ratio_paired_median": paired,
-            "torch_threads": torch.get_num_threads(), "found_first_iteration": [list(sw.coord) for sw in found],
-            "notes": lm.notes}
+    found = run_detection(runner, [inputs], "trace", max_iter=1)[0].found
+    return {"tokens": int(inputs["input_ids"].shape[-1]), "reps": reps, "forward_s": med["forward"],
+            "iteration_s": med["iteration"], "iteration_ratio": med["iteration"] / med["forward"],
+            "iteration_ratio_paired_median": paired, "paper_iteration_ratio": med["paper_iteration"] / med["forward"],
+            "torch_threads": torch.get_num_threads(), "found_first_iteration": [list(s.key) for s in found],
+            "verdict": bench_verdict(lm, med["forward"]), "notes": lm.notes}
+
+
+def bench_verdict(lm, forward_s: float, tokens: int = 1024) -> dict:
+    """One verdict on the default method's full result, in forwards-equivalent of the prompt."""
+    from superweight.detect import detect
+    from superweight.eval.text import load_text
+    from superweight.verdict import judge
+
+    result = detect(lm.model, lm.tokenizer, arch=lm.arch)
+    t0 = time.perf_counter()
+    forwards = judge(lm.model, lm.arch, lm.tokenizer, result, load_text("wiki-intros"), tokens)
+    seconds = time.perf_counter() - t0
+    return {"tokens": tokens, "text_forwards": forwards, "seconds": seconds,
+            "forwards_equivalent": seconds / forward_s, "findings": len(result.super_weights)}
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -266,10 +266,12 @@ class TraceCapture:
         def layer_in(module, args, kwargs):
             tr.h_in = _batch0(args[0] if args else kwargs["hidden_states"])
 
-        hooks.pre(block, layer_in, with_kwargs=True)
+        if i == self.layer_ids[0]:  # later layers' inputs are the previous outputs (``as_list``)
+            hooks.pre(block, layer_in, with_kwargs=True)
         hooks.forward(block, self._set(i, "h_out"))
         hooks.forward(block.get_submodule(arch.attn_out), self._set(i, "attn"))
-        hooks.forward(block.get_submodule(arch.mlp_out), self._set(i, "mlp"))
+        if arch.post_norm or arch.is_moe:  # otherwise the MLP adds exactly its down-projection's output
+            hooks.forward(block.get_submodule(arch.mlp_out), self._set(i, "mlp"))
         experts = arch.experts_module(self.model, i) if arch.is_moe else None
         if experts is not None:
             def moe_in(module, args, kwargs):
@@ -287,4 +289,26 @@ class TraceCapture:
             hooks.forward(down, down_io)
 
     def as_list(self) -> list[LayerTrace]:
-        return [self.traces[i] for i in self.layer_ids]
+        out = [self.traces[i] for i in self.layer_ids]
+        for prev, tr in zip([None, *out], out):
+            if tr.h_in is None and prev is not None and prev.layer == tr.layer - 1:
+                tr.h_in = prev.h_out
+            if tr.mlp is None and tr.y is not None:
+                tr.mlp = tr.y
+        return out
+
+
+def stats_of(traces: list[LayerTrace]) -> list[LayerStats]:
+    """``LayerTrace.stats()`` of every layer, in three stacked reductions instead of one per tensor."""
+    dense = [t for t in traces if t.x is not None and t.y is not None]
+    if len(dense) != len(traces) or any(t.h_out is None for t in traces):
+        return [t.stats() for t in traces]
+    peaks = peaks_of([t.h_out for t in traces] + [t.x for t in traces] + [t.y for t in traces])
+    n = len(traces)
+    out = []
+    for i, t in enumerate(traces):
+        (res, _), (inp, _), (outp, idx) = peaks[i], peaks[n + i], peaks[2 * n + i]
+        st = LayerStats(t.layer, inp, outp, res)
+        st.input_at_output_peak = t.x[idx[0]].float().clone()
+        out.append(st)
+    return out

@@ -29,7 +29,7 @@ from torch import nn
 
 from .arch import ArchSpec, get_arch
 from .attribute import CANCELS, CREATES, Source, Term, attribute
-from .capture import LayerStats, LayerTrace
+from .capture import LayerStats, LayerTrace, stats_of
 from .errors import SuperweightError
 from .files import read_json, write_json_atomic  # noqa: F401  (write_json_atomic: re-exported)
 from .results import Versioned
@@ -167,16 +167,25 @@ def magnitude_rank(matrix: torch.Tensor, row: int, col: int) -> int:
 
 
 def _finish(runner: Runner, sw: SuperWeight) -> SuperWeight:
-    """Fill in the weight's original value and |w| rank (its layer read with nothing zeroed)."""
+    """Fill in the weight's original value (its layer read with nothing zeroed); the |w| rank is
+    ranked once per weight when the result is assembled (``_rank``)."""
     with runner.layer(sw.layer):
-        matrix = runner.arch.expert_matrix(runner.model, sw.layer, sw.expert).detach()
-        sw.value = float(matrix[sw.row, sw.col])
-        sw.magnitude_rank = magnitude_rank(matrix, sw.row, sw.col)
+        sw.value = float(runner.arch.expert_matrix(runner.model, sw.layer, sw.expert)[sw.row, sw.col])
     sw.module = runner.arch.down_proj_name(sw.layer) + ("" if sw.expert is None else f".down_proj[{sw.expert}]")
     return sw
 
 
 # ---------------------------------------------------------------- the paper's rule
+
+
+def _rank(runner: Runner, weights: Sequence[SuperWeight]) -> None:
+    """Each weight's |w| rank in its matrix (1 = largest), one read of each layer."""
+    for layer in sorted({w.layer for w in weights}):
+        with runner.layer(layer):
+            for w in weights:
+                if w.layer == layer:
+                    matrix = runner.arch.expert_matrix(runner.model, layer, w.expert).detach()
+                    w.magnitude_rank = magnitude_rank(matrix, w.row, w.col)
 
 
 def find_candidate(runner: Runner, stats: list[LayerStats], rule: SpikeRule, found: Sequence[SuperWeight]) -> SuperWeight | None:
@@ -235,7 +244,7 @@ def _weight(term: Term, layer: int, row: int, token: int, role: str, it: int, n_
 def paper_step(runner: Runner, traces: list[LayerTrace], state: PromptState, rule: SpikeRule, it: int) -> list[SuperWeight]:
     if runner.arch.is_moe:
         raise SuperweightError("--method paper hooks dense down-projections: use the default method for MoE models")
-    sw = find_candidate(runner, [t.stats() for t in traces], rule, state.zeroing)
+    sw = find_candidate(runner, stats_of(traces), rule, state.zeroing)
     if sw is None:
         return []
     sw.iteration, sw.late_layer = it, sw.layer >= 0.75 * runner.num_layers
@@ -291,7 +300,7 @@ def run_detection(
         runs = runner.run([encoded[s.index] for s in active], [list(s.zeroing) for s in active])
         for state, traces in zip(active, runs):
             state.iterations += 1
-            state.layers = state.layers or [t.stats() for t in traces]
+            state.layers = state.layers or stats_of(traces)
             if method == "paper":
                 new = paper_step(runner, traces, state, rule, it)
                 state.found += new
@@ -311,6 +320,7 @@ def assemble(
     for st in states:
         for sw in st.found:
             merged.setdefault(sw.key, sw).prompts.append(st.index)
+    _rank(runner, list(merged.values()))
     return DetectionResult(
         model=model_name, architecture=runner.arch.name, num_layers=runner.num_layers, prompts=prompts,
         rule=rule or SpikeRule(), super_weights=sorted(merged.values(), key=lambda s: (s.iteration, s.layer, s.row, s.col)),

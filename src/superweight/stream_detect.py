@@ -80,7 +80,7 @@ class StreamedRunner:
         args, kwargs = _with_hidden(call, hidden)
         with zeroed(self.model, self.arch, weights, layer=i), TraceCapture(self.model, self.arch, layers=[i]) as cap:
             out = self.sm.layers[i](*args, **kwargs)
-        return _first_tensor(out), cap.traces[i]
+        return _first_tensor(out), cap.as_list()[0]
 
     @contextlib.contextmanager
     def layer(self, layer: int, zeroed_weights: Sequence = ()) -> Iterator[None]:
