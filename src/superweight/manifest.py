@@ -103,7 +103,7 @@ def _check_scheme(key: str, e: dict, config, path: str | Path) -> None:
     with other groups but as many of them would otherwise dequantize silently wrong)."""
     from .quant.layout import make_layout
 
-    kind = "ternary" if type(config).__name__ == "Ternary" else "nf4" if getattr(config, "levels", "") == "nf4" else "rtn"
+    kind = getattr(config, "kind", None)  # the scheme handler the config stores with (quant/schemes.py)
     if e["kind"] != kind or (kind != "ternary" and e["bits"] != getattr(config, "bits", e["bits"])):
         raise _fail(path, f"tensor {key}: {e['kind']} {e['bits']}-bit does not match the config's scheme")
     try:
