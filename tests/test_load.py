@@ -137,7 +137,9 @@ def test_cli_detect_writes_versioned_json(tmp_path, tiny_folder):
                    "-p", "Apple Inc. is a worldwide tech company.")
     assert proc.returncode == 0, proc.stderr
     data = json.loads(out.read_text())
-    assert data["version"] == 1 and data["agree_across_prompts"] is True
+    from superweight.detect import SCHEMA_VERSION
+
+    assert data["version"] == SCHEMA_VERSION and data["kind"] == "detection" and data["agree_across_prompts"] is True
     assert [(s["layer"], s["row"], s["col"]) for s in data["super_weights"]] == [PLANT]
     assert data["magnitude"]["super_weights"][0]["rank_in_flagged"] == 1
     assert "[5, 17]" in proc.stdout and "agree" in proc.stdout
