@@ -16,7 +16,7 @@ def print_super_weights(result) -> None:
             f"{sw.layer}{'' if sw.expert is None else f' e{sw.expert}'}{' (late)' if sw.late_layer else ''}",
             f"[{sw.row}, {sw.col}]", f"{sw.value:+.4g}",
             str(sw.magnitude_rank), f"{sw.input_value:+.4g}", f"{sw.output_value:+.4g}", f"{sw.share:.0%}",
-            str(sw.token), str(sw.iteration), f"{len(sw.prompts)}/{n_prompts}",
+            str(sw.token), str(sw.iteration), f"{len(sw.prompts)}/{n_prompts}", sw.role, sw.verdict or "-",
         )
     console.print(table)
     if not result.super_weights:
