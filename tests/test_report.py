@@ -165,7 +165,8 @@ def test_report_html_embeds_every_figure(inputs, tmp_path):
     assert not re.search(r'(src|href)="(?!data:)', page)  # nothing to fetch: opens offline
     for text in ("tiny-planted", "baselines come from a test model", "wiki-intros", "Apple Inc.", "scale conditions: LAMBADA accuracy"):
         assert text in page
-    for table in [*inputs.ablation.tables(), *inputs.sweep.tables()]:  # the same tables the CLI prints
+    assert inputs.detection.activations  # the planted weight makes a super activation: its table is on the page
+    for table in [*inputs.detection.tables(), *inputs.ablation.tables(), *inputs.sweep.tables()]:  # the CLI's tables
         assert "<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in table.rows[0]) + "</tr>" in page
     assert AblationResult.load(out / "ablation.json") == inputs.ablation
     assert SweepResult.load(out / "sweep.json") == inputs.sweep

@@ -32,7 +32,7 @@ from .attribute import CANCELS, CREATES, Source, Term, attribute
 from .capture import LayerStats, LayerTrace, stats_of
 from .errors import SuperweightError
 from .files import read_json, write_json_atomic  # noqa: F401  (write_json_atomic: re-exported)
-from .results import Versioned
+from .results import Table, Versioned
 from .runner import InMemoryRunner, Runner
 from .trace import SuperActivation, TraceRule, find_activations
 from .verdict import Verdict
@@ -130,6 +130,24 @@ class DetectionResult(Versioned):
     def keys(self) -> list[tuple]:
         return [sw.key for sw in self.super_weights]
 
+    def tables(self) -> list[Table]:
+        """What was found, as text tables: printed by ``superweight detect`` and written by the report."""
+        weights = Table(
+            f"Super weights of {self.model} ({self.architecture}, {self.num_layers} layers; method {self.method})",
+            ["layer", "[row, col]", "value", "|w| rank", "input", "output", "share", "token", "iter", "prompts", "role", "verdict"],
+            [_weight_row(sw, len(self.prompts)) for sw in self.super_weights],
+        )
+        out = [weights]
+        if self.activations:
+            out.append(Table("Super activations (residual stream)",
+                             ["token", "channel", "peak", "after layer", "x layer median", "rises at", "falls at"],
+                             [_activation_row(a) for a in self.activations]))
+        if self.verdicts:
+            out.append(Table(
+                f"Verdict: zero it, score {self.verdicts[0].tokens} tokens (null: as many random weights of the same matrices)",
+                ["zeroed", "what", "PPL x", "null PPL x", "activation after", "label"], [_verdict_row(v) for v in self.verdicts]))
+        return out
+
     def to_dict(self) -> dict:
         d = super().to_dict()
         d["layers"] = [s.to_dict() for s in self.layers]
@@ -148,6 +166,27 @@ class DetectionResult(Versioned):
         out["sources"] = [Source.from_dict(s) for s in d["sources"]]
         out["verdicts"] = [Verdict.from_dict(v) for v in d["verdicts"]]
         return out
+
+
+def _weight_row(sw: SuperWeight, n_prompts: int) -> list[str]:
+    return [
+        f"{sw.layer}{'' if sw.expert is None else f' e{sw.expert}'}{' (late)' if sw.late_layer else ''}",
+        f"[{sw.row}, {sw.col}]", f"{sw.value:+.4g}", str(sw.magnitude_rank), f"{sw.input_value:+.4g}",
+        f"{sw.output_value:+.4g}", f"{sw.share:.0%}", str(sw.token), str(sw.iteration), f"{len(sw.prompts)}/{n_prompts}",
+        sw.role, sw.verdict or "-",
+    ]
+
+
+def _activation_row(a: SuperActivation) -> list[str]:
+    changes = lambda cs: ", ".join(f"{c.layer} ({c.sublayer} {c.delta:+.4g})" for c in cs) or "-"  # noqa: E731
+    return [str(a.token), str(a.channel), f"{a.peak:+.5g}", str(a.peak_layer), f"{a.ratio:,.0f}", changes(a.rises), changes(a.falls)]
+
+
+def _verdict_row(v: Verdict) -> list[str]:
+    where = "; ".join(f"{w[0]}{'' if w[3] is None else f' e{w[3]}'}: [{w[1]}, {w[2]}]" for w in v.weights)
+    null = ", ".join(f"{x:.3g}" for x in v.null_ppl_ratios) or "-"
+    after = f"{v.activation_before:+.4g} -> {v.activation_after:+.4g}" if v.activation_before else "-"
+    return [where, v.target, f"{v.ppl_ratio:.3g}", null, after, v.label]
 
 
 # ---------------------------------------------------------------- shared pieces

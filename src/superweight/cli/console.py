@@ -7,18 +7,8 @@ from .app import console
 
 
 def print_super_weights(result) -> None:
-    table = Table(title=f"Super weights of {result.model} ({result.architecture}, {result.num_layers} layers)")
-    for col in ("layer", "\\[row, col]", "value", "|w| rank", "input", "output", "share", "token", "iter", "prompts", "role", "verdict"):
-        table.add_column(col, justify="right")
+    print_tables(result.tables()[:1])
     n_prompts = len(result.prompts)
-    for sw in result.super_weights:
-        table.add_row(
-            f"{sw.layer}{'' if sw.expert is None else f' e{sw.expert}'}{' (late)' if sw.late_layer else ''}",
-            f"[{sw.row}, {sw.col}]", f"{sw.value:+.4g}",
-            str(sw.magnitude_rank), f"{sw.input_value:+.4g}", f"{sw.output_value:+.4g}", f"{sw.share:.0%}",
-            str(sw.token), str(sw.iteration), f"{len(sw.prompts)}/{n_prompts}", sw.role, sw.verdict or "-",
-        )
-    console.print(table)
     if not result.super_weights:
         console.print("No super weight found: no super activation in the residual stream, or none made by a down-projection weight.")
     if n_prompts > 1:

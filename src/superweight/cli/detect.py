@@ -25,7 +25,7 @@ from .app import (
     load_lm,
     setup_logging,
 )
-from .console import print_layers, print_magnitude, print_super_weights, print_verdict
+from .console import print_layers, print_magnitude, print_super_weights, print_tables, print_verdict
 
 
 METHOD_ALIASES = {"default": "trace", "trace": "trace", "paper": "paper", "activation": "paper"}
@@ -131,17 +131,7 @@ def print_activations(result) -> None:
     for s in result.sources:
         if not s.weights:
             console.print(f"  layer {s.layer} {s.role} channel {s.channel}: {s.note}", highlight=False)
-    if not result.verdicts:
-        return
-    table = Table(title=f"Verdict: zero it, score {result.verdicts[0].tokens} tokens (null: as many random weights of the same matrices)")
-    for col in ("zeroed", "what", "PPL x", "null PPL x", "activation after", "label"):
-        table.add_column(col, justify="right")
-    for v in result.verdicts:
-        where = "; ".join(f"{w[0]}{'' if w[3] is None else f' e{w[3]}'}: \\[{w[1]}, {w[2]}]" for w in v.weights)
-        null = ", ".join(f"{x:.3g}" for x in v.null_ppl_ratios) or "-"
-        after = f"{v.activation_before:+.4g} -> {v.activation_after:+.4g}" if v.activation_before else "-"
-        table.add_row(where, v.target, f"{v.ppl_ratio:.3g}", null, after, v.label)
-    console.print(table)
+    print_tables([t for t in result.tables() if t.title.startswith("Verdict")])
 
 
 @app.command("catalog")
