@@ -263,7 +263,8 @@ PEAK_SCRIPT = textwrap.dedent("""
 
 @pytest.mark.skipif(not Path("/proc/self/clear_refs").exists(), reason="needs Linux /proc to reset peak RSS")
 def test_streaming_peak_memory_is_bounded_by_the_largest_layer(tmp_path):
-    """Peak RSS growth stays under 2 layers + 32 MiB on a checkpoint more than 3x that size."""
+    """Peak RSS growth stays under 3 layers + 32 MiB on a checkpoint more than 3x that size: the layer
+    running, its materialised copy, and the next one the read-ahead thread holds (docs/scale.md)."""
     dims = dict(hidden=512, intermediate=2048, layers=16)
     small = save_sharded(tiny_model("LlamaForCausalLM", **{**dims, "layers": 2}), tmp_path / "small", "8MB")
     big_model = tiny_model("LlamaForCausalLM", **dims)
@@ -274,7 +275,7 @@ def test_streaming_peak_memory_is_bounded_by_the_largest_layer(tmp_path):
     layer_bytes = max(
         sum(t.nbytes for k, t in ckpt.tensors.items() if k.startswith(f"model.layers.{i}.")) for i in range(16)
     )
-    bound = 2 * layer_bytes + 32 * 2**20  # measured growth here: ~25 MiB (one 15 MiB layer)
+    bound = 3 * layer_bytes + 32 * 2**20  # measured: 43-66 MiB with the read-ahead thread (15 MiB layers)
     assert ckpt.nbytes > 3 * bound  # holding the whole model would break the bound
     proc = subprocess.run([sys.executable, "-c", PEAK_SCRIPT, str(small), str(big)],
                           capture_output=True, text=True, timeout=300)

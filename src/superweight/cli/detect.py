@@ -28,9 +28,6 @@ from .app import (
 from .console import print_layers, print_magnitude, print_super_weights, print_tables, print_verdict
 
 
-METHOD_ALIASES = {"default": "trace", "trace": "trace", "paper": "paper", "activation": "paper"}
-
-
 @app.command()
 def detect(
     model: str = ModelArg,
@@ -62,46 +59,25 @@ def detect(
 ) -> None:
     """Find the super weights of MODEL (default: the built-in SmolLM2-135M), and what zeroing each costs."""
     from ..detect import DEFAULT_PROMPT, SpikeRule
-    from ..detect import detect as run_detect
-    from ..magnitude import magnitude_scan
+    from ..find import FindConfig, find_super_weights
     from ..trace import TraceRule
 
     setup_logging(verbose, quiet)
-    if method not in (*METHOD_ALIASES, "magnitude", "both"):
-        raise SuperweightError(f"unknown method {method!r}: use default, paper, magnitude or both")
     check_prompts(prompt)
+    config = FindConfig(
+        method=method, prompts=tuple(prompt or [DEFAULT_PROMPT]), rule=SpikeRule(floor=floor, ratio=ratio),
+        trace_rule=TraceRule(ratio=sa_ratio), max_iter=max_iter, verdict_text=_verdict_text(verdict_text) if verdict else None,
+        verdict_tokens=verdict_tokens, z_threshold=z_threshold, scope="all_linear" if all_linear else "down_proj",
+    )
     if json_path:
         check_output(json_path, "--json")
-    text = _verdict_text(verdict_text) if verdict else None
-    prompts = list(prompt) if prompt else [DEFAULT_PROMPT]
-    rule, scope = SpikeRule(floor=floor, ratio=ratio), "all_linear" if all_linear else "down_proj"
-    kw = dict(method=METHOD_ALIASES.get(method, "trace"), trace_rule=TraceRule(ratio=sa_ratio))
-    from ..plan import choose_mode
-    from ..stream import stream_detect, stream_magnitude_scan
-
-    if choose_mode(model, dtype, stream, device_map, cache_dir, device) == "stream":
-        result = stream_detect(model, prompts, rule, max_iter, model_name=model, dtype=dtype, device=device, **kw)
-        scan = lambda sws: stream_magnitude_scan(model, z_threshold, scope, sws, dtype=dtype, device=device)  # noqa: E731
-        if text is not None:
-            result.notes.append("no verdict: it scores text with the whole model, which a streamed run never holds")
-    else:
-        lm = load_lm(model, dtype, cache_dir, device_map, device)
-        result = run_detect(lm.model, lm.tokenizer, prompts, rule, max_iter, model_name=model, arch=lm.arch, **kw)
-        result.notes = list(lm.notes)
-        scan = lambda sws: magnitude_scan(lm.model, lm.arch, z_threshold, scope, sws)  # noqa: E731
-        if text is not None and result.super_weights:
-            from ..progress import step
-            from ..verdict import judge
-
-            with step("verdict: zeroing each finding"):
-                judge(lm.model, lm.arch, lm.tokenizer, result, text, verdict_tokens)
-    if method in ("magnitude", "both"):
-        mag = scan(result.super_weights)
-        result.magnitude = mag.to_dict()
+    result, mag = find_super_weights(model, config, stream or "auto", dtype, cache_dir, device, device_map)
+    for note in result.notes:
+        err_console.print(f"[yellow]note:[/] {note}")
     if method != "magnitude":
         print_super_weights(result)
         print_activations(result)
-    if result.magnitude is not None:
+    if mag is not None:
         print_magnitude(mag)
     if verbose:
         print_layers(result)
