@@ -283,3 +283,16 @@ def test_streaming_peak_memory_is_bounded_by_the_largest_layer(tmp_path):
     out = json.loads(proc.stdout.strip().splitlines()[-1])
     assert [tuple(c) for c in out["coords"]] == [PLANT]
     assert out["peak"] - out["before"] < bound, (out, layer_bytes, ckpt.nbytes)
+
+
+def test_find_super_weights_is_the_same_in_memory_and_streamed(tmp_path):
+    """One library call, both modes: the same coordinates from the same detection loop."""
+    model = tiny_model("LlamaForCausalLM")
+    plant_super_weight(model, *PLANT)
+    folder = save_sharded(model, tmp_path / "m", "1MB")
+    in_memory, _ = sw.find_super_weights(folder, stream=False)
+    streamed, mag = sw.find_super_weights(folder, sw.FindConfig(method="both"), stream=True)
+    assert in_memory.coords == streamed.coords == [PLANT]
+    assert mag is not None and streamed.magnitude == mag.to_dict()
+    with pytest.raises(sw.SuperweightError, match="unknown method"):
+        sw.FindConfig(method="fast")

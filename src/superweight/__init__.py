@@ -12,12 +12,14 @@ from .arch import ArchSpec, get_arch, SUPPORTED
 from .load import LoadedModel, load_model, DEFAULT_MODEL
 from .capture import ActivationCapture
 from .detect import DetectionResult, SpikeRule, SuperWeight, detect
+from .find import FindConfig, find_super_weights
 from .ablate import scaled_weights, zeroed_weights
 from .export import load_quantized, save_quantized
 
 __all__ = [
     "SuperweightError", "ArchSpec", "get_arch", "SUPPORTED", "LoadedModel", "load_model",
     "DEFAULT_MODEL", "ActivationCapture", "DetectionResult", "SpikeRule", "SuperWeight", "detect",
+    "FindConfig", "find_super_weights",
     "scaled_weights", "zeroed_weights",
     "load_quantized", "save_quantized",
 ]
