@@ -15,7 +15,8 @@ from superweight.checkpoint import open_checkpoint
 from superweight.errors import SuperweightError
 from superweight.magnitude import magnitude_scan
 from superweight.plan import MemoryPlan, choose_mode, memory_plan
-from superweight.stream import StreamedModel, stream_detect, stream_magnitude_scan
+from superweight.stream import StreamedModel, stream_magnitude_scan
+from superweight.stream_detect import stream_detect
 from superweight.synthetic import byte_tokenizer, plant_super_weight, tiny_model
 
 PLANT = (1, 7, 33)
@@ -246,7 +247,7 @@ def test_cli_truncated_shard_exits_2(sharded):
 PEAK_SCRIPT = textwrap.dedent("""
     import json, sys
     from pathlib import Path
-    from superweight.stream import stream_detect
+    from superweight.stream_detect import stream_detect
 
     def status(field):
         for line in Path("/proc/self/status").read_text().splitlines():

@@ -17,7 +17,7 @@ from .ablate import scaled_weights, zeroed_weights
 from .export import load_quantized, save_quantized
 
 __all__ = [
-    "SuperweightError", "ArchSpec", "get_arch", "SUPPORTED", "LoadedModel", "load_model",
+    "__version__", "SuperweightError", "ArchSpec", "get_arch", "SUPPORTED", "LoadedModel", "load_model",
     "DEFAULT_MODEL", "ActivationCapture", "DetectionResult", "SpikeRule", "SuperWeight", "detect",
     "FindConfig", "find_super_weights",
     "scaled_weights", "zeroed_weights",

@@ -33,7 +33,7 @@ from .capture import LayerStats, LayerTrace, stats_of
 from .errors import SuperweightError
 from .files import read_json, write_json_atomic  # noqa: F401  (write_json_atomic: re-exported)
 from .results import Table, Versioned
-from .runner import InMemoryRunner, Runner
+from .runner import InMemoryRunner, Runner, encode_prompt  # noqa: F401  (encode_prompt: re-exported)
 from .trace import SuperActivation, TraceRule, find_activations
 from .verdict import Verdict
 
@@ -190,15 +190,6 @@ def _verdict_row(v: Verdict) -> list[str]:
 
 
 # ---------------------------------------------------------------- shared pieces
-
-
-def encode_prompt(tokenizer, prompt: str, device: torch.device | str = "cpu") -> dict:
-    if not prompt or not prompt.strip():
-        raise SuperweightError("the prompt is empty: pass some text, e.g. --prompt 'Apple Inc. is a worldwide tech company.'")
-    enc = tokenizer(prompt, return_tensors="pt")
-    if enc["input_ids"].shape[-1] == 0:
-        raise SuperweightError(f"the prompt {prompt!r} encodes to no tokens: pass some text")
-    return {k: v.to(device) for k, v in enc.items()}
 
 
 def magnitude_rank(matrix: torch.Tensor, row: int, col: int) -> int:

@@ -29,7 +29,7 @@ from .results import Table, Versioned
 from .manifest import check_against_model, check_manifest
 from .loaded import LoadedModel, parse_dtype
 from .quant.api import QuantResult
-from .quant.config import describe, from_dict, to_dict
+from .quant.config import describe, to_dict
 from .quant.layout import Layout
 from .quant.schemes import handler
 from .quant.primitives import QuantizedTensor

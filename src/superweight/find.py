@@ -62,7 +62,8 @@ def _kw(config: FindConfig) -> dict:
 
 
 def _streamed(path: str, config: FindConfig, dtype: str, device: str | None):
-    from .stream import stream_detect, stream_magnitude_scan
+    from .stream import stream_magnitude_scan
+    from .stream_detect import stream_detect
 
     result = stream_detect(path, list(config.prompts), config.rule, config.max_iter, model_name=path, dtype=dtype,
                            device=device, **_kw(config))

@@ -17,6 +17,17 @@ from torch import nn
 from .arch import ArchSpec
 from .capture import LayerTrace, TraceCapture
 from .edits import edited_entries
+from .errors import SuperweightError
+
+
+def encode_prompt(tokenizer, prompt: str, device: torch.device | str = "cpu") -> dict:
+    """The tokenized prompt on ``device``; an empty prompt is a one-line error."""
+    if not prompt or not prompt.strip():
+        raise SuperweightError("the prompt is empty: pass some text, e.g. --prompt 'Apple Inc. is a worldwide tech company.'")
+    enc = tokenizer(prompt, return_tensors="pt")
+    if enc["input_ids"].shape[-1] == 0:
+        raise SuperweightError(f"the prompt {prompt!r} encodes to no tokens: pass some text")
+    return {k: v.to(device) for k, v in enc.items()}
 
 
 class Runner(Protocol):

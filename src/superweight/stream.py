@@ -30,7 +30,6 @@ from .ablate import zeroed_weights
 from .arch import ArchSpec, architecture_name, spec_for_name
 from .capture import ActivationCapture, LayerStats, _first_tensor
 from .checkpoint import Checkpoint, open_checkpoint
-from .detect import DetectionResult
 from .device import resolve_device
 from .errors import SuperweightError
 from .prefetch import LayerPrefetcher
@@ -301,17 +300,6 @@ class StreamedModel:
             with ActivationCapture(self.model, self.arch, layers=[i]) as cap:
                 out = self.layers[i](*args, **kwargs)
         return _first_tensor(out), cap.stats[i]
-
-
-# ---------------------------------------------------------------- streaming detection
-
-
-def stream_detect(path: str | Path, *args, **kwargs) -> DetectionResult:
-    """Detection streamed layer by layer: ``superweight.stream_detect.stream_detect`` (the loop of
-    ``superweight.detect``, run over a ``StreamedModel``)."""
-    from .stream_detect import stream_detect as run
-
-    return run(path, *args, **kwargs)
 
 
 def _tokenizer(folder: Path):

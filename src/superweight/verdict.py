@@ -128,7 +128,7 @@ class Judge:
             return self.nll()
 
     def activation_after(self, prompt: str, sa, weights: Sequence) -> float:
-        from .detect import encode_prompt
+        from .runner import encode_prompt
 
         enc = encode_prompt(self.tokenizer, prompt, next(self.model.parameters()).device)
         traces = self.runner.run([enc], [list(weights)])[0]

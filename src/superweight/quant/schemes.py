@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 
 from ..errors import SuperweightError
+from .codes import ternary_codes
 from .layout import Layout
 from .pack import pack_bits, pack_ternary, packed_bytes, unpack_bits, unpack_ternary
 from .search import NF4Grid, UniformFix8Zero, UniformGrid, UniformInt8Zero, fit_groups
@@ -144,8 +145,6 @@ class TernaryScheme(Scheme):
         return "ternary"
 
     def quantize(self, x, layout, config, fit_weights, param_dtype):
-        from .primitives import ternary_codes
-
         codes, gamma = ternary_codes(x, layout, config.eps, param_dtype)
         return codes, gamma, None
 

@@ -28,7 +28,7 @@ from __future__ import annotations
 
 import torch
 
-from .primitives import NF4_LEVELS, _to_dtype
+from .codes import NF4_LEVELS, _to_dtype
 
 SHRINK = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)  # fractions of the min/max range
 LS_ROUNDS = 4
