@@ -63,6 +63,12 @@ def zeroed(model: nn.Module, arch: ArchSpec, weights: Iterable, layer: int | Non
         yield
 
 
+def decoder_stack(model: nn.Module) -> nn.Module:
+    """The model without its language-model head (``model.base_model``): detection reads the
+    residual stream, never the logits, so it skips the head's vocabulary-wide matmul."""
+    return getattr(model, "base_model", model)
+
+
 class InMemoryRunner:
     """``Runner`` over a model whose weights are all in memory."""
 
@@ -75,7 +81,7 @@ class InMemoryRunner:
         out = []
         for enc, weights in zip(inputs, zeroed_weights):
             with zeroed(self.model, self.arch, weights), TraceCapture(self.model, self.arch) as cap:
-                self.model(**enc, use_cache=False)
+                decoder_stack(self.model)(**enc, use_cache=False)
             out.append(cap.as_list())
         return out
 
