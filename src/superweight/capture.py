@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from .arch import ArchSpec
+from .edits import HookSet
 
 
 @dataclass
@@ -108,7 +109,7 @@ class ActivationCapture:
         self._stats: dict[int, LayerStats] = {}
         self._pending: list[tuple[int, torch.Tensor, torch.Tensor | None]] = []  # (layer, x or residual, y)
         self._pending_bytes = 0
-        self._handles: list = []
+        self._hooks = HookSet()
         self.reset()
 
     @property
@@ -126,8 +127,8 @@ class ActivationCapture:
             for i in self.layer_ids:
                 layer = self.arch.layer_modules(self.model)[i]
                 down = layer.get_submodule(self.arch.down_proj)
-                self._handles.append(down.register_forward_hook(self._down_hook(i)))
-                self._handles.append(layer.register_forward_hook(self._residual_hook(i)))
+                self._hooks.forward(down, self._down_hook(i))
+                self._hooks.forward(layer, self._residual_hook(i))
         except BaseException:
             self.remove()
             raise
@@ -137,9 +138,7 @@ class ActivationCapture:
         self.remove()
 
     def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
+        self._hooks.remove()
 
     def _defer(self, layer: int, a: torch.Tensor, b: torch.Tensor | None) -> None:
         a = a.detach().clone()
@@ -239,8 +238,6 @@ class TraceCapture:
         self._hooks = None
 
     def __enter__(self) -> "TraceCapture":
-        from .edits import HookSet
-
         self._hooks = HookSet()
         try:
             for i in self.layer_ids:
