@@ -9,7 +9,7 @@ Predictability: for the channel c* that holds the largest residual activation at
 checkpoint, its rank (1 = largest) among the hidden channels at initialisation (step 0) by
 the RMS of its embedding column over the vocabulary, by the norm of each down-projection row of the
 creator's layer, and by the step-0 max |h| over the prompt's tokens after the same layer; ties count
-against the channel (the BOS embedding row is not used: with a pad id equal to BOS it starts at zero).
+against the channel. The step-0 |h| is the layer's own output (before the final norm), as detection sees it.
 A rank near 1 in every seed would make c* predictable, a rank
 spread over 1..hidden says it is not. Stability: the first checkpoint from which the max-|h|
 channel (and the top creator's coordinates) stay the same until the end.
@@ -54,7 +54,17 @@ def init_ranks(step0: Path, channel: int, layer: int, creator_layer: int) -> dic
     emb = lm.model.get_input_embeddings().weight
     rows = lm.arch.weight_matrix(lm.model, creator_layer).norm(dim=1)
     ids = lm.tokenizer("Apple Inc. is a worldwide tech company.", return_tensors="pt")["input_ids"]
-    hidden = lm.model(input_ids=ids, output_hidden_states=True).hidden_states[layer + 1][0].abs().amax(0)
+    seen = {}  # the layer's own output: hidden_states[-1] would be after the final norm
+
+    def keep(_module, _inputs, output) -> None:
+        seen["h"] = output[0] if isinstance(output, tuple) else output
+
+    handle = lm.model.model.layers[layer].register_forward_hook(keep)
+    try:
+        lm.model(input_ids=ids)
+    finally:
+        handle.remove()
+    hidden = seen["h"].reshape(-1, emb.shape[1]).abs().amax(0)
     return {
         "hidden": int(emb.shape[1]),
         "embedding_column_rms": rank_of(emb.pow(2).mean(0), channel),
