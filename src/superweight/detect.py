@@ -132,12 +132,18 @@ class DetectionResult(Versioned):
 
     def tables(self) -> list[Table]:
         """What was found, as text tables: printed by ``superweight detect`` and written by the report."""
-        weights = Table(
+        return [self.weight_table(), *self.finding_tables()]
+
+    def weight_table(self) -> Table:
+        return Table(
             f"Super weights of {self.model} ({self.architecture}, {self.num_layers} layers; method {self.method})",
             ["layer", "[row, col]", "value", "|w| rank", "input", "output", "share", "token", "iter", "prompts", "role", "verdict"],
             [_weight_row(sw, len(self.prompts)) for sw in self.super_weights],
         )
-        out = [weights]
+
+    def finding_tables(self) -> list[Table]:
+        """The super activations (where each rises and falls) and the verdicts, when there are any."""
+        out = []
         if self.activations:
             out.append(Table("Super activations (residual stream)",
                              ["token", "channel", "peak", "after layer", "x layer median", "rises at", "falls at"],

@@ -407,7 +407,7 @@ def render_markdown(inputs: ReportInputs, figs: Sequence[Figure]) -> str:
     lines += ["## Super weights found", ""]
     if not d.super_weights:
         lines += ["No super weight found.", ""]
-    for t in d.tables()[0 if d.super_weights else 1:]:
+    for t in d.tables() if d.super_weights else d.finding_tables():
         lines += _md_table(t)
     for f in figs:
         lines += [f"## {f.title}", "", f"![{f.title}]({f.name}.png)", "", f"*{f.caption}*", ""]
@@ -446,7 +446,7 @@ def render_html(inputs: ReportInputs, figs: Sequence[Figure]) -> str:
     parts.append("<h2>Super weights found</h2>")
     if not d.super_weights:
         parts.append("<p>No super weight found.</p>")
-    for t in d.tables()[0 if d.super_weights else 1:]:
+    for t in d.tables() if d.super_weights else d.finding_tables():
         parts += _html_table(t)
     for f in figs:
         data = base64.b64encode(f.png).decode("ascii")

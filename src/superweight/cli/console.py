@@ -7,7 +7,7 @@ from .app import console
 
 
 def print_super_weights(result) -> None:
-    print_tables(result.tables()[:1])
+    print_tables([result.weight_table()])
     n_prompts = len(result.prompts)
     if not result.super_weights:
         console.print("No super weight found: no super activation in the residual stream, or none made by a down-projection weight.")
@@ -87,7 +87,7 @@ def print_tables(tables) -> None:
 
 
 def print_ablation_table(result) -> None:
-    print_tables(result.tables()[:1])
+    print_tables([result.weight_table()])
     ns = {t: r.n for c in result.conditions.values() for t, r in c.tasks.items()}
     if ns:
         console.print("n: " + ", ".join(f"{t} {n}" for t, n in ns.items()), highlight=False)

@@ -96,18 +96,11 @@ def _verdict_text(source: str) -> str:
 
 
 def print_activations(result) -> None:
-    """The super activations (where each rises and falls), then the verdict of each finding."""
-    for a in result.activations:
-        rises = ", ".join(f"{c.layer} ({c.sublayer} {c.delta:+.4g})" for c in a.rises) or "-"
-        falls = ", ".join(f"{c.layer} ({c.sublayer} {c.delta:+.4g})" for c in a.falls) or "-"
-        console.print(
-            f"super activation: token {a.token}, channel {a.channel}, {a.peak:+.5g} after layer {a.peak_layer} "
-            f"({a.ratio:,.0f}x the layer's median |h|); rises at {rises}; falls at {falls}", highlight=False,
-        )
+    """The super activations (where each rises and falls), what made each sublayer-only change, the verdicts."""
+    print_tables(result.finding_tables())
     for s in result.sources:
         if not s.weights:
             console.print(f"  layer {s.layer} {s.role} channel {s.channel}: {s.note}", highlight=False)
-    print_tables([t for t in result.tables() if t.title.startswith("Verdict")])
 
 
 @app.command("catalog")
