@@ -87,7 +87,7 @@ def print_tables(tables) -> None:
 
 
 def print_ablation_table(result) -> None:
-    print_tables([result.weight_table()])
+    print_tables(result.tables()[:1])
     ns = {t: r.n for c in result.conditions.values() for t, r in c.tasks.items()}
     if ns:
         console.print("n: " + ", ".join(f"{t} {n}" for t, n in ns.items()), highlight=False)
