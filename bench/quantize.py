@@ -1,8 +1,17 @@
 """Quantize + pack throughput and artifact load time, as ratios to baselines measured in the same run.
 
-* Throughput: weights per second of ``quantize`` (fake-quantize every targeted linear weight, codes
-  and parameters) followed by packing the codes, against a plain ``torch`` copy (``clone``) of the
-  same tensors: the memory-bandwidth floor of touching every weight once.
+* Throughput: weights per second of quantizing every targeted linear weight and packing it, against
+  a plain ``torch`` copy (``clone``) of the same tensors timed just before: the memory-bandwidth
+  floor of touching every weight once. Two paths, each timed with the fused kernels compiled
+  (``quant/kernels.py``) and eagerly:
+  - ``artifact``: ``quantize(..., write_back=False)`` + ``pack_tensor`` of every tensor: codes
+    packed, scales, zero points, sparse part; everything ``save_quantized`` writes for them (what
+    ``superweight quantize --out`` needs; the file write itself is not timed);
+  - ``fake_quant``: ``quantize(...)`` (codes, then the fake-quantized write-back into the model and
+    the SQNR of every weight) + ``pack_tensor``. The weights are restored between repeats, outside
+    the timed region.
+  One untimed warm-up call per scheme, path and mode comes first; its extra seconds over the median
+  (the one-off compile, or first-call allocations) are reported as ``first_call_extra_seconds``.
 * Load time: ``load_quantized(artifact)`` (read, unpack, dequantize, build the model) against
   ``load_model`` of the unquantized model's safetensors folder (the converted GGUF cache).
 
@@ -26,15 +35,18 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from superweight.export import pack_tensor, save_quantized, load_quantized  # noqa: E402
-from superweight.quant import RTN, Ternary, ZScore, describe, quantize, target_modules  # noqa: E402
+from superweight.quant import RTN, Ternary, ZScore, describe, kernels, quantize, target_modules  # noqa: E402
 from superweight.quant.sweep import WeightSnapshot  # noqa: E402
 
 SCHEMES = [RTN(bits=4, block=128 * 128, clip=ZScore(9)), RTN(bits=4, group=128), RTN(bits=3, group=128), Ternary()]
 
 
-def _median_time(fn, repeats: int) -> float:
+def _median_time(fn, repeats: int, before=None) -> float:
+    """Median wall time of ``fn()``; ``before()`` runs untimed ahead of each call."""
     times = []
     for _ in range(repeats):
+        if before is not None:
+            before()
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
@@ -54,25 +66,39 @@ def _load(name: str):
     return LoadedModel(model, byte_tokenizer(), get_arch(model), "tiny", "tiny")
 
 
-def bench_throughput(lm, repeats: int) -> list[dict]:
-    modules = target_modules(lm.model)
-    weights = [m.weight.detach() for m in modules.values()]
+def _timed_path(lm, config, write_back: bool, snapshot, repeats: int) -> tuple[float, float]:
+    """(first-call seconds, median seconds) of quantize + pack_tensor of every weight."""
+    def run():
+        result = quantize(lm.model, config, write_back=write_back)
+        for key, qt in result.tensors.items():
+            pack_tensor(key, qt, torch.float16)
+
+    start = time.perf_counter()
+    run()  # warm-up: compiles (once per shape family) and allocates; not the scheme's cost
+    first = time.perf_counter() - start
+    snapshot.restore()
+    return first, _median_time(run, repeats, before=snapshot.restore)
+
+
+def bench_throughput(lm, repeats: int, modes: list[str]) -> list[dict]:
+    weights = [m.weight.detach() for m in target_modules(lm.model).values()]
     n = sum(w.numel() for w in weights)
     snapshot = WeightSnapshot(lm.model)
-    quantize(lm.model, SCHEMES[0])  # warm-up: first-call allocations are not the scheme's cost
-    snapshot.restore()
     rows = []
-    for config in SCHEMES:
-        def run():
-            result = quantize(lm.model, config)
-            for key, qt in result.tensors.items():
-                pack_tensor(key, qt, torch.float16)
-            snapshot.restore()
-        copy_s = _median_time(lambda: [w.clone() for w in weights], repeats)  # same moment, same load
-        seconds = _median_time(run, repeats)
-        rows.append({"scheme": describe(config), "weights": n, "seconds": seconds, "weights_per_s": n / seconds,
-                     "copy_seconds": copy_s, "copy_weights_per_s": n / copy_s, "ratio_to_copy": copy_s / seconds})
-        print(f"{describe(config):32s} {n / seconds / 1e6:8.2f} M weights/s  ({copy_s / seconds:.4f} x a plain copy)", flush=True)
+    for mode in modes:
+        kernels.set_compile(mode == "compiled")
+        for config in SCHEMES:
+            for path, write_back in (("artifact", False), ("fake_quant", True)):
+                copy_s = _median_time(lambda: [w.clone() for w in weights], repeats)  # same moment, same load
+                first, seconds = _timed_path(lm, config, write_back, snapshot, repeats)
+                ran = "eager (compile failed)" if mode == "compiled" and kernels.compile_failed() else mode
+                rows.append({"scheme": describe(config), "path": path, "kernels": ran, "weights": n,
+                             "seconds": seconds, "weights_per_s": n / seconds, "copy_seconds": copy_s,
+                             "copy_weights_per_s": n / copy_s, "ratio_to_copy": copy_s / seconds,
+                             "first_call_extra_seconds": first - seconds})
+                print(f"{describe(config):28s} {path:10s} {ran:8s} {n / seconds / 1e6:8.1f} M weights/s  "
+                      f"({copy_s / seconds:.3f} x a plain copy; first call +{first - seconds:.1f} s)", flush=True)
+    kernels.set_compile(None)
     return rows
 
 
@@ -98,6 +124,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m", help="a model name/path, or 'tiny'")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--modes", default="compiled,eager", help="kernels to time: compiled, eager or both")
+    ap.add_argument("--no-load", action="store_true", help="skip the load-time benchmark")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "quantize.json"))
     args = ap.parse_args()
     torch.manual_seed(0)
@@ -105,7 +133,8 @@ def main() -> None:
     result = {
         "version": 1, "model": args.model, "command": "python bench/quantize.py " + " ".join(sys.argv[1:]),
         "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
-        "throughput": bench_throughput(lm, args.repeats), "load": bench_load(lm, args.repeats),
+        "throughput": bench_throughput(lm, args.repeats, args.modes.split(",")),
+        "load": None if args.no_load else bench_load(lm, args.repeats),
         "notes": list(getattr(lm, "notes", [])),
     }
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)

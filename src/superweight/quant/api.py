@@ -3,7 +3,8 @@
 Targets every ``nn.Linear`` (and GPT-2 ``Conv1D``) whose name matches ``include`` and not
 ``exclude`` (default: ``lm_head``; embeddings are not linear layers and are never touched). Each
 weight is quantized as ``[out, in]`` (Conv1D weights are transposed for that), written back
-fake-quantized in place, and returned as a ``QuantizedTensor`` for packing.
+fake-quantized in place (unless ``write_back=False``: an artifact needs only the codes), and
+returned as a ``QuantizedTensor`` for packing.
 """
 from __future__ import annotations
 
@@ -150,10 +151,13 @@ def _layer_of(name: str, arch: ArchSpec) -> int | None:
 def quantize(
     model: nn.Module, config: RTN | Ternary, keep: Iterable | dict | None = None,
     include: str | None = None, exclude: str | None = DEFAULT_EXCLUDE, arch: ArchSpec | None = None,
-    param_dtype: torch.dtype = torch.float16,
+    param_dtype: torch.dtype = torch.float16, write_back: bool = True,
 ) -> QuantResult:
     """Fake-quantize the target weights of ``model`` in place; return the codes for packing.
 
+    ``write_back=False`` leaves the weights untouched and measures no SQNR (``sqnr_db`` stays
+    empty): the codes, parameters and sparse part are all an artifact needs (``save_quantized``
+    never reads the quantized weights), so writing one skips two passes over every weight.
     Works on any device: every tensor it builds follows the weight's device."""
     if isinstance(config, W8A8):
         raise SuperweightError("W8A8 quantizes activations too: use superweight.quant.simulate_w8a8(model, config)")
@@ -168,10 +172,11 @@ def quantize(
     for name, module in modules.items():
         w = out_in(module, arch)
         qt = quantize_tensor(w, config, keeps.get(name), param_dtype, fit_weights=care.get(name))
-        w_hat = qt.dequantize(w.dtype)
         key = f"{name}.weight"
-        result.sqnr_db[key] = sqnr(w, w_hat)
-        w.copy_(w_hat)
+        if write_back:
+            w_hat = qt.dequantize(w.dtype)
+            result.sqnr_db[key] = sqnr(w, w_hat)
+            w.copy_(w_hat)
         result.tensors[key] = qt
         result.transposed[key] = is_transposed(module, arch)
         for i in keeps.get(name, []):

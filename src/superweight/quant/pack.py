@@ -7,11 +7,15 @@
 from __future__ import annotations
 
 import math
+import sys
 
 import torch
 import torch.nn.functional as F
 
 from ..errors import SuperweightError
+
+if sys.byteorder != "little":  # pack_bits reads codes as machine words
+    raise ImportError("superweight's bit packing needs a little-endian machine")
 
 
 def packed_bytes(n: int, bits: int) -> int:
@@ -23,34 +27,34 @@ def _word_dtype(bits: int) -> torch.dtype:
     return torch.int32 if 8 * bits <= 31 else torch.int64
 
 
+_BYTE_WORDS = {1: torch.int64, 2: torch.int32, 4: torch.int16}  # 8 // bits codes fill one byte
+
+
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack uint8 codes below ``2**bits`` into ``ceil(n * bits / 8)`` bytes.
 
     Every 8 codes form one little-endian word of ``bits`` bytes (code k at bit ``k * bits``), which
-    is the LSB-first bit stream; the last word is cut to the bytes the stream needs. Vectorised: one
-    shift-and-or per code position, in uint8 when ``bits`` divides 8, else in 32/64-bit words.
+    is the LSB-first bit stream; the last word is cut to the bytes the stream needs. The codes are
+    read as machine words (a word of ``8 // bits`` codes for one output byte when ``bits`` divides
+    8, else 8 codes in an int64 whose low ``bits`` bytes are the output) and each code is shifted
+    into place with one shift-and-mask: a single expression, which ``torch.compile`` fuses into one
+    pass but runs faster eagerly (see ``quant/kernels.py``). Needs a little-endian host.
     """
     if not 1 <= bits <= 8:
         raise SuperweightError(f"cannot pack {bits}-bit codes: bits must be 1..8")
     codes = codes.reshape(-1).to(torch.uint8)
     if bits == 8:
         return codes.clone()
-    n = codes.numel()
-    if 8 % bits == 0:
-        per = 8 // bits
-        c = F.pad(codes, (0, (-n) % per)).view(-1, per)
-        out = c[:, 0].clone()
-        for k in range(1, per):
-            out |= c[:, k] << (k * bits)
-        return out
-    c = F.pad(codes, (0, (-n) % 8)).view(-1, 8).to(_word_dtype(bits))
-    word = c[:, 0].clone()
-    for k in range(1, 8):
-        word |= c[:, k] << (k * bits)
-    out = torch.empty((word.numel(), bits), dtype=torch.uint8, device=codes.device)
-    for b in range(bits):
-        out[:, b] = (word >> (8 * b)) & 0xFF
-    return out.reshape(-1)[: packed_bytes(n, bits)].clone()
+    n, mask = codes.numel(), 2**bits - 1
+    per = 8 // bits if bits in _BYTE_WORDS else 8  # codes per word
+    c = F.pad(codes, (0, (-n) % per))
+    v = (c if c.storage_offset() % per == 0 else c.clone()).view(_BYTE_WORDS.get(bits, torch.int64))
+    word = v & mask  # code 0 at bit 0; code k sits at bit 8k and moves to bit k * bits
+    for k in range(1, per):
+        word = word | ((v >> (k * (8 - bits))) & (mask << (k * bits)))
+    if bits in _BYTE_WORDS:
+        return word.to(torch.uint8)
+    return word.view(torch.uint8).reshape(-1, 8)[:, :bits].reshape(-1)[: packed_bytes(n, bits)].clone()
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:

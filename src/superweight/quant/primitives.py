@@ -73,18 +73,27 @@ def sqnr(x: torch.Tensor, x_hat: torch.Tensor) -> float:
     return 10.0 * math.log10(signal / noise) if signal > 0 else float("-inf")
 
 
-def clip_tensor(w: torch.Tensor, clip: ZScore | Percentile | None) -> torch.Tensor:
-    """``w`` in float32, clamped by a z-score (mean +- z std) or a percentile of ``|w|``."""
-    x = w.detach().float()
+def clip_bounds(w: torch.Tensor, clip: ZScore | Percentile | None) -> torch.Tensor | None:
+    """The clip range of ``w`` as a float32 ``[2]`` tensor (low, high) on its device, or None:
+    mean +- z std for a z-score, +- the percentile of ``|w|`` for a percentile."""
     if clip is None:
-        return x
+        return None
+    x = w.detach().float()
     if isinstance(clip, ZScore):
         std, mean = (float(v) for v in torch.std_mean(x)) if x.numel() > 1 else (0.0, float(x.mean()))
-        return x.clamp(mean - clip.z * std, mean + clip.z * std)
-    flat = x.abs().reshape(-1)
-    k = max(1, min(flat.numel(), int(round(clip.p / 100.0 * flat.numel()))))
-    t = float(flat.kthvalue(k).values)
-    return x.clamp(-t, t)
+        lo, hi = mean - clip.z * std, mean + clip.z * std
+    else:
+        flat = x.abs().reshape(-1)
+        k = max(1, min(flat.numel(), int(round(clip.p / 100.0 * flat.numel()))))
+        hi = float(flat.kthvalue(k).values)
+        lo = -hi
+    return torch.tensor([lo, hi], dtype=torch.float32, device=x.device)  # as clamp(x, lo, hi) rounds them
+
+
+def clip_tensor(w: torch.Tensor, clip: ZScore | Percentile | None) -> torch.Tensor:
+    """``w`` in float32, clamped by a z-score (mean +- z std) or a percentile of ``|w|``."""
+    x, bounds = w.detach().float(), clip_bounds(w, clip)
+    return x if bounds is None else x.clamp(bounds[0], bounds[1])
 
 
 # ---------------------------------------------------------------- quantizers
@@ -149,11 +158,12 @@ def quantize_tensor(
     if isinstance(config, RTN) and config.outliers:
         extra = outlier_count(w.numel(), config.outliers, w.element_size())
     keep_idx = torch.unique(torch.cat([keep_idx, topk_outliers(w, extra, keep_idx)]))  # sorted
-    x = clip_tensor(w, config.clip) if isinstance(config, RTN) else w.detach().float()
+    x = w.detach().float()
+    bounds = clip_bounds(w, config.clip) if isinstance(config, RTN) else None  # clamped inside the quantizer
     m = None
     if isinstance(config, RTN) and config.holds_out_of_range:
         m = _fit_weights(x, keep_idx, fit_weights)
-    codes, scale, zero = handler(config.kind).quantize(x, layout, config, m, param_dtype)
+    codes, scale, zero = handler(config.kind).quantize(x, layout, config, m, param_dtype, bounds)
     bits = 2 if isinstance(config, Ternary) else config.bits
     val = w.detach().reshape(-1)[keep_idx].clone()
     return QuantizedTensor(config.kind, bits, tuple(w.shape), layout, codes, scale, zero, keep_idx, val)

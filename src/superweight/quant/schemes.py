@@ -15,6 +15,7 @@ from typing import Callable
 import torch
 
 from ..errors import SuperweightError
+from . import kernels
 from .codes import ternary_codes
 from .layout import Layout
 from .pack import pack_bits, pack_ternary, packed_bytes, unpack_bits, unpack_ternary
@@ -37,8 +38,15 @@ class Scheme:
         return f"int{bits}"
 
     def quantize(self, x: torch.Tensor, layout: Layout, config, fit_weights: torch.Tensor | None,
-                 param_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
-        """``(codes uint8 [numel], scale [rows, runs], zero [rows, runs] or None)`` of float32 ``x``."""
+                 param_dtype: torch.dtype, bounds: torch.Tensor | None = None,
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """``(codes uint8 [numel], scale [rows, runs], zero [rows, runs] or None)`` of float32 ``x``,
+        clamped to ``bounds`` (``[2]`` float32: the clip range) first when given."""
+        grid = self.grid(config.bits, param_dtype)
+        if fit_weights is None and config.search == "minmax" and isinstance(grid, UniformGrid):
+            return self._minmax(grid, layout.view(x), layout, bounds)
+        if bounds is not None:
+            x = x.clamp(bounds[0], bounds[1])
         search, padded = config.search != "minmax", layout.runs * layout.size != layout.row_len
         if fit_weights is not None:
             x3, m3 = layout.padded(x, 0.0), layout.padded(fit_weights, 0.0)
@@ -46,15 +54,25 @@ class Scheme:
             x3, m3 = layout.padded(x, 0.0), layout.padded(torch.ones_like(x), 0.0)  # the padding takes no part
         else:
             x3, m3 = layout.padded_edge(x), None  # edge padding leaves each run's min/max unchanged
-        q, params = fit_groups(self.grid(config.bits, param_dtype), x3, m3, config.search)
+        q, params = fit_groups(grid, x3, m3, config.search)
         codes = layout.unpad(q).to(torch.uint8).reshape(-1)
         return codes, params[0], (params[1] if self.has_zero else None)
+
+    def _minmax(self, grid: UniformGrid, x2: torch.Tensor, layout: Layout, bounds: torch.Tensor | None):
+        """Plain min/max RTN through the fused kernels (``quant/kernels.py``): the same codes and
+        parameters as ``fit_groups(..., "minmax")``, in two passes over ``x2`` instead of a dozen."""
+        lo, hi = kernels.run(kernels.run_range, layout.numel, x2, layout.size, bounds)
+        scale, zero = grid.minmax(lo, hi)  # float16 rounding, eager: [rows, runs] is small
+        codes = kernels.run(kernels.rtn_codes, layout.numel, x2, layout.size, grid, scale, zero, bounds)
+        return codes.reshape(-1), scale, zero
 
     def dense(self, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int,
               layout: Layout) -> torch.Tensor:
         """Dequantized ``[rows, row_len]`` float32 (the only dequantization there is)."""
         grid = self.grid(bits, scale.dtype)
         params = (scale,) if zero is None else (scale, zero)
+        if isinstance(grid, UniformGrid):  # fused when large; bitwise the eager result
+            return kernels.run(kernels.dense, layout.numel, layout.view(codes), layout.size, grid, *params)
         return layout.per_element(lambda q, *p: grid.levels_(q, p), codes.float(), *params)
 
     def code_bytes(self, n: int, bits: int) -> int:
@@ -144,7 +162,7 @@ class TernaryScheme(Scheme):
     def label(self, bits: int) -> str:
         return "ternary"
 
-    def quantize(self, x, layout, config, fit_weights, param_dtype):
+    def quantize(self, x, layout, config, fit_weights, param_dtype, bounds=None):
         codes, gamma = ternary_codes(x, layout, config.eps, param_dtype)
         return codes, gamma, None
 
