@@ -182,6 +182,12 @@ def best(lm, bits: int, group: int, sa: bool = True, levels: str = "uniform") ->
                outliers=budget(lm, bits, group) if zero == "int8" else 0.0, sa_weight=16.0 if sa else 1.0)
 
 
+def hqq_best(lm, bits: int, group: int) -> RTN:
+    """HQQ's solver (``search="hqq"``) with an 8-bit fixed-point zero point, the super weights held out
+    and the bits the smaller zero point saves spent on the largest other weights."""
+    return RTN(bits=bits, group=group, search="hqq", zero_point="fix8", outliers=budget(lm, bits, group))
+
+
 def grid(which: str, lm) -> list[Row]:
     """Rows in the order they run (the JSON is rewritten after each, so a cut run keeps the most
     important ones): first, for INT4 g128, INT4 g64 and INT3 g64, min/max RTN, HQQ, our full scheme
@@ -205,10 +211,19 @@ def grid(which: str, lm) -> list[Row]:
             second += [Row("NF4 absmax", "ours", 4, group, ours(RTN(bits=4, group=group, levels="nf4"), keep_sw=False)),
                        Row("NF4 + mse + SW held out + SA care", "ours", 4, group, ours(best(lm, 4, group, levels="nf4"))),
                        Row("RTN + SW restored", "ours", bits, group, ours(rtn))]
-    if which == "lp":  # HQQ's solver inside our quantizer, with the hold-outs and a fixed-point int8 zero
-        return [fp] + [Row("lp (HQQ's solver) + fix8 zero + SW/outliers held out", "ours", b, g,
-                           ours(RTN(bits=b, group=g, search="lp", zero_point="fix8", outliers=budget(lm, b, g))))
-                       for b, g in ((4, 64), (4, 128), (3, 64))]
+    int2 = [Row("RTN min/max", "ours", 2, 64, ours(RTN(bits=2, group=64), keep_sw=False)),
+            Row("HQQ (hqq 0.2.8, pytorch backend)", "peer", 2, 64, hqq(2, 64)),
+            Row("mse + int8 zero + SW/outliers held out + SA-channel care", "ours", 2, 64, ours(best(lm, 2, 64)))]
+    if which == "hqq-solver":  # HQQ's solver inside our quantizer, with the hold-outs and a fixed-point int8 zero
+        return [fp] + [Row("hqq solver + fix8 zero + SW/outliers held out", "ours", b, g, ours(hqq_best(lm, b, g)))
+                       for b, g in ((4, 64), (4, 128), (3, 64), (2, 64))]
+    if which == "confirm":  # the 4-bit group-64 cell again, on more tokens
+        return [fp, Row("HQQ (hqq 0.2.8, pytorch backend)", "peer", 4, 64, hqq(4, 64)),
+                Row("hqq solver + fix8 zero + SW/outliers held out", "ours", 4, 64, ours(hqq_best(lm, 4, 64))),
+                Row("NF4 absmax", "ours", 4, 32, ours(RTN(bits=4, group=32, levels="nf4"), keep_sw=False)),
+                Row("NF4 absmax", "ours", 4, 64, ours(RTN(bits=4, group=64, levels="nf4"), keep_sw=False))]
+    if which == "int2":
+        return [fp] + int2
     if which == "nf4":  # NF4 at the group sizes that put it at or under HQQ's bits (4.125, 4.25, 4.5)
         return [fp] + [Row("NF4 absmax", "ours", 4, g, ours(RTN(bits=4, group=g, levels="nf4"), keep_sw=False))
                        for g in (128, 64, 32)]
@@ -220,9 +235,6 @@ def grid(which: str, lm) -> list[Row]:
         return [fp] + first
     if which == "core":
         return [fp] + first + second[:2]
-    int2 = [Row("RTN min/max", "ours", 2, 64, ours(RTN(bits=2, group=64), keep_sw=False)),
-            Row("HQQ (hqq 0.2.8, pytorch backend)", "peer", 2, 64, hqq(2, 64)),
-            Row("mse + int8 zero + SW/outliers held out + SA-channel care", "ours", 2, 64, ours(best(lm, 2, 64)))]
     return [fp] + first + second + int2
 
 
@@ -269,7 +281,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m", help="smollm2-135m, gemma3-270m, or any load_model name/path")
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=1024)
-    ap.add_argument("--rows", choices=["all", "core", "first", "lp", "hqq16", "torchao", "nf4"], default="all")
+    ap.add_argument("--rows", choices=["all", "core", "first", "hqq-solver", "confirm", "int2", "hqq16", "torchao", "nf4"], default="all")
     ap.add_argument("--only", default=None, help="run only rows whose name contains this text (plus the unquantized one)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None)

@@ -79,7 +79,7 @@ class RTN:
     clip: Clip | None = None
     levels: str = "uniform"  # "uniform" (asymmetric INT-N) or "nf4" (QLoRA NormalFloat4, absmax scale)
     oversize: str = "error"  # "error" or "tensor"
-    search: str = "minmax"  # "minmax" (each group's range), "mse" (range search) or "lp" (HQQ's solver), see quant/search.py
+    search: str = "minmax"  # "minmax" (each group's range), "mse" (range search) or "hqq" (HQQ's solver), see quant/search.py
     zero_point: str = "float"  # "float" (float16), "int8" (integer steps) or "fix8" (8-bit fixed point, 2^-(7-bits) steps)
     outliers: float = 0.0  # sparse-part budget in bits per weight for the largest other weights of each matrix
     sa_weight: float = 1.0  # fit weight of the elements that read the super activation's channel (mse only)
@@ -92,9 +92,9 @@ class RTN:
         if self.levels == "nf4" and self.bits != 4:
             raise SuperweightError("NF4 levels need bits=4")
         _check_choice("oversize", self.oversize, ("error", "tensor"))
-        _check_choice("search", self.search, ("minmax", "mse", "lp"))
-        if self.search == "lp" and self.levels == "nf4":
-            raise SuperweightError("search='lp' moves a zero point, which NF4 has not: use search='mse'")
+        _check_choice("search", self.search, ("minmax", "mse", "hqq"))
+        if self.search == "hqq" and self.levels == "nf4":
+            raise SuperweightError("search='hqq' moves a zero point, which NF4 has not: use search='mse'")
         _check_choice("zero_point", self.zero_point, ("float", "int8", "fix8"))
         if self.zero_point != "float" and self.levels == "nf4":
             raise SuperweightError("NF4 has no zero point: drop zero_point='int8'")
