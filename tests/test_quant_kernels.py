@@ -159,3 +159,55 @@ def test_write_back_false_leaves_the_weights_and_gives_the_same_codes():
     for key, qt in dry.tensors.items():
         other = wet.tensors[key]
         assert torch.equal(qt.codes, other.codes) and torch.equal(qt.scale, other.scale) and torch.equal(qt.zero, other.zero)
+
+
+def _tiny_lm():
+    from superweight.arch import get_arch
+    from superweight.load import LoadedModel
+    from superweight.synthetic import byte_tokenizer, plant_super_weight, tiny_model
+
+    model = tiny_model("LlamaForCausalLM", vocab=320)
+    plant_super_weight(model, 1, 5, 17, weight=2.5)
+    return LoadedModel(model, byte_tokenizer(), get_arch(model), "tiny", "tiny")
+
+
+@pytest.mark.parametrize("config", [RTN(bits=4, block=1000, clip=ZScore(4)), RTN(bits=3, group=24)])
+def test_artifact_written_without_write_back_loads_as_the_fake_quantized_model(tmp_path, config):
+    from superweight.export import export_artifact, load_quantized
+
+    lm = _tiny_lm()
+    before = {k: v.clone() for k, v in lm.model.state_dict().items()}
+    export_artifact(lm, config, keep=[(1, 5, 17)], out=tmp_path / "a", write_back=False)
+    assert all(torch.equal(v, lm.model.state_dict()[k]) for k, v in before.items())  # untouched
+    quantize(lm.model, config, keep=[(1, 5, 17)])  # the fake-quantized model of the same config
+    got = load_quantized(tmp_path / "a").model.state_dict()
+    assert set(got) == set(before)
+    for name, tensor in lm.model.state_dict().items():
+        assert torch.equal(got[name], tensor), name
+
+
+def test_cli_artifact_is_the_fake_quantized_model(tmp_path):
+    from typer.testing import CliRunner
+
+    from superweight.cli import app
+    from superweight.export import load_quantized
+
+    lm = _tiny_lm()
+    lm.model.save_pretrained(tmp_path / "m")
+    lm.tokenizer.save_pretrained(tmp_path / "m")
+    res = CliRunner().invoke(app, ["quantize", str(tmp_path / "m"), "--scheme", "int3", "--group", "24",
+                                   "--no-keep-super-weights", "--out", str(tmp_path / "q")])
+    assert res.exit_code == 0, res.output
+    quantize(lm.model, RTN(bits=3, group=24))
+    got = load_quantized(tmp_path / "q").model.state_dict()
+    for name, tensor in lm.model.state_dict().items():
+        assert torch.equal(got[name], tensor), name
+
+
+def test_z_score_bounds_match_std_mean():
+    w = torch.randn(300, 70, generator=torch.Generator().manual_seed(3)) * 0.02 + 0.001
+    lo, hi = clip_bounds(w, ZScore(9)).tolist()
+    std, mean = (float(v) for v in torch.std_mean(w.double()))
+    assert lo == pytest.approx(mean - 9 * std, rel=1e-6) and hi == pytest.approx(mean + 9 * std, rel=1e-6)
+    one = clip_bounds(torch.tensor([[0.5]]), ZScore(3)).tolist()
+    assert one == [0.5, 0.5]

@@ -213,15 +213,18 @@ def save_quantized(
 
 def export_artifact(
     lm, config, keep=None, out: str | os.PathLike = "", force: bool = False, include: str | None = None,
-    exclude: str | None = None, param_dtype: torch.dtype = torch.float16,
+    exclude: str | None = None, param_dtype: torch.dtype = torch.float16, write_back: bool = True,
 ) -> dict:
-    """Quantize ``lm.model`` in place (fake quantization) and write its packed artifact to ``out``."""
+    """Quantize ``lm.model`` and write its packed artifact to ``out``. ``write_back=True`` (the
+    default) also leaves ``lm.model`` fake-quantized in place; ``False`` leaves its weights untouched
+    and skips the write-back and the SQNR (the same file, two passes fewer per weight)."""
     from .quant.api import DEFAULT_EXCLUDE, quantize
 
     if Path(out).exists() and not force:
         raise SuperweightError(f"{out} already exists: pick another --out or pass --force to replace it")
     result = quantize(lm.model, config, keep=keep, include=include,
-                      exclude=DEFAULT_EXCLUDE if exclude is None else exclude, arch=lm.arch, param_dtype=param_dtype)
+                      exclude=DEFAULT_EXCLUDE if exclude is None else exclude, arch=lm.arch, param_dtype=param_dtype,
+                      write_back=write_back)
     return save_quantized(lm.model, lm.tokenizer, result, out, source=lm.source or lm.name, notes=lm.notes,
                           force=force, param_dtype=param_dtype)
 

@@ -106,7 +106,7 @@ def quantize_cmd(
                            search=search, zero_point=zero_point, outliers=outliers, sa_weight=sa_weight)
     lm = load_lm(model, dtype, cache_dir, device_map, device)
     keep = _keep_for(lm, keep_super_weights, super_weights)
-    manifest = export_artifact(lm, config, keep, out, force, include, exclude)
+    manifest = export_artifact(lm, config, keep, out, force, include, exclude, write_back=False)  # only the file is used
     print_tables(Manifest.from_dict(manifest).tables(out))
     if json_path:
         from ..detect import write_json_atomic

@@ -47,14 +47,17 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
         return codes.clone()
     n, mask = codes.numel(), 2**bits - 1
     per = 8 // bits if bits in _BYTE_WORDS else 8  # codes per word
-    c = F.pad(codes, (0, (-n) % per))
+    c = F.pad(codes, (0, (-n) % per)) if n % per else codes  # F.pad copies even when it adds nothing
     v = (c if c.storage_offset() % per == 0 else c.clone()).view(_BYTE_WORDS.get(bits, torch.int64))
     word = v & mask  # code 0 at bit 0; code k sits at bit 8k and moves to bit k * bits
     for k in range(1, per):
         word = word | ((v >> (k * (8 - bits))) & (mask << (k * bits)))
     if bits in _BYTE_WORDS:
         return word.to(torch.uint8)
-    return word.view(torch.uint8).reshape(-1, 8)[:, :bits].reshape(-1)[: packed_bytes(n, bits)].clone()
+    out = word.view(torch.uint8).reshape(-1, 8)[:, :bits].reshape(-1)  # a copy unless one word
+    if n % 8 == 0 and out.data_ptr() != word.data_ptr():
+        return out
+    return out[: packed_bytes(n, bits)].clone()
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
