@@ -137,7 +137,7 @@ def test_compile_switch_and_environment(monkeypatch):
 
 
 @pytest.mark.parametrize("bits", range(1, 9))
-@pytest.mark.parametrize("n", [1, 7, 8, 1001])
+@pytest.mark.parametrize("n", [1, 7, 8, 64, 1001, 4096])
 def test_pack_bits_is_the_lsb_first_bit_stream(bits, n):
     codes = torch.randint(0, 2**bits, (n,), dtype=torch.uint8, generator=torch.Generator().manual_seed(n * bits))
     stream = ((codes.long()[:, None] >> torch.arange(bits)) & 1).reshape(-1)

@@ -31,14 +31,15 @@ _BYTE_WORDS = {1: torch.int64, 2: torch.int32, 4: torch.int16}  # 8 // bits code
 
 
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    """Pack uint8 codes below ``2**bits`` into ``ceil(n * bits / 8)`` bytes.
+    """Pack uint8 codes below ``2**bits`` into ``ceil(n * bits / 8)`` bytes: the LSB-first bit stream.
 
-    Every 8 codes form one little-endian word of ``bits`` bytes (code k at bit ``k * bits``), which
-    is the LSB-first bit stream; the last word is cut to the bytes the stream needs. The codes are
-    read as machine words (a word of ``8 // bits`` codes for one output byte when ``bits`` divides
-    8, else 8 codes in an int64 whose low ``bits`` bytes are the output) and each code is shifted
-    into place with one shift-and-mask: a single expression, which ``torch.compile`` fuses into one
-    pass but runs faster eagerly (see ``quant/kernels.py``). Needs a little-endian host.
+    The codes are read as machine words (a little-endian host is needed). When ``bits`` divides 8, a
+    word of ``8 // bits`` codes becomes one output byte, each code moved into place by one
+    shift-and-mask. Otherwise every 8 codes (an int64) are squeezed into their low ``bits`` bytes
+    by halving steps (pairs of codes, then pairs of pairs, then the two halves: three
+    shift-or-mask steps instead of one per code), and every 8 such words are joined into ``bits``
+    int64 words of the stream by shifts, so no strided byte copy is needed. Eager torch: inductor's
+    code for these shifts ran 2-5x slower on this CPU (see ``quant/kernels.py``).
     """
     if not 1 <= bits <= 8:
         raise SuperweightError(f"cannot pack {bits}-bit codes: bits must be 1..8")
@@ -49,15 +50,42 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     per = 8 // bits if bits in _BYTE_WORDS else 8  # codes per word
     c = F.pad(codes, (0, (-n) % per)) if n % per else codes  # F.pad copies even when it adds nothing
     v = (c if c.storage_offset() % per == 0 else c.clone()).view(_BYTE_WORDS.get(bits, torch.int64))
+    if bits not in _BYTE_WORDS:
+        return _join_words(_squeeze_octets(v, bits), bits)[: packed_bytes(n, bits)]
     word = v & mask  # code 0 at bit 0; code k sits at bit 8k and moves to bit k * bits
     for k in range(1, per):
         word = word | ((v >> (k * (8 - bits))) & (mask << (k * bits)))
-    if bits in _BYTE_WORDS:
-        return word.to(torch.uint8)
-    out = word.view(torch.uint8).reshape(-1, 8)[:, :bits].reshape(-1)  # a copy unless one word
-    if n % 8 == 0 and out.data_ptr() != word.data_ptr():
-        return out
-    return out[: packed_bytes(n, bits)].clone()
+    return word.to(torch.uint8)
+
+
+def _squeeze_octets(v: torch.Tensor, bits: int) -> torch.Tensor:
+    """int64 words of 8 codes (code k at bit 8k) to words holding code k at bit ``k * bits``."""
+    for width in (8, 16, 32):  # fields of `have` bits every `width` bits, joined in pairs
+        have = bits * width // 8
+        starts = [2 * width * j for j in range(32 // width)]
+        if 2 * have <= width:  # bits <= 4: the shifted field lands on zeros
+            v = (v | (v >> (width - have))) & sum(((1 << (2 * have)) - 1) << s for s in starts)
+        else:
+            low = sum(((1 << have) - 1) << s for s in starts)
+            v = (v & low) | ((v >> (width - have)) & (low << have))
+    return v
+
+
+def _join_words(w: torch.Tensor, bits: int) -> torch.Tensor:
+    """Words of ``8 * bits`` stream bits each (``_squeeze_octets``) as the stream's bytes, 8 words
+    at a time written as ``bits`` int64 words (a bit shifted past bit 63 is dropped)."""
+    width, m = 8 * bits, w.numel()
+    W = (F.pad(w, (0, (-m) % 8)) if m % 8 else w).view(-1, 8)
+    out = []
+    for j in range(bits):
+        acc = None
+        for k in range(8):
+            shift = width * k - 64 * j
+            if -width < shift < 64:  # word k overlaps output word j
+                term = W[:, k] << shift if shift >= 0 else W[:, k] >> -shift
+                acc = term if acc is None else acc | term
+        out.append(acc)
+    return torch.stack(out, 1).view(torch.uint8).reshape(-1)
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
