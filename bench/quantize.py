@@ -1,8 +1,9 @@
 """Quantize + pack throughput and artifact load time, as ratios to baselines measured in the same run.
 
 * Throughput: weights per second of quantizing every targeted linear weight and packing it, against
-  a plain ``torch`` copy (``clone``) of the same tensors timed just before: the memory-bandwidth
-  floor of touching every weight once. Two paths, each timed with the fused kernels compiled
+  a plain ``torch`` copy (``clone``) of the same tensors, timed right before each repeat of the
+  path (medians of both; one untimed copy first): the memory-bandwidth floor of touching every
+  weight once. Two paths, each timed with the fused kernels compiled
   (``quant/kernels.py``) and eagerly:
   - ``artifact``: ``quantize(..., write_back=False)`` + ``pack_tensor`` of every tensor: codes
     packed, scales, zero points, sparse part; everything ``save_quantized`` writes for them (what
@@ -66,18 +67,26 @@ def _load(name: str):
     return LoadedModel(model, byte_tokenizer(), get_arch(model), "tiny", "tiny")
 
 
-def _timed_path(lm, config, write_back: bool, snapshot, repeats: int) -> tuple[float, float]:
-    """(first-call seconds, median seconds) of quantize + pack_tensor of every weight."""
+def _timed_path(lm, config, write_back: bool, snapshot, repeats: int, copy) -> tuple[float, float, float]:
+    """(first-call seconds, median seconds, median copy seconds) of quantize + pack_tensor of every
+    weight; each repeat times ``copy()`` right before the path, so both see the same machine load."""
     def run():
         result = quantize(lm.model, config, write_back=write_back)
         for key, qt in result.tensors.items():
             pack_tensor(key, qt, torch.float16)
 
+    copy()  # warm-up: the first clone of 400 MB pays its page faults
     start = time.perf_counter()
     run()  # warm-up: compiles (once per shape family) and allocates; not the scheme's cost
     first = time.perf_counter() - start
+    copies, runs = [], []
+    for _ in range(repeats):
+        snapshot.restore()
+        copies.append(_median_time(copy, 1))
+        runs.append(_median_time(run, 1))
     snapshot.restore()
-    return first, _median_time(run, repeats, before=snapshot.restore)
+    seconds = statistics.median(runs)
+    return first, seconds, statistics.median(copies)
 
 
 def bench_throughput(lm, repeats: int, modes: list[str]) -> list[dict]:
@@ -89,8 +98,8 @@ def bench_throughput(lm, repeats: int, modes: list[str]) -> list[dict]:
         kernels.set_compile(mode == "compiled")
         for config in SCHEMES:
             for path, write_back in (("artifact", False), ("fake_quant", True)):
-                copy_s = _median_time(lambda: [w.clone() for w in weights], repeats)  # same moment, same load
-                first, seconds = _timed_path(lm, config, write_back, snapshot, repeats)
+                first, seconds, copy_s = _timed_path(lm, config, write_back, snapshot, repeats,
+                                                     lambda: [w.clone() for w in weights])
                 ran = "eager (compile failed)" if mode == "compiled" and kernels.compile_failed() else mode
                 rows.append({"scheme": describe(config), "path": path, "kernels": ran, "weights": n,
                              "seconds": seconds, "weights_per_s": n / seconds, "copy_seconds": copy_s,
