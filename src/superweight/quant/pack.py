@@ -46,25 +46,27 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     codes = codes.reshape(-1).to(torch.uint8)
     if bits == 8:
         return codes.clone()
-    n, mask = codes.numel(), 2**bits - 1
+    n = codes.numel()
     per = 8 // bits if bits in _BYTE_WORDS else 8  # codes per word
     c = F.pad(codes, (0, (-n) % per)) if n % per else codes  # F.pad copies even when it adds nothing
     v = (c if c.storage_offset() % per == 0 else c.clone()).view(_BYTE_WORDS.get(bits, torch.int64))
     if bits not in _BYTE_WORDS:
-        return _join_words(_squeeze_octets(v, bits), bits)[: packed_bytes(n, bits)]
-    word = v & mask  # code 0 at bit 0; code k sits at bit 8k and moves to bit k * bits
-    for k in range(1, per):
-        word = word | ((v >> (k * (8 - bits))) & (mask << (k * bits)))
-    return word.to(torch.uint8)
+        return _join_words(_squeeze_octets(v, bits, 64), bits)[: packed_bytes(n, bits)]
+    return _squeeze_octets(v, bits, 64 // bits, last_mask=False).to(torch.uint8)  # the cast keeps the low byte
 
 
-def _squeeze_octets(v: torch.Tensor, bits: int) -> torch.Tensor:
-    """int64 words of 8 codes (code k at bit 8k) to words holding code k at bit ``k * bits``."""
-    for width in (8, 16, 32):  # fields of `have` bits every `width` bits, joined in pairs
+def _squeeze_octets(v: torch.Tensor, bits: int, word_bits: int, last_mask: bool = True) -> torch.Tensor:
+    """Words of ``word_bits // 8`` codes (code k at bit 8k) to words holding code k at bit
+    ``k * bits``: fields of ``have`` bits every ``width`` bits joined in pairs, width 8, 16, 32
+    while it is below the word. ``last_mask=False`` leaves bits above the result in the last step."""
+    widths = [w for w in (8, 16, 32) if w < word_bits]
+    for step, width in enumerate(widths):
         have = bits * width // 8
-        starts = [2 * width * j for j in range(32 // width)]
+        starts = range(0, word_bits, 2 * width)
         if 2 * have <= width:  # bits <= 4: the shifted field lands on zeros
-            v = (v | (v >> (width - have))) & sum(((1 << (2 * have)) - 1) << s for s in starts)
+            v = v | (v >> (width - have))
+            if last_mask or step < len(widths) - 1:
+                v = v & sum(((1 << (2 * have)) - 1) << s for s in starts)
         else:
             low = sum(((1 << have) - 1) << s for s in starts)
             v = (v & low) | ((v >> (width - have)) & (low << have))
