@@ -200,7 +200,8 @@ def grid(which: str, lm) -> list[Row]:
         first += [Row("RTN min/max", "ours", bits, group, ours(rtn, keep_sw=False)),
                   Row("HQQ (hqq 0.2.8, pytorch backend)", "peer", bits, group, hqq(bits, group)),
                   Row("mse + int8 zero + SW/outliers held out + SA-channel care", "ours", bits, group, ours(best(lm, bits, group))),
-                  Row("mse range search + SW held out", "ours", bits, group, ours(mse))]
+                  Row("mse range search + SW held out", "ours", bits, group, ours(mse)),
+                  Row("hqq solver + fix8 zero + SW/outliers held out", "ours", bits, group, ours(hqq_best(lm, bits, group)))]
         second += [Row("paper: clip z=12 + SW restored", "paper", bits, group, ours(RTN(bits=bits, group=group, clip=ZScore(12)))),
                    Row("mse + int8 zero + SW/outliers held out (no SA care)", "ours", bits, group, ours(best(lm, bits, group, sa=False))),
                    Row("torchao IntxWeightOnly asymmetric (0.18)", "peer", bits, group, torchao_intx(bits, group))]
@@ -209,6 +210,7 @@ def grid(which: str, lm) -> list[Row]:
                        Row("mse range search alone (SW not held out)", "ours", bits, group, ours(mse, keep_sw=False))]
         if (bits, group) == (4, 64):
             second += [Row("NF4 absmax", "ours", 4, group, ours(RTN(bits=4, group=group, levels="nf4"), keep_sw=False)),
+                       Row("NF4 absmax", "ours", 4, 32, ours(RTN(bits=4, group=32, levels="nf4"), keep_sw=False)),
                        Row("NF4 + mse + SW held out + SA care", "ours", 4, group, ours(best(lm, 4, group, levels="nf4"))),
                        Row("RTN + SW restored", "ours", bits, group, ours(rtn))]
     int2 = [Row("RTN min/max", "ours", 2, 64, ours(RTN(bits=2, group=64), keep_sw=False)),
@@ -224,6 +226,14 @@ def grid(which: str, lm) -> list[Row]:
                 Row("NF4 absmax", "ours", 4, 64, ours(RTN(bits=4, group=64, levels="nf4"), keep_sw=False))]
     if which == "int2":
         return [fp] + int2
+    if which == "key":  # the other two cells again, on more tokens: RTN, HQQ and our two best schemes
+        rows = [fp]
+        for b, g in ((4, 128), (3, 64)):
+            rows += [Row("RTN min/max", "ours", b, g, ours(RTN(bits=b, group=g), keep_sw=False)),
+                     Row("HQQ (hqq 0.2.8, pytorch backend)", "peer", b, g, hqq(b, g)),
+                     Row("mse + int8 zero + SW/outliers held out + SA-channel care", "ours", b, g, ours(best(lm, b, g))),
+                     Row("hqq solver + fix8 zero + SW/outliers held out", "ours", b, g, ours(hqq_best(lm, b, g)))]
+        return rows + [Row("NF4 absmax", "ours", 4, 128, ours(RTN(bits=4, group=128, levels="nf4"), keep_sw=False))]
     if which == "nf4":  # NF4 at the group sizes that put it at or under HQQ's bits (4.125, 4.25, 4.5)
         return [fp] + [Row("NF4 absmax", "ours", 4, g, ours(RTN(bits=4, group=g, levels="nf4"), keep_sw=False))
                        for g in (128, 64, 32)]
@@ -235,7 +245,7 @@ def grid(which: str, lm) -> list[Row]:
         return [fp] + first
     if which == "core":
         return [fp] + first + second[:2]
-    return [fp] + first + second + int2
+    return [fp] + first + second + int2 + [Row("hqq solver + fix8 zero + SW/outliers held out", "ours", 2, 64, ours(hqq_best(lm, 2, 64)))]
 
 
 # ---------------------------------------------------------------- running
@@ -281,7 +291,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m", help="smollm2-135m, gemma3-270m, or any load_model name/path")
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=1024)
-    ap.add_argument("--rows", choices=["all", "core", "first", "hqq-solver", "confirm", "int2", "hqq16", "torchao", "nf4"], default="all")
+    ap.add_argument("--rows", choices=["all", "core", "first", "hqq-solver", "confirm", "key", "int2", "hqq16", "torchao", "nf4"], default="all")
     ap.add_argument("--only", default=None, help="run only rows whose name contains this text (plus the unquantized one)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None)
