@@ -226,6 +226,10 @@ def grid(which: str, lm) -> list[Row]:
                 Row("NF4 absmax", "ours", 4, 64, ours(RTN(bits=4, group=64, levels="nf4"), keep_sw=False))]
     if which == "int2":
         return [fp] + int2
+    if which == "hqq-plain":  # HQQ's solver in our code with nothing of ours added: how close to hqq's own
+        return [fp, Row("hqq solver alone (float16 zero, nothing held out)", "ours", 4, 64,
+                        ours(RTN(bits=4, group=64, search="hqq"), keep_sw=False)),
+                Row("hqq solver + SW held out (float16 zero)", "ours", 4, 64, ours(RTN(bits=4, group=64, search="hqq")))]
     if which == "key":  # the other two cells again, on more tokens: RTN, HQQ and our two best schemes
         rows = [fp]
         for b, g in ((4, 128), (3, 64)):
@@ -291,7 +295,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m", help="smollm2-135m, gemma3-270m, or any load_model name/path")
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=1024)
-    ap.add_argument("--rows", choices=["all", "core", "first", "hqq-solver", "confirm", "key", "int2", "hqq16", "torchao", "nf4"], default="all")
+    ap.add_argument("--rows", choices=["all", "core", "first", "hqq-solver", "hqq-plain", "confirm", "key", "int2", "hqq16", "torchao", "nf4"], default="all")
     ap.add_argument("--only", default=None, help="run only rows whose name contains this text (plus the unquantized one)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None)
@@ -337,7 +341,7 @@ def markdown(paths: list[str | Path]) -> str:
     d = runs[0]
     if any((r["model"], r["tokens"], r["seq_len"]) != (d["model"], d["tokens"], d["seq_len"]) for r in runs):
         raise SystemExit("--table: the JSONs must share model, tokens and seq_len")
-    rows = [r for run in runs for r in run["rows"] if r["family"] != "fp"]
+    rows = _dedupe([r for run in runs for r in run["rows"] if r["family"] != "fp"])
     fp = next(r["ppl"] for r in d["rows"] if r["family"] == "fp")
     lines = [f"{d['model']}: {d['notes'][0] if d['notes'] else d['source']}. WikiText-2 test, {d['windows']} windows x "
              f"{d['seq_len']} tokens, every row on the same tokens; unquantized {fp:.2f}.", "",
@@ -354,6 +358,17 @@ def markdown(paths: list[str | Path]) -> str:
             lines.append(f"| {bits} | {group} | {r['name']} | {r['ppl']:.2f} | {gap:+.2f}{share} | "
                          f"{r['bits_per_weight']:.4f} | {r['quant_seconds']:.0f} |")
     return "\n".join(lines)
+
+
+def _dedupe(rows: list[dict]) -> list[dict]:
+    """One row per (bits, group, name), where a later run repeated one (the same numbers: the runs are
+    deterministic) or ran one that had failed: the last row that ran wins, in the first one's place."""
+    out: dict[tuple, dict] = {}
+    for r in rows:
+        key = (r["bits"], r["group"], r["name"])
+        if key not in out or r["ppl"] is not None:
+            out[key] = r
+    return list(out.values())
 
 
 def _peer_versions() -> dict:

@@ -62,7 +62,7 @@ def quantize_cmd(
     per_channel: bool = typer.Option(False, "--per-channel", help="One scale per output channel."),
     clip_z: Optional[float] = typer.Option(None, "--clip-z", help="Clip weights at mean +- Z std before quantizing."),
     topk: int = typer.Option(0, "--topk", min=0, help="Ternary: also keep the K largest other weights per matrix in FP16."),
-    search: str = typer.Option("minmax", "--search", help="int*/nf4 range per group: minmax, mse (range search) or lp (HQQ solver); never worse."),
+    search: str = typer.Option("minmax", "--search", help="int*/nf4 range per group: minmax, mse (least-squares range search, never worse than minmax) or hqq (HQQ's solver, int*)."),
     zero_point: str = typer.Option("float", "--zero-point", help="int*: float (float16), int8 (integer steps) or fix8 (8-bit fixed point)."),
     outliers: float = typer.Option(0.0, "--outliers", min=0.0, help="int*/nf4: bits per weight spent on the largest other weights, held out exact."),
     sa_weight: float = typer.Option(1.0, "--sa-weight", min=1.0, help="With --search mse: fit weight of the columns that read the super activation."),
