@@ -230,9 +230,9 @@ def grid(which: str, lm) -> list[Row]:
         return [fp, Row("hqq solver alone (float16 zero, nothing held out)", "ours", 4, 64,
                         ours(RTN(bits=4, group=64, search="hqq"), keep_sw=False)),
                 Row("hqq solver + SW held out (float16 zero)", "ours", 4, 64, ours(RTN(bits=4, group=64, search="hqq")))]
-    if which == "key":  # the other two cells again, on more tokens: RTN, HQQ and our two best schemes
+    if which in ("key", "key128"):  # the other cells again, on more tokens: RTN, HQQ and our two best schemes
         rows = [fp]
-        for b, g in ((4, 128), (3, 64)):
+        for b, g in ((4, 128), (3, 64))[: 1 if which == "key128" else 2]:
             rows += [Row("RTN min/max", "ours", b, g, ours(RTN(bits=b, group=g), keep_sw=False)),
                      Row("HQQ (hqq 0.2.8, pytorch backend)", "peer", b, g, hqq(b, g)),
                      Row("mse + int8 zero + SW/outliers held out + SA-channel care", "ours", b, g, ours(best(lm, b, g))),
@@ -295,7 +295,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m", help="smollm2-135m, gemma3-270m, or any load_model name/path")
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=1024)
-    ap.add_argument("--rows", choices=["all", "core", "first", "hqq-solver", "hqq-plain", "confirm", "key", "int2", "hqq16", "torchao", "nf4"], default="all")
+    ap.add_argument("--rows", choices=["all", "core", "first", "hqq-solver", "hqq-plain", "confirm", "key", "key128", "int2", "hqq16", "torchao", "nf4"], default="all")
     ap.add_argument("--only", default=None, help="run only rows whose name contains this text (plus the unquantized one)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None)
