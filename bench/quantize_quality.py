@@ -230,14 +230,15 @@ def grid(which: str, lm) -> list[Row]:
         return [fp, Row("hqq solver alone (float16 zero, nothing held out)", "ours", 4, 64,
                         ours(RTN(bits=4, group=64, search="hqq"), keep_sw=False)),
                 Row("hqq solver + SW held out (float16 zero)", "ours", 4, 64, ours(RTN(bits=4, group=64, search="hqq")))]
-    if which in ("key", "key128"):  # the other cells again, on more tokens: RTN, HQQ and our two best schemes
+    if which in ("key", "key128", "key3"):  # the other cells again, on more tokens: RTN, HQQ and our two best schemes
         rows = [fp]
-        for b, g in ((4, 128), (3, 64))[: 1 if which == "key128" else 2]:
+        for b, g in {"key": ((4, 128), (3, 64)), "key128": ((4, 128),), "key3": ((3, 64),)}[which]:
             rows += [Row("RTN min/max", "ours", b, g, ours(RTN(bits=b, group=g), keep_sw=False)),
                      Row("HQQ (hqq 0.2.8, pytorch backend)", "peer", b, g, hqq(b, g)),
                      Row("mse + int8 zero + SW/outliers held out + SA-channel care", "ours", b, g, ours(best(lm, b, g))),
                      Row("hqq solver + fix8 zero + SW/outliers held out", "ours", b, g, ours(hqq_best(lm, b, g)))]
-        return rows + [Row("NF4 absmax", "ours", 4, 128, ours(RTN(bits=4, group=128, levels="nf4"), keep_sw=False))]
+        nf4 = [Row("NF4 absmax", "ours", 4, 128, ours(RTN(bits=4, group=128, levels="nf4"), keep_sw=False))]
+        return rows + (nf4 if which != "key3" else [])
     if which == "nf4":  # NF4 at the group sizes that put it at or under HQQ's bits (4.125, 4.25, 4.5)
         return [fp] + [Row("NF4 absmax", "ours", 4, g, ours(RTN(bits=4, group=g, levels="nf4"), keep_sw=False))
                        for g in (128, 64, 32)]
@@ -295,7 +296,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m", help="smollm2-135m, gemma3-270m, or any load_model name/path")
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=1024)
-    ap.add_argument("--rows", choices=["all", "core", "first", "hqq-solver", "hqq-plain", "confirm", "key", "key128", "int2", "hqq16", "torchao", "nf4"], default="all")
+    ap.add_argument("--rows", choices=["all", "core", "first", "hqq-solver", "hqq-plain", "confirm", "key", "key128", "key3", "int2", "hqq16", "torchao", "nf4"], default="all")
     ap.add_argument("--only", default=None, help="run only rows whose name contains this text (plus the unquantized one)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None)
