@@ -244,6 +244,9 @@ def grid(which: str, lm) -> list[Row]:
                        for g in (128, 64, 32)]
     if which == "torchao":
         return [fp] + [Row("torchao IntxWeightOnly asymmetric (0.18)", "peer", b, g, torchao_intx(b, g)) for b, g in ((4, 64), (3, 64))]
+    if which == "peers":  # the other peers in every cell they run in
+        return [fp, Row("optimum-quanto qint4 (0.2.7)", "peer", 4, 128, quanto(4))] + [
+            Row("torchao IntxWeightOnly asymmetric (0.18)", "peer", b, g, torchao_intx(b, g)) for b, g in ((4, 128), (4, 64), (3, 64))]
     if which == "hqq16":
         return [fp, Row("HQQ, scale/zero rounded to float16", "peer", 4, 64, hqq(4, 64, params16=True))]
     if which == "first":
@@ -296,7 +299,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m", help="smollm2-135m, gemma3-270m, or any load_model name/path")
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=1024)
-    ap.add_argument("--rows", choices=["all", "core", "first", "hqq-solver", "hqq-plain", "confirm", "key", "key128", "key3", "int2", "hqq16", "torchao", "nf4"], default="all")
+    ap.add_argument("--rows", choices=["all", "core", "first", "hqq-solver", "hqq-plain", "confirm", "key", "key128", "key3", "int2", "hqq16", "torchao", "peers", "nf4"], default="all")
     ap.add_argument("--only", default=None, help="run only rows whose name contains this text (plus the unquantized one)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--out", default=None)
