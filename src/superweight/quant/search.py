@@ -163,13 +163,11 @@ def weighted_range(x3: torch.Tensor, m3: torch.Tensor | None) -> tuple[torch.Ten
     return lo.masked_fill(empty, 0.0), hi.masked_fill(empty, 0.0)
 
 
-def group_error(grid: Grid, x3: torch.Tensor, m3: torch.Tensor, p: Params, buf: torch.Tensor | None = None,
-                norm: float = 2.0) -> torch.Tensor:
-    """``sum m * |x_hat - x|^norm`` per group (float64 result), ``x_hat`` exactly as the artifact
+def group_error(grid: Grid, x3: torch.Tensor, m3: torch.Tensor, p: Params, buf: torch.Tensor | None = None) -> torch.Tensor:
+    """``sum m * (x_hat - x)^2`` per group (float64 result), ``x_hat`` exactly as the artifact
     dequantizes; ``buf`` (like ``x3``) is scratch space, so a search allocates once."""
     d = grid.levels_(grid.codes(x3, p, out=buf), p).sub_(x3)
-    d = d.square_() if norm == 2.0 else d.abs_().pow_(norm)
-    return d.mul_(m3).sum(-1, keepdim=True, dtype=torch.float64)
+    return d.square_().mul_(m3).sum(-1, keepdim=True, dtype=torch.float64)
 
 
 def _bdot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -201,9 +199,8 @@ def _refit(grid: Grid, x3, m3, q, p: Params, sums, buf) -> Params:
     return _affine_refit(grid, x3, m3, q, p, sums, buf)
 
 
-def _keep_better(grid: Grid, x3, m3, cand: Params, best: Params, best_e: torch.Tensor, buf: torch.Tensor,
-                 norm: float = 2.0):
-    e = group_error(grid, x3, m3, cand, buf, norm)
+def _keep_better(grid: Grid, x3, m3, cand: Params, best: Params, best_e: torch.Tensor, buf: torch.Tensor):
+    e = group_error(grid, x3, m3, cand, buf)
     take = e < best_e
     return tuple(torch.where(take, c, b) for c, b in zip(cand, best)), torch.where(take, e, best_e)
 
@@ -246,7 +243,7 @@ def hqq_zero_search(grid: UniformGrid, x3: torch.Tensor, m3: torch.Tensor) -> Pa
     p, iters, beta = HQQ
     lo, hi = weighted_range(x3, m3)
     denom = hi - lo
-    inv = torch.where(denom > 0, grid.qmax / torch.where(denom > 0, denom, torch.ones_like(denom)), torch.ones_like(denom))
+    inv = torch.where(denom > 0, grid.qmax / _positive(denom), 1.0)  # hqq: scale 1 for a flat group
     z = -lo * inv
     if grid.qmax == 15:
         z = z.round()
