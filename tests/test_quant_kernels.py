@@ -7,7 +7,7 @@ import logging
 import pytest
 import torch
 
-from superweight.quant import RTN, ZScore, kernels, quantize
+from superweight.quant import RTN, ZScore, kernels, native, quantize
 from superweight.quant.config import Percentile
 from superweight.quant.layout import make_layout
 from superweight.quant.pack import pack_bits, unpack_bits
@@ -27,7 +27,9 @@ CASES = [  # (shape, config): short last groups, exact groups, the paper's block
 
 @pytest.fixture(autouse=True)
 def _reset_compile():
+    native.set_enabled(False)  # these tests are about the torch kernels; tests/test_quant_native.py about the C ones
     yield
+    native.set_enabled(None)
     kernels.set_compile(None)
     kernels._state["failed"] = False
 

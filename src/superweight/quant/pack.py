@@ -13,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from ..errors import SuperweightError
+from . import native
 
 if sys.byteorder != "little":  # pack_bits reads codes as machine words
     raise ImportError("superweight's bit packing needs a little-endian machine")
@@ -46,6 +47,9 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     codes = codes.reshape(-1).to(torch.uint8)
     if bits == 8:
         return codes.clone()
+    packed = native.pack_bits(codes, bits)
+    if packed is not None:
+        return packed
     n = codes.numel()
     per = 8 // bits if bits in _BYTE_WORDS else 8  # codes per word
     c = F.pad(codes, (0, (-n) % per)) if n % per else codes  # F.pad copies even when it adds nothing

@@ -19,6 +19,7 @@ import torch
 from ..errors import SuperweightError
 from .config import RTN, Percentile, Ternary, ZScore
 from .codes import NF4_LEVELS, _to_dtype, ternary_codes  # noqa: F401  (re-exported)
+from . import native
 from .layout import Layout, make_layout
 from .schemes import handler
 
@@ -74,12 +75,16 @@ def sqnr(x: torch.Tensor, x_hat: torch.Tensor) -> float:
 
 
 def _mean_std(x: torch.Tensor) -> tuple[float, float]:
-    """Mean and sample standard deviation of ``x`` from one float64 copy: its sum and its dot with
-    itself (6x faster than ``torch.std_mean`` on CPU; float64 sums, so the one-pass formula loses
-    nothing at the mean/std ratios of weights). Deterministic for a given input and thread count."""
-    d = x.reshape(-1).double()
-    n = d.numel()
-    total, squares = float(d.sum()), float(torch.dot(d, d))
+    """Mean and sample standard deviation of ``x`` from its sum and sum of squares in float64 (the
+    one-pass formula loses nothing at the mean/std ratios of weights): one native pass
+    (``native.sum_squares``, the same for any thread count) or, without it, one float64 copy, its
+    sum and its dot with itself (6x faster than ``torch.std_mean`` on CPU)."""
+    sums = native.sum_squares(x.reshape(-1)) if x.is_contiguous() else None
+    if sums is None:
+        d = x.reshape(-1).double()
+        sums = float(d.sum()), float(torch.dot(d, d))
+    total, squares = sums
+    n = x.numel()
     mean = total / n
     if n < 2:
         return mean, 0.0

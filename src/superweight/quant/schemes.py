@@ -15,7 +15,7 @@ from typing import Callable
 import torch
 
 from ..errors import SuperweightError
-from . import kernels
+from . import kernels, native
 from .codes import ternary_codes
 from .layout import Layout
 from .pack import pack_bits, pack_ternary, packed_bytes, unpack_bits, unpack_ternary
@@ -59,8 +59,13 @@ class Scheme:
         return codes, params[0], (params[1] if self.has_zero else None)
 
     def _minmax(self, grid: UniformGrid, x2: torch.Tensor, layout: Layout, bounds: torch.Tensor | None):
-        """Plain min/max RTN through the fused kernels (``quant/kernels.py``): the same codes and
-        parameters as ``fit_groups(..., "minmax")``, in two passes over ``x2`` instead of a dozen."""
+        """Plain min/max RTN through the native kernel (``quant/native.py``: one pass) where it
+        applies, else the fused torch kernels (``quant/kernels.py``: two passes): the same codes and
+        parameters as ``fit_groups(..., "minmax")`` either way."""
+        if type(grid) is UniformGrid:
+            done = native.rtn_minmax(x2, layout.size, grid.qmax, grid.dtype, bounds)
+            if done is not None:
+                return done[0].reshape(-1), done[1], done[2]
         lo, hi = kernels.run(kernels.run_range, layout.numel, x2, layout.size, bounds)
         scale, zero = grid.minmax(lo, hi)  # float16 rounding, eager: [rows, runs] is small
         codes = kernels.run(kernels.rtn_codes, layout.numel, x2, layout.size, grid, scale, zero, bounds)

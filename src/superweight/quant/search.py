@@ -52,8 +52,9 @@ class UniformGrid:
         self.qmax, self.dtype = 2**bits - 1, dtype
 
     def minmax(self, lo: torch.Tensor, hi: torch.Tensor) -> Params:
-        """Plain RTN: zero rounded down, scale up (the range still covers every value)."""
-        zero = _to_dtype(lo, self.dtype, -_INF)
+        """Plain RTN: zero rounded down, scale up (the range still covers every value). ``lo + 0``
+        turns a -0 minimum into +0, so the stored zero never depends on which zero a reduction kept."""
+        zero = _to_dtype(lo + 0.0, self.dtype, -_INF)
         return _positive(_to_dtype((hi - zero.float()) / self.qmax, self.dtype, _INF)), zero
 
     def from_affine(self, s: torch.Tensor, z: torch.Tensor) -> Params:
