@@ -1,10 +1,11 @@
 """Quantize + pack throughput and artifact load time, as ratios to baselines measured in the same run.
 
 * Throughput: weights per second of quantizing every targeted linear weight and packing it, against
-  a plain ``torch`` copy (``clone``) of the same tensors, timed right before each repeat of the
-  path (medians of both; one untimed copy first): the memory-bandwidth floor of touching every
-  weight once. Two paths, each timed with the fused kernels compiled
-  (``quant/kernels.py``) and eagerly:
+  a plain ``torch`` copy of the same tensors into preallocated ones (``dst.copy_(src)``: no page
+  faults, so the steadier and stricter floor of touching every weight once) and, as before, a
+  ``clone()``; both timed right before each repeat of the path (medians; one untimed copy first).
+  Two paths, each timed with the native C kernels (``quant/native.py``, the default where a C
+  compiler exists), and with them off: the torch kernels compiled (``quant/kernels.py``) and eager:
   - ``artifact``: ``quantize(..., write_back=False)`` + ``pack_tensor`` of every tensor: codes
     packed, scales, zero points, sparse part; everything ``save_quantized`` writes for them (what
     ``superweight quantize --out`` needs; the file write itself is not timed);
@@ -36,7 +37,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from superweight.export import pack_tensor, save_quantized, load_quantized  # noqa: E402
-from superweight.quant import RTN, Ternary, ZScore, describe, kernels, quantize, target_modules  # noqa: E402
+from superweight.quant import RTN, Ternary, ZScore, describe, kernels, native, quantize, target_modules  # noqa: E402
 from superweight.quant.sweep import WeightSnapshot  # noqa: E402
 
 SCHEMES = [RTN(bits=4, block=128 * 128, clip=ZScore(9)), RTN(bits=4, group=128), RTN(bits=3, group=128), Ternary()]
@@ -67,48 +68,62 @@ def _load(name: str):
     return LoadedModel(model, byte_tokenizer(), get_arch(model), "tiny", "tiny")
 
 
-def _timed_path(lm, config, write_back: bool, snapshot, repeats: int, copy) -> tuple[float, float, float]:
-    """(first-call seconds, median seconds, median copy seconds) of quantize + pack_tensor of every
-    weight; each repeat times ``copy()`` right before the path, so both see the same machine load."""
+def _timed_path(lm, config, write_back: bool, snapshot, repeats: int, copies_fns) -> tuple[float, float, list[float]]:
+    """(first-call seconds, median seconds, median seconds of each copy) of quantize + pack_tensor of
+    every weight; each repeat times the copies right before the path, so all see the same machine load."""
     def run():
         result = quantize(lm.model, config, write_back=write_back)
         for key, qt in result.tensors.items():
             pack_tensor(key, qt, torch.float16)
 
-    copy()  # warm-up: the first clone of 400 MB pays its page faults
+    for copy in copies_fns:
+        copy()  # warm-up: the first clone of 400 MB pays its page faults
     start = time.perf_counter()
     run()  # warm-up: compiles (once per shape family) and allocates; not the scheme's cost
     first = time.perf_counter() - start
-    copies, runs = [], []
+    copies, runs = [[] for _ in copies_fns], []
     for _ in range(repeats):
         snapshot.restore()
-        copies.append(_median_time(copy, 1))
+        for times, copy in zip(copies, copies_fns):
+            times.append(_median_time(copy, 1))
         runs.append(_median_time(run, 1))
     snapshot.restore()
-    seconds = statistics.median(runs)
-    return first, seconds, statistics.median(copies)
+    return first, statistics.median(runs), [statistics.median(t) for t in copies]
 
 
 def bench_throughput(lm, repeats: int, modes: list[str]) -> list[dict]:
     weights = [m.weight.detach() for m in target_modules(lm.model).values()]
     n = sum(w.numel() for w in weights)
     snapshot = WeightSnapshot(lm.model)
+    targets = [torch.empty_like(w) for w in weights]
+    copies = (lambda: [t.copy_(w) for t, w in zip(targets, weights)], lambda: [w.clone() for w in weights])
     rows = []
     for mode in modes:
+        native.set_enabled(mode == "native")
         kernels.set_compile(mode == "compiled")
         for config in SCHEMES:
             for path, write_back in (("artifact", False), ("fake_quant", True)):
-                first, seconds, copy_s = _timed_path(lm, config, write_back, snapshot, repeats,
-                                                     lambda: [w.clone() for w in weights])
-                ran = "eager (compile failed)" if mode == "compiled" and kernels.compile_failed() else mode
+                first, seconds, (copy_s, clone_s) = _timed_path(lm, config, write_back, snapshot, repeats, copies)
+                ran = _ran(mode)
                 rows.append({"scheme": describe(config), "path": path, "kernels": ran, "weights": n,
                              "seconds": seconds, "weights_per_s": n / seconds, "copy_seconds": copy_s,
                              "copy_weights_per_s": n / copy_s, "ratio_to_copy": copy_s / seconds,
+                             "clone_seconds": clone_s, "ratio_to_clone": clone_s / seconds,
                              "first_call_extra_seconds": first - seconds})
                 print(f"{describe(config):28s} {path:10s} {ran:8s} {n / seconds / 1e6:8.1f} M weights/s  "
-                      f"({copy_s / seconds:.3f} x a plain copy; first call +{first - seconds:.1f} s)", flush=True)
+                      f"({copy_s / seconds:.3f} x a copy, {clone_s / seconds:.3f} x a clone; "
+                      f"first call +{first - seconds:.1f} s)", flush=True)
     kernels.set_compile(None)
+    native.set_enabled(None)
     return rows
+
+
+def _ran(mode: str) -> str:
+    if mode == "native" and native.library() is None:
+        return "eager (no C compiler)"
+    if mode == "compiled" and kernels.compile_failed():
+        return "eager (compile failed)"
+    return mode
 
 
 def bench_load(lm, repeats: int) -> dict:
@@ -133,7 +148,8 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--model", default="smollm2-135m", help="a model name/path, or 'tiny'")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--modes", default="compiled,eager", help="kernels to time: compiled, eager or both")
+    ap.add_argument("--modes", default="native,compiled,eager",
+                    help="kernels to time, comma-separated: native (C), compiled (torch.compile), eager (torch)")
     ap.add_argument("--no-load", action="store_true", help="skip the load-time benchmark")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "quantize.json"))
     args = ap.parse_args()

@@ -150,14 +150,24 @@ def test_pack_bits_is_the_lsb_first_bit_stream(bits, n):
     assert torch.equal(unpack_bits(expected, bits, n), codes)
 
 
-def test_write_back_false_leaves_the_weights_and_gives_the_same_codes():
+def _use_native(on: bool) -> None:
+    """The API tests below run with the native kernels (``quant/native.py``) on and off."""
+    native.set_enabled(None if on else False)
+    if on and native.library() is None:
+        pytest.skip("no C compiler here: the native kernels are off")
+
+
+@pytest.mark.parametrize("native_on", [False, True])
+def test_write_back_false_leaves_the_weights_and_gives_the_same_codes(native_on):
     from superweight.synthetic import tiny_model
 
+    _use_native(native_on)
     model = tiny_model("LlamaForCausalLM")
     before = {k: v.clone() for k, v in model.state_dict().items()}
     dry = quantize(model, RTN(bits=4, group=32), write_back=False)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items()) and not dry.sqnr_db
     wet = quantize(model, RTN(bits=4, group=32))
+    assert all((qt.packed is not None) == native_on for qt in dry.tensors.values())  # one native pass: packed codes
     for key, qt in dry.tensors.items():
         other = wet.tensors[key]
         assert torch.equal(qt.codes, other.codes) and torch.equal(qt.scale, other.scale) and torch.equal(qt.zero, other.zero)
@@ -173,10 +183,12 @@ def _tiny_lm():
     return LoadedModel(model, byte_tokenizer(), get_arch(model), "tiny", "tiny")
 
 
-@pytest.mark.parametrize("config", [RTN(bits=4, block=1000, clip=ZScore(4)), RTN(bits=3, group=24)])
-def test_artifact_written_without_write_back_loads_as_the_fake_quantized_model(tmp_path, config):
+@pytest.mark.parametrize("native_on", [False, True])
+@pytest.mark.parametrize("config", [RTN(bits=4, block=1000, clip=ZScore(4)), RTN(bits=3, group=24), RTN(bits=4, group=20)])
+def test_artifact_written_without_write_back_loads_as_the_fake_quantized_model(tmp_path, config, native_on):
     from superweight.export import export_artifact, load_quantized
 
+    _use_native(native_on)
     lm = _tiny_lm()
     before = {k: v.clone() for k, v in lm.model.state_dict().items()}
     export_artifact(lm, config, keep=[(1, 5, 17)], out=tmp_path / "a", write_back=False)
@@ -188,12 +200,14 @@ def test_artifact_written_without_write_back_loads_as_the_fake_quantized_model(t
         assert torch.equal(got[name], tensor), name
 
 
-def test_cli_artifact_is_the_fake_quantized_model(tmp_path):
+@pytest.mark.parametrize("native_on", [False, True])
+def test_cli_artifact_is_the_fake_quantized_model(tmp_path, native_on):
     from typer.testing import CliRunner
 
     from superweight.cli import app
     from superweight.export import load_quantized
 
+    _use_native(native_on)
     lm = _tiny_lm()
     lm.model.save_pretrained(tmp_path / "m")
     lm.tokenizer.save_pretrained(tmp_path / "m")

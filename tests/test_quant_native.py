@@ -159,3 +159,23 @@ def test_without_a_compiler_the_quantizer_runs_in_torch(monkeypatch, caplog):
     for key, qt in want.tensors.items():
         other = got.tensors[key]
         assert torch.equal(qt.codes, other.codes) and torch.equal(qt.scale, other.scale) and torch.equal(qt.zero, other.zero)
+
+
+@pytest.mark.parametrize("seed", range(0, 60, 7))
+def test_dense_is_bitwise_the_torch_kernels(seed):
+    x, size, bits, param_dtype, bounds = _case(seed)
+    codes, scale, zero = native.rtn_minmax(x, size, 2**bits - 1, param_dtype, bounds)
+    got = native.rtn_dense(codes, size, scale, zero)
+    want = kernels.dense(codes, size, UniformGrid(bits, param_dtype), scale, zero)
+    assert torch.equal(_bits(got), _bits(want))
+
+
+def test_sqnr_sums_match_torch():
+    from superweight.quant.primitives import sqnr
+
+    x = torch.randn(1000, 333, generator=torch.Generator().manual_seed(3))
+    y = x + 0.01 * torch.randn(x.shape, generator=torch.Generator().manual_seed(4))
+    got = sqnr(x, y)
+    native.set_enabled(False)
+    assert got == pytest.approx(sqnr(x, y), abs=1e-6)
+    assert sqnr(x, x) == float("inf")

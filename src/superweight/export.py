@@ -76,7 +76,7 @@ def sparse_bytes(qt: QuantizedTensor) -> int:
 
 
 def pack_tensor(key: str, qt: QuantizedTensor, param_dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    out = handler(qt.kind).pack(key, qt.codes, qt.scale, qt.zero, qt.bits, param_dtype)
+    out = handler(qt.kind).pack(key, qt.packed_codes(), qt.scale, qt.zero, param_dtype)
     if qt.sparse_idx.numel():
         out[f"{key}{SEP}sparse_idx"] = qt.sparse_idx.to(torch.int32)
         out[f"{key}{SEP}sparse_val"] = qt.sparse_val.to(sparse_dtype(qt.sparse_val)).contiguous()

@@ -171,7 +171,7 @@ def quantize(
     result = QuantResult(config, {}, {}, {})
     for name, module in modules.items():
         w = out_in(module, arch)
-        qt = quantize_tensor(w, config, keeps.get(name), param_dtype, fit_weights=care.get(name))
+        qt = quantize_tensor(w, config, keeps.get(name), param_dtype, fit_weights=care.get(name), packed=not write_back)
         key = f"{name}.weight"
         if write_back:
             w_hat = qt.dequantize(w.dtype)

@@ -1,15 +1,16 @@
 /* superweight's native CPU kernels: min/max RTN in one pass over the weights, and bit packing.
  *
- * Built on first use by quant/native.py (gcc -O3 -march=native, no -ffast-math: every float
- * operation is the IEEE one torch computes, in the same order), called through ctypes (the GIL is
- * released, so Python threads split the work). Each function is bitwise the torch reference it
- * replaces (quant/kernels.py and quant/search.py for RTN, quant/pack.py for packing); the tests check
- * it. A return value of 1 means "not finite" (a NaN or inf weight, or a parameter that overflows
+ * Built on first use by quant/native.py (gcc -O3 -march=native -fopenmp, no -ffast-math: every
+ * float operation is the IEEE one torch computes, in the same order), called through ctypes; the
+ * loops over runs / chunks run on `threads` OpenMP threads (torch's own runtime where it is
+ * libgomp.so.1, so its warm threads), and every result is the same for any thread count. Each
+ * function is bitwise the torch reference it replaces (quant/kernels.py and quant/search.py for RTN,
+ * quant/pack.py for packing); the tests check it. A return value of 1 means "not finite" (a NaN or inf weight, or a parameter that overflows
  * float16): the caller then runs the torch path, which raises its own one-line error.
  */
 #include <stdint.h>
 #include <string.h>
-#ifdef __AVX2__
+#if defined(__AVX2__) || defined(__BMI2__)
 #include <immintrin.h>
 #endif
 
@@ -69,7 +70,21 @@ static inline int run_range(const float *v, int64_t n, float *plo, float *phi) {
     float lo = v[0], hi = v[0];
     int nan = 0;
     int64_t i = 0;
-#ifdef __AVX2__
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+    if (n >= 16) {
+        __m512 l = _mm512_loadu_ps(v), h = l;
+        __mmask16 bad = 0;
+        for (; i + 16 <= n; i += 16) {
+            __m512 a = _mm512_loadu_ps(v + i);
+            l = _mm512_min_ps(a, l); /* NaN a: keeps l; caught by bad */
+            h = _mm512_max_ps(a, h);
+            bad |= _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q);
+        }
+        nan = bad != 0;
+        lo = _mm512_reduce_min_ps(l);
+        hi = _mm512_reduce_max_ps(h);
+    }
+#elif defined(__AVX2__)
     if (n >= 8) {
         __m256 l = _mm256_loadu_ps(v), h = l, bad = _mm256_setzero_ps();
         for (; i + 8 <= n; i += 8) {
@@ -78,10 +93,12 @@ static inline int run_range(const float *v, int64_t n, float *plo, float *phi) {
             h = _mm256_max_ps(a, h);
             bad = _mm256_or_ps(bad, _mm256_cmp_ps(a, a, _CMP_UNORD_Q));
         }
-        float ls[8], hs[8];
-        _mm256_storeu_ps(ls, l); _mm256_storeu_ps(hs, h);
         nan = _mm256_movemask_ps(bad) != 0;
-        for (int k = 0; k < 8; k++) { lo = ls[k] < lo ? ls[k] : lo; hi = hs[k] > hi ? hs[k] : hi; }
+        __m128 l4 = _mm_min_ps(_mm256_castps256_ps128(l), _mm256_extractf128_ps(l, 1));
+        __m128 h4 = _mm_max_ps(_mm256_castps256_ps128(h), _mm256_extractf128_ps(h, 1));
+        l4 = _mm_min_ps(l4, _mm_movehl_ps(l4, l4)); h4 = _mm_max_ps(h4, _mm_movehl_ps(h4, h4));
+        l4 = _mm_min_ss(l4, _mm_shuffle_ps(l4, l4, 1)); h4 = _mm_max_ss(h4, _mm_shuffle_ps(h4, h4, 1));
+        lo = _mm_cvtss_f32(l4); hi = _mm_cvtss_f32(h4);
     }
 #endif
     for (; i < n; i++) {
@@ -98,7 +115,17 @@ static inline int run_range(const float *v, int64_t n, float *plo, float *phi) {
 static inline void run_codes(const float *v, int64_t n, float z, float s, float q, int bounded, float b0, float b1,
                              uint8_t *out) {
     int64_t i = 0;
-#ifdef __AVX2__
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+    const __m512 zv = _mm512_set1_ps(z), sv = _mm512_set1_ps(s), qv = _mm512_set1_ps(q), zero = _mm512_setzero_ps();
+    const __m512 lov = _mm512_set1_ps(b0), hiv = _mm512_set1_ps(b1);
+    for (; i + 16 <= n; i += 16) {
+        __m512 a = _mm512_loadu_ps(v + i);
+        if (bounded) a = _mm512_min_ps(_mm512_max_ps(a, lov), hiv);
+        a = _mm512_roundscale_ps(_mm512_div_ps(_mm512_sub_ps(a, zv), sv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        a = _mm512_min_ps(_mm512_max_ps(a, zero), qv);
+        _mm_storeu_si128((__m128i *)(out + i), _mm512_cvtusepi32_epi8(_mm512_cvtps_epi32(a)));
+    }
+#elif defined(__AVX2__)
     const __m256 zv = _mm256_set1_ps(z), sv = _mm256_set1_ps(s), qv = _mm256_set1_ps(q), zero = _mm256_setzero_ps();
     const __m256 lov = _mm256_set1_ps(b0), hiv = _mm256_set1_ps(b1);
     const __m256i order = _mm256_setr_epi32(0, 4, 1, 5, 2, 6, 3, 7);
@@ -120,15 +147,71 @@ static inline void run_codes(const float *v, int64_t n, float z, float s, float 
     }
 }
 
-/* Min/max RTN of the runs [first, last) of x ([rows, row_len], runs of `size`, the last of each
+/* pack.pack_bits of the n codes c[0..n), c[0] starting a byte of out: the LSB-first stream of
+ * `bits`-bit codes, every 8 codes filling `bits` bytes. */
+#ifdef __BMI2__ /* one pext per 8 codes: their low BITS bits each, side by side */
+#define PACK_LOOP(BITS)                                                              \
+    for (const uint64_t mask = 0x0101010101010101ULL * ((1u << BITS) - 1); i + 8 <= n; i += 8) { \
+        uint64_t w;                                                                  \
+        memcpy(&w, c + i, 8);                                                        \
+        w = _pext_u64(w, mask);                                                      \
+        memcpy(out + i / 8 * BITS, &w, BITS);                                        \
+    }
+#else
+#define PACK_LOOP(BITS)                                                              \
+    for (; i + 8 <= n; i += 8) {                                                  \
+        uint64_t acc = 0;                                                            \
+        for (int k = 0; k < 8; k++) acc |= (uint64_t)c[i + k] << (k * BITS);         \
+        memcpy(out + i / 8 * BITS, &acc, BITS);                                      \
+    }
+#endif
+
+static inline int pack_octets(const uint8_t *c, int64_t n, int bits, uint8_t *out) {
+    int64_t i = 0;
+    switch (bits) {
+        case 1: PACK_LOOP(1) break;
+        case 2: PACK_LOOP(2) break;
+        case 3: PACK_LOOP(3) break;
+        case 4: PACK_LOOP(4) break;
+        case 5: PACK_LOOP(5) break;
+        case 6: PACK_LOOP(6) break;
+        case 7: PACK_LOOP(7) break;
+        default: return 1;
+    }
+    if (i < n) { /* the stream's last, partial octet: ceil(rest * bits / 8) bytes */
+        uint64_t acc = 0;
+        for (int k = 0; i + k < n; k++) acc |= (uint64_t)c[i + k] << (k * bits);
+        memcpy(out + i / 8 * bits, &acc, ((n - i) * bits + 7) / 8);
+    }
+    return 0;
+}
+
+/* pack.pack_bits of the n codes c into out, blocks of PACK_BLOCK codes on `threads` threads */
+#define PACK_BLOCK (1 << 16)
+int sw_pack_bits(const uint8_t *c, int64_t n, int bits, uint8_t *out, int threads) {
+    const int64_t blocks = (n + PACK_BLOCK - 1) / PACK_BLOCK;
+    int bad = 0;
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(| : bad)
+    for (int64_t b = 0; b < blocks; b++) {
+        const int64_t m = n - b * PACK_BLOCK < PACK_BLOCK ? n - b * PACK_BLOCK : PACK_BLOCK;
+        bad |= pack_octets(c + b * PACK_BLOCK, m, bits, out + b * (PACK_BLOCK / 8) * bits);
+    }
+    return bad;
+}
+
+#define PACK_CHUNK 1024 /* codes a run packs at a time (a multiple of 8) */
+
+/* Min/max RTN of all runs of x ([rows, row_len], runs of `size`, the last of each
  * row maybe shorter; run j is row j / runs, column (j % runs) * size). bounds: NULL or the clip
  * range [2], applied to every value first. Parameters go to scale/zero ([rows, runs], float16 bits
- * when param_half, else float32), codes (uint8) to codes at the values' own positions. */
-int sw_rtn_minmax(const float *x, int64_t row_len, int64_t size, int qmax, const float *bounds,
-                  int param_half, void *scale, void *zero, uint8_t *codes, int64_t first, int64_t last) {
-    const int64_t runs = (row_len + size - 1) / size;
+ * when param_half, else float32), codes (uint8) to codes at the values' own positions; or, when
+ * pack_bits > 0 (row_len and size multiples of 8, so every run is whole bytes of the stream), straight
+ * into the packed stream codes (pack.pack_bits at pack_bits bits), never stored one per byte. */
+static int rtn_run(const float *x, int64_t row_len, int64_t size, int64_t runs, int qmax, const float *bounds,
+                   int param_half, void *scale, void *zero, uint8_t *codes, int pack_bits, int64_t j) {
+    uint8_t buf[PACK_CHUNK];
     const float b0 = bounds ? bounds[0] : 0.0f, b1 = bounds ? bounds[1] : 0.0f;
-    for (int64_t j = first; j < last; j++) {
+    {
         const int64_t row = j / runs, col = (j % runs) * size;
         const int64_t n = row_len - col < size ? row_len - col : size;
         const float *v = x + row * row_len + col;
@@ -143,45 +226,37 @@ int sw_rtn_minmax(const float *x, int64_t row_len, int64_t size, int qmax, const
             if (params_float(lo, hi, qmax, &s, &z)) return 1;
             ((float *)scale)[j] = s; ((float *)zero)[j] = z;
         }
-        run_codes(v, n, z, s, (float)qmax, bounds != NULL, b0, b1, codes + row * row_len + col);
+        const int64_t at = row * row_len + col;
+        if (!pack_bits) {
+            run_codes(v, n, z, s, (float)qmax, bounds != NULL, b0, b1, codes + at);
+            return 0;
+        }
+        for (int64_t off = 0; off < n; off += PACK_CHUNK) {
+            const int64_t m = n - off < PACK_CHUNK ? n - off : PACK_CHUNK;
+            run_codes(v + off, m, z, s, (float)qmax, bounds != NULL, b0, b1, buf);
+            if (pack_octets(buf, m, pack_bits, codes + (at + off) / 8 * pack_bits)) return 1;
+        }
     }
     return 0;
 }
 
-/* pack.pack_bits for the codes [first, last) (first a multiple of 8): the LSB-first stream of
- * `bits`-bit codes, every 8 codes filling `bits` bytes of out (which starts at code 0). */
-#define PACK_LOOP(BITS)                                                              \
-    for (; i + 8 <= last; i += 8) {                                                  \
-        uint64_t acc = 0;                                                            \
-        for (int k = 0; k < 8; k++) acc |= (uint64_t)c[i + k] << (k * BITS);         \
-        memcpy(out + i / 8 * BITS, &acc, BITS);                                      \
-    }
-
-int sw_pack_bits(const uint8_t *c, int bits, uint8_t *out, int64_t first, int64_t last) {
-    int64_t i = first;
-    switch (bits) {
-        case 1: PACK_LOOP(1) break;
-        case 2: PACK_LOOP(2) break;
-        case 3: PACK_LOOP(3) break;
-        case 4: PACK_LOOP(4) break;
-        case 5: PACK_LOOP(5) break;
-        case 6: PACK_LOOP(6) break;
-        case 7: PACK_LOOP(7) break;
-        default: return 1;
-    }
-    if (i < last) { /* the stream's last, partial octet: ceil(rest * bits / 8) bytes */
-        uint64_t acc = 0;
-        for (int k = 0; i + k < last; k++) acc |= (uint64_t)c[i + k] << (k * bits);
-        memcpy(out + i / 8 * bits, &acc, ((last - i) * bits + 7) / 8);
-    }
-    return 0;
+int sw_rtn_minmax(const float *x, int64_t rows, int64_t row_len, int64_t size, int qmax, const float *bounds,
+                  int param_half, void *scale, void *zero, uint8_t *codes, int pack_bits, int threads) {
+    const int64_t runs = (row_len + size - 1) / size, total = rows * runs;
+    int bad = 0;
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(| : bad)
+    for (int64_t j = 0; j < total; j++)
+        bad |= rtn_run(x, row_len, size, runs, qmax, bounds, param_half, scale, zero, codes, pack_bits, j);
+    return bad;
 }
 
-/* Sum and sum of squares (float64) of x's chunks [first, last) of `chunk` values each (the last
- * maybe shorter): sums[2 * c] and sums[2 * c + 1] for chunk c. Fixed order inside a chunk, so the
- * caller's exact sum over chunks is the same for any thread count. */
-void sw_sum_squares(const float *x, int64_t n, int64_t chunk, double *sums, int64_t first, int64_t last) {
-    for (int64_t c = first; c < last; c++) {
+/* Sum and sum of squares (float64) of x's chunks of `chunk` values each (the last maybe shorter):
+ * sums[2 * c] and sums[2 * c + 1] for chunk c. Fixed order inside a chunk, so the caller's exact
+ * sum over chunks is the same for any thread count. */
+void sw_sum_squares(const float *x, int64_t n, int64_t chunk, double *sums, int threads) {
+    const int64_t chunks = (n + chunk - 1) / chunk;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t c = 0; c < chunks; c++) {
         const float *v = x + c * chunk;
         const int64_t m = n - c * chunk < chunk ? n - c * chunk : chunk;
         double s = 0.0, q = 0.0;
@@ -199,5 +274,46 @@ void sw_sum_squares(const float *x, int64_t n, int64_t chunk, double *sums, int6
 #endif
         for (; i < m; i++) { double a = v[i]; s += a; q += a * a; }
         sums[2 * c] = s; sums[2 * c + 1] = q;
+    }
+}
+
+/* The artifact's dequantization (search.UniformGrid.levels_: q * scale + zero, a float32 multiply
+ * then an add, never fused: built with -ffp-contract=off) of every run, into out. */
+void sw_rtn_dense(const uint8_t *codes, int64_t rows, int64_t row_len, int64_t size, int param_half, const void *scale,
+                  const void *zero, float *out, int threads) {
+    const int64_t runs = (row_len + size - 1) / size, total = rows * runs;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t j = 0; j < total; j++) {
+        const int64_t row = j / runs, col = (j % runs) * size;
+        const int64_t n = row_len - col < size ? row_len - col : size;
+        const float s = param_half ? (float)bits_half(((const uint16_t *)scale)[j]) : ((const float *)scale)[j];
+        const float z = param_half ? (float)bits_half(((const uint16_t *)zero)[j]) : ((const float *)zero)[j];
+        const uint8_t *q = codes + row * row_len + col;
+        float *o = out + row * row_len + col;
+        for (int64_t i = 0; i < n; i++) o[i] = (float)q[i] * s + z;
+    }
+}
+
+/* SQNR's sums over the chunks of `chunk` values: sum x^2 and sum (y - x)^2, float64 */
+void sw_sqnr_sums(const float *x, const float *y, int64_t n, int64_t chunk, double *sums, int threads) {
+    const int64_t chunks = (n + chunk - 1) / chunk;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t c = 0; c < chunks; c++) {
+        const int64_t off = c * chunk, m = n - off < chunk ? n - off : chunk;
+        double sig = 0.0, noise = 0.0;
+        int64_t i = 0;
+#ifdef __AVX2__
+        __m256d s0 = _mm256_setzero_pd(), q0 = s0;
+        for (; i + 4 <= m; i += 4) {
+            __m256d a = _mm256_cvtps_pd(_mm_loadu_ps(x + off + i));
+            __m256d d = _mm256_sub_pd(_mm256_cvtps_pd(_mm_loadu_ps(y + off + i)), a);
+            s0 = _mm256_add_pd(s0, _mm256_mul_pd(a, a)); q0 = _mm256_add_pd(q0, _mm256_mul_pd(d, d));
+        }
+        double ss[4], qs[4];
+        _mm256_storeu_pd(ss, s0); _mm256_storeu_pd(qs, q0);
+        sig = (ss[0] + ss[1]) + (ss[2] + ss[3]); noise = (qs[0] + qs[1]) + (qs[2] + qs[3]);
+#endif
+        for (; i < m; i++) { double a = x[off + i], d = (double)y[off + i] - a; sig += a * a; noise += d * d; }
+        sums[2 * c] = sig; sums[2 * c + 1] = noise;
     }
 }

@@ -10,9 +10,13 @@ those of ``quant/kernels.py`` and ``pack.pack_bits`` (``tests/test_quant_native.
 ties, signed zeros and float16 edge cases included).
 
 The library is compiled on first use with the C compiler the machine has (``$CC`` or ``cc``,
-``-O3 -march=native``, about a second) into ``$SUPERWEIGHT_CACHE`` (default
-``~/.cache/superweight``), keyed by the source, the flags and the CPU. Calls release the GIL, so
-the runs of a large tensor are split over ``torch.get_num_threads()`` Python threads. If there is
+``-O3 -march=native -fopenmp``, about a second) into ``$SUPERWEIGHT_CACHE`` (default
+``~/.cache/superweight``), keyed by the source, the flags and the CPU. Each call runs its loop on
+``torch.get_num_threads()`` OpenMP threads (one for small calls). The library links
+``libgomp.so.1``, the name of the runtime torch's Linux wheels load, so the dynamic linker hands it
+torch's runtime and its warm threads (Python threads were tried first: waking a pool thread cost
+~0.4 ms in this 2-core VM, more than a whole 1536x576 matrix takes). Without OpenMP it builds
+without, on one thread. If there is
 no compiler, or ``SUPERWEIGHT_NATIVE=0``, or the tensor is not a contiguous float32 CPU tensor,
 callers get ``None`` and run the torch path: same results, slower, never an error. A non-finite
 weight or parameter also returns ``None``, so the torch path raises its own error.
@@ -28,7 +32,6 @@ import platform
 import shutil
 import subprocess
 import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
@@ -36,10 +39,11 @@ import torch
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("native.c")
-FLAGS = ("-O3", "-march=native", "-fPIC", "-shared", "-std=gnu11", "-fno-strict-aliasing")
-PARALLEL_MIN_NUMEL = 1 << 18  # below this a tensor runs on one thread
+FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fPIC", "-shared", "-std=gnu11", "-fno-strict-aliasing")
+OPENMP = ("-fopenmp",)  # tried first; without it every call runs on one thread
+PARALLEL_MIN_NUMEL = 1 << 16  # below this a call runs on one thread
 _ENV = "SUPERWEIGHT_NATIVE"
-_state: dict = {"lib": None, "tried": False, "pool": None}
+_state: dict = {"lib": None, "tried": False}
 
 
 def _cpu_key() -> str:
@@ -51,9 +55,17 @@ def _cpu_key() -> str:
 
 
 def _cache_dir() -> Path:
-    root = os.environ.get("SUPERWEIGHT_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "superweight")
-    return Path(root)
+    """``$SUPERWEIGHT_CACHE``, else ``$XDG_CACHE_HOME/superweight`` or ``~/.cache/superweight``; a
+    per-user folder under the temporary directory when that cannot be created."""
+    root = Path(os.environ.get("SUPERWEIGHT_CACHE") or os.path.join(
+        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "superweight"))
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        if os.access(root, os.W_OK):
+            return root
+    except OSError:
+        pass
+    return Path(tempfile.gettempdir()) / f"superweight-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
 
 
 def _build(compiler: str, flags: tuple[str, ...]) -> Path:
@@ -82,12 +94,14 @@ def load(flags: tuple[str, ...] = FLAGS) -> ctypes.CDLL:
     if compiler is None:
         raise OSError("no C compiler (cc, gcc or $CC) on PATH")
     lib = ctypes.CDLL(str(_build(compiler, flags)))
-    i64, ptr = ctypes.c_int64, ctypes.c_void_p
-    lib.sw_rtn_minmax.argtypes = [ptr, i64, i64, ctypes.c_int, ptr, ctypes.c_int, ptr, ptr, ptr, i64, i64]
-    lib.sw_pack_bits.argtypes = [ptr, ctypes.c_int, ptr, i64, i64]
-    lib.sw_sum_squares.argtypes = [ptr, i64, i64, ptr, i64, i64]
+    i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
+    lib.sw_rtn_minmax.argtypes = [ptr, i64, i64, i64, i32, ptr, i32, ptr, ptr, ptr, i32, i32]
+    lib.sw_pack_bits.argtypes = [ptr, i64, i32, ptr, i32]
+    lib.sw_sum_squares.argtypes = [ptr, i64, i64, ptr, i32]
+    lib.sw_rtn_dense.argtypes = [ptr, i64, i64, i64, i32, ptr, ptr, ptr, i32]
+    lib.sw_sqnr_sums.argtypes = [ptr, ptr, i64, i64, ptr, i32]
     lib.sw_rtn_minmax.restype = lib.sw_pack_bits.restype = ctypes.c_int
-    lib.sw_sum_squares.restype = None
+    lib.sw_sum_squares.restype = lib.sw_rtn_dense.restype = lib.sw_sqnr_sums.restype = None
     return lib
 
 
@@ -103,7 +117,10 @@ def library() -> ctypes.CDLL | None:
     if not _state["tried"]:
         _state["tried"] = True
         try:
-            _state["lib"] = load()
+            try:
+                _state["lib"] = load(FLAGS + OPENMP)
+            except (OSError, subprocess.SubprocessError):  # no OpenMP here: one thread
+                _state["lib"] = load(FLAGS)
         except (OSError, subprocess.SubprocessError) as exc:
             detail = getattr(exc, "stderr", None) or str(exc)
             log.warning("superweight's native kernels are unavailable (%s); the quantizer runs in torch (slower, same results)",
@@ -111,21 +128,9 @@ def library() -> ctypes.CDLL | None:
     return _state["lib"]
 
 
-def _spans(total: int, numel: int, align: int = 1) -> list[tuple[int, int]]:
-    """``[0, total)`` cut into one span per thread (cut points multiples of ``align``)."""
-    parts = torch.get_num_threads() if numel >= PARALLEL_MIN_NUMEL else 1
-    step = max(1, -(-total // max(1, parts)))
-    step = -(-step // align) * align
-    return [(a, min(total, a + step)) for a in range(0, total, step)] or [(0, 0)]
-
-
-def _run_spans(fn, spans: list[tuple[int, int]]) -> bool:
-    """``fn(first, last)`` over the spans (threads when more than one); True when all returned 0."""
-    if len(spans) == 1:
-        return fn(*spans[0]) == 0
-    if _state["pool"] is None:
-        _state["pool"] = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="superweight-native")
-    return all(code == 0 for code in _state["pool"].map(lambda span: fn(*span), spans))
+def _threads(numel: int) -> int:
+    """Threads for a call on ``numel`` elements: torch's intra-op count, one for small calls."""
+    return torch.get_num_threads() if numel >= PARALLEL_MIN_NUMEL else 1
 
 
 def _usable(x: torch.Tensor) -> bool:
@@ -133,25 +138,28 @@ def _usable(x: torch.Tensor) -> bool:
 
 
 def rtn_minmax(x2: torch.Tensor, size: int, qmax: int, param_dtype: torch.dtype, bounds: torch.Tensor | None,
-               ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+               pack_bits: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """Min/max RTN of ``x2`` (``[rows, row_len]`` float32) in runs of ``size``: ``(codes uint8
     [rows, row_len], scale, zero [rows, runs] in param_dtype)``, bitwise ``search.UniformGrid``'s
-    minmax + codes; None when the native path does not apply (see the module doc)."""
+    minmax + codes. ``pack_bits`` (1-7): the codes come packed instead (``pack.pack_bits``), never
+    stored one per byte; that needs ``row_len`` and ``size`` multiples of 8. None when the native
+    path does not apply (see the module doc)."""
     lib = library()
     if lib is None or not _usable(x2) or x2.dim() != 2 or param_dtype not in (torch.float16, torch.float32):
         return None
+    rows, row_len = x2.shape
+    if pack_bits and not (1 <= pack_bits <= 7 and row_len % 8 == 0 and size % 8 == 0 and 2**pack_bits > qmax):
+        return None
     if bounds is not None:
         bounds = bounds.detach().to(device="cpu", dtype=torch.float32).contiguous()
-    rows, row_len = x2.shape
     runs = -(-row_len // size)
-    codes = torch.empty((rows, row_len), dtype=torch.uint8)
+    codes = torch.empty(rows * row_len * pack_bits // 8 if pack_bits else (rows, row_len), dtype=torch.uint8)
     scale = torch.empty((rows, runs), dtype=param_dtype)
     zero = torch.empty((rows, runs), dtype=param_dtype)
-    args = (x2.data_ptr(), row_len, size, qmax, None if bounds is None else bounds.data_ptr(),
-            int(param_dtype == torch.float16), scale.data_ptr(), zero.data_ptr(), codes.data_ptr())
-    if not _run_spans(lambda a, b: lib.sw_rtn_minmax(*args, a, b), _spans(rows * runs, x2.numel())):
-        return None
-    return codes, scale, zero
+    bad = lib.sw_rtn_minmax(x2.data_ptr(), rows, row_len, size, qmax, None if bounds is None else bounds.data_ptr(),
+                            int(param_dtype == torch.float16), scale.data_ptr(), zero.data_ptr(), codes.data_ptr(),
+                            pack_bits, _threads(x2.numel()))
+    return None if bad else (codes, scale, zero)
 
 
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor | None:
@@ -162,25 +170,53 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor | None:
     c = codes.reshape(-1).contiguous()
     n = c.numel()
     out = torch.empty(-(-n * bits // 8), dtype=torch.uint8)
-    if not _run_spans(lambda a, b: lib.sw_pack_bits(c.data_ptr(), bits, out.data_ptr(), a, b), _spans(n, n, 8)):
-        return None
-    return out
+    return None if lib.sw_pack_bits(c.data_ptr(), n, bits, out.data_ptr(), _threads(n)) else out
 
 
 SUM_CHUNK = 1 << 16
 
 
+def _chunked_sums(kernel, n: int, *tensors: torch.Tensor) -> tuple[float, float]:
+    """Two float64 sums per fixed-size chunk (``kernel(*ptrs, n, chunk, sums, first, last)``), each
+    chunk in a fixed order, the chunks added exactly (``math.fsum``): the same for any thread count."""
+    chunks = max(1, -(-n // SUM_CHUNK))
+    sums = torch.zeros(2 * chunks, dtype=torch.float64)
+    if n:
+        kernel(*(t.data_ptr() for t in tensors), n, SUM_CHUNK, sums.data_ptr(), _threads(n))
+    pairs = sums.view(-1, 2).tolist()
+    return math.fsum(p[0] for p in pairs), math.fsum(p[1] for p in pairs)
+
+
 def sum_squares(x: torch.Tensor) -> tuple[float, float] | None:
-    """``(sum x, sum x^2)`` of a float32 CPU tensor in float64: fixed-size chunks summed in a fixed
-    order, then added exactly (``math.fsum``), so the result does not depend on the thread count;
-    None when the native path does not apply."""
+    """``(sum x, sum x^2)`` of a float32 CPU tensor in float64; None when the native path does not apply."""
     lib = library()
     if lib is None or not _usable(x):
         return None
-    n = x.numel()
-    chunks = max(1, -(-n // SUM_CHUNK))
-    sums = torch.zeros(2 * chunks, dtype=torch.float64)
-    _run_spans(lambda a, b: lib.sw_sum_squares(x.data_ptr(), n, SUM_CHUNK, sums.data_ptr(), a, b) or 0,
-               _spans(chunks if n else 0, n))
-    pairs = sums.view(-1, 2).tolist()
-    return math.fsum(p[0] for p in pairs), math.fsum(p[1] for p in pairs)
+    return _chunked_sums(lib.sw_sum_squares, x.numel(), x)
+
+
+def sqnr_sums(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float] | None:
+    """``(sum x^2, sum (y - x)^2)`` in float64 of two float32 CPU tensors of one shape, or None."""
+    lib = library()
+    if lib is None or not (_usable(x) and _usable(y)) or x.shape != y.shape:
+        return None
+    return _chunked_sums(lib.sw_sqnr_sums, x.numel(), x, y)
+
+
+def rtn_dense(codes2: torch.Tensor, size: int, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor | None:
+    """``codes * scale + zero`` per run (``search.UniformGrid.levels_``), float32 ``[rows, row_len]``,
+    bitwise the torch kernels; None when the native path does not apply."""
+    lib = library()
+    if (lib is None or codes2.device.type != "cpu" or codes2.dtype != torch.uint8 or codes2.dim() != 2
+            or scale.dtype != zero.dtype or scale.dtype not in (torch.float16, torch.float32)
+            or scale.device.type != "cpu" or zero.device.type != "cpu"):
+        return None
+    rows, row_len = codes2.shape
+    runs = -(-row_len // size)
+    c, s, z = codes2.contiguous(), scale.contiguous(), zero.contiguous()
+    if s.shape != (rows, runs) or z.shape != (rows, runs):
+        return None
+    out = torch.empty((rows, row_len), dtype=torch.float32)
+    lib.sw_rtn_dense(c.data_ptr(), rows, row_len, size, int(s.dtype == torch.float16), s.data_ptr(), z.data_ptr(),
+                     out.data_ptr(), _threads(c.numel()))
+    return out

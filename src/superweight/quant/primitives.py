@@ -29,17 +29,37 @@ from .schemes import handler
 class QuantizedTensor:
     """Codes (one uint8 per element, tensor order), per-run parameters and a sparse exact part.
 
-    ``kind`` names the scheme handler (``quant/schemes.py``) that dequantizes, packs and sizes it."""
+    ``kind`` names the scheme handler (``quant/schemes.py``) that dequantizes, packs and sizes it.
+    The codes may be held packed only (``packed``: the stream the artifact stores, as
+    ``quantize(..., write_back=False)`` makes them in one pass); ``codes`` unpacks them on first use."""
 
     kind: str  # "rtn", "rtn_z8", "nf4" or "ternary"
     bits: int  # code width before packing (ternary: 2 levels-bits, packed at 1.6)
     shape: tuple[int, ...]
     layout: Layout
-    codes: torch.Tensor  # uint8 [numel]
+    _codes: torch.Tensor | None  # uint8 [numel]; None while only ``packed`` is held
     scale: torch.Tensor  # [rows, runs]
     zero: torch.Tensor | None  # [rows, runs] for "rtn" (float) and "rtn_z8" (int8), else None
     sparse_idx: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
     sparse_val: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+    packed: torch.Tensor | None = None  # the handler's packed codes (``handler.pack_codes``), when made
+
+    def __post_init__(self):
+        if self._codes is None and self.packed is None:
+            raise ValueError("a QuantizedTensor needs its codes, packed or not")
+
+    @property
+    def codes(self) -> torch.Tensor:
+        """uint8 ``[numel]``, one code per element (unpacked from ``packed`` when only that is held)."""
+        if self._codes is None:
+            self._codes = self.handler.unpack_codes(self.packed, self.bits, self.numel).to(self.scale.device)
+        return self._codes
+
+    def packed_codes(self) -> torch.Tensor:
+        """The codes as the artifact stores them (``handler.pack_codes``), packed once."""
+        if self.packed is None:
+            self.packed = self.handler.pack_codes(self._codes, self.bits)
+        return self.packed
 
     @property
     def numel(self) -> int:
@@ -64,13 +84,16 @@ class QuantizedTensor:
 
 
 def sqnr(x: torch.Tensor, x_hat: torch.Tensor) -> float:
-    """Signal-to-quantization-noise ratio in dB (``inf`` for an exact copy); float32 products,
-    float64 sums, one temporary."""
-    x, diff = x.detach().reshape(-1).float(), (x_hat.detach().reshape(-1).float() - x.detach().reshape(-1).float())
-    noise = float(diff.square_().sum(dtype=torch.float64))
+    """Signal-to-quantization-noise ratio in dB (``inf`` for an exact copy): float64 sums, one
+    native pass (``native.sqnr_sums``) or float32 products and one temporary."""
+    x, x_hat = x.detach().reshape(-1), x_hat.detach().reshape(-1)
+    sums = native.sqnr_sums(x, x_hat) if x.dtype == x_hat.dtype == torch.float32 else None
+    if sums is None:
+        x, diff = x.float(), (x_hat.float() - x.float())
+        sums = float(torch.dot(x, x)), float(diff.square_().sum(dtype=torch.float64))
+    signal, noise = sums
     if noise == 0:
         return float("inf")
-    signal = float(torch.dot(x, x))
     return 10.0 * math.log10(signal / noise) if signal > 0 else float("-inf")
 
 
@@ -161,7 +184,7 @@ def _fit_weights(x: torch.Tensor, held: torch.Tensor, fit_weights: torch.Tensor 
 
 def quantize_tensor(
     w: torch.Tensor, config: RTN | Ternary, keep: torch.Tensor | list[int] | None = None,
-    param_dtype: torch.dtype = torch.float16, fit_weights: torch.Tensor | None = None,
+    param_dtype: torch.dtype = torch.float16, fit_weights: torch.Tensor | None = None, packed: bool = False,
 ) -> QuantizedTensor:
     """Quantize ``w`` (``[out, in]`` or any shape) under ``config``.
 
@@ -170,6 +193,8 @@ def quantize_tensor(
     quantization like the rest; under the outlier-aware options (``config.holds_out_of_range``) they
     and the ``config.outliers`` budget's largest other weights leave their group's range.
     ``fit_weights`` (same shape as ``w``) weight the range search's error (``search="mse"``).
+    ``packed=True``: the codes may come packed only (one native pass for min/max RTN, what an
+    artifact needs); ``QuantizedTensor.codes`` unpacks them when asked.
     """
     keep_idx = _kept(w, keep)
     per_channel = getattr(config, "per_channel", False)
@@ -186,9 +211,12 @@ def quantize_tensor(
     m = None
     if isinstance(config, RTN) and config.holds_out_of_range:
         m = _fit_weights(x, keep_idx, fit_weights)
-    codes, scale, zero = handler(config.kind).quantize(x, layout, config, m, param_dtype, bounds)
     bits = 2 if isinstance(config, Ternary) else config.bits
     val = w.detach().reshape(-1)[keep_idx].clone() if keep_idx.numel() else w.new_empty(0)
+    done = handler(config.kind).quantize_packed(x, layout, config, m, param_dtype, bounds) if packed else None
+    if done is not None:
+        return QuantizedTensor(config.kind, bits, tuple(w.shape), layout, None, done[1], done[2], keep_idx, val, done[0])
+    codes, scale, zero = handler(config.kind).quantize(x, layout, config, m, param_dtype, bounds)
     return QuantizedTensor(config.kind, bits, tuple(w.shape), layout, codes, scale, zero, keep_idx, val)
 
 

@@ -58,6 +58,13 @@ class Scheme:
         codes = layout.unpad(q).to(torch.uint8).reshape(-1)
         return codes, params[0], (params[1] if self.has_zero else None)
 
+    def quantize_packed(self, x: torch.Tensor, layout: Layout, config, fit_weights: torch.Tensor | None,
+                        param_dtype: torch.dtype, bounds: torch.Tensor | None = None,
+                        ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None:
+        """``(packed codes, scale, zero)`` in one pass, or None: then ``quantize`` + ``pack_codes``.
+        Only plain min/max INT-N with float parameters has such a pass (``native.rtn_minmax``)."""
+        return None
+
     def _minmax(self, grid: UniformGrid, x2: torch.Tensor, layout: Layout, bounds: torch.Tensor | None):
         """Plain min/max RTN through the native kernel (``quant/native.py``: one pass) where it
         applies, else the fused torch kernels (``quant/kernels.py``: two passes): the same codes and
@@ -76,6 +83,10 @@ class Scheme:
         """Dequantized ``[rows, row_len]`` float32 (the only dequantization there is)."""
         grid = self.grid(bits, scale.dtype)
         params = (scale,) if zero is None else (scale, zero)
+        if type(grid) is UniformGrid and zero is not None:
+            out = native.rtn_dense(layout.view(codes), layout.size, scale, zero)
+            if out is not None:
+                return out
         if isinstance(grid, UniformGrid):  # fused when large; bitwise the eager result
             return kernels.run(kernels.dense, layout.numel, layout.view(codes), layout.size, grid, *params)
         return layout.per_element(lambda q, *p: grid.levels_(q, p), codes.float(), *params)
@@ -96,8 +107,9 @@ class Scheme:
         zero = 0 if not self.has_zero else (self.zero_dtype.itemsize if self.zero_dtype else param_bytes)
         return layout.rows * layout.runs * (param_bytes + zero)
 
-    def pack(self, key: str, codes, scale, zero, bits: int, param_dtype: torch.dtype) -> dict[str, torch.Tensor]:
-        out = {f"{key}{SEP}codes": self.pack_codes(codes, bits).cpu(),
+    def pack(self, key: str, packed: torch.Tensor, scale, zero, param_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+        """The artifact's tensors of one weight: its packed codes (``pack_codes``) and parameters."""
+        out = {f"{key}{SEP}codes": packed.cpu(),
                f"{key}{SEP}scale": scale.to(param_dtype).contiguous().cpu()}
         if self.has_zero:
             out[f"{key}{SEP}zero"] = zero.to(self.zero_dtype or param_dtype).contiguous().cpu()
@@ -124,6 +136,11 @@ class Uniform(Scheme):
 
     def grid(self, bits, param_dtype):
         return UniformGrid(bits, param_dtype)
+
+    def quantize_packed(self, x, layout, config, fit_weights, param_dtype, bounds=None):
+        if fit_weights is not None or config.search != "minmax" or not 1 <= config.bits <= 7:
+            return None
+        return native.rtn_minmax(layout.view(x), layout.size, 2**config.bits - 1, param_dtype, bounds, config.bits)
 
 
 class UniformZ8(Scheme):
