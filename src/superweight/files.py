@@ -14,6 +14,16 @@ from typing import Iterator
 from .errors import SuperweightError
 
 
+def default_cache_dir() -> Path:
+    """superweight's cache (converted GGUF models, the native kernels): ``$SUPERWEIGHT_CACHE``, else
+    ``$XDG_CACHE_HOME/superweight`` or ``~/.cache/superweight``."""
+    env = os.environ.get("SUPERWEIGHT_CACHE")
+    if env:
+        return Path(env).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return Path(base) / "superweight"
+
+
 def check_output(path: str | Path, what: str = "--out", folder: bool = False) -> Path:
     """Refuse, before any work, an output path that cannot be written: a parent that is a file,
     a folder the user cannot write, a file path that is an existing folder (or a folder path that

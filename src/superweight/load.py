@@ -22,7 +22,7 @@ import torch
 from .arch import architecture_name, spec_for_name
 from .checkpoint import check_safetensors
 from .errors import SuperweightError
-from .files import staged_dir, write_text_atomic
+from .files import default_cache_dir, staged_dir, write_text_atomic  # noqa: F401  (default_cache_dir re-exported)
 from .loaded import DTYPES, LoadedModel, parse_dtype  # noqa: F401  (re-exported: load.LoadedModel)
 from .progress import step
 
@@ -38,14 +38,6 @@ BUILTIN_MODELS: dict[str, tuple[str, str | None]] = {
 }
 
 _HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def default_cache_dir() -> Path:
-    env = os.environ.get("SUPERWEIGHT_CACHE")
-    if env:
-        return Path(env).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return Path(base) / "superweight"
 
 
 def builtin_path(name: str) -> Path:

@@ -19,7 +19,7 @@ from ..ablate import as_coords
 from ..arch import ArchSpec, get_arch
 from ..errors import SuperweightError
 from .config import RTN, SMOOTHABLE, Ternary, W8A8, describe, to_dict
-from .primitives import QuantizedTensor, quantize_tensor, sqnr
+from .primitives import QuantizedTensor, quantize_tensor
 
 DEFAULT_EXCLUDE = r"(^|\.)lm_head$"
 
@@ -174,9 +174,7 @@ def quantize(
         qt = quantize_tensor(w, config, keeps.get(name), param_dtype, fit_weights=care.get(name), packed=not write_back)
         key = f"{name}.weight"
         if write_back:
-            w_hat = qt.dequantize(w.dtype)
-            result.sqnr_db[key] = sqnr(w, w_hat)
-            w.copy_(w_hat)
+            result.sqnr_db[key] = qt.write_into(w)
         result.tensors[key] = qt
         result.transposed[key] = is_transposed(module, arch)
         for i in keeps.get(name, []):

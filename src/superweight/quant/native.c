@@ -317,3 +317,63 @@ void sw_sqnr_sums(const float *x, const float *y, int64_t n, int64_t chunk, doub
         sums[2 * c] = sig; sums[2 * c + 1] = noise;
     }
 }
+
+/* The fake-quantized write-back in one pass: every value of w ([rows, row_len], float32) becomes
+ * its dequantized code (q * scale + zero, the bits sw_rtn_dense writes), and sums[0] / sums[1] get
+ * sum w^2 and sum (w_new - w)^2 (the difference in float32, as sqnr takes it; squares and sums in
+ * float64): per run, then added in run order (the same for any thread count). */
+void sw_rtn_write_back(float *w, const uint8_t *codes, int64_t rows, int64_t row_len, int64_t size, int param_half,
+                       const void *scale, const void *zero, double *run_sums, double *sums, int threads) {
+    const int64_t runs = (row_len + size - 1) / size, total = rows * runs;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t j = 0; j < total; j++) {
+        const int64_t row = j / runs, col = (j % runs) * size;
+        const int64_t n = row_len - col < size ? row_len - col : size;
+        const float s = param_half ? (float)bits_half(((const uint16_t *)scale)[j]) : ((const float *)scale)[j];
+        const float z = param_half ? (float)bits_half(((const uint16_t *)zero)[j]) : ((const float *)zero)[j];
+        const uint8_t *q = codes + row * row_len + col;
+        float *v = w + row * row_len + col;
+        double sig = 0.0, noise = 0.0;
+        int64_t i = 0;
+#if defined(__AVX512F__) && defined(__AVX512BW__)
+        const __m512 sv = _mm512_set1_ps(s), zv = _mm512_set1_ps(z);
+        __m512d sg = _mm512_setzero_pd(), ns = _mm512_setzero_pd();
+        for (; i + 16 <= n; i += 16) {
+            const __m512 a = _mm512_loadu_ps(v + i);
+            const __m512 y = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(q + i)))), sv), zv);
+            const __m512 d = _mm512_sub_ps(y, a);
+            const __m512d a0 = _mm512_cvtps_pd(_mm512_castps512_ps256(a)), a1 = _mm512_cvtps_pd(_mm512_extractf32x8_ps(a, 1));
+            const __m512d d0 = _mm512_cvtps_pd(_mm512_castps512_ps256(d)), d1 = _mm512_cvtps_pd(_mm512_extractf32x8_ps(d, 1));
+            sg = _mm512_add_pd(sg, _mm512_add_pd(_mm512_mul_pd(a0, a0), _mm512_mul_pd(a1, a1)));
+            ns = _mm512_add_pd(ns, _mm512_add_pd(_mm512_mul_pd(d0, d0), _mm512_mul_pd(d1, d1)));
+            _mm512_storeu_ps(v + i, y);
+        }
+        sig = _mm512_reduce_add_pd(sg); noise = _mm512_reduce_add_pd(ns);
+#elif defined(__AVX2__)
+        const __m256 sv = _mm256_set1_ps(s), zv = _mm256_set1_ps(z);
+        __m256d sg = _mm256_setzero_pd(), ns = _mm256_setzero_pd();
+        for (; i + 8 <= n; i += 8) {
+            const __m256 a = _mm256_loadu_ps(v + i);
+            const __m256 y = _mm256_add_ps(_mm256_mul_ps(_mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(q + i)))), sv), zv);
+            const __m256 d = _mm256_sub_ps(y, a);
+            const __m256d a0 = _mm256_cvtps_pd(_mm256_castps256_ps128(a)), a1 = _mm256_cvtps_pd(_mm256_extractf128_ps(a, 1));
+            const __m256d d0 = _mm256_cvtps_pd(_mm256_castps256_ps128(d)), d1 = _mm256_cvtps_pd(_mm256_extractf128_ps(d, 1));
+            sg = _mm256_add_pd(sg, _mm256_add_pd(_mm256_mul_pd(a0, a0), _mm256_mul_pd(a1, a1)));
+            ns = _mm256_add_pd(ns, _mm256_add_pd(_mm256_mul_pd(d0, d0), _mm256_mul_pd(d1, d1)));
+            _mm256_storeu_ps(v + i, y);
+        }
+        double sgs[4], nss[4];
+        _mm256_storeu_pd(sgs, sg); _mm256_storeu_pd(nss, ns);
+        sig = (sgs[0] + sgs[1]) + (sgs[2] + sgs[3]); noise = (nss[0] + nss[1]) + (nss[2] + nss[3]);
+#endif
+        for (; i < n; i++) {
+            const float y = (float)q[i] * s + z, d = y - v[i];
+            sig += (double)v[i] * v[i]; noise += (double)d * d;
+            v[i] = y;
+        }
+        run_sums[2 * j] = sig; run_sums[2 * j + 1] = noise;
+    }
+    double sig = 0.0, noise = 0.0;
+    for (int64_t j = 0; j < total; j++) { sig += run_sums[2 * j]; noise += run_sums[2 * j + 1]; }
+    sums[0] = sig; sums[1] = noise;
+}

@@ -10,8 +10,8 @@ those of ``quant/kernels.py`` and ``pack.pack_bits`` (``tests/test_quant_native.
 ties, signed zeros and float16 edge cases included).
 
 The library is compiled on first use with the C compiler the machine has (``$CC`` or ``cc``,
-``-O3 -march=native -fopenmp``, about a second) into ``$SUPERWEIGHT_CACHE`` (default
-``~/.cache/superweight``), keyed by the source, the flags and the CPU. Each call runs its loop on
+``-O3 -march=native -fopenmp``, about a second) into ``native/`` of superweight's cache
+(``$SUPERWEIGHT_CACHE``, default ``~/.cache/superweight``), keyed by the source, the flags and the CPU. Each call runs its loop on
 ``torch.get_num_threads()`` OpenMP threads (one for small calls). The library links
 ``libgomp.so.1``, the name of the runtime torch's Linux wheels load, so the dynamic linker hands it
 torch's runtime and its warm threads (Python threads were tried first: waking a pool thread cost
@@ -36,6 +36,8 @@ from pathlib import Path
 
 import torch
 
+from ..files import default_cache_dir
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("native.c")
@@ -55,17 +57,16 @@ def _cpu_key() -> str:
 
 
 def _cache_dir() -> Path:
-    """``$SUPERWEIGHT_CACHE``, else ``$XDG_CACHE_HOME/superweight`` or ``~/.cache/superweight``; a
-    per-user folder under the temporary directory when that cannot be created."""
-    root = Path(os.environ.get("SUPERWEIGHT_CACHE") or os.path.join(
-        os.environ.get("XDG_CACHE_HOME") or os.path.expanduser("~/.cache"), "superweight"))
+    """``native/`` in superweight's cache (``files.default_cache_dir``); a per-user folder under the
+    temporary directory when that cannot be written."""
+    root = default_cache_dir() / "native"
     try:
         root.mkdir(parents=True, exist_ok=True)
         if os.access(root, os.W_OK):
             return root
     except OSError:
         pass
-    return Path(tempfile.gettempdir()) / f"superweight-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
+    return Path(tempfile.gettempdir()) / f"superweight-native-{os.getuid() if hasattr(os, 'getuid') else 'user'}"
 
 
 def _build(compiler: str, flags: tuple[str, ...]) -> Path:
@@ -100,6 +101,8 @@ def load(flags: tuple[str, ...] = FLAGS) -> ctypes.CDLL:
     lib.sw_sum_squares.argtypes = [ptr, i64, i64, ptr, i32]
     lib.sw_rtn_dense.argtypes = [ptr, i64, i64, i64, i32, ptr, ptr, ptr, i32]
     lib.sw_sqnr_sums.argtypes = [ptr, ptr, i64, i64, ptr, i32]
+    lib.sw_rtn_write_back.argtypes = [ptr, ptr, i64, i64, i64, i32, ptr, ptr, ptr, ptr, i32]
+    lib.sw_rtn_write_back.restype = None
     lib.sw_rtn_minmax.restype = lib.sw_pack_bits.restype = ctypes.c_int
     lib.sw_sum_squares.restype = lib.sw_rtn_dense.restype = lib.sw_sqnr_sums.restype = None
     return lib
@@ -220,3 +223,24 @@ def rtn_dense(codes2: torch.Tensor, size: int, scale: torch.Tensor, zero: torch.
     lib.sw_rtn_dense(c.data_ptr(), rows, row_len, size, int(s.dtype == torch.float16), s.data_ptr(), z.data_ptr(),
                      out.data_ptr(), _threads(c.numel()))
     return out
+
+
+def rtn_write_back(w2: torch.Tensor, codes2: torch.Tensor, size: int, scale: torch.Tensor, zero: torch.Tensor,
+                   ) -> tuple[float, float] | None:
+    """Overwrite ``w2`` (``[rows, row_len]`` float32, contiguous) with ``codes * scale + zero`` per run
+    (bitwise ``rtn_dense``) in one pass; returns ``(sum w^2, sum (w_new - w)^2)`` in float64 over the
+    old values, or None (nothing written) when the native path does not apply."""
+    lib = library()
+    if lib is None or not _usable(w2) or w2.dim() != 2 or codes2.shape != w2.shape or codes2.dtype != torch.uint8:
+        return None
+    if scale.dtype != zero.dtype or scale.dtype not in (torch.float16, torch.float32) or codes2.device.type != "cpu":
+        return None
+    rows, row_len = w2.shape
+    runs = -(-row_len // size)
+    c, s, z = codes2.contiguous(), scale.contiguous().cpu(), zero.contiguous().cpu()
+    if s.shape != (rows, runs) or z.shape != (rows, runs):
+        return None
+    run_sums, sums = torch.empty(2 * rows * runs, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
+    lib.sw_rtn_write_back(w2.data_ptr(), c.data_ptr(), rows, row_len, size, int(s.dtype == torch.float16), s.data_ptr(),
+                          z.data_ptr(), run_sums.data_ptr(), sums.data_ptr(), _threads(c.numel()))
+    return float(sums[0]), float(sums[1])

@@ -73,6 +73,27 @@ class QuantizedTensor:
         """The dequantized codes in float32, ``[rows, row_len]``, before the sparse part."""
         return self.handler.dense(self.codes, self.scale, self.zero, self.bits, self.layout)
 
+    def write_into(self, w: torch.Tensor) -> float:
+        """Overwrite ``w`` (the quantized weight, any shape with ``numel`` elements) with
+        ``dequantize(w.dtype)`` and return the SQNR (dB) of the new values against the old. One native
+        pass for float32 RTN weights (``native.rtn_write_back``), else dequantize + ``sqnr`` + copy."""
+        sums = None
+        if self.kind == "rtn" and w.is_contiguous():
+            keep = w.detach().reshape(-1)[self.sparse_idx.to(w.device)].clone() if self.sparse_idx.numel() else None
+            sums = native.rtn_write_back(self.layout.view(w.detach()), self.layout.view(self.codes), self.layout.size,
+                                         self.scale, self.zero)
+        if sums is None:
+            w_hat = self.dequantize(w.dtype)
+            db = sqnr(w, w_hat)
+            w.detach().copy_(w_hat)
+            return db
+        signal, noise = sums
+        if keep is not None:  # the sparse part's exact values back; their error leaves the noise
+            flat, idx = w.detach().reshape(-1), self.sparse_idx.to(w.device)
+            noise -= float((flat[idx].double() - keep.double()).square().sum())
+            flat[idx] = self.sparse_val.to(device=w.device, dtype=w.dtype)
+        return _db(signal, max(0.0, noise))
+
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         out = self.dense().to(dtype).contiguous().reshape(self.shape)
         if self.sparse_idx.numel():
@@ -91,7 +112,10 @@ def sqnr(x: torch.Tensor, x_hat: torch.Tensor) -> float:
     if sums is None:
         x, diff = x.float(), (x_hat.float() - x.float())
         sums = float(torch.dot(x, x)), float(diff.square_().sum(dtype=torch.float64))
-    signal, noise = sums
+    return _db(*sums)
+
+
+def _db(signal: float, noise: float) -> float:
     if noise == 0:
         return float("inf")
     return 10.0 * math.log10(signal / noise) if signal > 0 else float("-inf")
