@@ -113,6 +113,17 @@ def set_enabled(mode: bool | None) -> None:
     _state["off"] = mode is False
 
 
+def _first_that_loads(variants: tuple[tuple[str, ...], ...]) -> ctypes.CDLL:
+    """The first flag set that builds and loads (no OpenMP: one thread; no ``-march=native``: a
+    compiler that lacks it); the last failure is raised."""
+    for flags in variants[:-1]:
+        try:
+            return load(flags)
+        except (OSError, subprocess.SubprocessError):
+            continue
+    return load(variants[-1])
+
+
 def library() -> ctypes.CDLL | None:
     """The loaded kernels, or None (disabled, or no compiler: one note, then the torch path)."""
     if _state.get("off") or os.environ.get(_ENV, "").strip() == "0":
@@ -120,10 +131,7 @@ def library() -> ctypes.CDLL | None:
     if not _state["tried"]:
         _state["tried"] = True
         try:
-            try:
-                _state["lib"] = load(FLAGS + OPENMP)
-            except (OSError, subprocess.SubprocessError):  # no OpenMP here: one thread
-                _state["lib"] = load(FLAGS)
+            _state["lib"] = _first_that_loads((FLAGS + OPENMP, FLAGS, tuple(f for f in FLAGS if f != "-march=native")))
         except (OSError, subprocess.SubprocessError) as exc:
             detail = getattr(exc, "stderr", None) or str(exc)
             log.warning("superweight's native kernels are unavailable (%s); the quantizer runs in torch (slower, same results)",
