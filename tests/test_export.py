@@ -114,6 +114,15 @@ def test_existing_folder_is_refused_unless_forced(artifact):
     assert sorted(p.name for p in artifact.parent.iterdir()) == ["art"]  # no temp or old folder left
 
 
+def test_artifact_files_get_the_mode_of_a_plain_open(artifact):
+    """safetensors writes 0600; the artifact's files are 0666 minus the umask, like every other file."""
+    from superweight.files import _umask
+
+    want = 0o666 & ~_umask()
+    assert {p.name: p.stat().st_mode & 0o777 for p in artifact.iterdir()} == {p.name: want for p in artifact.iterdir()}
+    assert (artifact.stat().st_mode & 0o777) == 0o777 & ~_umask()
+
+
 def test_failure_while_writing_leaves_nothing(tmp_path):
     model, result = _quantized("LlamaForCausalLM", RTN(bits=4))
 

@@ -143,6 +143,26 @@ def replace_dir(tmp: Path, out: Path) -> None:
             shutil.rmtree(old, ignore_errors=True) if old.is_dir() else old.unlink()
 
 
+def _umask() -> int:
+    """The process umask, read without changing it where Linux shows it (else 022)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    return 0o022
+
+
+def _files_readable(folder: Path) -> None:
+    """Give the files under ``folder`` the mode a plain ``open()`` would (0666 minus the umask):
+    safetensors writes its files 0600, which would keep an artifact from the user's group."""
+    mode = 0o666 & ~_umask()
+    for path in folder.rglob("*"):
+        if path.is_file() and not path.is_symlink() and (path.stat().st_mode & 0o777) != mode:
+            path.chmod(mode)
+
+
 @contextlib.contextmanager
 def staged_dir(out: str | Path) -> Iterator[Path]:
     """Write a folder all or nothing: fill the yielded temporary folder; on success it replaces
@@ -151,12 +171,13 @@ def staged_dir(out: str | Path) -> Iterator[Path]:
     try:
         made = _make_parents(out)
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=out.parent))
-        tmp.chmod(0o755)
+        tmp.chmod(0o777 & ~_umask())
     except OSError as exc:
         _undo_parents(made)
         raise _disk_error(out, exc) from None
     try:
         yield tmp
+        _files_readable(tmp)
         replace_dir(tmp, out)
     except BaseException as exc:
         with signals_held():  # a second Ctrl-C must not stop the clean-up half way
