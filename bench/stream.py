@@ -90,6 +90,15 @@ def child(folder: str, dtype: str, threads: int | None, device: str = "cpu", pre
         torch.set_num_threads(threads)
 
     logging.basicConfig(level=logging.WARNING)
+    counts: dict = {}  # stream_detect's own count of its disk work (its INFO line), kept for the JSON
+
+    class _Counts(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            if record.msg.startswith("streamed %d layers"):
+                counts.update(layers=record.args[0], layer_reads=record.args[1], passes=record.args[2])
+
+    sd.log.setLevel(logging.INFO)
+    sd.log.addHandler(_Counts())
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer  # noqa: F401
 
     # Python imports are a fixed cost (seconds, tens of seconds on a loaded machine) that does not
@@ -108,7 +117,7 @@ def child(folder: str, dtype: str, threads: int | None, device: str = "cpu", pre
     wall = time.perf_counter() - t0
     print(json.dumps({
         "stream_s": wall, "model_imports_s": imports_s, "peak_rss": _status("VmHWM"), "rss_after_imports": rss_imports,
-        "found": [list(c) for c in result.coords], "iterations": result.iterations,
+        "found": [list(c) for c in result.coords], "iterations": result.iterations, **counts,
         "torch_threads": torch.get_num_threads(), "device": str(dev), "prefetch": prefetch,
         "gpu_peak_bytes": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None,
     }))
