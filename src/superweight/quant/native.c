@@ -1,12 +1,14 @@
-/* superweight's native CPU kernels: min/max RTN in one pass over the weights, and bit packing.
+/* superweight's native CPU kernels for min/max RTN: quantize (one pass per run, packing on the fly),
+ * pack, dequantize, the fake-quantized write-back with its SQNR sums, and the z-score clip's sums.
  *
- * Built on first use by quant/native.py (gcc -O3 -march=native -fopenmp, no -ffast-math: every
- * float operation is the IEEE one torch computes, in the same order), called through ctypes; the
- * loops over runs / chunks run on `threads` OpenMP threads (torch's own runtime where it is
- * libgomp.so.1, so its warm threads), and every result is the same for any thread count. Each
- * function is bitwise the torch reference it replaces (quant/kernels.py and quant/search.py for RTN,
- * quant/pack.py for packing); the tests check it. A return value of 1 means "not finite" (a NaN or inf weight, or a parameter that overflows
- * float16): the caller then runs the torch path, which raises its own one-line error.
+ * Built on first use by quant/native.py (gcc -O3 -march=native -ffp-contract=off -fopenmp, no
+ * -ffast-math: every float operation is the IEEE one torch computes, in the same order), called
+ * through ctypes. The loops over runs / chunks run on `threads` OpenMP threads (torch's own runtime
+ * where it is libgomp.so.1, so its warm threads), and every result is the same for any thread count.
+ * Each function is bitwise the torch reference it replaces (quant/kernels.py and quant/search.py for
+ * RTN, quant/pack.py for packing); tests/test_quant_native.py checks it. A return value of 1 means
+ * "not finite" (a NaN or inf weight, or a parameter that overflows float16): the caller then runs
+ * the torch path, which raises its own one-line error.
  */
 #include <stdint.h>
 #include <string.h>
@@ -211,31 +213,28 @@ static int rtn_run(const float *x, int64_t row_len, int64_t size, int64_t runs, 
                    int param_half, void *scale, void *zero, uint8_t *codes, int pack_bits, int64_t j) {
     uint8_t buf[PACK_CHUNK];
     const float b0 = bounds ? bounds[0] : 0.0f, b1 = bounds ? bounds[1] : 0.0f;
-    {
-        const int64_t row = j / runs, col = (j % runs) * size;
-        const int64_t n = row_len - col < size ? row_len - col : size;
-        const float *v = x + row * row_len + col;
-        float lo, hi, s, z;
-        if (run_range(v, n, &lo, &hi)) return 1;
-        if (bounds) { lo = clampf(lo, b0, b1); hi = clampf(hi, b0, b1); }
-        if (param_half) {
-            uint16_t sb, zb;
-            if (params_half(lo, hi, qmax, &s, &z, &sb, &zb)) return 1;
-            ((uint16_t *)scale)[j] = sb; ((uint16_t *)zero)[j] = zb;
-        } else {
-            if (params_float(lo, hi, qmax, &s, &z)) return 1;
-            ((float *)scale)[j] = s; ((float *)zero)[j] = z;
-        }
-        const int64_t at = row * row_len + col;
-        if (!pack_bits) {
-            run_codes(v, n, z, s, (float)qmax, bounds != NULL, b0, b1, codes + at);
-            return 0;
-        }
-        for (int64_t off = 0; off < n; off += PACK_CHUNK) {
-            const int64_t m = n - off < PACK_CHUNK ? n - off : PACK_CHUNK;
-            run_codes(v + off, m, z, s, (float)qmax, bounds != NULL, b0, b1, buf);
-            if (pack_octets(buf, m, pack_bits, codes + (at + off) / 8 * pack_bits)) return 1;
-        }
+    const int64_t row = j / runs, col = (j % runs) * size, at = row * row_len + col;
+    const int64_t n = row_len - col < size ? row_len - col : size;
+    const float *v = x + at;
+    float lo, hi, s, z;
+    if (run_range(v, n, &lo, &hi)) return 1;
+    if (bounds) { lo = clampf(lo, b0, b1); hi = clampf(hi, b0, b1); }
+    if (param_half) {
+        uint16_t sb, zb;
+        if (params_half(lo, hi, qmax, &s, &z, &sb, &zb)) return 1;
+        ((uint16_t *)scale)[j] = sb; ((uint16_t *)zero)[j] = zb;
+    } else {
+        if (params_float(lo, hi, qmax, &s, &z)) return 1;
+        ((float *)scale)[j] = s; ((float *)zero)[j] = z;
+    }
+    if (!pack_bits) {
+        run_codes(v, n, z, s, (float)qmax, bounds != NULL, b0, b1, codes + at);
+        return 0;
+    }
+    for (int64_t off = 0; off < n; off += PACK_CHUNK) {
+        const int64_t m = n - off < PACK_CHUNK ? n - off : PACK_CHUNK;
+        run_codes(v + off, m, z, s, (float)qmax, bounds != NULL, b0, b1, buf);
+        if (pack_octets(buf, m, pack_bits, codes + (at + off) / 8 * pack_bits)) return 1;
     }
     return 0;
 }

@@ -1,25 +1,27 @@
-"""Native CPU kernels (``native.c``): min/max RTN in one pass over the weights, and bit packing.
+"""Native CPU kernels (``native.c``) for min/max RTN: quantize (packing on the fly), pack, dequantize.
 
 Torch runs min/max RTN as separate passes (range, then subtract / divide / round / clamp / cast,
 then packing), each reading and writing the whole tensor; even fused by ``torch.compile`` it stayed
 at 0.15-0.20x a plain copy. ``native.c`` does each run of a tensor in one go: its min and max, its
-float16 parameters, its codes while the run is still in the L1 cache; a second function packs the
-codes. Both are plain C with the same IEEE float operations in the same order as the torch
-reference (built without ``-ffast-math``), so their codes, parameters and packed bytes are bitwise
-those of ``quant/kernels.py`` and ``pack.pack_bits`` (``tests/test_quant_native.py`` checks it,
-ties, signed zeros and float16 edge cases included).
+float16 parameters, its codes while the run is still in the L1 cache, packed into the artifact's
+bit stream when asked; it also packs codes, dequantizes, writes the fake-quantized weights back with
+their SQNR sums, and sums a tensor for the z-score clip. The C code does the same IEEE float
+operations in the same order as the torch reference (built without ``-ffast-math`` and with
+``-ffp-contract=off``), so codes, parameters, packed bytes and dequantized values are bitwise those
+of ``quant/kernels.py``, ``search.UniformGrid`` and ``pack.pack_bits`` (``tests/test_quant_native.py``
+checks it, ties, signed zeros and float16 edge cases included).
 
-The library is compiled on first use with the C compiler the machine has (``$CC`` or ``cc``,
-``-O3 -march=native -fopenmp``, about a second) into ``native/`` of superweight's cache
-(``$SUPERWEIGHT_CACHE``, default ``~/.cache/superweight``), keyed by the source, the flags and the CPU. Each call runs its loop on
-``torch.get_num_threads()`` OpenMP threads (one for small calls). The library links
-``libgomp.so.1``, the name of the runtime torch's Linux wheels load, so the dynamic linker hands it
-torch's runtime and its warm threads (Python threads were tried first: waking a pool thread cost
-~0.4 ms in this 2-core VM, more than a whole 1536x576 matrix takes). Without OpenMP it builds
-without, on one thread. If there is
-no compiler, or ``SUPERWEIGHT_NATIVE=0``, or the tensor is not a contiguous float32 CPU tensor,
-callers get ``None`` and run the torch path: same results, slower, never an error. A non-finite
-weight or parameter also returns ``None``, so the torch path raises its own error.
+The library is compiled on first use with the C compiler the machine has (``$CC``, ``cc`` or
+``gcc``; ``-O3 -march=native -fopenmp``, about a second) into ``native/`` of superweight's cache
+(``$SUPERWEIGHT_CACHE``, default ``~/.cache/superweight``), keyed by the source, the flags and the
+CPU. Each call runs its loop on ``torch.get_num_threads()`` OpenMP threads (one for small calls).
+The library links ``libgomp.so.1``, the name of the runtime torch's Linux wheels load, so the
+dynamic linker hands it torch's runtime and its warm threads (Python threads were tried first:
+waking a pool thread cost ~0.4 ms in this 2-core VM, more than a whole 1536x576 matrix takes).
+Without OpenMP it builds for one thread, without ``-march=native`` portable. If there is no
+compiler, or ``SUPERWEIGHT_NATIVE=0``, or a tensor is not a contiguous float32 CPU tensor, callers
+get ``None`` and run the torch path: same results, slower, never an error. A non-finite weight or
+parameter also returns ``None``, so the torch path raises its own error.
 """
 from __future__ import annotations
 
@@ -188,7 +190,7 @@ SUM_CHUNK = 1 << 16
 
 
 def _chunked_sums(kernel, n: int, *tensors: torch.Tensor) -> tuple[float, float]:
-    """Two float64 sums per fixed-size chunk (``kernel(*ptrs, n, chunk, sums, first, last)``), each
+    """Two float64 sums per fixed-size chunk (``kernel(*ptrs, n, chunk, sums, threads)``), each
     chunk in a fixed order, the chunks added exactly (``math.fsum``): the same for any thread count."""
     chunks = max(1, -(-n // SUM_CHUNK))
     sums = torch.zeros(2 * chunks, dtype=torch.float64)
@@ -214,22 +216,28 @@ def sqnr_sums(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float] | None:
     return _chunked_sums(lib.sw_sqnr_sums, x.numel(), x, y)
 
 
+def _run_params(codes2: torch.Tensor, size: int, scale: torch.Tensor, zero: torch.Tensor):
+    """``(codes, scale, zero)`` contiguous when they are a CPU ``[rows, row_len]`` uint8 table and its
+    ``[rows, runs]`` float16 / float32 parameters; else None."""
+    if (codes2.device.type != "cpu" or codes2.dtype != torch.uint8 or codes2.dim() != 2 or scale.dtype != zero.dtype
+            or scale.dtype not in (torch.float16, torch.float32) or scale.device.type != "cpu" or zero.device.type != "cpu"):
+        return None
+    rows, row_len = codes2.shape
+    if tuple(scale.shape) != (rows, -(-row_len // size)) or scale.shape != zero.shape:
+        return None
+    return codes2.contiguous(), scale.contiguous(), zero.contiguous()
+
+
 def rtn_dense(codes2: torch.Tensor, size: int, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor | None:
     """``codes * scale + zero`` per run (``search.UniformGrid.levels_``), float32 ``[rows, row_len]``,
     bitwise the torch kernels; None when the native path does not apply."""
-    lib = library()
-    if (lib is None or codes2.device.type != "cpu" or codes2.dtype != torch.uint8 or codes2.dim() != 2
-            or scale.dtype != zero.dtype or scale.dtype not in (torch.float16, torch.float32)
-            or scale.device.type != "cpu" or zero.device.type != "cpu"):
+    lib, parts = library(), _run_params(codes2, size, scale, zero)
+    if lib is None or parts is None:
         return None
-    rows, row_len = codes2.shape
-    runs = -(-row_len // size)
-    c, s, z = codes2.contiguous(), scale.contiguous(), zero.contiguous()
-    if s.shape != (rows, runs) or z.shape != (rows, runs):
-        return None
-    out = torch.empty((rows, row_len), dtype=torch.float32)
-    lib.sw_rtn_dense(c.data_ptr(), rows, row_len, size, int(s.dtype == torch.float16), s.data_ptr(), z.data_ptr(),
-                     out.data_ptr(), _threads(c.numel()))
+    c, s, z = parts
+    out = torch.empty(tuple(c.shape), dtype=torch.float32)
+    lib.sw_rtn_dense(c.data_ptr(), c.shape[0], c.shape[1], size, int(s.dtype == torch.float16), s.data_ptr(),
+                     z.data_ptr(), out.data_ptr(), _threads(c.numel()))
     return out
 
 
@@ -238,17 +246,11 @@ def rtn_write_back(w2: torch.Tensor, codes2: torch.Tensor, size: int, scale: tor
     """Overwrite ``w2`` (``[rows, row_len]`` float32, contiguous) with ``codes * scale + zero`` per run
     (bitwise ``rtn_dense``) in one pass; returns ``(sum w^2, sum (w_new - w)^2)`` in float64 over the
     old values, or None (nothing written) when the native path does not apply."""
-    lib = library()
-    if lib is None or not _usable(w2) or w2.dim() != 2 or codes2.shape != w2.shape or codes2.dtype != torch.uint8:
+    lib, parts = library(), _run_params(codes2, size, scale, zero)
+    if lib is None or parts is None or not _usable(w2) or w2.shape != codes2.shape:
         return None
-    if scale.dtype != zero.dtype or scale.dtype not in (torch.float16, torch.float32) or codes2.device.type != "cpu":
-        return None
-    rows, row_len = w2.shape
-    runs = -(-row_len // size)
-    c, s, z = codes2.contiguous(), scale.contiguous().cpu(), zero.contiguous().cpu()
-    if s.shape != (rows, runs) or z.shape != (rows, runs):
-        return None
-    run_sums, sums = torch.empty(2 * rows * runs, dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
-    lib.sw_rtn_write_back(w2.data_ptr(), c.data_ptr(), rows, row_len, size, int(s.dtype == torch.float16), s.data_ptr(),
-                          z.data_ptr(), run_sums.data_ptr(), sums.data_ptr(), _threads(c.numel()))
+    c, s, z = parts
+    run_sums, sums = torch.empty(2 * s.numel(), dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
+    lib.sw_rtn_write_back(w2.data_ptr(), c.data_ptr(), c.shape[0], c.shape[1], size, int(s.dtype == torch.float16),
+                          s.data_ptr(), z.data_ptr(), run_sums.data_ptr(), sums.data_ptr(), _threads(c.numel()))
     return float(sums[0]), float(sums[1])
