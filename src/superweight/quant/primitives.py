@@ -77,7 +77,7 @@ class QuantizedTensor:
         """Overwrite ``w`` (the quantized weight, any shape with ``numel`` elements) with
         ``dequantize(w.dtype)`` and return the SQNR (dB) of the new values against the old. One native
         pass for float32 RTN weights (``native.rtn_write_back``), else dequantize + ``sqnr`` + copy."""
-        sums = None
+        sums, keep = None, None
         if self.kind == "rtn" and w.is_contiguous():
             keep = w.detach().reshape(-1)[self.sparse_idx.to(w.device)].clone() if self.sparse_idx.numel() else None
             sums = native.rtn_write_back(self.layout.view(w.detach()), self.layout.view(self.codes), self.layout.size,
