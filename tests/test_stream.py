@@ -9,6 +9,7 @@ import textwrap
 from pathlib import Path
 
 import pytest
+import torch
 
 import superweight as sw
 from superweight.checkpoint import open_checkpoint
@@ -87,6 +88,79 @@ def test_streaming_reads_each_layer_once_per_iteration_for_all_prompts(tmp_path)
     states = run_detection(runner, enc)
     assert states[0].found[0].coord == PLANT
     assert runner.passes == 2 and runner.layers_read == 4 + 3  # the rerun starts at layer 1
+
+
+def _speculating_runner(folder: Path, method: str, guess=None):
+    from superweight.detect import propose
+    from superweight.stream_detect import StreamedRunner
+
+    guess = guess or (lambda r, traces, ws, proposed: propose(method, r, traces, ws, proposed))
+    return StreamedRunner(StreamedModel(folder), guess)
+
+
+def _streamed(runner, method: str, prompts=PROMPTS):
+    from superweight.detect import assemble, encode_prompt, run_detection
+
+    states = run_detection(runner, [encode_prompt(byte_tokenizer(), p) for p in prompts], method)
+    return states, assemble(states, runner, list(prompts), "m", method, None, None)
+
+
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "GPT2LMHeadModel"])
+@pytest.mark.parametrize("method", ["trace", "paper"])
+def test_speculation_reads_the_checkpoint_once(arch, method, tmp_path):
+    """The second iteration's traces come from the first pass's speculative branch: one pass, each
+    layer read once, and the result still bitwise the in-memory one."""
+    folder = planted(arch, tmp_path / "m")
+    runner = _speculating_runner(folder, method)
+    states, got = _streamed(runner, method)
+    assert got.coords == [PLANT] and states[0].iterations == 2
+    assert runner.passes == 1 and runner.layers_read == 4
+    assert got.to_dict() == in_memory(folder, prompts=PROMPTS, method=method).to_dict()
+
+
+def test_a_wrong_guess_costs_a_pass_not_a_result(tmp_path):
+    """A proposal the step does not make (here a made-up weight of layer 0) is never used."""
+    from superweight.detect import SuperWeight
+
+    folder = planted("LlamaForCausalLM", tmp_path / "m")
+    fake = SuperWeight(layer=0, row=1, col=2, module="", value=0.0, magnitude_rank=0, input_value=0.0,
+                       output_value=0.0, share=0.0, token=0, iteration=0)
+    runner = _speculating_runner(folder, "trace", lambda r, traces, ws, proposed: [fake] if len(traces) == 1 and not proposed else [])
+    _, got = _streamed(runner, "trace")
+    assert runner.passes == 2 and got.to_dict() == in_memory(folder, prompts=PROMPTS).to_dict()
+
+
+def test_speculation_with_weights_in_two_layers_agrees(tmp_path):
+    folder = tmp_path / "m"
+    model = tiny_model("GPT2LMHeadModel", layers=6)
+    plant_super_weight(model, *PLANT)
+    plant_super_weight(model, 3, 20, 90, seed=7)
+    save_sharded(model, folder)
+    for method in ("trace", "paper"):
+        runner = _speculating_runner(folder, method)
+        states, got = _streamed(runner, method, PROMPTS[:1])
+        assert got.to_dict() == in_memory(folder, prompts=PROMPTS[:1], method=method).to_dict()
+        assert runner.passes < states[0].iterations  # at least one iteration served by a branch
+
+
+def test_a_tied_embedding_stored_as_lm_head_streams(tmp_path):
+    """superweight's own GGUF conversions store a tied embedding under ``lm_head.weight`` only."""
+    from safetensors.torch import load_file, save_file
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(vocab_size=320, hidden_size=64, intermediate_size=128, num_hidden_layers=3,
+                      num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(cfg)
+    plant_super_weight(model, *PLANT)
+    folder = tmp_path / "m"
+    model.save_pretrained(folder)
+    byte_tokenizer().save_pretrained(folder)
+    tensors = load_file(folder / "model.safetensors")
+    tensors["lm_head.weight"] = tensors.pop("model.embed_tokens.weight")
+    save_file(tensors, folder / "model.safetensors", metadata={"format": "pt"})
+    got = stream_detect(folder, PROMPTS, model_name="m")
+    assert got.coords == [PLANT] and got.to_dict() == in_memory(folder, prompts=PROMPTS).to_dict()
 
 
 def test_streaming_bfloat16_equals_in_memory_bfloat16(tmp_path):

@@ -224,12 +224,15 @@ def _rank(runner: Runner, weights: Sequence[SuperWeight]) -> None:
                     w.magnitude_rank = magnitude_rank(matrix, w.row, w.col)
 
 
-def find_candidate(runner: Runner, stats: list[LayerStats], rule: SpikeRule, found: Sequence[SuperWeight]) -> SuperWeight | None:
-    """The super weight behind the earliest spiking layer, or None (the paper's rule, module doc)."""
+def find_candidate(runner: Runner, stats: list[LayerStats], rule: SpikeRule, found: Sequence[SuperWeight],
+                   layers: Sequence[int] | None = None) -> SuperWeight | None:
+    """The super weight behind the earliest spiking layer (of ``layers``, default all), or None (the
+    paper's rule, module doc)."""
     ins = [s.input.magnitude for s in stats]
     outs = [s.output.magnitude for s in stats]
     skip = {s.coord for s in found}
-    for i, st in enumerate(stats):
+    for i in range(len(stats)) if layers is None else layers:
+        st = stats[i]
         if not (rule.spikes(ins, i) and rule.spikes(outs, i)) or st.input_at_output_peak is None:
             continue
         with runner.layer(i, found):
@@ -315,6 +318,42 @@ def _attribute_change(runner, tr, sa, ch, role, state: PromptState, rule, it: in
     for s in sws:
         state.found.append(_finish(runner, s))
     return sws
+
+
+# ---------------------------------------------------------------- a guess at a step, one layer at a time
+
+
+def propose(method: str, runner: Runner, traces: list[LayerTrace], zeroing: Sequence[SuperWeight],
+            proposed: Sequence[SuperWeight], rule: SpikeRule | None = None, trace_rule: TraceRule | None = None,
+            ) -> list[SuperWeight]:
+    """A guess, from the traces of layers ``0..i`` only (``i = len(traces) - 1``, its weights in
+    ``runner.model``), at the weights of layer ``i`` that this iteration's step will zero next to
+    ``zeroing``. A streamed pass runs them as a speculative branch, so the next iteration needs no
+    second read of the checkpoint; the branch is used only if the step then asks for exactly its
+    weights (``stream_detect.StreamedRunner``), never trusted. The paper's step zeroes one weight,
+    the earliest spiking layer's; the trace step every creating weight of every rise."""
+    i = len(traces) - 1
+    if runner.arch.is_moe:
+        return []
+    if method == "paper":
+        if proposed:
+            return []
+        sw = find_candidate(runner, stats_of(traces), rule or SpikeRule(), zeroing, layers=[i])
+        return [] if sw is None else [sw]
+    trace_rule = trace_rule or TraceRule()
+    mag = traces[i].h_out.float().abs()
+    peak = float(mag.max())
+    if peak < trace_rule.floor or peak < trace_rule.ratio * float(mag.median()):
+        return []  # nothing passes the rule after this layer: no rise here to guess at (one median, not a pass's)
+    known = {w.key for w in (*zeroing, *proposed)}
+    out: list[SuperWeight] = []
+    for sa in find_activations(traces, trace_rule):
+        for ch in sa.rises:
+            if ch.layer == i:
+                _, terms = attribute(runner.model, runner.arch, traces[i], sa.token, sa.channel, ch, CREATES, trace_rule)
+                out += [w for w in (_weight(t, i, sa.channel, sa.token, CREATES, 0, runner.num_layers) for t in terms)
+                        if w.key not in known]
+    return out
 
 
 # ---------------------------------------------------------------- the loop, once for every runner

@@ -119,6 +119,18 @@ def _aliases(model: nn.Module) -> dict[str, list[str]]:
     return {names[0]: names for names in by_id.values()}
 
 
+def _tied_names(names: dict[str, str], aliases: dict[str, list[str]]) -> dict[str, str]:
+    """``names`` (model name -> checkpoint key) with every name of a tied parameter pointing at the
+    key stored under any of them: a tied checkpoint may store the embedding as ``lm_head.weight``
+    (superweight's own GGUF conversions do) instead of ``model.embed_tokens.weight``."""
+    out = dict(names)
+    for tied in aliases.values():
+        stored = next((names[n] for n in tied if n in names), None)
+        for n in tied if stored else ():
+            out.setdefault(n, stored)
+    return out
+
+
 def _buffers_to(model: nn.Module, device: torch.device) -> None:
     """Move every materialised buffer (``init_empty_weights`` leaves buffers real, on the CPU)."""
     for mod in model.modules():
@@ -166,7 +178,7 @@ class StreamedModel:
         self.num_layers = len(self.layers)
         self._meta = {n: t for n, t in _persistent_tensors(self.model).items()}
         self._aliases = _aliases(self.model)
-        self._renamed = checkpoint_names(self.model, self.ckpt)
+        self._renamed = _tied_names(checkpoint_names(self.model, self.ckpt), self._aliases)
         self._keys = {n: self._key(n) for n in self._needed_names()}
         self._check_shapes()
         self._load(self._outer_names())

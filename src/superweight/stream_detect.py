@@ -12,12 +12,13 @@ from __future__ import annotations
 import contextlib
 import logging
 from pathlib import Path
-from typing import Iterator, Sequence
+from dataclasses import dataclass, field
+from typing import Callable, Iterator, Sequence
 
 import torch
 
 from .capture import LayerTrace, TraceCapture
-from .detect import DEFAULT_METHOD, DEFAULT_PROMPT, DetectionResult, SpikeRule, assemble, encode_prompt, run_detection
+from .detect import DEFAULT_METHOD, DEFAULT_PROMPT, DetectionResult, SpikeRule, assemble, encode_prompt, propose, run_detection
 from .errors import SuperweightError
 from .runner import zeroed
 from .stream import Call, StreamedModel, _first_tensor, _hidden_of, _tokenizer, _with_hidden
@@ -26,15 +27,42 @@ from .trace import TraceRule
 log = logging.getLogger(__name__)
 
 
-class StreamedRunner:
-    """``Runner`` over a ``StreamedModel``; ``passes`` / ``layers_read`` count the disk work."""
+@dataclass
+class _Branch:
+    """A pass's speculative branch for one prompt: the layers from ``start`` run again with
+    ``weights`` zeroed (the pass's own zeroed weights plus the proposed ones)."""
 
-    def __init__(self, sm: StreamedModel):
+    start: int
+    weights: list
+    hidden: torch.Tensor
+    traces: list[LayerTrace] = field(default_factory=list)
+
+    @property
+    def keys(self) -> frozenset:
+        return frozenset(w.key for w in self.weights)
+
+
+Propose = Callable[["StreamedRunner", list[LayerTrace], Sequence, Sequence], list]
+
+
+class StreamedRunner:
+    """``Runner`` over a ``StreamedModel``; ``passes`` / ``layers_read`` count the disk work.
+
+    ``propose`` (``detect.propose`` with the method bound): a guess, while a layer is in memory, at
+    the weights the next iteration will zero; they run as a speculative branch beside the pass, and
+    when the next iteration asks for exactly those weights its traces come from the branch instead of
+    a second read of the checkpoint (bitwise what that read would give: the same layers, inputs and
+    zeroed weights). A wrong guess only costs the branch's compute."""
+
+    def __init__(self, sm: StreamedModel, propose: Propose | None = None):
         self.sm, self.arch, self.model, self.num_layers = sm, sm.arch, sm.model, sm.num_layers
         self.calls: dict[int, list[Call]] = {}  # id of an encoded prompt -> each layer's arguments
         self.cache: dict[int, tuple[frozenset, list[LayerTrace]]] = {}  # its last pass
+        self.spec: dict[int, tuple[frozenset, list[LayerTrace]]] = {}  # its last pass's branch
+        self.propose = propose
         self.passes = 0
         self.layers_read = 0
+        self._held: int | None = None  # the layer the pass holds in memory
 
     def _calls(self, enc: dict) -> list[Call]:
         if id(enc) not in self.calls:
@@ -50,24 +78,57 @@ class StreamedRunner:
         changed = [k[0] for k in keys ^ before]
         return min(changed) if changed else self.num_layers
 
+    def _speculated(self, enc: dict, weights: Sequence) -> list[LayerTrace] | None:
+        """The traces of the last pass's branch when it zeroed exactly ``weights``."""
+        keys, traces = self.spec.pop(id(enc), (None, None))
+        return traces if keys == frozenset(w.key for w in weights) else None
+
     @torch.no_grad()
     def run(self, inputs: Sequence[dict], zeroed_weights: Sequence[Sequence]) -> list[list[LayerTrace]]:
-        starts = [self._start(enc, ws) for enc, ws in zip(inputs, zeroed_weights)]
-        traces = [list(self.cache[id(e)][1][:s]) if s else [] for e, s in zip(inputs, starts)]
+        served = [self._speculated(enc, ws) for enc, ws in zip(inputs, zeroed_weights)]
+        starts = [self.num_layers if sv is not None else self._start(enc, ws)
+                  for enc, ws, sv in zip(inputs, zeroed_weights, served)]
+        traces = [sv if sv is not None else (list(self.cache[id(e)][1][:s]) if s else [])
+                  for e, s, sv in zip(inputs, starts, served)]
         hidden = [self._first_hidden(e, s) for e, s in zip(inputs, starts)]
+        branches: dict[int, _Branch] = {}
         first = min(starts, default=self.num_layers)
         if first < self.num_layers:
             self.passes += 1
         for i in range(first, self.num_layers):
-            with self.sm.layer(i):
+            with self.sm.layer(i), self._holding(i):
                 self.layers_read += 1
                 for p, (enc, ws) in enumerate(zip(inputs, zeroed_weights)):
                     if starts[p] <= i:
                         hidden[p], tr = self._run_layer(i, self._calls(enc)[i], hidden[p], ws)
                         traces[p].append(tr)
+                        self._branch(p, i, enc, ws, traces[p], branches)
+        for p, b in branches.items():
+            self.spec[id(inputs[p])] = (b.keys, traces[p][:b.start] + b.traces)
         for enc, ws, tr in zip(inputs, zeroed_weights, traces):
             self.cache[id(enc)] = (frozenset(w.key for w in ws), tr)
         return traces
+
+    def _branch(self, p: int, i: int, enc: dict, ws: Sequence, traces: list[LayerTrace], branches: dict) -> None:
+        """Grow prompt ``p``'s speculative branch by layer ``i``: the weights proposed there join it
+        (they sit in layer ``i``, so the layers it already ran are unchanged), then it runs the layer."""
+        b = branches.get(p)
+        new = self.propose(self, traces, ws, b.weights[len(ws):] if b else []) if self.propose else []
+        if new and b is None:
+            b = branches[p] = _Branch(i, list(ws), traces[i].h_in.unsqueeze(0))  # what a rerun from i starts from
+        if b is None:
+            return
+        b.weights += new
+        b.hidden, tr = self._run_layer(i, self._calls(enc)[i], b.hidden, b.weights)
+        b.traces.append(tr)
+
+    @contextlib.contextmanager
+    def _holding(self, i: int) -> Iterator[None]:
+        self._held = i
+        try:
+            yield
+        finally:
+            self._held = None
 
     def _first_hidden(self, enc: dict, start: int) -> torch.Tensor | None:
         if start == 0:
@@ -84,7 +145,9 @@ class StreamedRunner:
 
     @contextlib.contextmanager
     def layer(self, layer: int, zeroed_weights: Sequence = ()) -> Iterator[None]:
-        with self.sm.materialised(self.sm.layer_names(layer)), zeroed(self.model, self.arch, zeroed_weights, layer):
+        held = layer == self._held  # the pass holds it already (a proposal looks at it): no second read
+        with (contextlib.nullcontext() if held else self.sm.materialised(self.sm.layer_names(layer))), \
+                zeroed(self.model, self.arch, zeroed_weights, layer):
             yield
 
 
@@ -112,7 +175,7 @@ def stream_detect(
     try:
         tokenizer = tokenizer or _tokenizer(sm.ckpt.folder)
         encoded = [encode_prompt(tokenizer, p) for p in prompts]
-        runner = StreamedRunner(sm)
+        runner = StreamedRunner(sm, lambda r, traces, ws, proposed: propose(method, r, traces, ws, proposed, rule, trace_rule))
         states = run_detection(runner, encoded, method, rule, trace_rule, max_iter)
         log.info("streamed %d layers: %d layer reads in %d pass(es)", sm.num_layers, runner.layers_read, runner.passes)
         return assemble(states, runner, prompts, model_name or str(path), method, rule, trace_rule)
