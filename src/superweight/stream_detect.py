@@ -5,7 +5,12 @@
 through it (under the same ``TraceCapture`` hooks as in memory, on the arguments the model's own
 forward passes that layer), so ``superweight.detect.run_detection`` decides exactly as it does for
 a loaded model. A pass that zeroes weights of layer ``L`` and later only restarts from ``L``, from
-the cached residual input of that layer (earlier layers are unchanged, so are their outputs).
+the cached residual input of that layer (earlier layers are unchanged, so are their outputs). And
+the pass before it usually saved that read: while each layer is in memory, ``detect.propose``
+guesses the weights the next iteration will zero, and a speculative branch runs the rest of the
+pass with them zeroed; when the guess is exactly what the next iteration asks for, that iteration
+is served from the branch without touching the checkpoint (one pass instead of two for a single
+super weight: a checkpoint larger than memory is read once).
 """
 from __future__ import annotations
 
