@@ -66,6 +66,19 @@ static inline int params_float(float lo, float hi, int qmax, float *s, float *z)
     return 0;
 }
 
+/* Run j of a [rows, row_len] tensor cut in runs of `size` (`runs` per row, the last maybe shorter):
+ * its first element's offset, and its length in *n. */
+static inline int64_t run_at(int64_t j, int64_t runs, int64_t row_len, int64_t size, int64_t *n) {
+    const int64_t row = j / runs, col = (j % runs) * size;
+    *n = row_len - col < size ? row_len - col : size;
+    return row * row_len + col;
+}
+
+/* Run j's parameter from a [rows, runs] table of float16 bits (param_half) or float32 */
+static inline float param_at(const void *table, int param_half, int64_t j) {
+    return param_half ? (float)bits_half(((const uint16_t *)table)[j]) : ((const float *)table)[j];
+}
+
 /* Min and max of v[0..n) (n >= 1); returns 1 when a value is NaN. min/max are exact, so their
  * order does not matter: a -0 / +0 tie is the only choice, and the caller maps -0 to +0. */
 static inline int run_range(const float *v, int64_t n, float *plo, float *phi) {
@@ -213,8 +226,8 @@ static int rtn_run(const float *x, int64_t row_len, int64_t size, int64_t runs, 
                    int param_half, void *scale, void *zero, uint8_t *codes, int pack_bits, int64_t j) {
     uint8_t buf[PACK_CHUNK];
     const float b0 = bounds ? bounds[0] : 0.0f, b1 = bounds ? bounds[1] : 0.0f;
-    const int64_t row = j / runs, col = (j % runs) * size, at = row * row_len + col;
-    const int64_t n = row_len - col < size ? row_len - col : size;
+    int64_t n;
+    const int64_t at = run_at(j, runs, row_len, size, &n);
     const float *v = x + at;
     float lo, hi, s, z;
     if (run_range(v, n, &lo, &hi)) return 1;
@@ -283,17 +296,17 @@ void sw_rtn_dense(const uint8_t *codes, int64_t rows, int64_t row_len, int64_t s
     const int64_t runs = (row_len + size - 1) / size, total = rows * runs;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t j = 0; j < total; j++) {
-        const int64_t row = j / runs, col = (j % runs) * size;
-        const int64_t n = row_len - col < size ? row_len - col : size;
-        const float s = param_half ? (float)bits_half(((const uint16_t *)scale)[j]) : ((const float *)scale)[j];
-        const float z = param_half ? (float)bits_half(((const uint16_t *)zero)[j]) : ((const float *)zero)[j];
-        const uint8_t *q = codes + row * row_len + col;
-        float *o = out + row * row_len + col;
+        int64_t n;
+        const int64_t at = run_at(j, runs, row_len, size, &n);
+        const float s = param_at(scale, param_half, j), z = param_at(zero, param_half, j);
+        const uint8_t *q = codes + at;
+        float *o = out + at;
         for (int64_t i = 0; i < n; i++) o[i] = (float)q[i] * s + z;
     }
 }
 
-/* SQNR's sums over the chunks of `chunk` values: sum x^2 and sum (y - x)^2, float64 */
+/* SQNR's sums over the chunks of `chunk` values: sum x^2 and sum (y - x)^2 (the difference in float32,
+ * as sqnr and sw_rtn_write_back take it; squares and sums in float64) */
 void sw_sqnr_sums(const float *x, const float *y, int64_t n, int64_t chunk, double *sums, int threads) {
     const int64_t chunks = (n + chunk - 1) / chunk;
 #pragma omp parallel for num_threads(threads) schedule(static)
@@ -304,15 +317,15 @@ void sw_sqnr_sums(const float *x, const float *y, int64_t n, int64_t chunk, doub
 #ifdef __AVX2__
         __m256d s0 = _mm256_setzero_pd(), q0 = s0;
         for (; i + 4 <= m; i += 4) {
-            __m256d a = _mm256_cvtps_pd(_mm_loadu_ps(x + off + i));
-            __m256d d = _mm256_sub_pd(_mm256_cvtps_pd(_mm_loadu_ps(y + off + i)), a);
+            const __m128 x4 = _mm_loadu_ps(x + off + i);
+            __m256d a = _mm256_cvtps_pd(x4), d = _mm256_cvtps_pd(_mm_sub_ps(_mm_loadu_ps(y + off + i), x4));
             s0 = _mm256_add_pd(s0, _mm256_mul_pd(a, a)); q0 = _mm256_add_pd(q0, _mm256_mul_pd(d, d));
         }
         double ss[4], qs[4];
         _mm256_storeu_pd(ss, s0); _mm256_storeu_pd(qs, q0);
         sig = (ss[0] + ss[1]) + (ss[2] + ss[3]); noise = (qs[0] + qs[1]) + (qs[2] + qs[3]);
 #endif
-        for (; i < m; i++) { double a = x[off + i], d = (double)y[off + i] - a; sig += a * a; noise += d * d; }
+        for (; i < m; i++) { const float d = y[off + i] - x[off + i]; sig += (double)x[off + i] * x[off + i]; noise += (double)d * d; }
         sums[2 * c] = sig; sums[2 * c + 1] = noise;
     }
 }
@@ -326,12 +339,11 @@ void sw_rtn_write_back(float *w, const uint8_t *codes, int64_t rows, int64_t row
     const int64_t runs = (row_len + size - 1) / size, total = rows * runs;
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t j = 0; j < total; j++) {
-        const int64_t row = j / runs, col = (j % runs) * size;
-        const int64_t n = row_len - col < size ? row_len - col : size;
-        const float s = param_half ? (float)bits_half(((const uint16_t *)scale)[j]) : ((const float *)scale)[j];
-        const float z = param_half ? (float)bits_half(((const uint16_t *)zero)[j]) : ((const float *)zero)[j];
-        const uint8_t *q = codes + row * row_len + col;
-        float *v = w + row * row_len + col;
+        int64_t n;
+        const int64_t at = run_at(j, runs, row_len, size, &n);
+        const float s = param_at(scale, param_half, j), z = param_at(zero, param_half, j);
+        const uint8_t *q = codes + at;
+        float *v = w + at;
         double sig = 0.0, noise = 0.0;
         int64_t i = 0;
 #if defined(__AVX512F__) && defined(__AVX512BW__)
