@@ -76,7 +76,8 @@ def planted_method(folder: Path) -> str:
     return json.loads(planted.read_text()).get("method", "paper") if planted.is_file() else "paper"
 
 
-def child(folder: str, dtype: str, threads: int | None, device: str = "cpu", prefetch: bool = True) -> None:
+def child(folder: str, dtype: str, threads: int | None, device: str = "cpu", prefetch: bool = True,
+          method: str | None = None) -> None:
     """Run in a fresh process: stream_detect, print one JSON line."""
     import logging
 
@@ -111,21 +112,24 @@ def child(folder: str, dtype: str, threads: int | None, device: str = "cpu", pre
     if not prefetch:  # the same detection with the read-ahead thread off (the kernel's readahead only)
         sd.StreamedModel = functools.partial(stream.StreamedModel, prefetch=False)
     dev = resolve_device(device)
-    result = sd.stream_detect(folder, dtype=dtype, model_name=folder, device=dev, method=planted_method(Path(folder)))
+    method = method or planted_method(Path(folder))
+    result = sd.stream_detect(folder, dtype=dtype, model_name=folder, device=dev, method=method)
     if dev.type == "cuda":
         torch.cuda.synchronize(dev)
     wall = time.perf_counter() - t0
     print(json.dumps({
         "stream_s": wall, "model_imports_s": imports_s, "peak_rss": _status("VmHWM"), "rss_after_imports": rss_imports,
-        "found": [list(c) for c in result.coords], "iterations": result.iterations, **counts,
+        "method": method, "found": [list(c) for c in result.coords], "iterations": result.iterations, **counts,
         "torch_threads": torch.get_num_threads(), "device": str(dev), "prefetch": prefetch,
         "gpu_peak_bytes": torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None,
     }))
 
 
-def run_child(folder: Path, dtype: str, threads: int | None, device: str = "cpu", prefetch: bool = True) -> tuple[dict, float]:
+def run_child(folder: Path, dtype: str, threads: int | None, device: str = "cpu", prefetch: bool = True,
+              method: str | None = None) -> tuple[dict, float]:
     t0 = time.perf_counter()
     cmd = [sys.executable, __file__, "--child", str(folder), "--dtype", dtype, "--device", device]
+    cmd += ["--method", method] if method else []
     cmd += ([] if prefetch else ["--no-prefetch"]) + (["--threads", str(threads)] if threads else [])
     proc = subprocess.run(cmd, capture_output=True, text=True)
     total = time.perf_counter() - t0
@@ -134,17 +138,18 @@ def run_child(folder: Path, dtype: str, threads: int | None, device: str = "cpu"
     return json.loads(proc.stdout.strip().splitlines()[-1]), total
 
 
-def bench(folder: Path, dtype: str, threads: int | None = None, device: str = "cpu", compare: bool = False) -> dict:
+def bench(folder: Path, dtype: str, threads: int | None = None, device: str = "cpu", compare: bool = False,
+          method: str | None = None) -> dict:
     size = sum(p.stat().st_size for p in shards(folder))
     dropped = evict(folder)
     read_s = read_once(folder)
     without = {}
     if compare:  # the same run without the read-ahead thread (the kernel's readahead only), cold too
         evict(folder)
-        off, _ = run_child(folder, dtype, threads, device, prefetch=False)
+        off, _ = run_child(folder, dtype, threads, device, prefetch=False, method=method)
         without = {"no_prefetch": off, "no_prefetch_time_ratio": off["stream_s"] / read_s}
     evict(folder)
-    out, process_s = run_child(folder, dtype, threads, device)
+    out, process_s = run_child(folder, dtype, threads, device, method=method)
     planted_file = folder / "superweight_planted.json"
     planted = json.loads(planted_file.read_text()) if planted_file.is_file() else None
     coord = [planted["layer"], planted["row"], planted["col"]] if planted else None
@@ -169,12 +174,14 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "stream.json")
     ap.add_argument("--threads", type=int, help="torch threads for detection (default: torch's own)")
     ap.add_argument("--device", default="cpu", help="where layers run: cpu, cuda, auto")
+    ap.add_argument("--method", choices=["trace", "paper"],
+                    help="detection method (default: the plant's, else the paper's; see planted_method)")
     ap.add_argument("--compare-prefetch", action="store_true", help="also time a run without the read-ahead thread")
     ap.add_argument("--no-prefetch", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--child", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
-        child(args.child, args.dtype, args.threads, args.device, not args.no_prefetch)
+        child(args.child, args.dtype, args.threads, args.device, not args.no_prefetch, args.method)
         return {}
     tmp = None
     folder = args.model
@@ -186,7 +193,7 @@ def main(argv: list[str] | None = None) -> dict:
         folder = tmp / "model"
         make(["--size-gb", str(args.size_gb), "--out", str(folder), "--width", args.width])
     try:
-        result = bench(folder, args.dtype, args.threads, args.device, args.compare_prefetch)
+        result = bench(folder, args.dtype, args.threads, args.device, args.compare_prefetch, args.method)
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

@@ -1,4 +1,4 @@
-"""Detection on the real SmolLM2-135M (float weights dequantized from a Q4_1 GGUF)."""
+"""Detection on the real SmolLM2-135M and Gemma-3-270M (float weights dequantized from Q4_1 / Q4_K_M GGUFs)."""
 from __future__ import annotations
 
 import pytest
@@ -76,3 +76,36 @@ def test_gemma3_super_activations_rise_through_the_post_ffn_norm(gemma):
     norm_rises = [s for s in result.sources if s.channel == 163 and s.role == "creates"]
     assert norm_rises and all(s.sublayer == "post-FFN norm" and not s.weights for s in norm_rises)
     assert sw.detect(gemma.model, gemma.tokenizer, arch=gemma.arch, method="paper").super_weights == []
+
+
+def _streamed_once(folder, lm, method: str, arch) -> None:
+    """Streamed detection of a real model's converted checkpoint: bitwise the in-memory result, in
+    one pass over its layers (SmolLM2 takes 3-4 iterations: a chain of guesses serves them)."""
+    from superweight.stream_detect import StreamedRunner, stream_detect
+
+    runs: list[StreamedRunner] = []
+    real_init = StreamedRunner.__init__
+
+    def keep(self, *a, **kw):
+        real_init(self, *a, **kw)
+        runs.append(self)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(StreamedRunner, "__init__", keep)
+        got = stream_detect(folder, model_name="m", method=method, tokenizer=lm.tokenizer)
+    expected = sw.detect(lm.model, lm.tokenizer, model_name="m", arch=arch, method=method)
+    assert got.to_dict() == expected.to_dict()
+    [runner] = runs
+    assert runner.passes == 1 and runner.layers_read == runner.num_layers
+
+
+@pytest.mark.parametrize("method", ["trace", "paper"])
+def test_smollm2_streams_in_one_pass_bitwise(smollm2, method):
+    folder = _gguf_cache_folder(str(builtin_path("smollm2-135m")), default_cache_dir())
+    _streamed_once(folder, smollm2, method, smollm2.arch)
+
+
+@pytest.mark.parametrize("method", ["trace", "paper"])
+def test_gemma3_streams_in_one_pass_bitwise(gemma, method):
+    folder = _gguf_cache_folder(str(builtin_path("gemma3-270m")), default_cache_dir())
+    _streamed_once(folder, gemma, method, gemma.arch)

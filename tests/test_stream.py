@@ -130,17 +130,44 @@ def test_a_wrong_guess_costs_a_pass_not_a_result(tmp_path):
     assert runner.passes == 2 and got.to_dict() == in_memory(folder, prompts=PROMPTS).to_dict()
 
 
-def test_speculation_with_weights_in_two_layers_agrees(tmp_path):
-    folder = tmp_path / "m"
+def _two_plants(folder: Path) -> Path:
     model = tiny_model("GPT2LMHeadModel", layers=6)
     plant_super_weight(model, *PLANT)
     plant_super_weight(model, 3, 20, 90, seed=7)
-    save_sharded(model, folder)
-    for method in ("trace", "paper"):
-        runner = _speculating_runner(folder, method)
-        states, got = _streamed(runner, method, PROMPTS[:1])
-        assert got.to_dict() == in_memory(folder, prompts=PROMPTS[:1], method=method).to_dict()
-        assert runner.passes < states[0].iterations  # at least one iteration served by a branch
+    return save_sharded(model, folder)
+
+
+@pytest.mark.parametrize("prompts", [PROMPTS[:1], PROMPTS])
+@pytest.mark.parametrize("method", ["trace", "paper"])
+def test_a_chain_of_guesses_reads_the_checkpoint_once(method, prompts, tmp_path):
+    """Weights in two layers: the paper's method takes three iterations (one weight each, then none),
+    served by a chain of two branches; the trace method two. Either way one pass, bitwise equal."""
+    folder = _two_plants(tmp_path / "m")
+    runner = _speculating_runner(folder, method)
+    states, got = _streamed(runner, method, prompts)
+    assert got.to_dict() == in_memory(folder, prompts=prompts, method=method).to_dict()
+    assert set(got.coords) == {PLANT, (3, 20, 90)}
+    assert [s.iterations for s in states] == [3 if method == "paper" else 2] * len(prompts)
+    assert runner.passes == 1 and runner.layers_read == 6
+
+
+def test_a_wrong_guess_deep_in_the_chain_costs_a_pass_not_a_result(tmp_path):
+    """The chain's first level is right, its second carries a made-up weight: the third iteration is
+    not served (a second pass, from the layer that differs) and the result is still the in-memory one."""
+    from superweight.detect import SuperWeight, propose
+
+    folder = _two_plants(tmp_path / "m")
+    fake = SuperWeight(layer=5, row=1, col=2, module="", value=0.0, magnitude_rank=0, input_value=0.0,
+                       output_value=0.0, share=0.0, token=0, iteration=0)
+
+    def guess(r, traces, zeroing, proposed):
+        real = propose("paper", r, traces, zeroing, proposed)
+        return real + [fake] if len(zeroing) == 1 and len(traces) == 6 and proposed else real
+
+    runner = _speculating_runner(folder, "paper", guess)
+    states, got = _streamed(runner, "paper", PROMPTS[:1])
+    assert got.to_dict() == in_memory(folder, prompts=PROMPTS[:1], method="paper").to_dict()
+    assert states[0].iterations == 3 and runner.passes == 2 and runner.layers_read == 6 + 3
 
 
 def test_a_tied_embedding_stored_as_lm_head_streams(tmp_path):

@@ -350,7 +350,8 @@ def propose(method: str, runner: Runner, traces: list[LayerTrace], zeroing: Sequ
     for sa in find_activations(traces, trace_rule):
         for ch in sa.rises:
             if ch.layer == i:
-                _, terms = attribute(runner.model, runner.arch, traces[i], sa.token, sa.channel, ch, CREATES, trace_rule)
+                with runner.layer(i, zeroing):  # as the step will see the layer
+                    _, terms = attribute(runner.model, runner.arch, traces[i], sa.token, sa.channel, ch, CREATES, trace_rule)
                 out += [w for w in (_weight(t, i, sa.channel, sa.token, CREATES, 0, runner.num_layers) for t in terms)
                         if w.key not in known]
     return out

@@ -9,8 +9,9 @@ the cached residual input of that layer (earlier layers are unchanged, so are th
 the pass before it usually saved that read: while each layer is in memory, ``detect.propose``
 guesses the weights the next iteration will zero, and a speculative branch runs the rest of the
 pass with them zeroed; when the guess is exactly what the next iteration asks for, that iteration
-is served from the branch without touching the checkpoint (one pass instead of two for a single
-super weight: a checkpoint larger than memory is read once).
+is served from the branch without touching the checkpoint. The branch guesses in turn (a chain of
+branches, one per iteration to come), so however many iterations detection takes, a checkpoint
+larger than memory is read once when every guess is right.
 """
 from __future__ import annotations
 
@@ -34,12 +35,15 @@ log = logging.getLogger(__name__)
 
 @dataclass
 class _Branch:
-    """A pass's speculative branch for one prompt: the layers from ``start`` run again with
-    ``weights`` zeroed (the pass's own zeroed weights plus the proposed ones)."""
+    """One level of a prompt's chain of speculative branches: the layers from ``start`` run again
+    with ``weights`` zeroed, those of the level before it (the pass itself for the first) plus
+    ``own``, the weights proposed on that level's traces. Level ``d`` is a guess at the pass of the
+    ``d``-th iteration after this one."""
 
     start: int
-    weights: list
     hidden: torch.Tensor
+    own: list = field(default_factory=list)
+    weights: list = field(default_factory=list)
     traces: list[LayerTrace] = field(default_factory=list)
 
     @property
@@ -57,14 +61,16 @@ class StreamedRunner:
     the weights the next iteration will zero; they run as a speculative branch beside the pass, and
     when the next iteration asks for exactly those weights its traces come from the branch instead of
     a second read of the checkpoint (bitwise what that read would give: the same layers, inputs and
-    zeroed weights). A wrong guess only costs the branch's compute."""
+    zeroed weights). The branch proposes in turn, up to ``depth`` levels (a chain: each level guesses
+    the iteration after the previous one's), so a model whose detection takes several iterations is
+    still read once. A wrong guess only costs the branch's compute."""
 
-    def __init__(self, sm: StreamedModel, propose: Propose | None = None):
+    def __init__(self, sm: StreamedModel, propose: Propose | None = None, depth: int = 9):
         self.sm, self.arch, self.model, self.num_layers = sm, sm.arch, sm.model, sm.num_layers
         self.calls: dict[int, list[Call]] = {}  # id of an encoded prompt -> each layer's arguments
         self.cache: dict[int, tuple[frozenset, list[LayerTrace]]] = {}  # its last pass
-        self.spec: dict[int, tuple[frozenset, list[LayerTrace]]] = {}  # its last pass's branch
-        self.propose = propose
+        self.spec: dict[int, list[tuple[frozenset, list[LayerTrace]]]] = {}  # its next iterations, guessed
+        self.propose, self.depth = propose, depth
         self.passes = 0
         self.layers_read = 0
         self._held: int | None = None  # the layer the pass holds in memory
@@ -84,9 +90,14 @@ class StreamedRunner:
         return min(changed) if changed else self.num_layers
 
     def _speculated(self, enc: dict, weights: Sequence) -> list[LayerTrace] | None:
-        """The traces of the last pass's branch when it zeroed exactly ``weights``."""
-        keys, traces = self.spec.pop(id(enc), (None, None))
-        return traces if keys == frozenset(w.key for w in weights) else None
+        """The traces of the next guessed iteration when it zeroed exactly ``weights`` (the guesses
+        after it are kept for the iterations after it); else None, and every guess is dropped."""
+        chain = self.spec.pop(id(enc), [])
+        if not chain or chain[0][0] != frozenset(w.key for w in weights):
+            return None
+        if len(chain) > 1:
+            self.spec[id(enc)] = chain[1:]
+        return chain[0][1]
 
     @torch.no_grad()
     def run(self, inputs: Sequence[dict], zeroed_weights: Sequence[Sequence]) -> list[list[LayerTrace]]:
@@ -96,7 +107,7 @@ class StreamedRunner:
         traces = [sv if sv is not None else (list(self.cache[id(e)][1][:s]) if s else [])
                   for e, s, sv in zip(inputs, starts, served)]
         hidden = [self._first_hidden(e, s) for e, s in zip(inputs, starts)]
-        branches: dict[int, _Branch] = {}
+        chains: dict[int, list[_Branch]] = {p: [] for p in range(len(inputs))}
         first = min(starts, default=self.num_layers)
         if first < self.num_layers:
             self.passes += 1
@@ -107,25 +118,43 @@ class StreamedRunner:
                     if starts[p] <= i:
                         hidden[p], tr = self._run_layer(i, self._calls(enc)[i], hidden[p], ws)
                         traces[p].append(tr)
-                        self._branch(p, i, enc, ws, traces[p], branches)
-        for p, b in branches.items():
-            self.spec[id(inputs[p])] = (b.keys, traces[p][:b.start] + b.traces)
+                        self._grow(i, enc, ws, traces[p], chains[p])
+        for p, chain in chains.items():
+            if chain:
+                self.spec[id(inputs[p])] = self._guesses(traces[p], chain)
         for enc, ws, tr in zip(inputs, zeroed_weights, traces):
             self.cache[id(enc)] = (frozenset(w.key for w in ws), tr)
         return traces
 
-    def _branch(self, p: int, i: int, enc: dict, ws: Sequence, traces: list[LayerTrace], branches: dict) -> None:
-        """Grow prompt ``p``'s speculative branch by layer ``i``: the weights proposed there join it
-        (they sit in layer ``i``, so the layers it already ran are unchanged), then it runs the layer."""
-        b = branches.get(p)
-        new = self.propose(self, traces, ws, b.weights[len(ws):] if b else []) if self.propose else []
-        if new and b is None:
-            b = branches[p] = _Branch(i, list(ws), traces[i].h_in.unsqueeze(0))  # what a rerun from i starts from
-        if b is None:
+    def _grow(self, i: int, enc: dict, ws: Sequence, traces: list[LayerTrace], chain: list[_Branch]) -> None:
+        """Grow a prompt's chain of branches by layer ``i``, level after level: the weights proposed
+        on a level's traces (they sit in layer ``i``, so the layers the next level already ran are
+        unchanged) join the next level, created here if it is new, which then runs the layer."""
+        if self.propose is None:
             return
-        b.weights += new
-        b.hidden, tr = self._run_layer(i, self._calls(enc)[i], b.hidden, b.weights)
-        b.traces.append(tr)
+        zeroing, line = list(ws), traces
+        for depth in range(self.depth):
+            b = chain[depth] if depth < len(chain) else None
+            new = self.propose(self, line, zeroing, b.own if b else [])
+            if b is None:
+                if not new:
+                    return
+                b = _Branch(i, line[i].h_in.unsqueeze(0))  # what a rerun from i starts from
+                chain.append(b)
+            b.own += new
+            b.weights = zeroing + b.own  # the level before it may have grown in this layer too
+            b.hidden, tr = self._run_layer(i, self._calls(enc)[i], b.hidden, b.weights)
+            b.traces.append(tr)
+            zeroing, line = b.weights, line[:b.start] + b.traces
+
+    @staticmethod
+    def _guesses(traces: list[LayerTrace], chain: list[_Branch]) -> list[tuple[frozenset, list[LayerTrace]]]:
+        """(zeroed weights, every layer's trace) of each level, in iteration order."""
+        out, line = [], traces
+        for b in chain:
+            line = line[:b.start] + b.traces
+            out.append((b.keys, line))
+        return out
 
     @contextlib.contextmanager
     def _holding(self, i: int) -> Iterator[None]:
@@ -180,7 +209,8 @@ def stream_detect(
     try:
         tokenizer = tokenizer or _tokenizer(sm.ckpt.folder)
         encoded = [encode_prompt(tokenizer, p) for p in prompts]
-        runner = StreamedRunner(sm, lambda r, traces, ws, proposed: propose(method, r, traces, ws, proposed, rule, trace_rule))
+        runner = StreamedRunner(sm, lambda r, traces, ws, proposed: propose(method, r, traces, ws, proposed, rule, trace_rule),
+                                depth=max_iter - 1)
         states = run_detection(runner, encoded, method, rule, trace_rule, max_iter)
         log.info("streamed %d layers: %d layer reads in %d pass(es)", sm.num_layers, runner.layers_read, runner.passes)
         return assemble(states, runner, prompts, model_name or str(path), method, rule, trace_rule)
