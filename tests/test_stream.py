@@ -170,6 +170,46 @@ def test_a_wrong_guess_deep_in_the_chain_costs_a_pass_not_a_result(tmp_path):
     assert states[0].iterations == 3 and runner.passes == 2 and runner.layers_read == 6 + 3
 
 
+MOE = ["MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM"]
+
+
+@pytest.mark.parametrize("arch", MOE)
+def test_a_mixture_of_experts_streams_bit_for_bit(arch, tmp_path):
+    """Checkpoints store experts one by one; transformers stacks them on load (a converter):
+    streaming runs the same converter per layer, so the result is bitwise the in-memory one."""
+    model = tiny_model(arch, experts=12)  # 12 experts: stacked 0, 1, ..., 11, not 0, 1, 10, 11, 2, ...
+    plant_super_weight(model, *PLANT, expert=11)
+    folder = save_sharded(model, tmp_path / arch)
+    assert any(".experts.11." in k for k in open_checkpoint(folder).tensors)  # stored one by one
+    runner = _speculating_runner(folder, "trace")
+    _, got = _streamed(runner, "trace")
+    assert got.keys == [(*PLANT, 11)]
+    assert got.to_dict() == in_memory(folder, prompts=PROMPTS).to_dict()
+    assert runner.passes == 1  # the second iteration served by the branch, experts and all
+    loaded = sw.load_model(str(folder)).model.state_dict()
+    sm = StreamedModel(folder, prefetch=False)
+    names = [n for n in sm.layer_names(1) if ".experts." in n]
+    assert names
+    with sm.layer(1):
+        streamed = dict(sm.model.named_parameters())
+        for n in names:
+            assert torch.equal(streamed[n], loaded[n]), n
+
+
+def test_outside_a_pass_detection_reads_only_the_down_projection(tmp_path):
+    """Ranking and a weight's value need a layer's down-projection only: not the attention's bytes."""
+    from superweight.stream_detect import StreamedRunner
+
+    folder = planted("LlamaForCausalLM", tmp_path / "m")
+    runner = StreamedRunner(StreamedModel(folder, prefetch=False))
+    read: list[str] = []
+    real = runner.sm._wanted
+    runner.sm._wanted = lambda names: (read.extend(names), real(names))[1]
+    with runner.layer(1):
+        assert float(runner.arch.weight_matrix(runner.model, 1)[7, 33]) != 0.0
+    assert read == ["model.layers.1.mlp.down_proj.weight"]
+
+
 def test_a_tied_embedding_stored_as_lm_head_streams(tmp_path):
     """superweight's own GGUF conversions store a tied embedding under ``lm_head.weight`` only."""
     from safetensors.torch import load_file, save_file

@@ -333,10 +333,8 @@ def propose(method: str, runner: Runner, traces: list[LayerTrace], zeroing: Sequ
     weights (``stream_detect.StreamedRunner``), never trusted. The paper's step zeroes one weight,
     the earliest spiking layer's; the trace step every creating weight of every rise."""
     i = len(traces) - 1
-    if runner.arch.is_moe:
-        return []
     if method == "paper":
-        if proposed:
+        if proposed or runner.arch.is_moe:  # the paper's step refuses experts
             return []
         sw = find_candidate(runner, stats_of(traces), rule or SpikeRule(), zeroing, layers=[i])
         return [] if sw is None else [sw]

@@ -32,6 +32,7 @@ from .capture import ActivationCapture, LayerStats, _first_tensor
 from .checkpoint import Checkpoint, open_checkpoint
 from .device import resolve_device
 from .errors import SuperweightError
+from .keymap import checkpoint_keys, tied_names
 from .prefetch import LayerPrefetcher
 from .loaded import parse_dtype
 
@@ -87,48 +88,12 @@ def _set_tensor(root: nn.Module, name: str, tensor: torch.Tensor) -> None:
         module._buffers[leaf] = tensor
 
 
-def checkpoint_names(model: nn.Module, ckpt: Checkpoint) -> dict[str, str]:
-    """Model tensor name -> checkpoint key, with transformers' own key renamings (legacy names,
-    base-model prefix), as ``from_pretrained`` applies them. Keys that need a converter (fused or
-    split tensors) are left out: streaming reads tensors as stored."""
-    try:  # transformers >= 5
-        from transformers.conversion_mapping import get_model_conversion_mapping
-        from transformers.core_model_loading import WeightConverter, WeightRenaming, rename_source_key
-    except ImportError:
-        prefix = model.base_model_prefix + "."
-        own = set(model.state_dict())
-        return {(k if k in own or prefix + k not in own else prefix + k): k for k in ckpt.tensors}
-
-    transforms = get_model_conversion_mapping(model)
-    renamings = [t for t in transforms if isinstance(t, WeightRenaming)]
-    converters = [t for t in transforms if isinstance(t, WeightConverter)]
-    meta = model.state_dict()
-    names = {}
-    for key in ckpt.tensors:
-        name, converter = rename_source_key(key, renamings, converters, model.base_model_prefix, meta)
-        if converter is None:
-            names.setdefault(name, key)
-    return names
-
-
 def _aliases(model: nn.Module) -> dict[str, list[str]]:
     """Each parameter's name -> every name it has (tied weights share one parameter)."""
     by_id: dict[int, list[str]] = {}
     for n, p in model.named_parameters(remove_duplicate=False):
         by_id.setdefault(id(p), []).append(n)
     return {names[0]: names for names in by_id.values()}
-
-
-def _tied_names(names: dict[str, str], aliases: dict[str, list[str]]) -> dict[str, str]:
-    """``names`` (model name -> checkpoint key) with every name of a tied parameter pointing at the
-    key stored under any of them: a tied checkpoint may store the embedding as ``lm_head.weight``
-    (superweight's own GGUF conversions do) instead of ``model.embed_tokens.weight``."""
-    out = dict(names)
-    for tied in aliases.values():
-        stored = next((names[n] for n in tied if n in names), None)
-        for n in tied if stored else ():
-            out.setdefault(n, stored)
-    return out
 
 
 def _buffers_to(model: nn.Module, device: torch.device) -> None:
@@ -178,7 +143,8 @@ class StreamedModel:
         self.num_layers = len(self.layers)
         self._meta = {n: t for n, t in _persistent_tensors(self.model).items()}
         self._aliases = _aliases(self.model)
-        self._renamed = _tied_names(checkpoint_names(self.model, self.ckpt), self._aliases)
+        renamed, self._fused = checkpoint_keys(self.model, self.ckpt)
+        self._renamed = tied_names(renamed, self._aliases)
         self._keys = {n: self._key(n) for n in self._needed_names()}
         self._check_shapes()
         self._load(self._outer_names())
@@ -202,7 +168,8 @@ class StreamedModel:
         return self._outer_names() + [n for i in range(self.num_layers) for n in self.layer_names(i)]
 
     def key(self, name: str) -> str:
-        """The checkpoint key of model tensor ``name`` ("" for a buffer the file does not store)."""
+        """The checkpoint key of model tensor ``name`` ("" for a buffer the file does not store or a
+        tensor built from several, ``self._fused``)."""
         if name not in self._keys:
             self._keys[name] = self._key(name)
         return self._keys[name]
@@ -210,26 +177,41 @@ class StreamedModel:
     def _key(self, name: str) -> str:
         if name in self._renamed:
             return self._renamed[name]
-        if name in dict(self.model.named_buffers()):
+        if name in self._fused or name in dict(self.model.named_buffers()):
             return ""  # a persistent buffer the file does not store: keep its initial value
         raise SuperweightError(
             f"{self.ckpt.folder} has no tensor {name}: the checkpoint does not match its config.json "
             "(incomplete download or a different layout); re-download it or load it without --stream"
         )
 
+    def stored_keys(self, name: str) -> list[str]:
+        """Every checkpoint key model tensor ``name`` is read from (none for an unstored buffer)."""
+        return self._fused[name].keys if name in self._fused else [k for k in [self.key(name)] if k]
+
     def _check_shapes(self) -> None:
-        for name, key in self._keys.items():
-            if key and tuple(self.ckpt.tensors[key].shape) != tuple(self._meta[name].shape):
+        for name in self._keys:
+            shape = self._stored_shape(name)
+            if shape is not None and shape != tuple(self._meta[name].shape):
+                what = self.key(name) or f"{name} (built from {len(self._fused[name].keys)} stored tensors)"
                 raise SuperweightError(
-                    f"{key} has shape {list(self.ckpt.tensors[key].shape)} in the checkpoint but "
+                    f"{what} has shape {list(shape)} in the checkpoint but "
                     f"{list(self._meta[name].shape)} in config.json: the files do not belong together"
                 )
+
+    def _stored_shape(self, name: str) -> tuple[int, ...] | None:
+        if name in self._fused:  # the conversion run on meta tensors of the stored shapes
+            f = self._fused[name]
+            parts = {k: torch.empty(self.ckpt.tensors[k].shape, device="meta") for k in f.keys}
+            return tuple(f.build(parts, self.model.config).shape)
+        key = self.key(name)
+        return tuple(self.ckpt.tensors[key].shape) if key else None
 
     # ------------------------------------------------------------ materialise / free
 
     def _wanted(self, names: Sequence[str]) -> dict[str, tuple]:
-        """name -> (where the checkpoint holds it, the dtype the model wants) for stored tensors."""
-        return {n: (self.ckpt.tensors[self.key(n)], self._meta[n].dtype) for n in names if self.key(n)}
+        """checkpoint key -> (where the checkpoint holds it, the dtype the model wants) for every
+        tensor ``names`` are read from."""
+        return {k: (self.ckpt.tensors[k], self._meta[n].dtype) for n in names for k in self.stored_keys(n)}
 
     def _read(self, names: Sequence[str], ahead: int | None = None) -> dict[str, torch.Tensor]:
         """Read tensors from their shards onto ``self.device`` (layer ``ahead``: what the background
@@ -244,12 +226,16 @@ class StreamedModel:
             _set_tensor(self.model, alias, tensor)
 
     def _load(self, names: Sequence[str], ahead: int | None = None) -> None:
-        for n, t in self._read(names, ahead).items():
-            self._set(n, t)
+        read = self._read(names, ahead)
+        for n in names:
+            if n in self._fused:
+                self._set(n, self._fused[n].build(read, self.model.config))
+            elif self.key(n):
+                self._set(n, read[self.key(n)])
 
     def _free(self, names: Sequence[str]) -> None:
         for n in names:
-            if self.key(n):
+            if self.stored_keys(n):
                 self._set(n, self._meta[n])
 
     @contextlib.contextmanager
@@ -271,7 +257,7 @@ class StreamedModel:
         """Start reading layer ``i`` in the background: the kernel's readahead, and (unless
         ``prefetch=False``) a thread that reads it into (pinned) host memory. Idempotent."""
         if 0 <= i < self.num_layers:
-            keys = [self.key(n) for n in self.layer_names(i) if self.key(n)]
+            keys = [k for n in self.layer_names(i) for k in self.stored_keys(n)]
             if not self._prefetcher.pending(i):
                 self.ckpt.prefetch(keys)
             self._prefetcher.start(i, self._wanted(self.layer_names(i)))

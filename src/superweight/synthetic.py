@@ -16,7 +16,7 @@ from torch import nn
 from .arch import ArchSpec, get_arch
 from .edits import HookSet
 
-TINY = dict(hidden=64, intermediate=128, layers=4, heads=4, kv_heads=2, vocab=320, positions=256)
+TINY = dict(hidden=64, intermediate=128, layers=4, heads=4, kv_heads=2, vocab=320, positions=256, experts=4)
 
 
 def _llama_kw(t: dict) -> dict:
@@ -34,7 +34,7 @@ def tiny_config(arch_name: str, **overrides):
     t = {**TINY, **overrides}
     llama = _llama_kw(t)
     head_dim = t["hidden"] // t["heads"]
-    moe = dict(num_local_experts=4, num_experts_per_tok=2)
+    moe = dict(num_local_experts=t["experts"], num_experts_per_tok=2)
     builders = {
         "LlamaForCausalLM": lambda: tf.LlamaConfig(**llama),
         "MistralForCausalLM": lambda: tf.MistralConfig(**llama, sliding_window=None),
@@ -48,13 +48,13 @@ def tiny_config(arch_name: str, **overrides):
         "Phi3ForCausalLM": lambda: tf.Phi3Config(**llama, pad_token_id=0),
         "MixtralForCausalLM": lambda: tf.MixtralConfig(**llama, **moe),
         "Qwen2MoeForCausalLM": lambda: tf.Qwen2MoeConfig(
-            **llama, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=t["intermediate"],
+            **llama, num_experts=t["experts"], num_experts_per_tok=2, moe_intermediate_size=t["intermediate"],
             shared_expert_intermediate_size=t["intermediate"],
         ),
         "Qwen3MoeForCausalLM": lambda: tf.Qwen3MoeConfig(
-            **llama, num_experts=4, num_experts_per_tok=2, moe_intermediate_size=t["intermediate"], head_dim=head_dim,
+            **llama, num_experts=t["experts"], num_experts_per_tok=2, moe_intermediate_size=t["intermediate"], head_dim=head_dim,
         ),
-        "OlmoeForCausalLM": lambda: tf.OlmoeConfig(**llama, num_experts=4, num_experts_per_tok=2),
+        "OlmoeForCausalLM": lambda: tf.OlmoeConfig(**llama, num_experts=t["experts"], num_experts_per_tok=2),
         "GPT2LMHeadModel": lambda: tf.GPT2Config(
             n_embd=t["hidden"], n_inner=t["intermediate"], n_layer=t["layers"], n_head=t["heads"],
             vocab_size=t["vocab"], n_positions=t["positions"],
