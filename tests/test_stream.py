@@ -249,6 +249,26 @@ def test_streaming_magnitude_scan_equals_in_memory(arch, scope, tmp_path):
     assert stream_magnitude_scan(folder, scope=scope, super_weights=[PLANT]).to_dict() == expected
 
 
+@pytest.mark.parametrize("arch", ["MixtralForCausalLM", "Qwen2MoeForCausalLM"])
+@pytest.mark.parametrize("scope", ["down_proj", "all_linear"])
+def test_magnitude_scan_of_experts_in_memory_and_streamed(arch, scope, tmp_path):
+    """Each expert's down-projection is a matrix of the scan (and, for all_linear, its gate/up), named
+    as detection names its weights; the planted expert weight ranks first, and streaming agrees."""
+    model = tiny_model(arch)
+    plant_super_weight(model, *PLANT, expert=2)
+    folder = save_sharded(model, tmp_path / "m")
+    lm = sw.load_model(str(folder))
+    found = sw.detect(lm.model, lm.tokenizer)
+    expected = magnitude_scan(lm.model, lm.arch, scope=scope, super_weights=found)
+    [ranked] = expected.super_weights
+    assert (ranked.layer, ranked.row, ranked.col, ranked.expert) == (*PLANT, 2) and ranked.rank_in_flagged == 1
+    assert expected.top[0]["module"] == "model.layers.1.mlp.experts.down_proj[2]"
+    experts = 4 * lm.arch.num_layers(lm.model)
+    assert sum("experts.down_proj[" in m.module for m in expected.matrices) == experts
+    assert sum("experts.gate_up_proj[" in m.module for m in expected.matrices) == (experts if scope == "all_linear" else 0)
+    assert stream_magnitude_scan(folder, scope=scope, super_weights=found).to_dict() == expected.to_dict()
+
+
 def test_layers_are_freed_after_streaming(tmp_path):
     sm = StreamedModel(planted("LlamaForCausalLM", tmp_path / "m"))
     with sm.layer(2):

@@ -53,11 +53,13 @@ class ArchSpec:
 
     def down_proj_module(self, model: nn.Module, layer: int) -> nn.Module:
         if self.is_moe:
-            raise SuperweightError(
-                f"{self.name} is a mixture of experts: each expert has its own down-projection "
-                "(use expert_matrix(model, layer, expert))"
-            )
+            raise SuperweightError(self.dense_only())
         return self.layer_modules(model)[layer].get_submodule(self.down_proj)
+
+    def dense_only(self) -> str:
+        """The one-line refusal of a step that needs dense down-projections (API: ``expert_matrix``)."""
+        return (f"{self.name} is a mixture of experts: each expert has its own down-projection, and this step "
+                "handles dense ones only; superweight detect (and its --method magnitude scan) handles experts")
 
     def experts_module(self, model: nn.Module, layer: int) -> nn.Module | None:
         """The MoE experts module of ``layer`` (None for a dense layer, e.g. Qwen2-MoE's ``mlp_only_layers``)."""
@@ -224,7 +226,7 @@ def check_index(spec: ArchSpec, model: nn.Module, layer: int, row: int, col: int
     if not 0 <= layer < n:
         raise SuperweightError(f"layer {layer} is out of range: the model has {n} layers (0..{n - 1})")
     if spec.is_moe:
-        raise SuperweightError(f"{spec.name} is a mixture of experts: give the expert of each weight")
+        raise SuperweightError(spec.dense_only())
     out_dim, in_dim = spec.weight_matrix(model, layer).shape
     if not (0 <= row < out_dim and 0 <= col < in_dim):
         raise SuperweightError(

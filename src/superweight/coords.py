@@ -6,6 +6,7 @@ maps it). ``Coord`` is a named tuple: it equals, hashes, sorts and unpacks like 
 and serialises to JSON as ``[layer, row, col]``. ``as_coord`` / ``as_coords`` accept everything the
 tool writes or returns: ``Coord``, tuples and lists, ``{"layer", "row", "col"}`` dicts, and objects
 with ``layer``/``row``/``col`` attributes (``detect.SuperWeight``, ``catalog.CatalogCoord``).
+A weight of a mixture of experts also needs its expert: ``as_keys`` gives ``(Coord, expert)``.
 """
 from __future__ import annotations
 
@@ -35,3 +36,18 @@ def as_coords(items: Iterable[Any]) -> list[Coord]:
     """``as_coord`` of each item; a ``DetectionResult`` (anything with ``super_weights``) gives its own."""
     items = getattr(items, "super_weights", items)
     return [as_coord(it) for it in items or []]
+
+
+def as_key(item: Any) -> tuple[Coord, int | None]:
+    """``(Coord, expert)``: the expert of an MoE weight (an ``expert`` attribute or key, or a 4-tuple's
+    last element), None for a dense one."""
+    if isinstance(item, (tuple, list)) and len(item) == 4:
+        return as_coord(item[:3]), None if item[3] is None else int(item[3])
+    expert = item.get("expert") if isinstance(item, dict) else getattr(item, "expert", None)
+    return as_coord(item), None if expert is None else int(expert)
+
+
+def as_keys(items: Iterable[Any]) -> list[tuple[Coord, int | None]]:
+    """``as_key`` of each item; a ``DetectionResult`` gives its own."""
+    items = getattr(items, "super_weights", items)
+    return [as_key(it) for it in items or []]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import heapq
 from dataclasses import dataclass, field
+from itertools import groupby
 from typing import Any, Callable, ClassVar, Iterable, Iterator
 
 import torch
@@ -37,6 +38,7 @@ class RankedWeight:
     flagged: bool
     rank_in_flagged: int  # 1 = highest z among all flagged weights of the scan; 0 when not flagged
     rank_in_matrix: int  # 1 = largest |w| of its own matrix
+    expert: int | None = None  # a mixture of experts: the expert whose down-projection holds it
 
 
 @dataclass
@@ -66,18 +68,56 @@ def _zscores(weight: torch.Tensor) -> tuple[torch.Tensor, float, float]:
     return (a - mean) / (std if std > 0 else 1.0), mean, std
 
 
-def iter_matrices(model: nn.Module, arch: ArchSpec, scope: str) -> Iterator[tuple[str, torch.Tensor]]:
-    """(name, [out, in] weight) for every down-projection, or every 2-D linear weight."""
+Source = tuple[str, str, Callable[[nn.Module], torch.Tensor]]  # (name, parameter, its [out, in] view)
+
+
+def matrix_sources(model: nn.Module, arch: ArchSpec, scope: str) -> Iterator[Source]:
+    """Every matrix of the scan: its name, the parameter that holds it and how to view it as
+    ``[out, in]``; an MoE layer's experts are one parameter holding a matrix per expert
+    (``...experts.down_proj[e]``, the name detection gives their weights)."""
     if scope == "down_proj":
         for i in range(arch.num_layers(model)):
-            yield arch.down_proj_name(i), arch.weight_matrix(model, i)
+            name = arch.down_proj_name(i)
+            if not arch.is_moe:
+                yield name, f"{name}.weight", lambda m, i=i: arch.weight_matrix(m, i)
+            elif arch.experts_module(model, i) is not None:  # else a dense layer of an MoE (mlp_only_layers)
+                yield from _experts(name, "down_proj", arch.experts_module(model, i))
         return
     skip = {arch.embed}
     for name, module in model.named_modules():
+        if arch.is_moe and isinstance(getattr(module, "down_proj", None), torch.Tensor):
+            for param in ("gate_up_proj", "down_proj"):
+                yield from _experts(name, param, module)
+            continue
         w = getattr(module, "weight", None)
         if name in skip or w is None or w.dim() != 2 or isinstance(module, nn.Embedding):
             continue
-        yield name, w.t() if type(module).__name__ == "Conv1D" else w
+        conv1d = type(module).__name__ == "Conv1D"
+        yield name, f"{name}.weight", lambda m, name=name, conv1d=conv1d: _weight_view(m, name, conv1d)
+
+
+def _experts(module_name: str, param: str, module: nn.Module) -> Iterator[Source]:
+    """One ``[out, in]`` matrix per expert of a 3-D experts parameter ``[experts, out, in]``."""
+    for e in range(getattr(module, param).shape[0]):
+        yield f"{module_name}.{param}[{e}]", f"{module_name}.{param}", \
+            lambda m, e=e: getattr(m.get_submodule(module_name), param)[e]
+
+
+def _weight_view(model: nn.Module, name: str, conv1d: bool) -> torch.Tensor:
+    w = model.get_submodule(name).weight
+    return w.t() if conv1d else w
+
+
+def iter_matrices(model: nn.Module, arch: ArchSpec, scope: str) -> Iterator[tuple[str, torch.Tensor]]:
+    """(name, [out, in] weight) for every down-projection (each expert's), or every linear weight."""
+    for name, _, view in matrix_sources(model, arch, scope):
+        yield name, view(model)
+
+
+def by_parameter(sources: Iterable[Source]) -> Iterator[tuple[str, list[Source]]]:
+    """The sources grouped by the parameter that holds them (consecutive, as ``matrix_sources`` gives them)."""
+    for param, group in groupby(sources, key=lambda s: s[1]):
+        yield param, list(group)
 
 
 def scan_matrices(
@@ -113,23 +153,25 @@ def magnitude_scan(
 ) -> MagnitudeResult:
     """Run the z-score scan and rank the given super weights (layer, row, col) among its flags."""
     result, flagged_z = scan_matrices(iter_matrices(model, arch, scope), threshold, top_k, scope)
-    rank_super_weights(result, flagged_z, super_weights, lambda layer: arch.weight_matrix(model, layer).detach())
+    rank_super_weights(result, flagged_z, super_weights,
+                       lambda layer, expert: arch.expert_matrix(model, layer, expert).detach())
     return result
 
 
 def rank_super_weights(
     result: MagnitudeResult, flagged_z: dict[str, torch.Tensor], super_weights: Iterable,
-    matrix_of: Callable[[int], torch.Tensor],
+    matrix_of: Callable[[int, int | None], torch.Tensor],
 ) -> None:
-    """Append where each (layer, row, col) ranks among the scan's flags; ``matrix_of(layer)`` is [out, in]."""
-    from .ablate import as_coords
+    """Append where each weight (layer, row, col[, expert]) ranks among the scan's flags;
+    ``matrix_of(layer, expert)`` is its ``[out, in]`` down-projection."""
+    from .coords import as_keys
 
     threshold = result.threshold
-    for layer, row, col in as_coords(super_weights):
-        w = matrix_of(layer)
+    for (layer, row, col), expert in as_keys(super_weights):
+        w = matrix_of(layer, expert)
         z, _, _ = _zscores(w)
         zv = float(z[row, col])
         flagged = zv > threshold
         rank = 1 + sum(int((fz > zv).sum()) for fz in flagged_z.values()) if flagged else 0
         in_matrix = int((w.abs() > w[row, col].abs()).sum()) + 1
-        result.super_weights.append(RankedWeight(layer, row, col, float(w[row, col]), zv, flagged, rank, in_matrix))
+        result.super_weights.append(RankedWeight(layer, row, col, float(w[row, col]), zv, flagged, rank, in_matrix, expert))

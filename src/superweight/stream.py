@@ -314,17 +314,15 @@ def _tokenizer(folder: Path):
 
 
 def iter_streamed_matrices(sm: StreamedModel, scope: str = "down_proj") -> Iterator[tuple[str, torch.Tensor]]:
-    """``magnitude.iter_matrices`` over a ``StreamedModel``: each matrix read alone, then freed."""
-    from .magnitude import iter_matrices
+    """``magnitude.iter_matrices`` over a ``StreamedModel``: each parameter read alone (an MoE
+    layer's experts once for all of them), its matrices yielded, then freed."""
+    from .magnitude import by_parameter, matrix_sources
 
     canonical = {id(p): n for n, p in sm.model.named_parameters()}  # tied lm_head -> the embedding
-    for name, view in list(iter_matrices(sm.model, sm.arch, scope)):
-        meta = sm.model.get_submodule(name).weight
-        transposed = view.stride() != meta.stride()  # iter_matrices yields w.t() for Conv1D
-        param = canonical[id(meta)]
-        with sm.materialised([param]):
-            weight = sm.model.get_submodule(name).weight.detach()
-            yield name, weight.t() if transposed else weight
+    for param, sources in list(by_parameter(matrix_sources(sm.model, sm.arch, scope))):
+        with sm.materialised([canonical[id(sm.model.get_parameter(param))]]):
+            for name, _, view in sources:
+                yield name, view(sm.model).detach()
 
 
 def stream_magnitude_scan(
@@ -337,9 +335,10 @@ def stream_magnitude_scan(
     sm = StreamedModel(path, dtype, device, prefetch=False)
     result, flagged_z = scan_matrices(iter_streamed_matrices(sm, scope), threshold, top_k, scope)
 
-    def matrix_of(layer: int) -> torch.Tensor:
-        with sm.materialised(sm.down_proj_names(layer)):
-            return sm.arch.weight_matrix(sm.model, layer).detach().clone()
+    def matrix_of(layer: int, expert: int | None) -> torch.Tensor:
+        names = sm.down_proj_names(layer) if expert is None else [f"{sm.arch.down_proj_name(layer)}.down_proj"]
+        with sm.materialised(names):
+            return sm.arch.expert_matrix(sm.model, layer, expert).detach().clone()
 
     rank_super_weights(result, flagged_z, super_weights, matrix_of)
     return result

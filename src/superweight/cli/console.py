@@ -44,7 +44,8 @@ def print_magnitude(mag) -> None:
     )
     for r in mag.super_weights:
         where = f"rank {r.rank_in_flagged:,} of {mag.total_flagged:,} flagged" if r.flagged else "NOT flagged"
-        console.print(f"  super weight {r.layer}:[{r.row}, {r.col}] z={r.z:.1f}: {where}")
+        expert = "" if r.expert is None else f" expert {r.expert}"
+        console.print(f"  super weight {r.layer}:[{r.row}, {r.col}]{expert} z={r.z:.1f}: {where}")
     if mag.top:
         t = mag.top[0]
         console.print(f"  highest z: {t['module']}[{t['row']}, {t['col']}] z={t['z']:.1f} value={t['value']:+.4g}")
