@@ -11,6 +11,7 @@ from superweight.ablate import (
     zeroed_weights,
 )
 from superweight.arch import get_arch
+from superweight.errors import SuperweightError
 from superweight.synthetic import plant_super_weight, tiny_model
 
 SW = [(1, 7, 21)]
@@ -119,6 +120,65 @@ def test_restore_writes_back_the_super_activation_only(arch_name):
     assert torch.allclose(restored[spike, row], clean[spike, row], rtol=1e-5, atol=1e-4)
     assert not torch.allclose(zeroed[spike, row], clean[spike, row], rtol=1e-2)
     assert torch.equal(restored[~spike, row], zeroed[~spike, row])
+
+
+MOE_SW = [(1, 7, 21, 2)]  # (layer, row, col, expert)
+
+
+@pytest.mark.parametrize("arch_name", ["MixtralForCausalLM", "Qwen2MoeForCausalLM"])
+def test_every_ablation_of_an_expert_weight_restores_bitwise(arch_name):
+    model = tiny_model(arch_name)
+    plant_super_weight(model, *MOE_SW[0][:3], expert=2)
+    arch = get_arch(model)
+    before, clean = snapshot(model), model(input_ids=ids()).logits
+    top = top_magnitude_coords(model, arch, [1], 50, exclude=MOE_SW)
+    rand = random_coords(model, arch, [1], 5, exclude=MOE_SW)
+    assert all(len(k) == 4 for k in top + rand) and MOE_SW[0] not in top + rand
+    assert {k[3] for k in rand + top} - {0, 1, 2, 3} == set()
+    with zeroed_entries(model, arch, MOE_SW + top) as n:
+        assert n == 51 and float(arch.expert_matrix(model, 1, 2)[7, 21]) == 0.0
+        assert all(float(arch.expert_matrix(model, l, e)[r, c]) == 0.0 for l, r, c, e in top)
+    for edit in (lambda: zeroed_weights(model, arch, MOE_SW), lambda: scaled_weights(model, arch, MOE_SW, 2.0),
+                 lambda: restored_super_activation(model, arch, MOE_SW), lambda: zeroed_entries(model, arch, rand)):
+        with edit():
+            model(input_ids=ids())
+        assert_bitwise(model, before)
+    assert torch.equal(model(input_ids=ids()).logits, clean)
+    with pytest.raises(SuperweightError, match="give each weight's expert"):
+        with zeroed_weights(model, arch, [MOE_SW[0][:3]]):
+            pass
+    with pytest.raises(SuperweightError, match="expert 9 is out of range"):
+        with zeroed_weights(model, arch, [(1, 7, 21, 9)]):
+            pass
+
+
+def experts_run(model, arch, layer: int) -> torch.Tensor:
+    seen = []
+    handle = arch.experts_module(model, layer).register_forward_hook(lambda m, a, o: seen.append(o.detach().clone()))
+    try:
+        with torch.no_grad():
+            model(input_ids=ids())
+    finally:
+        handle.remove()
+    return seen[0]
+
+
+def test_restore_writes_back_an_expert_weights_term():
+    """With the floor at 0 every token routed to the expert gets its term back: the experts' output
+    at the weight's row is the clean one again (to rounding); the other rows are the zeroed run's."""
+    model = tiny_model("MixtralForCausalLM")
+    plant_super_weight(model, *MOE_SW[0][:3], expert=2)
+    arch = get_arch(model)
+    layer, row = MOE_SW[0][0], MOE_SW[0][1]
+    clean = experts_run(model, arch, layer)
+    with zeroed_weights(model, arch, MOE_SW):
+        zeroed = experts_run(model, arch, layer)
+    with restored_super_activation(model, arch, MOE_SW, floor=0.0):
+        restored = experts_run(model, arch, layer)
+    assert not torch.allclose(zeroed[:, row], clean[:, row], rtol=1e-3)
+    assert torch.allclose(restored[:, row], clean[:, row], rtol=1e-5, atol=1e-5)
+    others = [r for r in range(clean.shape[1]) if r != row]
+    assert torch.equal(restored[:, others], zeroed[:, others])
 
 
 def test_ablate_and_eval_commands_on_a_tiny_model(tmp_path, byte_tokenizer):

@@ -1,4 +1,8 @@
-"""Temporary edits of super weights; the exact original values are always written back."""
+"""Temporary edits of super weights; the exact original values are always written back.
+
+A weight is ``(layer, row, col)`` (a ``Coord``) in a dense down-projection, ``(layer, row, col,
+expert)`` in a mixture of experts' (``coords.as_key`` reads either, and ``SuperWeight`` objects).
+"""
 from __future__ import annotations
 
 import contextlib
@@ -8,17 +12,28 @@ import torch
 from torch import nn
 
 from .arch import ArchSpec, check_index
-from .coords import Coord, as_coords  # noqa: F401  (re-exported: ablate.Coord, ablate.as_coords)
+from .coords import Coord, as_coords, as_keys  # noqa: F401  (re-exported: ablate.Coord, ablate.as_coords)
 from .edits import HookSet, edited_entries
+
+Key = tuple[Coord, "int | None"]
+
+
+def weight_item(coord: Coord, expert: int | None):
+    """What the functions here return for a weight: the ``Coord``, or ``(layer, row, col, expert)``."""
+    return coord if expert is None else (*coord, expert)
+
+
+def _checked(model: nn.Module, arch: ArchSpec, coords: Iterable) -> list[Key]:
+    keys = as_keys(coords)
+    for (layer, row, col), expert in keys:
+        check_index(arch, model, layer, row, col, expert)
+    return keys
 
 
 @contextlib.contextmanager
 def scaled_weights(model: nn.Module, arch: ArchSpec, coords: Iterable, scale: float) -> Iterator[None]:
     """Multiply the given super weights by ``scale`` inside the block (0 zeroes them)."""
-    entries = []
-    for layer, row, col in as_coords(coords):
-        check_index(arch, model, layer, row, col)
-        entries.append((arch.down_proj_module(model, layer).weight, arch.index(row, col)))
+    entries = [arch.weight_entry(model, *c, e) for c, e in _checked(model, arch, coords)]
     with edited_entries(entries):
         with torch.no_grad():
             for weight, idx in entries:
@@ -38,80 +53,90 @@ DEFAULT_SCALES: tuple[float, ...] = (0.0, 0.2, 0.5, 0.8, 1.0, 1.5, 2.0, 3.0)
 SPIKE_FLOOR = 50.0  # |input| on the super weight's column that marks a super activation (detection's floor)
 
 
-def _by_layer(coords: Iterable[Coord]) -> dict[int, tuple[torch.Tensor, torch.Tensor]]:
-    """{layer: (rows, cols)} index tensors."""
-    groups: dict[int, list[tuple[int, int]]] = {}
-    for layer, row, col in coords:
-        groups.setdefault(layer, []).append((row, col))
-    return {layer: (torch.tensor([r for r, _ in rc]), torch.tensor([c for _, c in rc])) for layer, rc in groups.items()}
+def _by_matrix(keys: Iterable[Key]) -> dict[tuple[int, int | None], tuple[torch.Tensor, torch.Tensor]]:
+    """{(layer, expert): (rows, cols)} index tensors."""
+    groups: dict[tuple[int, int | None], list[tuple[int, int]]] = {}
+    for (layer, row, col), expert in keys:
+        groups.setdefault((layer, expert), []).append((row, col))
+    return {k: (torch.tensor([r for r, _ in rc]), torch.tensor([c for _, c in rc])) for k, rc in groups.items()}
 
 
 @contextlib.contextmanager
 def zeroed_entries(model: nn.Module, arch: ArchSpec, coords: Iterable) -> Iterator[int]:
-    """Zero many down-projection entries at once (vectorised per layer); yields how many were zeroed.
+    """Zero many down-projection entries at once (vectorised per matrix); yields how many were zeroed.
 
     The original values are saved before any write and copied back on exit, so duplicates and
     errors inside the block still leave the weights bitwise as they were.
     """
-    coords = as_coords(coords)
-    for layer, row, col in coords:
-        check_index(arch, model, layer, row, col)
+    keys = _checked(model, arch, coords)
     entries = []
-    for layer, (rows, cols) in _by_layer(coords).items():
-        matrix = arch.weight_matrix(model, layer)
+    for (layer, expert), (rows, cols) in _by_matrix(keys).items():
+        matrix = arch.expert_matrix(model, layer, expert)  # an [out, in] view of the stored weight
         entries.append((matrix, (rows.to(matrix.device), cols.to(matrix.device))))  # index where the weights are
     with edited_entries(entries):
         with torch.no_grad():
             for matrix, idx in entries:
                 matrix[idx] = 0
-        yield len(set(coords))
+        yield len(set(keys))
 
 
 def sw_layers(coords: Iterable) -> list[int]:
     """The layers that hold super weights, in order."""
-    return sorted({layer for layer, _, _ in as_coords(coords)})
+    return sorted({c.layer for c, _ in as_keys(coords)})
 
 
-def top_magnitude_coords(model: nn.Module, arch: ArchSpec, layers: Iterable[int], n: int, exclude: Iterable) -> list[Coord]:
-    """The ``n`` largest-|w| entries over the down-projections of ``layers``, skipping ``exclude``."""
-    layers, skip = list(layers), set(as_coords(exclude))
-    values, keys = [], []
+def _matrices(model: nn.Module, arch: ArchSpec, layers: Iterable[int]) -> list[tuple[int, int | None, torch.Tensor]]:
+    """(layer, expert, [out, in] view) of the down-projections of ``layers``: every expert's in an MoE."""
+    out = []
     for layer in layers:
-        m = arch.weight_matrix(model, layer).detach().abs().float()
+        module = arch.experts_module(model, layer) if arch.is_moe else None
+        experts = range(module.down_proj.shape[0]) if module is not None else [None]
+        out += [(layer, e, arch.expert_matrix(model, layer, e)) for e in experts]
+    return out
+
+
+def top_magnitude_coords(model: nn.Module, arch: ArchSpec, layers: Iterable[int], n: int, exclude: Iterable) -> list:
+    """The ``n`` largest-|w| entries over the down-projections of ``layers`` (each expert's, in an
+    MoE), skipping ``exclude``."""
+    skip = set(as_keys(exclude))
+    values, keys = [], []
+    for layer, expert, matrix in _matrices(model, arch, layers):
+        m = matrix.detach().abs().float()
         k = min(n + len(skip), m.numel())
         v, idx = m.flatten().topk(k)
         values.append(v)
-        keys += [(layer, int(i) // m.shape[1], int(i) % m.shape[1]) for i in idx.tolist()]
+        keys += [(Coord(layer, int(i) // m.shape[1], int(i) % m.shape[1]), expert) for i in idx.tolist()]
     order = torch.cat(values).argsort(descending=True, stable=True).tolist() if values else []
     ranked = (keys[i] for i in order)
-    return [c for c in ranked if c not in skip][:n]
+    return [weight_item(*k) for k in ranked if k not in skip][:n]
 
 
 def random_coords(
     model: nn.Module, arch: ArchSpec, layers: Iterable[int], n: int, exclude: Iterable, seed: int = 0
-) -> list[Coord]:
-    """``n`` distinct random entries of the down-projections of ``layers`` (uniform), not in ``exclude``."""
-    layers, skip = list(layers), set(as_coords(exclude))
-    shapes = [tuple(arch.weight_matrix(model, layer).shape) for layer in layers]
-    total = sum(r * c for r, c in shapes)
+) -> list:
+    """``n`` distinct random entries of the down-projections of ``layers`` (uniform over every
+    entry, every expert's in an MoE), not in ``exclude``."""
+    skip = set(as_keys(exclude))
+    mats = [(layer, expert, tuple(m.shape)) for layer, expert, m in _matrices(model, arch, layers)]
+    total = sum(r * c for _, _, (r, c) in mats)
     if n > total - len(skip):
         raise ValueError(f"cannot draw {n} random weights from {total} entries")
     g = torch.Generator().manual_seed(seed)
-    out: list[Coord] = []
+    out: list[Key] = []
     while len(out) < n:
         for flat in torch.randint(0, total, (2 * (n - len(out)) + 8,), generator=g).tolist():
-            coord = _unflatten(flat, layers, shapes)
-            if coord not in skip and coord not in out:
-                out.append(coord)
+            key = _unflatten(flat, mats)
+            if key not in skip and key not in out:
+                out.append(key)
             if len(out) == n:
                 break
-    return out
+    return [weight_item(*k) for k in out]
 
 
-def _unflatten(flat: int, layers: list[int], shapes: list[tuple[int, int]]) -> Coord:
-    for layer, (rows, cols) in zip(layers, shapes):
+def _unflatten(flat: int, mats: list[tuple[int, int | None, tuple[int, int]]]) -> Key:
+    for layer, expert, (rows, cols) in mats:
         if flat < rows * cols:
-            return (layer, flat // cols, flat % cols)
+            return Coord(layer, flat // cols, flat % cols), expert
         flat -= rows * cols
     raise IndexError(flat)
 
@@ -130,12 +155,17 @@ def restored_super_activation(
     own down-projection, at the first super weight layer this restores the clean run's value
     exactly (up to float rounding) for every input, without a second forward pass.
     """
-    coords = as_coords(coords)
-    originals = {c: float(arch.weight_matrix(model, c[0])[c[1], c[2]].detach()) for c in coords}
+    keys = _checked(model, arch, coords)
+    originals = {k: float(arch.expert_matrix(model, k[0].layer, k[1])[k[0].row, k[0].col].detach()) for k in keys}
     with HookSet() as hooks:
         for layer in sw_layers(coords):
-            mine = [(row, col, originals[(l, row, col)]) for l, row, col in coords if l == layer]
-            hooks.forward(arch.down_proj_module(model, layer), _restore_hook(mine, floor))
+            mine = [(c.row, c.col, e, originals[(c, e)]) for c, e in keys if c.layer == layer]
+            dense = [(r, c, w) for r, c, e, w in mine if e is None]
+            if dense:
+                hooks.forward(arch.down_proj_module(model, layer), _restore_hook(dense, floor))
+            if len(dense) < len(mine):
+                hooks.forward(arch.experts_module(model, layer), _restore_experts_hook(
+                    [(r, c, e, w) for r, c, e, w in mine if e is not None], floor), with_kwargs=True)
         with zeroed_entries(model, arch, coords):
             yield
 
@@ -148,6 +178,29 @@ def _restore_hook(entries: list[tuple[int, int, float]], floor: float):
             xc = x[..., col].float()
             term = torch.where(xc.abs() >= floor, xc * w, torch.zeros_like(xc))
             output[..., row] = (output[..., row].float() + term).to(output.dtype)
+        return output
+
+    return hook
+
+
+def _restore_experts_hook(entries: list[tuple[int, int, int, float]], floor: float):
+    """The MoE form of ``_restore_hook``, on the experts module ``(hidden_states, top_k_index,
+    top_k_weights) -> [tokens, hidden]``: for each token routed to a weight's expert, the expert's
+    down-projection input ``x = act(gate) * up`` is recomputed from the expert's ``gate_up_proj``
+    (as ``attribute.mlp_terms`` does) and ``routing weight * x[col] * w`` added back at ``row``
+    where ``|x[col]| >= floor``."""
+    def hook(module: nn.Module, args: tuple, kwargs: dict, output: torch.Tensor) -> torch.Tensor:
+        names = ("hidden_states", "top_k_index", "top_k_weights")
+        hs, idx, routing = (list(args) + [kwargs[n] for n in names[len(args):]])[:3]
+        output = output.clone()
+        for row, col, expert, w in entries:
+            tokens, slots = (idx == expert).nonzero(as_tuple=True)
+            if not len(tokens):
+                continue
+            gate, up = nn.functional.linear(hs[tokens], module.gate_up_proj[expert]).chunk(2, dim=-1)
+            xc = (module.act_fn(gate) * up)[:, col].float()
+            term = torch.where(xc.abs() >= floor, xc * w * routing[tokens, slots].float(), torch.zeros_like(xc))
+            output[tokens, row] = (output[tokens, row].float() + term).to(output.dtype)
         return output
 
     return hook

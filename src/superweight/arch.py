@@ -59,7 +59,7 @@ class ArchSpec:
     def dense_only(self) -> str:
         """The one-line refusal of a step that needs dense down-projections (API: ``expert_matrix``)."""
         return (f"{self.name} is a mixture of experts: each expert has its own down-projection, and this step "
-                "handles dense ones only; superweight detect (and its --method magnitude scan) handles experts")
+                "handles dense ones only; detect (and its --method magnitude scan) and ablate handle experts")
 
     def experts_module(self, model: nn.Module, layer: int) -> nn.Module | None:
         """The MoE experts module of ``layer`` (None for a dense layer, e.g. Qwen2-MoE's ``mlp_only_layers``)."""
@@ -220,14 +220,21 @@ def get_arch(model_or_config) -> ArchSpec:
     return spec_for_name(architecture_name(model_or_config))
 
 
-def check_index(spec: ArchSpec, model: nn.Module, layer: int, row: int, col: int) -> None:
-    """Raise a clear error when ``layer, row, col`` is outside the model."""
+def check_index(spec: ArchSpec, model: nn.Module, layer: int, row: int, col: int, expert: int | None = None) -> None:
+    """Raise a clear error when ``layer, row, col`` (an MoE: and ``expert``) is outside the model."""
     n = spec.num_layers(model)
     if not 0 <= layer < n:
         raise SuperweightError(f"layer {layer} is out of range: the model has {n} layers (0..{n - 1})")
-    if spec.is_moe:
-        raise SuperweightError(spec.dense_only())
-    out_dim, in_dim = spec.weight_matrix(model, layer).shape
+    if spec.is_moe and expert is None:
+        raise SuperweightError(f"{spec.name} is a mixture of experts: give each weight's expert "
+                               "(detection's JSON has it: superweight detect --json)")
+    if expert is not None:
+        module = spec.experts_module(model, layer)
+        if module is None:
+            raise SuperweightError(f"layer {layer} of {spec.name} has no experts (expert {expert} was given)")
+        if not 0 <= expert < module.down_proj.shape[0]:
+            raise SuperweightError(f"expert {expert} is out of range: layer {layer} has {module.down_proj.shape[0]} experts")
+    out_dim, in_dim = spec.expert_matrix(model, layer, expert).shape
     if not (0 <= row < out_dim and 0 <= col < in_dim):
         raise SuperweightError(
             f"[{row}, {col}] is outside layer {layer}'s down-projection of shape [{out_dim}, {in_dim}]"

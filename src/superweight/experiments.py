@@ -27,10 +27,10 @@ from typing import Any, Callable, ClassVar, Sequence
 
 from .version import __version__
 from .ablate import (
-    DEFAULT_SCALES, DEFAULT_TOP_N, as_coords, random_coords, restored_super_activation, scaled_weights, sw_layers,
-    top_magnitude_coords, zeroed_entries,
+    DEFAULT_SCALES, DEFAULT_TOP_N, random_coords, restored_super_activation, scaled_weights, sw_layers,
+    top_magnitude_coords, weight_item, zeroed_entries,
 )
-from .coords import Coord
+from .coords import Coord, as_key, as_keys
 from .errors import SuperweightError
 from .eval.perplexity import default_seq_len, evaluate_perplexity
 from .eval.stopwords import SEASON_PROMPT, lambada_prompts, stopword_stats, top_next_tokens
@@ -266,8 +266,8 @@ def super_weight_dicts(super_weights) -> list[dict]:
         elif hasattr(sw, "__dataclass_fields__"):
             out.append(asdict(sw))
         else:
-            layer, row, col = sw
-            out.append({"layer": layer, "row": row, "col": col})
+            (layer, row, col), expert = as_key(sw)
+            out.append({"layer": layer, "row": row, "col": col} | ({} if expert is None else {"expert": expert}))
     return out
 
 
@@ -281,7 +281,7 @@ def run_ablation(loaded, super_weights, config: AblationConfig | None = None, **
     for key, value in overrides.items():
         setattr(config, key, value)
     sws = getattr(super_weights, "super_weights", super_weights)
-    coords = as_coords(sws)
+    coords = [weight_item(c, e) for c, e in as_keys(sws)]  # an MoE weight keeps its expert
     if not coords:
         raise SuperweightError("no super weights to ablate: detection found none (try `superweight detect -v`)")
     model, tokenizer, arch = loaded.model, loaded.tokenizer, loaded.arch

@@ -72,7 +72,7 @@ def check_super_weights(det, lm, origin: str | Path) -> list:
         )
     for sw in det.super_weights:
         try:
-            check_index(lm.arch, lm.model, sw.layer, sw.row, sw.col)
+            check_index(lm.arch, lm.model, sw.layer, sw.row, sw.col, sw.expert)
         except SuperweightError as exc:
             raise SuperweightError(f"{origin}: super weight {sw.layer}:[{sw.row}, {sw.col}]: {exc}: it is not from {lm.name}") from None
     return list(det.super_weights)
