@@ -155,3 +155,16 @@ def test_both_methods_find_the_plant_on_llama_like_gemma(method, byte_tokenizer)
 def test_unknown_method_is_a_clear_error(byte_tokenizer):
     with pytest.raises(sw.SuperweightError, match="unknown detection method"):
         sw.detect(tiny_model("LlamaForCausalLM"), byte_tokenizer, method="magic")
+
+
+def test_an_overflowing_forward_is_a_clear_error_not_an_empty_result(byte_tokenizer):
+    """Gemma-3-270M in float16 overflows (inf/NaN from layer 7): detection must say so and name the
+    dtypes that work, not report "no super weight"."""
+    model = tiny_model("LlamaForCausalLM")
+    plant_super_weight(model, *PLANT)
+    with torch.no_grad():
+        model.model.layers[PLANT[0]].mlp.down_proj.weight[PLANT[1], PLANT[2]] = 60000.0  # |y| far past 65504
+    model = model.half()
+    with pytest.raises(sw.SuperweightError, match=r"overflowed: layer 1's output holds inf/NaN in float16.*bfloat16"):
+        sw.detect(model, byte_tokenizer)
+    assert sw.detect(model.float(), byte_tokenizer).coords == [PLANT]  # the same model in float32 is fine

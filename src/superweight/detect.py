@@ -358,6 +358,17 @@ def propose(method: str, runner: Runner, traces: list[LayerTrace], zeroing: Sequ
 # ---------------------------------------------------------------- the loop, once for every runner
 
 
+def _check_finite(traces: list[LayerTrace]) -> None:
+    """A forward pass that overflowed (inf/NaN in the residual stream, e.g. Gemma in float16) has no
+    super activation to read: a one-line error instead of an empty or wrong result."""
+    for tr in traces:
+        if tr.h_out is not None and not bool(torch.isfinite(tr.h_out).all()):
+            raise SuperweightError(
+                f"the forward pass overflowed: layer {tr.layer}'s output holds inf/NaN in {str(tr.h_out.dtype).removeprefix('torch.')}; "
+                "super activations reach values float16 cannot hold: run with --dtype bfloat16 or float32"
+            )
+
+
 def run_detection(
     runner: Runner, encoded: Sequence[dict], method: str = DEFAULT_METHOD, rule: SpikeRule | None = None,
     trace_rule: TraceRule | None = None, max_iter: int = 10,
@@ -373,6 +384,7 @@ def run_detection(
             break
         runs = runner.run([encoded[s.index] for s in active], [list(s.zeroing) for s in active])
         for state, traces in zip(active, runs):
+            _check_finite(traces)
             state.iterations += 1
             state.layers = state.layers or stats_of(traces)
             if method == "paper":
