@@ -48,6 +48,42 @@ def test_round_trip_is_bitwise_and_keeps_super_weights(tmp_path, arch, config):
     assert size["file_bytes"] == (tmp_path / "art" / WEIGHTS).stat().st_size
 
 
+@pytest.mark.parametrize("arch", ["MixtralForCausalLM", "Qwen2MoeForCausalLM"])
+@pytest.mark.parametrize("config", [RTN(bits=4, group=32), RTN(bits=3, block=64, clip=ZScore(4))], ids=describe)
+def test_a_mixture_of_experts_is_quantized_experts_and_all(tmp_path, arch, config):
+    """Experts' 3-D weights are quantized as [experts * out, in] matrices, a super weight kept in its
+    expert, and the artifact loads back bitwise with the experts in their own shape."""
+    from superweight.arch import get_arch
+
+    model = tiny_model(arch, vocab=320)
+    plant_super_weight(model, *PLANT, weight=2.5, expert=2)
+    arch_spec = get_arch(model)
+    before = arch_spec.expert_matrix(model, PLANT[0], 1).detach().clone()
+    result = quantize(model, config, keep=[(*PLANT, 2)])
+    assert not torch.equal(arch_spec.expert_matrix(model, PLANT[0], 1), before)  # the experts were quantized
+    manifest = save_quantized(model, byte_tokenizer(), result, tmp_path / "art", source="tiny")
+    entry = manifest["tensors"]["model.layers.1.mlp.experts.down_proj"]
+    assert entry["view"] == [4, 64, 128] and entry["shape"] == [4 * 64, 128]
+    assert "model.layers.1.mlp.experts.gate_up_proj" in manifest["tensors"]
+    lm = load_quantized(tmp_path / "art")
+    expected, got = model.state_dict(), lm.model.state_dict()
+    assert set(expected) == set(got)
+    for name, tensor in expected.items():
+        assert torch.equal(got[name], tensor), name
+    assert float(lm.arch.expert_matrix(lm.model, PLANT[0], 2)[PLANT[1], PLANT[2]]) == 2.5
+    assert manifest["kept"] == [{"name": "model.layers.1.mlp.experts.down_proj", "index": (2 * 64 + 5) * 128 + 17, "value": 2.5}]
+
+
+def test_a_wrong_experts_view_is_a_clear_error(tmp_path):
+    model = tiny_model("MixtralForCausalLM", vocab=320)
+    save_quantized(model, byte_tokenizer(), quantize(model, RTN(bits=4, group=32)), tmp_path / "art")
+    m = json.loads((tmp_path / "art" / MANIFEST).read_text())
+    m["tensors"]["model.layers.0.mlp.experts.down_proj"]["view"] = [2, 64, 128]
+    (tmp_path / "art" / MANIFEST).write_text(json.dumps(m))
+    with pytest.raises(SuperweightError, match="'view'"):
+        load_quantized(tmp_path / "art")
+
+
 def test_bits_per_weight_match_the_scheme(tmp_path):
     model, result = _quantized("LlamaForCausalLM", RTN(bits=4, group=32))
     size = save_quantized(model, None, result, tmp_path / "a")["size"]

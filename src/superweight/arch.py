@@ -59,7 +59,7 @@ class ArchSpec:
     def dense_only(self) -> str:
         """The one-line refusal of a step that needs dense down-projections (API: ``expert_matrix``)."""
         return (f"{self.name} is a mixture of experts: each expert has its own down-projection, and this step "
-                "handles dense ones only; detect (and its --method magnitude scan) and ablate handle experts")
+                "handles dense ones only (detect, ablate, quantize and sweep handle experts)")
 
     def experts_module(self, model: nn.Module, layer: int) -> nn.Module | None:
         """The MoE experts module of ``layer`` (None for a dense layer, e.g. Qwen2-MoE's ``mlp_only_layers``)."""

@@ -98,13 +98,14 @@ def _untouched(model: nn.Module, skip: set[str]) -> tuple[dict[str, torch.Tensor
     return tensors, tied
 
 
-def _tensor_entry(qt: QuantizedTensor, transposed: bool) -> dict:
-    return {
+def _tensor_entry(qt: QuantizedTensor, transposed: bool, view: list[int] | None = None) -> dict:
+    entry = {
         "kind": qt.kind, "bits": qt.bits, "shape": list(qt.shape), "layout": qt.layout.to_dict(),
         "transposed": transposed, "packing": handler(qt.kind).packing(qt.bits),
         "sparse": int(qt.sparse_idx.numel()),
         "sparse_dtype": _dtype_name(sparse_dtype(qt.sparse_val)) if qt.sparse_idx.numel() else None,
     }
+    return entry | ({"view": view} if view else {})  # experts: the [experts, out, in] the matrix is a view of
 
 
 def size_report(result: QuantResult, file_bytes: int, untouched_bytes: int, total_params: int, header_bytes: int) -> dict:
@@ -201,7 +202,7 @@ def save_quantized(
             "notes": list(notes or []),
             "kept": result.kept,
             "tied": tied,
-            "tensors": {k: _tensor_entry(qt, result.transposed[k]) for k, qt in result.tensors.items()},
+            "tensors": {k: _tensor_entry(qt, result.transposed[k], result.views.get(k)) for k, qt in result.tensors.items()},
             "size": size_report(result, file_bytes, untouched_bytes, total, read_header(tmp / WEIGHTS).data_start),
         }
         if activations:
@@ -286,7 +287,8 @@ def read_state_dict(path: str | os.PathLike, manifest: dict, dtype: torch.dtype)
         with safe_open(str(weights), framework="pt") as f:
             for key, entry in manifest["tensors"].items():
                 w = unpack_tensor(f, key, entry).dequantize(dtype)
-                state[key] = w.t().contiguous() if entry["transposed"] else w
+                w = w.t().contiguous() if entry["transposed"] else w
+                state[key] = w.reshape(entry["view"]) if entry.get("view") else w
             for name in f.keys():
                 if SEP not in name:
                     state[name] = f.get_tensor(name)

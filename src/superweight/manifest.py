@@ -74,6 +74,10 @@ def _check_entry(key: str, e: Any, path: str | Path) -> None:
         raise _fail(path, f"tensor {key}: layout {layout} does not fit shape {shape}")
     if not isinstance(e.get("transposed"), bool):
         raise _fail(path, f"tensor {key}: 'transposed' must be true or false")
+    view = e.get("view")
+    if view is not None and (not isinstance(view, list) or len(view) < 3 or not all(_is_int(s) and s > 0 for s in view)
+                             or [math.prod(view[:-1]), view[-1]] != shape or e["transposed"]):
+        raise _fail(path, f"tensor {key}: 'view' {view!r} is not an [experts, out, in] shape of the [rows, cols] {shape}")
     if not _is_int(e.get("sparse", 0)) or e.get("sparse", 0) < 0:
         raise _fail(path, f"tensor {key}: 'sparse' must be a count (integer >= 0)")
     if e.get("sparse_dtype") is not None and e["sparse_dtype"] not in DTYPE_NAMES:
@@ -127,5 +131,6 @@ def check_against_model(m: dict, model: nn.Module, path: str | Path) -> None:
                               f"{type(module).__name__} needs {str(conv1d).lower()}")
         shape = tuple(params[key].shape)
         expected = shape[::-1] if conv1d else shape
-        if tuple(entry["shape"]) != expected:
-            raise _fail(path, f"tensor {key}: shape {entry['shape']}, the model needs {list(expected)}")
+        stored = tuple(entry.get("view") or entry["shape"])
+        if stored != expected:
+            raise _fail(path, f"tensor {key}: shape {list(stored)}, the model needs {list(expected)}")

@@ -1,10 +1,12 @@
 """The model-level verb: ``quantize(model, RTN(bits=4, block=128 * 128, clip=ZScore(9)), keep=sws)``.
 
 Targets every ``nn.Linear`` (and GPT-2 ``Conv1D``) whose name matches ``include`` and not
-``exclude`` (default: ``lm_head``; embeddings are not linear layers and are never touched). Each
-weight is quantized as ``[out, in]`` (Conv1D weights are transposed for that), written back
-fake-quantized in place (unless ``write_back=False``: an artifact needs only the codes), and
-returned as a ``QuantizedTensor`` for packing.
+``exclude`` (default: ``lm_head``; embeddings are not linear layers and are never touched), and in
+a mixture of experts every experts' 3-D weight (``mlp.experts.gate_up_proj`` / ``down_proj``,
+``[experts, out, in]``, quantized as one ``[experts * out, in]`` matrix: each expert's rows are
+rows of it). Each weight is quantized as ``[out, in]`` (Conv1D weights are transposed for that),
+written back fake-quantized in place (unless ``write_back=False``: an artifact needs only the
+codes), and returned as a ``QuantizedTensor`` for packing.
 """
 from __future__ import annotations
 
@@ -15,8 +17,8 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from ..ablate import as_coords
-from ..arch import ArchSpec, get_arch
+from ..ablate import as_coords, as_keys
+from ..arch import ArchSpec, check_index, get_arch
 from ..errors import SuperweightError
 from .config import RTN, SMOOTHABLE, Ternary, W8A8, describe, to_dict
 from .primitives import QuantizedTensor, quantize_tensor
@@ -33,6 +35,7 @@ class QuantResult:
     transposed: dict[str, bool]
     sqnr_db: dict[str, float]
     kept: list[dict] = field(default_factory=list)  # {"name", "index", "value"} per kept weight
+    views: dict[str, list[int]] = field(default_factory=dict)  # a weight's own shape when not [out, in] (experts)
 
     @property
     def quantized_weights(self) -> int:
@@ -86,6 +89,49 @@ def target_modules(model: nn.Module, include: str | None = None, exclude: str | 
     return found
 
 
+@dataclass(frozen=True)
+class Target:
+    """One weight ``quantize`` covers: ``name`` (what kept indices and fit weights are keyed by: the
+    module, or the experts' parameter), its state-dict ``key``, its ``[out, in]`` view ``weight``
+    (written in place), whether the stored tensor is that view transposed, and the stored shape
+    when it is not 2-D (``view``)."""
+
+    name: str
+    key: str
+    weight: torch.Tensor
+    transposed: bool = False
+    view: tuple[int, ...] | None = None
+
+
+def target_weights(model: nn.Module, include: str | None = None, exclude: str | None = DEFAULT_EXCLUDE,
+                   arch: ArchSpec | None = None) -> list[Target]:
+    """``target_modules``' weights, then (a mixture of experts) each experts module's 3-D weights whose
+    parameter name matches ``include`` and not ``exclude``."""
+    arch = arch or _arch_of(model)
+    experts = _expert_weights(model, include, exclude) if arch is not None and arch.is_moe else []
+    try:
+        linear = target_modules(model, include, exclude, arch)
+    except SuperweightError:
+        if not experts:
+            raise
+        linear = {}
+    out = [Target(n, f"{n}.weight", out_in(m, arch), is_transposed(m, arch)) for n, m in linear.items()]
+    return out + experts
+
+
+def _expert_weights(model: nn.Module, include: str | None, exclude: str | None) -> list[Target]:
+    out = []
+    for mod_name, module in model.named_modules():
+        for p in ("gate_up_proj", "down_proj"):
+            w = getattr(module, p, None)
+            name = f"{mod_name}.{p}"
+            if not (isinstance(w, torch.Tensor) and w.dim() == 3):
+                continue
+            if (include is None or re.search(include, name)) and not (exclude and re.search(exclude, name)):
+                out.append(Target(name, name, w.detach().view(-1, w.shape[-1]), False, tuple(w.shape)))
+    return out
+
+
 def out_in(module: nn.Module, arch: ArchSpec | None = None) -> torch.Tensor:
     """A module's weight as ``[out, in]`` (a transposed view where the ``ArchSpec`` says so)."""
     return module.weight.t() if is_transposed(module, arch) else module.weight
@@ -100,12 +146,14 @@ def keep_indices(model: nn.Module, keep: Iterable | dict | None, arch: ArchSpec 
         return {k: [int(i) for i in v] for k, v in keep.items()}
     arch = arch or get_arch(model)
     out: dict[str, list[int]] = {}
-    for layer, row, col in as_coords(keep):
-        module = arch.down_proj_module(model, layer)
-        n_out, n_in = out_in(module, arch).shape
-        if not (0 <= row < n_out and 0 <= col < n_in):
-            raise SuperweightError(f"kept weight {layer}:[{row}, {col}] is outside its [{n_out}, {n_in}] down-projection")
-        out.setdefault(arch.down_proj_name(layer), []).append(row * n_in + col)
+    for (layer, row, col), expert in as_keys(keep):
+        check_index(arch, model, layer, row, col, expert)
+        if expert is None:
+            n_in = out_in(arch.down_proj_module(model, layer), arch).shape[1]
+            out.setdefault(arch.down_proj_name(layer), []).append(row * n_in + col)
+        else:  # row ``row`` of expert ``expert`` is row ``expert * out + row`` of the [experts * out, in] matrix
+            n_out, n_in = arch.expert_matrix(model, layer, expert).shape
+            out.setdefault(f"{arch.down_proj_name(layer)}.down_proj", []).append((expert * n_out + row) * n_in + col)
     return out
 
 
@@ -162,21 +210,23 @@ def quantize(
     if isinstance(config, W8A8):
         raise SuperweightError("W8A8 quantizes activations too: use superweight.quant.simulate_w8a8(model, config)")
     arch = arch or _arch_of(model)
-    modules = target_modules(model, include, exclude, arch)
+    targets = target_weights(model, include, exclude, arch)
     keeps = keep_indices(model, keep, arch)
-    missing = sorted(set(keeps) - set(modules))
+    missing = sorted(set(keeps) - {t.name for t in targets})
     if missing:
         raise SuperweightError(f"kept weights in {missing[0]}, which is not quantized: widen include/exclude")
+    modules = {t.name: model.get_submodule(t.name) for t in targets if t.view is None}
     care = sa_fit_weights(model, modules, keep, getattr(config, "sa_weight", 1.0), arch) if arch else {}
     result = QuantResult(config, {}, {}, {})
-    for name, module in modules.items():
-        w = out_in(module, arch)
-        qt = quantize_tensor(w, config, keeps.get(name), param_dtype, fit_weights=care.get(name), packed=not write_back)
-        key = f"{name}.weight"
+    for t in targets:
+        w = t.weight
+        qt = quantize_tensor(w, config, keeps.get(t.name), param_dtype, fit_weights=care.get(t.name), packed=not write_back)
         if write_back:
-            result.sqnr_db[key] = qt.write_into(w)
-        result.tensors[key] = qt
-        result.transposed[key] = is_transposed(module, arch)
-        for i in keeps.get(name, []):
-            result.kept.append({"name": key, "index": i, "value": float(w.reshape(-1)[i])})
+            result.sqnr_db[t.key] = qt.write_into(w)
+        result.tensors[t.key] = qt
+        result.transposed[t.key] = t.transposed
+        if t.view is not None:
+            result.views[t.key] = list(t.view)
+        for i in keeps.get(t.name, []):
+            result.kept.append({"name": t.key, "index": i, "value": float(w.detach().reshape(-1)[i])})
     return result
