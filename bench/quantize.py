@@ -55,14 +55,14 @@ def _median_time(fn, repeats: int, before=None) -> float:
     return statistics.median(times)
 
 
-def _load(name: str):
+def _load(name: str, dtype: str = "float32"):
     from superweight import load_model
     from superweight.load import LoadedModel
     from superweight.synthetic import byte_tokenizer, tiny_model
 
     if name != "tiny":
-        return load_model(name)
-    model = tiny_model("LlamaForCausalLM", hidden=256, intermediate=1024)
+        return load_model(name, dtype=dtype)
+    model = tiny_model("LlamaForCausalLM", hidden=256, intermediate=1024).to(getattr(torch, dtype))
     from superweight.arch import get_arch
 
     return LoadedModel(model, byte_tokenizer(), get_arch(model), "tiny", "tiny")
@@ -150,14 +150,15 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--modes", default="native,compiled,eager",
                     help="kernels to time, comma-separated: native (C), compiled (torch.compile), eager (torch)")
+    ap.add_argument("--dtype", default="float32", help="the weights' dtype (float32, bfloat16, float16)")
     ap.add_argument("--no-load", action="store_true", help="skip the load-time benchmark")
     ap.add_argument("--out", default=str(ROOT / "bench" / "results" / "quantize.json"))
     args = ap.parse_args()
     torch.manual_seed(0)
-    lm = _load(args.model)
+    lm = _load(args.model, args.dtype)
     result = {
         "version": 1, "model": args.model, "command": "python bench/quantize.py " + " ".join(sys.argv[1:]),
-        "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
+        "dtype": args.dtype, "torch": torch.__version__, "threads": torch.get_num_threads(), "machine": platform.machine(),
         "throughput": bench_throughput(lm, args.repeats, args.modes.split(",")),
         "load": None if args.no_load else bench_load(lm, args.repeats),
         "notes": list(getattr(lm, "notes", [])),

@@ -194,3 +194,26 @@ def test_write_back_is_bitwise_the_dequantized_tensor(config):
     db = qt.write_into(got)
     assert torch.equal(_bits(got), _bits(want)) and float(got[3, 7]) == 12.0
     assert db == pytest.approx(sqnr(w, want), abs=1e-6)
+
+
+@pytest.mark.parametrize("seed", range(0, 60, 5))
+def test_bfloat16_write_back_is_bitwise_dequantize_to_bfloat16(seed):
+    """bfloat16 weights (big checkpoints loaded as they are stored): the one native pass rounds each
+    dequantized float32 value as ``.to(torch.bfloat16)`` does (ties to even, tiny values kept), kept
+    values exact, the SQNR that of the torch path (whose signal sum is float32, so a few 1e-4 dB)."""
+    from superweight.quant.primitives import sqnr
+
+    x, size, bits, param_dtype, bounds = _case(seed)
+    w = x.to(torch.bfloat16)
+    w.view(-1)[:3] = torch.tensor([1e-39, -3e-40, 0.0]).to(torch.bfloat16)  # subnormals survive
+    config = RTN(bits=max(2, bits), block=size)
+    qt = quantize_tensor(w, config, keep=[0, w.numel() - 1], param_dtype=param_dtype)
+    want = qt.dequantize(torch.bfloat16)
+    got = w.clone()
+    db = qt.write_into(got)
+    assert torch.equal(_bits(got), _bits(want))
+    ref = sqnr(w, want)  # torch squares the differences in float32: a subnormal one's square underflows to 0
+    if math.isinf(ref):
+        assert db > 300 or float(w.float().abs().max()) < 1e-30  # only subnormal differences (or signal) left
+    else:
+        assert db == pytest.approx(ref, rel=1e-4, abs=1e-3)

@@ -388,3 +388,40 @@ void sw_rtn_write_back(float *w, const uint8_t *codes, int64_t rows, int64_t row
     for (int64_t j = 0; j < total; j++) { sig += run_sums[2 * j]; noise += run_sums[2 * j + 1]; }
     sums[0] = sig; sums[1] = noise;
 }
+
+/* bfloat16 <-> float32 as torch converts them (c10::BFloat16: round to nearest even on the bits; the
+ * NaN case never arises from q * scale + zero with finite parameters) */
+static inline float bf16_float(uint16_t b) { const uint32_t u = (uint32_t)b << 16; float f; memcpy(&f, &u, 4); return f; }
+static inline uint16_t float_bf16(float f) {
+    uint32_t u; memcpy(&u, &f, 4);
+    return (uint16_t)((u + 0x7fffu + ((u >> 16) & 1u)) >> 16);
+}
+
+/* sw_rtn_write_back for a bfloat16 weight: each value becomes its dequantized code (q * scale + zero
+ * in float32, as sw_rtn_dense computes it) rounded to bfloat16 (what dequantize(torch.bfloat16)
+ * stores); the sums are over the old and new bfloat16 values (the difference in float32, squares and
+ * sums in float64), per run, then added in run order. */
+void sw_rtn_write_back_bf16(uint16_t *w, const uint8_t *codes, int64_t rows, int64_t row_len, int64_t size, int param_half,
+                            const void *scale, const void *zero, double *run_sums, double *sums, int threads) {
+    const int64_t runs = (row_len + size - 1) / size, total = rows * runs;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t j = 0; j < total; j++) {
+        int64_t n;
+        const int64_t at = run_at(j, runs, row_len, size, &n);
+        const float s = param_at(scale, param_half, j), z = param_at(zero, param_half, j);
+        const uint8_t *q = codes + at;
+        uint16_t *v = w + at;
+        double sig = 0.0, noise = 0.0;
+        for (int64_t i = 0; i < n; i++) {
+            const float old = bf16_float(v[i]);
+            const uint16_t b = float_bf16((float)q[i] * s + z);
+            const float d = bf16_float(b) - old;
+            sig += (double)old * old; noise += (double)d * d;
+            v[i] = b;
+        }
+        run_sums[2 * j] = sig; run_sums[2 * j + 1] = noise;
+    }
+    double sig = 0.0, noise = 0.0;
+    for (int64_t j = 0; j < total; j++) { sig += run_sums[2 * j]; noise += run_sums[2 * j + 1]; }
+    sums[0] = sig; sums[1] = noise;
+}

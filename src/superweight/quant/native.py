@@ -105,6 +105,8 @@ def load(flags: tuple[str, ...] = FLAGS) -> ctypes.CDLL:
     lib.sw_sqnr_sums.argtypes = [ptr, ptr, i64, i64, ptr, i32]
     lib.sw_rtn_write_back.argtypes = [ptr, ptr, i64, i64, i64, i32, ptr, ptr, ptr, ptr, i32]
     lib.sw_rtn_write_back.restype = None
+    lib.sw_rtn_write_back_bf16.argtypes = lib.sw_rtn_write_back.argtypes
+    lib.sw_rtn_write_back_bf16.restype = None
     lib.sw_rtn_minmax.restype = lib.sw_pack_bits.restype = ctypes.c_int
     lib.sw_sum_squares.restype = lib.sw_rtn_dense.restype = lib.sw_sqnr_sums.restype = None
     return lib
@@ -243,14 +245,18 @@ def rtn_dense(codes2: torch.Tensor, size: int, scale: torch.Tensor, zero: torch.
 
 def rtn_write_back(w2: torch.Tensor, codes2: torch.Tensor, size: int, scale: torch.Tensor, zero: torch.Tensor,
                    ) -> tuple[float, float] | None:
-    """Overwrite ``w2`` (``[rows, row_len]`` float32, contiguous) with ``codes * scale + zero`` per run
-    (bitwise ``rtn_dense``) in one pass; returns ``(sum w^2, sum (w_new - w)^2)`` in float64 over the
-    old values, or None (nothing written) when the native path does not apply."""
+    """Overwrite ``w2`` (``[rows, row_len]`` float32 or bfloat16, contiguous) with ``codes * scale +
+    zero`` per run (bitwise ``rtn_dense``, rounded to bfloat16 as ``.to(torch.bfloat16)`` rounds) in one
+    pass; returns ``(sum w^2, sum (w_new - w)^2)`` in float64 over the old values, or None (nothing
+    written) when the native path does not apply."""
     lib, parts = library(), _run_params(codes2, size, scale, zero)
-    if lib is None or parts is None or not _usable(w2) or w2.shape != codes2.shape:
+    bf16 = w2.dtype == torch.bfloat16
+    usable = _usable(w2) or (bf16 and w2.device.type == "cpu" and w2.is_contiguous())
+    if lib is None or parts is None or not usable or w2.shape != codes2.shape:
         return None
     c, s, z = parts
     run_sums, sums = torch.empty(2 * s.numel(), dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
-    lib.sw_rtn_write_back(w2.data_ptr(), c.data_ptr(), c.shape[0], c.shape[1], size, int(s.dtype == torch.float16),
-                          s.data_ptr(), z.data_ptr(), run_sums.data_ptr(), sums.data_ptr(), _threads(c.numel()))
+    fn = lib.sw_rtn_write_back_bf16 if bf16 else lib.sw_rtn_write_back
+    fn(w2.data_ptr(), c.data_ptr(), c.shape[0], c.shape[1], size, int(s.dtype == torch.float16),
+       s.data_ptr(), z.data_ptr(), run_sums.data_ptr(), sums.data_ptr(), _threads(c.numel()))
     return float(sums[0]), float(sums[1])

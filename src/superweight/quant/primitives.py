@@ -76,7 +76,8 @@ class QuantizedTensor:
     def write_into(self, w: torch.Tensor) -> float:
         """Overwrite ``w`` (the quantized weight, any shape with ``numel`` elements) with
         ``dequantize(w.dtype)`` and return the SQNR (dB) of the new values against the old. One native
-        pass for float32 RTN weights (``native.rtn_write_back``), else dequantize + ``sqnr`` + copy."""
+        pass for float32 and bfloat16 RTN weights on the CPU (``native.rtn_write_back``), else
+        dequantize + ``sqnr`` + copy."""
         sums, keep = None, None
         if self.kind == "rtn" and w.is_contiguous():
             keep = w.detach().reshape(-1)[self.sparse_idx.to(w.device)].clone() if self.sparse_idx.numel() else None
