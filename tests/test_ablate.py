@@ -11,6 +11,7 @@ from superweight.ablate import (
     zeroed_weights,
 )
 from superweight.arch import get_arch
+from superweight.coords import as_keys
 from superweight.errors import SuperweightError
 from superweight.synthetic import plant_super_weight, tiny_model
 
@@ -133,20 +134,22 @@ def test_every_ablation_of_an_expert_weight_restores_bitwise(arch_name):
     before, clean = snapshot(model), model(input_ids=ids()).logits
     top = top_magnitude_coords(model, arch, [1], 50, exclude=MOE_SW)
     rand = random_coords(model, arch, [1], 5, exclude=MOE_SW)
-    assert all(len(k) == 4 for k in top + rand) and MOE_SW[0] not in top + rand
-    assert {k[3] for k in rand + top} - {0, 1, 2, 3} == set()
+    assert MOE_SW[0] not in top + rand
+    shared = {None} if arch.has_dense_down else set()  # Qwen2-MoE's shared expert: a weight with no expert
+    assert {e for _, e in as_keys(rand + top)} <= {0, 1, 2, 3} | shared
     with zeroed_entries(model, arch, MOE_SW + top) as n:
         assert n == 51 and float(arch.expert_matrix(model, 1, 2)[7, 21]) == 0.0
-        assert all(float(arch.expert_matrix(model, l, e)[r, c]) == 0.0 for l, r, c, e in top)
+        assert all(float(arch.expert_matrix(model, c.layer, e)[c.row, c.col]) == 0.0 for c, e in as_keys(top))
     for edit in (lambda: zeroed_weights(model, arch, MOE_SW), lambda: scaled_weights(model, arch, MOE_SW, 2.0),
                  lambda: restored_super_activation(model, arch, MOE_SW), lambda: zeroed_entries(model, arch, rand)):
         with edit():
             model(input_ids=ids())
         assert_bitwise(model, before)
     assert torch.equal(model(input_ids=ids()).logits, clean)
-    with pytest.raises(SuperweightError, match="give each weight's expert"):
-        with zeroed_weights(model, arch, [MOE_SW[0][:3]]):
-            pass
+    if not arch.has_dense_down:  # (Qwen2-MoE: no expert means its shared expert)
+        with pytest.raises(SuperweightError, match="give each weight's expert"):
+            with zeroed_weights(model, arch, [MOE_SW[0][:3]]):
+                pass
     with pytest.raises(SuperweightError, match="expert 9 is out of range"):
         with zeroed_weights(model, arch, [(1, 7, 21, 9)]):
             pass
@@ -179,6 +182,34 @@ def test_restore_writes_back_an_expert_weights_term():
     assert torch.allclose(restored[:, row], clean[:, row], rtol=1e-5, atol=1e-5)
     others = [r for r in range(clean.shape[1]) if r != row]
     assert torch.equal(restored[:, others], zeroed[:, others])
+
+
+def test_restore_writes_back_a_shared_expert_weights_term():
+    """Qwen2-MoE's shared expert: the hook on its down-projection adds x[col] * w before the block's
+    sigmoid gate scales it, so the gated output is the clean one again."""
+    model = tiny_model("Qwen2MoeForCausalLM")
+    plant_super_weight(model, *SW[0])  # expert None: the shared expert
+    arch = get_arch(model)
+    layer, row = SW[0][0], SW[0][1]
+
+    def mlp_out() -> torch.Tensor:  # the MoE block's output: experts + sigmoid(gate) * shared expert
+        seen = []
+        mlp = arch.layer_modules(model)[layer].get_submodule(arch.mlp_out)
+        handle = mlp.register_forward_hook(lambda m, a, o: seen.append(o.detach().clone()))
+        try:
+            with torch.no_grad():
+                model(input_ids=ids())
+        finally:
+            handle.remove()
+        return seen[0]
+
+    clean = mlp_out()
+    with zeroed_weights(model, arch, SW):
+        zeroed = mlp_out()
+    with restored_super_activation(model, arch, SW, floor=0.0):
+        restored = mlp_out()
+    assert not torch.allclose(zeroed[..., row], clean[..., row], rtol=1e-3)
+    assert torch.allclose(restored[..., row], clean[..., row], rtol=1e-5, atol=1e-5)
 
 
 def test_ablate_and_eval_commands_on_a_tiny_model(tmp_path, byte_tokenizer):

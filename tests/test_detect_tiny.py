@@ -168,3 +168,17 @@ def test_an_overflowing_forward_is_a_clear_error_not_an_empty_result(byte_tokeni
     with pytest.raises(sw.SuperweightError, match=r"overflowed: layer 1's output holds inf/NaN in float16.*bfloat16"):
         sw.detect(model, byte_tokenizer)
     assert sw.detect(model.float(), byte_tokenizer).coords == [PLANT]  # the same model in float32 is fine
+
+
+def test_a_super_weight_in_qwen2_moes_shared_expert_is_found_there(byte_tokenizer):
+    """Qwen2-MoE adds a gated shared expert (a dense MLP) to the routed ones: a weight there is
+    attributed through its gate (once reported "diffuse: the largest term is 0%")."""
+    model = tiny_model("Qwen2MoeForCausalLM")
+    plant_super_weight(model, *PLANT)  # no expert: the shared one
+    result = sw.detect(model, byte_tokenizer)
+    assert result.keys == [PLANT]
+    found = result.super_weights[0]
+    assert found.expert is None and found.module == "model.layers.1.mlp.shared_expert.down_proj"
+    assert found.value == pytest.approx(2.0) and found.share > 0.9 and found.role == "creates"
+    mag = magnitude_scan(model, sw.get_arch(model), super_weights=result)
+    assert mag.super_weights[0].rank_in_flagged == 1 and mag.top[0]["module"] == found.module

@@ -74,6 +74,16 @@ def test_a_mixture_of_experts_is_quantized_experts_and_all(tmp_path, arch, confi
     assert manifest["kept"] == [{"name": "model.layers.1.mlp.experts.down_proj", "index": (2 * 64 + 5) * 128 + 17, "value": 2.5}]
 
 
+def test_a_shared_expert_weight_is_kept(tmp_path):
+    model = tiny_model("Qwen2MoeForCausalLM", vocab=320)
+    plant_super_weight(model, *PLANT, weight=2.5)  # the shared expert's down-projection
+    result = quantize(model, RTN(bits=4, group=32), keep=[PLANT])
+    assert result.kept == [{"name": "model.layers.1.mlp.shared_expert.down_proj.weight", "index": 5 * 128 + 17, "value": 2.5}]
+    save_quantized(model, byte_tokenizer(), result, tmp_path / "art")
+    back = load_quantized(tmp_path / "art")
+    assert float(back.arch.weight_matrix(back.model, PLANT[0])[PLANT[1], PLANT[2]]) == 2.5
+
+
 def test_a_wrong_experts_view_is_a_clear_error(tmp_path):
     model = tiny_model("MixtralForCausalLM", vocab=320)
     save_quantized(model, byte_tokenizer(), quantize(model, RTN(bits=4, group=32)), tmp_path / "art")

@@ -196,6 +196,16 @@ def test_a_mixture_of_experts_streams_bit_for_bit(arch, tmp_path):
             assert torch.equal(streamed[n], loaded[n]), n
 
 
+def test_a_shared_expert_weight_streams_bit_for_bit(tmp_path):
+    model = tiny_model("Qwen2MoeForCausalLM")
+    plant_super_weight(model, *PLANT)  # Qwen2-MoE's shared expert
+    folder = save_sharded(model, tmp_path / "m")
+    runner = _speculating_runner(folder, "trace")
+    _, got = _streamed(runner, "trace")
+    assert got.keys == [PLANT] and runner.passes == 1
+    assert got.to_dict() == in_memory(folder, prompts=PROMPTS).to_dict()
+
+
 def test_outside_a_pass_detection_reads_only_the_down_projection(tmp_path):
     """Ranking and a weight's value need a layer's down-projection only: not the attention's bytes."""
     from superweight.stream_detect import StreamedRunner

@@ -35,6 +35,8 @@ class ArchSpec:
     attn_out: str = "self_attn"  # the module whose output the attention adds to the residual stream
     mlp_out: str = "mlp"  # the module whose output the MLP adds (post-norm models: the post-FFN norm)
     experts: str | None = None  # MoE: the experts module holding 3-D ``down_proj`` [experts, out, in]
+    shared_gate: str | None = None  # MoE with a shared expert (Qwen2-MoE): its sigmoid gate; ``down_proj``
+    # is then the shared expert's (dense) down-projection, a weight with no expert index
 
     @property
     def post_norm(self) -> bool:
@@ -45,6 +47,14 @@ class ArchSpec:
     def is_moe(self) -> bool:
         return self.experts is not None
 
+    @property
+    def has_dense_down(self) -> bool:
+        """Whether each layer has a dense down-projection (every dense model; an MoE with a shared expert)."""
+        return not self.is_moe or self.shared_gate is not None
+
+    def experts_name(self, layer: int) -> str:
+        return f"{self.layers}.{layer}.{self.experts}"
+
     def layer_modules(self, model: nn.Module) -> nn.ModuleList:
         return model.get_submodule(self.layers)
 
@@ -52,7 +62,7 @@ class ArchSpec:
         return len(self.layer_modules(model))
 
     def down_proj_module(self, model: nn.Module, layer: int) -> nn.Module:
-        if self.is_moe:
+        if not self.has_dense_down:
             raise SuperweightError(self.dense_only())
         return self.layer_modules(model)[layer].get_submodule(self.down_proj)
 
@@ -102,9 +112,10 @@ class ArchSpec:
 
 
 def _moe(name: str, **kw) -> ArchSpec:
-    """Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE: the experts' weights are 3-D tensors of ``mlp.experts``."""
-    return _llama_like(name, down_proj="mlp.experts", up_proj="mlp.experts", gate_proj="mlp.experts",
-                       experts="mlp.experts", **kw)
+    """Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE: the experts' weights are 3-D tensors of ``mlp.experts``
+    (Qwen2-MoE also has a gated shared expert, a dense MLP: ``down_proj`` is its down-projection)."""
+    base = dict(down_proj="mlp.experts", up_proj="mlp.experts", gate_proj="mlp.experts", experts="mlp.experts")
+    return _llama_like(name, **{**base, **kw})
 
 
 _POST_NORM = dict(attn_out="post_attention_layernorm", mlp_out="post_feedforward_layernorm")
@@ -136,7 +147,7 @@ _SPECS: dict[str, ArchSpec] = {
         _llama_like("OlmoForCausalLM"),
         _llama_like("Olmo2ForCausalLM", **_POST_NORM),
         _moe("MixtralForCausalLM"),
-        _moe("Qwen2MoeForCausalLM"),
+        _moe("Qwen2MoeForCausalLM", down_proj="mlp.shared_expert.down_proj", shared_gate="mlp.shared_expert_gate"),
         _moe("Qwen3MoeForCausalLM"),
         _moe("OlmoeForCausalLM"),
         _llama_like(
@@ -225,7 +236,7 @@ def check_index(spec: ArchSpec, model: nn.Module, layer: int, row: int, col: int
     n = spec.num_layers(model)
     if not 0 <= layer < n:
         raise SuperweightError(f"layer {layer} is out of range: the model has {n} layers (0..{n - 1})")
-    if spec.is_moe and expert is None:
+    if expert is None and not spec.has_dense_down:
         raise SuperweightError(f"{spec.name} is a mixture of experts: give each weight's expert "
                                "(detection's JSON has it: superweight detect --json)")
     if expert is not None:

@@ -195,7 +195,9 @@ class LayerTrace:
     ``h_in``/``h_out``: the residual stream before and after the layer ``[tokens, hidden]``;
     ``attn``/``mlp``: what the attention and the MLP added to it (post-norm models: the outputs of
     the post-attention / post-FFN norms); ``x``/``y``: the dense down-projection's input and output;
-    ``moe``: for an MoE layer, the experts module's ``(hidden_states, top_k_index, top_k_weights)``.
+    ``moe``: for an MoE layer, the experts module's ``(hidden_states, top_k_index, top_k_weights)``;
+    with a shared expert (Qwen2-MoE) ``x``/``y`` are its down-projection's and ``gate`` its gate's
+    logits ``[tokens, 1]`` (the block adds ``sigmoid(gate) * y``).
     """
 
     layer: int
@@ -206,6 +208,7 @@ class LayerTrace:
     x: torch.Tensor | None = None
     y: torch.Tensor | None = None
     moe: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+    gate: torch.Tensor | None = None
 
     def stats(self) -> LayerStats:
         """The paper method's per-layer maxima (as ``ActivationCapture`` records them)."""
@@ -277,7 +280,9 @@ class TraceCapture:
                 tr.moe = tuple(v.detach().clone() for v in vals[:3])
 
             hooks.pre(experts, moe_in, with_kwargs=True)
-        elif not arch.is_moe:
+        if arch.shared_gate is not None:
+            hooks.forward(block.get_submodule(arch.shared_gate), self._set(i, "gate"))
+        if arch.has_dense_down and (experts is not None or not arch.is_moe):  # a dense layer of an MoE: its own MLP
             down = block.get_submodule(arch.down_proj)
 
             def down_io(module, args, output):

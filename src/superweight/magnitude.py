@@ -78,10 +78,10 @@ def matrix_sources(model: nn.Module, arch: ArchSpec, scope: str) -> Iterator[Sou
     if scope == "down_proj":
         for i in range(arch.num_layers(model)):
             name = arch.down_proj_name(i)
-            if not arch.is_moe:
+            if arch.has_dense_down:  # a dense model's; an MoE's shared expert's
                 yield name, f"{name}.weight", lambda m, i=i: arch.weight_matrix(m, i)
-            elif arch.experts_module(model, i) is not None:  # else a dense layer of an MoE (mlp_only_layers)
-                yield from _experts(name, "down_proj", arch.experts_module(model, i))
+            if arch.is_moe and arch.experts_module(model, i) is not None:  # else a dense layer of an MoE (mlp_only_layers)
+                yield from _experts(arch.experts_name(i), "down_proj", arch.experts_module(model, i))
         return
     skip = {arch.embed}
     for name, module in model.named_modules():

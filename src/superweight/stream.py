@@ -336,7 +336,7 @@ def stream_magnitude_scan(
     result, flagged_z = scan_matrices(iter_streamed_matrices(sm, scope), threshold, top_k, scope)
 
     def matrix_of(layer: int, expert: int | None) -> torch.Tensor:
-        names = sm.down_proj_names(layer) if expert is None else [f"{sm.arch.down_proj_name(layer)}.down_proj"]
+        names = sm.down_proj_names(layer) if expert is None else [f"{sm.arch.experts_name(layer)}.down_proj"]
         with sm.materialised(names):
             return sm.arch.expert_matrix(sm.model, layer, expert).detach().clone()
 

@@ -156,7 +156,8 @@ def plant_super_weight(
     direction: torch.Tensor | None = None, expert: int | None = None, peak_input: float | None = None,
     min_input: float = 300.0,
 ) -> float:
-    """Make ``[row, col]`` of ``layer``'s down-projection (of ``expert``, for MoE) a super weight.
+    """Make ``[row, col]`` of ``layer``'s down-projection (of ``expert``, for MoE; with ``expert``
+    None, of an MoE's shared expert where it has one, else of expert 0) a super weight.
 
     The up (and gate) projection of intermediate channel ``col`` is pointed along a unit direction
     ``v`` of the MLP's input (``direction``, else a fixed random one) and scaled so that the super
@@ -167,7 +168,8 @@ def plant_super_weight(
     """
     arch = arch or get_arch(model)
     block = arch.layer_modules(model)[layer]
-    up = block.get_submodule(arch.up_proj)
+    shared = arch.is_moe and expert is None and arch.has_dense_down  # Qwen2-MoE's shared expert (a dense MLP)
+    up = block.get_submodule(_shared_mlp(arch) + ".up_proj" if shared else arch.up_proj)
     gated = arch.gate_proj is not None
     hidden = model.config.hidden_size
     v = direction.float() / direction.float().norm() if direction is not None else _direction(hidden, seed)
@@ -206,14 +208,21 @@ def _scale_gain(norm: nn.Module, row: int, factor: float) -> None:
     norm.weight[row] = (float(norm.weight[row]) + offset) * factor - offset
 
 
+def _shared_mlp(arch: ArchSpec) -> str:
+    return arch.down_proj.rsplit(".", 1)[0]
+
+
 def _write_plant(model, arch, layer, block, up, v, row, col, weight, gated, expert) -> None:
-    if arch.is_moe:
+    shared = arch.is_moe and expert is None and arch.has_dense_down
+    if arch.is_moe and not shared:
         _plant_expert(block, arch, v, row, col, weight, expert or 0)
         return
     v = v.to(up.weight.dtype)
     inter = arch.weight_matrix(model, layer).shape[1]
+    if shared:  # its sigmoid gate open (~1) on the tokens that face v
+        block.get_submodule(arch.shared_gate).weight[0] = v / v.norm() * 50.0
     if gated and not arch.fused_gate_up:
-        gate = block.get_submodule(arch.gate_proj)
+        gate = block.get_submodule(_shared_mlp(arch) + ".gate_proj" if shared else arch.gate_proj)
         gate.weight[col] = v
         if getattr(gate, "bias", None) is not None:
             gate.bias[col] = 0.0

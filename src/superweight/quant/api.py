@@ -153,7 +153,7 @@ def keep_indices(model: nn.Module, keep: Iterable | dict | None, arch: ArchSpec 
             out.setdefault(arch.down_proj_name(layer), []).append(row * n_in + col)
         else:  # row ``row`` of expert ``expert`` is row ``expert * out + row`` of the [experts * out, in] matrix
             n_out, n_in = arch.expert_matrix(model, layer, expert).shape
-            out.setdefault(f"{arch.down_proj_name(layer)}.down_proj", []).append((expert * n_out + row) * n_in + col)
+            out.setdefault(f"{arch.experts_name(layer)}.down_proj", []).append((expert * n_out + row) * n_in + col)
     return out
 
 
