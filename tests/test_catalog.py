@@ -166,6 +166,21 @@ def test_gguf_names_for_every_bridged_architecture(arch_name):
     assert o.hf_module == sw.get_arch(tiny_model(arch_name)).down_proj_name(2)
 
 
+@pytest.mark.parametrize("arch_name", ["MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM"])
+def test_gguf_names_of_expert_weights(arch_name):
+    """llama.cpp keeps a layer's experts in one tensor: the override keeps all of them; Qwen2-MoE's
+    shared expert has its own (ffn_down_shexp); a weight without its expert is refused elsewhere."""
+    [o] = llama_cpp.overrides_for(arch_name, 4, [(2, 1, 3, 5), (2, 4, 4, 1)], "f16")
+    assert o.tensor == "blk.2.ffn_down_exps.weight" and o.hf_module == "model.layers.2.mlp.experts.down_proj"
+    assert o.super_weights == [[2, 1, 3, 5], [2, 4, 4, 1]]
+    if arch_name == "Qwen2MoeForCausalLM":
+        [o] = llama_cpp.overrides_for(arch_name, 4, [(1, 1, 1)])
+        assert o.tensor == "blk.1.ffn_down_shexp.weight"
+    else:
+        with pytest.raises(SuperweightError, match="give each weight's expert"):
+            llama_cpp.overrides_for(arch_name, 4, [(1, 1, 1)])
+
+
 def test_opt_has_no_llama_cpp_architecture():
     with pytest.raises(SuperweightError, match="llama.cpp has no architecture"):
         llama_cpp.overrides_for("OPTForCausalLM", 4, [(1, 1, 1)])

@@ -36,6 +36,10 @@ GGUF_ARCH: dict[str, str] = {
     "GPT2LMHeadModel": "GPT2",
     "GPTNeoXForCausalLM": "GPTNEOX",
     "FalconForCausalLM": "FALCON",
+    "MixtralForCausalLM": "LLAMA",  # llama.cpp converts Mixtral as a LLAMA with experts (ffn_down_exps)
+    "Qwen2MoeForCausalLM": "QWEN2MOE",
+    "Qwen3MoeForCausalLM": "QWEN3MOE",
+    "OlmoeForCausalLM": "OLMOE",
 }
 DEFAULT_TYPE = "f16"
 
@@ -45,7 +49,7 @@ class TensorOverride:
     tensor: str  # GGUF tensor name, e.g. blk.11.ffn_down.weight
     type: str  # ggml type name, e.g. f16
     hf_module: str  # e.g. model.layers.11.mlp.down_proj
-    super_weights: list[list[int]] = field(default_factory=list)  # [layer, row, col] it holds
+    super_weights: list[list[int]] = field(default_factory=list)  # [layer, row, col(, expert)] it holds
 
     @property
     def pattern(self) -> str:
@@ -85,25 +89,35 @@ def gguf_tensor_name(architecture: str, hf_module: str, num_layers: int) -> str:
 
 
 def overrides_for(
-    architecture: str, num_layers: int | None, coords: Sequence[Sequence[int]], type_name: str = DEFAULT_TYPE
+    architecture: str, num_layers: int | None, coords: Sequence, type_name: str = DEFAULT_TYPE
 ) -> list[TensorOverride]:
-    """One override per down-projection holding a super weight ``(layer, row, col)``, by layer.
+    """One override per down-projection tensor holding a super weight, by layer: ``coords`` are
+    ``(layer, row, col)``, or for a mixture of experts ``(layer, row, col, expert)`` / ``SuperWeight``s
+    (llama.cpp stores a layer's experts as one tensor, ``blk.L.ffn_down_exps``: the override keeps
+    every expert of that layer; Qwen2-MoE's shared expert is ``blk.L.ffn_down_shexp``).
 
     ``num_layers`` bounds-checks the layers; None (catalog entries) trusts them.
     """
+    from .coords import as_keys
+
     spec = spec_for_name(architecture)
     type_name = ggml_type_name(type_name)
-    num_layers = num_layers or 1 + max(int(c[0]) for c in coords)
-    by_layer: dict[int, list[list[int]]] = {}
-    for layer, row, col in coords:
+    keys = as_keys(coords)
+    num_layers = num_layers or 1 + max(c.layer for c, _ in keys)
+    by_module: dict[str, tuple[int, list[list[int]]]] = {}
+    for (layer, row, col), expert in keys:
         if not 0 <= layer < num_layers:
             raise SuperweightError(f"layer {layer} is outside the model's {num_layers} layers")
-        by_layer.setdefault(int(layer), []).append([int(layer), int(row), int(col)])
+        if expert is None and not spec.has_dense_down:
+            raise SuperweightError(f"{architecture} is a mixture of experts: give each weight's expert "
+                                   "(pass detection's JSON, which has it)")
+        module = spec.down_proj_name(layer) if expert is None else f"{spec.experts_name(layer)}.down_proj"
+        held = [layer, row, col] + ([] if expert is None else [expert])
+        by_module.setdefault(module, (layer, []))[1].append(held)
     out = []
-    for layer in sorted(by_layer):
-        module = spec.down_proj_name(layer)
+    for module, (layer, held) in sorted(by_module.items(), key=lambda kv: (kv[1][0], kv[0])):
         tensor = gguf_tensor_name(architecture, module, num_layers) + ".weight"
-        out.append(TensorOverride(tensor, type_name, module, by_layer[layer]))
+        out.append(TensorOverride(tensor, type_name, module, held))
     return out
 
 

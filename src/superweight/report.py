@@ -371,7 +371,7 @@ def findings(names: Sequence[str], detection: DetectionResult) -> list[str]:
     if v.missing or v.extra:
         lines[0] += f"; catalog only: {v.missing or 'none'}; detected only: {v.extra or 'none'}"
     if detection.super_weights and detection.architecture in llama_cpp.GGUF_ARCH:
-        ov = llama_cpp.overrides_for(detection.architecture, detection.num_layers, detection.coords)
+        ov = llama_cpp.overrides_for(detection.architecture, detection.num_layers, detection.super_weights)
         lines.append(f"llama.cpp: llama-quantize {llama_cpp.shell_args(ov)} IN.gguf OUT.gguf TYPE")
     return lines
 

@@ -213,10 +213,10 @@ def llama_cpp_overrides(
         origin = f"catalog entry {entry.id} ({entry.source['kind']})"
     elif source.endswith(".json") and Path(source).is_file():
         det = read_super_weights(source)
-        arch, n_layers, coords, origin = det.architecture, det.num_layers, det.coords, source
+        arch, n_layers, coords, origin = det.architecture, det.num_layers, det.super_weights, source
     else:
         det = detect_default(load_lm(source, dtype, cache_dir, device_map, device))
-        arch, n_layers, coords, origin = det.architecture, det.num_layers, det.coords, f"detection on {source}"
+        arch, n_layers, coords, origin = det.architecture, det.num_layers, det.super_weights, f"detection on {source}"
     if not coords:
         raise SuperweightError(f"{origin}: no super weight, so nothing to keep: llama-quantize needs no override")
     if for_model is not None:
