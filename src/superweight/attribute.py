@@ -120,11 +120,12 @@ def attribute(
     if change.sublayer != "mlp":
         src.note = f"the {change.sublayer} output carries it: no down-projection weight"
         return src, []
-    if arch.post_norm and tr.y is not None and abs(float(tr.y[t, j])) < rule.floor:
+    relative = _relative_spike(tr, t, j) if arch.post_norm and tr.y is not None else None
+    if relative is not None and abs(float(tr.y[t, j])) < rule.floor and relative < rule.norm_spike:
         y = float(tr.y[t, j])
         src.sublayer = "post-FFN norm"
-        src.note = (f"no down-projection spike (its output is {y:+.3g}): the post-FFN norm ({arch.mlp_out}) "
-                    f"scales it x{change.mlp / y if y else float('inf'):.3g}, its gain on channel {j} makes the rise")
+        src.note = (f"no down-projection spike (its output is {y:+.3g}, {relative:.2g}x its token's RMS): the post-FFN "
+                    f"norm ({arch.mlp_out}) scales it x{change.mlp / y if y else float('inf'):.3g}, its gain on channel {j} makes the rise")
         return src, []
     terms, total, largest = top_terms(model, arch, tr, t, j, rule)
     src.weight_share = total
@@ -133,5 +134,15 @@ def attribute(
         return src, []
     src.weights = [[tr.layer, j, term.col, term.expert] for term in terms]
     if arch.post_norm:
-        src.note = f"through the post-FFN norm ({arch.mlp_out}): down-projection output {terms[0].output:+.4g}"
+        y = terms[0].output
+        src.note = (f"through the post-FFN norm ({arch.mlp_out}): down-projection output {y:+.4g} "
+                    f"({relative:.3g}x its token's RMS), scaled x{change.mlp / y if y else float('inf'):.3g}")
     return src, terms
+
+
+def _relative_spike(tr: LayerTrace, t: int, j: int) -> float:
+    """|y[t, j]| over the RMS of y[t, :]: what a post-norm model's FFN norm sees of the down-projection
+    output (it divides by that RMS): ~1-3 for an ordinary channel, up to sqrt(hidden) for a lone spike."""
+    y = tr.y[t].float()
+    rms = float(y.square().mean().sqrt())
+    return abs(float(y[j])) / rms if rms > 0 else 0.0

@@ -8,6 +8,7 @@ mechanism the paper describes (``Y[t, j] ~ X[t, k] * W[j, k]``).
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -263,6 +264,48 @@ class HardCase:
     activations: int = 1  # how many super activations
     first_token: bool | None = None  # whether they sit on the first token (None: wherever the direction falls)
     note: str = ""
+
+
+    def as_designed(self, tokenizer, prompt: str | None = None) -> list[str]:
+        """Where the plant did not do what the answer says, measured by zeroing each planted weight
+        on ``prompt`` (detection's default) and reading the residual stream after its layer, in the
+        trace rule's terms: a creating weight must carry at least a tenth (``TraceRule.rise``) of a
+        peak of at least 20 (``floor``) on its row, a cancelling one must have removed at least a
+        tenth. Empty: the answer holds. (The builders aim at pre-norm models; a post-norm model's
+        FFN norm bounds what one weight adds, so some of its plants fall short.)"""
+        from .ablate import zeroed_weights
+        from .detect import DEFAULT_PROMPT
+        from .runner import encode_prompt
+
+        from .trace import TraceRule
+
+        arch, rule = get_arch(self.model), TraceRule()
+        enc = encode_prompt(tokenizer, prompt or DEFAULT_PROMPT)
+
+        def peak(layer: int, row: int, zeroed=()) -> float:
+            with zeroed_weights(self.model, arch, zeroed), _residual_after(self.model, arch, layer) as seen, torch.no_grad():
+                self.model(**enc, use_cache=False)
+            return float(seen[0][..., row].abs().max())
+
+        problems = []
+        for layer, row, col in self.creates:
+            clean, without = peak(layer, row), peak(layer, row, [(layer, row, col)])
+            if clean < rule.floor or clean - without < rule.rise * clean:
+                problems.append(f"creates {layer}:[{row}, {col}]: |h| {clean:.4g} after layer {layer}, {without:.4g} without it")
+        for layer, row, col in self.cancels:
+            clean, without = peak(layer, row), peak(layer, row, [(layer, row, col)])
+            if without - clean < rule.rise * without:
+                problems.append(f"cancels {layer}:[{row}, {col}]: |h| {clean:.4g} after layer {layer}, {without:.4g} without it")
+        return problems
+
+
+@contextlib.contextmanager
+def _residual_after(model: nn.Module, arch: ArchSpec, layer: int):
+    """The residual stream after decoder ``layer`` of the next forward pass, in a list."""
+    seen: list[torch.Tensor] = []
+    with HookSet() as hooks:
+        hooks.forward(arch.layer_modules(model)[layer], lambda m, a, o: seen.append((o[0] if isinstance(o, tuple) else o).detach()))
+        yield seen
 
 
 def _unit(dim: int, channel: int) -> torch.Tensor:

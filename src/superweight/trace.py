@@ -35,6 +35,8 @@ class TraceRule:
     max_activations: int = 8  # the largest ones, per iteration
     min_share: float = 0.5  # the reported weights' terms must carry this share of the MLP's output
     min_term: float = 0.1  # and each one at least this share
+    norm_spike: float = 5.0  # post-norm models: a down-projection output >= this x its token's RMS is a spike
+    # (the FFN norm divides by that RMS; Gemma-3-270M's channel 163: 13-23x at layers 3-9, one weight 54-99% of it)
 
 
 @dataclass
