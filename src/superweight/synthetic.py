@@ -287,13 +287,16 @@ class HardCase:
                 self.model(**enc, use_cache=False)
             return float(seen[0][..., row].abs().max())
 
+        def planted(layer: int, row: int, col: int) -> tuple:  # an MoE without a dense MLP: expert 0 (plant_super_weight's)
+            return (layer, row, col) if arch.has_dense_down else (layer, row, col, 0)
+
         problems = []
         for layer, row, col in self.creates:
-            clean, without = peak(layer, row), peak(layer, row, [(layer, row, col)])
+            clean, without = peak(layer, row), peak(layer, row, [planted(layer, row, col)])
             if clean < rule.floor or clean - without < rule.rise * clean:
                 problems.append(f"creates {layer}:[{row}, {col}]: |h| {clean:.4g} after layer {layer}, {without:.4g} without it")
         for layer, row, col in self.cancels:
-            clean, without = peak(layer, row), peak(layer, row, [(layer, row, col)])
+            clean, without = peak(layer, row), peak(layer, row, [planted(layer, row, col)])
             if without - clean < rule.rise * without:
                 problems.append(f"cancels {layer}:[{row}, {col}]: |h| {clean:.4g} after layer {layer}, {without:.4g} without it")
         return problems
