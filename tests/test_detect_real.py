@@ -126,3 +126,12 @@ def test_smollm2_streams_in_one_pass_bitwise(smollm2, method):
 def test_gemma3_streams_in_one_pass_bitwise(gemma, method):
     folder = _gguf_cache_folder(str(builtin_path("gemma3-270m")), default_cache_dir())
     _streamed_once(folder, gemma, method, gemma.arch)
+
+
+def test_gemma3_weights_agree_across_ordinary_prompts(gemma):
+    """The 17 weights of the relative post-norm rule are the same for unrelated prompts (they sit on
+    token 0): structure of the model, not of the prompt."""
+    prompts = ["Apple Inc. is a worldwide tech company.", "In 1969, the first humans landed on the Moon."]
+    result = sw.detect(gemma.model, gemma.tokenizer, prompts, arch=gemma.arch)
+    assert result.agree and len(result.super_weights) == 17
+    assert {(3, 163, 1414), (4, 163, 84), (5, 163, 584), (0, 400, 1405)} <= set(result.coords)
