@@ -18,7 +18,7 @@ from .edits import HookSet, edited_entries
 Key = tuple[Coord, "int | None"]
 
 
-def weight_item(coord: Coord, expert: int | None):
+def weight_item(coord: Coord, expert: int | None) -> Coord | tuple[int, int, int, int]:
     """What the functions here return for a weight: the ``Coord``, or ``(layer, row, col, expert)``."""
     return coord if expert is None else (*coord, expert)
 
