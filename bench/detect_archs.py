@@ -6,8 +6,9 @@
 one column feeding three rows, a super activation off the first token, two independent ones, none)
 are built for pre-norm dense models. On each of the 18 architectures (14 dense, 4 mixtures of experts;
 tiny random models of their real config classes) this records whether the case can be built there
-(two builders need a dense down-projection, which Mixtral, Qwen3-MoE and OLMoE lack; Qwen2-MoE's is
-its shared expert), whether the plant did what the case's answer says
+(the weak spike is sized from dense down-projection inputs, which Mixtral, Qwen3-MoE and OLMoE lack;
+their plants go into expert 0, Qwen2-MoE's into its shared expert), whether the plant did what the
+case's answer says
 (``HardCase.as_designed``: each planted weight zeroed, the residual stream read after its layer)
 and whether the default method found exactly the answer's creating and cancelling weights.
 """

@@ -362,7 +362,8 @@ def _late_cancel(model: nn.Module) -> HardCase:
 
 def _one_column_three_rows(model: nn.Module) -> HardCase:
     plant_super_weight(model, 1, 5, 17)
-    down = get_arch(model).weight_matrix(model, 1)
+    arch = get_arch(model)
+    down = arch.expert_matrix(model, 1, None if arch.has_dense_down else 0)  # an MoE's: where the plant went
     down[9, 17], down[30, 17] = -0.8 * down[5, 17], 1.2 * down[5, 17]
     return HardCase("one_column_three_rows", model, [(1, 5, 17), (1, 9, 17), (1, 30, 17)], activations=3,
                     note="Phi-3's pattern: one intermediate channel feeds three hidden channels")
