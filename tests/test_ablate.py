@@ -93,17 +93,21 @@ def test_random_coords_are_distinct_and_in_the_layers():
     assert coords == random_coords(model, arch, [1, 2], 200, exclude=SW, seed=3)
 
 
-def down_proj_run(model, arch, layer: int, col: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(input column ``col``, output) of ``layer``'s down-projection, seen after any earlier hook."""
+def seen_by(model, module, pick):
+    """``pick(args, output)`` of ``module``'s call in one forward pass, seen after any earlier hook."""
     seen = []
-    down = arch.down_proj_module(model, layer)
-    handle = down.register_forward_hook(lambda m, a, o: seen.append((a[0][0, :, col].detach(), o[0].detach().clone())))
+    handle = module.register_forward_hook(lambda m, a, o: seen.append(pick(a, o)))
     try:
         with torch.no_grad():
             model(input_ids=ids())
     finally:
         handle.remove()
     return seen[0]
+
+
+def down_proj_run(model, arch, layer: int, col: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(input column ``col``, output) of ``layer``'s down-projection."""
+    return seen_by(model, arch.down_proj_module(model, layer), lambda a, o: (a[0][0, :, col].detach(), o[0].detach().clone()))
 
 
 @pytest.mark.parametrize("arch_name", ARCHS)
@@ -156,14 +160,7 @@ def test_every_ablation_of_an_expert_weight_restores_bitwise(arch_name):
 
 
 def experts_run(model, arch, layer: int) -> torch.Tensor:
-    seen = []
-    handle = arch.experts_module(model, layer).register_forward_hook(lambda m, a, o: seen.append(o.detach().clone()))
-    try:
-        with torch.no_grad():
-            model(input_ids=ids())
-    finally:
-        handle.remove()
-    return seen[0]
+    return seen_by(model, arch.experts_module(model, layer), lambda a, o: o.detach().clone())
 
 
 def test_restore_writes_back_an_expert_weights_term():
@@ -193,15 +190,7 @@ def test_restore_writes_back_a_shared_expert_weights_term():
     layer, row = SW[0][0], SW[0][1]
 
     def mlp_out() -> torch.Tensor:  # the MoE block's output: experts + sigmoid(gate) * shared expert
-        seen = []
-        mlp = arch.layer_modules(model)[layer].get_submodule(arch.mlp_out)
-        handle = mlp.register_forward_hook(lambda m, a, o: seen.append(o.detach().clone()))
-        try:
-            with torch.no_grad():
-                model(input_ids=ids())
-        finally:
-            handle.remove()
-        return seen[0]
+        return seen_by(model, arch.layer_modules(model)[layer].get_submodule(arch.mlp_out), lambda a, o: o.detach().clone())
 
     clean = mlp_out()
     with zeroed_weights(model, arch, SW):

@@ -226,6 +226,15 @@ def spec_for_name(name: str) -> ArchSpec:
     )
 
 
+EXPERT_PARAMS = ("gate_up_proj", "down_proj")
+
+
+def expert_params(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """An MoE experts module's 3-D weights ``[experts, out, in]`` by parameter name (none for any
+    other module): what the magnitude scan and the quantizer take a matrix per expert of."""
+    return [(p, w) for p in EXPERT_PARAMS if isinstance(w := getattr(module, p, None), torch.Tensor) and w.dim() == 3]
+
+
 def get_arch(model_or_config) -> ArchSpec:
     """The ``ArchSpec`` of a loaded model (or a config)."""
     return spec_for_name(architecture_name(model_or_config))

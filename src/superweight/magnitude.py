@@ -14,7 +14,7 @@ from typing import Any, Callable, ClassVar, Iterable, Iterator
 import torch
 from torch import nn
 
-from .arch import ArchSpec
+from .arch import ArchSpec, expert_params
 from .results import Versioned
 
 
@@ -85,8 +85,8 @@ def matrix_sources(model: nn.Module, arch: ArchSpec, scope: str) -> Iterator[Sou
         return
     skip = {arch.embed}
     for name, module in model.named_modules():
-        if arch.is_moe and isinstance(getattr(module, "down_proj", None), torch.Tensor):
-            for param in ("gate_up_proj", "down_proj"):
+        if arch.is_moe and (params := expert_params(module)):
+            for param, _ in params:
                 yield from _experts(name, param, module)
             continue
         w = getattr(module, "weight", None)

@@ -178,7 +178,7 @@ class StreamedModel:
         if name in self._renamed:
             return self._renamed[name]
         if name in self._fused or name in dict(self.model.named_buffers()):
-            return ""  # a persistent buffer the file does not store: keep its initial value
+            return ""  # built from several keys (stored_keys), or a buffer the file does not store
         raise SuperweightError(
             f"{self.ckpt.folder} has no tensor {name}: the checkpoint does not match its config.json "
             "(incomplete download or a different layout); re-download it or load it without --stream"

@@ -8,7 +8,6 @@ mechanism the paper describes (``Y[t, j] ~ X[t, k] * W[j, k]``).
 """
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass, field
 
 import torch
@@ -169,8 +168,7 @@ def plant_super_weight(
     """
     arch = arch or get_arch(model)
     block = arch.layer_modules(model)[layer]
-    shared = arch.is_moe and expert is None and arch.has_dense_down  # Qwen2-MoE's shared expert (a dense MLP)
-    up = block.get_submodule(_shared_mlp(arch) + ".up_proj" if shared else arch.up_proj)
+    up = block.get_submodule(_shared_mlp(arch) + ".up_proj" if _in_shared(arch, expert) else arch.up_proj)
     gated = arch.gate_proj is not None
     hidden = model.config.hidden_size
     v = direction.float() / direction.float().norm() if direction is not None else _direction(hidden, seed)
@@ -209,12 +207,17 @@ def _scale_gain(norm: nn.Module, row: int, factor: float) -> None:
     norm.weight[row] = (float(norm.weight[row]) + offset) * factor - offset
 
 
+def _in_shared(arch: ArchSpec, expert: int | None) -> bool:
+    """A plant with no expert in an MoE that has a shared expert (Qwen2-MoE) goes into that dense MLP."""
+    return arch.is_moe and expert is None and arch.has_dense_down
+
+
 def _shared_mlp(arch: ArchSpec) -> str:
     return arch.down_proj.rsplit(".", 1)[0]
 
 
 def _write_plant(model, arch, layer, block, up, v, row, col, weight, gated, expert) -> None:
-    shared = arch.is_moe and expert is None and arch.has_dense_down
+    shared = _in_shared(arch, expert)
     if arch.is_moe and not shared:
         _plant_expert(block, arch, v, row, col, weight, expert or 0)
         return
@@ -274,6 +277,7 @@ class HardCase:
         tenth. Empty: the answer holds. (The builders aim at pre-norm models; a post-norm model's
         FFN norm bounds what one weight adds, so some of its plants fall short.)"""
         from .ablate import zeroed_weights
+        from .capture import TraceCapture
         from .detect import DEFAULT_PROMPT
         from .runner import encode_prompt
 
@@ -283,9 +287,9 @@ class HardCase:
         enc = encode_prompt(tokenizer, prompt or DEFAULT_PROMPT)
 
         def peak(layer: int, row: int, zeroed=()) -> float:
-            with zeroed_weights(self.model, arch, zeroed), _residual_after(self.model, arch, layer) as seen, torch.no_grad():
+            with zeroed_weights(self.model, arch, zeroed), TraceCapture(self.model, arch, layers=[layer]) as cap, torch.no_grad():
                 self.model(**enc, use_cache=False)
-            return float(seen[0][..., row].abs().max())
+            return float(cap.as_list()[0].h_out[:, row].abs().max())
 
         def planted(layer: int, row: int, col: int) -> tuple:  # an MoE without a dense MLP: expert 0 (plant_super_weight's)
             return (layer, row, col) if arch.has_dense_down else (layer, row, col, 0)
@@ -300,15 +304,6 @@ class HardCase:
             if without - clean < rule.rise * without:
                 problems.append(f"cancels {layer}:[{row}, {col}]: |h| {clean:.4g} after layer {layer}, {without:.4g} without it")
         return problems
-
-
-@contextlib.contextmanager
-def _residual_after(model: nn.Module, arch: ArchSpec, layer: int):
-    """The residual stream after decoder ``layer`` of the next forward pass, in a list."""
-    seen: list[torch.Tensor] = []
-    with HookSet() as hooks:
-        hooks.forward(arch.layer_modules(model)[layer], lambda m, a, o: seen.append((o[0] if isinstance(o, tuple) else o).detach()))
-        yield seen
 
 
 def _unit(dim: int, channel: int) -> torch.Tensor:

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from ..ablate import as_coords, as_keys
-from ..arch import ArchSpec, check_index, get_arch
+from ..arch import ArchSpec, check_index, expert_params, get_arch
 from ..errors import SuperweightError
 from .config import RTN, SMOOTHABLE, Ternary, W8A8, describe, to_dict
 from .primitives import QuantizedTensor, quantize_tensor
@@ -122,11 +122,8 @@ def target_weights(model: nn.Module, include: str | None = None, exclude: str | 
 def _expert_weights(model: nn.Module, include: str | None, exclude: str | None) -> list[Target]:
     out = []
     for mod_name, module in model.named_modules():
-        for p in ("gate_up_proj", "down_proj"):
-            w = getattr(module, p, None)
+        for p, w in expert_params(module):
             name = f"{mod_name}.{p}"
-            if not (isinstance(w, torch.Tensor) and w.dim() == 3):
-                continue
             if (include is None or re.search(include, name)) and not (exclude and re.search(exclude, name)):
                 out.append(Target(name, name, w.detach().view(-1, w.shape[-1]), False, tuple(w.shape)))
     return out

@@ -330,6 +330,13 @@ void sw_sqnr_sums(const float *x, const float *y, int64_t n, int64_t chunk, doub
     }
 }
 
+/* sums[0] / sums[1]: the runs' (signal, noise) pairs added in run order (the same for any thread count) */
+static void add_run_sums(const double *run_sums, int64_t total, double *sums) {
+    double sig = 0.0, noise = 0.0;
+    for (int64_t j = 0; j < total; j++) { sig += run_sums[2 * j]; noise += run_sums[2 * j + 1]; }
+    sums[0] = sig; sums[1] = noise;
+}
+
 /* The fake-quantized write-back in one pass: every value of w ([rows, row_len], float32) becomes
  * its dequantized code (q * scale + zero, the bits sw_rtn_dense writes), and sums[0] / sums[1] get
  * sum w^2 and sum (w_new - w)^2 (the difference in float32, as sqnr takes it; squares and sums in
@@ -384,9 +391,7 @@ void sw_rtn_write_back(float *w, const uint8_t *codes, int64_t rows, int64_t row
         }
         run_sums[2 * j] = sig; run_sums[2 * j + 1] = noise;
     }
-    double sig = 0.0, noise = 0.0;
-    for (int64_t j = 0; j < total; j++) { sig += run_sums[2 * j]; noise += run_sums[2 * j + 1]; }
-    sums[0] = sig; sums[1] = noise;
+    add_run_sums(run_sums, total, sums);
 }
 
 /* bfloat16 <-> float32 as torch converts them (c10::BFloat16: round to nearest even on the bits; the
@@ -421,7 +426,5 @@ void sw_rtn_write_back_bf16(uint16_t *w, const uint8_t *codes, int64_t rows, int
         }
         run_sums[2 * j] = sig; run_sums[2 * j + 1] = noise;
     }
-    double sig = 0.0, noise = 0.0;
-    for (int64_t j = 0; j < total; j++) { sig += run_sums[2 * j]; noise += run_sums[2 * j + 1]; }
-    sums[0] = sig; sums[1] = noise;
+    add_run_sums(run_sums, total, sums);
 }

@@ -148,8 +148,8 @@ def _threads(numel: int) -> int:
     return torch.get_num_threads() if numel >= PARALLEL_MIN_NUMEL else 1
 
 
-def _usable(x: torch.Tensor) -> bool:
-    return x.device.type == "cpu" and x.dtype == torch.float32 and x.is_contiguous()
+def _usable(x: torch.Tensor, dtypes: tuple[torch.dtype, ...] = (torch.float32,)) -> bool:
+    return x.device.type == "cpu" and x.dtype in dtypes and x.is_contiguous()
 
 
 def rtn_minmax(x2: torch.Tensor, size: int, qmax: int, param_dtype: torch.dtype, bounds: torch.Tensor | None,
@@ -250,13 +250,11 @@ def rtn_write_back(w2: torch.Tensor, codes2: torch.Tensor, size: int, scale: tor
     pass; returns ``(sum w^2, sum (w_new - w)^2)`` in float64 over the old values, or None (nothing
     written) when the native path does not apply."""
     lib, parts = library(), _run_params(codes2, size, scale, zero)
-    bf16 = w2.dtype == torch.bfloat16
-    usable = _usable(w2) or (bf16 and w2.device.type == "cpu" and w2.is_contiguous())
-    if lib is None or parts is None or not usable or w2.shape != codes2.shape:
+    if lib is None or parts is None or not _usable(w2, (torch.float32, torch.bfloat16)) or w2.shape != codes2.shape:
         return None
     c, s, z = parts
     run_sums, sums = torch.empty(2 * s.numel(), dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
-    fn = lib.sw_rtn_write_back_bf16 if bf16 else lib.sw_rtn_write_back
+    fn = lib.sw_rtn_write_back_bf16 if w2.dtype == torch.bfloat16 else lib.sw_rtn_write_back
     fn(w2.data_ptr(), c.data_ptr(), c.shape[0], c.shape[1], size, int(s.dtype == torch.float16),
        s.data_ptr(), z.data_ptr(), run_sums.data_ptr(), sums.data_ptr(), _threads(c.numel()))
     return float(sums[0]), float(sums[1])
