@@ -130,7 +130,7 @@ def test_restore_writes_back_the_super_activation_only(arch_name):
 MOE_SW = [(1, 7, 21, 2)]  # (layer, row, col, expert)
 
 
-@pytest.mark.parametrize("arch_name", ["MixtralForCausalLM", "Qwen2MoeForCausalLM"])
+@pytest.mark.parametrize("arch_name", ["MixtralForCausalLM", "Qwen2MoeForCausalLM", "DeepseekV3ForCausalLM"])
 def test_every_ablation_of_an_expert_weight_restores_bitwise(arch_name):
     model = tiny_model(arch_name)
     plant_super_weight(model, *MOE_SW[0][:3], expert=2)
@@ -139,7 +139,7 @@ def test_every_ablation_of_an_expert_weight_restores_bitwise(arch_name):
     top = top_magnitude_coords(model, arch, [1], 50, exclude=MOE_SW)
     rand = random_coords(model, arch, [1], 5, exclude=MOE_SW)
     assert MOE_SW[0] not in top + rand
-    shared = {None} if arch.has_dense_down else set()  # Qwen2-MoE's shared expert: a weight with no expert
+    shared = {None} if arch.has_dense(model, 1) else set()  # a shared expert (Qwen2-MoE, DeepSeek): a weight with no expert
     assert {e for _, e in as_keys(rand + top)} <= {0, 1, 2, 3} | shared
     with zeroed_entries(model, arch, MOE_SW + top) as n:
         assert n == 51 and float(arch.expert_matrix(model, 1, 2)[7, 21]) == 0.0
@@ -150,7 +150,7 @@ def test_every_ablation_of_an_expert_weight_restores_bitwise(arch_name):
             model(input_ids=ids())
         assert_bitwise(model, before)
     assert torch.equal(model(input_ids=ids()).logits, clean)
-    if not arch.has_dense_down:  # (Qwen2-MoE: no expert means its shared expert)
+    if not arch.has_dense(model, 1):  # (with a shared expert, no expert means the shared expert)
         with pytest.raises(SuperweightError, match="give each weight's expert"):
             with zeroed_weights(model, arch, [MOE_SW[0][:3]]):
                 pass

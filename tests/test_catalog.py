@@ -12,7 +12,7 @@ import torch
 from typer.testing import CliRunner
 
 import superweight as sw
-from superweight.arch import DENSE
+from superweight.arch import DENSE, MOE
 from superweight import llama_cpp
 from superweight.catalog import AGREE, DIFFER, NOT_IN_CATALOG, Catalog, CatalogEntry, candidate_names, compare, verify
 from superweight.cli import app
@@ -159,26 +159,37 @@ def test_verify_cli_exit_codes(tmp_path, tiny_folder):
 # ---------------------------------------------------------------- llama.cpp bridge
 
 
-@pytest.mark.parametrize("arch_name", [a for a in DENSE if a != "OPTForCausalLM"])
+@pytest.mark.parametrize("arch_name", [a for a in DENSE if a in llama_cpp.GGUF_ARCH])
 def test_gguf_names_for_every_bridged_architecture(arch_name):
     [o] = llama_cpp.overrides_for(arch_name, 4, [(2, 1, 3)], "Q8_0")
     assert o.tensor == "blk.2.ffn_down.weight" and o.type == "q8_0"
     assert o.hf_module == sw.get_arch(tiny_model(arch_name)).down_proj_name(2)
 
 
-@pytest.mark.parametrize("arch_name", ["MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM"])
+@pytest.mark.parametrize("arch_name", [a for a in MOE if a in llama_cpp.GGUF_ARCH])
 def test_gguf_names_of_expert_weights(arch_name):
-    """llama.cpp keeps a layer's experts in one tensor: the override keeps all of them; Qwen2-MoE's
-    shared expert has its own (ffn_down_shexp); a weight without its expert is refused elsewhere."""
+    """llama.cpp keeps a layer's experts in one tensor: the override keeps all of them; a shared
+    expert has its own (ffn_down_shexp); a weight without its expert is refused elsewhere."""
     [o] = llama_cpp.overrides_for(arch_name, 4, [(2, 1, 3, 5), (2, 4, 4, 1)], "f16")
     assert o.tensor == "blk.2.ffn_down_exps.weight" and o.hf_module == "model.layers.2.mlp.experts.down_proj"
     assert o.super_weights == [[2, 1, 3, 5], [2, 4, 4, 1]]
-    if arch_name == "Qwen2MoeForCausalLM":
+    if sw.arch.spec_for_name(arch_name).shared_down:  # Qwen2-MoE, DeepSeek, GLM-4-MoE, ERNIE-4.5-MoE
         [o] = llama_cpp.overrides_for(arch_name, 4, [(1, 1, 1)])
         assert o.tensor == "blk.1.ffn_down_shexp.weight"
     else:
         with pytest.raises(SuperweightError, match="give each weight's expert"):
             llama_cpp.overrides_for(arch_name, 4, [(1, 1, 1)])
+
+
+def test_gguf_name_of_a_dense_layer_of_an_moe_comes_from_detection(byte_tokenizer):
+    """DeepSeek's first layers are dense (ffn_down), its later ones have a shared expert (ffn_down_shexp):
+    a bare coordinate cannot tell them apart, detection's weights name their module."""
+    model = tiny_model("DeepseekV3ForCausalLM")  # layer 0 dense (first_k_dense_replace=1)
+    plant_super_weight(model, 0, 5, 17)
+    result = sw.detect(model, byte_tokenizer)
+    assert result.coords == [(0, 5, 17)] and result.super_weights[0].module == "model.layers.0.mlp.down_proj"
+    [o] = llama_cpp.overrides_for("DeepseekV3ForCausalLM", 4, result)
+    assert o.tensor == "blk.0.ffn_down.weight" and o.hf_module == "model.layers.0.mlp.down_proj"
 
 
 def test_opt_has_no_llama_cpp_architecture():

@@ -182,3 +182,56 @@ def test_a_super_weight_in_qwen2_moes_shared_expert_is_found_there(byte_tokenize
     assert found.value == pytest.approx(2.0) and found.share > 0.9 and found.role == "creates"
     mag = magnitude_scan(model, sw.get_arch(model), super_weights=result)
     assert mag.super_weights[0].rank_in_flagged == 1 and mag.top[0]["module"] == found.module
+
+
+DEEPSEEK_LIKE = ["DeepseekV2ForCausalLM", "DeepseekV3ForCausalLM", "Glm4MoeForCausalLM", "Ernie4_5_MoeForCausalLM"]
+
+
+@pytest.mark.parametrize("arch_name", DEEPSEEK_LIKE)
+@pytest.mark.parametrize("where", ["dense layer", "shared expert", "expert"])
+def test_an_moe_with_dense_first_layers_finds_each_kind_of_weight(arch_name, where, byte_tokenizer):
+    """DeepSeek-V2/V3 (Kimi-K2), GLM-4-MoE and ERNIE-4.5-MoE start with dense layers (layer 0 of the
+    tiny ones) and add an ungated shared expert beside the routed ones: each weight is found with
+    its own module, the layer's kind read from the model."""
+    model = tiny_model(arch_name)
+    layer, module, expert = {
+        "dense layer": (0, "model.layers.0.mlp.down_proj", None),
+        "shared expert": (1, "model.layers.1.mlp.shared_experts.down_proj", None),
+        "expert": (1, "model.layers.1.mlp.experts.down_proj[2]", 2),
+    }[where]
+    plant_super_weight(model, layer, 5, 17, expert=expert)
+    result = sw.detect(model, byte_tokenizer)
+    assert result.keys == [(layer, 5, 17) if expert is None else (layer, 5, 17, expert)]
+    found = result.super_weights[0]
+    assert found.module == module and found.value == pytest.approx(2.0) and found.share > 0.9
+    mag = magnitude_scan(model, sw.get_arch(model), super_weights=result)
+    assert mag.super_weights[0].rank_in_flagged == 1
+
+
+def test_qwen3_moe_mlp_only_layers_are_dense(byte_tokenizer):
+    """Qwen-MoE configs can make some layers dense (``mlp_only_layers``): read from the model."""
+    import transformers as tf
+
+    from superweight.synthetic import tiny_config
+
+    config = tiny_config("Qwen3MoeForCausalLM")
+    config.mlp_only_layers = [1]
+    torch.manual_seed(0)
+    model = tf.Qwen3MoeForCausalLM(config).eval()
+    arch = sw.get_arch(model)
+    assert arch.dense_path(model, 1) == "mlp.down_proj" and arch.dense_path(model, 2) is None
+    plant_super_weight(model, *PLANT)
+    found = sw.detect(model, byte_tokenizer).super_weights
+    assert [(s.key, s.module) for s in found] == [(PLANT, "model.layers.1.mlp.down_proj")]
+
+
+def test_granites_residual_multiplier_scales_what_each_sublayer_adds(byte_tokenizer):
+    """Granite adds residual_multiplier (0.22 in its real configs) x each sublayer's output: the
+    rise is the MLP's once scaled, nothing left over as "other"."""
+    model = tiny_model("GraniteForCausalLM")
+    assert model.config.residual_multiplier == pytest.approx(0.22)
+    plant_super_weight(model, *PLANT)
+    result = sw.detect(model, byte_tokenizer)
+    assert result.coords == [PLANT]
+    [rise] = [c for c in result.activations[0].rises if c.layer == PLANT[0]]
+    assert rise.sublayer == "mlp" and abs(rise.other) < 0.01 * abs(rise.delta)

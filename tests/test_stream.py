@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import superweight as sw
+from superweight.arch import MOE
 from superweight.checkpoint import open_checkpoint
 from superweight.errors import SuperweightError
 from superweight.magnitude import magnitude_scan
@@ -170,17 +171,19 @@ def test_a_wrong_guess_deep_in_the_chain_costs_a_pass_not_a_result(tmp_path):
     assert states[0].iterations == 3 and runner.passes == 2 and runner.layers_read == 6 + 3
 
 
-MOE = ["MixtralForCausalLM", "Qwen2MoeForCausalLM", "Qwen3MoeForCausalLM", "OlmoeForCausalLM"]
-
-
 @pytest.mark.parametrize("arch", MOE)
 def test_a_mixture_of_experts_streams_bit_for_bit(arch, tmp_path):
     """Checkpoints store experts one by one; transformers stacks them on load (a converter):
-    streaming runs the same converter per layer, so the result is bitwise the in-memory one."""
+    streaming runs the same converter per layer, so the result is bitwise the in-memory one.
+    (Granite-MoE stores each layer's experts as one 3-D tensor under other names: renamed, not stacked.)"""
     model = tiny_model(arch, experts=12)  # 12 experts: stacked 0, 1, ..., 11, not 0, 1, 10, 11, 2, ...
     plant_super_weight(model, *PLANT, expert=11)
     folder = save_sharded(model, tmp_path / arch)
-    assert any(".experts.11." in k for k in open_checkpoint(folder).tensors)  # stored one by one
+    stored = open_checkpoint(folder).tensors
+    if arch == "GraniteMoeForCausalLM":
+        assert "model.layers.1.block_sparse_moe.output_linear.weight" in stored
+    else:
+        assert any(".experts.11." in k for k in stored)  # stored one by one
     runner = _speculating_runner(folder, "trace")
     _, got = _streamed(runner, "trace")
     assert got.keys == [(*PLANT, 11)]
@@ -196,13 +199,16 @@ def test_a_mixture_of_experts_streams_bit_for_bit(arch, tmp_path):
             assert torch.equal(streamed[n], loaded[n]), n
 
 
-def test_a_shared_expert_weight_streams_bit_for_bit(tmp_path):
-    model = tiny_model("Qwen2MoeForCausalLM")
-    plant_super_weight(model, *PLANT)  # Qwen2-MoE's shared expert
+@pytest.mark.parametrize("arch,layer", [("Qwen2MoeForCausalLM", 1), ("DeepseekV3ForCausalLM", 1), ("DeepseekV3ForCausalLM", 0)])
+def test_a_shared_expert_or_dense_layer_weight_streams_bit_for_bit(arch, layer, tmp_path):
+    """Qwen2-MoE's and DeepSeek's shared experts; DeepSeek's first layer is dense: read from the
+    streamed skeleton which down-projection a layer has."""
+    model = tiny_model(arch)
+    plant_super_weight(model, layer, *PLANT[1:])  # no expert: the shared one, or the dense layer's
     folder = save_sharded(model, tmp_path / "m")
     runner = _speculating_runner(folder, "trace")
     _, got = _streamed(runner, "trace")
-    assert got.keys == [PLANT] and runner.passes == 1
+    assert got.keys == [(layer, *PLANT[1:])] and runner.passes == 1
     assert got.to_dict() == in_memory(folder, prompts=PROMPTS).to_dict()
 
 

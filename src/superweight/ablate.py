@@ -90,7 +90,7 @@ def _matrices(model: nn.Module, arch: ArchSpec, layers: Iterable[int]) -> list[t
     out = []
     for layer in layers:
         module = arch.experts_module(model, layer) if arch.is_moe else None
-        experts = ([None] if arch.has_dense_down else []) + (list(range(module.down_proj.shape[0])) if module is not None else [])
+        experts = ([None] if arch.has_dense(model, layer) else []) + (list(range(module.down_proj.shape[0])) if module is not None else [])
         out += [(layer, e, arch.expert_matrix(model, layer, e)) for e in experts]
     return out
 

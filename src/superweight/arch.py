@@ -35,8 +35,10 @@ class ArchSpec:
     attn_out: str = "self_attn"  # the module whose output the attention adds to the residual stream
     mlp_out: str = "mlp"  # the module whose output the MLP adds (post-norm models: the post-FFN norm)
     experts: str | None = None  # MoE: the experts module holding 3-D ``down_proj`` [experts, out, in]
-    shared_gate: str | None = None  # MoE with a shared expert (Qwen2-MoE): its sigmoid gate; ``down_proj``
-    # is then the shared expert's (dense) down-projection, a weight with no expert index
+    shared_down: str | None = None  # MoE: the shared expert's down-projection (Qwen2-MoE, DeepSeek), a dense
+    # weight with no expert index; ``down_proj`` is then that of the model's dense layers (DeepSeek's first layers)
+    shared_gate: str | None = None  # a shared expert's sigmoid gate (Qwen2-MoE; DeepSeek's is ungated)
+    residual_scale: str | None = None  # config attribute scaling what each sublayer adds (Granite's residual_multiplier)
 
     @property
     def post_norm(self) -> bool:
@@ -47,11 +49,6 @@ class ArchSpec:
     def is_moe(self) -> bool:
         return self.experts is not None
 
-    @property
-    def has_dense_down(self) -> bool:
-        """Whether each layer has a dense down-projection (every dense model; an MoE with a shared expert)."""
-        return not self.is_moe or self.shared_gate is not None
-
     def experts_name(self, layer: int) -> str:
         return f"{self.layers}.{layer}.{self.experts}"
 
@@ -61,10 +58,30 @@ class ArchSpec:
     def num_layers(self, model: nn.Module) -> int:
         return len(self.layer_modules(model))
 
+    def dense_path(self, model: nn.Module, layer: int) -> str | None:
+        """The dense down-projection of ``layer`` relative to the layer (None: an MoE layer without a shared
+        expert). A dense model's every layer; in an MoE a dense layer (DeepSeek's ``first_k_dense_replace``,
+        Qwen-MoE's ``mlp_only_layers``) or a sparse layer's shared expert: read from the model, not the config."""
+        block = self.layer_modules(model)[layer]
+        if not self.is_moe:
+            return self.down_proj
+        for path in (self.down_proj, self.shared_down):
+            if path and isinstance(getattr(_submodule(block, path), "weight", None), torch.Tensor):
+                return path
+        return None
+
+    def has_dense(self, model: nn.Module, layer: int) -> bool:
+        return self.dense_path(model, layer) is not None
+
+    def is_shared(self, model: nn.Module, layer: int) -> bool:
+        """Whether ``layer``'s dense down-projection is an MoE layer's shared expert (added beside the experts)."""
+        return self.is_moe and self.shared_down is not None and self.dense_path(model, layer) == self.shared_down
+
     def down_proj_module(self, model: nn.Module, layer: int) -> nn.Module:
-        if not self.has_dense_down:
+        path = self.dense_path(model, layer)
+        if path is None:
             raise SuperweightError(self.dense_only())
-        return self.layer_modules(model)[layer].get_submodule(self.down_proj)
+        return self.layer_modules(model)[layer].get_submodule(path)
 
     def dense_only(self) -> str:
         """The one-line refusal of a step that needs dense down-projections (API: ``expert_matrix``)."""
@@ -73,12 +90,8 @@ class ArchSpec:
 
     def experts_module(self, model: nn.Module, layer: int) -> nn.Module | None:
         """The MoE experts module of ``layer`` (None for a dense layer, e.g. Qwen2-MoE's ``mlp_only_layers``)."""
-        block = self.layer_modules(model)[layer]
-        try:
-            module = block.get_submodule(self.experts) if self.experts else None
-        except AttributeError:
-            return None
-        return module if module is not None and isinstance(getattr(module, "down_proj", None), torch.Tensor) else None
+        module = _submodule(self.layer_modules(model)[layer], self.experts) if self.experts else None
+        return module if isinstance(getattr(module, "down_proj", None), torch.Tensor) else None
 
     def expert_matrix(self, model: nn.Module, layer: int, expert: int | None) -> torch.Tensor:
         """The ``[out, in]`` down-projection of one expert (``expert=None``: the dense one), no copy."""
@@ -95,8 +108,13 @@ class ArchSpec:
             return self.down_proj_module(model, layer).weight, self.index(row, col)
         return self.experts_module(model, layer).down_proj, (expert, row, col)
 
-    def down_proj_name(self, layer: int) -> str:
-        return f"{self.layers}.{layer}.{self.down_proj}"
+    def down_proj_name(self, layer: int, model: nn.Module | None = None) -> str:
+        """The dense down-projection's module name; an MoE needs ``model`` to tell a dense layer from a
+        shared expert (without it: the dense layers' name)."""
+        path = self.down_proj if model is None else self.dense_path(model, layer)
+        if path is None:
+            raise SuperweightError(self.dense_only())
+        return f"{self.layers}.{layer}.{path}"
 
     def index(self, row: int, col: int) -> tuple[int, int]:
         """Tensor index of the paper's ``[row, col]`` in the stored weight."""
@@ -111,10 +129,18 @@ class ArchSpec:
         return self.as_out_in(self.down_proj_module(model, layer).weight)
 
 
+def _submodule(block: nn.Module, path: str) -> nn.Module | None:
+    try:
+        return block.get_submodule(path)
+    except AttributeError:
+        return None
+
+
 def _moe(name: str, **kw) -> ArchSpec:
-    """Mixtral / Qwen2-MoE / Qwen3-MoE / OLMoE: the experts' weights are 3-D tensors of ``mlp.experts``
-    (Qwen2-MoE also has a gated shared expert, a dense MLP: ``down_proj`` is its down-projection)."""
-    base = dict(down_proj="mlp.experts", up_proj="mlp.experts", gate_proj="mlp.experts", experts="mlp.experts")
+    """Mixtral / Qwen-MoE / OLMoE / DeepSeek / GLM-4-MoE / ERNIE-4.5-MoE: the experts' weights are 3-D tensors of
+    ``mlp.experts``. ``down_proj``: the dense layers' (``mlp.down_proj``: DeepSeek's first layers, Qwen-MoE's
+    ``mlp_only_layers``); ``shared_down``: a sparse layer's shared expert (gated in Qwen2-MoE)."""
+    base = dict(down_proj="mlp.down_proj", up_proj="mlp.experts", gate_proj="mlp.experts", experts="mlp.experts")
     return _llama_like(name, **{**base, **kw})
 
 
@@ -146,12 +172,56 @@ _SPECS: dict[str, ArchSpec] = {
         _llama_like("Gemma3ForCausalLM", **_POST_NORM),
         _llama_like("OlmoForCausalLM"),
         _llama_like("Olmo2ForCausalLM", **_POST_NORM),
-        _moe("MixtralForCausalLM"),
-        _moe("Qwen2MoeForCausalLM", down_proj="mlp.shared_expert.down_proj", shared_gate="mlp.shared_expert_gate"),
-        _moe("Qwen3MoeForCausalLM"),
-        _moe("OlmoeForCausalLM"),
+        _llama_like("Olmo3ForCausalLM", **_POST_NORM),
+        _llama_like("Exaone4ForCausalLM", **_POST_NORM),
+        _llama_like("StableLmForCausalLM"),
+        _llama_like("SmolLM3ForCausalLM"),
+        _llama_like("HeliumForCausalLM"),
+        _llama_like("Ernie4_5ForCausalLM"),
+        _llama_like("SeedOssForCausalLM"),
+        _llama_like("HunYuanDenseV1ForCausalLM"),
+        _llama_like("CohereForCausalLM"),  # parallel attention and MLP: both read the same normed input
+        _llama_like("Cohere2ForCausalLM"),
+        _llama_like("GraniteForCausalLM", residual_scale="residual_multiplier"),
+        _llama_like("ArceeForCausalLM", gate_proj=None),  # ungated MLP (ReLU^2)
+        _llama_like("ApertusForCausalLM", gate_proj=None),  # ungated MLP (xIELU)
+        _llama_like("Starcoder2ForCausalLM", down_proj="mlp.c_proj", up_proj="mlp.c_fc", gate_proj=None),
+        _llama_like("PhiForCausalLM", down_proj="mlp.fc2", up_proj="mlp.fc1", gate_proj=None,
+                    final_norm="model.final_layernorm"),  # Phi-1/1.5/2: parallel attention and MLP
         _llama_like(
             "Phi3ForCausalLM", up_proj="mlp.gate_up_proj", gate_proj="mlp.gate_up_proj", fused_gate_up=True
+        ),
+        _llama_like("Glm4ForCausalLM", up_proj="mlp.gate_up_proj", gate_proj="mlp.gate_up_proj", fused_gate_up=True,
+                    attn_out="post_self_attn_layernorm", mlp_out="post_mlp_layernorm"),  # sandwich norms
+        _moe("MixtralForCausalLM"),
+        _moe("PhimoeForCausalLM"),
+        _moe("Qwen2MoeForCausalLM", shared_down="mlp.shared_expert.down_proj", shared_gate="mlp.shared_expert_gate"),
+        _moe("Qwen3MoeForCausalLM"),
+        _moe("OlmoeForCausalLM"),
+        _moe("DeepseekV2ForCausalLM", shared_down="mlp.shared_experts.down_proj"),  # dense first layers
+        _moe("DeepseekV3ForCausalLM", shared_down="mlp.shared_experts.down_proj"),  # (first_k_dense_replace)
+        _moe("Glm4MoeForCausalLM", shared_down="mlp.shared_experts.down_proj"),
+        _moe("Ernie4_5_MoeForCausalLM", shared_down="mlp.shared_experts.down_proj"),
+        _moe("GraniteMoeForCausalLM", experts="block_sparse_moe.experts", up_proj="block_sparse_moe.experts",
+             gate_proj="block_sparse_moe.experts", mlp_out="block_sparse_moe", residual_scale="residual_multiplier"),
+        ArchSpec(
+            name="GPTJForCausalLM",
+            layers="transformer.h",
+            down_proj="mlp.fc_out",
+            up_proj="mlp.fc_in",
+            embed="transformer.wte",
+            final_norm="transformer.ln_f",
+            attn_out="attn",
+        ),
+        ArchSpec(  # BLOOM adds the residual inside its attention and MLP: hook their last projections
+            name="BloomForCausalLM",
+            layers="transformer.h",
+            down_proj="mlp.dense_4h_to_h",
+            up_proj="mlp.dense_h_to_4h",
+            embed="transformer.word_embeddings",
+            final_norm="transformer.ln_f",
+            attn_out="self_attention.dense",
+            mlp_out="mlp.dense_4h_to_h",
         ),
         ArchSpec(
             name="GPT2LMHeadModel",
@@ -245,8 +315,8 @@ def check_index(spec: ArchSpec, model: nn.Module, layer: int, row: int, col: int
     n = spec.num_layers(model)
     if not 0 <= layer < n:
         raise SuperweightError(f"layer {layer} is out of range: the model has {n} layers (0..{n - 1})")
-    if expert is None and not spec.has_dense_down:
-        raise SuperweightError(f"{spec.name} is a mixture of experts: give each weight's expert "
+    if expert is None and not spec.has_dense(model, layer):
+        raise SuperweightError(f"layer {layer} of {spec.name} has only experts: give each weight's expert "
                                "(detection's JSON has it: superweight detect --json)")
     if expert is not None:
         module = spec.experts_module(model, layer)

@@ -73,9 +73,11 @@ def mlp_terms(model: nn.Module, arch: ArchSpec, tr: LayerTrace, t: int, j: int) 
         x = (experts.act_fn(gate) * up).float() * float(weights[t, slot])
         terms.append(x * experts.down_proj[e][j].detach().float())
         keys += [(e, k) for k in range(x.numel())]
-    if tr.x is not None and tr.gate is not None:  # the shared expert: sigmoid(gate) * its down-projection's terms
+    if tr.x is not None:  # the shared expert: its down-projection's terms (Qwen2-MoE's times sigmoid(gate))
         w_row = arch.weight_matrix(model, tr.layer)[j].detach().float()
-        x = tr.x[t].float().to(w_row.device) * torch.sigmoid(tr.gate[t].float()).to(w_row.device)
+        x = tr.x[t].float().to(w_row.device)
+        if tr.gate is not None:
+            x = x * torch.sigmoid(tr.gate[t].float()).to(w_row.device)
         terms.append(x * w_row)
         keys += [(None, k) for k in range(x.numel())]
     return keys, torch.cat(terms), float(tr.mlp[t, j]) if tr.mlp is not None else float(sum(x.sum() for x in terms))

@@ -126,8 +126,8 @@ class ActivationCapture:
         try:
             for i in self.layer_ids:
                 layer = self.arch.layer_modules(self.model)[i]
-                down = layer.get_submodule(self.arch.down_proj)
-                self._hooks.forward(down, self._down_hook(i))
+                if self.arch.has_dense(self.model, i):  # an MoE layer without a shared expert: only the residual
+                    self._hooks.forward(self.arch.down_proj_module(self.model, i), self._down_hook(i))
                 self._hooks.forward(layer, self._residual_hook(i))
         except BaseException:
             self.remove()
@@ -196,8 +196,8 @@ class LayerTrace:
     ``attn``/``mlp``: what the attention and the MLP added to it (post-norm models: the outputs of
     the post-attention / post-FFN norms); ``x``/``y``: the dense down-projection's input and output;
     ``moe``: for an MoE layer, the experts module's ``(hidden_states, top_k_index, top_k_weights)``;
-    with a shared expert (Qwen2-MoE) ``x``/``y`` are its down-projection's and ``gate`` its gate's
-    logits ``[tokens, 1]`` (the block adds ``sigmoid(gate) * y``).
+    with a shared expert ``x``/``y`` are its down-projection's, and for a gated one (Qwen2-MoE) ``gate``
+    its gate's logits ``[tokens, 1]`` (the block adds ``sigmoid(gate) * y``; DeepSeek's adds ``y``).
     """
 
     layer: int
@@ -209,6 +209,7 @@ class LayerTrace:
     y: torch.Tensor | None = None
     moe: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None
     gate: torch.Tensor | None = None
+    scale: float = 1.0  # the residual stream gets ``scale`` x ``attn`` and ``mlp`` (Granite's residual_multiplier)
 
     def stats(self) -> LayerStats:
         """The paper method's per-layer maxima (as ``ActivationCapture`` records them)."""
@@ -270,6 +271,8 @@ class TraceCapture:
             hooks.pre(block, layer_in, with_kwargs=True)
         hooks.forward(block, self._set(i, "h_out"))
         hooks.forward(block.get_submodule(arch.attn_out), self._set(i, "attn"))
+        if arch.residual_scale:  # what the block adds is this times each sublayer's output (Granite)
+            tr.scale = float(getattr(self.model.config, arch.residual_scale))
         if arch.post_norm or arch.is_moe:  # otherwise the MLP adds exactly its down-projection's output
             hooks.forward(block.get_submodule(arch.mlp_out), self._set(i, "mlp"))
         experts = arch.experts_module(self.model, i) if arch.is_moe else None
@@ -280,10 +283,10 @@ class TraceCapture:
                 tr.moe = tuple(v.detach().clone() for v in vals[:3])
 
             hooks.pre(experts, moe_in, with_kwargs=True)
-        if arch.shared_gate is not None:
+        if arch.shared_gate is not None and arch.is_shared(self.model, i):
             hooks.forward(block.get_submodule(arch.shared_gate), self._set(i, "gate"))
-        if arch.has_dense_down and (experts is not None or not arch.is_moe):  # a dense layer of an MoE: its own MLP
-            down = block.get_submodule(arch.down_proj)
+        if arch.has_dense(self.model, i):  # a dense model's, an MoE's dense layer's or its shared expert's
+            down = arch.down_proj_module(self.model, i)
 
             def down_io(module, args, output):
                 tr.x, tr.y = _batch0(args[0]), _batch0(_first_tensor(output))

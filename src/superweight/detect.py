@@ -207,7 +207,7 @@ def _finish(runner: Runner, sw: SuperWeight) -> SuperWeight:
     ranked once per weight when the result is assembled (``_rank``)."""
     with runner.layer(sw.layer):
         sw.value = float(runner.arch.expert_matrix(runner.model, sw.layer, sw.expert)[sw.row, sw.col])
-    sw.module = runner.arch.down_proj_name(sw.layer) if sw.expert is None else f"{runner.arch.experts_name(sw.layer)}.down_proj[{sw.expert}]"
+    sw.module = runner.arch.down_proj_name(sw.layer, runner.model) if sw.expert is None else f"{runner.arch.experts_name(sw.layer)}.down_proj[{sw.expert}]"
     return sw
 
 

@@ -40,6 +40,28 @@ GGUF_ARCH: dict[str, str] = {
     "Qwen2MoeForCausalLM": "QWEN2MOE",
     "Qwen3MoeForCausalLM": "QWEN3MOE",
     "OlmoeForCausalLM": "OLMOE",
+    "Olmo3ForCausalLM": "OLMO2",  # convert_hf_to_gguf.py converts OLMo-3 as OLMo-2
+    "Exaone4ForCausalLM": "EXAONE4",
+    "StableLmForCausalLM": "STABLELM",
+    "SmolLM3ForCausalLM": "SMOLLM3",
+    "Ernie4_5ForCausalLM": "ERNIE4_5",
+    "SeedOssForCausalLM": "SEED_OSS",
+    "HunYuanDenseV1ForCausalLM": "HUNYUAN_DENSE",
+    "CohereForCausalLM": "COMMAND_R",
+    "Cohere2ForCausalLM": "COHERE2",
+    "GraniteForCausalLM": "GRANITE",
+    "ArceeForCausalLM": "ARCEE",
+    "ApertusForCausalLM": "APERTUS",
+    "Starcoder2ForCausalLM": "STARCODER2",
+    "PhiForCausalLM": "PHI2",
+    "Glm4ForCausalLM": "GLM4",
+    "GPTJForCausalLM": "GPTJ",
+    "BloomForCausalLM": "BLOOM",
+    "PhimoeForCausalLM": "PHIMOE",
+    "DeepseekV2ForCausalLM": "DEEPSEEK2",
+    "DeepseekV3ForCausalLM": "DEEPSEEK2",  # llama.cpp converts DeepSeek-V3 (and Kimi-K2) as DEEPSEEK2
+    "Glm4MoeForCausalLM": "GLM4_MOE",
+    "Ernie4_5_MoeForCausalLM": "ERNIE4_5_MOE",
 }
 DEFAULT_TYPE = "f16"
 
@@ -88,6 +110,20 @@ def gguf_tensor_name(architecture: str, hf_module: str, num_layers: int) -> str:
     return name
 
 
+def _dense_module(spec, layer: int, item) -> str:
+    """The dense down-projection holding a weight with no expert. An MoE's is a dense layer's or a shared
+    expert's, which only the model tells: detection's weights name it (``module``); a bare coordinate
+    means the shared expert where the architecture has one."""
+    if not spec.is_moe:
+        return spec.down_proj_name(layer)
+    if getattr(item, "module", ""):
+        return item.module
+    if spec.shared_down is None:
+        raise SuperweightError(f"{spec.name} is a mixture of experts: give each weight's expert "
+                               "(pass detection's JSON, which has it)")
+    return f"{spec.layers}.{layer}.{spec.shared_down}"
+
+
 def overrides_for(
     architecture: str, num_layers: int | None, coords: Sequence, type_name: str = DEFAULT_TYPE
 ) -> list[TensorOverride]:
@@ -102,16 +138,14 @@ def overrides_for(
 
     spec = spec_for_name(architecture)
     type_name = ggml_type_name(type_name)
-    keys = as_keys(coords)
+    items = list(getattr(coords, "super_weights", coords) or [])
+    keys = as_keys(items)
     num_layers = num_layers or 1 + max(c.layer for c, _ in keys)
     by_module: dict[str, tuple[int, list[list[int]]]] = {}
-    for (layer, row, col), expert in keys:
+    for item, ((layer, row, col), expert) in zip(items, keys):
         if not 0 <= layer < num_layers:
             raise SuperweightError(f"layer {layer} is outside the model's {num_layers} layers")
-        if expert is None and not spec.has_dense_down:
-            raise SuperweightError(f"{architecture} is a mixture of experts: give each weight's expert "
-                                   "(pass detection's JSON, which has it)")
-        module = spec.down_proj_name(layer) if expert is None else f"{spec.experts_name(layer)}.down_proj"
+        module = f"{spec.experts_name(layer)}.down_proj" if expert is not None else _dense_module(spec, layer, item)
         held = [layer, row, col] + ([] if expert is None else [expert])
         by_module.setdefault(module, (layer, []))[1].append(held)
     out = []

@@ -77,8 +77,8 @@ def matrix_sources(model: nn.Module, arch: ArchSpec, scope: str) -> Iterator[Sou
     (``...experts.down_proj[e]``, the name detection gives their weights)."""
     if scope == "down_proj":
         for i in range(arch.num_layers(model)):
-            name = arch.down_proj_name(i)
-            if arch.has_dense_down:  # a dense model's; an MoE's shared expert's
+            if arch.has_dense(model, i):  # a dense model's; an MoE's dense layer or shared expert
+                name = arch.down_proj_name(i, model)
                 yield name, f"{name}.weight", lambda m, i=i: arch.weight_matrix(m, i)
             if arch.is_moe and arch.experts_module(model, i) is not None:  # else a dense layer of an MoE (mlp_only_layers)
                 yield from _experts(arch.experts_name(i), "down_proj", arch.experts_module(model, i))

@@ -267,7 +267,7 @@ class StreamedModel:
         self._prefetcher.close()
 
     def down_proj_names(self, i: int) -> list[str]:
-        return [f"{self.arch.down_proj_name(i)}.weight"]
+        return [f"{self.arch.down_proj_name(i, self.model)}.weight"]
 
     # ------------------------------------------------------------ forward, layer by layer
 

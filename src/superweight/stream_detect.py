@@ -187,7 +187,7 @@ class StreamedRunner:
     def _mlp_weights(self, layer: int) -> list[str]:
         """What detection reads of a layer outside a pass: its down-projection (an MoE layer's experts),
         a fifth of a Llama layer's bytes instead of all of it."""
-        prefixes = [f"{self.arch.down_proj_name(layer)}."] if self.arch.has_dense_down else []
+        prefixes = [f"{self.arch.down_proj_name(layer, self.model)}."] if self.arch.has_dense(self.model, layer) else []
         if self.arch.experts:
             prefixes.append(f"{self.arch.experts_name(layer)}.")
         return [n for n in self.sm.layer_names(layer) if n.startswith(tuple(prefixes))]

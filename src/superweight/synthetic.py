@@ -35,6 +35,11 @@ def tiny_config(arch_name: str, **overrides):
     llama = _llama_kw(t)
     head_dim = t["hidden"] // t["heads"]
     moe = dict(num_local_experts=t["experts"], num_experts_per_tok=2)
+    # DeepSeek-style MoE: layer 0 dense (first_k_dense_replace), a shared expert beside the routed ones
+    deepseek = dict(n_routed_experts=t["experts"], num_experts_per_tok=2, moe_intermediate_size=t["intermediate"],
+                    first_k_dense_replace=1, n_group=1, topk_group=1, n_shared_experts=1)
+    mla = dict(q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=head_dim)
+    granite = dict(residual_multiplier=0.22, embedding_multiplier=12.0, attention_multiplier=1.0 / head_dim, logits_scaling=8.0)
     builders = {
         "LlamaForCausalLM": lambda: tf.LlamaConfig(**llama),
         "MistralForCausalLM": lambda: tf.MistralConfig(**llama, sliding_window=None),
@@ -55,6 +60,36 @@ def tiny_config(arch_name: str, **overrides):
             **llama, num_experts=t["experts"], num_experts_per_tok=2, moe_intermediate_size=t["intermediate"], head_dim=head_dim,
         ),
         "OlmoeForCausalLM": lambda: tf.OlmoeConfig(**llama, num_experts=t["experts"], num_experts_per_tok=2),
+        "PhimoeForCausalLM": lambda: tf.PhimoeConfig(**llama, **moe),
+        "GraniteMoeForCausalLM": lambda: tf.GraniteMoeConfig(**llama, **moe, **granite),
+        "DeepseekV2ForCausalLM": lambda: tf.DeepseekV2Config(**llama, **deepseek, **mla),
+        "DeepseekV3ForCausalLM": lambda: tf.DeepseekV3Config(**llama, **deepseek, **mla),
+        "Glm4MoeForCausalLM": lambda: tf.Glm4MoeConfig(**llama, **deepseek, pad_token_id=0),
+        "Ernie4_5_MoeForCausalLM": lambda: tf.Ernie4_5_MoeConfig(
+            **llama, moe_num_experts=t["experts"], moe_k=2, moe_intermediate_size=t["intermediate"], moe_layer_start_index=1,
+            moe_num_shared_experts=1,
+        ),
+        "Olmo3ForCausalLM": lambda: tf.Olmo3Config(**llama),
+        "Exaone4ForCausalLM": lambda: tf.Exaone4Config(**llama),
+        "StableLmForCausalLM": lambda: tf.StableLmConfig(**llama),
+        "SmolLM3ForCausalLM": lambda: tf.SmolLM3Config(**llama, pad_token_id=0),
+        "HeliumForCausalLM": lambda: tf.HeliumConfig(**llama, head_dim=head_dim),
+        "Ernie4_5ForCausalLM": lambda: tf.Ernie4_5Config(**llama),
+        "SeedOssForCausalLM": lambda: tf.SeedOssConfig(**llama),
+        "HunYuanDenseV1ForCausalLM": lambda: tf.HunYuanDenseV1Config(**llama, head_dim=head_dim),
+        "CohereForCausalLM": lambda: tf.CohereConfig(**llama),
+        "Cohere2ForCausalLM": lambda: tf.Cohere2Config(**llama),
+        "GraniteForCausalLM": lambda: tf.GraniteConfig(**llama, **granite),
+        "ArceeForCausalLM": lambda: tf.ArceeConfig(**llama),
+        "ApertusForCausalLM": lambda: tf.ApertusConfig(**llama),
+        "Starcoder2ForCausalLM": lambda: tf.Starcoder2Config(**llama),
+        "PhiForCausalLM": lambda: tf.PhiConfig(**llama),
+        "Glm4ForCausalLM": lambda: tf.Glm4Config(**llama, pad_token_id=0),
+        "GPTJForCausalLM": lambda: tf.GPTJConfig(
+            n_embd=t["hidden"], n_inner=t["intermediate"], n_layer=t["layers"], n_head=t["heads"],
+            vocab_size=t["vocab"], n_positions=t["positions"], rotary_dim=head_dim // 2,
+        ),
+        "BloomForCausalLM": lambda: tf.BloomConfig(hidden_size=t["hidden"], n_layer=t["layers"], n_head=t["heads"], vocab_size=t["vocab"]),
         "GPT2LMHeadModel": lambda: tf.GPT2Config(
             n_embd=t["hidden"], n_inner=t["intermediate"], n_layer=t["layers"], n_head=t["heads"],
             vocab_size=t["vocab"], n_positions=t["positions"],
@@ -168,15 +203,17 @@ def plant_super_weight(
     """
     arch = arch or get_arch(model)
     block = arch.layer_modules(model)[layer]
-    up = block.get_submodule(_shared_mlp(arch) + ".up_proj" if _in_shared(arch, expert) else arch.up_proj)
+    mlp = _moe_dense_mlp(model, arch, layer, expert)
+    up = block.get_submodule(f"{mlp}.up_proj" if mlp else arch.up_proj)
     gated = arch.gate_proj is not None
+    square = gated or _quadratic(block)  # X grows as (v . h)^2: aim at its square root
     hidden = model.config.hidden_size
     v = direction.float() / direction.float().norm() if direction is not None else _direction(hidden, seed)
     inputs, median = _mlp_input(model, up, block)
     projected = inputs @ v
     sign = 1.0 if float(projected.mean()) >= 0 else -1.0  # face the common component, if any
     target_x = peak_input or max(ratio * median / abs(weight), min_input)  # a spike in X (SmolLM2's: 2,996)
-    v = (sign * _input_scale(projected, spread, gated, target_x, peak_input is not None)) * v
+    v = (sign * _input_scale(projected, spread, square, target_x, peak_input is not None)) * v
     for _ in range(4):  # the MLP's nonlinearity and the norms bend the aim: measure and correct
         _write_plant(model, arch, layer, block, up, v, row, col, weight, gated, expert)
         if peak_input or spread:
@@ -188,8 +225,18 @@ def plant_super_weight(
         if arch.post_norm:  # post-norm: the post-FFN norm's gain on the row sets the size
             _scale_gain(block.get_submodule(arch.mlp_out), row, factor)
         else:
-            v = v * (factor ** 0.5 if gated else factor)
+            v = v * (factor ** 0.5 if square else factor)
     return target_x
+
+
+def _quadratic(block: nn.Module) -> bool:
+    """Whether an ungated MLP's activation grows as x^2 for large x (Arcee's ReLU^2, Apertus' xIELU), measured."""
+    act = next((m for name, m in block.named_modules() if name.endswith(("act_fn", "act", "activation_fn"))), None)
+    if act is None:
+        return False
+    with torch.no_grad():
+        big = act(torch.tensor([100.0, 200.0]))
+    return float(big[1] / big[0]) > 3.0
 
 
 def _layer_peak(model, up, block, row: int) -> tuple[torch.Tensor, float, float]:
@@ -207,26 +254,25 @@ def _scale_gain(norm: nn.Module, row: int, factor: float) -> None:
     norm.weight[row] = (float(norm.weight[row]) + offset) * factor - offset
 
 
-def _in_shared(arch: ArchSpec, expert: int | None) -> bool:
-    """A plant with no expert in an MoE that has a shared expert (Qwen2-MoE) goes into that dense MLP."""
-    return arch.is_moe and expert is None and arch.has_dense_down
-
-
-def _shared_mlp(arch: ArchSpec) -> str:
-    return arch.down_proj.rsplit(".", 1)[0]
+def _moe_dense_mlp(model, arch: ArchSpec, layer: int, expert: int | None) -> str | None:
+    """Where a plant with no expert goes in an MoE layer: its dense MLP (a dense layer's, a shared expert's)
+    by path; None: into the experts (expert 0), or a dense model (the spec's own paths)."""
+    if not arch.is_moe or expert is not None or not arch.has_dense(model, layer):
+        return None
+    return arch.dense_path(model, layer).rsplit(".", 1)[0]
 
 
 def _write_plant(model, arch, layer, block, up, v, row, col, weight, gated, expert) -> None:
-    shared = _in_shared(arch, expert)
-    if arch.is_moe and not shared:
+    mlp = _moe_dense_mlp(model, arch, layer, expert)
+    if arch.is_moe and not mlp:
         _plant_expert(block, arch, v, row, col, weight, expert or 0)
         return
     v = v.to(up.weight.dtype)
     inter = arch.weight_matrix(model, layer).shape[1]
-    if shared:  # its sigmoid gate open (~1) on the tokens that face v
+    if arch.shared_gate and arch.is_shared(model, layer):  # its sigmoid gate open (~1) on the tokens that face v
         block.get_submodule(arch.shared_gate).weight[0] = v / v.norm() * 50.0
     if gated and not arch.fused_gate_up:
-        gate = block.get_submodule(_shared_mlp(arch) + ".gate_proj" if shared else arch.gate_proj)
+        gate = block.get_submodule(f"{mlp}.gate_proj" if mlp else arch.gate_proj)
         gate.weight[col] = v
         if getattr(gate, "bias", None) is not None:
             gate.bias[col] = 0.0
@@ -249,7 +295,8 @@ def _plant_expert(block: nn.Module, arch: ArchSpec, v: torch.Tensor, row: int, c
     experts.gate_up_proj[expert, inter + col] = v
     experts.down_proj[expert, :, col] *= 1e-3
     experts.down_proj[expert, row, col] = weight
-    router = block.get_submodule(arch.experts.rsplit(".", 1)[0] + ".gate")
+    moe = block.get_submodule(arch.experts.rsplit(".", 1)[0])
+    router = getattr(moe, "gate", None) or moe.router  # Mixtral, Qwen, DeepSeek: gate; Phi-MoE, Granite-MoE: router
     router.weight[expert] = v / v.norm() * 50.0  # tokens facing v are routed to this expert first
 
 
@@ -292,7 +339,7 @@ class HardCase:
             return float(cap.as_list()[0].h_out[:, row].abs().max())
 
         def planted(layer: int, row: int, col: int) -> tuple:  # an MoE without a dense MLP: expert 0 (plant_super_weight's)
-            return (layer, row, col) if arch.has_dense_down else (layer, row, col, 0)
+            return (layer, row, col) if arch.has_dense(self.model, layer) else (layer, row, col, 0)
 
         problems = []
         for layer, row, col in self.creates:
@@ -358,7 +405,7 @@ def _late_cancel(model: nn.Module) -> HardCase:
 def _one_column_three_rows(model: nn.Module) -> HardCase:
     plant_super_weight(model, 1, 5, 17)
     arch = get_arch(model)
-    down = arch.expert_matrix(model, 1, None if arch.has_dense_down else 0)  # an MoE's: where the plant went
+    down = arch.expert_matrix(model, 1, None if arch.has_dense(model, 1) else 0)  # an MoE's: where the plant went
     down[9, 17], down[30, 17] = -0.8 * down[5, 17], 1.2 * down[5, 17]
     return HardCase("one_column_three_rows", model, [(1, 5, 17), (1, 9, 17), (1, 30, 17)], activations=3,
                     note="Phi-3's pattern: one intermediate channel feeds three hidden channels")

@@ -127,8 +127,8 @@ def _activation(traces, h, ratio, passing, t: int, c: int, rule: TraceRule, iter
 def layer_change(tr: LayerTrace, t: int, c: int) -> Change:
     """Split the change of ``h[t, c]`` over one layer into attention, MLP and the rest."""
     delta = float(tr.h_out[t, c].float() - tr.h_in[t, c].float())
-    attn = float(tr.attn[t, c]) if tr.attn is not None else 0.0
-    mlp = float(tr.mlp[t, c]) if tr.mlp is not None else 0.0
+    attn = tr.scale * float(tr.attn[t, c]) if tr.attn is not None else 0.0
+    mlp = tr.scale * float(tr.mlp[t, c]) if tr.mlp is not None else 0.0
     other = delta - attn - mlp
     parts = {"mlp": mlp, "attention": attn, "other": other}
     sign = 1.0 if delta >= 0 else -1.0

@@ -147,7 +147,7 @@ def keep_indices(model: nn.Module, keep: Iterable | dict | None, arch: ArchSpec 
         check_index(arch, model, layer, row, col, expert)
         if expert is None:
             n_in = out_in(arch.down_proj_module(model, layer), arch).shape[1]
-            out.setdefault(arch.down_proj_name(layer), []).append(row * n_in + col)
+            out.setdefault(arch.down_proj_name(layer, model), []).append(row * n_in + col)
         else:  # row ``row`` of expert ``expert`` is row ``expert * out + row`` of the [experts * out, in] matrix
             n_out, n_in = arch.expert_matrix(model, layer, expert).shape
             out.setdefault(f"{arch.experts_name(layer)}.down_proj", []).append((expert * n_out + row) * n_in + col)
@@ -174,8 +174,8 @@ def sa_fit_weights(model: nn.Module, modules: dict[str, nn.Module], keep: Iterab
             m[:, col] = weight
 
     for layer, _, col in coords:
-        if arch.down_proj_name(layer) in modules:
-            mark(arch.down_proj_name(layer), col)
+        if arch.has_dense(model, layer) and arch.down_proj_name(layer, model) in modules:
+            mark(arch.down_proj_name(layer, model), col)
     for name in modules:
         layer = _layer_of(name, arch)
         if layer is not None and layer >= first and re.search(SMOOTHABLE, name):
