@@ -1,13 +1,14 @@
 """The synthetic hard cases on every architecture: is each plant as designed, is detection exact.
 
-    python bench/detect_archs.py            # -> docs/results/detect_archs.json (~2 min on 2 CPUs)
+    python bench/detect_archs.py            # -> docs/results/detect_archs.json (~30 s on 2 CPUs)
 
 ``superweight.synthetic.HARD_CASES`` (a weak spike, two creating layers, a late cancelling layer,
 one column feeding three rows, a super activation off the first token, two independent ones, none)
-are built for pre-norm dense models. On each of the 18 architectures (14 dense, 4 mixtures of experts;
+are built for pre-norm dense models. On each of the 42 architectures (32 dense, 10 mixtures of experts;
 tiny random models of their real config classes) this records whether the case can be built there
-(the weak spike is sized from dense down-projection inputs, which Mixtral, Qwen3-MoE and OLMoE lack;
-their plants go into expert 0, Qwen2-MoE's into its shared expert), whether the plant did what the
+(the weak spike is sized from dense down-projection inputs, which Mixtral, Phi-MoE, Qwen3-MoE, OLMoE
+and Granite-MoE lack; their plants go into expert 0, those of an MoE with a dense first layer or a
+shared expert into that dense MLP), whether the plant did what the
 case's answer says
 (``HardCase.as_designed``: each planted weight zeroed, the residual stream read after its layer)
 and whether the default method found exactly the answer's creating and cancelling weights.
