@@ -401,9 +401,10 @@ RATIOS = ("iteration_over_forward", "stream_over_cold_read", "quantize_pack_over
 
 def run_all(args, device: torch.device, root: Path, argv: list[str]) -> dict:
     from superweight.arch import SUPPORTED
-    from superweight.synthetic import tiny_config
+    from superweight.synthetic import UNREGISTERED, tiny_config
 
-    archs = args.archs.split(",") if args.archs else SMALL_ARCHS if args.small else list(SUPPORTED)
+    # every registered architecture, and those whose spec is read from the model (``arch_infer``)
+    archs = args.archs.split(",") if args.archs else SMALL_ARCHS if args.small else [*SUPPORTED, *UNREGISTERED]
     buildable = [a for a in archs if _has_tiny(tiny_config, a)]
     text = root / "text.txt"
     root.mkdir(parents=True, exist_ok=True)

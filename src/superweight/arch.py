@@ -11,7 +11,8 @@ To add an architecture, add one ``ArchSpec`` to ``_SPECS`` keyed by its Hugging 
 from __future__ import annotations
 
 import difflib
-from dataclasses import dataclass
+import weakref
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -39,11 +40,13 @@ class ArchSpec:
     # weight with no expert index; ``down_proj`` is then that of the model's dense layers (DeepSeek's first layers)
     shared_gate: str | None = None  # a shared expert's sigmoid gate (Qwen2-MoE; DeepSeek's is ungated)
     residual_scale: str | None = None  # config attribute scaling what each sublayer adds (Granite's residual_multiplier)
+    attn_alt: tuple[str, ...] = ()  # hybrids: the token mixer's other names, by layer (linear attention, convolution)
+    inferred: bool = False  # read from the modules of an unregistered model (``arch_infer``), not written here
 
     @property
     def post_norm(self) -> bool:
         """Whether the MLP's output reaches the residual stream through a norm (Gemma-2/3, OLMo-2)."""
-        return self.mlp_out.endswith("layernorm")
+        return self.mlp_out.rsplit(".", 1)[-1].endswith("norm")
 
     @property
     def is_moe(self) -> bool:
@@ -57,6 +60,13 @@ class ArchSpec:
 
     def num_layers(self, model: nn.Module) -> int:
         return len(self.layer_modules(model))
+
+    def attn_module(self, block: nn.Module) -> nn.Module:
+        """The module whose output the attention (a hybrid's other token mixer) adds, in one decoder layer."""
+        for path in (self.attn_out, *self.attn_alt):
+            if (module := _submodule(block, path)) is not None:
+                return module
+        raise SuperweightError(f"a layer of {self.name} has none of {', '.join((self.attn_out, *self.attn_alt))}")
 
     def dense_path(self, model: nn.Module, layer: int) -> str | None:
         """The dense down-projection of ``layer`` relative to the layer (None: an MoE layer without a shared
@@ -305,9 +315,28 @@ def expert_params(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
     return [(p, w) for p in EXPERT_PARAMS if isinstance(w := getattr(module, p, None), torch.Tensor) and w.dim() == 3]
 
 
+_INFERRED: "weakref.WeakKeyDictionary[nn.Module, ArchSpec]" = weakref.WeakKeyDictionary()
+
+
 def get_arch(model_or_config) -> ArchSpec:
-    """The ``ArchSpec`` of a loaded model (or a config)."""
-    return spec_for_name(architecture_name(model_or_config))
+    """The ``ArchSpec`` of a loaded model (or a config). A model of an unregistered causal-LM class gets
+    one read from its modules and checked on a forward pass (``arch_infer``), or a one-line refusal."""
+    name = architecture_name(model_or_config)
+    if name in _SPECS or not isinstance(model_or_config, nn.Module):
+        return spec_for_name(name)
+    check_causal_name(name)
+    if model_or_config not in _INFERRED:
+        from .arch_infer import infer_spec
+
+        _INFERRED[model_or_config] = replace(infer_spec(model_or_config), inferred=True)
+    return _INFERRED[model_or_config]
+
+
+def check_causal_name(name: str) -> None:
+    """Refuse a class that is not a decoder-only causal LM (an unregistered causal LM passes: ``get_arch``
+    reads its spec from the loaded model)."""
+    if name not in _SPECS and not name.endswith(("ForCausalLM", "LMHeadModel")):
+        spec_for_name(name)
 
 
 def check_index(spec: ArchSpec, model: nn.Module, layer: int, row: int, col: int, expert: int | None = None) -> None:

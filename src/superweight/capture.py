@@ -270,7 +270,7 @@ class TraceCapture:
         if i == self.layer_ids[0]:  # later layers' inputs are the previous outputs (``as_list``)
             hooks.pre(block, layer_in, with_kwargs=True)
         hooks.forward(block, self._set(i, "h_out"))
-        hooks.forward(block.get_submodule(arch.attn_out), self._set(i, "attn"))
+        hooks.forward(arch.attn_module(block), self._set(i, "attn"))
         if arch.residual_scale:  # what the block adds is this times each sublayer's output (Granite)
             tr.scale = float(getattr(self.model.config, arch.residual_scale))
         if arch.post_norm or arch.is_moe:  # otherwise the MLP adds exactly its down-projection's output

@@ -308,7 +308,7 @@ def load_quantized(
     CUDA when available)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from .arch import architecture_name, spec_for_name
+    from .arch import get_arch
 
     path = Path(path)
     manifest = read_manifest(path)
@@ -342,4 +342,4 @@ def load_quantized(
         attach_activation_quant(model, manifest["activations"])
     tokenizer = AutoTokenizer.from_pretrained(str(path)) if (path / "tokenizer_config.json").is_file() else None
     notes = list(manifest.get("notes", [])) + [f"quantized artifact: {manifest['scheme']}, {manifest['size']['bits_per_weight']:.3f} bits per quantized weight"]
-    return LoadedModel(model, tokenizer, spec_for_name(architecture_name(model)), str(path), manifest.get("source_model", ""), notes)
+    return LoadedModel(model, tokenizer, get_arch(model), str(path), manifest.get("source_model", ""), notes)

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-from .arch import architecture_name, spec_for_name
+from .arch import SUPPORTED, architecture_name, check_causal_name, get_arch
 from .checkpoint import check_safetensors
 from .errors import SuperweightError
 from .files import default_cache_dir, staged_dir, write_text_atomic  # noqa: F401  (default_cache_dir re-exported)
@@ -136,8 +136,23 @@ def _check_causal_config(folder_or_id: str, **kw) -> str:
     except Exception as exc:
         raise SuperweightError(f"cannot read the config of {folder_or_id}: {exc}".splitlines()[0]) from None
     name = architecture_name(config)
-    spec_for_name(name)
+    check_causal_name(name)
+    if name not in SUPPORTED:  # read its structure from an empty skeleton before any weight is loaded
+        from .arch_infer import candidate_specs
+
+        candidate_specs(_skeleton(config))
     return name
+
+
+def _skeleton(config):
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+
+    try:
+        with init_empty_weights():
+            return AutoModelForCausalLM.from_config(config)
+    except Exception as exc:
+        raise SuperweightError(f"transformers cannot build {architecture_name(config)} from its config: {exc}".splitlines()[0]) from None
 
 
 def _from_pretrained(where: str, dtype: torch.dtype, device_map: str | None, **kw):
@@ -207,7 +222,7 @@ def _convert_gguf(path: str, target: Path) -> None:
     log.info("converting %s (first load only; cached in %s)", filename, target)
     with _gguf_bar():
         model, tokenizer = _from_pretrained(folder, torch.float32, None, gguf_file=filename)
-    spec_for_name(architecture_name(model))
+    get_arch(model)
     with staged_dir(target) as tmp:  # a concurrent conversion of the same file is replaced, not an error
         model.config.architectures = [type(model).__name__]
         if hasattr(model.config, "quantization_config"):
@@ -289,4 +304,4 @@ def load_model(
         _check_causal_config(where, **hub_kw)
     with step(f"loading {name}"):
         model, tokenizer = _from_pretrained(where, torch_dtype, device_map, **(hub_kw if kind == "hub" else {}))
-    return LoadedModel(model, tokenizer, spec_for_name(architecture_name(model)), name, source, notes)
+    return LoadedModel(model, tokenizer, get_arch(model), name, source, notes)

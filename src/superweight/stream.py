@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from .ablate import zeroed_weights
-from .arch import ArchSpec, architecture_name, spec_for_name
+from .arch import ArchSpec, architecture_name, check_causal_name, get_arch
 from .capture import ActivationCapture, LayerStats, _first_tensor
 from .checkpoint import Checkpoint, open_checkpoint
 from .device import resolve_device
@@ -134,9 +134,10 @@ class StreamedModel:
             config = AutoConfig.from_pretrained(self.ckpt.folder)
         except Exception as exc:
             raise SuperweightError(f"cannot read the config of {self.ckpt.folder}: {exc}".splitlines()[0]) from None
-        self.arch: ArchSpec = spec_for_name(architecture_name(config))
+        check_causal_name(architecture_name(config))
         with init_empty_weights():
             self.model = AutoModelForCausalLM.from_config(config, dtype=self.dtype).eval()
+        self.arch: ArchSpec = get_arch(self.model)
         self.model.tie_weights()  # as from_pretrained does: a tied lm_head is the embedding
         _buffers_to(self.model, self.device)  # rotary frequencies, masks: built on the CPU
         self.layers = self.arch.layer_modules(self.model)
