@@ -274,3 +274,10 @@ def test_simulated_llama_quantize_keeps_override_tensors_and_restores():
     assert q[0, 1] == pytest.approx(6.0) and q[0, 2] == 0  # the super weight sets its block's scale
     with pytest.raises(SuperweightError, match="cannot quantize"):
         llama_cpp.roundtrip(w, "q4_k")
+
+
+def test_an_unbridged_or_unregistered_architecture_is_refused_by_name():
+    """A model whose spec was read from its modules (Nemotron) has no llama.cpp mapping here: said so."""
+    for name in ("NemotronForCausalLM", "HeliumForCausalLM"):
+        with pytest.raises(SuperweightError, match=f"llama.cpp has no architecture for {name}"):
+            llama_cpp.overrides_for(name, 4, [(1, 1, 1)])

@@ -95,14 +95,18 @@ def ggml_type_name(name: str) -> str:
     return name.lower()
 
 
-def gguf_tensor_name(architecture: str, hf_module: str, num_layers: int) -> str:
-    """The GGUF base name (``blk.11.ffn_down``) of a Hugging Face module of ``architecture``."""
-    import gguf
-
+def _check_bridged(architecture: str) -> None:
     if architecture not in GGUF_ARCH:
         raise SuperweightError(
             f"llama.cpp has no architecture for {architecture}: the bridge covers {', '.join(sorted(GGUF_ARCH))}"
         )
+
+
+def gguf_tensor_name(architecture: str, hf_module: str, num_layers: int) -> str:
+    """The GGUF base name (``blk.11.ffn_down``) of a Hugging Face module of ``architecture``."""
+    import gguf
+
+    _check_bridged(architecture)
     name_map = gguf.get_tensor_name_map(getattr(gguf.MODEL_ARCH, GGUF_ARCH[architecture]), num_layers)
     name = name_map.get_name(hf_module)
     if name is None:
@@ -136,6 +140,7 @@ def overrides_for(
     """
     from .coords import as_keys
 
+    _check_bridged(architecture)
     spec = spec_for_name(architecture)
     type_name = ggml_type_name(type_name)
     items = list(getattr(coords, "super_weights", coords) or [])
