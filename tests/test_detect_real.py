@@ -135,3 +135,15 @@ def test_gemma3_weights_agree_across_ordinary_prompts(gemma):
     result = sw.detect(gemma.model, gemma.tokenizer, prompts, arch=gemma.arch)
     assert result.agree and len(result.super_weights) == 17
     assert {(3, 163, 1414), (4, 163, 84), (5, 163, 584), (0, 400, 1405)} <= set(result.coords)
+
+
+def test_reading_the_real_models_modules_gives_their_registered_specs(smollm2, gemma):
+    """The spec reader on the two real models (pre-norm Llama, post-norm Gemma-3): the same paths as
+    the registered specs, and their hooks add up to the residual stream to float32 rounding."""
+    from superweight.arch_infer import infer_spec, unexplained_share
+
+    for lm in (smollm2, gemma):
+        spec = infer_spec(lm.model)
+        for field in ("layers", "down_proj", "up_proj", "gate_proj", "attn_out", "mlp_out", "embed", "transposed"):
+            assert getattr(spec, field) == getattr(lm.arch, field), (lm.arch.name, field)
+        assert unexplained_share(lm.model, lm.arch) < 1e-3
