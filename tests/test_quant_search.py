@@ -10,6 +10,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from superweight.arch import get_arch
 from superweight.errors import SuperweightError
 from superweight.export import MANIFEST, WEIGHTS, load_quantized, save_quantized
 from superweight.quant import RTN, make_layout, pack_bits, quantize, quantize_tensor, unpack_bits
@@ -295,3 +296,35 @@ def test_cli_writes_the_outlier_aware_scheme(tmp_path):
     assert {e["kind"] for e in manifest["tensors"].values()} == {"rtn_z8"}
     res = runner.invoke(app, ["quantize", str(folder), "--scheme", "ternary", "--search", "mse", "--out", str(tmp_path / "t")])
     assert isinstance(res.exception, SuperweightError) and "apply to int" in str(res.exception)
+
+
+@pytest.mark.parametrize("arch_name", ["MixtralForCausalLM", "DeepseekV3ForCausalLM"])
+def test_w8a8_simulates_an_moes_experts_and_restores_them(arch_name):
+    """The experts' 3-D weights are 8-bit per expert matrix and both of their inputs (the routed hidden
+    states, each expert's act(gate) * up) 8-bit per token; a planted expert super weight's input is held
+    out. Its forward is transformers' eager loop: with no quantization it is bitwise the module's own."""
+    from superweight.quant import W8A8, simulate_w8a8
+    from superweight.quant.w8a8 import experts_forward
+
+    model = tiny_model(arch_name)
+    plant_super_weight(model, 1, 5, 17, expert=2)
+    arch = get_arch(model)
+    experts = arch.experts_module(model, 1)
+    hs, idx, w = torch.randn(24, 64), torch.randint(0, 4, (24, 2)), torch.rand(24, 2)
+    with torch.no_grad():
+        assert torch.equal(experts_forward(experts, lambda x: x, lambda x: x)(hs, idx, w), experts(hs, idx, w))
+    ids = torch.randint(0, 300, (1, 32))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with torch.no_grad():
+        clean = model(ids).logits
+        with simulate_w8a8(model, W8A8("holdout")) as stats:
+            simulated = model(ids).logits
+    layers_with_experts = sum(arch.experts_module(model, i) is not None for i in range(arch.num_layers(model)))
+    assert stats.experts == 4 * layers_with_experts
+    assert "model.layers.1.mlp.experts.down_proj" in stats.held_out  # the planted expert's spiking input
+    assert not torch.equal(simulated, clean)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items()) and "forward" not in experts.__dict__
+    with torch.no_grad():
+        assert torch.equal(model(ids).logits, clean)
+    with simulate_w8a8(model, W8A8("naive"), exclude=r"lm_head|experts") as stats:
+        assert stats.experts == 0

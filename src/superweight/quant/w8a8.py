@@ -30,6 +30,7 @@ from torch import nn
 from .api import DEFAULT_EXCLUDE, _arch_of, out_in, target_modules
 from .config import RTN, W8A8
 from ..edits import HookSet, edited_weights
+from ..errors import SuperweightError
 from .primitives import fake_quantize, holdout_quantize, quantize_per_token
 
 
@@ -41,9 +42,10 @@ class W8A8Stats:
     modules: int = 0
     calls: int = 0
     held_out: dict[str, int] = field(default_factory=dict)
+    experts: int = 0  # expert matrices simulated (an MoE's gate_up and down of each expert, counted once per expert)
 
     def to_dict(self) -> dict:
-        return {"method": self.config.method, "modules": self.modules, "calls": self.calls,
+        return {"method": self.config.method, "modules": self.modules, "experts": self.experts, "calls": self.calls,
                 "held_out_total": sum(self.held_out.values()), "held_out_by_module": dict(self.held_out)}
 
 
@@ -117,21 +119,89 @@ def quantize_act_w8(x: torch.Tensor, symmetric: bool) -> torch.Tensor:
     return ((x.float() / scale).round() * scale).to(x.dtype)
 
 
+def _quantize_input(x: torch.Tensor, name: str, config: W8A8, stats: W8A8Stats, smooth: torch.Tensor | None = None) -> torch.Tensor:
+    """One layer input as the simulation feeds it: smoothed, then 8-bit per token (the hold-out keeps
+    the elements at least ``holdout_ratio`` x the input's median |x| exact, counted by ``name``)."""
+    if smooth is not None:
+        x = x / smooth.to(device=x.device, dtype=x.dtype)
+    stats.calls += 1
+    if config.method == "holdout":
+        mag = x.detach().abs()
+        mask = mag >= config.holdout_ratio * mag.float().median().clamp(min=1e-12)
+        held = int(mask.sum())
+        if held:
+            stats.held_out[name] = stats.held_out.get(name, 0) + held
+        return holdout_quantize(x, mask, 8)
+    return quantize_act_w8(x, config.symmetric)
+
+
 def _input_hook(name: str, config: W8A8, stats: W8A8Stats, smooth: torch.Tensor | None):
     def fn(module, args):
-        x = args[0]
-        if smooth is not None:
-            x = x / smooth.to(device=x.device, dtype=x.dtype)
-        stats.calls += 1
-        if config.method == "holdout":
-            mag = x.detach().abs()
-            mask = mag >= config.holdout_ratio * mag.float().median().clamp(min=1e-12)
-            held = int(mask.sum())
-            if held:
-                stats.held_out[name] = stats.held_out.get(name, 0) + held
-            return (holdout_quantize(x, mask, 8), *args[1:])
-        return (quantize_act_w8(x, config.symmetric), *args[1:])
+        return (_quantize_input(args[0], name, config, stats, smooth), *args[1:])
     return fn
+
+
+def _standard_experts(module: nn.Module) -> bool:
+    """transformers' experts layout the simulated forward reproduces: fused [gate; up], ``[out, in]``
+    matrices, no bias, no norm after each expert (every supported MoE)."""
+    return (getattr(module, "has_gate", True) and not getattr(module, "has_bias", False)
+            and not getattr(module, "is_transposed", False) and getattr(module, "is_concatenated", True)
+            and not getattr(module, "has_post_expert_norm", False))
+
+
+def experts_forward(module: nn.Module, quant_gate_up, quant_down):
+    """An experts module's forward with its two inputs passed through ``quant_gate_up`` / ``quant_down``
+    (the routed tokens' hidden states; each expert's ``act(gate) * up``), the loop of transformers' eager
+    implementation. Per-token quantization of the hidden states before routing is the same as per
+    expert, since a token's row is quantized on its own."""
+    def forward(hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor) -> torch.Tensor:
+        out = torch.zeros_like(hidden_states)
+        x = quant_gate_up(hidden_states)
+        for e in top_k_index.unique().tolist():
+            if not 0 <= e < module.down_proj.shape[0]:
+                continue
+            tok, slot = torch.where(top_k_index == e)
+            gate, up = nn.functional.linear(x[tok], module.gate_up_proj[e]).chunk(2, dim=-1)
+            y = nn.functional.linear(quant_down(module.act_fn(gate) * up), module.down_proj[e])
+            out.index_add_(0, tok, (y * top_k_weights[tok, slot, None]).to(out.dtype))
+        return out
+    return forward
+
+
+def _experts_modules(model: nn.Module, arch, include: str | None, exclude: str | None) -> dict[str, nn.Module]:
+    """An MoE's experts modules whose weights ``quantize`` would take (``include``/``exclude`` on
+    ``...experts.down_proj``), by module name."""
+    if arch is None or not arch.is_moe:
+        return {}
+    out = {}
+    for i in range(arch.num_layers(model)):
+        module = arch.experts_module(model, i)
+        name = arch.experts_name(i)
+        if module is not None and (include is None or re.search(include, f"{name}.down_proj")) \
+                and not (exclude and re.search(exclude, f"{name}.down_proj")):
+            if not _standard_experts(module):
+                raise ValueError(f"{name}: experts with biases, transposed or interleaved weights are not simulated")
+            out[name] = module
+    return out
+
+
+@contextlib.contextmanager
+def _simulated_experts(experts: dict[str, nn.Module], config: W8A8, stats: W8A8Stats) -> Iterator[None]:
+    """8-bit weights (per expert matrix) and inputs for each experts module; forwards restored on exit."""
+    try:
+        for name, module in experts.items():
+            for param in ("gate_up_proj", "down_proj"):
+                w = getattr(module, param)
+                for e in range(w.shape[0]):
+                    w[e].copy_(quantize_weight_w8(w[e], config))
+            module.forward = experts_forward(
+                module, lambda x, n=name: _quantize_input(x, f"{n}.gate_up_proj", config, stats),
+                lambda x, n=name: _quantize_input(x, f"{n}.down_proj", config, stats))
+            stats.experts += module.down_proj.shape[0]
+        yield
+    finally:
+        for module in experts.values():
+            module.__dict__.pop("forward", None)
 
 
 @contextlib.contextmanager
@@ -141,22 +211,30 @@ def simulate_w8a8(
 ) -> Iterator[W8A8Stats]:
     """Run ``model`` as W8A8 inside the block; original weights restored bitwise on exit."""
     arch = _arch_of(model)
-    modules = target_modules(model, include, exclude, arch)
-    stats = W8A8Stats(config, modules=len(modules))
+    experts = _experts_modules(model, arch, include, exclude)
+    try:
+        modules = target_modules(model, include, exclude, arch)
+    except SuperweightError:
+        if not experts:
+            raise
+        modules = {}
+    stats = W8A8Stats(config, modules=len(modules) + len(experts))
     smooth: dict[str, torch.Tensor] = {}
     if config.method == "smoothquant":
         if not calib:
             raise ValueError("SmoothQuant needs calibration batches (calib=[token ids, ...])")
         smoothed = {n: m for n, m in modules.items() if re.search(config.smooth, n)}
         smooth = shared_smoothing(model, smoothed, calib, config.alpha, arch)
-    with edited_weights([m.weight for m in modules.values()]), HookSet() as hooks, torch.no_grad():
+    expert_weights = [getattr(m, p) for m in experts.values() for p in ("gate_up_proj", "down_proj")]
+    with edited_weights([m.weight for m in modules.values()] + expert_weights), HookSet() as hooks, torch.no_grad():
         for name, module in modules.items():
             w = out_in(module, arch)
             s = smooth.get(name)
             scaled = w * s.to(device=w.device, dtype=w.dtype) if s is not None else w
             w.copy_(quantize_weight_w8(scaled, config))
             hooks.pre(module, _input_hook(name, config, stats, s))
-        yield stats
+        with _simulated_experts(experts, config, stats):
+            yield stats
 
 
 # ---------------------------------------------------------------- the W8A8 artifact's activations
