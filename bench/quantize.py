@@ -63,7 +63,7 @@ def _load(name: str, dtype: str = "float32"):
     if name != "tiny":
         return load_model(name, dtype=dtype)
     model = tiny_model("LlamaForCausalLM", hidden=256, intermediate=1024).to(getattr(torch, dtype))
-    from superweight.arch import get_arch
+    from superweight.arch_infer import get_arch
 
     return LoadedModel(model, byte_tokenizer(), get_arch(model), "tiny", "tiny")
 

@@ -10,7 +10,7 @@ from superweight.ablate import (
     DEFAULT_SCALES, random_coords, restored_super_activation, scaled_weights, top_magnitude_coords, zeroed_entries,
     zeroed_weights,
 )
-from superweight.arch import get_arch
+from superweight.arch_infer import get_arch
 from superweight.coords import as_keys
 from superweight.errors import SuperweightError
 from superweight.synthetic import plant_super_weight, tiny_model

@@ -53,7 +53,7 @@ def test_round_trip_is_bitwise_and_keeps_super_weights(tmp_path, arch, config):
 def test_a_mixture_of_experts_is_quantized_experts_and_all(tmp_path, arch, config):
     """Experts' 3-D weights are quantized as [experts * out, in] matrices, a super weight kept in its
     expert, and the artifact loads back bitwise with the experts in their own shape."""
-    from superweight.arch import get_arch
+    from superweight.arch_infer import get_arch
 
     model = tiny_model(arch, vocab=320)
     plant_super_weight(model, *PLANT, weight=2.5, expert=2)

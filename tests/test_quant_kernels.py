@@ -174,7 +174,7 @@ def test_write_back_false_leaves_the_weights_and_gives_the_same_codes(native_on)
 
 
 def _tiny_lm():
-    from superweight.arch import get_arch
+    from superweight.arch_infer import get_arch
     from superweight.load import LoadedModel
     from superweight.synthetic import byte_tokenizer, plant_super_weight, tiny_model
 

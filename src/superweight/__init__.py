@@ -8,7 +8,8 @@
 from .version import __version__
 
 from .errors import SuperweightError
-from .arch import ArchSpec, get_arch, SUPPORTED
+from .arch import ArchSpec, SUPPORTED
+from .arch_infer import get_arch
 from .load import LoadedModel, load_model, DEFAULT_MODEL
 from .capture import ActivationCapture
 from .detect import DetectionResult, SpikeRule, SuperWeight, detect

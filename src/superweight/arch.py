@@ -11,8 +11,7 @@ To add an architecture, add one ``ArchSpec`` to ``_SPECS`` keyed by its Hugging 
 from __future__ import annotations
 
 import difflib
-import weakref
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -315,26 +314,9 @@ def expert_params(module: nn.Module) -> list[tuple[str, torch.Tensor]]:
     return [(p, w) for p in EXPERT_PARAMS if isinstance(w := getattr(module, p, None), torch.Tensor) and w.dim() == 3]
 
 
-_INFERRED: "weakref.WeakKeyDictionary[nn.Module, ArchSpec]" = weakref.WeakKeyDictionary()
-
-
-def get_arch(model_or_config) -> ArchSpec:
-    """The ``ArchSpec`` of a loaded model (or a config). A model of an unregistered causal-LM class gets
-    one read from its modules and checked on a forward pass (``arch_infer``), or a one-line refusal."""
-    name = architecture_name(model_or_config)
-    if name in _SPECS or not isinstance(model_or_config, nn.Module):
-        return spec_for_name(name)
-    check_causal_name(name)
-    if model_or_config not in _INFERRED:
-        from .arch_infer import infer_spec
-
-        _INFERRED[model_or_config] = replace(infer_spec(model_or_config), inferred=True)
-    return _INFERRED[model_or_config]
-
-
 def check_causal_name(name: str) -> None:
-    """Refuse a class that is not a decoder-only causal LM (an unregistered causal LM passes: ``get_arch``
-    reads its spec from the loaded model)."""
+    """Refuse a class that is not a decoder-only causal LM (an unregistered causal LM passes:
+    ``arch_infer.get_arch`` reads its spec from the loaded model)."""
     if name not in _SPECS and not name.endswith(("ForCausalLM", "LMHeadModel")):
         spec_for_name(name)
 

@@ -15,10 +15,13 @@ from __future__ import annotations
 import inspect
 import re
 import weakref
+from dataclasses import replace
 
 import torch
 from torch import nn
 
+from .arch import SUPPORTED, ArchSpec, architecture_name, check_causal_name, spec_for_name
+from .capture import TraceCapture
 from .errors import UnsupportedArchitectureError
 
 _ATTN = re.compile(r"(^|_)(self_)?(attn|attention|self_attention|linear_attn|conv|mixer)$")
@@ -29,6 +32,20 @@ TOLERANCE = {torch.float32: 1e-3, torch.float64: 1e-6}  # share of the layer's c
 LOW_PRECISION_TOLERANCE = 5e-2
 
 _checked: "weakref.WeakKeyDictionary[nn.Module, float]" = weakref.WeakKeyDictionary()
+_INFERRED: "weakref.WeakKeyDictionary[nn.Module, ArchSpec]" = weakref.WeakKeyDictionary()
+
+
+def get_arch(model_or_config) -> ArchSpec:
+    """The ``ArchSpec`` of a loaded model (or a config): the registered one (``arch.spec_for_name``); a
+    model of an unregistered causal-LM class gets one read from its modules and checked on a forward
+    pass (``infer_spec``), or a one-line refusal."""
+    name = architecture_name(model_or_config)
+    if name in SUPPORTED or not isinstance(model_or_config, nn.Module):
+        return spec_for_name(name)
+    check_causal_name(name)
+    if model_or_config not in _INFERRED:
+        _INFERRED[model_or_config] = replace(infer_spec(model_or_config), inferred=True)
+    return _INFERRED[model_or_config]
 
 
 def _config_int(config, *names: str) -> int | None:
@@ -137,8 +154,6 @@ def candidate_specs(model: nn.Module) -> list:
     """The specs the modules allow, most likely first (structure only; the post-attention norm of a
     sandwich-norm model, say, has two candidates: GLM-4 names its pre-MLP norm post_attention_layernorm).
     Raises ``UnsupportedArchitectureError`` saying what was not found."""
-    from .arch import ArchSpec, architecture_name
-
     name = architecture_name(model)
     config = getattr(model, "config", None)
     hidden = _config_int(config, "hidden_size", "n_embd", "d_model")
@@ -187,8 +202,6 @@ def candidate_specs(model: nn.Module) -> list:
 def unexplained_share(model: nn.Module, spec, tokens: int = 12) -> float:
     """The largest share of a layer's change of the residual stream that the spec's attention and MLP
     hooks do not account for, over a forward pass on ``tokens`` fixed token ids (0: all of it)."""
-    from .capture import TraceCapture
-
     vocab = _config_int(model.config, "vocab_size") or 256
     device = next(model.parameters()).device
     ids = (torch.arange(tokens, device=device) * 7919 + 13) % max(vocab - 1, 1)

@@ -27,7 +27,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .arch import ArchSpec, get_arch
+from .arch import ArchSpec
+from .arch_infer import get_arch
 from .errors import SuperweightError
 from .quant.layout import make_layout
 from .quant.primitives import ternary_codes

@@ -27,7 +27,8 @@ from typing import Any, ClassVar, Sequence
 import torch
 from torch import nn
 
-from .arch import ArchSpec, get_arch
+from .arch import ArchSpec
+from .arch_infer import get_arch
 from .attribute import CANCELS, CREATES, Source, Term, attribute
 from .capture import LayerStats, LayerTrace, stats_of
 from .errors import SuperweightError

@@ -308,7 +308,7 @@ def load_quantized(
     CUDA when available)."""
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-    from .arch import get_arch
+    from .arch_infer import get_arch
 
     path = Path(path)
     manifest = read_manifest(path)

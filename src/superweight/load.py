@@ -19,7 +19,8 @@ from pathlib import Path
 
 import torch
 
-from .arch import SUPPORTED, architecture_name, check_causal_name, get_arch
+from .arch import SUPPORTED, architecture_name, check_causal_name
+from .arch_infer import get_arch
 from .checkpoint import check_safetensors
 from .errors import SuperweightError
 from .files import default_cache_dir, staged_dir, write_text_atomic  # noqa: F401  (default_cache_dir re-exported)

@@ -27,7 +27,8 @@ import torch
 from torch import nn
 
 from .ablate import zeroed_weights
-from .arch import ArchSpec, architecture_name, check_causal_name, get_arch
+from .arch import ArchSpec, architecture_name, check_causal_name
+from .arch_infer import get_arch
 from .capture import ActivationCapture, LayerStats, _first_tensor
 from .checkpoint import Checkpoint, open_checkpoint
 from .device import resolve_device

@@ -13,7 +13,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from .arch import ArchSpec, get_arch
+from .arch import ArchSpec
+from .arch_infer import get_arch
 from .edits import HookSet
 
 TINY = dict(hidden=64, intermediate=128, layers=4, heads=4, kv_heads=2, vocab=320, positions=256, experts=4)

@@ -276,7 +276,7 @@ def _with_kept(model: nn.Module, config: TrainConfig) -> TrainConfig:
     if not (config.keep_random and config.keep):
         return config
     from .ablate import random_coords
-    from .arch import get_arch
+    from .arch_infer import get_arch
 
     layers = sorted({c[0] for c in config.keep})
     coords = random_coords(model, get_arch(model), layers, len(config.keep), config.keep, seed=config.seed)

@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from ..ablate import as_coords, as_keys
-from ..arch import ArchSpec, check_index, expert_params, get_arch
+from ..arch import ArchSpec, check_index, expert_params
+from ..arch_infer import get_arch
 from ..errors import SuperweightError
 from .config import RTN, SMOOTHABLE, Ternary, W8A8, describe, to_dict
 from .primitives import QuantizedTensor, quantize_tensor
