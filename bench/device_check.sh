@@ -10,7 +10,8 @@
 # With the device tool: run(command="bash bench/device_check.sh", carry=["bench/wheels"], timeout_s=420)
 # Extra arguments go to bench/device_check.py (e.g. --archs LlamaForCausalLM --big-gb 0).
 # Rehearsal on a CPU machine where the package is installed: SKIP_INSTALL=1 DEVICE=cpu bash bench/device_check.sh --small
-# (TIMEOUT=seconds changes the 290 s limit; device.json is written after part 1 too, so a timeout keeps it).
+# (TIMEOUT=seconds changes the 290 s limit; device.json is written after part 1 too, so a timeout keeps it;
+# part 1 starts no new architecture after --part1-seconds, 150 by default, Llama first: part 2 keeps its time).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false HF_HUB_OFFLINE=1
