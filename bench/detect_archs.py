@@ -8,7 +8,8 @@ are built for pre-norm dense models. On each of the 42 architectures (32 dense, 
 tiny random models of their real config classes) this records whether the case can be built there
 (the weak spike is sized from dense down-projection inputs, which Mixtral, Phi-MoE, Qwen3-MoE, OLMoE
 and Granite-MoE lack; their plants go into expert 0, those of an MoE with a dense first layer or a
-shared expert into that dense MLP), whether the plant did what the
+shared expert into that dense MLP), and on the 9 classes with no registered spec
+(``synthetic.UNREGISTERED``: the spec read from the model), whether the plant did what the
 case's answer says
 (``HardCase.as_designed``: each planted weight zeroed, the residual stream read after its layer)
 and whether the default method found exactly the answer's creating and cancelling weights.
@@ -27,15 +28,15 @@ ROOT = Path(__file__).resolve().parents[1]
 def run() -> dict:
     import superweight as sw
     from superweight.arch import SUPPORTED
-    from superweight.synthetic import HARD_CASES, byte_tokenizer, hard_case
+    from superweight.synthetic import HARD_CASES, UNREGISTERED, byte_tokenizer, hard_case
 
     tok, rows = byte_tokenizer(), []
-    for arch in SUPPORTED:
+    for arch in [*SUPPORTED, *UNREGISTERED]:
         for name in HARD_CASES:
             try:
                 case = hard_case(name, arch)
             except (sw.SuperweightError, AttributeError) as exc:  # a builder that needs a dense down-projection
-                rows.append({"arch": arch, "case": name, "built": False, "error": f"{type(exc).__name__}: {exc}"[:200]})
+                rows.append({"arch": arch, "registered": arch in SUPPORTED, "case": name, "built": False, "error": f"{type(exc).__name__}: {exc}"[:200]})
                 print(f"{arch:22s} {name:22s} not built: {exc}"[:120], flush=True)
                 continue
             problems = case.as_designed(tok)
@@ -43,15 +44,21 @@ def run() -> dict:
             creates = sorted(s.coord for s in result.super_weights if s.role == "creates")
             cancels = sorted(s.coord for s in result.super_weights if s.role == "cancels")
             exact = creates == sorted(map(tuple, case.creates)) and cancels == sorted(map(tuple, case.cancels))
-            rows.append({"arch": arch, "case": name, "built": True, "as_designed": not problems, "problems": problems, "exact": exact,
+            rows.append({"arch": arch, "registered": arch in SUPPORTED, "case": name, "built": True, "as_designed": not problems, "problems": problems, "exact": exact,
                          "creates": [list(c) for c in creates], "cancels": [list(c) for c in cancels]})
             print(f"{arch:22s} {name:22s} {'as designed' if not problems else 'NOT as designed':16s} "
                   f"{'exact' if exact else 'differs'}", flush=True)
     built = [r for r in rows if r["built"]]
     designed = [r for r in built if r["as_designed"]]
-    return {"rows": rows, "cases": len(rows), "built": len(built), "as_designed": len(designed),
-            "exact_where_as_designed": sum(r["exact"] for r in designed),
-            "exact_where_not": sum(r["exact"] for r in built if not r["as_designed"])}
+    def counts(rs: list[dict]) -> dict:
+        built = [r for r in rs if r["built"]]
+        designed = [r for r in built if r["as_designed"]]
+        return {"cases": len(rs), "built": len(built), "as_designed": len(designed),
+                "exact_where_as_designed": sum(r["exact"] for r in designed),
+                "exact_where_not": sum(r["exact"] for r in built if not r["as_designed"])}
+
+    return {"rows": rows, **counts(rows), "registered": counts([r for r in rows if r["registered"]]),
+            "read_from_the_model": counts([r for r in rows if not r["registered"]])}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -64,7 +71,8 @@ def main(argv: list[str] | None = None) -> dict:
     from superweight.files import write_json_atomic
 
     write_json_atomic(args.out, out)
-    print(json.dumps({k: out[k] for k in ("cases", "built", "as_designed", "exact_where_as_designed", "exact_where_not")}))
+    print(json.dumps({k: out[k] for k in ("cases", "built", "as_designed", "exact_where_as_designed", "exact_where_not",
+                                           "registered", "read_from_the_model")}))
     return out
 
 
