@@ -91,6 +91,7 @@ def test_cli_detects_on_an_unregistered_model_and_refuses_an_unreadable_one(tmp_
     res = CliRunner().invoke(app, ["detect", str(good), "--json", str(out)])
     assert res.exit_code == 0, res.output
     assert '"module": "model.layers.1.mlp.down_proj"' in out.read_text()
+    assert "NemotronForCausalLM has no registered spec: read from its modules (layers model.layers" in out.read_text()
     bad = _saved(tiny_model("Llama4ForCausalLM"), tmp_path / "llama4", byte_tokenizer)
     code, _, err = run_main(["detect", str(bad)], capsys)
     assert code == 2 and "register an ArchSpec" in err and "Traceback" not in err and len(err.strip().splitlines()) <= 3

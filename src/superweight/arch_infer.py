@@ -149,6 +149,16 @@ def infer_spec(model: nn.Module):
     raise _does_not_add_up(specs[0].name, min(shares), _tolerance(model))
 
 
+def inferred_note(spec: ArchSpec) -> str:
+    """One line telling a user which modules an inferred spec hooks (shown with results, kept in their JSON)."""
+    parts = [f"layers {spec.layers}", f"down-projection {spec.down_proj}" + (f" / shared {spec.shared_down}" if spec.shared_down else "")]
+    if spec.experts:
+        parts.append(f"experts {spec.experts}")
+    parts += [f"attention {'|'.join((spec.attn_out, *spec.attn_alt))}", f"MLP output {spec.mlp_out}"]
+    return (f"{spec.name} has no registered spec: read from its modules ({', '.join(parts)}); its hooks add up to "
+            "every layer's change of the residual stream on a forward pass")
+
+
 def candidate_specs(model: nn.Module) -> list:
     """The specs the modules allow, most likely first (structure only; the post-attention norm of a
     sandwich-norm model, say, has two candidates: GLM-4 names its pre-MLP norm post_attention_layernorm).

@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 
 from .arch import SUPPORTED, architecture_name, check_causal_name
-from .arch_infer import get_arch
+from .arch_infer import get_arch, inferred_note
 from .checkpoint import check_safetensors
 from .errors import SuperweightError
 from .files import default_cache_dir, staged_dir, write_text_atomic  # noqa: F401  (default_cache_dir re-exported)
@@ -305,4 +305,7 @@ def load_model(
         _check_causal_config(where, **hub_kw)
     with step(f"loading {name}"):
         model, tokenizer = _from_pretrained(where, torch_dtype, device_map, **(hub_kw if kind == "hub" else {}))
-    return LoadedModel(model, tokenizer, get_arch(model), name, source, notes)
+    arch = get_arch(model)
+    if arch.inferred:
+        notes.append(inferred_note(arch))
+    return LoadedModel(model, tokenizer, arch, name, source, notes)
