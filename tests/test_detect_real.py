@@ -147,3 +147,17 @@ def test_reading_the_real_models_modules_gives_their_registered_specs(smollm2, g
         for field in ("layers", "down_proj", "up_proj", "gate_proj", "attn_out", "mlp_out", "embed", "transposed"):
             assert getattr(spec, field) == getattr(lm.arch, field), (lm.arch.name, field)
         assert unexplained_share(lm.model, lm.arch) == 0.0  # beyond float32 rounding
+
+
+def test_smollm2_super_weights_do_not_depend_on_the_kind_of_text(smollm2):
+    """Python source (starting with '\"\"\"', no BOS) and a science question: the same super activation on
+    token 0 and the same creating weights as the paper's prompt (bench/task_specific.py: 73 inputs)."""
+    import textwrap as module
+    import inspect
+
+    code = inspect.getsource(module)[:600]
+    question = "Question: Which gas do plants take in from the air to make sugar?\nAnswer: carbon dioxide"
+    result = sw.detect(smollm2.model, smollm2.tokenizer, [code, question], arch=smollm2.arch)
+    for keys in result.per_prompt:
+        assert {(11, 507, 1229), (11, 507, 1487)} <= set(map(tuple, keys))
+    assert {(a.channel, a.token) for a in result.activations} == {(507, 0)}
