@@ -30,7 +30,6 @@ _POST_ATTN = re.compile(r"^post_(self_)?(attn|attention)_?(layer)?norm$")
 _NORM_NAMES = ("norm", "final_layernorm", "final_layer_norm", "ln_f", "final_norm")
 TOLERANCE = 1e-3  # share of a layer's change left unexplained beyond the model's own rounding
 
-_checked: "weakref.WeakKeyDictionary[nn.Module, float]" = weakref.WeakKeyDictionary()
 _INFERRED: "weakref.WeakKeyDictionary[nn.Module, ArchSpec]" = weakref.WeakKeyDictionary()
 
 
@@ -131,7 +130,8 @@ def _child(block: nn.Module, pattern: re.Pattern) -> str | None:
 
 def infer_spec(model: nn.Module):
     """The ``ArchSpec`` of an unregistered model, from its modules: the first candidate that adds up on a
-    forward pass (``candidate_specs``, ``check_spec``); on the meta device (streaming) the first one."""
+    forward pass (``candidate_specs``, ``unexplained_share`` within ``TOLERANCE``); on the meta device
+    (streaming) the only one."""
     specs = candidate_specs(model)
     if next(model.parameters()).device.type == "meta":  # streamed: no weights to check a choice on
         if len(specs) > 1:
@@ -142,11 +142,13 @@ def infer_spec(model: nn.Module):
     shares = []
     for spec in specs:
         share = unexplained_share(model, spec)
-        if share <= _tolerance(model):
-            _checked[model] = share
+        if share <= TOLERANCE:
             return spec
         shares.append(share)
-    raise _does_not_add_up(specs[0].name, min(shares), _tolerance(model))
+    raise UnsupportedArchitectureError(
+        f"{specs[0].name} has no registered spec, and none read from its modules adds up: {min(shares):.1%} of a layer's "
+        f"change of the residual stream is not the attention's plus the MLP's (allowed {TOLERANCE:.1%}); register an "
+        "ArchSpec in superweight/arch.py")
 
 
 def inferred_note(spec: ArchSpec) -> str:
@@ -167,6 +169,8 @@ def candidate_specs(model: nn.Module) -> list:
     config = getattr(model, "config", None)
     hidden = _config_int(config, "hidden_size", "n_embd", "d_model")
     try:
+        if hidden is None:
+            raise UnsupportedArchitectureError("its config names no hidden size (hidden_size, n_embd, d_model)")
         layers = _layers(model)
         blocks = list(model.get_submodule(layers))
         experts = [_experts(b, hidden) for b in blocks]
@@ -219,7 +223,7 @@ def unexplained_share(model: nn.Module, spec, tokens: int = 12) -> float:
     ids = (torch.arange(tokens, device=device) * 7919 + 13) % max(vocab - 1, 1)
     with TraceCapture(model, spec) as cap, torch.no_grad():
         model(input_ids=ids[None], use_cache=False)
-    eps = torch.finfo(next(model.parameters()).dtype).eps  # the captures are float32 copies: the model's own dtype
+    eps = torch.finfo(next(model.parameters()).dtype).eps  # of the weights' dtype, which the stream is computed in
     worst = 0.0
     for tr in cap.as_list():
         if tr.h_in is None or tr.h_out is None or tr.attn is None or tr.mlp is None:
@@ -230,14 +234,3 @@ def unexplained_share(model: nn.Module, spec, tokens: int = 12) -> float:
         rounding = 2 * eps * (h_in.abs() + tr.scale * (attn.abs() + mlp.abs()) + h_out.abs())
         worst = max(worst, float((left.abs() - rounding).clamp_min(0).max() / delta.abs().max().clamp_min(1e-12)))
     return worst
-
-
-def _tolerance(model: nn.Module) -> float:
-    return TOLERANCE
-
-
-def _does_not_add_up(name: str, share: float, tol: float) -> UnsupportedArchitectureError:
-    return UnsupportedArchitectureError(
-        f"{name} has no registered spec, and none read from its modules adds up: {share:.1%} of a layer's change "
-        f"of the residual stream is not the attention's plus the MLP's (allowed {tol:.1%}); register an ArchSpec "
-        "in superweight/arch.py")
