@@ -31,6 +31,9 @@ _ST_DTYPES: dict[str, torch.dtype] = {
 }
 
 
+_ST_ORDER = ["BOOL", "U8", "I8", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "F64", "I64", "U64"]  # the format's
+
+
 @dataclass(frozen=True)
 class Header:
     """A safetensors header: each tensor's entry (dtype, shape, data_offsets) and where the data starts."""
@@ -178,3 +181,44 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
         raise SuperweightError(f"{folder} has {what}: streaming needs {SINGLE} or a sharded model with its index")
     header = read_header(files[0])
     return Checkpoint(folder, {k: _info(files[0], header, k) for k in header.entries})
+
+
+def join_safetensors(parts: list[Path], out: Path, metadata: dict[str, str]) -> None:
+    """One safetensors file holding every tensor of ``parts`` (names must not repeat), byte for byte what
+    ``safetensors.torch.save_file`` writes for them as one dict (its order: dtype, in the reverse of the
+    format's dtype list, then name; so every tensor stays aligned). Copies tensor by tensor: memory
+    stays that of the copy buffer."""
+    headers = [read_header(p) for p in parts]
+    where: dict[str, tuple[int, dict]] = {}
+    for i, h in enumerate(headers):
+        for name, entry in h.entries.items():
+            if name in where:
+                raise ValueError(f"{name} is in two parts")
+            where[name] = (i, entry)
+    order = sorted(where, key=lambda n: (-_ST_ORDER.index(where[n][1]["dtype"]), n))
+    entries, offset = {}, 0
+    for name in order:
+        e = where[name][1]
+        n = e["data_offsets"][1] - e["data_offsets"][0]
+        entries[name] = {"dtype": e["dtype"], "shape": e["shape"], "data_offsets": [offset, offset + n]}
+        offset += n
+    raw = json.dumps({"__metadata__": metadata, **entries}, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    files = [open(p, "rb") for p in parts]
+    try:
+        with open(out, "wb") as f:
+            f.write(struct.pack("<Q", len(raw)) + raw)
+            for name in order:
+                i, e = where[name]
+                src = files[i]
+                src.seek(headers[i].data_start + e["data_offsets"][0])
+                left = e["data_offsets"][1] - e["data_offsets"][0]
+                while left:
+                    chunk = src.read(min(left, 16 << 20))
+                    if not chunk:
+                        raise ValueError(f"{parts[i]} ends inside {name}")
+                    f.write(chunk)
+                    left -= len(chunk)
+    finally:
+        for src in files:
+            src.close()

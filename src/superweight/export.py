@@ -83,11 +83,12 @@ def pack_tensor(key: str, qt: QuantizedTensor, param_dtype: torch.dtype) -> dict
     return {k: v.cpu() for k, v in out.items()}  # packed on the model's device, written from host memory
 
 
-def _untouched(model: nn.Module, skip: set[str]) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """State dict minus the quantized weights; tied tensors stored once (alias -> stored name)."""
+def _untouched(model: nn.Module, skip: set[str], only=None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """State dict minus the quantized weights; tied tensors stored once (alias -> stored name).
+    ``only(name)``: the names to take (a streamed export takes one layer's at a time)."""
     tensors, tied, seen = {}, {}, {}
     for name, t in model.state_dict().items():
-        if name in skip:
+        if name in skip or (only is not None and not only(name)):
             continue
         ptr = (t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
         if t.numel() and ptr in seen:
@@ -108,24 +109,74 @@ def _tensor_entry(qt: QuantizedTensor, transposed: bool, view: list[int] | None 
     return entry | ({"view": view} if view else {})  # experts: the [experts, out, in] the matrix is a view of
 
 
-def size_report(result: QuantResult, file_bytes: int, untouched_bytes: int, total_params: int, header_bytes: int) -> dict:
-    """Measured and predicted sizes, and bits per quantized weight."""
-    n = result.quantized_weights
-    q_bytes = sum(predicted_bytes(qt) for qt in result.tensors.values())
-    sp_bytes = sum(sparse_bytes(qt) for qt in result.tensors.values())
-    predicted = q_bytes + untouched_bytes
-    return {
-        "file_bytes": file_bytes,
-        "predicted_data_bytes": predicted,
-        "data_bytes": file_bytes - header_bytes,
-        "header_bytes": header_bytes,
-        "quantized_weights": n,
-        "quantized_bytes": q_bytes,
-        "bits_per_weight": 8.0 * q_bytes / n,
-        "sparse_bits_per_weight": 8.0 * sp_bytes / n,
-        "total_params": total_params,
-        "file_bits_per_param": 8.0 * file_bytes / total_params,
-    }
+class ArtifactWriter:
+    """An artifact's weights file, written in pieces: quantized results (packed) and untouched tensors are
+    added as they come, ``flush`` writes what has come to a part file in the staging folder, ``write``
+    joins the parts into one ``model.safetensors`` (a single part is renamed: the in-memory export is one
+    ``save_file``). A model quantized layer by layer (``stream_quantize``) flushes each layer, so no more
+    than one layer's packed tensors are ever held. Keeps what the manifest needs: entries, kept, sizes."""
+
+    def __init__(self, folder: Path, param_dtype: torch.dtype):
+        self.folder, self.param_dtype = Path(folder), param_dtype
+        self._pending: dict[str, torch.Tensor] = {}
+        self._parts: list[Path] = []
+        self.entries: dict[str, dict] = {}
+        self.kept: list[dict] = []
+        self.tied: dict[str, str] = {}
+        self.quantized_weights = self.quantized_bytes = self.sparse_bytes = self.untouched_bytes = 0
+
+    def add_quantized(self, result: QuantResult) -> None:
+        for key, qt in result.tensors.items():
+            self._pending.update(pack_tensor(key, qt, self.param_dtype))
+            self.entries[key] = _tensor_entry(qt, result.transposed[key], result.views.get(key))
+            self.quantized_weights += qt.numel
+            self.quantized_bytes += predicted_bytes(qt)
+            self.sparse_bytes += sparse_bytes(qt)
+        self.kept += result.kept
+
+    def add_untouched(self, tensors: dict[str, torch.Tensor], tied: dict[str, str]) -> None:
+        self._pending.update(tensors)
+        self.tied.update(tied)
+        self.untouched_bytes += sum(t.numel() * t.element_size() for t in tensors.values())
+
+    def flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if self._pending:
+            part = self.folder / f".part-{len(self._parts):05d}.safetensors"
+            save_file(self._pending, str(part), metadata=_FILE_METADATA)
+            self._parts.append(part)
+            self._pending = {}
+
+    def write(self, path: Path) -> None:
+        from .checkpoint import join_safetensors
+
+        self.flush()
+        if len(self._parts) == 1:
+            os.replace(self._parts[0], path)
+        else:
+            join_safetensors(self._parts, path, _FILE_METADATA)
+            for part in self._parts:
+                part.unlink()
+
+    def size(self, file_bytes: int, total_params: int, header_bytes: int) -> dict:
+        """Measured and predicted sizes, and bits per quantized weight."""
+        n = self.quantized_weights
+        return {
+            "file_bytes": file_bytes,
+            "predicted_data_bytes": self.quantized_bytes + self.untouched_bytes,
+            "data_bytes": file_bytes - header_bytes,
+            "header_bytes": header_bytes,
+            "quantized_weights": n,
+            "quantized_bytes": self.quantized_bytes,
+            "bits_per_weight": 8.0 * self.quantized_bytes / n,
+            "sparse_bits_per_weight": 8.0 * self.sparse_bytes / n,
+            "total_params": total_params,
+            "file_bits_per_param": 8.0 * file_bytes / total_params,
+        }
+
+
+_FILE_METADATA = {"format": "pt", "superweight": __version__}
 
 
 @dataclass
@@ -172,43 +223,47 @@ def save_quantized(
 
     ``activations`` (a W8A8 artifact): ``{"bits": 8, "modules": [...], "held_out_channels": {...}}``,
     stored in the manifest and installed as input quantization when the artifact is loaded."""
-    from safetensors.torch import save_file
-
     out = Path(out)
     if out.exists() and not force:
         raise SuperweightError(f"{out} already exists: pick another --out or pass --force to replace it")
-    tensors, tied = _untouched(model, set(result.tensors))
-    untouched_bytes = sum(t.numel() * t.element_size() for t in tensors.values())
-    for key, qt in result.tensors.items():
-        tensors.update(pack_tensor(key, qt, param_dtype))
     with staged_dir(out) as tmp:
-        save_file(tensors, str(tmp / WEIGHTS), metadata={"format": "pt", "superweight": __version__})
-        model.config.save_pretrained(tmp)
-        if getattr(model, "generation_config", None) is not None:
-            model.generation_config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        file_bytes = (tmp / WEIGHTS).stat().st_size
-        total = sum(p.numel() for p in model.parameters())
-        manifest = {
-            "version": MANIFEST_VERSION,
-            "tool_version": __version__,
-            "scheme": describe(result.config),
-            "config": to_dict(result.config),
-            "param_dtype": _dtype_name(param_dtype),
-            "dtype": _dtype_name(next(model.parameters()).dtype),
-            "source_model": source,
-            "architecture": type(model).__name__,
-            "notes": list(notes or []),
-            "kept": result.kept,
-            "tied": tied,
-            "tensors": {k: _tensor_entry(qt, result.transposed[k], result.views.get(k)) for k, qt in result.tensors.items()},
-            "size": size_report(result, file_bytes, untouched_bytes, total, read_header(tmp / WEIGHTS).data_start),
-        }
-        if activations:
-            manifest["activations"] = activations
-        Manifest.from_dict(manifest)  # the typed manifest accepts what is written
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+        writer = ArtifactWriter(tmp, param_dtype)
+        writer.add_untouched(*_untouched(model, set(result.tensors)))
+        writer.add_quantized(result)
+        return finish_artifact(writer, tmp, model, tokenizer, result.config, source, notes, activations)
+
+
+def finish_artifact(writer: ArtifactWriter, tmp: Path, model: nn.Module, tokenizer, config, source: str = "",
+                    notes: list[str] | None = None, activations: dict | None = None) -> dict:
+    """Write the weights file, config, tokenizer and manifest of an artifact into its staging folder ``tmp``
+    (``model`` may be a skeleton on the meta device: only its config and parameter count are read)."""
+    writer.write(tmp / WEIGHTS)
+    model.config.save_pretrained(tmp)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    file_bytes = (tmp / WEIGHTS).stat().st_size
+    total = sum(p.numel() for p in model.parameters())
+    manifest = {
+        "version": MANIFEST_VERSION,
+        "tool_version": __version__,
+        "scheme": describe(config),
+        "config": to_dict(config),
+        "param_dtype": _dtype_name(writer.param_dtype),
+        "dtype": _dtype_name(next(model.parameters()).dtype),
+        "source_model": source,
+        "architecture": type(model).__name__,
+        "notes": list(notes or []),
+        "kept": writer.kept,
+        "tied": writer.tied,
+        "tensors": writer.entries,
+        "size": writer.size(file_bytes, total, read_header(tmp / WEIGHTS).data_start),
+    }
+    if activations:
+        manifest["activations"] = activations
+    Manifest.from_dict(manifest)  # the typed manifest accepts what is written
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return manifest
 
 

@@ -162,6 +162,12 @@ class StreamedModel:
         layers = self.arch.layers + "."
         return [n for n in self._meta if n.startswith(base) and not n.startswith(layers)]
 
+    def head_names(self) -> list[str]:
+        """Tensors outside the base model (an untied output head): never read by detection, only when
+        asked for (``materialised``: a streamed export)."""
+        base = self.model.base_model_prefix + "."
+        return [n for n in self._meta if not n.startswith(base) and not n.startswith(self.arch.layers + ".")]
+
     def layer_names(self, i: int) -> list[str]:
         prefix = self._layer_prefix(i)
         return [n for n in self._meta if n.startswith(prefix)]

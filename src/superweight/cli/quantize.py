@@ -53,6 +53,34 @@ def _keep_for(lm, keep: bool, super_weights: Optional[Path]):
     return found
 
 
+def _streamed(model: str, config, keep_super_weights: bool, super_weights: Optional[Path], out: Path, force: bool,
+              include: Optional[str], exclude: str, dtype: str, device: str) -> dict:
+    """A local safetensors model quantized layer by layer (``stream_quantize``); the super weights from
+    ``--super-weights`` (checked against the model's architecture; coordinates on the first layer) or
+    detected now, streamed as well."""
+    from ..arch import architecture_name
+    from ..stream_detect import stream_detect
+    from ..stream_quantize import stream_quantize
+    from ..progress import step
+    from transformers import AutoConfig
+
+    keep: list = []
+    if keep_super_weights and super_weights is not None:
+        det = read_super_weights(super_weights)
+        arch = architecture_name(AutoConfig.from_pretrained(model))
+        if det.architecture != arch:
+            raise SuperweightError(f"{super_weights} holds super weights of a {det.architecture}, but {model} is a {arch}: "
+                                   f"detect them on this model (`superweight detect {model} --stream --json sw.json`)")
+        keep = list(det.super_weights)
+    elif keep_super_weights:
+        with step("detecting super weights (streamed)"):
+            keep = stream_detect(model, model_name=model, dtype=dtype, device=device).super_weights
+        if not keep:
+            err_console.print("[yellow]note:[/] no super weight detected: nothing is held out")
+    with step("quantizing layer by layer (streamed)"):
+        return stream_quantize(model, config, keep, out, include, exclude, dtype=dtype, device=device, force=force)
+
+
 @app.command("quantize")
 def quantize_cmd(
     model: str = ModelArg,
@@ -73,6 +101,9 @@ def quantize_cmd(
     oversize: str = typer.Option("error", "--oversize", help="A tensor smaller than --block/--group: error, or tensor (quantize it per tensor)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Artifact folder to write (written to a temp folder, then renamed)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --out folder."),
+    stream: bool = typer.Option(
+        False, "--stream", help="Read a local safetensors model one layer at a time (automatic when it does not fit in memory)."
+    ),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the manifest here."),
     dtype: str = DtypeOpt,
     cache_dir: Optional[Path] = CacheOpt,
@@ -104,9 +135,14 @@ def quantize_cmd(
     check_output(out, "--out", folder=True)
     config = scheme_config(scheme, block, group, clip_z, topk, per_channel, oversize,
                            search=search, zero_point=zero_point, outliers=outliers, sa_weight=sa_weight)
-    lm = load_lm(model, dtype, cache_dir, device_map, device)
-    keep = _keep_for(lm, keep_super_weights, super_weights)
-    manifest = export_artifact(lm, config, keep, out, force, include, exclude, write_back=False)  # only the file is used
+    from ..plan import choose_mode
+
+    if choose_mode(model, dtype, stream, device_map, cache_dir, device) == "stream":
+        manifest = _streamed(model, config, keep_super_weights, super_weights, out, force, include, exclude, dtype, device)
+    else:
+        lm = load_lm(model, dtype, cache_dir, device_map, device)
+        keep = _keep_for(lm, keep_super_weights, super_weights)
+        manifest = export_artifact(lm, config, keep, out, force, include, exclude, write_back=False)  # only the file is used
     print_tables(Manifest.from_dict(manifest).tables(out))
     if json_path:
         from ..detect import write_json_atomic

@@ -197,9 +197,13 @@ def _layer_of(name: str, arch: ArchSpec) -> int | None:
 def quantize(
     model: nn.Module, config: RTN | Ternary, keep: Iterable | dict | None = None,
     include: str | None = None, exclude: str | None = DEFAULT_EXCLUDE, arch: ArchSpec | None = None,
-    param_dtype: torch.dtype = torch.float16, write_back: bool = True,
+    param_dtype: torch.dtype = torch.float16, write_back: bool = True, within: str | None = None,
 ) -> QuantResult:
     """Fake-quantize the target weights of ``model`` in place; return the codes for packing.
+
+    ``within`` (a name prefix, e.g. ``model.layers.3.``) quantizes only the targets under it, with the
+    kept weights that fall there and the fit weights the whole ``keep`` sets: what a streamed export
+    runs for each layer it holds (``stream_quantize``), the same codes as one call over the model.
 
     ``write_back=False`` leaves the weights untouched and measures no SQNR (``sqnr_db`` stays
     empty): the codes, parameters and sparse part are all an artifact needs (``save_quantized``
@@ -210,6 +214,9 @@ def quantize(
     arch = arch or _arch_of(model)
     targets = target_weights(model, include, exclude, arch)
     keeps = keep_indices(model, keep, arch)
+    if within is not None:
+        targets = [t for t in targets if t.name.startswith(within)]
+        keeps = {k: v for k, v in keeps.items() if k.startswith(within)}
     missing = sorted(set(keeps) - {t.name for t in targets})
     if missing:
         raise SuperweightError(f"kept weights in {missing[0]}, which is not quantized: widen include/exclude")

@@ -202,7 +202,8 @@ def _kept(w: torch.Tensor, keep) -> torch.Tensor:
 
 def _fit_weights(x: torch.Tensor, held: torch.Tensor, fit_weights: torch.Tensor | None) -> torch.Tensor:
     """Per-element fit weights (``fit_weights`` or ones), 0 at the held-out indices."""
-    m = torch.ones_like(x) if fit_weights is None else fit_weights.to(device=x.device, dtype=torch.float32).reshape(x.shape).clone()
+    m = torch.ones(x.shape, dtype=torch.float32, device=x.device) if fit_weights is None else \
+        fit_weights.to(device=x.device, dtype=torch.float32).reshape(x.shape).clone()  # contiguous: ``held`` is [out, in] flat
     m.view(-1)[held] = 0.0
     return m
 

@@ -1,0 +1,94 @@
+"""A checkpoint quantized layer by layer (``stream_quantize``) gives the in-memory export's artifact:
+the same manifest, the same tensors, the same bytes."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+import superweight as sw
+from superweight.checkpoint import read_header
+from superweight.export import MANIFEST, WEIGHTS, export_artifact, load_quantized
+from superweight.quant.config import RTN, Ternary, ZScore
+from superweight.stream_quantize import stream_quantize
+from superweight.synthetic import byte_tokenizer, plant_super_weight, tiny_model
+
+
+def _checkpoint(arch: str, folder: Path, expert: int | None = None) -> Path:
+    model = tiny_model(arch)
+    plant_super_weight(model, 1, 5, 17, expert=expert)
+    model.save_pretrained(folder, max_shard_size="200KB")  # several shards
+    byte_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def _same_artifact(a: Path, b: Path) -> None:
+    ma, mb = (json.loads((p / MANIFEST).read_text()) for p in (a, b))
+    assert {k: v for k, v in ma.items() if k != "source_model"} == {k: v for k, v in mb.items() if k != "source_model"}
+    ha, hb = read_header(a / WEIGHTS), read_header(b / WEIGHTS)
+    assert ha.entries == hb.entries  # names, dtypes, shapes and offsets: the same layout
+    assert (a / WEIGHTS).read_bytes()[ha.data_start:] == (b / WEIGHTS).read_bytes()[hb.data_start:]
+
+
+CASES = [  # arch, planted expert, scheme, exclude
+    ("LlamaForCausalLM", None, RTN(bits=4, group=32, search="mse", sa_weight=8.0), None),
+    ("GPT2LMHeadModel", None, RTN(bits=4, group=32, search="mse", sa_weight=8.0), None),  # Conv1D: [in, out]
+    ("Gemma3ForCausalLM", None, RTN(bits=3, block=1024, clip=ZScore(9.0)), None),
+    ("MixtralForCausalLM", 2, RTN(bits=4, group=32, outliers=0.1), None),
+    ("DeepseekV3ForCausalLM", 2, RTN(bits=4, group=32), None),  # a dense first layer, experts, a shared expert
+    ("LlamaForCausalLM", None, Ternary(group=64), ""),  # nothing excluded: the untied lm_head too, after the layers
+]
+
+
+@pytest.mark.parametrize("arch,expert,config,exclude", CASES, ids=lambda v: getattr(v, "kind", None) or str(v))
+def test_a_streamed_export_is_the_in_memory_one(arch, expert, config, exclude, tmp_path):
+    folder = _checkpoint(arch, tmp_path / "m", expert)
+    lm = sw.load_model(str(folder))
+    keep = sw.detect(lm.model, lm.tokenizer).super_weights
+    assert keep
+    kw = {} if exclude is None else {"exclude": exclude}
+    export_artifact(lm, config, keep, tmp_path / "mem", write_back=False, **kw)
+    manifest = stream_quantize(folder, config, keep, tmp_path / "stream", **kw)
+    _same_artifact(tmp_path / "mem", tmp_path / "stream")
+    assert manifest["kept"] and manifest["size"]["quantized_weights"] > 0
+    if exclude == "":
+        assert "lm_head.weight" in manifest["tensors"]
+    art = load_quantized(tmp_path / "stream")
+    ids = torch.randint(0, 250, (1, 16))
+    with torch.no_grad():
+        assert torch.isfinite(art.model(ids).logits).all()
+
+
+def test_a_streamed_export_holds_one_layer_at_a_time(tmp_path, monkeypatch):
+    """Each layer's packed tensors go to a part file before the next layer is read."""
+    from superweight import export
+
+    folder = _checkpoint("LlamaForCausalLM", tmp_path / "m")
+    pending_at_flush: list[int] = []
+    real = export.ArtifactWriter.flush
+
+    def flush(self):
+        pending_at_flush.append(len({k.split(".")[2] for k in self._pending if k.startswith("model.layers.")}))
+        real(self)
+
+    monkeypatch.setattr(export.ArtifactWriter, "flush", flush)
+    stream_quantize(folder, RTN(bits=4, group=32), [], tmp_path / "a")
+    assert pending_at_flush[:4] == [1, 1, 1, 1]  # one layer's tensors per part
+
+
+def test_cli_quantize_streams_and_checks_the_super_weights_file(tmp_path, capsys):
+    from test_bad_inputs import run_main
+
+    folder = _checkpoint("LlamaForCausalLM", tmp_path / "m")
+    code, _, err = run_main(["quantize", str(folder), "--stream", "--group", "32", "--out", str(tmp_path / "a")], capsys)
+    assert code == 0, err
+    manifest = json.loads((tmp_path / "a" / MANIFEST).read_text())
+    assert [k["name"] for k in manifest["kept"]] == ["model.layers.1.mlp.down_proj.weight"]  # detected, streamed
+    other = _checkpoint("GPT2LMHeadModel", tmp_path / "g")
+    code, _, _ = run_main(["detect", str(other), "--json", str(tmp_path / "sw.json"), "--no-verdict"], capsys)
+    assert code == 0
+    code, _, err = run_main(["quantize", str(folder), "--stream", "--super-weights", str(tmp_path / "sw.json"),
+                             "--out", str(tmp_path / "b")], capsys)
+    assert code == 2 and "holds super weights of a GPT2LMHeadModel" in err and not (tmp_path / "b").exists()
