@@ -1,0 +1,123 @@
+"""Quantize a checkpoint in memory and streamed, in one run: peak RSS, wall time, the same artifact?
+
+    python bench/stream_quantize.py --size-gb 1.5     # -> bench/results/stream_quantize.json
+
+Makes a planted random Llama checkpoint of 7B width (``bench/make_big_model.py``, bfloat16), then in
+two child processes, alternating: (a) ``load_model`` + ``export_artifact`` (the whole model in memory),
+(b) ``stream_quantize`` (one layer at a time); both INT4 group 64 with the planted super weight kept,
+in bfloat16. Records each child's peak RSS (VmHWM) and wall time, their ratios to the checkpoint's
+size and to each other (measured in the same run), and whether the two artifacts hold the same
+manifest and bytes.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+
+
+def _status(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return 0
+
+
+def child(mode: str, folder: str, out: str) -> None:
+    import superweight as sw
+    from superweight.export import export_artifact
+    from superweight.quant.config import RTN
+    from superweight.stream_quantize import stream_quantize
+
+    planted = json.loads((Path(folder) / "superweight_planted.json").read_text())
+    keep = [(planted["layer"], planted["row"], planted["col"])]
+    config = RTN(bits=4, group=64)
+    t0 = time.perf_counter()
+    if mode == "memory":
+        lm = sw.load_model(folder, dtype="bfloat16", device="cpu")
+        export_artifact(lm, config, keep, out, write_back=False)
+    else:
+        stream_quantize(folder, config, keep, out, dtype="bfloat16", device="cpu")
+    print(json.dumps({"mode": mode, "seconds": time.perf_counter() - t0, "peak_rss": _status("VmHWM")}))
+
+
+def run_child(mode: str, folder: Path, out: Path) -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--child", mode, str(folder), str(out)], capture_output=True, text=True)
+    if proc.returncode:
+        raise SystemExit(f"{mode} export failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def digest(artifact: Path) -> dict:
+    from superweight.checkpoint import read_header
+
+    manifest = json.loads((artifact / "superweight_manifest.json").read_text())
+    manifest.pop("source_model", None)
+    weights = artifact / "model.safetensors"
+    header = read_header(weights)
+    h = hashlib.sha256()
+    with open(weights, "rb") as f:
+        f.seek(header.data_start)
+        while chunk := f.read(16 << 20):
+            h.update(chunk)
+    return {"manifest": hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest(),
+            "entries": hashlib.sha256(json.dumps(header.entries, sort_keys=True).encode()).hexdigest(), "data": h.hexdigest()}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--size-gb", type=float, default=1.5)
+    ap.add_argument("--width", default="7b")
+    ap.add_argument("--reps", type=int, default=2, help="runs of each mode, alternated")
+    ap.add_argument("--out", type=Path, default=ROOT / "results" / "stream_quantize.json")
+    ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    args = ap.parse_args(argv)
+    if args.child:
+        child(*args.child)
+        return {}
+    sys.path.insert(0, str(ROOT))
+    from make_big_model import main as make
+
+    tmp = Path(tempfile.mkdtemp(prefix="sw-stream-quantize-"))
+    try:
+        folder = tmp / "model"
+        make(["--size-gb", str(args.size_gb), "--out", str(folder), "--width", args.width])
+        size = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+        runs: dict[str, list[dict]] = {"memory": [], "stream": []}
+        digests = {}
+        for rep in range(args.reps):
+            for mode in ("memory", "stream"):
+                art = tmp / f"{mode}-{rep}"
+                runs[mode].append(run_child(mode, folder, art))
+                digests[mode] = digest(art)
+                shutil.rmtree(art)
+        best = {m: min(r["seconds"] for r in rs) for m, rs in runs.items()}
+        rss = {m: max(r["peak_rss"] for r in rs) for m, rs in runs.items()}
+        result = {
+            "command": "python bench/stream_quantize.py " + " ".join(argv if argv is not None else sys.argv[1:]),
+            "checkpoint_bytes": size, "runs": runs,
+            "peak_rss_over_checkpoint": {m: rss[m] / size for m in rss},
+            "stream_rss_over_memory_rss": rss["stream"] / rss["memory"],
+            "stream_time_over_memory_time": best["stream"] / best["memory"],
+            "same_artifact": digests["memory"] == digests["stream"], "digests": digests,
+        }
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    from superweight.files import write_json_atomic
+
+    write_json_atomic(args.out, result)
+    print(json.dumps({k: result[k] for k in ("checkpoint_bytes", "peak_rss_over_checkpoint", "stream_rss_over_memory_rss",
+                                             "stream_time_over_memory_time", "same_artifact")}, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
