@@ -320,6 +320,8 @@ KILLS = [
     ("quantize-weights-written", "quantize", "safetensors.torch:save_file", "after", signal.SIGINT, "nothing"),
     ("quantize-all-but-manifest", "quantize", "json:dumps", "before", signal.SIGTERM, "nothing"),
     ("quantize-publishing", "quantize", "os:replace", "before", signal.SIGINT, "complete"),
+    ("stream-quantize-a-layer-written", "stream-quantize", "safetensors.torch:save_file", "after", signal.SIGTERM, "nothing"),
+    ("stream-quantize-publishing", "stream-quantize", "os:replace", "before", signal.SIGINT, "complete"),
     ("report-loading", "report", "superweight.load:load_model", "after", signal.SIGINT, "nothing"),
     ("report-half-written", "report", "superweight.report:render_html", "after", signal.SIGTERM, "nothing"),
     ("report-publishing", "report", "os:replace", "before", signal.SIGTERM, "complete"),
@@ -331,16 +333,16 @@ MATCH = {"os:replace": ".tmp-", "json:dumps": "quantized_weights"}  # the stagin
 
 
 def _kill_command(kind: str, inputs: dict, out: Path) -> list[str]:
-    if kind == "quantize":
+    if kind in ("quantize", "stream-quantize"):
         return ["quantize", str(inputs["tiny"]), "--super-weights", str(inputs["sw"]), "--scheme", "int4", "--group", "32",
-                "--out", str(out)]
+                "--out", str(out)] + (["--stream"] if kind == "stream-quantize" else [])
     if kind == "report":
         return ["report", str(inputs["tiny"]), "--out", str(out)]
     return ["detect", str(inputs["gguf"]), "--cache-dir", str(out)]
 
 
 def _complete(kind: str, out: Path) -> bool:
-    if kind == "quantize":
+    if kind in ("quantize", "stream-quantize"):
         return (out / MANIFEST).is_file() and load_quantized(out).arch.name == "LlamaForCausalLM"
     if kind == "report":
         return all((out / f).is_file() for f in ("report.html", "report.md", "report.json"))

@@ -153,7 +153,7 @@ class ArtifactWriter:
 
         self.flush()
         if len(self._parts) == 1:
-            os.replace(self._parts[0], path)
+            self._parts[0].rename(path)  # inside the staging folder (the publishing rename is staged_dir's)
         else:
             join_safetensors(self._parts, path, _FILE_METADATA)
             for part in self._parts:
