@@ -245,6 +245,20 @@ def streamed_vs_read(folder: Path, device: torch.device) -> dict:
             "host_peak_rss_over_checkpoint": out["peak_rss"] / size}
 
 
+def streamed_quantize(folder: Path, device: torch.device, out: Path) -> dict:
+    """``quantize --stream`` of the checkpoint onto ``device`` in a child (INT4 group 64, the plant kept):
+    seconds and host peak RSS against the checkpoint; the artifact must hold the planted weight."""
+    import stream_quantize as bench_sq
+
+    size = sum(p.stat().st_size for p in folder.glob("*.safetensors"))
+    run = bench_sq.run_child("stream", folder, out, device.type)
+    kept = json.loads((out / "superweight_manifest.json").read_text())["kept"]
+    shutil.rmtree(out, ignore_errors=True)
+    if len(kept) != 1:
+        raise AssertionError(f"the streamed artifact keeps {kept}, not the planted weight")
+    return {**run, "checkpoint_bytes": size, "host_peak_rss_over_checkpoint": run["peak_rss"] / size}
+
+
 def in_memory_timings(folder: Path, device: torch.device, planted: list[int], reps: int) -> dict:
     """Detection iteration / plain forward and quantize+pack / device copy, on ``device``."""
     import stream as bench_stream
@@ -320,6 +334,9 @@ def check_big(checks: Checks, device: torch.device, root: Path, size_gb: float, 
     if streamed is not None:
         out.update(streamed)
         checks.run("big: streamed detection finds the plant", _expect_big, streamed["streamed"]["found"], coord)
+    quant = checks.run(f"big: streamed quantize onto {device.type}", streamed_quantize, folder, device, root / "big-int4")
+    if quant is not None:
+        out["streamed_quantize"] = quant
     timings = checks.run(f"big: in memory on {device.type}", in_memory_timings, folder, device, coord, reps)
     out.update(timings or {})
     out["planted"] = coord

@@ -31,7 +31,7 @@ def _status(field: str) -> int:
     return 0
 
 
-def child(mode: str, folder: str, out: str) -> None:
+def child(mode: str, folder: str, out: str, device: str = "cpu") -> None:
     import superweight as sw
     from superweight.export import export_artifact
     from superweight.quant.config import RTN
@@ -42,15 +42,16 @@ def child(mode: str, folder: str, out: str) -> None:
     config = RTN(bits=4, group=64)
     t0 = time.perf_counter()
     if mode == "memory":
-        lm = sw.load_model(folder, dtype="bfloat16", device="cpu")
+        lm = sw.load_model(folder, dtype="bfloat16", device=device)
         export_artifact(lm, config, keep, out, write_back=False)
     else:
-        stream_quantize(folder, config, keep, out, dtype="bfloat16", device="cpu")
-    print(json.dumps({"mode": mode, "seconds": time.perf_counter() - t0, "peak_rss": _status("VmHWM")}))
+        stream_quantize(folder, config, keep, out, dtype="bfloat16", device=device)
+    print(json.dumps({"mode": mode, "device": device, "seconds": time.perf_counter() - t0, "peak_rss": _status("VmHWM")}))
 
 
-def run_child(mode: str, folder: Path, out: Path) -> dict:
-    proc = subprocess.run([sys.executable, __file__, "--child", mode, str(folder), str(out)], capture_output=True, text=True)
+def run_child(mode: str, folder: Path, out: Path, device: str = "cpu") -> dict:
+    proc = subprocess.run([sys.executable, __file__, "--child", mode, str(folder), str(out), device],
+                          capture_output=True, text=True)
     if proc.returncode:
         raise SystemExit(f"{mode} export failed:\n{proc.stderr[-3000:]}")
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -78,7 +79,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--width", default="7b")
     ap.add_argument("--reps", type=int, default=2, help="runs of each mode, alternated")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "stream_quantize.json")
-    ap.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
+    ap.add_argument("--child", nargs=4, help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
     if args.child:
         child(*args.child)
