@@ -161,3 +161,22 @@ def test_smollm2_super_weights_do_not_depend_on_the_kind_of_text(smollm2):
     for keys in result.per_prompt:
         assert {(11, 507, 1229), (11, 507, 1487)} <= set(map(tuple, keys))
     assert {(a.channel, a.token) for a in result.activations} == {(507, 0)}
+
+
+def test_smollm2_streamed_verdict_is_the_in_memory_one(smollm2):
+    """The streamed verdict on the real model (its converted safetensors folder, layer by layer):
+    bitwise the in-memory numbers, x7.27 for 11: [507, 1229] included."""
+    from superweight.eval.text import load_text
+    from superweight.stream_detect import stream_detect
+    from superweight.verdict import judge
+
+    text = load_text("wiki-intros")
+    mem = sw.detect(smollm2.model, smollm2.tokenizer, arch=smollm2.arch)
+    judge(smollm2.model, smollm2.arch, smollm2.tokenizer, mem, text, 1024)
+    from superweight.load import _gguf_cache_folder, default_cache_dir
+
+    folder = _gguf_cache_folder(smollm2.source, default_cache_dir())  # the safetensors copy loading wrote
+    streamed = stream_detect(folder, verdict_text=text, verdict_tokens=1024)
+    assert [v.to_dict() for v in streamed.verdicts] == [v.to_dict() for v in mem.verdicts]
+    [v] = [v for v in streamed.verdicts if v.target == "weight" and v.weights == [[11, 507, 1229, None]]]
+    assert round(v.ppl_ratio, 2) == 7.27 and v.label == "super weight"

@@ -474,3 +474,20 @@ def test_find_super_weights_is_the_same_in_memory_and_streamed(tmp_path):
     assert mag is not None and streamed.magnitude == mag.to_dict()
     with pytest.raises(sw.SuperweightError, match="unknown method"):
         sw.FindConfig(method="fast")
+
+
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "Gemma2ForCausalLM", "MixtralForCausalLM", "GPT2LMHeadModel"])
+def test_the_streamed_verdict_is_the_in_memory_one(arch, tmp_path):
+    """Every zeroed set's NLL in one pass over the layers, the head applied by the model's own forward
+    (Gemma-2's logit softcapping included): the same verdicts, labels, null draws and numbers."""
+    from superweight.eval.text import load_text
+    from superweight.verdict import judge
+
+    folder = planted(arch, tmp_path / arch)  # Mixtral: in expert 0
+    text = load_text("wiki-intros")
+    lm = sw.load_model(str(folder))
+    mem = sw.detect(lm.model, lm.tokenizer)
+    judge(lm.model, lm.arch, lm.tokenizer, mem, text, 256)
+    streamed = stream_detect(folder, verdict_text=text, verdict_tokens=256)
+    assert mem.verdicts and [v.to_dict() for v in streamed.verdicts] == [v.to_dict() for v in mem.verdicts]
+    assert [s.verdict for s in streamed.super_weights] == [s.verdict for s in mem.super_weights]

@@ -2,7 +2,7 @@
 
 ``find_super_weights("smollm2-135m")`` loads (or streams, when the checkpoint does not fit in
 memory) the model, runs the detection loop of ``detect.py`` on it (the same code either way),
-adds the verdict by impact when a text is given (in memory only: it scores the whole model) and
+adds the verdict by impact when a text is given (streamed: every zeroed set in one pass) and
 the magnitude z-score scan when asked. ``superweight detect`` is a thin shell over it.
 """
 from __future__ import annotations
@@ -66,9 +66,8 @@ def _streamed(path: str, config: FindConfig, dtype: str, device: str | None):
     from .stream_detect import stream_detect
 
     result = stream_detect(path, list(config.prompts), config.rule, config.max_iter, model_name=path, dtype=dtype,
-                           device=device, **_kw(config))
-    if config.verdict_text is not None:
-        result.notes.append("no verdict: it scores text with the whole model, which a streamed run never holds")
+                           device=device, verdict_text=config.verdict_text, verdict_tokens=config.verdict_tokens,
+                           **_kw(config))
     mag = None
     if config.magnitude:
         mag = stream_magnitude_scan(path, config.z_threshold, config.scope, result.super_weights, dtype=dtype, device=device)

@@ -68,6 +68,24 @@ class _Recorder(nn.Module):
         return args[0] if args else kwargs["hidden_states"]
 
 
+class _Replay(nn.Module):
+    """Stands in for a decoder layer and returns what the last layer returned (``output``): the model's
+    own forward then applies its final norm, head and any logit softcapping to it."""
+
+    def __init__(self, output, layer: nn.Module):
+        super().__init__()
+        self.__dict__["_output"], self.__dict__["_layer"] = output, layer
+
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            return getattr(self.__dict__["_layer"], name)
+
+    def forward(self, *args, **kwargs):
+        return self.__dict__["_output"]
+
+
 def _with_hidden(call: Call, hidden: torch.Tensor) -> Call:
     args, kwargs = call
     if args:
@@ -297,6 +315,38 @@ class StreamedModel:
         if any(c is None for c in calls):
             raise SuperweightError(f"{self.arch.name}: the model's forward did not call every decoder layer")
         return calls
+
+    @torch.no_grad()
+    def window_nlls(self, ids: torch.Tensor, first_scored: int, zero_sets: Sequence[Sequence]) -> list[float]:
+        """``eval.perplexity.window_nll`` of the window ``ids`` once per set of weights zeroed, in one pass:
+        each layer is read once and run once per set; then, with the untied head read, the model's own
+        forward turns each set's last layer output into logits (every layer replaced by a replay)."""
+        from .eval.perplexity import window_nll
+        from .runner import zeroed
+
+        enc = {"input_ids": ids[None].to(self.device)}
+        calls = self.layer_calls(enc)
+        hidden = [_hidden_of(calls[0])] * len(zero_sets)
+        last: list = [None] * len(zero_sets)
+        for i in range(self.num_layers):
+            with self.layer(i):
+                for s, weights in enumerate(zero_sets):
+                    args, kwargs = _with_hidden(calls[i], hidden[s])
+                    with zeroed(self.model, self.arch, weights, i):
+                        last[s] = self.layers[i](*args, **kwargs)
+                    hidden[s] = _first_tensor(last[s])
+        original = list(self.layers)
+        out = []
+        with self.materialised(self.head_names()):
+            for output in last:
+                for i in range(self.num_layers):
+                    self.layers[i] = _Replay(output, original[i])
+                try:
+                    out.append(float(window_nll(self.model, ids.to(self.device), first_scored)))
+                finally:
+                    for i, layer in enumerate(original):
+                        self.layers[i] = layer
+        return out
 
     @torch.no_grad()
     def run_layer(self, i: int, call: Call, hidden: torch.Tensor, zeroed: Sequence[Coord] = ()) -> tuple[torch.Tensor, LayerStats]:

@@ -204,6 +204,8 @@ def stream_detect(
     device: str | torch.device | None = None,
     method: str = DEFAULT_METHOD,
     trace_rule: TraceRule | None = None,
+    verdict_text: str | None = None,
+    verdict_tokens: int = 1024,
 ) -> DetectionResult:
     """``superweight.detect.detect`` for a local safetensors checkpoint, streamed layer by layer.
 
@@ -221,6 +223,51 @@ def stream_detect(
                                 depth=max_iter - 1)
         states = run_detection(runner, encoded, method, rule, trace_rule, max_iter)
         log.info("streamed %d layers: %d layer reads in %d pass(es)", sm.num_layers, runner.layers_read, runner.passes)
-        return assemble(states, runner, prompts, model_name or str(path), method, rule, trace_rule)
+        result = assemble(states, runner, prompts, model_name or str(path), method, rule, trace_rule)
+        if verdict_text is not None and result.super_weights:
+            from .verdict import judge_with
+
+            judge_with(StreamedJudge(sm, tokenizer, verdict_text, verdict_tokens), result)
+        return result
     finally:
         sm.close()
+
+
+class StreamedJudge:
+    """``verdict.Judge`` for a streamed model: the NLL of every zeroed set (and the base) in one pass
+    over the layers per window of the text (``StreamedModel.window_nlls``), and the super activations
+    after zeroing in one more pass: two or three reads of the checkpoint for a whole verdict."""
+
+    def __init__(self, sm: StreamedModel, tokenizer, text: str, tokens: int = 1024, seed: int = 0):
+        import random
+
+        from .eval.perplexity import default_seq_len, tokenize_stream, window_spans
+
+        self.sm, self.model, self.arch, self.tokenizer = sm, sm.model, sm.arch, tokenizer
+        self.ids = tokenize_stream(tokenizer, text, tokens)
+        seq_len = min(len(self.ids), default_seq_len(sm.model, tokenizer))
+        self.spans = window_spans(len(self.ids), seq_len, seq_len)
+        self.tokens, self.rng, self.base = len(self.ids), random.Random(seed), 0.0
+
+    def zeroed_nlls(self, sets: Sequence[Sequence]) -> list[float]:
+        """Mean NLL with each set zeroed; the base (nothing zeroed) is measured in the same passes."""
+        all_sets = [[], *sets]
+        totals, count = [0.0] * len(all_sets), 0
+        for begin, end, first in self.spans:
+            totals = [t + n for t, n in zip(totals, self.sm.window_nlls(self.ids[begin:end], first - begin, all_sets))]
+            count += end - first
+        means = [t / max(count, 1) for t in totals]
+        self.base = means[0]
+        return means[1:]
+
+    def activations_after(self, requests: Sequence[tuple]) -> list[float]:
+        if not requests:
+            return []
+        encoded = [encode_prompt(self.tokenizer, prompt) for prompt, _, _ in requests]
+        traces = StreamedRunner(self.sm).run(encoded, [list(ws) for _, _, ws in requests])
+        return [float(tr[sa.peak_layer].h_out[sa.token, sa.channel]) for tr, (_, sa, _) in zip(traces, requests)]
+
+    def ratio(self, nll: float) -> float:
+        import math
+
+        return math.exp(min(nll - self.base, 700.0))

@@ -107,7 +107,8 @@ def _label_weight(sw, ratio: float, null: list[float], group_ratio: float) -> st
 
 
 class Judge:
-    """Measures verdicts for one model: a base NLL once, then one NLL per zeroed set."""
+    """Measures verdicts for one model in memory: a base NLL once, then one NLL per zeroed set. (A
+    streamed model has ``stream_detect.StreamedJudge``: the same questions, every set in one pass.)"""
 
     def __init__(self, model: nn.Module, arch: ArchSpec, tokenizer, text: str, tokens: int = 1024, seed: int = 0):
         from .eval.perplexity import default_seq_len, tokenize_stream
@@ -121,18 +122,29 @@ class Judge:
         self.runner = InMemoryRunner(model, arch)
         self.rng = random.Random(seed)
 
-    def zeroed_nll(self, weights: Sequence) -> float:
+    def zeroed_nlls(self, sets: Sequence[Sequence]) -> list[float]:
         from .runner import zeroed
 
-        with zeroed(self.model, self.arch, weights):
-            return self.nll()
+        out = []
+        for weights in sets:
+            with zeroed(self.model, self.arch, weights):
+                out.append(self.nll())
+        return out
 
-    def activation_after(self, prompt: str, sa, weights: Sequence) -> float:
+    def activations_after(self, requests: Sequence[tuple]) -> list[float]:
+        """``h[token, channel]`` after the peak layer for each ``(prompt, activation, weights zeroed)``."""
         from .runner import encode_prompt
 
-        enc = encode_prompt(self.tokenizer, prompt, next(self.model.parameters()).device)
-        traces = self.runner.run([enc], [list(weights)])[0]
-        return float(traces[sa.peak_layer].h_out[sa.token, sa.channel])
+        out = []
+        for prompt, sa, weights in requests:
+            enc = encode_prompt(self.tokenizer, prompt, next(self.model.parameters()).device)
+            traces = self.runner.run([enc], [list(weights)])[0]
+            out.append(float(traces[sa.peak_layer].h_out[sa.token, sa.channel]))
+        return out
+
+    @property
+    def forwards(self) -> int:
+        return self.nll.forwards
 
     def ratio(self, nll: float) -> float:
         return math.exp(min(nll - self.base, 700.0))
@@ -142,35 +154,41 @@ def judge(model: nn.Module, arch: ArchSpec, tokenizer, result, text: str, tokens
           seed: int = 0) -> int:
     """Fill ``result.verdicts`` and each weight's ``verdict`` label; returns the forward passes it ran."""
     j = Judge(model, arch, tokenizer, text, tokens, seed)
+    judge_with(j, result, draws)
+    return j.forwards
+
+
+def judge_with(j, result, draws: int = 2) -> None:
+    """``judge`` with any judge (in memory, streamed): every zeroed set and null draw is planned first, in
+    one order (so the draws are the same however the NLLs are measured), then measured in one call."""
     groups: dict[int, list] = {}
     for sw in result.super_weights:
         if sw.role == "creates":
             groups.setdefault(sw.row, []).append(sw)
-    activation_verdicts = {ch: _judge_group(j, result, ch, ws, draws) for ch, ws in groups.items()}
-    result.verdicts = list(activation_verdicts.values())
+    plan: list[tuple] = []  # (kind, channel, weights, null sets) in the order the verdicts are listed
+    for ch, ws in groups.items():
+        plan.append(("activation", ch, ws, [null_draw(j.model, j.arch, ws, j.rng) for _ in range(draws)]))
     for sw in result.super_weights:
-        group = activation_verdicts.get(sw.row)
-        null = group.null_ppl_ratios if group else [j.ratio(j.zeroed_nll(null_draw(model, arch, [sw], j.rng)))]
-        v = _verdict(j, result, "weight", [sw], sw.row, null)
-        v.label = sw.verdict = _label_weight(sw, v.ppl_ratio, null, group.ppl_ratio if group else 1.0)
-        result.verdicts.append(v)
-    return j.nll.forwards
-
-
-def _judge_group(j: Judge, result, channel: int, weights: list, draws: int) -> Verdict:
-    null = [j.ratio(j.zeroed_nll(null_draw(j.model, j.arch, weights, j.rng))) for _ in range(draws)]
-    v = _verdict(j, result, "activation", weights, channel, null)
-    collapses = v.ppl_ratio >= COLLAPSE and v.ppl_ratio > max(null, default=1.0)
-    v.label = "super activation: the model collapses without its creating weights" if collapses else (
-        "super activation: the model survives without its creating weights")
-    return v
-
-
-def _verdict(j: Judge, result, target: str, weights: list, channel: int, null: list[float]) -> Verdict:
-    nll = j.zeroed_nll(weights)
-    v = Verdict(target, [_key(w) for w in weights], channel, "", j.base, nll, j.ratio(nll), null, tokens=j.tokens)
-    sa = next((a for a in result.activations if a.channel == channel), None)
-    if sa is not None:
-        v.activation_before = sa.peak
-        v.activation_after = j.activation_after(result.prompts[sa.prompt], sa, weights)
-    return v
+        plan.append(("weight", sw.row, [sw], [] if sw.row in groups else [null_draw(j.model, j.arch, [sw], j.rng)]))
+    sets = [s for _, _, ws, nulls in plan for s in (*nulls, ws)]
+    nlls = iter(j.zeroed_nlls(sets))
+    activation = {a.channel: a for a in result.activations}
+    requests = [(result.prompts[activation[ch].prompt], activation[ch], ws) for _, ch, ws, _ in plan if ch in activation]
+    after = iter(j.activations_after(requests))
+    verdicts, groups_done = [], {}
+    for kind, ch, ws, nulls in plan:
+        null = [j.ratio(next(nlls)) for _ in nulls] or groups_done[ch].null_ppl_ratios
+        nll = next(nlls)
+        v = Verdict(kind, [_key(w) for w in ws], ch, "", j.base, nll, j.ratio(nll), null, tokens=j.tokens)
+        if ch in activation:
+            v.activation_before, v.activation_after = activation[ch].peak, next(after)
+        if kind == "activation":
+            collapses = v.ppl_ratio >= COLLAPSE and v.ppl_ratio > max(null, default=1.0)
+            v.label = "super activation: the model collapses without its creating weights" if collapses else (
+                "super activation: the model survives without its creating weights")
+            groups_done[ch] = v
+        else:
+            group = groups_done.get(ch)
+            v.label = ws[0].verdict = _label_weight(ws[0], v.ppl_ratio, null, group.ppl_ratio if group else 1.0)
+        verdicts.append(v)
+    result.verdicts = verdicts
