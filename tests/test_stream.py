@@ -491,3 +491,29 @@ def test_the_streamed_verdict_is_the_in_memory_one(arch, tmp_path):
     streamed = stream_detect(folder, verdict_text=text, verdict_tokens=256)
     assert mem.verdicts and [v.to_dict() for v in streamed.verdicts] == [v.to_dict() for v in mem.verdicts]
     assert [s.verdict for s in streamed.super_weights] == [s.verdict for s in mem.super_weights]
+
+
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "Gemma2ForCausalLM", "GPT2LMHeadModel"])
+def test_streamed_perplexity_is_the_in_memory_one(arch, tmp_path):
+    from superweight.eval.perplexity import evaluate_perplexity
+    from superweight.eval.text import load_text
+    from superweight.stream import stream_perplexity
+
+    folder = planted(arch, tmp_path / arch)
+    text = load_text("wiki-intros")
+    lm = sw.load_model(str(folder))
+    mem = evaluate_perplexity(lm.model, lm.tokenizer, text, seq_len=128, max_tokens=1000, stride=96)  # overlapping windows
+    assert stream_perplexity(folder, text, seq_len=128, max_tokens=1000, stride=96).to_dict() == mem.to_dict()
+
+
+def test_cli_eval_streams_perplexity_and_refuses_tasks(tmp_path, capsys):
+    from test_bad_inputs import run_main
+
+    folder = planted("LlamaForCausalLM", tmp_path / "m")
+    out = tmp_path / "ev.json"
+    code, _, err = run_main(["eval", str(folder), "--stream", "--ppl", "wiki-intros", "--max-tokens", "600", "--json", str(out)], capsys)
+    assert code == 0, err
+    result = json.loads(out.read_text())
+    assert result["ppl"] > 1 and result["tasks"] == {} and "perplexity only" in " ".join(result["notes"])
+    code, _, err = run_main(["eval", str(folder), "--stream", "--tasks", "piqa"], capsys)
+    assert code == 2 and "zero-shot tasks need the model in memory" in err

@@ -317,36 +317,38 @@ class StreamedModel:
         return calls
 
     @torch.no_grad()
-    def window_nlls(self, ids: torch.Tensor, first_scored: int, zero_sets: Sequence[Sequence]) -> list[float]:
-        """``eval.perplexity.window_nll`` of the window ``ids`` once per set of weights zeroed, in one pass:
-        each layer is read once and run once per set; then, with the untied head read, the model's own
-        forward turns each set's last layer output into logits (every layer replaced by a replay)."""
-        from .eval.perplexity import window_nll
+    def window_nlls(self, windows: Sequence[tuple[torch.Tensor, int]], zero_sets: Sequence[Sequence]) -> list[list[float]]:
+        """``eval.perplexity.window_nll`` of each window ``(ids, first_scored)`` once per set of weights
+        zeroed (``[window][set]``), in one pass: each layer is read once and run once per window and set;
+        then, with the untied head read, the model's own forward turns each last layer output into logits
+        (every layer replaced by a replay of it)."""
         from .runner import zeroed
 
-        enc = {"input_ids": ids[None].to(self.device)}
-        calls = self.layer_calls(enc)
-        hidden = [_hidden_of(calls[0])] * len(zero_sets)
-        last: list = [None] * len(zero_sets)
+        calls = [self.layer_calls({"input_ids": ids[None].to(self.device)}) for ids, _ in windows]
+        hidden = [[_hidden_of(c[0])] * len(zero_sets) for c in calls]
+        last = [[None] * len(zero_sets) for _ in windows]
         for i in range(self.num_layers):
             with self.layer(i):
-                for s, weights in enumerate(zero_sets):
-                    args, kwargs = _with_hidden(calls[i], hidden[s])
-                    with zeroed(self.model, self.arch, weights, i):
-                        last[s] = self.layers[i](*args, **kwargs)
-                    hidden[s] = _first_tensor(last[s])
-        original = list(self.layers)
-        out = []
+                for w, c in enumerate(calls):
+                    for s, weights in enumerate(zero_sets):
+                        args, kwargs = _with_hidden(c[i], hidden[w][s])
+                        with zeroed(self.model, self.arch, weights, i):
+                            last[w][s] = self.layers[i](*args, **kwargs)
+                        hidden[w][s] = _first_tensor(last[w][s])
         with self.materialised(self.head_names()):
-            for output in last:
-                for i in range(self.num_layers):
-                    self.layers[i] = _Replay(output, original[i])
-                try:
-                    out.append(float(window_nll(self.model, ids.to(self.device), first_scored)))
-                finally:
-                    for i, layer in enumerate(original):
-                        self.layers[i] = layer
-        return out
+            return [[self._head_nll(output, ids, first) for output in outs] for (ids, first), outs in zip(windows, last)]
+
+    def _head_nll(self, output, ids: torch.Tensor, first_scored: int) -> float:
+        from .eval.perplexity import window_nll
+
+        original = list(self.layers)
+        for i in range(self.num_layers):
+            self.layers[i] = _Replay(output, original[i])
+        try:
+            return float(window_nll(self.model, ids.to(self.device), first_scored))
+        finally:
+            for i, layer in enumerate(original):
+                self.layers[i] = layer
 
     @torch.no_grad()
     def run_layer(self, i: int, call: Call, hidden: torch.Tensor, zeroed: Sequence[Coord] = ()) -> tuple[torch.Tensor, LayerStats]:
@@ -400,3 +402,24 @@ def stream_magnitude_scan(
 
     rank_super_weights(result, flagged_z, super_weights, matrix_of)
     return result
+
+
+# ---------------------------------------------------------------- streaming perplexity
+
+
+def stream_perplexity(
+    path: str | Path, text: str, seq_len: int | None = None, max_tokens: int | None = None, stride: int | None = None,
+    dtype: str | torch.dtype = "float32", device: str | torch.device | None = None, tokenizer=None,
+):
+    """``eval.perplexity.evaluate_perplexity`` of a checkpoint on disk: every window in one pass over the
+    layers (each layer read once, run once per window), the same number as in memory."""
+    from .eval.perplexity import perplexity_result, perplexity_windows
+
+    sm = StreamedModel(path, dtype, device)
+    try:
+        tokenizer = tokenizer or _tokenizer(sm.ckpt.folder)
+        ids, spans, seq_len, stride = perplexity_windows(sm.model, tokenizer, text, seq_len, max_tokens, stride)
+        nlls = sm.window_nlls([(ids[b:e], f - b) for b, e, f in spans], [[]])
+        return perplexity_result([n for n, in nlls], spans, seq_len, stride)
+    finally:
+        sm.close()

@@ -252,10 +252,9 @@ class StreamedJudge:
     def zeroed_nlls(self, sets: Sequence[Sequence]) -> list[float]:
         """Mean NLL with each set zeroed; the base (nothing zeroed) is measured in the same passes."""
         all_sets = [[], *sets]
-        totals, count = [0.0] * len(all_sets), 0
-        for begin, end, first in self.spans:
-            totals = [t + n for t, n in zip(totals, self.sm.window_nlls(self.ids[begin:end], first - begin, all_sets))]
-            count += end - first
+        per_window = self.sm.window_nlls([(self.ids[b:e], f - b) for b, e, f in self.spans], all_sets)
+        totals = [sum(w[s] for w in per_window) for s in range(len(all_sets))]
+        count = sum(e - f for _, e, f in self.spans)
         means = [t / max(count, 1) for t in totals]
         self.base = means[0]
         return means[1:]

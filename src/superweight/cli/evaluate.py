@@ -61,6 +61,29 @@ def _eval_config(ppl: str, tasks: Optional[List[str]], limit: Optional[int], max
     return AblationConfig(ppl=ppl_source, tasks=task_list, limit=limit, max_tokens=max_tokens, seq_len=seq_len, **kw)
 
 
+def _streamed_eval(model: str, config, tasks_asked: bool, dtype: str, device: str):
+    """``eval`` of a model streamed layer by layer: its perplexity (``stream.stream_perplexity``, the
+    in-memory number); zero-shot tasks asked for are refused, the default ones skipped with a note."""
+    import time
+
+    from ..eval.text import load_text
+    from ..experiments import EvalResult
+    from ..progress import step
+    from ..stream import stream_perplexity
+
+    if tasks_asked and config.tasks:
+        raise SuperweightError("zero-shot tasks need the model in memory: pass --tasks none with --stream "
+                               "(or drop --stream where the model fits)")
+    if config.ppl is None:
+        raise SuperweightError("--stream measures perplexity only: give --ppl a text")
+    start = time.perf_counter()
+    with step("perplexity (streamed, layer by layer)"):
+        r = stream_perplexity(model, load_text(config.ppl), config.seq_len, config.max_tokens, dtype=dtype, device=device)
+    notes = ["streamed: perplexity only (zero-shot tasks need the model in memory)"] if config.tasks else []
+    config.tasks = []
+    return EvalResult(model, config, r.ppl, r.tokens, None, {}, notes, time.perf_counter() - start)
+
+
 def _parse_scales(values: Optional[List[str]]) -> tuple[float, ...]:
     """``--scales 0 --scales 0.5,1`` -> (0.0, 0.5, 1.0); not given -> ``ablate.DEFAULT_SCALES``; '' -> none."""
     if values is None or values == []:
@@ -131,6 +154,10 @@ def eval_cmd(
     max_tokens: Optional[int] = MaxTokensOpt,
     seq_len: Optional[int] = SeqLenOpt,
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the versioned result here."),
+    stream: bool = typer.Option(
+        False, "--stream", help="Perplexity of a local safetensors model read one layer at a time (automatic when it "
+        "does not fit in memory); zero-shot tasks need it in memory."
+    ),
     dtype: str = DtypeOpt,
     cache_dir: Optional[Path] = CacheOpt,
     device: str = DeviceOpt,
@@ -140,15 +167,19 @@ def eval_cmd(
 ) -> None:
     """Perplexity and zero-shot accuracy (lm-eval semantics, 95% bootstrap CI) of one model."""
     from ..experiments import run_eval
+    from ..plan import choose_mode
 
     setup_logging(verbose, quiet)
     config = _eval_config(ppl, tasks, limit, max_tokens, seq_len)
     if json_path:
         check_output(json_path, "--json")
-    lm = load_lm(model, dtype, cache_dir, device_map, device)
-    result = run_eval(lm, config)
+    if choose_mode(model, dtype, stream, device_map, cache_dir, device) == "stream":
+        result, shown = _streamed_eval(model, config, bool(tasks), dtype, device), []
+    else:
+        lm = load_lm(model, dtype, cache_dir, device_map, device)
+        result, shown = run_eval(lm, config), lm.notes
     print_tables(result.tables())
-    print_notes(result.notes, shown=lm.notes)
+    print_notes(result.notes, shown=shown)
     if json_path:
         result.save(json_path)
         console.print(f"wrote {json_path}")

@@ -112,19 +112,33 @@ def evaluate_perplexity(
     ``seq_len`` defaults to min(2048, the model's maximum), ``stride`` to ``seq_len`` (no overlap),
     ``max_tokens`` bounds the token stream (and so the work).
     """
+    ids, spans, seq_len, stride = perplexity_windows(model, tokenizer, text, seq_len, max_tokens, stride)
+    ids = ids.to(input_device(model))
+    nlls = [window_nll(model, ids[b:e], f - b).cpu() for b, e, f in bar(spans, "perplexity", unit="window")]
+    return perplexity_result(nlls, spans, seq_len, stride)
+
+
+def perplexity_windows(model: nn.Module, tokenizer, text: str, seq_len: int | None = None, max_tokens: int | None = None,
+                       stride: int | None = None) -> tuple[torch.Tensor, list[tuple[int, int, int]], int, int]:
+    """The token stream and its windows ``(begin, end, first_scored)``, with the defaults and checks of
+    ``evaluate_perplexity`` (``model`` may be a skeleton: only its config is read)."""
     seq_len = seq_len or default_seq_len(model, tokenizer)
     stride = stride or seq_len
     if seq_len < 2 or not 0 < stride <= seq_len:
         raise SuperweightError(f"need seq_len >= 2 and 0 < stride <= seq_len (got {seq_len}, {stride})")
-    device = input_device(model)
-    ids = tokenize_stream(tokenizer, text, max_tokens).to(device)
+    ids = tokenize_stream(tokenizer, text, max_tokens)
     spans = window_spans(len(ids), seq_len, stride)
     if not spans:
         raise SuperweightError("the text has fewer than 2 tokens: pass a longer text")
-    total, count = torch.zeros((), dtype=torch.float64), 0
-    for begin, end, first in bar(spans, "perplexity", unit="window"):
-        total += window_nll(model, ids[begin:end], first - begin).cpu()
-        count += end - first
+    return ids, spans, seq_len, stride
+
+
+def perplexity_result(nlls, spans: list[tuple[int, int, int]], seq_len: int, stride: int) -> PerplexityResult:
+    """The perplexity of summed window NLLs (float64, summed in window order)."""
+    total = torch.zeros((), dtype=torch.float64)
+    for n in nlls:
+        total += n
+    count = sum(e - f for _, e, f in spans)
     nll = float(total) / count
     if count < MIN_TOKENS:
         log.warning("perplexity over only %d token(s): with fewer than %d its value is noise, not a measurement; "
