@@ -252,6 +252,9 @@ class StreamedJudge:
     def zeroed_nlls(self, sets: Sequence[Sequence]) -> list[float]:
         """Mean NLL with each set zeroed; the base (nothing zeroed) is measured in the same passes."""
         all_sets = [[], *sets]
+        flops = 2 * sum(p.numel() for p in self.model.parameters()) * self.tokens * len(all_sets)
+        log.info("verdict, streamed: %d zeroed sets and the base over %d tokens, about %.3g TFLOP of forward passes "
+                 "(--no-verdict skips it)", len(sets), self.tokens, flops / 1e12)
         per_window = self.sm.window_nlls([(self.ids[b:e], f - b) for b, e, f in self.spans], all_sets)
         totals = [sum(w[s] for w in per_window) for s in range(len(all_sets))]
         count = sum(e - f for _, e, f in self.spans)

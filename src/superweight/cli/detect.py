@@ -42,7 +42,7 @@ def detect(
     floor: float = typer.Option(50.0, "--floor", help="Paper method: absolute |activation| floor."),
     ratio: float = typer.Option(50.0, "--ratio", help="Paper method: times the median of the other layers' maxima."),
     sa_ratio: float = typer.Option(2000.0, "--sa-ratio", help="Default method: |h| / its layer's median |h| of a super activation."),
-    verdict: bool = typer.Option(True, "--verdict/--no-verdict", help="Zero each finding and measure the damage (in memory only)."),
+    verdict: bool = typer.Option(True, "--verdict/--no-verdict", help="Zero each finding and measure the damage (streamed too: every finding in one pass per read)."),
     verdict_tokens: int = typer.Option(1024, "--verdict-tokens", min=16, help="Tokens of text the verdict scores."),
     verdict_text: str = typer.Option("wiki-intros", "--verdict-text", help="wiki-intros, wikitext2 or a text file."),
     z_threshold: float = typer.Option(3.0, "--z-threshold", help="Magnitude method: mean + z * std of |W|."),
