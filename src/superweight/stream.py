@@ -47,19 +47,27 @@ class _Recorded(Exception):
     """Raised by the last recorder: the model's forward has built every layer's arguments."""
 
 
-class _Recorder(nn.Module):
-    """Stands in for decoder layer ``index``: records its arguments, passes the hidden state on."""
+class _StandIn(nn.Module):
+    """Stands in for a decoder layer during one call of the model's forward; the attributes the model
+    reads of its layers (``attention_type``, ...) come from the layer it replaces."""
 
-    def __init__(self, index: int, calls: list, last: bool, layer: nn.Module):
+    def __init__(self, layer: nn.Module):
         super().__init__()
-        self.index, self.calls, self.last = index, calls, last
-        self.__dict__["_layer"] = layer  # not a submodule: attributes the model may read
+        self.__dict__["_layer"] = layer  # not a submodule
 
     def __getattr__(self, name: str):
         try:
             return super().__getattr__(name)
         except AttributeError:
             return getattr(self.__dict__["_layer"], name)
+
+
+class _Recorder(_StandIn):
+    """Stands in for decoder layer ``index``: records its arguments, passes the hidden state on."""
+
+    def __init__(self, index: int, calls: list, last: bool, layer: nn.Module):
+        super().__init__(layer)
+        self.index, self.calls, self.last = index, calls, last
 
     def forward(self, *args, **kwargs):
         self.calls[self.index] = (args, kwargs)
@@ -68,19 +76,13 @@ class _Recorder(nn.Module):
         return args[0] if args else kwargs["hidden_states"]
 
 
-class _Replay(nn.Module):
+class _Replay(_StandIn):
     """Stands in for a decoder layer and returns what the last layer returned (``output``): the model's
     own forward then applies its final norm, head and any logit softcapping to it."""
 
     def __init__(self, output, layer: nn.Module):
-        super().__init__()
-        self.__dict__["_output"], self.__dict__["_layer"] = output, layer
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            return getattr(self.__dict__["_layer"], name)
+        super().__init__(layer)
+        self.__dict__["_output"] = output
 
     def forward(self, *args, **kwargs):
         return self.__dict__["_output"]
@@ -174,17 +176,18 @@ class StreamedModel:
     def _layer_prefix(self, i: int) -> str:
         return f"{self.arch.layers}.{i}."
 
+    def _outside_layers(self, in_base_model: bool) -> list[str]:
+        base = self.model.base_model_prefix + "."
+        return [n for n in self._meta if n.startswith(base) == in_base_model and not n.startswith(self.arch.layers + ".")]
+
     def _outer_names(self) -> list[str]:
         """Tensors of the base model outside the decoder layers (embeddings, final norm)."""
-        base = self.model.base_model_prefix + "."
-        layers = self.arch.layers + "."
-        return [n for n in self._meta if n.startswith(base) and not n.startswith(layers)]
+        return self._outside_layers(True)
 
     def head_names(self) -> list[str]:
         """Tensors outside the base model (an untied output head): never read by detection, only when
         asked for (``materialised``: a streamed export)."""
-        base = self.model.base_model_prefix + "."
-        return [n for n in self._meta if not n.startswith(base) and not n.startswith(self.arch.layers + ".")]
+        return self._outside_layers(False)
 
     def layer_names(self, i: int) -> list[str]:
         prefix = self._layer_prefix(i)
@@ -302,16 +305,11 @@ class StreamedModel:
         """The arguments the model's own forward passes each decoder layer for ``inputs``."""
         calls: list = [None] * self.num_layers
         inputs = {k: v.to(self.device) if isinstance(v, torch.Tensor) else v for k, v in inputs.items()}
-        original = list(self.layers)
-        for i in range(self.num_layers):
-            self.layers[i] = _Recorder(i, calls, i == self.num_layers - 1, original[i])
-        try:
-            self.model(**inputs, use_cache=False)
-        except _Recorded:
-            pass
-        finally:
-            for i, layer in enumerate(original):
-                self.layers[i] = layer
+        with self._stand_ins(lambda i, layer: _Recorder(i, calls, i == self.num_layers - 1, layer)):
+            try:
+                self.model(**inputs, use_cache=False)
+            except _Recorded:
+                pass
         if any(c is None for c in calls):
             raise SuperweightError(f"{self.arch.name}: the model's forward did not call every decoder layer")
         return calls
@@ -341,11 +339,17 @@ class StreamedModel:
     def _head_nll(self, output, ids: torch.Tensor, first_scored: int) -> float:
         from .eval.perplexity import window_nll
 
+        with self._stand_ins(lambda i, layer: _Replay(output, layer)):
+            return float(window_nll(self.model, ids.to(self.device), first_scored))
+
+    @contextlib.contextmanager
+    def _stand_ins(self, make) -> Iterator[None]:
+        """Every decoder layer replaced by ``make(index, layer)`` inside the block, put back after."""
         original = list(self.layers)
         for i in range(self.num_layers):
-            self.layers[i] = _Replay(output, original[i])
+            self.layers[i] = make(i, original[i])
         try:
-            return float(window_nll(self.model, ids.to(self.device), first_scored))
+            yield
         finally:
             for i, layer in enumerate(original):
                 self.layers[i] = layer

@@ -29,6 +29,7 @@ from .errors import SuperweightError
 from .runner import zeroed
 from .stream import Call, StreamedModel, _first_tensor, _hidden_of, _tokenizer, _with_hidden
 from .trace import TraceRule
+from .verdict import JudgeBase, judge_with
 
 log = logging.getLogger(__name__)
 
@@ -225,29 +226,20 @@ def stream_detect(
         log.info("streamed %d layers: %d layer reads in %d pass(es)", sm.num_layers, runner.layers_read, runner.passes)
         result = assemble(states, runner, prompts, model_name or str(path), method, rule, trace_rule)
         if verdict_text is not None and result.super_weights:
-            from .verdict import judge_with
-
             judge_with(StreamedJudge(sm, tokenizer, verdict_text, verdict_tokens), result)
         return result
     finally:
         sm.close()
 
 
-class StreamedJudge:
+class StreamedJudge(JudgeBase):
     """``verdict.Judge`` for a streamed model: the NLL of every zeroed set (and the base) in one pass
-    over the layers per window of the text (``StreamedModel.window_nlls``), and the super activations
-    after zeroing in one more pass: two or three reads of the checkpoint for a whole verdict."""
+    over the layers for all the text's windows (``StreamedModel.window_nlls``), and the super
+    activations after zeroing in one more pass: two reads of the checkpoint for a whole verdict."""
 
     def __init__(self, sm: StreamedModel, tokenizer, text: str, tokens: int = 1024, seed: int = 0):
-        import random
-
-        from .eval.perplexity import default_seq_len, tokenize_stream, window_spans
-
-        self.sm, self.model, self.arch, self.tokenizer = sm, sm.model, sm.arch, tokenizer
-        self.ids = tokenize_stream(tokenizer, text, tokens)
-        seq_len = min(len(self.ids), default_seq_len(sm.model, tokenizer))
-        self.spans = window_spans(len(self.ids), seq_len, seq_len)
-        self.tokens, self.rng, self.base = len(self.ids), random.Random(seed), 0.0
+        super().__init__(sm.model, sm.arch, tokenizer, text, tokens, seed)
+        self.sm = sm
 
     def zeroed_nlls(self, sets: Sequence[Sequence]) -> list[float]:
         """Mean NLL with each set zeroed; the base (nothing zeroed) is measured in the same passes."""
@@ -255,10 +247,8 @@ class StreamedJudge:
         flops = 2 * sum(p.numel() for p in self.model.parameters()) * self.tokens * len(all_sets)
         log.info("verdict, streamed: %d zeroed sets and the base over %d tokens, about %.3g TFLOP of forward passes "
                  "(--no-verdict skips it)", len(sets), self.tokens, flops / 1e12)
-        per_window = self.sm.window_nlls([(self.ids[b:e], f - b) for b, e, f in self.spans], all_sets)
-        totals = [sum(w[s] for w in per_window) for s in range(len(all_sets))]
-        count = sum(e - f for _, e, f in self.spans)
-        means = [t / max(count, 1) for t in totals]
+        per_window = self.sm.window_nlls(self.windows(), all_sets)
+        means = [self.mean([w[s] for w in per_window]) for s in range(len(all_sets))]
         self.base = means[0]
         return means[1:]
 
@@ -268,8 +258,3 @@ class StreamedJudge:
         encoded = [encode_prompt(self.tokenizer, prompt) for prompt, _, _ in requests]
         traces = StreamedRunner(self.sm).run(encoded, [list(ws) for _, _, ws in requests])
         return [float(tr[sa.peak_layer].h_out[sa.token, sa.channel]) for tr, (_, sa, _) in zip(traces, requests)]
-
-    def ratio(self, nll: float) -> float:
-        import math
-
-        return math.exp(min(nll - self.base, 700.0))

@@ -22,7 +22,7 @@ import torch
 from .errors import SuperweightError
 from .export import ArtifactWriter, _untouched, finish_artifact
 from .files import staged_dir
-from .quant.api import DEFAULT_EXCLUDE, quantize
+from .quant.api import DEFAULT_EXCLUDE, quantize, target_weights
 from .quant.config import RTN, Ternary
 from .stream import StreamedModel
 
@@ -68,14 +68,11 @@ def _outside_targets(model, config, keep, include, exclude, arch, param_dtype, i
     """The targets outside the decoder layers (an ``--include``d lm_head), quantized; None when there are none.
     Kept weights there can only come as ``{module: [indices]}`` (detection's are in the layers)."""
     layers = rf"^{re.escape(inside)}"
+    exclude = f"(?:{exclude})|{layers}" if exclude else layers
+    if not target_weights(model, include, exclude, arch, required=False):
+        return None
     kept = {k: v for k, v in keep.items() if not k.startswith(inside)} if isinstance(keep, dict) else None
-    try:
-        return quantize(model, config, kept, include, f"(?:{exclude})|{layers}" if exclude else layers, arch,
-                        param_dtype, write_back=False)
-    except SuperweightError as exc:
-        if "no linear module matches" in str(exc):
-            return None
-        raise
+    return quantize(model, config, kept, include, exclude, arch, param_dtype, write_back=False)
 
 
 def _tokenizer(folder: Path):

@@ -55,27 +55,6 @@ class Verdict(Versioned):
     tokens: int = 0
 
 
-class NLL:
-    """Mean next-token NLL of a model on fixed token windows; ``forwards`` counts the passes run."""
-
-    def __init__(self, model: nn.Module, ids: torch.Tensor, seq_len: int):
-        from .eval.perplexity import window_spans
-
-        self.model, self.ids = model, ids.to(next(model.parameters()).device)
-        self.spans = window_spans(len(ids), seq_len, seq_len)
-        self.forwards = 0
-
-    def __call__(self) -> float:
-        from .eval.perplexity import window_nll
-
-        total, count = 0.0, 0
-        for begin, end, first in self.spans:
-            total += float(window_nll(self.model, self.ids[begin:end], first - begin))
-            count += end - first
-            self.forwards += 1
-        return total / max(count, 1)
-
-
 def _key(w) -> list:
     return [w.layer, w.row, w.col, getattr(w, "expert", None)]
 
@@ -106,21 +85,48 @@ def _label_weight(sw, ratio: float, null: list[float], group_ratio: float) -> st
     return JOINT if group_ratio >= COLLAPSE else SURVIVES
 
 
-class Judge:
+class JudgeBase:
+    """What every judge shares (``judge_with`` asks it ``zeroed_nlls`` and ``activations_after``): the
+    verdict text's windows (``eval.perplexity.perplexity_windows``, one window up to the model's length),
+    the null draws' generator, the mean NLL over the scored tokens and the perplexity ratio to the base."""
+
+    def __init__(self, model: nn.Module, arch: ArchSpec, tokenizer, text: str, tokens: int = 1024, seed: int = 0):
+        from .eval.perplexity import perplexity_windows
+
+        self.model, self.arch, self.tokenizer = model, arch, tokenizer
+        self.ids, self.spans, _, _ = perplexity_windows(model, tokenizer, text, max_tokens=tokens)
+        self.tokens, self.rng, self.base = len(self.ids), random.Random(seed), 0.0
+
+    def windows(self) -> list[tuple[torch.Tensor, int]]:
+        """``(ids, first_scored)`` of each window."""
+        return [(self.ids[b:e], f - b) for b, e, f in self.spans]
+
+    def mean(self, window_nlls: Sequence[float]) -> float:
+        """Mean NLL per scored token from the windows' summed NLLs (added in window order)."""
+        return sum(window_nlls) / max(sum(e - f for _, e, f in self.spans), 1)
+
+    def ratio(self, nll: float) -> float:
+        return math.exp(min(nll - self.base, 700.0))
+
+
+class Judge(JudgeBase):
     """Measures verdicts for one model in memory: a base NLL once, then one NLL per zeroed set. (A
     streamed model has ``stream_detect.StreamedJudge``: the same questions, every set in one pass.)"""
 
     def __init__(self, model: nn.Module, arch: ArchSpec, tokenizer, text: str, tokens: int = 1024, seed: int = 0):
-        from .eval.perplexity import default_seq_len, tokenize_stream
         from .runner import InMemoryRunner
 
-        ids = tokenize_stream(tokenizer, text, tokens)
-        self.model, self.arch, self.tokenizer = model, arch, tokenizer
-        self.nll = NLL(model, ids, min(len(ids), default_seq_len(model, tokenizer)))
-        self.tokens = len(ids)
+        super().__init__(model, arch, tokenizer, text, tokens, seed)
+        self.ids = self.ids.to(next(model.parameters()).device)
+        self.forwards = 0
         self.base = self.nll()
         self.runner = InMemoryRunner(model, arch)
-        self.rng = random.Random(seed)
+
+    def nll(self) -> float:
+        from .eval.perplexity import window_nll
+
+        self.forwards += len(self.spans)
+        return self.mean([float(window_nll(self.model, ids, first)) for ids, first in self.windows()])
 
     def zeroed_nlls(self, sets: Sequence[Sequence]) -> list[float]:
         from .runner import zeroed
@@ -141,13 +147,6 @@ class Judge:
             traces = self.runner.run([enc], [list(weights)])[0]
             out.append(float(traces[sa.peak_layer].h_out[sa.token, sa.channel]))
         return out
-
-    @property
-    def forwards(self) -> int:
-        return self.nll.forwards
-
-    def ratio(self, nll: float) -> float:
-        return math.exp(min(nll - self.base, 700.0))
 
 
 def judge(model: nn.Module, arch: ArchSpec, tokenizer, result, text: str, tokens: int = 1024, draws: int = 2,

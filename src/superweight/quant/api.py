@@ -77,15 +77,16 @@ def _arch_of(model: nn.Module) -> ArchSpec | None:
 
 
 def target_modules(model: nn.Module, include: str | None = None, exclude: str | None = DEFAULT_EXCLUDE,
-                   arch: ArchSpec | None = None) -> dict[str, nn.Module]:
-    """Linear modules by name, filtered by ``include`` / ``exclude`` regular expressions (re.search)."""
+                   arch: ArchSpec | None = None, required: bool = True) -> dict[str, nn.Module]:
+    """Linear modules by name, filtered by ``include`` / ``exclude`` regular expressions (re.search);
+    none matching is an error when ``required`` (a caller with other weights to take passes False)."""
     arch = arch or _arch_of(model)
     found = {
         name: m for name, m in model.named_modules()
         if is_linear(m, arch) and (include is None or re.search(include, name))
         and not (exclude and re.search(exclude, name))
     }
-    if not found:
+    if not found and required:
         raise SuperweightError(f"no linear module matches include={include!r} exclude={exclude!r}")
     return found
 
@@ -105,17 +106,12 @@ class Target:
 
 
 def target_weights(model: nn.Module, include: str | None = None, exclude: str | None = DEFAULT_EXCLUDE,
-                   arch: ArchSpec | None = None) -> list[Target]:
+                   arch: ArchSpec | None = None, required: bool = True) -> list[Target]:
     """``target_modules``' weights, then (a mixture of experts) each experts module's 3-D weights whose
-    parameter name matches ``include`` and not ``exclude``."""
+    parameter name matches ``include`` and not ``exclude``; none at all is an error when ``required``."""
     arch = arch or _arch_of(model)
     experts = _expert_weights(model, include, exclude) if arch is not None and arch.is_moe else []
-    try:
-        linear = target_modules(model, include, exclude, arch)
-    except SuperweightError:
-        if not experts:
-            raise
-        linear = {}
+    linear = target_modules(model, include, exclude, arch, required=required and not experts)
     out = [Target(n, f"{n}.weight", out_in(m, arch), is_transposed(m, arch)) for n, m in linear.items()]
     return out + experts
 

@@ -29,8 +29,8 @@ from torch import nn
 
 from .api import DEFAULT_EXCLUDE, _arch_of, out_in, target_modules
 from .config import RTN, W8A8
+from ..arch import expert_params
 from ..edits import HookSet, edited_weights
-from ..errors import SuperweightError
 from .primitives import fake_quantize, holdout_quantize, quantize_per_token
 
 
@@ -190,8 +190,7 @@ def _simulated_experts(experts: dict[str, nn.Module], config: W8A8, stats: W8A8S
     """8-bit weights (per expert matrix) and inputs for each experts module; forwards restored on exit."""
     try:
         for name, module in experts.items():
-            for param in ("gate_up_proj", "down_proj"):
-                w = getattr(module, param)
+            for _, w in expert_params(module):
                 for e in range(w.shape[0]):
                     w[e].copy_(quantize_weight_w8(w[e], config))
             module.forward = experts_forward(
@@ -212,12 +211,7 @@ def simulate_w8a8(
     """Run ``model`` as W8A8 inside the block; original weights restored bitwise on exit."""
     arch = _arch_of(model)
     experts = _experts_modules(model, arch, include, exclude)
-    try:
-        modules = target_modules(model, include, exclude, arch)
-    except SuperweightError:
-        if not experts:
-            raise
-        modules = {}
+    modules = target_modules(model, include, exclude, arch, required=not experts)
     stats = W8A8Stats(config, modules=len(modules) + len(experts))
     smooth: dict[str, torch.Tensor] = {}
     if config.method == "smoothquant":
@@ -225,7 +219,7 @@ def simulate_w8a8(
             raise ValueError("SmoothQuant needs calibration batches (calib=[token ids, ...])")
         smoothed = {n: m for n, m in modules.items() if re.search(config.smooth, n)}
         smooth = shared_smoothing(model, smoothed, calib, config.alpha, arch)
-    expert_weights = [getattr(m, p) for m in experts.values() for p in ("gate_up_proj", "down_proj")]
+    expert_weights = [w for m in experts.values() for _, w in expert_params(m)]
     with edited_weights([m.weight for m in modules.values()] + expert_weights), HookSet() as hooks, torch.no_grad():
         for name, module in modules.items():
             w = out_in(module, arch)
