@@ -84,7 +84,7 @@ def test_verdict_restores_weights_when_scoring_fails(byte_tokenizer, monkeypatch
     result = sw.detect(case.model, byte_tokenizer)
     before = {k: v.clone() for k, v in case.model.state_dict().items()}
     calls = {"n": 0}
-    real = verdict.NLL.__call__
+    real = verdict.Judge.nll
 
     def failing(self):
         calls["n"] += 1
@@ -92,7 +92,7 @@ def test_verdict_restores_weights_when_scoring_fails(byte_tokenizer, monkeypatch
             raise RuntimeError("interrupted")
         return real(self)
 
-    monkeypatch.setattr(verdict.NLL, "__call__", failing)
+    monkeypatch.setattr(verdict.Judge, "nll", failing)
     with pytest.raises(RuntimeError):
         judge(case.model, sw.get_arch(case.model), byte_tokenizer, result, TEXT, tokens=128)
     after = case.model.state_dict()
