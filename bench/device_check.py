@@ -66,7 +66,10 @@ class Checks:
             return None
         except Exception as exc:  # a device check reports every failure, then carries on
             tail = traceback.format_exc().strip().splitlines()[-4:]
-            self.steps.append({"step": name, "ok": False, "error": f"{type(exc).__name__}: {exc}"[:500], "trace": tail})
+            ours = [f for f in traceback.extract_tb(exc.__traceback__) if "/superweight/" in f.filename]
+            at = f"{Path(ours[-1].filename).name}:{ours[-1].lineno} {ours[-1].name}" if ours else None
+            self.steps.append({"step": name, "ok": False, "error": f"{type(exc).__name__}: {exc}"[:500], "trace": tail,
+                               "at": at})
             print(f"FAIL  {name}: {type(exc).__name__}: {exc}"[:400], flush=True)
             return None
 
@@ -394,6 +397,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "device.json")
     ap.add_argument("--workdir", type=Path, help="scratch folder (default: a temp folder, deleted)")
     ap.add_argument("--prepare", action="store_true", help="download the wheels and extract the task data to carry")
+    ap.add_argument("--strays", action="store_true",
+                    help="a GPU stand-in on the CPU: tensors superweight makes without a device go to meta, so one "
+                         "that would stay on the CPU beside a GPU model fails here (superweight.device.StraysOnMeta)")
     args = ap.parse_args(argv)
     if args.prepare:
         prepare()
@@ -403,7 +409,10 @@ def main(argv: list[str] | None = None) -> int:
     device = resolve_device(args.device)
     root = args.workdir or Path(tempfile.mkdtemp(prefix="sw-device-"))
     try:
-        report = run_all(args, device, root, list(sys.argv[1:] if argv is None else argv))
+        with _strays(args.strays) as strays:
+            report = run_all(args, device, root, list(sys.argv[1:] if argv is None else argv))
+        if strays is not None:
+            report["strays"] = sorted({f"{Path(f).name}:{line} {fn}" for f, line, fn in strays.hits})
     finally:
         if args.workdir is None:
             shutil.rmtree(root, ignore_errors=True)
@@ -414,6 +423,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{len(report['failed'])} failed and {len(report['refused'])} refused step(s) of {len(report['steps'])}; "
           f"wrote {args.out}")
     return 1 if report["failed"] else 0
+
+
+def _strays(on: bool):
+    """``StraysOnMeta`` over superweight's own source when asked, else nothing."""
+    import contextlib
+
+    import superweight
+    from superweight.device import StraysOnMeta
+
+    # the tiny models are built on the CPU by ``synthetic`` before they are loaded onto the device
+    return StraysOnMeta(Path(superweight.__file__).parent, skip=("synthetic.py",)) if on else contextlib.nullcontext()
 
 
 RATIOS = ("iteration_over_forward", "stream_over_cold_read", "quantize_pack_over_copy", "host_peak_rss_over_checkpoint")

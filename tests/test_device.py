@@ -150,8 +150,9 @@ def test_load_model_and_artifact_onto_the_cpu(folder, tmp_path):
 
 
 def test_device_check_cpu_rehearsal(tmp_path):
-    """bench/device_check.py on the CPU: one architecture, every command, and part 2 on a tiny planted
-    checkpoint (the GPU run makes a 7B-width one), so that the script cannot rot between GPU runs."""
+    """bench/device_check.py on the CPU: three architectures, every command, and part 2 on a tiny planted
+    checkpoint (the GPU run makes a 7B-width one), so that the script cannot rot between GPU runs; with
+    ``--strays``, any tensor superweight makes without a device lands on meta and fails its step."""
     sys.path.insert(0, str(ROOT / "bench"))
     import device_check
 
@@ -162,12 +163,41 @@ def test_device_check_cpu_rehearsal(tmp_path):
     byte_tokenizer().save_pretrained(big)
     (big / "superweight_planted.json").write_text('{"layer": 1, "row": 7, "col": 33, "method": "trace"}')
     out = tmp_path / "device.json"
-    code = device_check.main(["--device", "cpu", "--archs", "LlamaForCausalLM", "--big-model", str(big),
+    archs = "LlamaForCausalLM,MixtralForCausalLM,GPT2LMHeadModel"  # dense, experts, Conv1D
+    code = device_check.main(["--device", "cpu", "--archs", archs, "--big-model", str(big), "--strays",
                               "--tasks", "none", "--reps", "2", "--out", str(out), "--workdir", str(tmp_path / "w")])
     import json
 
     report = json.loads(out.read_text())
     assert code == 0, report["failed"]
+    # every tensor superweight made on the way named its device (a stray would sit on the CPU beside a GPU model)
+    assert report["strays"] == []
     names = {s["step"] for s in report["steps"]}
     assert {"cli: superweight quantize --device cpu", "big: streamed detection finds the plant"} <= names
     assert all(report["ratios"][k] > 0 for k in device_check.RATIOS)
+
+
+def test_strays_on_meta_moves_only_the_named_code_and_fails_a_mix(tmp_path):
+    """A tensor made without a device by code under the prefix goes to meta (and fails when mixed with
+    the model's tensors); the same call elsewhere, or with a device, is left alone."""
+    from superweight.device import StraysOnMeta
+
+    mine = tmp_path / "mine.py"
+    mine.write_text("import torch\n"
+                    "def stray(): return torch.zeros(3)\n"
+                    "def named(): return torch.zeros(3, device='cpu')\n")
+    other = tmp_path / "other_skip.py"
+    other.write_text("import torch\ndef made(): return torch.ones(2)\n")
+    sys.path.insert(0, str(tmp_path))
+    try:
+        import mine as m
+        import other_skip as o
+    finally:
+        sys.path.remove(str(tmp_path))
+    with StraysOnMeta(str(mine), skip=("_skip.py",)) as strays:
+        assert m.stray().is_meta and m.named().device.type == "cpu" and o.made().device.type == "cpu"
+        assert torch.zeros(1).device.type == "cpu"  # this file is not under the prefix
+        with pytest.raises(RuntimeError, match="meta"):
+            torch.ones(3) + m.stray()
+    assert [(line, fn) for _, line, fn in strays.hits] == [(2, "zeros"), (2, "zeros")]
+    assert torch.zeros(1).device.type == "cpu"  # the mode ends with the block

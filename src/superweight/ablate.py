@@ -53,12 +53,12 @@ DEFAULT_SCALES: tuple[float, ...] = (0.0, 0.2, 0.5, 0.8, 1.0, 1.5, 2.0, 3.0)
 SPIKE_FLOOR = 50.0  # |input| on the super weight's column that marks a super activation (detection's floor)
 
 
-def _by_matrix(keys: Iterable[Key]) -> dict[tuple[int, int | None], tuple[torch.Tensor, torch.Tensor]]:
-    """{(layer, expert): (rows, cols)} index tensors."""
+def _by_matrix(keys: Iterable[Key]) -> dict[tuple[int, int | None], tuple[list[int], list[int]]]:
+    """{(layer, expert): (rows, cols)} index lists."""
     groups: dict[tuple[int, int | None], list[tuple[int, int]]] = {}
     for (layer, row, col), expert in keys:
         groups.setdefault((layer, expert), []).append((row, col))
-    return {k: (torch.tensor([r for r, _ in rc]), torch.tensor([c for _, c in rc])) for k, rc in groups.items()}
+    return {k: ([r for r, _ in rc], [c for _, c in rc]) for k, rc in groups.items()}
 
 
 @contextlib.contextmanager
@@ -72,7 +72,8 @@ def zeroed_entries(model: nn.Module, arch: ArchSpec, coords: Iterable) -> Iterat
     entries = []
     for (layer, expert), (rows, cols) in _by_matrix(keys).items():
         matrix = arch.expert_matrix(model, layer, expert)  # an [out, in] view of the stored weight
-        entries.append((matrix, (rows.to(matrix.device), cols.to(matrix.device))))  # index where the weights are
+        at = matrix.device  # index where the weights are
+        entries.append((matrix, (torch.tensor(rows, device=at), torch.tensor(cols, device=at))))
     with edited_entries(entries):
         with torch.no_grad():
             for matrix, idx in entries:
@@ -124,7 +125,7 @@ def random_coords(
     g = torch.Generator().manual_seed(seed)
     out: list[Key] = []
     while len(out) < n:
-        for flat in torch.randint(0, total, (2 * (n - len(out)) + 8,), generator=g).tolist():
+        for flat in torch.randint(0, total, (2 * (n - len(out)) + 8,), generator=g, device="cpu").tolist():
             key = _unflatten(flat, mats)
             if key not in skip and key not in out:
                 out.append(key)

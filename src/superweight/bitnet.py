@@ -71,8 +71,8 @@ class BitLinear(nn.Linear):
     """A linear layer with a ternary forward (see the module doc); parameters are the latent weights."""
 
     def setup(self, keep_flat: Iterable[int] = (), activation_bits: int = 8) -> "BitLinear":
-        idx = torch.as_tensor(sorted(set(int(i) for i in keep_flat)), dtype=torch.long)
-        self.register_buffer("keep_idx", idx.to(self.weight.device), persistent=False)
+        idx = torch.as_tensor(sorted(set(int(i) for i in keep_flat)), dtype=torch.long, device=self.weight.device)
+        self.register_buffer("keep_idx", idx, persistent=False)
         self.activation_bits = activation_bits
         return self
 

@@ -7,6 +7,8 @@ the model over several devices (``--device-map auto``).
 """
 from __future__ import annotations
 
+import sys
+
 import torch
 from torch import nn
 
@@ -61,3 +63,37 @@ def device_map_for(device: str | torch.device | None, device_map: str | dict | N
         return None
     dev = resolve_device(device)
     return None if dev.type == "cpu" else str(dev)
+
+
+# torch functions that make a tensor on the default device unless given ``device=``
+_FACTORIES = (torch.zeros, torch.ones, torch.empty, torch.full, torch.arange, torch.tensor, torch.as_tensor,
+              torch.randn, torch.rand, torch.randint, torch.linspace, torch.eye, torch.randperm)
+
+
+class StraysOnMeta(torch.overrides.TorchFunctionMode):
+    """A CPU stand-in for a GPU: a tensor that code under ``prefix`` makes without a ``device``
+    (or reads from numpy) goes to the meta device, so any that would stay on the CPU while the model
+    sits on a GPU fails here too ("Tensor on device meta is not on the expected device cpu"), with a
+    traceback at the line that made it; files ending in one of ``skip`` are left alone. ``hits`` lists (file, line, function) of every such tensor.
+
+    >>> with StraysOnMeta(superweight_dir) as strays:
+    ...     detect(model, tokenizer)      # a stray tensor mixed into the model's math raises
+    """
+
+    def __init__(self, prefix: str, skip: tuple[str, ...] = ()) -> None:
+        super().__init__()
+        self.prefix, self.skip = str(prefix), tuple(str(s) for s in skip)
+        self.hits: list[tuple[str, int, str]] = []
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        stray = (func in _FACTORIES and kwargs.get("device") is None) or func is torch.from_numpy
+        if stray:
+            caller = sys._getframe(1)
+            name = caller.f_code.co_filename
+            if name.startswith(self.prefix) and not name.endswith(self.skip):
+                self.hits.append((name, caller.f_lineno, func.__name__))
+                if func is torch.from_numpy:
+                    return func(*args, **kwargs).to("meta")
+                kwargs = {**kwargs, "device": "meta"}
+        return func(*args, **kwargs)

@@ -167,7 +167,7 @@ def measure(path: Path, text: str, eval_tokens: int, prompt: str | None = None) 
     return CheckpointPoint(
         path=str(path), step=checkpoint_step(path), loss=loss, loss_zero_top=loss_top, loss_zero_detected=loss_det,
         residual_max=peak.residual.magnitude, residual_layer=peak.layer, residual_channel=peak.residual.channel,
-        residual_token=peak.residual.token, residual_median_layer_max=float(torch.tensor(res).median()),
+        residual_token=peak.residual.token, residual_median_layer_max=float(torch.tensor(res, device="cpu").median()),
         residual_typical=typical_residual(model, arch, lm.tokenizer, peak.layer, prompt),
         top=list(top), top_value=value, top_share=share, top_output=out_peak, top_input=in_val,
         detected=[list(c) for c in result.coords], residual_per_layer=res,

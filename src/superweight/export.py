@@ -63,13 +63,13 @@ def predicted_bytes(qt: QuantizedTensor, param_bytes: int = 2) -> int:
     codes = h.code_bytes(qt.numel, qt.bits)
     params = h.param_bytes(qt.layout, param_bytes)
     k = int(qt.sparse_idx.numel())
-    val_bytes = torch.empty(0, dtype=sparse_dtype(qt.sparse_val)).element_size() if k else 0
+    val_bytes = torch.empty(0, dtype=sparse_dtype(qt.sparse_val), device="cpu").element_size() if k else 0
     return codes + params + k * (4 + val_bytes)
 
 
 def sparse_bytes(qt: QuantizedTensor) -> int:
     k = int(qt.sparse_idx.numel())
-    return k * (4 + torch.empty(0, dtype=sparse_dtype(qt.sparse_val)).element_size()) if k else 0
+    return k * (4 + torch.empty(0, dtype=sparse_dtype(qt.sparse_val), device="cpu").element_size()) if k else 0
 
 
 # ---------------------------------------------------------------- packing
@@ -320,7 +320,7 @@ def unpack_tensor(f, key: str, entry: dict) -> QuantizedTensor:
     L = _layout(entry)
     kind, bits = entry["kind"], int(entry["bits"])
     codes, scale, zero = handler(kind).unpack(f.get_tensor, key, bits, L)
-    idx, val = torch.zeros(0, dtype=torch.int64), torch.zeros(0)
+    idx, val = torch.zeros(0, dtype=torch.int64, device="cpu"), torch.zeros(0, device="cpu")
     if entry.get("sparse"):
         idx = f.get_tensor(f"{key}{SEP}sparse_idx").long()
         val = _expect(f.get_tensor(f"{key}{SEP}sparse_val"), tuple(idx.shape), f"{key} sparse values")

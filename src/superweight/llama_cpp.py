@@ -259,7 +259,7 @@ def roundtrip(weight, type_name: str):
             f"gguf-py cannot quantize {tuple(w.shape)} to {type_name} ({type(exc).__name__}): "
             "use q4_0, q4_1, q5_0, q5_1, q8_0, f16 or bf16 on rows that are a multiple of 32"
         ) from None
-    return torch.from_numpy(q.reshape(w.shape)).to(weight.dtype)
+    return torch.from_numpy(q.reshape(w.shape)).to(device=weight.device, dtype=weight.dtype)
 
 
 @contextlib.contextmanager

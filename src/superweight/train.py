@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .device import resolve_device
 from .errors import SuperweightError
 from .files import write_json_atomic
 from .results import Versioned
@@ -147,7 +148,7 @@ def make_tokenizer(config: TrainConfig, text: str):
 def token_stream(tokenizer, text: str) -> torch.Tensor:
     """The text as one stream of ids, without the BOS the tokenizer may add (samples add their own)."""
     ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    return torch.as_tensor(ids, dtype=torch.long)
+    return torch.as_tensor(ids, dtype=torch.long, device="cpu")  # batches move to the model's device
 
 
 def bos_id(tokenizer) -> int:
@@ -159,8 +160,8 @@ def bos_id(tokenizer) -> int:
 
 def sample_batch(stream: torch.Tensor, bos: int, batch: int, seq_len: int, gen: torch.Generator) -> torch.Tensor:
     """``[batch, seq_len]``: BOS then ``seq_len - 1`` tokens from random offsets of the stream."""
-    starts = torch.randint(0, len(stream) - seq_len, (batch,), generator=gen)
-    rows = [torch.cat([torch.tensor([bos]), stream[s : s + seq_len - 1]]) for s in starts.tolist()]
+    starts = torch.randint(0, len(stream) - seq_len, (batch,), generator=gen, device=gen.device)
+    rows = [torch.cat([torch.tensor([bos], device=stream.device), stream[s : s + seq_len - 1]]) for s in starts.tolist()]
     return torch.stack(rows)
 
 
@@ -171,7 +172,7 @@ def eval_windows(stream: torch.Tensor, bos: int, seq_len: int, tokens: int) -> t
     chunks = [c for c in chunks if len(c) == seq_len - 1]
     if not chunks:
         raise SuperweightError("the held-out text is shorter than one window: pass a longer text")
-    return torch.stack([torch.cat([torch.tensor([bos]), c]) for c in chunks])
+    return torch.stack([torch.cat([torch.tensor([bos], device=stream.device), c]) for c in chunks])
 
 
 @torch.no_grad()
@@ -219,14 +220,6 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
     rest = [p for p in model.parameters() if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": rest, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95))
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name.startswith("cuda") and not torch.cuda.is_available():
-        raise SuperweightError(f"--device {name}: no CUDA device here; use --device cpu or auto")
-    return torch.device(name)
 
 
 def save_checkpoint(model: nn.Module, tokenizer, out: Path, step: int, config: TrainConfig, state: dict) -> Path:

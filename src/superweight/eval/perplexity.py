@@ -74,7 +74,7 @@ def tokenize_stream(tokenizer, text: str, max_tokens: int | None = None) -> torc
             ids = tokenizer(text)["input_ids"]
     else:
         ids = tokenizer(text)["input_ids"]
-    ids = torch.as_tensor(ids, dtype=torch.long).flatten()
+    ids = torch.as_tensor(ids, dtype=torch.long, device="cpu").flatten()
     return ids[:max_tokens] if max_tokens is not None else ids
 
 
@@ -135,7 +135,7 @@ def perplexity_windows(model: nn.Module, tokenizer, text: str, seq_len: int | No
 
 def perplexity_result(nlls, spans: list[tuple[int, int, int]], seq_len: int, stride: int) -> PerplexityResult:
     """The perplexity of summed window NLLs (float64, summed in window order)."""
-    total = torch.zeros((), dtype=torch.float64)
+    total = torch.zeros((), dtype=torch.float64, device="cpu")
     for n in nlls:
         total += n
     count = sum(e - f for _, e, f in spans)

@@ -53,11 +53,16 @@ def lambada_prompts(n: int = DEFAULT_PROMPTS) -> tuple[list[str], list[str]]:
     return [it.contexts[0] for it in items], [it.choices[0] for it in items]
 
 
+def prompt_ids(tokenizer, prompt: str) -> list[int]:
+    """The prompt's token ids as the next-token statistics read them (no special tokens added)."""
+    return tokenizer(prompt, add_special_tokens=False)["input_ids"]
+
+
 @torch.no_grad()
 def next_token_probs(model: nn.Module, tokenizer, prompts: Sequence[str], batch_tokens: int = 2048) -> torch.Tensor:
     """``[len(prompts), vocab]`` next-token probabilities after each prompt (right-padded batches)."""
     device = input_device(model)
-    encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts]
+    encoded = [prompt_ids(tokenizer, p) for p in prompts]
     out: list[torch.Tensor | None] = [None] * len(prompts)
     for batch in length_batches([len(e) for e in encoded], batch_tokens):
         width = max(len(encoded[i]) for i in batch)
@@ -73,15 +78,20 @@ def stopword_stats(
     words: Sequence[str] = DEFAULT_STOPWORDS,
 ) -> StopwordStats:
     """Mean next-token probabilities of stopwords, of the other tokens and of the targets."""
-    probs = next_token_probs(model, tokenizer, prompts)
+    return stats_of(next_token_probs(model, tokenizer, prompts), tokenizer, targets, words)
+
+
+def stats_of(probs: torch.Tensor, tokenizer, targets: Sequence[str] | None = None,
+             words: Sequence[str] = DEFAULT_STOPWORDS) -> StopwordStats:
+    """``stopword_stats`` of next-token probabilities already read (``[prompts, vocab]``, on the host)."""
     ids = stopword_ids(tokenizer, words)
-    idx = torch.tensor(sorted(set(ids.values())))
-    mask = torch.zeros(probs.shape[1], dtype=torch.bool)
+    idx = torch.tensor(sorted(set(ids.values())), device="cpu")  # probs are on the host
+    mask = torch.zeros(probs.shape[1], dtype=torch.bool, device="cpu")
     mask[idx] = True
     target_prob = None
     if targets is not None:
         first = [tokenizer(" " + t, add_special_tokens=False)["input_ids"][0] for t in targets]
-        target_prob = float(probs[torch.arange(len(first)), torch.tensor(first)].mean())
+        target_prob = float(probs[torch.arange(len(first), device="cpu"), torch.tensor(first, device="cpu")].mean())
     return StopwordStats(
         stopword_prob=float(probs[:, mask].mean()),
         other_prob=float(probs[:, ~mask].mean()),
@@ -92,6 +102,10 @@ def stopword_stats(
 
 def top_next_tokens(model: nn.Module, tokenizer, prompt: str = SEASON_PROMPT, k: int = 5) -> list[tuple[str, float]]:
     """The ``k`` most likely next tokens after ``prompt`` with their probabilities."""
-    probs = next_token_probs(model, tokenizer, [prompt])[0]
+    return top_of(next_token_probs(model, tokenizer, [prompt])[0], tokenizer, k)
+
+
+def top_of(probs: torch.Tensor, tokenizer, k: int = 5) -> list[tuple[str, float]]:
+    """The ``k`` most likely tokens of one next-token distribution, decoded, with their probabilities."""
     p, i = probs.topk(k)
     return [(tokenizer.decode([int(t)]), float(v)) for t, v in zip(i, p)]

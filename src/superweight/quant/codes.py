@@ -36,7 +36,7 @@ def ternary_codes(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """BitNet b1.58 absmean: ``gamma = mean|x|`` per run; codes ``round(x / (gamma + eps))`` clipped to
     {-1, 0, 1}, stored as {0, 1, 2}; ``x_hat = (code - 1) * gamma``."""
-    gamma = layout.padded(x.abs(), 0.0).sum(-1) / layout.run_counts().to(x.device)
+    gamma = layout.padded(x.abs(), 0.0).sum(-1) / layout.run_counts(x.device)
     gamma = gamma.to(param_dtype)
     q = layout.per_element(lambda v, g: (v / g).round_().clamp_(-1, 1) + 1, x, gamma.float() + eps)
     codes = q.to(torch.uint8).reshape(-1)

@@ -63,9 +63,9 @@ class Layout:
         elements, without materialising them per element: ``[rows, row_len]``."""
         return self.unpad(fn(self.padded(x, 0.0), *(p.unsqueeze(-1) for p in params)))
 
-    def run_counts(self) -> torch.Tensor:
-        """Elements in each run, ``[runs]`` (all equal but maybe the last)."""
-        counts = torch.full((self.runs,), self.size, dtype=torch.float32)  # callers move it to their device
+    def run_counts(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """Elements in each run, ``[runs]`` (all equal but maybe the last), on ``device``."""
+        counts = torch.full((self.runs,), self.size, dtype=torch.float32, device=device)
         counts[-1] = self.row_len - (self.runs - 1) * self.size
         return counts
 

@@ -168,9 +168,9 @@ def rtn_minmax(x2: torch.Tensor, size: int, qmax: int, param_dtype: torch.dtype,
     if bounds is not None:
         bounds = bounds.detach().to(device="cpu", dtype=torch.float32).contiguous()
     runs = -(-row_len // size)
-    codes = torch.empty(rows * row_len * pack_bits // 8 if pack_bits else (rows, row_len), dtype=torch.uint8)
-    scale = torch.empty((rows, runs), dtype=param_dtype)
-    zero = torch.empty((rows, runs), dtype=param_dtype)
+    codes = torch.empty(rows * row_len * pack_bits // 8 if pack_bits else (rows, row_len), dtype=torch.uint8, device="cpu")
+    scale = torch.empty((rows, runs), dtype=param_dtype, device="cpu")
+    zero = torch.empty((rows, runs), dtype=param_dtype, device="cpu")
     bad = lib.sw_rtn_minmax(x2.data_ptr(), rows, row_len, size, qmax, None if bounds is None else bounds.data_ptr(),
                             int(param_dtype == torch.float16), scale.data_ptr(), zero.data_ptr(), codes.data_ptr(),
                             pack_bits, _threads(x2.numel()))
@@ -184,7 +184,7 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor | None:
         return None
     c = codes.reshape(-1).contiguous()
     n = c.numel()
-    out = torch.empty(-(-n * bits // 8), dtype=torch.uint8)
+    out = torch.empty(-(-n * bits // 8), dtype=torch.uint8, device="cpu")
     return None if lib.sw_pack_bits(c.data_ptr(), n, bits, out.data_ptr(), _threads(n)) else out
 
 
@@ -195,7 +195,7 @@ def _chunked_sums(kernel, n: int, *tensors: torch.Tensor) -> tuple[float, float]
     """Two float64 sums per fixed-size chunk (``kernel(*ptrs, n, chunk, sums, threads)``), each
     chunk in a fixed order, the chunks added exactly (``math.fsum``): the same for any thread count."""
     chunks = max(1, -(-n // SUM_CHUNK))
-    sums = torch.zeros(2 * chunks, dtype=torch.float64)
+    sums = torch.zeros(2 * chunks, dtype=torch.float64, device="cpu")
     if n:
         kernel(*(t.data_ptr() for t in tensors), n, SUM_CHUNK, sums.data_ptr(), _threads(n))
     pairs = sums.view(-1, 2).tolist()
@@ -237,7 +237,7 @@ def rtn_dense(codes2: torch.Tensor, size: int, scale: torch.Tensor, zero: torch.
     if lib is None or parts is None:
         return None
     c, s, z = parts
-    out = torch.empty(tuple(c.shape), dtype=torch.float32)
+    out = torch.empty(tuple(c.shape), dtype=torch.float32, device="cpu")
     lib.sw_rtn_dense(c.data_ptr(), c.shape[0], c.shape[1], size, int(s.dtype == torch.float16), s.data_ptr(),
                      z.data_ptr(), out.data_ptr(), _threads(c.numel()))
     return out
@@ -253,7 +253,7 @@ def rtn_write_back(w2: torch.Tensor, codes2: torch.Tensor, size: int, scale: tor
     if lib is None or parts is None or not _usable(w2, (torch.float32, torch.bfloat16)) or w2.shape != codes2.shape:
         return None
     c, s, z = parts
-    run_sums, sums = torch.empty(2 * s.numel(), dtype=torch.float64), torch.zeros(2, dtype=torch.float64)
+    run_sums, sums = torch.empty(2 * s.numel(), dtype=torch.float64, device="cpu"), torch.zeros(2, dtype=torch.float64, device="cpu")
     fn = lib.sw_rtn_write_back_bf16 if w2.dtype == torch.bfloat16 else lib.sw_rtn_write_back
     fn(w2.data_ptr(), c.data_ptr(), c.shape[0], c.shape[1], size, int(s.dtype == torch.float16),
        s.data_ptr(), z.data_ptr(), run_sums.data_ptr(), sums.data_ptr(), _threads(c.numel()))

@@ -40,8 +40,8 @@ class QuantizedTensor:
     _codes: torch.Tensor | None  # uint8 [numel]; None while only ``packed`` is held
     scale: torch.Tensor  # [rows, runs]
     zero: torch.Tensor | None  # [rows, runs] for "rtn" (float) and "rtn_z8" (int8), else None
-    sparse_idx: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))
-    sparse_val: torch.Tensor = field(default_factory=lambda: torch.zeros(0))
+    sparse_idx: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64, device="cpu"))
+    sparse_val: torch.Tensor = field(default_factory=lambda: torch.zeros(0, device="cpu"))
     packed: torch.Tensor | None = None  # the handler's packed codes (``handler.pack_codes``), when made
 
     def __post_init__(self):
@@ -194,7 +194,7 @@ def outlier_count(numel: int, budget_bits: float, value_bytes: int) -> int:
 def _kept(w: torch.Tensor, keep) -> torch.Tensor:
     if keep is None or (not isinstance(keep, torch.Tensor) and len(keep) == 0):
         return torch.zeros(0, dtype=torch.int64, device=w.device)
-    keep_idx = torch.as_tensor(keep, dtype=torch.int64).reshape(-1).to(w.device)
+    keep_idx = torch.as_tensor(keep, dtype=torch.int64, device=w.device).reshape(-1)
     if keep_idx.numel() and (int(keep_idx.min()) < 0 or int(keep_idx.max()) >= w.numel()):
         raise SuperweightError(f"a kept index is outside the tensor of shape {tuple(w.shape)}")
     return keep_idx

@@ -74,7 +74,7 @@ def _input_stats(model: nn.Module, modules: dict[str, nn.Module], calib: Sequenc
             hooks.pre(m, hook(n))
         for ids in calib:
             model(input_ids=ids.reshape(1, -1).to(next(model.parameters()).device), use_cache=False)
-    return maxima, {n: float(torch.tensor(v).median()) for n, v in medians.items()}
+    return maxima, {n: float(torch.tensor(v, device="cpu").median()) for n, v in medians.items()}
 
 
 def smoothing_factors(act_max: torch.Tensor, weight: torch.Tensor | Sequence[torch.Tensor], alpha: float) -> torch.Tensor:
@@ -252,7 +252,7 @@ def held_channels(model: nn.Module, calib: Sequence[torch.Tensor], ratio: float 
 def activation_hook(channels: Sequence[int], symmetric: bool = False):
     """A pre-hook quantizing a linear layer's input per token to 8 bits, the ``channels`` kept exact
     (filled with the median while the range is taken, then put back)."""
-    idx = torch.as_tensor(list(channels), dtype=torch.long)
+    idx = torch.as_tensor(list(channels), dtype=torch.long, device="cpu")  # moved to each input's device
 
     def fn(module, args):
         x = args[0]
