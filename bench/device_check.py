@@ -5,7 +5,7 @@
     python bench/device_check.py --prepare                    # here, once: wheels + task-data extract to carry
 
 Part 1, tiny random models with a planted super weight (``superweight.synthetic``), one per
-architecture: load onto the device, detect (in memory and streamed), ablate, eval, W8A8, quantize,
+architecture: load onto the device, detect and ablate (in memory and streamed), eval, W8A8, quantize,
 save and load the artifact (its logits must equal the fake-quantized model's), then each command
 once through the CLI (``--device``). Part 2, a random Llama checkpoint of 7B width written by
 ``bench/make_big_model.py``: the streamed detection onto the device in a child process (host peak
@@ -16,6 +16,7 @@ of them. Every step is recorded (ok or its error); the exit code is 1 when any s
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import gzip
 import json
 import math
@@ -111,6 +112,7 @@ def _expect_plant(coords) -> None:
 def check_arch(checks: Checks, arch: str, device: torch.device, root: Path, text: Path, tasks: list[str]) -> None:
     import superweight as sw
     from superweight.experiments import AblationConfig, run_ablation, run_eval
+    from superweight.stream_ablate import stream_ablation
     from superweight.stream_detect import stream_detect
 
     folder = checks.run(f"{arch}: save tiny planted model", tiny_folder, arch, root)
@@ -129,10 +131,20 @@ def check_arch(checks: Checks, arch: str, device: torch.device, root: Path, text
     found = det.super_weights if det is not None and det.super_weights else [PLANT]
     config = AblationConfig(ppl=str(text), tasks=tasks, limit=4, max_tokens=256, seq_len=64, top_n=16,
                             scales=(0.0, 1.0, 2.0), stopword_prompts=4 if "lambada" in tasks else 0)
-    checks.run(f"{arch}: ablate", run_ablation, lm, found, config)
+    ablated = checks.run(f"{arch}: ablate", run_ablation, lm, found, config)
+    streamed_ablation = checks.run(f"{arch}: streamed ablate", stream_ablation, folder, found,
+                                   dataclasses.replace(config, tasks=[]), device=device)
+    if ablated is not None and streamed_ablation is not None:
+        checks.run(f"{arch}: streamed ablate == in memory", _same_ppl, streamed_ablation, ablated)
     checks.run(f"{arch}: eval", run_eval, lm, AblationConfig(ppl=str(text), tasks=tasks, limit=4, max_tokens=256, seq_len=64))
     checks.run(f"{arch}: w8a8", _w8a8, lm, text)
     checks.run(f"{arch}: quantize, save, load onto {device.type}", _quantize_roundtrip, lm, found, root / f"{arch}-int4", device)
+
+
+def _same_ppl(a, b) -> None:
+    ppl = {n: (c.ppl, b.conditions[n].ppl) for n, c in a.conditions.items()}
+    if any(x != y for x, y in ppl.values()):
+        raise AssertionError(f"streamed and in-memory perplexities differ: {ppl}")
 
 
 def _same(a: dict, b: dict) -> None:
@@ -185,6 +197,8 @@ def check_cli(checks: Checks, device: torch.device, folder: Path, root: Path, te
         "detect --stream": ["detect", str(folder), "--stream", *dev, "--method", "both"],
         "ablate": ["ablate", str(folder), *dev, *ppl, *task, "--scales", "0,1", "--stopword-prompts", "2",
                    "--top-n", "16", "--json", str(root / "ablate.json")],
+        "ablate --stream": ["ablate", str(folder), "--stream", *dev, *ppl, "--tasks", "none", "--scales", "0,1",
+                            "--stopword-prompts", "2" if "lambada" in tasks else "0", "--top-n", "16"],
         "eval": ["eval", str(folder), *dev, *ppl, *task],
         "quantize": ["quantize", str(folder), *dev, "--scheme", "int4", "--group", "32", "--out", str(art), "--force"],
         "eval artifact": ["eval", str(art), *dev, *ppl, "--tasks", "none"],

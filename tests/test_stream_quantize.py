@@ -9,7 +9,7 @@ import pytest
 import torch
 
 import superweight as sw
-from superweight.checkpoint import read_header
+from superweight.checkpoint import INDEX, join_safetensors, read_header
 from superweight.export import MANIFEST, WEIGHTS, export_artifact, load_quantized
 from superweight.quant.config import RTN, Ternary, ZScore
 from superweight.stream_quantize import stream_quantize
@@ -24,12 +24,29 @@ def _checkpoint(arch: str, folder: Path, expert: int | None = None) -> Path:
     return folder
 
 
-def _same_artifact(a: Path, b: Path) -> None:
+HEADERS = ("file_bytes", "header_bytes", "file_bits_per_param")  # sizes that count each shard's header
+
+
+def same_artifact(a: Path, b: Path, ignore: tuple[str, ...] = ("source_model",)) -> None:
+    """``b`` (one file, or shards joined here) holds ``a``'s tensors byte for byte, and its manifest."""
     ma, mb = (json.loads((p / MANIFEST).read_text()) for p in (a, b))
-    assert {k: v for k, v in ma.items() if k != "source_model"} == {k: v for k, v in mb.items() if k != "source_model"}
-    ha, hb = read_header(a / WEIGHTS), read_header(b / WEIGHTS)
+    sharded = (b / INDEX).is_file()
+    for m in (ma, mb):
+        for key in ignore:
+            m.pop(key)
+        if sharded:
+            m["size"] = {k: v for k, v in m["size"].items() if k not in HEADERS}
+    assert ma == mb
+    wb = b / WEIGHTS
+    if sharded:
+        assert not wb.exists()
+        shards = sorted(set(json.loads((b / INDEX).read_text())["weight_map"].values()))
+        assert len(shards) > 1
+        wb = b.parent / f"{b.name}-joined.safetensors"
+        join_safetensors([b / s for s in shards], wb, read_header(a / WEIGHTS).metadata)
+    ha, hb = read_header(a / WEIGHTS), read_header(wb)
     assert ha.entries == hb.entries  # names, dtypes, shapes and offsets: the same layout
-    assert (a / WEIGHTS).read_bytes()[ha.data_start:] == (b / WEIGHTS).read_bytes()[hb.data_start:]
+    assert (a / WEIGHTS).read_bytes()[ha.data_start:] == wb.read_bytes()[hb.data_start:]
 
 
 CASES = [  # arch, planted expert, scheme, exclude
@@ -51,7 +68,7 @@ def test_a_streamed_export_is_the_in_memory_one(arch, expert, config, exclude, t
     kw = {} if exclude is None else {"exclude": exclude}
     export_artifact(lm, config, keep, tmp_path / "mem", write_back=False, **kw)
     manifest = stream_quantize(folder, config, keep, tmp_path / "stream", **kw)
-    _same_artifact(tmp_path / "mem", tmp_path / "stream")
+    same_artifact(tmp_path / "mem", tmp_path / "stream")
     assert manifest["kept"] and manifest["size"]["quantized_weights"] > 0
     if exclude == "":
         assert "lm_head.weight" in manifest["tensors"]
@@ -59,6 +76,37 @@ def test_a_streamed_export_is_the_in_memory_one(arch, expert, config, exclude, t
     ids = torch.randint(0, 250, (1, 16))
     with torch.no_grad():
         assert torch.isfinite(art.model(ids).logits).all()
+
+
+def test_a_single_file_streamed_export_is_the_in_memory_file(tmp_path):
+    """``sharded=False`` joins the parts: the in-memory export's file and manifest, sizes included."""
+    folder = _checkpoint("LlamaForCausalLM", tmp_path / "m")
+    lm = sw.load_model(str(folder))
+    keep = sw.detect(lm.model, lm.tokenizer).super_weights
+    export_artifact(lm, RTN(bits=4, group=32), keep, tmp_path / "mem", write_back=False)
+    stream_quantize(folder, RTN(bits=4, group=32), keep, tmp_path / "one", sharded=False)
+    assert not (tmp_path / "one" / INDEX).exists()
+    same_artifact(tmp_path / "mem", tmp_path / "one")
+    assert (tmp_path / "mem" / WEIGHTS).read_bytes() == (tmp_path / "one" / WEIGHTS).read_bytes()
+
+
+def test_a_sharded_artifact_loads_as_the_single_file_one_and_a_lost_shard_is_a_clear_error(tmp_path):
+    from superweight.errors import SuperweightError
+
+    folder = _checkpoint("LlamaForCausalLM", tmp_path / "m")
+    stream_quantize(folder, RTN(bits=4, group=32), [], tmp_path / "sharded")
+    stream_quantize(folder, RTN(bits=4, group=32), [], tmp_path / "one", sharded=False)
+    ids = torch.randint(0, 250, (1, 16))
+    with torch.no_grad():
+        logits = [load_quantized(tmp_path / name).model(ids).logits for name in ("sharded", "one")]
+    assert torch.equal(*logits)
+    index = json.loads((tmp_path / "sharded" / INDEX).read_text())
+    assert index["metadata"]["total_size"] == sum(
+        read_header(tmp_path / "sharded" / s).data_end - read_header(tmp_path / "sharded" / s).data_start
+        for s in set(index["weight_map"].values()))
+    (tmp_path / "sharded" / sorted(set(index["weight_map"].values()))[1]).unlink()
+    with pytest.raises(SuperweightError, match="corrupted artifact"):
+        load_quantized(tmp_path / "sharded")
 
 
 def test_a_streamed_export_holds_one_layer_at_a_time(tmp_path, monkeypatch):

@@ -183,6 +183,26 @@ def open_checkpoint(path: str | Path) -> Checkpoint:
     return Checkpoint(folder, {k: _info(files[0], header, k) for k in header.entries})
 
 
+def index_parts(parts: list[Path], folder: Path, metadata: dict[str, str]) -> list[Path]:
+    """Rename safetensors ``parts`` to a sharded checkpoint in ``folder`` (``model-00001-of-0000N.safetensors``
+    ...) and write its ``model.safetensors.index.json`` (``metadata`` plus ``total_size``, the ``weight_map``),
+    as transformers writes them; returns the shard paths. Names must not repeat across parts."""
+    shards, weight_map, total = [], {}, 0
+    for i, part in enumerate(parts):
+        header = read_header(part)
+        shard = folder / f"model-{i + 1:05d}-of-{len(parts):05d}.safetensors"
+        for name, entry in header.entries.items():
+            if name in weight_map:
+                raise ValueError(f"{name} is in two parts")
+            weight_map[name] = shard.name
+            total += entry["data_offsets"][1] - entry["data_offsets"][0]
+        part.rename(shard)
+        shards.append(shard)
+    index = {"metadata": {**metadata, "total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+    (folder / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+    return shards
+
+
 def join_safetensors(parts: list[Path], out: Path, metadata: dict[str, str]) -> None:
     """One safetensors file holding every tensor of ``parts`` (names must not repeat), byte for byte what
     ``safetensors.torch.save_file`` writes for them as one dict (its order: dtype, in the reverse of the

@@ -215,42 +215,53 @@ def evaluate_condition(
 
 @dataclass
 class Condition:
+    """One way of changing the model: ``apply(coords)`` is a context manager that makes the change."""
+
     name: str
     description: str
-    edit: Callable[[], contextlib.AbstractContextManager]
-    weights_changed: int
+    apply: Callable[[list], contextlib.AbstractContextManager]
+    coords: list
     same_as: str | None = None
     scale: bool = False
 
+    @property
+    def weights_changed(self) -> int:
+        return len(self.coords)
+
+    def edit(self) -> contextlib.AbstractContextManager:
+        return self.apply(self.coords)
+
+    def edit_layer(self, layer: int) -> contextlib.AbstractContextManager:
+        """The change restricted to one decoder layer (streaming: entered while that layer is read)."""
+        mine = [c for c in self.coords if as_key(c)[0].layer == layer]
+        return self.apply(mine) if mine else contextlib.nullcontext()
+
 
 def build_conditions(model, arch, coords: list, config: AblationConfig) -> list[Condition]:
+    """Every condition of the ablation. The null baselines are drawn from the super weights' layers
+    (their values are read now: streamed, those layers must be materialised)."""
     layers = sw_layers(coords)
     k = len(coords)
     top = top_magnitude_coords(model, arch, layers, config.top_n, exclude=coords)
     rand = random_coords(model, arch, layers, config.random_n or k, exclude=coords, seed=config.seed)
     where = f"layer(s) {', '.join(map(str, layers))} down_proj"
+
+    def zero(cs: list):
+        return zeroed_entries(model, arch, cs)
+
     conds = [
-        Condition("original", "unmodified model", contextlib.nullcontext, 0),
-        Condition("zero_super_weights", f"the {k} super weight(s) set to 0", lambda: zeroed_entries(model, arch, coords), k),
-        Condition(
-            "zero_top_non_super", f"the {len(top)} largest-|w| other entries of {where} set to 0, super weights kept",
-            lambda: zeroed_entries(model, arch, top), len(top),
-        ),
-        Condition(
-            "restore_super_activation", "super weights zeroed, super activation written back where it first appears",
-            lambda: restored_super_activation(model, arch, coords), k,
-        ),
-        Condition(
-            "zero_random", f"{len(rand)} random entries of {where} set to 0 (seed {config.seed})",
-            lambda: zeroed_entries(model, arch, rand), len(rand),
-        ),
+        Condition("original", "unmodified model", lambda cs: contextlib.nullcontext(), []),
+        Condition("zero_super_weights", f"the {k} super weight(s) set to 0", zero, coords),
+        Condition("zero_top_non_super", f"the {len(top)} largest-|w| other entries of {where} set to 0, super weights kept",
+                  zero, top),
+        Condition("restore_super_activation", "super weights zeroed, super activation written back where it first appears",
+                  lambda cs: restored_super_activation(model, arch, cs), coords),
+        Condition("zero_random", f"{len(rand)} random entries of {where} set to 0 (seed {config.seed})", zero, rand),
     ]
     for s in config.scales:
         same = "original" if s == 1 else "zero_super_weights" if s == 0 else None
-        conds.append(Condition(
-            scale_name(s), f"super weights x {s:g}", lambda s=s: scaled_weights(model, arch, coords, s), k,
-            same_as=same, scale=True,
-        ))
+        conds.append(Condition(scale_name(s), f"super weights x {s:g}", lambda cs, s=s: scaled_weights(model, arch, cs, s),
+                               coords, same_as=same, scale=True))
     return conds
 
 
@@ -271,12 +282,8 @@ def super_weight_dicts(super_weights) -> list[dict]:
     return out
 
 
-def run_ablation(loaded, super_weights, config: AblationConfig | None = None, **overrides) -> AblationResult:
-    """Evaluate ``loaded`` (a ``LoadedModel``) under every condition; weights restored after each.
-
-    ``super_weights``: a ``DetectionResult``, or SuperWeight objects / dicts / (layer, row, col).
-    Keyword overrides set ``AblationConfig`` fields (e.g. ``limit=20``).
-    """
+def ablation_inputs(super_weights, config: AblationConfig | None, overrides: dict) -> tuple[AblationConfig, list, list]:
+    """(config with the overrides set, the super weights as given, their coords with any expert kept)."""
     config = config or AblationConfig()
     for key, value in overrides.items():
         setattr(config, key, value)
@@ -284,6 +291,16 @@ def run_ablation(loaded, super_weights, config: AblationConfig | None = None, **
     coords = [weight_item(c, e) for c, e in as_keys(sws)]  # an MoE weight keeps its expert
     if not coords:
         raise SuperweightError("no super weights to ablate: detection found none (try `superweight detect -v`)")
+    return config, sws, coords
+
+
+def run_ablation(loaded, super_weights, config: AblationConfig | None = None, **overrides) -> AblationResult:
+    """Evaluate ``loaded`` (a ``LoadedModel``) under every condition; weights restored after each.
+
+    ``super_weights``: a ``DetectionResult``, or SuperWeight objects / dicts / (layer, row, col).
+    Keyword overrides set ``AblationConfig`` fields (e.g. ``limit=20``).
+    """
+    config, sws, coords = ablation_inputs(super_weights, config, overrides)
     model, tokenizer, arch = loaded.model, loaded.tokenizer, loaded.arch
     work = prepare_workload(model, tokenizer, config)
     conditions: dict[str, ConditionResult] = {}
@@ -300,14 +317,7 @@ def run_condition(
     model, tokenizer, work: Workload, config: AblationConfig, cond: Condition, done: dict[str, ConditionResult]
 ) -> ConditionResult:
     if cond.same_as and cond.same_as in done:
-        base = done[cond.same_as]
-        tasks, avg = base.tasks, base.avg_acc
-        if cond.scale and config.scale_tasks is not None:
-            tasks = {t: v for t, v in base.tasks.items() if t in config.scale_tasks}
-            avg = _mean_acc(tasks)
-        return ConditionResult(
-            cond.description, cond.weights_changed, base.ppl, base.ppl_tokens, avg, dict(tasks), same_as=cond.same_as
-        )
+        return copied_result(cond, done[cond.same_as], config)
     start = time.perf_counter()
     tasks = config.scale_tasks if cond.scale else None
     with cond.edit():
@@ -315,6 +325,24 @@ def run_condition(
     seconds = time.perf_counter() - start
     log.info("%s: ppl %s, mean acc %s (%.0f s)", cond.name, _fmt(ppl), _fmt(avg), seconds)
     return ConditionResult(cond.description, cond.weights_changed, ppl, tokens, avg, task_results, seconds)
+
+
+def copied_result(cond: Condition, base: ConditionResult, config: AblationConfig) -> ConditionResult:
+    """The result of a condition that changes the model as ``base``'s did (a scale of 0 or 1)."""
+    tasks, avg = base.tasks, base.avg_acc
+    if cond.scale and config.scale_tasks is not None:
+        tasks = {t: v for t, v in base.tasks.items() if t in config.scale_tasks}
+        avg = _mean_acc(tasks)
+    return ConditionResult(cond.description, cond.weights_changed, base.ppl, base.ppl_tokens, avg, dict(tasks),
+                           same_as=cond.same_as)
+
+
+def stopword_result(prompts: int, before: dict | None, after: dict | None, top_before: list, top_after: list) -> tuple[dict | None, dict]:
+    """The ablation file's ``stopwords`` and ``top5`` entries."""
+    stop = {"prompts": prompts, "source": "lambada", "original": before, "zero_super_weights": after} if prompts else None
+    top5 = {"prompt": SEASON_PROMPT, "original": [list(t) for t in top_before],
+            "zero_super_weights": [list(t) for t in top_after]}
+    return stop, top5
 
 
 def _mean_acc(tasks: dict[str, TaskResult]) -> float | None:
@@ -327,18 +355,13 @@ def _fmt(x: float | None) -> str:
 
 def stopword_block(model, tokenizer, arch, coords, config: AblationConfig) -> tuple[dict | None, dict]:
     """Stopword statistics and the season prompt's top-5, with and without the super weights."""
-    stop = None
     prompts, targets = lambada_prompts(config.stopword_prompts) if config.stopword_prompts else ([], [])
     before_top = top_next_tokens(model, tokenizer, SEASON_PROMPT)
     before = stopword_stats(model, tokenizer, prompts, targets).to_dict() if prompts else None
     with zeroed_entries(model, arch, coords):
         after_top = top_next_tokens(model, tokenizer, SEASON_PROMPT)
         after = stopword_stats(model, tokenizer, prompts, targets).to_dict() if prompts else None
-    if prompts:
-        stop = {"prompts": len(prompts), "source": "lambada", "original": before, "zero_super_weights": after}
-    top5 = {"prompt": SEASON_PROMPT, "original": [list(t) for t in before_top],
-            "zero_super_weights": [list(t) for t in after_top]}
-    return stop, top5
+    return stopword_result(len(prompts), before, after, before_top, after_top)
 
 
 # ---------------------------------------------------------------- one model, no ablation

@@ -2,7 +2,9 @@
 
 A folder holding ``model.safetensors`` (bit-packed codes, scales, zero points, a sparse exact
 outlier table per matrix, the untouched tensors), the model's ``config.json``, its tokenizer and
-``superweight_manifest.json`` (scheme, kept weights, source model, tool version, sizes). For a
+``superweight_manifest.json`` (scheme, kept weights, source model, tool version, sizes). A model
+quantized layer by layer (``quantize --stream``) is written sharded instead, one file per layer and
+``model.safetensors.index.json`` as transformers writes them: the same tensors, byte for byte. For a
 quantized weight ``W`` the file holds ``W::codes`` (uint8, packed), ``W::scale`` and ``W::zero``
 (``[rows, runs]``, float16), and ``W::sparse_idx`` (int32 flat ``[out, in]`` indices) with
 ``W::sparse_val`` (float16 when that is exact for every value, else the model's dtype: the manifest
@@ -10,6 +12,7 @@ says which). The folder is written under a temporary name and renamed, so it is 
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -21,7 +24,7 @@ import torch
 from torch import nn
 
 from .version import __version__
-from .checkpoint import check_safetensors, read_header
+from .checkpoint import read_header
 from .device import resolve_device
 from .errors import SuperweightError
 from .files import staged_dir
@@ -148,16 +151,22 @@ class ArtifactWriter:
             self._parts.append(part)
             self._pending = {}
 
-    def write(self, path: Path) -> None:
-        from .checkpoint import join_safetensors
+    def write(self, folder: Path, sharded: bool = False) -> list[Path]:
+        """The weights files in ``folder`` (the staging folder: the publishing rename is ``staged_dir``'s):
+        one ``model.safetensors``, the parts joined, or with ``sharded`` the parts themselves and an index
+        (a single part is always renamed to ``model.safetensors``). Returns the files."""
+        from .checkpoint import index_parts, join_safetensors
 
         self.flush()
         if len(self._parts) == 1:
-            self._parts[0].rename(path)  # inside the staging folder (the publishing rename is staged_dir's)
+            self._parts[0].rename(folder / WEIGHTS)
+        elif sharded:
+            return index_parts(self._parts, folder, _FILE_METADATA)
         else:
-            join_safetensors(self._parts, path, _FILE_METADATA)
+            join_safetensors(self._parts, folder / WEIGHTS, _FILE_METADATA)
             for part in self._parts:
                 part.unlink()
+        return [folder / WEIGHTS]
 
     def size(self, file_bytes: int, total_params: int, header_bytes: int) -> dict:
         """Measured and predicted sizes, and bits per quantized weight."""
@@ -234,16 +243,16 @@ def save_quantized(
 
 
 def finish_artifact(writer: ArtifactWriter, tmp: Path, model: nn.Module, tokenizer, config, source: str = "",
-                    notes: list[str] | None = None, activations: dict | None = None) -> dict:
-    """Write the weights file, config, tokenizer and manifest of an artifact into its staging folder ``tmp``
+                    notes: list[str] | None = None, activations: dict | None = None, sharded: bool = False) -> dict:
+    """Write the weights file(s), config, tokenizer and manifest of an artifact into its staging folder ``tmp``
     (``model`` may be a skeleton on the meta device: only its config and parameter count are read)."""
-    writer.write(tmp / WEIGHTS)
+    files = writer.write(tmp, sharded)
     model.config.save_pretrained(tmp)
     if getattr(model, "generation_config", None) is not None:
         model.generation_config.save_pretrained(tmp)
     if tokenizer is not None:
         tokenizer.save_pretrained(tmp)
-    file_bytes = (tmp / WEIGHTS).stat().st_size
+    file_bytes = sum(f.stat().st_size for f in files)
     total = sum(p.numel() for p in model.parameters())
     manifest = {
         "version": MANIFEST_VERSION,
@@ -258,7 +267,7 @@ def finish_artifact(writer: ArtifactWriter, tmp: Path, model: nn.Module, tokeniz
         "kept": writer.kept,
         "tied": writer.tied,
         "tensors": writer.entries,
-        "size": writer.size(file_bytes, total, read_header(tmp / WEIGHTS).data_start),
+        "size": writer.size(file_bytes, total, sum(read_header(f).data_start for f in files)),
     }
     if activations:
         manifest["activations"] = activations
@@ -331,15 +340,14 @@ def unpack_tensor(f, key: str, entry: dict) -> QuantizedTensor:
 
 def read_state_dict(path: str | os.PathLike, manifest: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Dequantized weights plus untouched tensors, every quantized weight in its stored orientation."""
-    from safetensors import safe_open
+    from .checkpoint import INDEX, open_checkpoint
 
-    weights = Path(path) / WEIGHTS
-    if not weights.is_file():
-        raise SuperweightError(f"{weights} is missing: the artifact is incomplete, re-export it")
-    check_safetensors(weights)
+    path = Path(path)
+    if not (path / WEIGHTS).is_file() and not (path / INDEX).is_file():
+        raise SuperweightError(f"{path / WEIGHTS} is missing: the artifact is incomplete, re-export it")
     state: dict[str, torch.Tensor] = {}
     try:
-        with safe_open(str(weights), framework="pt") as f:
+        with _WeightFiles(open_checkpoint(path)) as f:
             for key, entry in manifest["tensors"].items():
                 w = unpack_tensor(f, key, entry).dequantize(dtype)
                 w = w.t().contiguous() if entry["transposed"] else w
@@ -352,6 +360,32 @@ def read_state_dict(path: str | os.PathLike, manifest: dict, dtype: torch.dtype)
     except Exception as exc:  # safetensors / torch raise many kinds on a damaged file
         raise SuperweightError(f"{path} is a corrupted artifact ({type(exc).__name__}: {exc}): re-export it") from None
     return state
+
+
+class _WeightFiles:
+    """The weights of an artifact (one file or shards) read by tensor name, like one ``safe_open``."""
+
+    def __init__(self, ckpt) -> None:
+        self.ckpt, self._open, self._stack = ckpt, {}, contextlib.ExitStack()
+
+    def __enter__(self) -> "_WeightFiles":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+
+    def keys(self) -> list[str]:
+        return list(self.ckpt.tensors)
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        info = self.ckpt.tensors.get(name)
+        if info is None:
+            raise ValueError(f"{name} is missing")
+        if info.file not in self._open:
+            self._open[info.file] = self._stack.enter_context(safe_open(str(info.file), framework="pt"))
+        return self._open[info.file].get_tensor(name)
 
 
 def load_quantized(

@@ -63,18 +63,23 @@ def read_super_weights(path: str | Path):
 def check_super_weights(det, lm, origin: str | Path) -> list:
     """``det``'s super weights, refused unless they belong to ``lm``'s architecture and lie inside its
     down-projections (layer, row and column in range). Returns the list of ``SuperWeight``."""
+    return checked_against(det, lm.arch, lm.model, lm.name, origin)
+
+
+def checked_against(det, arch, model, name: str, origin: str | Path) -> list:
+    """``check_super_weights`` against any model with an ``ArchSpec`` (a streamed one's meta skeleton too)."""
     from .arch import check_index
 
-    if det.architecture != lm.arch.name:
+    if det.architecture != arch.name:
         raise SuperweightError(
-            f"{origin} holds super weights of a {det.architecture}, but {lm.name} is a {lm.arch.name}: "
-            f"detect them on this model (`superweight detect {lm.name} --json sw.json`)"
+            f"{origin} holds super weights of a {det.architecture}, but {name} is a {arch.name}: "
+            f"detect them on this model (`superweight detect {name} --json sw.json`)"
         )
     for sw in det.super_weights:
         try:
-            check_index(lm.arch, lm.model, sw.layer, sw.row, sw.col, sw.expert)
+            check_index(arch, model, sw.layer, sw.row, sw.col, sw.expert)
         except SuperweightError as exc:
-            raise SuperweightError(f"{origin}: super weight {sw.layer}:[{sw.row}, {sw.col}]: {exc}: it is not from {lm.name}") from None
+            raise SuperweightError(f"{origin}: super weight {sw.layer}:[{sw.row}, {sw.col}]: {exc}: it is not from {name}") from None
     return list(det.super_weights)
 
 

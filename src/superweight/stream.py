@@ -19,9 +19,10 @@ Detection itself lives once, in ``superweight.detect``; ``superweight.stream_det
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -41,6 +42,8 @@ log = logging.getLogger(__name__)
 
 Coord = tuple[int, int, int]
 Call = tuple[tuple, dict]  # the positional and keyword arguments the model passes one layer
+Edit = Callable[[int], contextlib.AbstractContextManager]  # changes layer i's weights inside the block
+HELD_BYTES = 2 << 30  # residual streams one pass of ``StreamedModel.run_heads`` holds at most
 
 
 class _Recorded(Exception):
@@ -170,6 +173,7 @@ class StreamedModel:
         self._keys = {n: self._key(n) for n in self._needed_names()}
         self._check_shapes()
         self._load(self._outer_names())
+        self.passes = 0  # passes over the layers by ``run_heads``
 
     # ------------------------------------------------------------ which tensor is where
 
@@ -315,32 +319,75 @@ class StreamedModel:
         return calls
 
     @torch.no_grad()
-    def window_nlls(self, windows: Sequence[tuple[torch.Tensor, int]], zero_sets: Sequence[Sequence]) -> list[list[float]]:
-        """``eval.perplexity.window_nll`` of each window ``(ids, first_scored)`` once per set of weights
-        zeroed (``[window][set]``), in one pass: each layer is read once and run once per window and set;
-        then, with the untied head read, the model's own forward turns each last layer output into logits
-        (every layer replaced by a replay of it)."""
-        from .runner import zeroed
-
-        calls = [self.layer_calls({"input_ids": ids[None].to(self.device)}) for ids, _ in windows]
-        hidden = [[_hidden_of(c[0])] * len(zero_sets) for c in calls]
-        last = [[None] * len(zero_sets) for _ in windows]
+    def last_outputs(self, windows: Sequence[torch.Tensor], runs: Sequence[tuple[int, Edit]]) -> list:
+        """The last decoder layer's output for each run ``(window index, edit)``, in one pass: each layer
+        is read once and run once per run, with ``edit(i)`` (a context manager that changes layer ``i``'s
+        weights, entered while the layer is read) around it. The layers' arguments are recorded once per
+        window, so every run of a window sees the model's own masks and positions."""
+        calls = [self.layer_calls({"input_ids": ids[None].to(self.device)}) for ids in windows]
+        hidden = [_hidden_of(calls[w][0]) for w, _ in runs]
+        last: list = [None] * len(runs)
         for i in range(self.num_layers):
             with self.layer(i):
-                for w, c in enumerate(calls):
-                    for s, weights in enumerate(zero_sets):
-                        args, kwargs = _with_hidden(c[i], hidden[w][s])
-                        with zeroed(self.model, self.arch, weights, i):
-                            last[w][s] = self.layers[i](*args, **kwargs)
-                        hidden[w][s] = _first_tensor(last[w][s])
-        with self.materialised(self.head_names()):
-            return [[self._head_nll(output, ids, first) for output in outs] for (ids, first), outs in zip(windows, last)]
+                for r, (w, edit) in enumerate(runs):
+                    args, kwargs = _with_hidden(calls[w][i], hidden[r])
+                    with edit(i):
+                        last[r] = self.layers[i](*args, **kwargs)
+                    hidden[r] = _first_tensor(last[r])
+        return last
 
-    def _head_nll(self, output, ids: torch.Tensor, first_scored: int) -> float:
+    @torch.no_grad()
+    def through_head(self, outputs: Sequence, fns: Sequence) -> list:
+        """``fn(model)`` for each last layer output and function, with the untied head read and every
+        layer replaced by a replay of that output: the model's own forward applies its final norm, head
+        and any logit softcapping (``fn`` calls ``model(input_ids=...)`` with the run's ids)."""
+        with self.materialised(self.head_names()):
+            out = []
+            for output, fn in zip(outputs, fns):
+                with self._stand_ins(lambda i, layer: _Replay(output, layer)):
+                    out.append(fn(self.model))
+            return out
+
+    def run_heads(self, windows: Sequence[torch.Tensor], runs: Sequence[tuple[int, Edit]], fns: Sequence,
+                  held_bytes: int = HELD_BYTES) -> list:
+        """``through_head(last_outputs(...))`` of every run, with the runs' residual streams held at once
+        kept under ``held_bytes`` (about tokens x hidden size x dtype bytes each): runs that do not fit one
+        pass go to the next, each pass reading the layers once more."""
+        width = self.model.get_input_embeddings().weight.shape[-1] * self.dtype.itemsize
+        out, group, size = [], [], 0
+        for r, (w, _) in enumerate(runs):
+            need = len(windows[w]) * width
+            if group and size + need > held_bytes:
+                out += self._one_pass(windows, runs, fns, group)
+                group, size = [], 0
+            group.append(r)
+            size += need
+        if group:
+            out += self._one_pass(windows, runs, fns, group)
+        return out
+
+    def _one_pass(self, windows, runs, fns, group: list[int]) -> list:
+        self.passes += 1
+        outputs = self.last_outputs(windows, [runs[r] for r in group])
+        return self.through_head(outputs, [fns[r] for r in group])
+
+    def window_nlls(self, windows: Sequence[tuple[torch.Tensor, int]], zero_sets: Sequence[Sequence]) -> list[list[float]]:
+        """``eval.perplexity.window_nll`` of each window ``(ids, first_scored)`` once per set of weights
+        zeroed (``[window][set]``), every layer read once per pass (``run_heads``)."""
+        from .runner import zeroed
+
+        edits = [functools.partial(zeroed, self.model, self.arch, weights) for weights in zero_sets]
+        runs = [(w, edit) for w in range(len(windows)) for edit in edits]
+        values = self.run_heads([ids for ids, _ in windows], runs, [self.nll_head(*windows[w]) for w, _ in runs])
+        n = len(zero_sets)
+        return [values[w * n:(w + 1) * n] for w in range(len(windows))]
+
+    def nll_head(self, ids: torch.Tensor, first_scored: int):
+        """A ``through_head`` function: ``eval.perplexity.window_nll`` of the window (float)."""
         from .eval.perplexity import window_nll
 
-        with self._stand_ins(lambda i, layer: _Replay(output, layer)):
-            return float(window_nll(self.model, ids.to(self.device), first_scored))
+        device = self.device
+        return lambda model: float(window_nll(model, ids.to(device), first_scored))
 
     @contextlib.contextmanager
     def _stand_ins(self, make) -> Iterator[None]:

@@ -4,8 +4,10 @@ The quantizer is data-free: each weight's codes depend on that weight (and on wh
 kept, and, for ``--sa-weight``, on their coordinates), never on activations. So a streamed export reads
 a layer (``StreamedModel.layer``), quantizes its targets with the same ``quantize`` call an in-memory
 export makes (restricted to the layer: ``within``), packs them and writes them to a part file
-(``export.ArtifactWriter``), then drops the layer. The weights file is joined from the parts at the end,
-tensor by tensor. The artifact is the in-memory export's: the same tensors, bytes and manifest (tests).
+(``export.ArtifactWriter``), then drops the layer. The parts become the shards of the artifact (one per
+layer, with ``model.safetensors.index.json``), so no byte is written twice; ``sharded=False`` joins them
+into one ``model.safetensors`` instead, tensor by tensor. Either way the artifact holds the in-memory
+export's tensors byte for byte, and its manifest (sizes aside: each shard has a header) (tests).
 Memory: the embeddings and final norm, one layer in ``dtype`` and its packed codes, the next layer
 read ahead.
 """
@@ -33,9 +35,11 @@ def stream_quantize(
     path: str | os.PathLike, config: RTN | Ternary, keep: Iterable | dict | None = None, out: str | os.PathLike = "",
     include: str | None = None, exclude: str | None = DEFAULT_EXCLUDE, param_dtype: torch.dtype = torch.float16,
     dtype: str = "float32", device: str | None = None, force: bool = False, notes: list[str] | None = None,
+    sharded: bool = True,
 ) -> dict:
     """Write the artifact of the local safetensors model at ``path`` quantized under ``config``, keeping
-    ``keep`` exact, reading one decoder layer at a time; returns the manifest."""
+    ``keep`` exact, reading one decoder layer at a time; returns the manifest. ``sharded``: a file per
+    layer and an index (False: one ``model.safetensors``, as the in-memory export writes, one more copy)."""
     out = Path(out)
     if out.exists() and not force:
         raise SuperweightError(f"{out} already exists: pick another --out or pass --force to replace it")
@@ -59,7 +63,8 @@ def stream_quantize(
                     writer.add_quantized(outside)
                 skip = set(outside.tensors) if outside is not None else set()
                 writer.add_untouched(*_untouched(model, skip, lambda n: not n.startswith(inside)))
-            return finish_artifact(writer, tmp, model, _tokenizer(sm.ckpt.folder), config, str(path), notes)
+            return finish_artifact(writer, tmp, model, _tokenizer(sm.ckpt.folder), config, str(path), notes,
+                                   sharded=sharded)
     finally:
         sm.close()
 

@@ -71,17 +71,47 @@ def _streamed_eval(model: str, config, tasks_asked: bool, dtype: str, device: st
     from ..progress import step
     from ..stream import stream_perplexity
 
-    if tasks_asked and config.tasks:
-        raise SuperweightError("zero-shot tasks need the model in memory: pass --tasks none with --stream "
-                               "(or drop --stream where the model fits)")
+    skipped = _streamed_tasks(config, tasks_asked)
     if config.ppl is None:
         raise SuperweightError("--stream measures perplexity only: give --ppl a text")
     start = time.perf_counter()
     with step("perplexity (streamed, layer by layer)"):
         r = stream_perplexity(model, load_text(config.ppl), config.seq_len, config.max_tokens, dtype=dtype, device=device)
-    notes = ["streamed: perplexity only (zero-shot tasks need the model in memory)"] if config.tasks else []
-    config.tasks = []
+    notes = ["streamed: perplexity only (zero-shot tasks need the model in memory)"] if skipped else []
     return EvalResult(model, config, r.ppl, r.tokens, None, {}, notes, time.perf_counter() - start)
+
+
+def _streamed_tasks(config, tasks_asked: bool) -> bool:
+    """Streamed, zero-shot tasks asked for by name are refused; the default ones are dropped from
+    ``config`` (True when some were)."""
+    from ..stream_ablate import TASKS_NEED_MEMORY
+
+    if tasks_asked and config.tasks:
+        raise SuperweightError(f"{TASKS_NEED_MEMORY}: pass --tasks none with --stream (or drop --stream where the model fits)")
+    skipped, config.tasks = bool(config.tasks), []
+    return skipped
+
+
+def _streamed_ablation(model: str, det, origin: Optional[Path], config, tasks_asked: bool, dtype: str, device: str):
+    """``ablate`` of a model streamed layer by layer (``stream_ablate.stream_ablation``): detection
+    streamed too unless a JSON gives the super weights."""
+    from ..progress import step
+    from ..stream_ablate import stream_ablation
+    from ..stream_detect import stream_detect
+
+    _streamed_tasks(config, tasks_asked)
+    if det is None:
+        with step("detecting super weights (streamed)"):
+            det = stream_detect(model, model_name=model, dtype=dtype, device=device)
+        origin = None
+    _print_found(det.super_weights)
+    with step("ablation (streamed: every condition through each layer read)"):
+        return stream_ablation(model, det, config, dtype=dtype, device=device, model_name=model,
+                               origin=None if origin is None else str(origin))
+
+
+def _print_found(found) -> None:
+    console.print("super weights: " + ", ".join(f"{s.layer}:[{s.row}, {s.col}]" for s in found), highlight=False)
 
 
 def _parse_scales(values: Optional[List[str]]) -> tuple[float, ...]:
@@ -114,6 +144,10 @@ def ablate(
     stopword_prompts: int = typer.Option(50, "--stopword-prompts", min=0, help="LAMBADA contexts for the stopword statistics."),
     seed: int = typer.Option(0, "--seed", help="Seed of the random null baseline."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the versioned result here."),
+    stream: bool = typer.Option(
+        False, "--stream", help="Perplexity and stopwords of a local safetensors model read one layer at a time, every "
+        "condition in one pass (automatic when it does not fit in memory); zero-shot tasks need it in memory."
+    ),
     dtype: str = DtypeOpt,
     cache_dir: Optional[Path] = CacheOpt,
     device: str = DeviceOpt,
@@ -123,6 +157,7 @@ def ablate(
 ) -> None:
     """Prove the super weights matter: zero, scale and restore them; paper Table 1, Fig. 5 and Fig. 6."""
     from ..experiments import run_ablation
+    from ..plan import choose_mode
 
     setup_logging(verbose, quiet)
     sweep_tasks = _task_list(scale_tasks, None)
@@ -133,13 +168,16 @@ def ablate(
     det = read_super_weights(super_weights) if super_weights else None
     if json_path:
         check_output(json_path, "--json")
-    lm = load_lm(model, dtype, cache_dir, device_map, device)
-    found = check_super_weights(det, lm, super_weights) if det else detect_default(lm).super_weights
-    console.print("super weights: " + ", ".join(f"{s.layer}:[{s.row}, {s.col}]" for s in found), highlight=False)
-    result = run_ablation(lm, found, config)
+    if choose_mode(model, dtype, stream, device_map, cache_dir, device) == "stream":
+        result, shown = _streamed_ablation(model, det, super_weights, config, bool(tasks), dtype, device), []
+    else:
+        lm = load_lm(model, dtype, cache_dir, device_map, device)
+        found = check_super_weights(det, lm, super_weights) if det else detect_default(lm).super_weights
+        _print_found(found)
+        result, shown = run_ablation(lm, found, config), lm.notes
     print_ablation_table(result)
     print_stopwords(result)
-    print_notes(result.notes, shown=lm.notes)
+    print_notes(result.notes, shown=shown)
     if json_path:
         result.save(json_path)
         console.print(f"wrote {json_path}")

@@ -1,0 +1,111 @@
+"""ablate --stream: every condition's perplexity and the stopword shift of a checkpoint read layer by
+layer, the in-memory ablation's numbers (perplexities bit for bit)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import superweight as sw
+from superweight.experiments import AblationConfig, run_ablation
+from superweight.stream_ablate import stream_ablation
+from test_stream import planted
+
+
+def _config(**kw) -> AblationConfig:
+    base = dict(ppl="wiki-intros", tasks=[], max_tokens=400, seq_len=96, top_n=16, scales=(0.0, 0.5, 1.0, 2.0),
+                stopword_prompts=3)
+    return AblationConfig(**{**base, **kw})
+
+
+def _same_stopwords(a: dict, b: dict) -> None:
+    for cond in ("original", "zero_super_weights"):
+        x, y = a[cond], b[cond]
+        assert x.keys() == y.keys()
+        for k in ("stopword_prob", "other_prob", "target_prob"):
+            assert x[k] == pytest.approx(y[k], rel=1e-5, abs=1e-9)
+        assert x["per_token"] == pytest.approx(y["per_token"], rel=1e-5, abs=1e-9)
+
+
+@pytest.mark.parametrize("arch,plant", [("LlamaForCausalLM", (1, 7, 33)), ("Gemma2ForCausalLM", (1, 7, 33)),
+                                        ("MixtralForCausalLM", (1, 7, 33, 0))])
+def test_streamed_ablation_is_the_in_memory_one(arch, plant, tmp_path):
+    """Zeroed, top-N, restored, random and scaled conditions in one pass; Mixtral's weight in expert 0."""
+    folder = planted(arch, tmp_path / arch)
+    lm = sw.load_model(str(folder))
+    mem = run_ablation(lm, [plant], _config())
+    before = {n: t.clone() for n, t in lm.model.state_dict().items()}
+    streamed = stream_ablation(folder, [plant], _config())
+    assert streamed.conditions.keys() == mem.conditions.keys()
+    for name, c in mem.conditions.items():
+        s = streamed.conditions[name]
+        assert (s.description, s.weights_changed, s.ppl, s.ppl_tokens, s.same_as) == \
+            (c.description, c.weights_changed, c.ppl, c.ppl_tokens, c.same_as), name
+    ppl = {n: c.ppl for n, c in mem.conditions.items()}
+    assert len({ppl["original"], ppl["zero_super_weights"], ppl["scale_2"], ppl["restore_super_activation"]}) == 4
+    _same_stopwords(streamed.stopwords, mem.stopwords)
+    assert [t for t, _ in streamed.top5["original"]] == [t for t, _ in mem.top5["original"]]
+    assert [t for t, _ in streamed.top5["zero_super_weights"]] == [t for t, _ in mem.top5["zero_super_weights"]]
+    assert "streamed" in streamed.notes[0] and streamed.architecture == mem.architecture
+    assert all(torch.equal(before[n], t) for n, t in lm.model.state_dict().items())
+
+
+def test_streamed_ablation_splits_passes_to_fit_the_held_streams(tmp_path, monkeypatch):
+    """A budget smaller than all the runs' residual streams: more passes, the same numbers."""
+    import superweight.stream as stream
+
+    folder = planted("LlamaForCausalLM", tmp_path / "m")
+    one = stream_ablation(folder, [(1, 7, 33)], _config(stopword_prompts=0))
+    monkeypatch.setattr(stream.StreamedModel.run_heads, "__defaults__", (4096,))
+    split = stream_ablation(folder, [(1, 7, 33)], _config(stopword_prompts=0))
+    assert {n: c.ppl for n, c in split.conditions.items()} == {n: c.ppl for n, c in one.conditions.items()}
+    assert "1 pass(es)" in one.notes[0] and "1 pass(es)" not in split.notes[0]
+
+
+def test_streamed_ablation_refuses_tasks_and_bad_weights(tmp_path):
+    folder = planted("LlamaForCausalLM", tmp_path / "m")
+    with pytest.raises(sw.SuperweightError, match="zero-shot tasks need the model in memory"):
+        stream_ablation(folder, [(1, 7, 33)], _config(tasks=["piqa"]))
+    with pytest.raises(sw.SuperweightError, match="outside layer 1"):
+        stream_ablation(folder, [(1, 7, 9999)], _config())
+    with pytest.raises(sw.SuperweightError, match="no super weights"):
+        stream_ablation(folder, [], _config())
+
+
+def test_cli_ablate_streams_the_in_memory_table(tmp_path, capsys):
+    """``ablate --stream`` (detection streamed too) writes the in-memory command's perplexities; tasks
+    named with --stream are refused, the default ones skipped with a note."""
+    from test_bad_inputs import run_main
+
+    folder = planted("LlamaForCausalLM", tmp_path / "m")
+    args = ["ablate", str(folder), "--ppl", "wiki-intros", "--max-tokens", "300", "--seq-len", "96", "--scales", "0,2",
+            "--stopword-prompts", "2", "--top-n", "8"]
+    runs = {}
+    for name, extra in {"memory": ["--tasks", "none"], "stream": ["--stream"]}.items():
+        code, out, err = run_main([*args, *extra, "--json", str(tmp_path / f"{name}.json")], capsys)
+        assert code == 0, err
+        assert "1:[7, 33]" in out
+        runs[name] = json.loads((tmp_path / f"{name}.json").read_text())
+    assert {n: c["ppl"] for n, c in runs["stream"]["conditions"].items()} == \
+        {n: c["ppl"] for n, c in runs["memory"]["conditions"].items()}
+    assert "zero-shot tasks need the model in memory" in " ".join(runs["stream"]["notes"])
+    code, _, err = run_main([*args, "--stream", "--tasks", "piqa"], capsys)
+    assert code == 2 and "zero-shot tasks need the model in memory" in err
+    code, _, err = run_main([*args, "--stream", "--super-weights", str(tmp_path / "memory.json")], capsys)
+    assert code == 2  # an ablation file is not a detection file
+
+
+def test_cli_ablate_stream_checks_a_detection_file_against_the_checkpoint(tmp_path, capsys):
+    from test_bad_inputs import run_main
+
+    llama, gpt2 = planted("LlamaForCausalLM", tmp_path / "llama"), planted("GPT2LMHeadModel", tmp_path / "gpt2")
+    code, _, err = run_main(["detect", str(gpt2), "--no-verdict", "--json", str(tmp_path / "sw.json")], capsys)
+    assert code == 0, err
+    code, _, err = run_main(["ablate", str(llama), "--stream", "--tasks", "none", "--super-weights", str(tmp_path / "sw.json")], capsys)
+    assert code == 2 and "holds super weights of a GPT2LMHeadModel" in err
+    code, out, err = run_main(["ablate", str(gpt2), "--stream", "--tasks", "none", "--ppl", "wiki-intros", "--max-tokens",
+                               "200", "--scales", "", "--stopword-prompts", "0", "--super-weights", str(tmp_path / "sw.json")],
+                              capsys)
+    assert code == 0, err
+    assert "zero_super_weights" in out
