@@ -7,7 +7,7 @@ two child processes, alternating: (a) ``load_model`` + ``export_artifact`` (the 
 (b) ``stream_quantize`` (one layer at a time); both INT4 group 64 with the planted super weight kept,
 in bfloat16. Records each child's peak RSS (VmHWM) and wall time, their ratios to the checkpoint's
 size and to each other (measured in the same run), and whether the two artifacts hold the same
-manifest and bytes.
+manifest and bytes (the streamed one is sharded, a file per layer: its shards are joined to compare).
 """
 from __future__ import annotations
 
@@ -58,11 +58,19 @@ def run_child(mode: str, folder: Path, out: Path, device: str = "cpu") -> dict:
 
 
 def digest(artifact: Path) -> dict:
-    from superweight.checkpoint import read_header
+    """Hashes of the manifest (less what counts headers: a sharded artifact has one per shard), of the
+    tensor entries and of the data; a sharded artifact's shards are joined first (not timed)."""
+    from superweight.checkpoint import INDEX, join_safetensors, read_header
 
     manifest = json.loads((artifact / "superweight_manifest.json").read_text())
     manifest.pop("source_model", None)
-    weights = artifact / "model.safetensors"
+    for key in ("file_bytes", "header_bytes", "file_bits_per_param"):
+        manifest["size"].pop(key)
+    weights, shards = artifact / "model.safetensors", 1
+    if (artifact / INDEX).is_file():
+        names = sorted(set(json.loads((artifact / INDEX).read_text())["weight_map"].values()))
+        weights, shards = artifact / "joined.safetensors", len(names)
+        join_safetensors([artifact / n for n in names], weights, read_header(artifact / names[0]).metadata)
     header = read_header(weights)
     h = hashlib.sha256()
     with open(weights, "rb") as f:
@@ -70,7 +78,8 @@ def digest(artifact: Path) -> dict:
         while chunk := f.read(16 << 20):
             h.update(chunk)
     return {"manifest": hashlib.sha256(json.dumps(manifest, sort_keys=True).encode()).hexdigest(),
-            "entries": hashlib.sha256(json.dumps(header.entries, sort_keys=True).encode()).hexdigest(), "data": h.hexdigest()}
+            "entries": hashlib.sha256(json.dumps(header.entries, sort_keys=True).encode()).hexdigest(), "data": h.hexdigest(),
+            "weight_files": shards}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -108,7 +117,8 @@ def main(argv: list[str] | None = None) -> dict:
             "peak_rss_over_checkpoint": {m: rss[m] / size for m in rss},
             "stream_rss_over_memory_rss": rss["stream"] / rss["memory"],
             "stream_time_over_memory_time": best["stream"] / best["memory"],
-            "same_artifact": digests["memory"] == digests["stream"], "digests": digests,
+            "same_artifact": all(digests["memory"][k] == digests["stream"][k] for k in ("manifest", "entries", "data")),
+            "digests": digests,
         }
     finally:
         shutil.rmtree(tmp, ignore_errors=True)

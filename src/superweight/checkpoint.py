@@ -206,8 +206,9 @@ def index_parts(parts: list[Path], folder: Path, metadata: dict[str, str]) -> li
 def join_safetensors(parts: list[Path], out: Path, metadata: dict[str, str]) -> None:
     """One safetensors file holding every tensor of ``parts`` (names must not repeat), byte for byte what
     ``safetensors.torch.save_file`` writes for them as one dict (its order: dtype, in the reverse of the
-    format's dtype list, then name; so every tensor stays aligned). Copies tensor by tensor: memory
-    stays that of the copy buffer."""
+    format's dtype list, then name; so every tensor stays aligned), but for the order of the metadata's
+    keys, which safetensors writes in hash-map order (it varies by process). Copies tensor by tensor:
+    memory stays that of the copy buffer."""
     headers = [read_header(p) for p in parts]
     where: dict[str, tuple[int, dict]] = {}
     for i, h in enumerate(headers):

@@ -107,6 +107,13 @@ def choose_mode(
 ) -> str:
     """"stream" or "memory" for a model argument; logs the automatic switch, errors when neither fits.
     With a CUDA ``device`` (and no ``device_map``), in memory means in the GPU's free memory."""
+    from .export import is_artifact
+
+    if path is not None and is_artifact(path):
+        if stream:
+            raise SuperweightError(f"{path} is a quantized artifact, which loads in memory (its weights are unpacked "
+                                   "on load): drop --stream")
+        return "memory"
     if path is None or not _is_local_safetensors(path):
         if path is not None and not stream:
             check_gguf_disk(str(path), cache_dir)
