@@ -204,6 +204,8 @@ def check_cli(checks: Checks, device: torch.device, folder: Path, root: Path, te
         "eval artifact": ["eval", str(art), *dev, *ppl, "--tasks", "none"],
         "report": ["report", str(folder), *dev, "--out", str(root / "report"), "--ablation", str(root / "ablate.json"),
                    "--force"],
+        "report --stream": ["report", str(folder), "--stream", *dev, "--out", str(root / "report-stream"), "--ablation",
+                            str(root / "ablate.json"), "--force"],
         "sweep": ["sweep", str(folder), *dev, "--text", str(text), "--max-tokens", "128", "--seq-len", "64",
                   "--bits", "4", "--size", "tensor", "--group", "32"],
         "verify": ["verify", str(folder), *dev],

@@ -180,3 +180,14 @@ def test_smollm2_streamed_verdict_is_the_in_memory_one(smollm2):
     assert [v.to_dict() for v in streamed.verdicts] == [v.to_dict() for v in mem.verdicts]
     [v] = [v for v in streamed.verdicts if v.target == "weight" and v.weights == [[11, 507, 1229, None]]]
     assert round(v.ppl_ratio, 2) == 7.27 and v.label == "super weight"
+
+
+def test_streamed_fig4_trace_of_the_real_model_is_the_in_memory_one(smollm2):
+    """``report --stream``'s Fig. 4 on the real SmolLM2 (its safetensors copy read layer by layer)."""
+    from superweight import report
+    from superweight.load import _gguf_cache_folder, default_cache_dir
+
+    det = sw.detect(smollm2.model, smollm2.tokenizer, arch=smollm2.arch)
+    mem = report.residual_trace(smollm2.model, smollm2.tokenizer, smollm2.arch, det)
+    assert report.streamed_residual_trace(_gguf_cache_folder(smollm2.source, default_cache_dir()), det) == mem
+    assert max(mem.sa_with) > 10 * max(mem.sa_without)  # the super activation goes with them (24,058 vs 1,402)

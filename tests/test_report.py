@@ -318,3 +318,40 @@ def test_run_sweep_uses_the_default_grid_with_progress(planted, results, monkeyp
     got = report.gather(_lm(model, tok), det, do_sweep=True)
     assert got.sweep is results[1] and seen == {"keep": det, "points": len(sweep_mod.default_grid())}
     assert [f.name for f in report.build_figures(got)][-1] == "fig7_block_size"
+
+
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "Gemma2ForCausalLM", "MixtralForCausalLM"])
+def test_streamed_residual_trace_is_the_in_memory_one(arch, tmp_path):
+    """Fig. 4's two runs (with and without the super weights) through each layer read once: the same numbers."""
+    model = tiny_model(arch)
+    plant_super_weight(model, *PLANT)  # Mixtral: in expert 0
+    model.save_pretrained(tmp_path / "m", max_shard_size="60KB")
+    byte_tokenizer().save_pretrained(tmp_path / "m")
+    lm = sw.load_model(str(tmp_path / "m"))
+    det = sw.detect(lm.model, lm.tokenizer)
+    assert det.super_weights
+    mem = report.residual_trace(lm.model, lm.tokenizer, lm.arch, det)
+    assert report.streamed_residual_trace(tmp_path / "m", det) == mem
+    assert mem.sa_with != mem.sa_without
+
+
+def test_report_cli_streams_a_model_folder(tmp_path, capsys):
+    """``report --stream --run-ablation``: detection, the Fig. 4 trace and the ablation's perplexity and
+    stopwords streamed; every figure but the sweep's; --run-sweep needs the model in memory."""
+    folder = tmp_path / "tiny"
+    model = tiny_model("LlamaForCausalLM")
+    plant_super_weight(model, *PLANT)
+    model.save_pretrained(folder, max_shard_size="60KB")
+    byte_tokenizer().save_pretrained(folder)
+    res = CliRunner().invoke(app, ["report", str(folder), "--stream", "--run-ablation", "--out", str(tmp_path / "rep")])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in (tmp_path / "rep").glob("*.png")) == [
+        "fig3_down_proj_maxima.png", "fig4_super_activation.png", "fig5_stopwords.png", "fig6_ablation.png", "fig6_scaling.png",
+    ]
+    page = (tmp_path / "rep" / "report.md").read_text()
+    assert "run by this report (streamed)" in page and "zero-shot tasks need the model in memory" in page
+    from test_bad_inputs import run_main
+
+    code, _, err = run_main(["report", str(folder), "--stream", "--run-sweep", "--out", str(tmp_path / "rep2")], capsys)
+    assert code == 2 and "--run-sweep needs the model in memory" in err
+    assert not (tmp_path / "rep2").exists()

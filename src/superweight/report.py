@@ -8,6 +8,7 @@ renamed into place only when complete.
 from __future__ import annotations
 
 import base64
+import contextlib
 import datetime as dt
 import html
 import json
@@ -93,12 +94,17 @@ class ReportInputs:
 
 def _residual_hook(i: int, channel: int, token: int, out: dict):
     def hook(module, args, output):
-        h = _first_tensor(output).detach()
-        h = h.reshape(-1, h.shape[-2], h.shape[-1])[0].float()
-        out.setdefault("sa", {})[i] = abs(float(h[token, channel]))
-        out.setdefault("max", {})[i] = float(h.abs().max())
+        _record(i, output, channel, token, out)
 
     return hook
+
+
+def _record(i: int, output, channel: int, token: int, out: dict) -> None:
+    """|residual[token, channel]| and max |residual| of a layer's output into ``out`` ("sa", "max")."""
+    h = _first_tensor(output).detach()
+    h = h.reshape(-1, h.shape[-2], h.shape[-1])[0].float()
+    out.setdefault("sa", {})[i] = abs(float(h[token, channel]))
+    out.setdefault("max", {})[i] = float(h.abs().max())
 
 
 def _trace_once(model: nn.Module, arch: ArchSpec, inputs: dict, channel: int, token: int) -> tuple[list, list]:
@@ -107,7 +113,11 @@ def _trace_once(model: nn.Module, arch: ArchSpec, inputs: dict, channel: int, to
         for i, layer in enumerate(arch.layer_modules(model)):
             hooks.forward(layer, _residual_hook(i, channel, token, seen))
         model(**inputs, use_cache=False)
-    n = arch.num_layers(model)
+    return _series(seen, arch.num_layers(model))
+
+
+def _series(seen: dict, n: int) -> tuple[list[float], list[float]]:
+    """``_record``'s values as two per-layer lists (|super activation|, max |residual|)."""
     return [seen["sa"][i] for i in range(n)], [seen["max"][i] for i in range(n)]
 
 
@@ -125,6 +135,29 @@ def residual_trace(model: nn.Module, tokenizer, arch: ArchSpec, detection: Detec
     sa_with, max_with = _trace_once(model, arch, inputs, channel, token)
     with zeroed_weights(model, arch, detection.super_weights):
         sa_without, max_without = _trace_once(model, arch, inputs, channel, token)
+    return ResidualTrace(channel, token, sa_with, sa_without, max_with, max_without)
+
+
+def streamed_residual_trace(path: str | Path, detection: DetectionResult, dtype: str | torch.dtype = "float32",
+                            device: str | torch.device | None = None, tokenizer=None) -> ResidualTrace:
+    """``residual_trace`` of a checkpoint read layer by layer: both runs (with and without the super
+    weights) through each layer while it is read once; the same numbers as in memory."""
+    import functools
+
+    from .runner import zeroed
+    from .stream import StreamedModel, _tokenizer
+
+    channel, token = super_activation_site(detection)
+    sm = StreamedModel(path, dtype, device)
+    try:
+        tokenizer = tokenizer or _tokenizer(sm.ckpt.folder)
+        ids = encode_prompt(tokenizer, detection.prompts[0])["input_ids"][0]
+        seen: list[dict] = [{}, {}]
+        edits = [lambda i: contextlib.nullcontext(), functools.partial(zeroed, sm.model, sm.arch, detection.super_weights)]
+        sm.last_outputs([ids], [(0, e) for e in edits], lambda i, r, out: _record(i, out, channel, token, seen[r]))
+    finally:
+        sm.close()
+    (sa_with, max_with), (sa_without, max_without) = (_series(s, sm.num_layers) for s in seen)
     return ResidualTrace(channel, token, sa_with, sa_without, max_with, max_without)
 
 
@@ -570,18 +603,19 @@ def _sweep_part(inputs: ReportInputs, loaded, sweep, do: bool) -> None:
 def gather(
     loaded, detection: DetectionResult, ablation: str | Path | AblationResult | None = None,
     sweep: str | Path | SweepResult | None = None, do_ablation: bool = False, do_sweep: bool = False,
-    limit: int = 20, command: str = "",
+    limit: int = 20, command: str = "", trace: ResidualTrace | None = None, notes: Sequence[str] = (),
 ) -> ReportInputs:
     """Everything the report shows: read from result files (or objects), or measured on ``loaded``
-    (a ``LoadedModel``; ``None`` builds the report from the results alone, without Fig. 4)."""
+    (a ``LoadedModel``; ``None`` builds the report from the results alone, without Fig. 4 unless
+    ``trace`` is given: a streamed model's, ``streamed_residual_trace``)."""
     from .catalog import model_names
 
     name = loaded.name if loaded is not None else detection.model
     inputs = ReportInputs(
         model=name, architecture=detection.architecture, detection=detection, command=command,
-        notes=list(dict.fromkeys([*(loaded.notes if loaded is not None else []), *detection.notes])),
+        notes=list(dict.fromkeys([*(loaded.notes if loaded is not None else []), *detection.notes, *notes])),
     )
-    inputs.trace = _trace(loaded, detection, inputs.missing)
+    inputs.trace = trace or _trace(loaded, detection, inputs.missing)
     names = model_names(loaded.name, loaded.model, loaded.source) if loaded is not None else model_names(name)
     inputs.findings = findings(names, detection)
     _ablation_part(inputs, loaded, ablation, do_ablation, limit)

@@ -319,11 +319,13 @@ class StreamedModel:
         return calls
 
     @torch.no_grad()
-    def last_outputs(self, windows: Sequence[torch.Tensor], runs: Sequence[tuple[int, Edit]]) -> list:
+    def last_outputs(self, windows: Sequence[torch.Tensor], runs: Sequence[tuple[int, Edit]],
+                     each: Callable[[int, int, object], None] | None = None) -> list:
         """The last decoder layer's output for each run ``(window index, edit)``, in one pass: each layer
         is read once and run once per run, with ``edit(i)`` (a context manager that changes layer ``i``'s
         weights, entered while the layer is read) around it. The layers' arguments are recorded once per
-        window, so every run of a window sees the model's own masks and positions."""
+        window, so every run of a window sees the model's own masks and positions. ``each(layer, run,
+        output)`` sees every layer's output as it comes."""
         calls = [self.layer_calls({"input_ids": ids[None].to(self.device)}) for ids in windows]
         hidden = [_hidden_of(calls[w][0]) for w, _ in runs]
         last: list = [None] * len(runs)
@@ -334,6 +336,8 @@ class StreamedModel:
                     with edit(i):
                         last[r] = self.layers[i](*args, **kwargs)
                     hidden[r] = _first_tensor(last[r])
+                    if each is not None:
+                        each(i, r, last[r])
         return last
 
     @torch.no_grad()

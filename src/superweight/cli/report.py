@@ -25,6 +25,38 @@ from .app import (
 )
 
 
+def _streamed_inputs(model: str, detection, ablation, sweep, run_ablation: bool, run_sweep: bool, prompt, command: str,
+                     dtype: str, device: str):
+    """The report's inputs for a model read layer by layer: detection (unless given), the Fig. 4 trace and
+    the ablation (``--run-ablation``: perplexity and stopwords) streamed."""
+    from .. import report as rep
+    from ..detect import DEFAULT_PROMPT
+    from ..errors import SuperweightError
+    from ..experiments import AblationConfig
+    from ..progress import step
+    from ..stream_ablate import TASKS_NEED_MEMORY, stream_ablation
+    from ..stream_detect import stream_detect
+
+    if run_sweep and sweep is None:
+        raise SuperweightError("--run-sweep needs the model in memory: run `superweight sweep` where it fits and pass "
+                               "--sweep JSON (or drop --stream)")
+    if detection is None:
+        with step("detecting super weights (streamed)"):
+            detection = stream_detect(model, list(prompt or [DEFAULT_PROMPT]), model_name=model, dtype=dtype, device=device)
+    with step("tracing the super activation (streamed)"):
+        trace = rep.streamed_residual_trace(model, detection, dtype, device)
+    note = []
+    if run_ablation and ablation is None:
+        with step("ablation (streamed: every condition through each layer read)"):
+            ablation = stream_ablation(model, detection, AblationConfig(tasks=[]), dtype=dtype, device=device,
+                                       model_name=model)
+        note = [f"streamed: the ablation measured perplexity and stopwords ({TASKS_NEED_MEMORY})"]
+    inputs = rep.gather(None, detection, ablation, sweep, False, False, command=command, trace=trace, notes=note)
+    if note:
+        inputs.ablation_source = "run by this report (streamed)"
+    return inputs
+
+
 @app.command()
 def report(
     model: str = ModelArg,
@@ -40,6 +72,11 @@ def report(
     limit: int = typer.Option(20, "--limit", min=1, help="Items per task when --run-ablation evaluates accuracy."),
     prompt: List[str] = typer.Option(None, "--prompt", "-p", help="Detection prompt(s). Default: the paper's."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --out folder."),
+    stream: bool = typer.Option(
+        False, "--stream", help="Read a local safetensors model one layer at a time (automatic when it does not fit in "
+        "memory): detection, the Fig. 4 trace and --run-ablation (perplexity and stopwords) stream; --run-sweep needs "
+        "the model in memory."
+    ),
     dtype: str = DtypeOpt,
     cache_dir: Optional[Path] = CacheOpt,
     device: str = DeviceOpt,
@@ -49,6 +86,7 @@ def report(
 ) -> None:
     """Write a one-page report (HTML with embedded figures, Markdown + PNGs) of MODEL's super weights."""
     from .. import report as rep
+    from ..plan import choose_mode
 
     setup_logging(verbose, quiet)
     rep.check_out_dir(out, force)
@@ -59,13 +97,16 @@ def report(
 
     detection = DetectionResult.load(super_weights) if super_weights else None
     needs_model = detection is None or run_ablation or run_sweep
-    lm = load_lm(model, dtype, cache_dir, device_map, device) if needs_model else None
-    detection = detection or detect_default(lm, prompt)
     flags = [f"--super-weights {super_weights}" if super_weights else "",
              f"--ablation {ablation}" if ablation else "", f"--sweep {sweep}" if sweep else "",
              f"--run-ablation --limit {limit}" if run_ablation else "", "--run-sweep" if run_sweep else ""]
     command = " ".join(x for x in ["superweight report", model, f"--out {out}", *flags, *(f"-p {p!r}" for p in prompt or [])] if x)
-    inputs = rep.gather(lm, detection, ablation, sweep, run_ablation, run_sweep, limit, command)
+    if needs_model and choose_mode(model, dtype, stream, device_map, cache_dir, device) == "stream":
+        inputs = _streamed_inputs(model, detection, ablation, sweep, run_ablation, run_sweep, prompt, command, dtype, device)
+    else:
+        lm = load_lm(model, dtype, cache_dir, device_map, device) if needs_model else None
+        detection = detection or detect_default(lm, prompt)
+        inputs = rep.gather(lm, detection, ablation, sweep, run_ablation, run_sweep, limit, command)
     figs = rep.build_figures(inputs)
     rep.write_report(inputs, figs, out, force)
     console.print(f"wrote {out}/report.html, report.md and {len(figs)} figures", highlight=False)
