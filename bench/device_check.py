@@ -208,6 +208,8 @@ def check_cli(checks: Checks, device: torch.device, folder: Path, root: Path, te
                             str(root / "ablate.json"), "--force"],
         "sweep": ["sweep", str(folder), *dev, "--text", str(text), "--max-tokens", "128", "--seq-len", "64",
                   "--bits", "4", "--size", "tensor", "--group", "32"],
+        "sweep --stream": ["sweep", str(folder), "--stream", *dev, "--text", str(text), "--max-tokens", "128", "--seq-len",
+                           "64", "--bits", "4", "--size", "tensor", "--group", "32"],
         "verify": ["verify", str(folder), *dev],
         "llama-cpp-overrides": ["llama-cpp-overrides", str(folder), *dev, "--quiet"],
     }

@@ -335,9 +335,9 @@ def test_streamed_residual_trace_is_the_in_memory_one(arch, tmp_path):
     assert mem.sa_with != mem.sa_without
 
 
-def test_report_cli_streams_a_model_folder(tmp_path, capsys):
+def test_report_cli_streams_a_model_folder(tmp_path, results, monkeypatch):
     """``report --stream --run-ablation``: detection, the Fig. 4 trace and the ablation's perplexity and
-    stopwords streamed; every figure but the sweep's; --run-sweep needs the model in memory."""
+    stopwords streamed, every figure but the sweep's; ``--run-sweep`` streams the weight-only points."""
     folder = tmp_path / "tiny"
     model = tiny_model("LlamaForCausalLM")
     plant_super_weight(model, *PLANT)
@@ -350,8 +350,13 @@ def test_report_cli_streams_a_model_folder(tmp_path, capsys):
     ]
     page = (tmp_path / "rep" / "report.md").read_text()
     assert "run by this report (streamed)" in page and "zero-shot tasks need the model in memory" in page
-    from test_bad_inputs import run_main
+    results[0].save(tmp_path / "abl.json")
+    import superweight.quant.sweep as sweep_module
 
-    code, _, err = run_main(["report", str(folder), "--stream", "--run-sweep", "--out", str(tmp_path / "rep2")], capsys)
-    assert code == 2 and "--run-sweep needs the model in memory" in err
-    assert not (tmp_path / "rep2").exists()
+    small = sweep_module.default_grid(bits=(4,), sizes=(1024,), groups=(32,), ternary_topk=-1)  # the tiny model's 64 inputs
+    monkeypatch.setattr(sweep_module, "default_grid", lambda **kw: [p for p in small if kw.get("w8a8", True) or p.family != "w8a8"])
+    res = CliRunner().invoke(app, ["report", str(folder), "--stream", "--run-sweep", "--ablation", str(tmp_path / "abl.json"),
+                                   "--out", str(tmp_path / "rep2")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "rep2" / "fig7_block_size.png").is_file()
+    assert "run by this report (streamed: the weight-only points)" in (tmp_path / "rep2" / "report.md").read_text()

@@ -323,21 +323,26 @@ class StreamedModel:
                      each: Callable[[int, int, object], None] | None = None) -> list:
         """The last decoder layer's output for each run ``(window index, edit)``, in one pass: each layer
         is read once and run once per run, with ``edit(i)`` (a context manager that changes layer ``i``'s
-        weights, entered while the layer is read) around it. The layers' arguments are recorded once per
-        window, so every run of a window sees the model's own masks and positions. ``each(layer, run,
-        output)`` sees every layer's output as it comes."""
+        weights, entered while the layer is read) around it: entered once per layer for all the runs that
+        share it (equal edits), so a costly edit (quantizing the layer) is made once per layer. The layers'
+        arguments are recorded once per window, so every run of a window sees the model's own masks and
+        positions. ``each(layer, run, output)`` sees every layer's output as it comes."""
         calls = [self.layer_calls({"input_ids": ids[None].to(self.device)}) for ids in windows]
         hidden = [_hidden_of(calls[w][0]) for w, _ in runs]
         last: list = [None] * len(runs)
+        sharing: dict[Edit, list[int]] = {}
+        for r, (_, edit) in enumerate(runs):
+            sharing.setdefault(edit, []).append(r)
         for i in range(self.num_layers):
             with self.layer(i):
-                for r, (w, edit) in enumerate(runs):
-                    args, kwargs = _with_hidden(calls[w][i], hidden[r])
+                for edit, group in sharing.items():
                     with edit(i):
-                        last[r] = self.layers[i](*args, **kwargs)
-                    hidden[r] = _first_tensor(last[r])
-                    if each is not None:
-                        each(i, r, last[r])
+                        for r in group:
+                            args, kwargs = _with_hidden(calls[runs[r][0]][i], hidden[r])
+                            last[r] = self.layers[i](*args, **kwargs)
+                            hidden[r] = _first_tensor(last[r])
+                            if each is not None:
+                                each(i, r, last[r])
         return last
 
     @torch.no_grad()

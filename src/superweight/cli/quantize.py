@@ -53,30 +53,37 @@ def _keep_for(lm, keep: bool, super_weights: Optional[Path]):
     return found
 
 
-def _streamed(model: str, config, keep_super_weights: bool, super_weights: Optional[Path], out: Path, force: bool,
-              include: Optional[str], exclude: str, dtype: str, device: str) -> dict:
-    """A local safetensors model quantized layer by layer (``stream_quantize``); the super weights from
-    ``--super-weights`` (checked against the model's architecture; coordinates on the first layer) or
-    detected now, streamed as well."""
-    from ..arch import architecture_name
-    from ..stream_detect import stream_detect
-    from ..stream_quantize import stream_quantize
-    from ..progress import step
+def streamed_keep(model: str, super_weights: Optional[Path], dtype: str, device: str) -> list:
+    """The super weights of a model that streams: from ``--super-weights`` (checked against the model's
+    architecture; coordinates when a layer is read) or detected now, streamed as well."""
     from transformers import AutoConfig
 
-    keep: list = []
-    if keep_super_weights and super_weights is not None:
+    from ..arch import architecture_name
+    from ..progress import step
+    from ..stream_detect import stream_detect
+
+    if super_weights is not None:
         det = read_super_weights(super_weights)
         arch = architecture_name(AutoConfig.from_pretrained(model))
         if det.architecture != arch:
             raise SuperweightError(f"{super_weights} holds super weights of a {det.architecture}, but {model} is a {arch}: "
                                    f"detect them on this model (`superweight detect {model} --stream --json sw.json`)")
-        keep = list(det.super_weights)
-    elif keep_super_weights:
-        with step("detecting super weights (streamed)"):
-            keep = stream_detect(model, model_name=model, dtype=dtype, device=device).super_weights
-        if not keep:
-            err_console.print("[yellow]note:[/] no super weight detected: nothing is held out")
+        return list(det.super_weights)
+    with step("detecting super weights (streamed)"):
+        keep = stream_detect(model, model_name=model, dtype=dtype, device=device).super_weights
+    if not keep:
+        err_console.print("[yellow]note:[/] no super weight detected: nothing is held out")
+    return keep
+
+
+def _streamed(model: str, config, keep_super_weights: bool, super_weights: Optional[Path], out: Path, force: bool,
+              include: Optional[str], exclude: str, dtype: str, device: str) -> dict:
+    """A local safetensors model quantized layer by layer (``stream_quantize``); the super weights from
+    ``streamed_keep``."""
+    from ..progress import step
+    from ..stream_quantize import stream_quantize
+
+    keep = streamed_keep(model, super_weights, dtype, device) if keep_super_weights else []
     with step("quantizing layer by layer (streamed)"):
         return stream_quantize(model, config, keep, out, include, exclude, dtype=dtype, device=device, force=force)
 

@@ -27,19 +27,18 @@ from .app import (
 
 def _streamed_inputs(model: str, detection, ablation, sweep, run_ablation: bool, run_sweep: bool, prompt, command: str,
                      dtype: str, device: str):
-    """The report's inputs for a model read layer by layer: detection (unless given), the Fig. 4 trace and
-    the ablation (``--run-ablation``: perplexity and stopwords) streamed."""
+    """The report's inputs for a model read layer by layer: detection (unless given), the Fig. 4 trace, the
+    ablation (``--run-ablation``: perplexity and stopwords) and the sweep (``--run-sweep``: the weight-only
+    points) streamed."""
     from .. import report as rep
     from ..detect import DEFAULT_PROMPT
-    from ..errors import SuperweightError
     from ..experiments import AblationConfig
     from ..progress import step
+    from ..quant.sweep import default_grid
     from ..stream_ablate import TASKS_NEED_MEMORY, stream_ablation
     from ..stream_detect import stream_detect
+    from ..stream_sweep import stream_sweep
 
-    if run_sweep and sweep is None:
-        raise SuperweightError("--run-sweep needs the model in memory: run `superweight sweep` where it fits and pass "
-                               "--sweep JSON (or drop --stream)")
     if detection is None:
         with step("detecting super weights (streamed)"):
             detection = stream_detect(model, list(prompt or [DEFAULT_PROMPT]), model_name=model, dtype=dtype, device=device)
@@ -51,9 +50,16 @@ def _streamed_inputs(model: str, detection, ablation, sweep, run_ablation: bool,
             ablation = stream_ablation(model, detection, AblationConfig(tasks=[]), dtype=dtype, device=device,
                                        model_name=model)
         note = [f"streamed: the ablation measured perplexity and stopwords ({TASKS_NEED_MEMORY})"]
+    swept = run_sweep and sweep is None
+    if swept:
+        grid = default_grid(w8a8=False)
+        with step(f"sweep (streamed: {len(grid)} points through each layer read)"):
+            sweep = stream_sweep(model, detection, grid, dtype=dtype, device=device, model_name=model)
     inputs = rep.gather(None, detection, ablation, sweep, False, False, command=command, trace=trace, notes=note)
     if note:
         inputs.ablation_source = "run by this report (streamed)"
+    if swept:
+        inputs.sweep_source = "run by this report (streamed: the weight-only points)"
     return inputs
 
 
@@ -74,8 +80,8 @@ def report(
     force: bool = typer.Option(False, "--force", help="Replace an existing --out folder."),
     stream: bool = typer.Option(
         False, "--stream", help="Read a local safetensors model one layer at a time (automatic when it does not fit in "
-        "memory): detection, the Fig. 4 trace and --run-ablation (perplexity and stopwords) stream; --run-sweep needs "
-        "the model in memory."
+        "memory): detection, the Fig. 4 trace, --run-ablation (perplexity and stopwords) and --run-sweep (the "
+        "weight-only points) stream."
     ),
     dtype: str = DtypeOpt,
     cache_dir: Optional[Path] = CacheOpt,

@@ -24,7 +24,7 @@ from .app import (
     setup_logging,
 )
 from .console import print_sweep_tables
-from .quantize import _keep_for, _parse_size
+from .quantize import _keep_for, _parse_size, streamed_keep
 
 
 def _grid(bits: List[int], size: List[str], group: List[int], clip_z: float):
@@ -32,6 +32,20 @@ def _grid(bits: List[int], size: List[str], group: List[int], clip_z: float):
 
     sizes = tuple(_parse_size(s) for t in size for s in t.split(",") if s) if size else DEFAULT_SIZES
     return default_grid(tuple(bits or DEFAULT_BITS), sizes, clip_z, tuple(group or DEFAULT_GROUPS))
+
+
+def _streamed_sweep(model: str, super_weights: Optional[Path], grid, text: str, max_tokens: int, seq_len: Optional[int],
+                    dtype: str, device: str):
+    """``sweep`` of a model read layer by layer (``stream_sweep``): the weight-only points, in one pass."""
+    from ..progress import step
+    from ..quant.config import W8A8
+    from ..stream_sweep import stream_sweep
+
+    keep = streamed_keep(model, super_weights, dtype, device)
+    points = [p for p in grid if not isinstance(p.config, W8A8)]
+    with step(f"sweep (streamed: {len(points)} points through each layer read)"):
+        return stream_sweep(model, keep, points, text_name=text, max_tokens=max_tokens, seq_len=seq_len, dtype=dtype,
+                            device=device, model_name=model)
 
 
 @app.command("sweep")
@@ -46,6 +60,10 @@ def sweep_cmd(
     group: List[int] = typer.Option(None, "--group", help=f"Naive group sizes (repeat; default {' '.join(map(str, DEFAULT_GROUPS))})."),
     clip_z: float = typer.Option(DEFAULT_CLIP_Z, "--clip-z", help="z-score clip threshold of the clip variants."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the versioned sweep result here."),
+    stream: bool = typer.Option(
+        False, "--stream", help="Read a local safetensors model one layer at a time, every grid point through each layer "
+        "read (automatic when it does not fit in memory); W8A8 points need it in memory and are left out."
+    ),
     dtype: str = DtypeOpt,
     cache_dir: Optional[Path] = CacheOpt,
     device: str = DeviceOpt,
@@ -58,6 +76,7 @@ def sweep_cmd(
     Example: `superweight sweep --super-weights sw.json --json sweep.json`, then
     `superweight report --super-weights sw.json --sweep sweep.json --out rep`.
     """
+    from ..plan import choose_mode
     from ..quant.sweep import run_sweep
 
     setup_logging(verbose, quiet)
@@ -67,12 +86,15 @@ def sweep_cmd(
         check_output(json_path, "--json")
     check_text_source(text)
     grid = _grid(bits, size, group, clip_z)
-    lm = load_lm(model, dtype, cache_dir, device_map, device)
-    keep = _keep_for(lm, True, super_weights)
-    result = run_sweep(
-        lm, keep, grid, text_name=text, max_tokens=max_tokens, seq_len=seq_len,
-        progress=lambda p: err_console.print(f"  {p.label}: ppl {p.ppl:.4g} ({p.seconds:.0f} s)", highlight=False),
-    )
+    if choose_mode(model, dtype, stream, device_map, cache_dir, device) == "stream":
+        result = _streamed_sweep(model, super_weights, grid, text, max_tokens, seq_len, dtype, device)
+    else:
+        lm = load_lm(model, dtype, cache_dir, device_map, device)
+        keep = _keep_for(lm, True, super_weights)
+        result = run_sweep(
+            lm, keep, grid, text_name=text, max_tokens=max_tokens, seq_len=seq_len,
+            progress=lambda p: err_console.print(f"  {p.label}: ppl {p.ppl:.4g} ({p.seconds:.0f} s)", highlight=False),
+        )
     print_sweep_tables(result)
     for note in result.notes:
         console.print(f"note: {note}", highlight=False)

@@ -21,7 +21,7 @@ from torch import nn
 from ..edits import Snapshot
 from ..results import Table, Versioned
 from ..version import __version__
-from .api import DEFAULT_EXCLUDE, quantize, target_modules
+from .api import DEFAULT_EXCLUDE, quantize, target_weights
 from .config import RTN, W8A8, Ternary, ZScore, describe, to_dict
 from .w8a8 import simulate_w8a8
 
@@ -140,11 +140,11 @@ def default_grid(
 
 
 class WeightSnapshot(Snapshot):
-    """``edits.Snapshot`` of every targeted weight, written back after each grid point."""
+    """``edits.Snapshot`` of every targeted weight (a mixture of experts' 3-D expert weights too),
+    written back after each grid point."""
 
     def __init__(self, model: nn.Module, exclude: str | None = DEFAULT_EXCLUDE):
-        self.modules = target_modules(model, None, exclude)
-        super().__init__(m.weight for m in self.modules.values())
+        super().__init__(t.weight for t in target_weights(model, None, exclude))
 
 
 def _bits_per_weight(result) -> float:
@@ -168,6 +168,13 @@ def run_point(
     return evaluate(), _bits_per_weight(q), extra
 
 
+def kept_list(keep: Sequence) -> list[list[int]]:
+    """The sweep file's super weights: ``[layer, row, col]``, an MoE weight's with its expert appended."""
+    from ..coords import as_keys
+
+    return [[*c, e] if e is not None else list(c) for c, e in as_keys(keep)]
+
+
 def calibration_batches(tokenizer, text: str, n: int = 4, length: int = 256) -> list[torch.Tensor]:
     """``n`` consecutive ``length``-token samples of ``text`` (SmoothQuant's calibration set)."""
     from ..eval.perplexity import tokenize_stream
@@ -187,7 +194,6 @@ def run_sweep(
     SmoothQuant's token batches (default: 4 x 256 tokens of ``wiki-intros``, not the test text).
     The model's weights are bitwise restored afterwards.
     """
-    from ..ablate import as_coords
     from ..eval.perplexity import evaluate_perplexity
     from ..eval.text import load_text
 
@@ -200,7 +206,7 @@ def run_sweep(
     snapshot = WeightSnapshot(model)
     out = SweepResult(
         model=lm.name, source=lm.source, text=text_name, max_tokens=max_tokens, seq_len=seq_len,
-        super_weights=[list(c) for c in as_coords(keep)], rows=[], notes=list(lm.notes),
+        super_weights=kept_list(keep), rows=[], notes=list(lm.notes),
     )
     try:
         for point in grid:

@@ -1,0 +1,66 @@
+"""``sweep --stream`` against the in-memory sweep, on the real models.
+
+    python bench/stream_sweep.py        # -> bench/results/stream_sweep.json (~20 min on 2 CPUs)
+
+For each real model of the dev set (float weights dequantized from GGUF files: every baseline is that
+of an already-quantized model), the default detection's super weights are held out in the sweep's
+weight-only grid (``default_grid(w8a8=False)``: RTN 4 and 3 bits by block size, naive / +SW / clip /
+clip+SW, group 128, ternary) on the first 2,048 tokens of WikiText-2 (the offline Wikipedia
+introductions without ``../shared``), in memory (``run_sweep``) and streamed from the safetensors copy
+the first load wrote (``stream_sweep``, every point through each layer read). Records whether every
+point's perplexity, bits per weight and SQNR are the same, and both wall times.
+"""
+from __future__ import annotations
+
+import json
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent
+MODELS = ("smollm2-135m", "gemma3-270m")
+
+
+def run(name: str, text_name: str) -> dict:
+    import superweight as sw
+    from superweight.load import _gguf_cache_folder, default_cache_dir
+    from superweight.quant.sweep import default_grid, run_sweep
+    from superweight.stream_sweep import stream_sweep
+
+    lm = sw.load_model(name)
+    keep = sw.detect(lm.model, lm.tokenizer, arch=lm.arch).super_weights
+    grid = default_grid(w8a8=False)
+    t0 = time.perf_counter()
+    mem = run_sweep(lm, keep, grid, text_name=text_name)
+    in_memory_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    streamed = stream_sweep(_gguf_cache_folder(lm.source, default_cache_dir()), keep, grid, text_name=text_name)
+    streamed_s = time.perf_counter() - t0
+    same = [(a.ppl, a.bits_per_weight, a.extra) == (b.ppl, b.bits_per_weight, b.extra) for a, b in zip(mem.rows, streamed.rows)]
+    return {"model": name, "notes": lm.notes + streamed.notes, "super_weights": streamed.super_weights,
+            "points": len(grid), "tokens": mem.rows[0].tokens, "all_same": all(same),
+            "rows": [[r.label, r.ppl, r.bits_per_weight] for r in streamed.rows],
+            "in_memory_s": in_memory_s, "streamed_s": streamed_s, "streamed_over_in_memory": streamed_s / in_memory_s}
+
+
+def main(argv: list[str] | None = None) -> dict:
+    import argparse
+
+    from superweight.eval.text import wikitext_candidates
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", type=Path, default=ROOT / "results" / "stream_sweep.json")
+    args = ap.parse_args(argv)
+    text = "wikitext2" if any(p.is_file() for p in wikitext_candidates()) else "wiki-intros"
+    out = {"command": "python bench/stream_sweep.py " + " ".join(sys.argv[1:] if argv is None else argv), "text": text,
+           "models": [run(m, text) for m in MODELS]}
+    from superweight.files import write_json_atomic
+
+    write_json_atomic(args.out, out)
+    print(json.dumps([{k: m[k] for k in ("model", "points", "all_same", "in_memory_s", "streamed_s")} for m in out["models"]],
+                     indent=1))
+    return out
+
+
+if __name__ == "__main__":
+    main()
