@@ -133,7 +133,7 @@ def check_arch(checks: Checks, arch: str, device: torch.device, root: Path, text
                             scales=(0.0, 1.0, 2.0), stopword_prompts=4 if "lambada" in tasks else 0)
     ablated = checks.run(f"{arch}: ablate", run_ablation, lm, found, config)
     streamed_ablation = checks.run(f"{arch}: streamed ablate", stream_ablation, folder, found,
-                                   dataclasses.replace(config, tasks=[]), device=device)
+                                   dataclasses.replace(config), device=device)
     if ablated is not None and streamed_ablation is not None:
         checks.run(f"{arch}: streamed ablate == in memory", _same_ppl, streamed_ablation, ablated)
     checks.run(f"{arch}: eval", run_eval, lm, AblationConfig(ppl=str(text), tasks=tasks, limit=4, max_tokens=256, seq_len=64))
@@ -197,7 +197,7 @@ def check_cli(checks: Checks, device: torch.device, folder: Path, root: Path, te
         "detect --stream": ["detect", str(folder), "--stream", *dev, "--method", "both"],
         "ablate": ["ablate", str(folder), *dev, *ppl, *task, "--scales", "0,1", "--stopword-prompts", "2",
                    "--top-n", "16", "--json", str(root / "ablate.json")],
-        "ablate --stream": ["ablate", str(folder), "--stream", *dev, *ppl, "--tasks", "none", "--scales", "0,1",
+        "ablate --stream": ["ablate", str(folder), "--stream", *dev, *ppl, *task, "--scales", "0,1",
                             "--stopword-prompts", "2" if "lambada" in tasks else "0", "--top-n", "16"],
         "eval": ["eval", str(folder), *dev, *ppl, *task],
         "quantize": ["quantize", str(folder), *dev, "--scheme", "int4", "--group", "32", "--out", str(art), "--force"],

@@ -349,7 +349,7 @@ def test_report_cli_streams_a_model_folder(tmp_path, results, monkeypatch):
         "fig3_down_proj_maxima.png", "fig4_super_activation.png", "fig5_stopwords.png", "fig6_ablation.png", "fig6_scaling.png",
     ]
     page = (tmp_path / "rep" / "report.md").read_text()
-    assert "run by this report (streamed)" in page and "zero-shot tasks need the model in memory" in page
+    assert "run by this report (streamed)" in page and "every condition through each layer read" in page
     results[0].save(tmp_path / "abl.json")
     import superweight.quant.sweep as sweep_module
 

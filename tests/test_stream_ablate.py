@@ -63,10 +63,29 @@ def test_streamed_ablation_splits_passes_to_fit_the_held_streams(tmp_path, monke
     assert "1 pass(es)" in one.notes[0] and "1 pass(es)" not in split.notes[0]
 
 
-def test_streamed_ablation_refuses_tasks_and_bad_weights(tmp_path):
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "MixtralForCausalLM"])
+def test_streamed_zero_shot_tasks_are_the_in_memory_ones(arch, tmp_path):
+    """Every request under every condition (the scale conditions only on --scale-tasks), one at a time:
+    the in-memory accuracies, log-likelihood-based numbers to float rounding."""
+    folder = planted(arch, tmp_path / arch)
+    plant = (1, 7, 33, 0) if arch == "MixtralForCausalLM" else (1, 7, 33)
+    config = dict(tasks=["piqa", "lambada"], limit=3, stopword_prompts=0, scale_tasks=["lambada"])
+    mem = run_ablation(sw.load_model(str(folder)), [plant], _config(**config))
+    streamed = stream_ablation(folder, [plant], _config(**config))
+    for name, c in mem.conditions.items():
+        s = streamed.conditions[name]
+        assert s.ppl == c.ppl and s.tasks.keys() == c.tasks.keys(), name
+        for task, r in c.tasks.items():
+            assert (s.tasks[task].n, s.tasks[task].acc) == (r.n, r.acc), (name, task)
+            if r.ppl is not None:
+                assert s.tasks[task].ppl == pytest.approx(r.ppl, rel=1e-4)
+        assert s.avg_acc == c.avg_acc
+    assert set(streamed.conditions["scale_2"].tasks) == {"lambada"}
+    assert "one at a time" in streamed.notes[0]
+
+
+def test_streamed_ablation_refuses_bad_weights(tmp_path):
     folder = planted("LlamaForCausalLM", tmp_path / "m")
-    with pytest.raises(sw.SuperweightError, match="zero-shot tasks need the model in memory"):
-        stream_ablation(folder, [(1, 7, 33)], _config(tasks=["piqa"]))
     with pytest.raises(sw.SuperweightError, match="outside layer 1"):
         stream_ablation(folder, [(1, 7, 9999)], _config())
     with pytest.raises(sw.SuperweightError, match="no super weights"):
@@ -74,24 +93,23 @@ def test_streamed_ablation_refuses_tasks_and_bad_weights(tmp_path):
 
 
 def test_cli_ablate_streams_the_in_memory_table(tmp_path, capsys):
-    """``ablate --stream`` (detection streamed too) writes the in-memory command's perplexities; tasks
-    named with --stream are refused, the default ones skipped with a note."""
+    """``ablate --stream`` (detection streamed too) writes the in-memory command's perplexities and
+    accuracies."""
     from test_bad_inputs import run_main
 
     folder = planted("LlamaForCausalLM", tmp_path / "m")
     args = ["ablate", str(folder), "--ppl", "wiki-intros", "--max-tokens", "300", "--seq-len", "96", "--scales", "0,2",
-            "--stopword-prompts", "2", "--top-n", "8"]
+            "--stopword-prompts", "2", "--top-n", "8", "--tasks", "piqa", "--limit", "2"]
     runs = {}
-    for name, extra in {"memory": ["--tasks", "none"], "stream": ["--stream"]}.items():
+    for name, extra in {"memory": [], "stream": ["--stream"]}.items():
         code, out, err = run_main([*args, *extra, "--json", str(tmp_path / f"{name}.json")], capsys)
         assert code == 0, err
         assert "1:[7, 33]" in out
         runs[name] = json.loads((tmp_path / f"{name}.json").read_text())
     assert {n: c["ppl"] for n, c in runs["stream"]["conditions"].items()} == \
         {n: c["ppl"] for n, c in runs["memory"]["conditions"].items()}
-    assert "zero-shot tasks need the model in memory" in " ".join(runs["stream"]["notes"])
-    code, _, err = run_main([*args, "--stream", "--tasks", "piqa"], capsys)
-    assert code == 2 and "zero-shot tasks need the model in memory" in err
+    assert {n: c["avg_acc"] for n, c in runs["stream"]["conditions"].items()} == \
+        {n: c["avg_acc"] for n, c in runs["memory"]["conditions"].items()}
     code, _, err = run_main([*args, "--stream", "--super-weights", str(tmp_path / "memory.json")], capsys)
     assert code == 2  # an ablation file is not a detection file
 

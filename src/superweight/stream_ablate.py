@@ -2,16 +2,17 @@
 
 The same conditions as in memory (``experiments.build_conditions``: the super weights zeroed, the
 largest other weights zeroed, the super activation restored, random weights zeroed, every scale),
-and the same stopword statistics and season-prompt top-5, measured with the model read one decoder
-layer at a time: every perplexity window under every condition, and every stopword prompt with and
-without the super weights, runs through each layer while that layer is in memory
+and the same stopword statistics, season-prompt top-5 and zero-shot tasks, measured with the model
+read one decoder layer at a time: every perplexity window and every task request under every
+condition, and every stopword prompt with and without the super weights, runs through each layer
+while that layer is in memory
 (``StreamedModel.run_heads``; one pass over the checkpoint while the runs' residual streams fit
 ``stream.HELD_BYTES``). A condition edits a layer only while that layer is read
 (``Condition.edit_layer``), restored bit for bit after.
 
 Perplexities are the in-memory numbers bit for bit (the same windows through the same kernels).
-Stopword probabilities are read one prompt at a time, where in memory prompts of similar length
-share a padded batch: equal up to float rounding. Zero-shot tasks need the model in memory.
+Stopword probabilities and task requests are read one at a time, where in memory those of similar
+length share a padded batch: equal up to float rounding (an accuracy can flip on a near tie).
 """
 from __future__ import annotations
 
@@ -24,9 +25,10 @@ import torch
 from .ablate import sw_layers
 from .arch import check_index
 from .coords import as_key
-from .errors import SuperweightError
 from .eval.perplexity import perplexity_result, perplexity_windows
 from .eval.stopwords import SEASON_PROMPT, lambada_prompts, prompt_ids, stats_of, top_of
+from .eval.perplexity import default_seq_len
+from .eval.tasks import average_accuracy, continuation_scores, prepare_task, scored
 from .eval.text import load_text
 from .inputs import checked_against
 from .experiments import (
@@ -44,6 +46,8 @@ from .stream import StreamedModel, _tokenizer
 log = logging.getLogger(__name__)
 
 TASKS_NEED_MEMORY = "zero-shot tasks need the model in memory"
+REQUESTS_ONE_BY_ONE = ("zero-shot requests scored one at a time (in memory, batched by length): log-likelihoods "
+                       "equal to float rounding")
 
 
 def stream_ablation(
@@ -51,13 +55,9 @@ def stream_ablation(
     device: str | torch.device | None = None, tokenizer=None, model_name: str = "", origin: str | None = None,
     **overrides,
 ) -> AblationResult:
-    """``experiments.run_ablation`` of a local safetensors checkpoint, streamed layer by layer.
-
-    ``config.tasks`` must be empty (zero-shot tasks need the model in memory). A ``DetectionResult``
+    """``experiments.run_ablation`` of a local safetensors checkpoint, streamed layer by layer. A ``DetectionResult``
     read from a file (``origin``) is checked against the checkpoint's architecture first."""
     config, sws, coords = ablation_inputs(super_weights, config, overrides)
-    if config.tasks:
-        raise SuperweightError(f"{TASKS_NEED_MEMORY}: pass --tasks none with --stream (or drop --stream where the model fits)")
     start = time.perf_counter()
     sm = StreamedModel(path, dtype, device)
     try:
@@ -71,17 +71,19 @@ def stream_ablation(
         with sm.materialised(names):  # the null baselines read the super weights' layers
             conds = build_conditions(sm.model, sm.arch, coords, config)
         measured = [c for c in conds if c.same_as is None]
-        ppl, stop, top5 = _measure(sm, tokenizer, config, measured)
+        ppl, tasks, stop, top5 = _measure(sm, tokenizer, config, measured)
         conditions: dict[str, ConditionResult] = {}
         for cond in conds:
             if cond.same_as is None:
                 value, tokens = ppl.get(cond.name, (None, None))
-                conditions[cond.name] = ConditionResult(cond.description, cond.weights_changed, value, tokens)
+                scores = tasks[cond.name]
+                conditions[cond.name] = ConditionResult(cond.description, cond.weights_changed, value, tokens,
+                                                        average_accuracy(scores) if scores else None, scores)
             else:
                 conditions[cond.name] = copied_result(cond, conditions[cond.same_as], config)
         seconds = time.perf_counter() - start
         note = (f"streamed: every condition through each layer read, {sm.passes} pass(es) over the checkpoint "
-                f"in {seconds:.0f} s; perplexity and stopwords only ({TASKS_NEED_MEMORY})")
+                f"in {seconds:.0f} s" + (f"; {REQUESTS_ONE_BY_ONE}" if config.tasks else ""))
         return AblationResult(
             model=model_name or str(path), architecture=sm.arch.name, super_weights=super_weight_dicts(sws),
             config=config, conditions=conditions, stopwords=stop, top5=top5, notes=[note],
@@ -90,39 +92,85 @@ def stream_ablation(
         sm.close()
 
 
-def _measure(sm: StreamedModel, tokenizer, config: AblationConfig, measured: list) -> tuple[dict, dict | None, dict]:
-    """({condition: (ppl, tokens)}, stopwords, top5): every run in the same passes over the layers."""
-    windows, runs, fns, spans = [], [], [], []
+class _Runs:
+    """The runs of one streamed measurement, each under a key: windows added once, run under any edits."""
+
+    def __init__(self) -> None:
+        self.windows: list[torch.Tensor] = []
+        self.runs: list[tuple[int, object]] = []
+        self.fns: list = []
+        self.keys: list[tuple] = []
+
+    def window(self, ids) -> int:
+        self.windows.append(torch.as_tensor(ids, dtype=torch.long, device="cpu"))
+        return len(self.windows) - 1
+
+    def add(self, key: tuple, window: int, cond, fn) -> None:
+        self.keys.append(key)
+        self.runs.append((window, cond.edit_layer))
+        self.fns.append(fn)
+
+    def measure(self, sm: StreamedModel) -> dict:
+        return dict(zip(self.keys, sm.run_heads(self.windows, self.runs, self.fns)))
+
+
+def _measure(sm: StreamedModel, tokenizer, config: AblationConfig, measured: list) -> tuple[dict, dict, dict | None, dict]:
+    """({condition: (ppl, tokens)}, {condition: {task: TaskResult}}, stopwords, top5): every run in the same
+    passes over the layers."""
+    plan, spans, tasks = _Runs(), [], {}
     if config.ppl is not None:
         ids, spans, seq_len, stride = perplexity_windows(sm.model, tokenizer, load_text(config.ppl), config.seq_len,
                                                           config.max_tokens)
-        for b, e, f in spans:
-            windows.append(ids[b:e])
+        for k, (b, e, f) in enumerate(spans):
+            w = plan.window(ids[b:e])
             for cond in measured:
-                runs.append((len(windows) - 1, cond.edit_layer))
-                fns.append(sm.nll_head(ids[b:e], f - b))
+                plan.add(("ppl", cond.name, k), w, cond, sm.nll_head(ids[b:e], f - b))
+    if config.tasks:
+        max_len = default_seq_len(sm.model, tokenizer)
+        tasks = {t: prepare_task(tokenizer, t, config.limit, max_len) for t in config.tasks}
+        windows = {t: [plan.window((c + x)[:-1]) for c, x in task.pairs] for t, task in tasks.items()}
+        for cond in measured:
+            for t in _task_names(cond, config):
+                for i, (ctx, cont) in enumerate(tasks[t].pairs):
+                    w = windows[t][i]
+                    plan.add(("task", cond.name, t, i), w, cond, _request_head(plan.windows[w], len(ctx), cont, sm.device))
     prompts, targets = lambada_prompts(config.stopword_prompts) if config.stopword_prompts else ([], [])
-    pair = [c for c in measured if c.name in ("original", "zero_super_weights")]
-    for prompt in (SEASON_PROMPT, *prompts):
-        windows.append(torch.tensor(prompt_ids(tokenizer, prompt), dtype=torch.long, device="cpu"))
-        for cond in pair:
-            runs.append((len(windows) - 1, cond.edit_layer))
-            fns.append(_probs_head(windows[-1], sm.device))
-    values = sm.run_heads(windows, runs, fns)
-    n = len(measured)
-    ppl = {}
-    if spans:
-        for k, cond in enumerate(measured):
-            r = perplexity_result([values[w * n + k] for w in range(len(spans))], spans, seq_len, stride)
+    for j, prompt in enumerate((SEASON_PROMPT, *prompts)):
+        w = plan.window(prompt_ids(tokenizer, prompt))
+        for cond in measured:
+            if cond.name in ("original", "zero_super_weights"):
+                plan.add(("probs", cond.name, j), w, cond, _probs_head(plan.windows[w], sm.device))
+    v = plan.measure(sm)
+    ppl, results = {}, {}
+    for cond in measured:
+        if spans:
+            r = perplexity_result([v["ppl", cond.name, k] for k in range(len(spans))], spans, seq_len, stride)
             ppl[cond.name] = (r.ppl, r.tokens)
-    probs = values[len(spans) * n:]  # [prompt][original, zeroed]
-    before = torch.stack(probs[2::2]) if prompts else None
-    after = torch.stack(probs[3::2]) if prompts else None
-    return ppl, *stopword_result(
-        len(prompts), stats_of(before, tokenizer, targets).to_dict() if prompts else None,
-        stats_of(after, tokenizer, targets).to_dict() if prompts else None,
-        top_of(probs[0], tokenizer), top_of(probs[1], tokenizer),
-    )
+        results[cond.name] = {t: scored(tasks[t], [v["task", cond.name, t, i] for i in range(len(tasks[t].pairs))])
+                              for t in _task_names(cond, config)}
+    probs = {c: [v["probs", c, j] for j in range(len(prompts) + 1)] for c in ("original", "zero_super_weights")}
+    stats = {c: stats_of(torch.stack(p[1:]), tokenizer, targets).to_dict() if prompts else None for c, p in probs.items()}
+    return ppl, results, *stopword_result(len(prompts), stats["original"], stats["zero_super_weights"],
+                                          top_of(probs["original"][0], tokenizer),
+                                          top_of(probs["zero_super_weights"][0], tokenizer))
+
+
+def _task_names(cond, config: AblationConfig) -> list[str]:
+    """The tasks a condition scores, as in memory: the scale conditions ``scale_tasks`` when given."""
+    if cond.scale and config.scale_tasks is not None:
+        return [t for t in config.tasks if t in config.scale_tasks]
+    return list(config.tasks)
+
+
+def _request_head(ids: torch.Tensor, context_len: int, continuation: list[int], device: torch.device):
+    """A ``through_head`` function: (log-likelihood, is greedy) of a request's continuation, as
+    ``eval.tasks.score_batch`` scores it (``ids``: the run's ``(context + continuation)[:-1]``)."""
+    def head(model) -> tuple[float, bool]:
+        logits = model(input_ids=ids[None].to(device), use_cache=False).logits
+        lp = logits[0, context_len - 1: context_len - 1 + len(continuation)].float().log_softmax(-1)
+        return continuation_scores(lp, continuation)
+
+    return head
 
 
 def _probs_head(ids: torch.Tensor, device: torch.device):

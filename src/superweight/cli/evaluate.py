@@ -92,14 +92,13 @@ def _streamed_tasks(config, tasks_asked: bool) -> bool:
     return skipped
 
 
-def _streamed_ablation(model: str, det, origin: Optional[Path], config, tasks_asked: bool, dtype: str, device: str):
+def _streamed_ablation(model: str, det, origin: Optional[Path], config, dtype: str, device: str):
     """``ablate`` of a model streamed layer by layer (``stream_ablate.stream_ablation``): detection
     streamed too unless a JSON gives the super weights."""
     from ..progress import step
     from ..stream_ablate import stream_ablation
     from ..stream_detect import stream_detect
 
-    _streamed_tasks(config, tasks_asked)
     if det is None:
         with step("detecting super weights (streamed)"):
             det = stream_detect(model, model_name=model, dtype=dtype, device=device)
@@ -145,8 +144,8 @@ def ablate(
     seed: int = typer.Option(0, "--seed", help="Seed of the random null baseline."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the versioned result here."),
     stream: bool = typer.Option(
-        False, "--stream", help="Perplexity and stopwords of a local safetensors model read one layer at a time, every "
-        "condition in one pass (automatic when it does not fit in memory); zero-shot tasks need it in memory."
+        False, "--stream", help="Ablate a local safetensors model read one layer at a time, every condition through each "
+        "layer read (automatic when it does not fit in memory)."
     ),
     dtype: str = DtypeOpt,
     cache_dir: Optional[Path] = CacheOpt,
@@ -169,7 +168,7 @@ def ablate(
     if json_path:
         check_output(json_path, "--json")
     if choose_mode(model, dtype, stream, device_map, cache_dir, device) == "stream":
-        result, shown = _streamed_ablation(model, det, super_weights, config, bool(tasks), dtype, device), []
+        result, shown = _streamed_ablation(model, det, super_weights, config, dtype, device), []
     else:
         lm = load_lm(model, dtype, cache_dir, device_map, device)
         found = check_super_weights(det, lm, super_weights) if det else detect_default(lm).super_weights

@@ -25,17 +25,17 @@ from .app import (
 )
 
 
-def _streamed_inputs(model: str, detection, ablation, sweep, run_ablation: bool, run_sweep: bool, prompt, command: str,
-                     dtype: str, device: str):
+def _streamed_inputs(model: str, detection, ablation, sweep, run_ablation: bool, run_sweep: bool, limit: int, prompt,
+                     command: str, dtype: str, device: str):
     """The report's inputs for a model read layer by layer: detection (unless given), the Fig. 4 trace, the
-    ablation (``--run-ablation``: perplexity and stopwords) and the sweep (``--run-sweep``: the weight-only
+    ablation (``--run-ablation``) and the sweep (``--run-sweep``: the weight-only
     points) streamed."""
     from .. import report as rep
     from ..detect import DEFAULT_PROMPT
     from ..experiments import AblationConfig
     from ..progress import step
     from ..quant.sweep import default_grid
-    from ..stream_ablate import TASKS_NEED_MEMORY, stream_ablation
+    from ..stream_ablate import stream_ablation
     from ..stream_detect import stream_detect
     from ..stream_sweep import stream_sweep
 
@@ -47,9 +47,9 @@ def _streamed_inputs(model: str, detection, ablation, sweep, run_ablation: bool,
     note = []
     if run_ablation and ablation is None:
         with step("ablation (streamed: every condition through each layer read)"):
-            ablation = stream_ablation(model, detection, AblationConfig(tasks=[]), dtype=dtype, device=device,
+            ablation = stream_ablation(model, detection, AblationConfig(limit=limit), dtype=dtype, device=device,
                                        model_name=model)
-        note = [f"streamed: the ablation measured perplexity and stopwords ({TASKS_NEED_MEMORY})"]
+        note = ["streamed: the ablation ran every condition through each layer read"]
     swept = run_sweep and sweep is None
     if swept:
         grid = default_grid(w8a8=False)
@@ -80,8 +80,7 @@ def report(
     force: bool = typer.Option(False, "--force", help="Replace an existing --out folder."),
     stream: bool = typer.Option(
         False, "--stream", help="Read a local safetensors model one layer at a time (automatic when it does not fit in "
-        "memory): detection, the Fig. 4 trace, --run-ablation (perplexity and stopwords) and --run-sweep (the "
-        "weight-only points) stream."
+        "memory): detection, the Fig. 4 trace, --run-ablation and --run-sweep (the weight-only points) stream."
     ),
     dtype: str = DtypeOpt,
     cache_dir: Optional[Path] = CacheOpt,
@@ -108,7 +107,8 @@ def report(
              f"--run-ablation --limit {limit}" if run_ablation else "", "--run-sweep" if run_sweep else ""]
     command = " ".join(x for x in ["superweight report", model, f"--out {out}", *flags, *(f"-p {p!r}" for p in prompt or [])] if x)
     if needs_model and choose_mode(model, dtype, stream, device_map, cache_dir, device) == "stream":
-        inputs = _streamed_inputs(model, detection, ablation, sweep, run_ablation, run_sweep, prompt, command, dtype, device)
+        inputs = _streamed_inputs(model, detection, ablation, sweep, run_ablation, run_sweep, limit, prompt, command, dtype,
+                                  device)
     else:
         lm = load_lm(model, dtype, cache_dir, device_map, device) if needs_model else None
         detection = detection or detect_default(lm, prompt)

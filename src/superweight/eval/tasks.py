@@ -186,7 +186,7 @@ def _prefix_token(tokenizer) -> int:
     raise SuperweightError("an empty context needs a BOS or EOS token, and the tokenizer has neither")
 
 
-def _continuation_scores(logprobs: torch.Tensor, target: list[int]) -> tuple[float, bool]:
+def continuation_scores(logprobs: torch.Tensor, target: list[int]) -> tuple[float, bool]:
     """``logprobs[i]`` predicts ``target[i]``: summed log-likelihood and whether all are greedy."""
     tgt = torch.as_tensor(target, device=logprobs.device)
     ll = logprobs.gather(1, tgt[:, None]).sum()
@@ -231,7 +231,7 @@ def score_batch(model: nn.Module, pairs: Sequence[tuple[list[int], list[int]]]) 
     out = []
     for i, (ctx, cont) in enumerate(pairs):
         lp = logits[i, len(ctx) - 1 : len(ctx) - 1 + len(cont)].float().log_softmax(-1)
-        out.append(_continuation_scores(lp, cont))
+        out.append(continuation_scores(lp, cont))
     return out
 
 
@@ -329,10 +329,14 @@ def prepare_task(tokenizer, task: str, limit: int | None = None, max_len: int = 
 
 def evaluate_prepared(model: nn.Module, prepared: PreparedTask, batch_tokens: int = 2048) -> TaskResult:
     """Score every request of ``prepared`` with ``model`` and summarise the task's metrics."""
-    flat = score_requests(model, prepared.pairs, batch_tokens)
+    return scored(prepared, score_requests(model, prepared.pairs, batch_tokens))
+
+
+def scored(prepared: PreparedTask, flat: Sequence[tuple[float, bool]]) -> TaskResult:
+    """The task's metrics from every request's (log-likelihood, is greedy), in ``prepared.pairs`` order."""
     scores, start = [], 0
     for size in prepared.sizes:
-        scores.append(flat[start : start + size])
+        scores.append(list(flat[start : start + size]))
         start += size
     return summarize(prepared.task, scores, prepared.items)
 
