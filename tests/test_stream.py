@@ -516,4 +516,4 @@ def test_cli_eval_streams_perplexity_and_refuses_tasks(tmp_path, capsys):
     result = json.loads(out.read_text())
     assert result["ppl"] > 1 and result["tasks"] == {} and "perplexity only" in " ".join(result["notes"])
     code, _, err = run_main(["eval", str(folder), "--stream", "--tasks", "piqa"], capsys)
-    assert code == 2 and "zero-shot tasks need the model in memory" in err
+    assert code == 2 and "perplexity only" in err and "ablate --stream" in err

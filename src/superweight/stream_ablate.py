@@ -45,7 +45,6 @@ from .stream import StreamedModel, _tokenizer
 
 log = logging.getLogger(__name__)
 
-TASKS_NEED_MEMORY = "zero-shot tasks need the model in memory"
 REQUESTS_ONE_BY_ONE = ("zero-shot requests scored one at a time (in memory, batched by length): log-likelihoods "
                        "equal to float rounding")
 

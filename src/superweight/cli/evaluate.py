@@ -77,17 +77,18 @@ def _streamed_eval(model: str, config, tasks_asked: bool, dtype: str, device: st
     start = time.perf_counter()
     with step("perplexity (streamed, layer by layer)"):
         r = stream_perplexity(model, load_text(config.ppl), config.seq_len, config.max_tokens, dtype=dtype, device=device)
-    notes = ["streamed: perplexity only (zero-shot tasks need the model in memory)"] if skipped else []
+    notes = [f"streamed: perplexity only ({EVAL_STREAM_TASKS})"] if skipped else []
     return EvalResult(model, config, r.ppl, r.tokens, None, {}, notes, time.perf_counter() - start)
+
+
+EVAL_STREAM_TASKS = "zero-shot tasks of a model read layer by layer: `superweight ablate --stream`, its original row"
 
 
 def _streamed_tasks(config, tasks_asked: bool) -> bool:
     """Streamed, zero-shot tasks asked for by name are refused; the default ones are dropped from
     ``config`` (True when some were)."""
-    from ..stream_ablate import TASKS_NEED_MEMORY
-
     if tasks_asked and config.tasks:
-        raise SuperweightError(f"{TASKS_NEED_MEMORY}: pass --tasks none with --stream (or drop --stream where the model fits)")
+        raise SuperweightError(f"eval --stream measures perplexity only: pass --tasks none ({EVAL_STREAM_TASKS})")
     skipped, config.tasks = bool(config.tasks), []
     return skipped
 
