@@ -23,7 +23,8 @@ def weight_item(coord: Coord, expert: int | None) -> Coord | tuple[int, int, int
     return coord if expert is None else (*coord, expert)
 
 
-def _checked(model: nn.Module, arch: ArchSpec, coords: Iterable) -> list[Key]:
+def checked_keys(model: nn.Module, arch: ArchSpec, coords: Iterable) -> list[Key]:
+    """``as_keys(coords)``, each checked to lie inside the model (``arch.check_index``)."""
     keys = as_keys(coords)
     for (layer, row, col), expert in keys:
         check_index(arch, model, layer, row, col, expert)
@@ -33,7 +34,7 @@ def _checked(model: nn.Module, arch: ArchSpec, coords: Iterable) -> list[Key]:
 @contextlib.contextmanager
 def scaled_weights(model: nn.Module, arch: ArchSpec, coords: Iterable, scale: float) -> Iterator[None]:
     """Multiply the given super weights by ``scale`` inside the block (0 zeroes them)."""
-    entries = [arch.weight_entry(model, *c, e) for c, e in _checked(model, arch, coords)]
+    entries = [arch.weight_entry(model, *c, e) for c, e in checked_keys(model, arch, coords)]
     with edited_entries(entries):
         with torch.no_grad():
             for weight, idx in entries:
@@ -68,7 +69,7 @@ def zeroed_entries(model: nn.Module, arch: ArchSpec, coords: Iterable) -> Iterat
     The original values are saved before any write and copied back on exit, so duplicates and
     errors inside the block still leave the weights bitwise as they were.
     """
-    keys = _checked(model, arch, coords)
+    keys = checked_keys(model, arch, coords)
     entries = []
     for (layer, expert), (rows, cols) in _by_matrix(keys).items():
         matrix = arch.expert_matrix(model, layer, expert)  # an [out, in] view of the stored weight
@@ -156,7 +157,7 @@ def restored_super_activation(
     own down-projection, at the first super weight layer this restores the clean run's value
     exactly (up to float rounding) for every input, without a second forward pass.
     """
-    keys = _checked(model, arch, coords)
+    keys = checked_keys(model, arch, coords)
     originals = {k: float(arch.expert_matrix(model, k[0].layer, k[1])[k[0].row, k[0].col].detach()) for k in keys}
     with HookSet() as hooks:
         for layer in sw_layers(coords):

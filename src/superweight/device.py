@@ -74,7 +74,8 @@ class StraysOnMeta(torch.overrides.TorchFunctionMode):
     """A CPU stand-in for a GPU: a tensor that code under ``prefix`` makes without a ``device``
     (or reads from numpy) goes to the meta device, so any that would stay on the CPU while the model
     sits on a GPU fails here too ("Tensor on device meta is not on the expected device cpu"), with a
-    traceback at the line that made it; files ending in one of ``skip`` are left alone. ``hits`` lists (file, line, function) of every such tensor.
+    traceback at the line that made it; files ending in one of ``skip`` are left alone. ``hits`` lists
+    (file, line, function) of every such tensor.
 
     >>> with StraysOnMeta(superweight_dir) as strays:
     ...     detect(model, tokenizer)      # a stray tensor mixed into the model's math raises

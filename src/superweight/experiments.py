@@ -231,6 +231,12 @@ class Condition:
     def edit(self) -> contextlib.AbstractContextManager:
         return self.apply(self.coords)
 
+    def task_names(self, config: AblationConfig) -> list[str]:
+        """The tasks this condition scores: a scale condition those of ``scale_tasks`` when given."""
+        if self.scale and config.scale_tasks is not None:
+            return [t for t in config.scale_tasks if t in config.tasks]
+        return list(config.tasks)
+
     def edit_layer(self, layer: int) -> contextlib.AbstractContextManager:
         """The change restricted to one decoder layer (streaming: entered while that layer is read)."""
         mine = [c for c in self.coords if as_key(c)[0].layer == layer]
@@ -319,9 +325,8 @@ def run_condition(
     if cond.same_as and cond.same_as in done:
         return copied_result(cond, done[cond.same_as], config)
     start = time.perf_counter()
-    tasks = config.scale_tasks if cond.scale else None
     with cond.edit():
-        ppl, tokens, task_results, avg = evaluate_condition(model, tokenizer, work, config, tasks)
+        ppl, tokens, task_results, avg = evaluate_condition(model, tokenizer, work, config, cond.task_names(config))
     seconds = time.perf_counter() - start
     log.info("%s: ppl %s, mean acc %s (%.0f s)", cond.name, _fmt(ppl), _fmt(avg), seconds)
     return ConditionResult(cond.description, cond.weights_changed, ppl, tokens, avg, task_results, seconds)

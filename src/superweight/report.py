@@ -142,9 +142,6 @@ def streamed_residual_trace(path: str | Path, detection: DetectionResult, dtype:
                             device: str | torch.device | None = None, tokenizer=None) -> ResidualTrace:
     """``residual_trace`` of a checkpoint read layer by layer: both runs (with and without the super
     weights) through each layer while it is read once; the same numbers as in memory."""
-    import functools
-
-    from .runner import zeroed
     from .stream import StreamedModel, _tokenizer
 
     channel, token = super_activation_site(detection)
@@ -153,7 +150,7 @@ def streamed_residual_trace(path: str | Path, detection: DetectionResult, dtype:
         tokenizer = tokenizer or _tokenizer(sm.ckpt.folder)
         ids = encode_prompt(tokenizer, detection.prompts[0])["input_ids"][0]
         seen: list[dict] = [{}, {}]
-        edits = [lambda i: contextlib.nullcontext(), functools.partial(zeroed, sm.model, sm.arch, detection.super_weights)]
+        edits = [lambda i: contextlib.nullcontext(), sm.zeroing(detection.super_weights)]
         sm.last_outputs([ids], [(0, e) for e in edits], lambda i, r, out: _record(i, out, channel, token, seen[r]))
     finally:
         sm.close()

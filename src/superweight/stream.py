@@ -383,13 +383,20 @@ class StreamedModel:
     def window_nlls(self, windows: Sequence[tuple[torch.Tensor, int]], zero_sets: Sequence[Sequence]) -> list[list[float]]:
         """``eval.perplexity.window_nll`` of each window ``(ids, first_scored)`` once per set of weights
         zeroed (``[window][set]``), every layer read once per pass (``run_heads``)."""
-        from .runner import zeroed
+        return self.edited_nlls(windows, [self.zeroing(weights) for weights in zero_sets])
 
-        edits = [functools.partial(zeroed, self.model, self.arch, weights) for weights in zero_sets]
+    def edited_nlls(self, windows: Sequence[tuple[torch.Tensor, int]], edits: Sequence[Edit]) -> list[list[float]]:
+        """``window_nlls`` under any edits (``[window][edit]``)."""
         runs = [(w, edit) for w in range(len(windows)) for edit in edits]
         values = self.run_heads([ids for ids, _ in windows], runs, [self.nll_head(*windows[w]) for w, _ in runs])
-        n = len(zero_sets)
+        n = len(edits)
         return [values[w * n:(w + 1) * n] for w in range(len(windows))]
+
+    def zeroing(self, weights: Sequence) -> Edit:
+        """The edit that zeroes ``weights`` in the layer being read (restored bit for bit after)."""
+        from .runner import zeroed
+
+        return functools.partial(zeroed, self.model, self.arch, weights)
 
     def nll_head(self, ids: torch.Tensor, first_scored: int):
         """A ``through_head`` function: ``eval.perplexity.window_nll`` of the window (float)."""

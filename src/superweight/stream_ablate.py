@@ -16,18 +16,14 @@ length share a padded batch: equal up to float rounding (an accuracy can flip on
 """
 from __future__ import annotations
 
-import logging
 import time
 from pathlib import Path
 
 import torch
 
-from .ablate import sw_layers
-from .arch import check_index
-from .coords import as_key
-from .eval.perplexity import perplexity_result, perplexity_windows
+from .ablate import checked_keys, sw_layers
+from .eval.perplexity import default_seq_len, perplexity_result, perplexity_windows
 from .eval.stopwords import SEASON_PROMPT, lambada_prompts, prompt_ids, stats_of, top_of
-from .eval.perplexity import default_seq_len
 from .eval.tasks import average_accuracy, continuation_scores, prepare_task, scored
 from .eval.text import load_text
 from .inputs import checked_against
@@ -42,8 +38,6 @@ from .experiments import (
     super_weight_dicts,
 )
 from .stream import StreamedModel, _tokenizer
-
-log = logging.getLogger(__name__)
 
 REQUESTS_ONE_BY_ONE = ("zero-shot requests scored one at a time (in memory, batched by length): log-likelihoods "
                        "equal to float rounding")
@@ -63,9 +57,7 @@ def stream_ablation(
         tokenizer = tokenizer or _tokenizer(sm.ckpt.folder)
         if origin is not None:
             checked_against(super_weights, sm.arch, sm.model, model_name or str(path), origin)
-        for c in coords:
-            (layer, row, col), expert = as_key(c)
-            check_index(sm.arch, sm.model, layer, row, col, expert)
+        checked_keys(sm.model, sm.arch, coords)
         names = [n for layer in sw_layers(coords) for n in sm.layer_names(layer)]
         with sm.materialised(names):  # the null baselines read the super weights' layers
             conds = build_conditions(sm.model, sm.arch, coords, config)
@@ -129,7 +121,7 @@ def _measure(sm: StreamedModel, tokenizer, config: AblationConfig, measured: lis
         tasks = {t: prepare_task(tokenizer, t, config.limit, max_len) for t in config.tasks}
         windows = {t: [plan.window((c + x)[:-1]) for c, x in task.pairs] for t, task in tasks.items()}
         for cond in measured:
-            for t in _task_names(cond, config):
+            for t in cond.task_names(config):
                 for i, (ctx, cont) in enumerate(tasks[t].pairs):
                     w = windows[t][i]
                     plan.add(("task", cond.name, t, i), w, cond, _request_head(plan.windows[w], len(ctx), cont, sm.device))
@@ -146,19 +138,12 @@ def _measure(sm: StreamedModel, tokenizer, config: AblationConfig, measured: lis
             r = perplexity_result([v["ppl", cond.name, k] for k in range(len(spans))], spans, seq_len, stride)
             ppl[cond.name] = (r.ppl, r.tokens)
         results[cond.name] = {t: scored(tasks[t], [v["task", cond.name, t, i] for i in range(len(tasks[t].pairs))])
-                              for t in _task_names(cond, config)}
+                              for t in cond.task_names(config)}
     probs = {c: [v["probs", c, j] for j in range(len(prompts) + 1)] for c in ("original", "zero_super_weights")}
     stats = {c: stats_of(torch.stack(p[1:]), tokenizer, targets).to_dict() if prompts else None for c, p in probs.items()}
     return ppl, results, *stopword_result(len(prompts), stats["original"], stats["zero_super_weights"],
                                           top_of(probs["original"][0], tokenizer),
                                           top_of(probs["zero_super_weights"][0], tokenizer))
-
-
-def _task_names(cond, config: AblationConfig) -> list[str]:
-    """The tasks a condition scores, as in memory: the scale conditions ``scale_tasks`` when given."""
-    if cond.scale and config.scale_tasks is not None:
-        return [t for t in config.tasks if t in config.scale_tasks]
-    return list(config.tasks)
 
 
 def _request_head(ids: torch.Tensor, context_len: int, continuation: list[int], device: torch.device):

@@ -12,7 +12,6 @@ are the in-memory sweep's bit for bit. W8A8 points calibrate activations across 
 from __future__ import annotations
 
 import contextlib
-import logging
 import time
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -25,11 +24,9 @@ from .eval.perplexity import perplexity_result, perplexity_windows
 from .eval.text import load_text
 from .export import predicted_bytes
 from .quant.api import quantize
-from .quant.config import W8A8, Ternary, to_dict
-from .quant.sweep import DEFAULT_MAX_TOKENS, GridPoint, PointResult, SweepResult, default_grid, granularity, kept_list
+from .quant.config import W8A8
+from .quant.sweep import DEFAULT_MAX_TOKENS, GridPoint, PointResult, SweepResult, default_grid, kept_list, point_result
 from .stream import StreamedModel, _tokenizer
-
-log = logging.getLogger(__name__)
 
 W8A8_NEEDS_MEMORY = "W8A8 points calibrate activations across the model and need it in memory"
 
@@ -56,16 +53,12 @@ class _PointEdit:
             yield
 
     def row(self, ppl, seconds: float) -> PointResult:
-        p, config = self.point, self.point.config
         bpw, extra = None, {}
-        if config is not None:
+        if self.point.config is not None:
             stats = list(self.layers.values())
             bpw = 8.0 * sum(b for b, _, _, _ in stats) / sum(n for _, n, _, _ in stats)
             extra = {"min_sqnr_db": min(s for _, _, s, _ in stats), "sparse_values": sum(k for _, _, _, k in stats)}
-        bits = getattr(config, "bits", 2 if isinstance(config, Ternary) else None)
-        return PointResult(p.family, p.variant, p.label, to_dict(config) if config else None, p.keep_super, bits,
-                           granularity(config), getattr(config, "block", None), getattr(config, "group", None),
-                           ppl.ppl, ppl.nll, ppl.tokens, bpw, seconds, extra)
+        return point_result(self.point, ppl, bpw, seconds, extra)
 
 
 def stream_sweep(
@@ -85,14 +78,10 @@ def stream_sweep(
     try:
         tokenizer = tokenizer or _tokenizer(sm.ckpt.folder)
         ids, spans, seq_len, stride = perplexity_windows(sm.model, tokenizer, text, seq_len, max_tokens)
-        windows = [ids[b:e] for b, e, _ in spans]
         edits = [_PointEdit(sm, p, keep) for p in grid]
-        runs = [(w, e) for w in range(len(windows)) for e in edits]
-        nlls = sm.run_heads(windows, runs, [sm.nll_head(windows[w], f - b) for w, (b, _, f) in enumerate(spans) for _ in edits])
+        nlls = sm.edited_nlls([(ids[b:e], f - b) for b, e, f in spans], edits)  # [window][point]
         seconds = (time.perf_counter() - start) / len(grid)
-        n = len(edits)
-        rows = [e.row(perplexity_result([nlls[w * n + k] for w in range(len(spans))], spans, seq_len, stride), seconds)
-                for k, e in enumerate(edits)]
+        rows = [e.row(perplexity_result([n[k] for n in nlls], spans, seq_len, stride), seconds) for k, e in enumerate(edits)]
         passes = sm.passes
     finally:
         sm.close()

@@ -194,7 +194,7 @@ def eval_cmd(
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the versioned result here."),
     stream: bool = typer.Option(
         False, "--stream", help="Perplexity of a local safetensors model read one layer at a time (automatic when it "
-        "does not fit in memory); zero-shot tasks need it in memory."
+        "does not fit in memory); its zero-shot tasks: ablate --stream."
     ),
     dtype: str = DtypeOpt,
     cache_dir: Optional[Path] = CacheOpt,

@@ -168,6 +168,14 @@ def run_point(
     return evaluate(), _bits_per_weight(q), extra
 
 
+def point_result(point: GridPoint, ppl, bits_per_weight: float | None, seconds: float, extra: dict) -> PointResult:
+    """The sweep file's row of ``point`` measured at perplexity ``ppl`` (a ``PerplexityResult``)."""
+    c = point.config
+    return PointResult(point.family, point.variant, point.label, to_dict(c) if c else None, point.keep_super,
+                       getattr(c, "bits", 2 if isinstance(c, Ternary) else None), granularity(c), getattr(c, "block", None),
+                       getattr(c, "group", None), ppl.ppl, ppl.nll, ppl.tokens, bits_per_weight, seconds, extra)
+
+
 def kept_list(keep: Sequence) -> list[list[int]]:
     """The sweep file's super weights: ``[layer, row, col]``, an MoE weight's with its expert appended."""
     from ..coords import as_keys
@@ -215,11 +223,7 @@ def run_sweep(
                 model, point, keep, lambda: evaluate_perplexity(model, lm.tokenizer, text, seq_len, max_tokens), calib or ()
             )
             snapshot.restore()
-            pr = PointResult(
-                point.family, point.variant, point.label, to_dict(point.config) if point.config else None,
-                point.keep_super, getattr(point.config, "bits", 2 if isinstance(point.config, Ternary) else None),
-                granularity(point.config), getattr(point.config, "block", None), getattr(point.config, "group", None), res.ppl, res.nll, res.tokens, bpw, time.perf_counter() - start, extra,
-            )
+            pr = point_result(point, res, bpw, time.perf_counter() - start, extra)
             out.rows.append(pr)
             out.seq_len = res.seq_len
             if progress:
