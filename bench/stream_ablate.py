@@ -1,15 +1,16 @@
 """``ablate --stream`` against the in-memory ablation, on the real models.
 
-    python bench/stream_ablate.py        # -> bench/results/stream_ablate.json (~10 min on 2 CPUs)
+    python bench/stream_ablate.py        # -> bench/results/stream_ablate.json (~12 min on 2 CPUs)
 
 For each real model of the dev set (float weights dequantized from GGUF files: every baseline is that
 of an already-quantized model), the default detection's super weights are ablated in memory
-(``experiments.run_ablation``, zero-shot tasks off) and then streamed from the safetensors copy the
-first load wrote (``stream_ablate.stream_ablation``): every condition's perplexity (the default eight
-scales included) on the first ``--tokens`` tokens of WikiText-2 (the offline Wikipedia introductions
-without ``../shared``), and the stopword shift on 50 LAMBADA contexts. Records whether every
-perplexity is the same number, the largest stopword-probability difference, both wall times and the
-passes the streamed run made over the checkpoint.
+(``experiments.run_ablation``) and then streamed from the safetensors copy the first load wrote
+(``stream_ablate.stream_ablation``): every condition's perplexity (the default eight scales included)
+on the first ``--tokens`` tokens of WikiText-2 (the offline Wikipedia introductions without
+``../shared``), the zero-shot ``--tasks`` on their first ``--limit`` documents (every condition but the
+scales), and the stopword shift on 50 LAMBADA contexts. Records whether every perplexity, every task
+result and the stopword statistics are the same numbers, the largest stopword-probability difference,
+both wall times and the passes the streamed run made over the checkpoint.
 """
 from __future__ import annotations
 
@@ -22,7 +23,7 @@ ROOT = Path(__file__).resolve().parent
 MODELS = ("smollm2-135m", "gemma3-270m")
 
 
-def run(name: str, tokens: int, text: str) -> dict:
+def run(name: str, tokens: int, text: str, tasks: list[str], limit: int) -> dict:
     import superweight as sw
     from superweight.experiments import AblationConfig, run_ablation
     from superweight.load import _gguf_cache_folder, default_cache_dir
@@ -32,7 +33,7 @@ def run(name: str, tokens: int, text: str) -> dict:
     found = sw.detect(lm.model, lm.tokenizer, arch=lm.arch).super_weights
 
     def config() -> AblationConfig:
-        return AblationConfig(ppl=text, tasks=[], max_tokens=tokens)
+        return AblationConfig(ppl=text, tasks=tasks, limit=limit, scale_tasks=[], max_tokens=tokens)
 
     t0 = time.perf_counter()
     mem = run_ablation(lm, found, config())
@@ -45,7 +46,11 @@ def run(name: str, tokens: int, text: str) -> dict:
                for c in ("original", "zero_super_weights") for k in ("stopword_prob", "other_prob", "target_prob"))
     return {"model": name, "notes": lm.notes + streamed.notes, "super_weights": [[s.layer, s.row, s.col] for s in found],
             "tokens": mem.conditions["original"].ppl_tokens, "same_ppl": all(a == b for a, b in ppl.values()),
+            "same_tasks": all(c.tasks == mem.conditions[n].tasks for n, c in streamed.conditions.items()),
+            "same_stopwords": (streamed.stopwords, streamed.top5) == (mem.stopwords, mem.top5),
             "ppl_in_memory_and_streamed": ppl, "max_abs_stopword_prob_difference": stop,
+            "accuracy_streamed": {n: {t: r.acc for t, r in c.tasks.items()} for n, c in streamed.conditions.items()
+                                  if c.tasks},
             "stopwords": streamed.stopwords, "top5": streamed.top5,
             "in_memory_s": in_memory_s, "streamed_s": streamed_s, "streamed_over_in_memory": streamed_s / in_memory_s}
 
@@ -57,15 +62,18 @@ def main(argv: list[str] | None = None) -> dict:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--tasks", default="piqa,lambada", help="comma-separated zero-shot tasks ('' for none)")
+    ap.add_argument("--limit", type=int, default=40, help="documents per task")
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "stream_ablate.json")
     args = ap.parse_args(argv)
+    tasks = [t for t in args.tasks.split(",") if t]
     text = "wikitext2" if any(p.is_file() for p in wikitext_candidates()) else "wiki-intros"
     out = {"command": "python bench/stream_ablate.py " + " ".join(sys.argv[1:] if argv is None else argv), "text": text,
-           "models": [run(m, args.tokens, text) for m in MODELS]}
+           "tasks": tasks, "limit": args.limit, "models": [run(m, args.tokens, text, tasks, args.limit) for m in MODELS]}
     from superweight.files import write_json_atomic
 
     write_json_atomic(args.out, out)
-    print(json.dumps([{k: m[k] for k in ("model", "same_ppl", "max_abs_stopword_prob_difference", "in_memory_s",
+    print(json.dumps([{k: m[k] for k in ("model", "same_ppl", "same_tasks", "same_stopwords", "in_memory_s",
                                          "streamed_s")} for m in out["models"]], indent=1))
     return out
 

@@ -1,14 +1,17 @@
 """``sweep --stream`` against the in-memory sweep, on the real models.
 
     python bench/stream_sweep.py        # -> bench/results/stream_sweep.json (~20 min on 2 CPUs)
+    python bench/stream_sweep.py --points w8a8 --out bench/results/stream_sweep_w8a8.json   # ~5 min
 
 For each real model of the dev set (float weights dequantized from GGUF files: every baseline is that
 of an already-quantized model), the default detection's super weights are held out in the sweep's
-weight-only grid (``default_grid(w8a8=False)``: RTN 4 and 3 bits by block size, naive / +SW / clip /
-clip+SW, group 128, ternary) on the first 2,048 tokens of WikiText-2 (the offline Wikipedia
+weight-only grid (``--points weight-only``, ``default_grid(w8a8=False)``: RTN 4 and 3 bits by block size,
+naive / +SW / clip / clip+SW, group 128, ternary) or its W8A8 points (``--points w8a8``: naive,
+SmoothQuant, super-activation hold-out, with the unquantized baseline) on the first 2,048 tokens of WikiText-2 (the offline Wikipedia
 introductions without ``../shared``), in memory (``run_sweep``) and streamed from the safetensors copy
 the first load wrote (``stream_sweep``, every point through each layer read). Records whether every
-point's perplexity, bits per weight and SQNR are the same, and both wall times.
+point's perplexity, bits per weight and SQNR (W8A8: the simulation's counts) are the same, and both
+wall times.
 """
 from __future__ import annotations
 
@@ -21,7 +24,7 @@ ROOT = Path(__file__).resolve().parent
 MODELS = ("smollm2-135m", "gemma3-270m")
 
 
-def run(name: str, text_name: str) -> dict:
+def run(name: str, text_name: str, points: str) -> dict:
     import superweight as sw
     from superweight.load import _gguf_cache_folder, default_cache_dir
     from superweight.quant.sweep import default_grid, run_sweep
@@ -29,7 +32,8 @@ def run(name: str, text_name: str) -> dict:
 
     lm = sw.load_model(name)
     keep = sw.detect(lm.model, lm.tokenizer, arch=lm.arch).super_weights
-    grid = default_grid(w8a8=False)
+    grid = default_grid(w8a8=False) if points == "weight-only" else \
+        [p for p in default_grid() if p.family in ("fp", "w8a8")]
     t0 = time.perf_counter()
     mem = run_sweep(lm, keep, grid, text_name=text_name)
     in_memory_s = time.perf_counter() - t0
@@ -40,6 +44,7 @@ def run(name: str, text_name: str) -> dict:
     return {"model": name, "notes": lm.notes + streamed.notes, "super_weights": streamed.super_weights,
             "points": len(grid), "tokens": mem.rows[0].tokens, "all_same": all(same),
             "rows": [[r.label, r.ppl, r.bits_per_weight] for r in streamed.rows],
+            "w8a8": {r.label: r.extra["w8a8"] for r in streamed.rows if "w8a8" in r.extra},
             "in_memory_s": in_memory_s, "streamed_s": streamed_s, "streamed_over_in_memory": streamed_s / in_memory_s}
 
 
@@ -50,10 +55,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "stream_sweep.json")
+    ap.add_argument("--points", choices=("weight-only", "w8a8"), default="weight-only")
     args = ap.parse_args(argv)
     text = "wikitext2" if any(p.is_file() for p in wikitext_candidates()) else "wiki-intros"
     out = {"command": "python bench/stream_sweep.py " + " ".join(sys.argv[1:] if argv is None else argv), "text": text,
-           "models": [run(m, text) for m in MODELS]}
+           "points": args.points, "models": [run(m, text, args.points) for m in MODELS]}
     from superweight.files import write_json_atomic
 
     write_json_atomic(args.out, out)

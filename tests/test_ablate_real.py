@@ -69,7 +69,7 @@ def test_small_ablation_end_to_end(smollm2, detected, tmp_path):
 
 def test_streamed_ablation_of_the_real_model_is_the_in_memory_one(smollm2, detected):
     """``ablate --stream``'s numbers on the real SmolLM2 (its safetensors copy read layer by layer):
-    every condition's perplexity bit for bit, its accuracies, the stopword shift to float rounding."""
+    every condition's perplexity, task results and the stopword shift, bit for bit."""
     from superweight.experiments import AblationConfig, run_ablation
     from superweight.load import _gguf_cache_folder, default_cache_dir
     from superweight.stream_ablate import stream_ablation
@@ -81,8 +81,6 @@ def test_streamed_ablation_of_the_real_model_is_the_in_memory_one(smollm2, detec
     mem = run_ablation(smollm2, detected, config())
     streamed = stream_ablation(_gguf_cache_folder(smollm2.source, default_cache_dir()), detected, config())
     assert {n: c.ppl for n, c in streamed.conditions.items()} == {n: c.ppl for n, c in mem.conditions.items()}
-    assert {n: c.avg_acc for n, c in streamed.conditions.items()} == {n: c.avg_acc for n, c in mem.conditions.items()}
+    assert {n: c.tasks for n, c in streamed.conditions.items()} == {n: c.tasks for n, c in mem.conditions.items()}
     assert streamed.conditions["zero_super_weights"].ppl > 5 * streamed.conditions["original"].ppl
-    for cond in ("original", "zero_super_weights"):
-        assert streamed.stopwords[cond]["stopword_prob"] == pytest.approx(mem.stopwords[cond]["stopword_prob"], rel=1e-4)
-        assert [t for t, _ in streamed.top5[cond]] == [t for t, _ in mem.top5[cond]]
+    assert (streamed.stopwords, streamed.top5) == (mem.stopwords, mem.top5)

@@ -337,7 +337,7 @@ def test_streamed_residual_trace_is_the_in_memory_one(arch, tmp_path):
 
 def test_report_cli_streams_a_model_folder(tmp_path, results, monkeypatch):
     """``report --stream --run-ablation``: detection, the Fig. 4 trace and the ablation's perplexity and
-    stopwords streamed, every figure but the sweep's; ``--run-sweep`` streams the weight-only points."""
+    stopwords streamed, every figure but the sweep's; ``--run-sweep`` streams the sweep, W8A8 points included."""
     folder = tmp_path / "tiny"
     model = tiny_model("LlamaForCausalLM")
     plant_super_weight(model, *PLANT)
@@ -354,9 +354,10 @@ def test_report_cli_streams_a_model_folder(tmp_path, results, monkeypatch):
     import superweight.quant.sweep as sweep_module
 
     small = sweep_module.default_grid(bits=(4,), sizes=(1024,), groups=(32,), ternary_topk=-1)  # the tiny model's 64 inputs
-    monkeypatch.setattr(sweep_module, "default_grid", lambda **kw: [p for p in small if kw.get("w8a8", True) or p.family != "w8a8"])
+    assert any(p.family == "w8a8" for p in small)
+    monkeypatch.setattr(sweep_module, "default_grid", lambda **kw: small)
     res = CliRunner().invoke(app, ["report", str(folder), "--stream", "--run-sweep", "--ablation", str(tmp_path / "abl.json"),
                                    "--out", str(tmp_path / "rep2")])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "rep2" / "fig7_block_size.png").is_file()
-    assert "run by this report (streamed: the weight-only points)" in (tmp_path / "rep2" / "report.md").read_text()
+    assert "run by this report (streamed)" in (tmp_path / "rep2" / "report.md").read_text()

@@ -506,14 +506,19 @@ def test_streamed_perplexity_is_the_in_memory_one(arch, tmp_path):
     assert stream_perplexity(folder, text, seq_len=128, max_tokens=1000, stride=96).to_dict() == mem.to_dict()
 
 
-def test_cli_eval_streams_perplexity_and_refuses_tasks(tmp_path, capsys):
+def test_cli_eval_streams_perplexity_and_tasks(tmp_path, capsys):
+    """``eval --stream`` writes the in-memory command's numbers, zero-shot tasks included."""
     from test_bad_inputs import run_main
 
     folder = planted("LlamaForCausalLM", tmp_path / "m")
-    out = tmp_path / "ev.json"
-    code, _, err = run_main(["eval", str(folder), "--stream", "--ppl", "wiki-intros", "--max-tokens", "600", "--json", str(out)], capsys)
-    assert code == 0, err
-    result = json.loads(out.read_text())
-    assert result["ppl"] > 1 and result["tasks"] == {} and "perplexity only" in " ".join(result["notes"])
-    code, _, err = run_main(["eval", str(folder), "--stream", "--tasks", "piqa"], capsys)
-    assert code == 2 and "perplexity only" in err and "ablate --stream" in err
+    runs = {}
+    for name, extra in {"memory": [], "stream": ["--stream"]}.items():
+        out = tmp_path / f"{name}.json"
+        code, _, err = run_main(["eval", str(folder), *extra, "--ppl", "wiki-intros", "--max-tokens", "600",
+                                 "--tasks", "piqa", "--limit", "3", "--json", str(out)], capsys)
+        assert code == 0, err
+        runs[name] = json.loads(out.read_text())
+    assert runs["stream"]["ppl"] > 1 and runs["stream"]["tasks"]["piqa"]["n"] == 3
+    assert {k: runs["stream"][k] for k in ("ppl", "ppl_tokens", "tasks", "avg_acc")} == \
+        {k: runs["memory"][k] for k in ("ppl", "ppl_tokens", "tasks", "avg_acc")}
+    assert "streamed" in " ".join(runs["stream"]["notes"])

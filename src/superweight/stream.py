@@ -326,8 +326,9 @@ class StreamedModel:
         weights, entered while the layer is read) around it: entered once per layer for all the runs that
         share it (equal edits), so a costly edit (quantizing the layer) is made once per layer. The layers'
         arguments are recorded once per window, so every run of a window sees the model's own masks and
-        positions. ``each(layer, run, output)`` sees every layer's output as it comes."""
-        calls = [self.layer_calls({"input_ids": ids[None].to(self.device)}) for ids in windows]
+        positions. A window is one row of ids or a padded batch of rows (``[rows, tokens]``).
+        ``each(layer, run, output)`` sees every layer's output as it comes."""
+        calls = [self.layer_calls({"input_ids": _as_batch(ids).to(self.device)}) for ids in windows]
         hidden = [_hidden_of(calls[w][0]) for w, _ in runs]
         last: list = [None] * len(runs)
         sharing: dict[Edit, list[int]] = {}
@@ -358,15 +359,16 @@ class StreamedModel:
             return out
 
     def run_heads(self, windows: Sequence[torch.Tensor], runs: Sequence[tuple[int, Edit]], fns: Sequence,
-                  held_bytes: int = HELD_BYTES) -> list:
+                  held_bytes: int = HELD_BYTES, together: int = 0) -> list:
         """``through_head(last_outputs(...))`` of every run, with the runs' residual streams held at once
         kept under ``held_bytes`` (about tokens x hidden size x dtype bytes each): runs that do not fit one
-        pass go to the next, each pass reading the layers once more."""
+        pass go to the next, each pass reading the layers once more. The first ``together`` runs are never
+        split (the first pass holds them all, whatever their size)."""
         width = self.model.get_input_embeddings().weight.shape[-1] * self.dtype.itemsize
         out, group, size = [], [], 0
         for r, (w, _) in enumerate(runs):
-            need = len(windows[w]) * width
-            if group and size + need > held_bytes:
+            need = windows[w].numel() * width
+            if group and size + need > held_bytes and r >= together:
                 out += self._one_pass(windows, runs, fns, group)
                 group, size = [], 0
             group.append(r)
@@ -385,10 +387,16 @@ class StreamedModel:
         zeroed (``[window][set]``), every layer read once per pass (``run_heads``)."""
         return self.edited_nlls(windows, [self.zeroing(weights) for weights in zero_sets])
 
-    def edited_nlls(self, windows: Sequence[tuple[torch.Tensor, int]], edits: Sequence[Edit]) -> list[list[float]]:
-        """``window_nlls`` under any edits (``[window][edit]``)."""
-        runs = [(w, edit) for w in range(len(windows)) for edit in edits]
-        values = self.run_heads([ids for ids, _ in windows], runs, [self.nll_head(*windows[w]) for w, _ in runs])
+    def edited_nlls(self, windows: Sequence[tuple[torch.Tensor, int]], edits: Sequence[Edit],
+                    first: Sequence[tuple[torch.Tensor, Edit]] = ()) -> list[list[float]]:
+        """``window_nlls`` under any edits (``[window][edit]``). ``first``: runs ``(ids, edit)`` made ahead of
+        them at every layer, all in the first pass and without a head (a calibration the edits read: its
+        edit sees each layer before theirs do)."""
+        ids = [i for i, _ in first] + [i for i, _ in windows]
+        runs = [(k, edit) for k, (_, edit) in enumerate(first)]
+        runs += [(len(first) + w, edit) for w in range(len(windows)) for edit in edits]
+        fns = [_no_head] * len(first) + [self.nll_head(*windows[w - len(first)]) for w, _ in runs[len(first):]]
+        values = self.run_heads(ids, runs, fns, together=len(first))[len(first):]
         n = len(edits)
         return [values[w * n:(w + 1) * n] for w in range(len(windows))]
 
@@ -425,6 +433,16 @@ class StreamedModel:
             with ActivationCapture(self.model, self.arch, layers=[i]) as cap:
                 out = self.layers[i](*args, **kwargs)
         return _first_tensor(out), cap.stats[i]
+
+
+def _no_head(model) -> None:
+    """A ``through_head`` function for runs whose last layer output is not wanted."""
+    return None
+
+
+def _as_batch(ids: torch.Tensor) -> torch.Tensor:
+    """A window's ids as a batch: one row (``[tokens]``) or already several (``[rows, tokens]``, padded)."""
+    return ids if ids.dim() == 2 else ids[None]
 
 
 def _tokenizer(folder: Path):

@@ -1,21 +1,22 @@
-"""``ablate`` of a checkpoint larger than memory (``superweight ablate --stream``).
+"""``ablate`` and ``eval`` of a checkpoint larger than memory (``superweight ablate --stream``,
+``superweight eval --stream``).
 
 The same conditions as in memory (``experiments.build_conditions``: the super weights zeroed, the
 largest other weights zeroed, the super activation restored, random weights zeroed, every scale),
 and the same stopword statistics, season-prompt top-5 and zero-shot tasks, measured with the model
-read one decoder layer at a time: every perplexity window and every task request under every
-condition, and every stopword prompt with and without the super weights, runs through each layer
-while that layer is in memory
-(``StreamedModel.run_heads``; one pass over the checkpoint while the runs' residual streams fit
-``stream.HELD_BYTES``). A condition edits a layer only while that layer is read
-(``Condition.edit_layer``), restored bit for bit after.
+read one decoder layer at a time: every perplexity window and every batch of task requests under
+every condition, and every batch of stopword prompts with and without the super weights, runs through
+each layer while that layer is in memory (``StreamedModel.run_heads``; one pass over the checkpoint
+while the runs' residual streams fit ``stream.HELD_BYTES``). A condition edits a layer only while
+that layer is read (``Condition.edit_layer``), restored bit for bit after. ``eval`` is the
+``original`` condition alone, without the stopword prompts.
 
-Perplexities are the in-memory numbers bit for bit (the same windows through the same kernels).
-Stopword probabilities and task requests are read one at a time, where in memory those of similar
-length share a padded batch: equal up to float rounding (an accuracy can flip on a near tie).
+Requests and prompts are batched as in memory (``eval.tasks.length_batches``, the same padded rows),
+so every number is the in-memory one: the same rows through the same kernels.
 """
 from __future__ import annotations
 
+import contextlib
 import time
 from pathlib import Path
 
@@ -23,14 +24,26 @@ import torch
 
 from .ablate import checked_keys, sw_layers
 from .eval.perplexity import default_seq_len, perplexity_result, perplexity_windows
-from .eval.stopwords import SEASON_PROMPT, lambada_prompts, prompt_ids, stats_of, top_of
-from .eval.tasks import average_accuracy, continuation_scores, prepare_task, scored
+from .eval.stopwords import SEASON_PROMPT, lambada_prompts, last_probs, prompt_ids, stats_of, top_of
+from .eval.tasks import (
+    average_accuracy,
+    batch_scores,
+    in_input_order,
+    length_batches,
+    padded,
+    prepare_task,
+    request_ids,
+    request_lengths,
+    scored,
+)
 from .eval.text import load_text
 from .inputs import checked_against
 from .experiments import (
     AblationConfig,
     AblationResult,
+    Condition,
     ConditionResult,
+    EvalResult,
     ablation_inputs,
     build_conditions,
     copied_result,
@@ -38,9 +51,6 @@ from .experiments import (
     super_weight_dicts,
 )
 from .stream import StreamedModel, _tokenizer
-
-REQUESTS_ONE_BY_ONE = ("zero-shot requests scored one at a time (in memory, batched by length): log-likelihoods "
-                       "equal to float rounding")
 
 
 def stream_ablation(
@@ -74,11 +84,36 @@ def stream_ablation(
                 conditions[cond.name] = copied_result(cond, conditions[cond.same_as], config)
         seconds = time.perf_counter() - start
         note = (f"streamed: every condition through each layer read, {sm.passes} pass(es) over the checkpoint "
-                f"in {seconds:.0f} s" + (f"; {REQUESTS_ONE_BY_ONE}" if config.tasks else ""))
+                f"in {seconds:.0f} s")
         return AblationResult(
             model=model_name or str(path), architecture=sm.arch.name, super_weights=super_weight_dicts(sws),
             config=config, conditions=conditions, stopwords=stop, top5=top5, notes=[note],
         )
+    finally:
+        sm.close()
+
+
+def stream_eval(
+    path: str | Path, config: AblationConfig | None = None, dtype: str | torch.dtype = "float32",
+    device: str | torch.device | None = None, tokenizer=None, model_name: str = "", **overrides,
+) -> EvalResult:
+    """``experiments.run_eval`` of a local safetensors checkpoint, streamed layer by layer: its perplexity
+    and zero-shot tasks, every window and request batch through each layer read."""
+    config = config or AblationConfig()
+    for key, value in overrides.items():
+        setattr(config, key, value)
+    start = time.perf_counter()
+    sm = StreamedModel(path, dtype, device)
+    try:
+        tokenizer = tokenizer or _tokenizer(sm.ckpt.folder)
+        original = Condition("original", "as it is", lambda coords: contextlib.nullcontext(), [])
+        ppl, tasks, _, _ = _measure(sm, tokenizer, config, [original], stopwords=False)
+        value, tokens = ppl.get("original", (None, None))
+        scores = tasks["original"]
+        seconds = time.perf_counter() - start
+        note = f"streamed: each layer read once per pass, {sm.passes} pass(es) over the checkpoint in {seconds:.0f} s"
+        return EvalResult(model_name or str(path), config, value, tokens, average_accuracy(scores) if scores else None,
+                          scores, [note], seconds)
     finally:
         sm.close()
 
@@ -93,6 +128,7 @@ class _Runs:
         self.keys: list[tuple] = []
 
     def window(self, ids) -> int:
+        """A window of ids: one row, or a padded batch of rows (``[rows, tokens]``)."""
         self.windows.append(torch.as_tensor(ids, dtype=torch.long, device="cpu"))
         return len(self.windows) - 1
 
@@ -105,63 +141,102 @@ class _Runs:
         return dict(zip(self.keys, sm.run_heads(self.windows, self.runs, self.fns)))
 
 
-def _measure(sm: StreamedModel, tokenizer, config: AblationConfig, measured: list) -> tuple[dict, dict, dict | None, dict]:
+def _measure(sm: StreamedModel, tokenizer, config: AblationConfig, measured: list,
+             stopwords: bool = True) -> tuple[dict, dict, dict | None, dict]:
     """({condition: (ppl, tokens)}, {condition: {task: TaskResult}}, stopwords, top5): every run in the same
-    passes over the layers."""
-    plan, spans, tasks = _Runs(), [], {}
-    if config.ppl is not None:
-        ids, spans, seq_len, stride = perplexity_windows(sm.model, tokenizer, load_text(config.ppl), config.seq_len,
-                                                          config.max_tokens)
-        for k, (b, e, f) in enumerate(spans):
-            w = plan.window(ids[b:e])
-            for cond in measured:
-                plan.add(("ppl", cond.name, k), w, cond, sm.nll_head(ids[b:e], f - b))
-    if config.tasks:
-        max_len = default_seq_len(sm.model, tokenizer)
-        tasks = {t: prepare_task(tokenizer, t, config.limit, max_len) for t in config.tasks}
-        windows = {t: [plan.window((c + x)[:-1]) for c, x in task.pairs] for t, task in tasks.items()}
-        for cond in measured:
-            for t in cond.task_names(config):
-                for i, (ctx, cont) in enumerate(tasks[t].pairs):
-                    w = windows[t][i]
-                    plan.add(("task", cond.name, t, i), w, cond, _request_head(plan.windows[w], len(ctx), cont, sm.device))
-    prompts, targets = lambada_prompts(config.stopword_prompts) if config.stopword_prompts else ([], [])
-    for j, prompt in enumerate((SEASON_PROMPT, *prompts)):
-        w = plan.window(prompt_ids(tokenizer, prompt))
-        for cond in measured:
-            if cond.name in ("original", "zero_super_weights"):
-                plan.add(("probs", cond.name, j), w, cond, _probs_head(plan.windows[w], sm.device))
+    passes over the layers; ``stopwords=False``: no stopword prompts, (None, {}) for the last two."""
+    plan = _Runs()
+    ppl = _plan_perplexity(plan, sm, tokenizer, config, measured)
+    tasks = _plan_tasks(plan, sm, tokenizer, config, measured)
+    probs = _plan_prompts(plan, sm, tokenizer, config, measured) if stopwords else None
     v = plan.measure(sm)
-    ppl, results = {}, {}
-    for cond in measured:
-        if spans:
+    stop = probs(v) if probs else (None, {})
+    return ppl(v), tasks(v), *stop
+
+
+def _plan_perplexity(plan: _Runs, sm: StreamedModel, tokenizer, config: AblationConfig, measured: list):
+    """Every perplexity window under every condition; a function of the measured values -> {condition: (ppl, tokens)}."""
+    if config.ppl is None:
+        return lambda v: {}
+    ids, spans, seq_len, stride = perplexity_windows(sm.model, tokenizer, load_text(config.ppl), config.seq_len,
+                                                      config.max_tokens)
+    for k, (b, e, f) in enumerate(spans):
+        w = plan.window(ids[b:e])
+        for cond in measured:
+            plan.add(("ppl", cond.name, k), w, cond, sm.nll_head(ids[b:e], f - b))
+
+    def result(v: dict) -> dict:
+        out = {}
+        for cond in measured:
             r = perplexity_result([v["ppl", cond.name, k] for k in range(len(spans))], spans, seq_len, stride)
-            ppl[cond.name] = (r.ppl, r.tokens)
-        results[cond.name] = {t: scored(tasks[t], [v["task", cond.name, t, i] for i in range(len(tasks[t].pairs))])
-                              for t in cond.task_names(config)}
-    probs = {c: [v["probs", c, j] for j in range(len(prompts) + 1)] for c in ("original", "zero_super_weights")}
-    stats = {c: stats_of(torch.stack(p[1:]), tokenizer, targets).to_dict() if prompts else None for c, p in probs.items()}
-    return ppl, results, *stopword_result(len(prompts), stats["original"], stats["zero_super_weights"],
-                                          top_of(probs["original"][0], tokenizer),
-                                          top_of(probs["zero_super_weights"][0], tokenizer))
+            out[cond.name] = (r.ppl, r.tokens)
+        return out
+
+    return result
 
 
-def _request_head(ids: torch.Tensor, context_len: int, continuation: list[int], device: torch.device):
-    """A ``through_head`` function: (log-likelihood, is greedy) of a request's continuation, as
-    ``eval.tasks.score_batch`` scores it (``ids``: the run's ``(context + continuation)[:-1]``)."""
-    def head(model) -> tuple[float, bool]:
-        logits = model(input_ids=ids[None].to(device), use_cache=False).logits
-        lp = logits[0, context_len - 1: context_len - 1 + len(continuation)].float().log_softmax(-1)
-        return continuation_scores(lp, continuation)
+def _plan_tasks(plan: _Runs, sm: StreamedModel, tokenizer, config: AblationConfig, measured: list):
+    """Every zero-shot request under every condition, in the in-memory batches (``length_batches``, padded
+    as ``eval.tasks.score_batch`` pads them); a function of the measured values -> {condition: {task: TaskResult}}."""
+    if not config.tasks:
+        return lambda v: {cond.name: {} for cond in measured}
+    max_len = default_seq_len(sm.model, tokenizer)
+    tasks = {t: prepare_task(tokenizer, t, config.limit, max_len) for t in config.tasks}
+    batches = {t: length_batches(request_lengths(task.pairs)) for t, task in tasks.items()}
+    windows = {t: [plan.window(request_ids([tasks[t].pairs[i] for i in b])) for b in bs] for t, bs in batches.items()}
+    for cond in measured:
+        for t in cond.task_names(config):
+            for k, b in enumerate(batches[t]):
+                w = windows[t][k]
+                plan.add(("task", cond.name, t, k), w, cond,
+                         _requests_head(plan.windows[w], [tasks[t].pairs[i] for i in b], sm.device))
+
+    def result(v: dict) -> dict:
+        return {cond.name: {t: scored(tasks[t], in_input_order(batches[t], [v["task", cond.name, t, k]
+                                                                            for k in range(len(batches[t]))]))
+                            for t in cond.task_names(config)}
+                for cond in measured}
+
+    return result
+
+
+def _plan_prompts(plan: _Runs, sm: StreamedModel, tokenizer, config: AblationConfig, measured: list):
+    """The season prompt and the stopword prompts (batched as ``eval.stopwords.next_token_probs`` batches
+    them) with and without the super weights; a function of the measured values -> (stopwords, top5)."""
+    prompts, targets = lambada_prompts(config.stopword_prompts) if config.stopword_prompts else ([], [])
+    encoded = [prompt_ids(tokenizer, p) for p in prompts]
+    batches = length_batches([len(e) for e in encoded])
+    groups = [[prompt_ids(tokenizer, SEASON_PROMPT)], *([encoded[i] for i in b] for b in batches)]
+    both = [c for c in measured if c.name in ("original", "zero_super_weights")]
+    for j, rows in enumerate(groups):
+        w = plan.window(padded(rows))
+        for cond in both:
+            plan.add(("probs", cond.name, j), w, cond, _probs_head(plan.windows[w], rows, sm.device))
+
+    def result(v: dict) -> tuple[dict | None, dict]:
+        probs = {c.name: [v["probs", c.name, j] for j in range(len(groups))] for c in both}
+        stats = {c: stats_of(torch.stack(in_input_order(batches, p[1:])), tokenizer, targets).to_dict() if prompts else None
+                 for c, p in probs.items()}
+        return stopword_result(len(prompts), stats["original"], stats["zero_super_weights"],
+                               top_of(probs["original"][0][0], tokenizer),
+                               top_of(probs["zero_super_weights"][0][0], tokenizer))
+
+    return result
+
+
+def _requests_head(ids: torch.Tensor, pairs: list, device: torch.device):
+    """A ``through_head`` function: (log-likelihood, is greedy) of each request of a padded batch
+    (``ids``: ``eval.tasks.request_ids``), as ``eval.tasks.score_batch`` scores them."""
+    def head(model) -> list[tuple[float, bool]]:
+        return batch_scores(model(input_ids=ids.to(device), use_cache=False).logits, pairs)
 
     return head
 
 
-def _probs_head(ids: torch.Tensor, device: torch.device):
-    """A ``through_head`` function: the next-token distribution after the prompt ``ids``, on the host
-    (as ``eval.stopwords.next_token_probs`` reads it)."""
-    def head(model) -> torch.Tensor:
-        logits = model(input_ids=ids[None].to(device), use_cache=False).logits
-        return logits[0, -1].float().softmax(-1).cpu()
+def _probs_head(ids: torch.Tensor, rows: list, device: torch.device):
+    """A ``through_head`` function: the next-token distribution after each prompt of a padded batch, on
+    the host (as ``eval.stopwords.next_token_probs`` reads them)."""
+    def head(model) -> list[torch.Tensor]:
+        return last_probs(model(input_ids=ids.to(device), use_cache=False).logits, rows)
 
     return head

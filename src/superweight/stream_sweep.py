@@ -5,9 +5,11 @@ super weights kept or the outliers clipped; ternary) are data-free: a layer's fa
 depend on that layer alone. So every point runs through each layer while that layer is read: the
 layer is quantized under the point (the same ``quantize`` call as in memory, restricted to the layer:
 ``within``), every perplexity window runs through it, and its weights are put back bit for bit before
-the next point (``StreamedModel.run_heads``; a point's layer is quantized once per pass). Perplexities
-are the in-memory sweep's bit for bit. W8A8 points calibrate activations across the model
-(SmoothQuant's scales, the hold-out's channels): they need the model in memory and are left out.
+the next point (``StreamedModel.run_heads``; a point's layer is quantized once per pass). W8A8 points
+are layer-local too: the layer's weights are 8-bit and its linear inputs quantized per token while the
+windows run through it (``simulate_w8a8(..., within=layer)``); SmoothQuant's input maxima come from
+its calibration batches run through the unedited layer first, in the same pass (``_Calibration``).
+Perplexities and the W8A8 counts are the in-memory sweep's bit for bit.
 """
 from __future__ import annotations
 
@@ -19,42 +21,90 @@ from typing import Iterator, Sequence
 import torch
 
 from .edits import edited_weights
-from .errors import SuperweightError
 from .eval.perplexity import perplexity_result, perplexity_windows
 from .eval.text import load_text
 from .export import predicted_bytes
-from .quant.api import quantize
+from .quant.api import DEFAULT_EXCLUDE, quantize, target_modules
 from .quant.config import W8A8
-from .quant.sweep import DEFAULT_MAX_TOKENS, GridPoint, PointResult, SweepResult, default_grid, kept_list, point_result
+from .quant.sweep import (
+    DEFAULT_MAX_TOKENS,
+    GridPoint,
+    PointResult,
+    SweepResult,
+    calibration_batches,
+    default_grid,
+    kept_list,
+    point_result,
+)
+from .quant.w8a8 import W8A8Stats, recording_inputs, simulate_w8a8
 from .stream import StreamedModel, _tokenizer
 
-W8A8_NEEDS_MEMORY = "W8A8 points calibrate activations across the model and need it in memory"
 
+class _Calibration:
+    """SmoothQuant's calibration as a streamed edit: while layer ``i`` is read, its linear inputs' max
+    ``|x|`` per channel over the calibration runs (the unedited model's, as in memory), by module name."""
 
-class _PointEdit:
-    """A grid point as a streamed edit: layer ``i`` fake-quantized under the point inside the block,
-    its weights put back after; what each layer's quantization reported, by layer."""
-
-    def __init__(self, sm: StreamedModel, point: GridPoint, keep: list) -> None:
-        self.sm, self.point, self.keep = sm, point, keep
-        self.layers: dict[int, tuple[int, int, float, int]] = {}  # layer -> (bytes, weights, min sqnr, sparse)
+    def __init__(self, sm: StreamedModel) -> None:
+        self.sm = sm
+        self.maxima: dict[str, torch.Tensor] = {}
 
     @contextlib.contextmanager
     def __call__(self, i: int) -> Iterator[None]:
-        if self.point.config is None:
+        prefix = _prefix(self.sm, i)
+        modules = {n: m for n, m in target_modules(self.sm.model, None, DEFAULT_EXCLUDE, self.sm.arch, required=False).items()
+                   if n.startswith(prefix)}
+        with recording_inputs(modules, self.maxima):
             yield
-            return
+
+
+def _prefix(sm: StreamedModel, i: int) -> str:
+    return f"{sm.arch.layers}.{i}."
+
+
+class _PointEdit:
+    """A grid point as a streamed edit: layer ``i`` fake-quantized (or run as W8A8) under the point inside
+    the block, its weights put back after; what each layer's quantization reported, by layer."""
+
+    def __init__(self, sm: StreamedModel, point: GridPoint, keep: list, calibration: _Calibration | None = None) -> None:
+        self.sm, self.point, self.keep, self.calibration = sm, point, keep, calibration
+        self.layers: dict[int, tuple[int, int, float, int]] = {}  # layer -> (bytes, weights, min sqnr, sparse)
+        self.w8a8 = W8A8Stats(point.config) if isinstance(point.config, W8A8) else None
+        self.w8a8_modules: dict[int, tuple[int, int]] = {}  # layer -> (modules, experts)
+
+    def __call__(self, i: int) -> contextlib.AbstractContextManager:
+        if self.point.config is None:
+            return contextlib.nullcontext()
+        return self._w8a8(i) if self.w8a8 is not None else self._quantized(i)
+
+    @contextlib.contextmanager
+    def _quantized(self, i: int) -> Iterator[None]:
         with edited_weights(self.sm.layers[i].parameters()):
             q = quantize(self.sm.model, self.point.config, keep=self.keep if self.point.keep_super else None,
-                         arch=self.sm.arch, within=f"{self.sm.arch.layers}.{i}.")
+                         arch=self.sm.arch, within=_prefix(self.sm, i))
             s = q.summary()
             self.layers[i] = (sum(predicted_bytes(t) for t in q.tensors.values()), q.quantized_weights,
                               s["min_sqnr_db"], s["sparse_values"])
             yield
 
+    @contextlib.contextmanager
+    def _w8a8(self, i: int) -> Iterator[None]:
+        """The layer as W8A8; the counts of every entry added up (calls and held-out elements grow with
+        the windows run, the modules are the layer's)."""
+        act_max = self.calibration.maxima if self.calibration is not None else None
+        with simulate_w8a8(self.sm.model, self.point.config, within=_prefix(self.sm, i), act_max=act_max) as stats:
+            yield
+        self.w8a8_modules[i] = (stats.modules, stats.experts)
+        self.w8a8.calls += stats.calls
+        for name, n in stats.held_out.items():
+            self.w8a8.held_out[name] = self.w8a8.held_out.get(name, 0) + n
+
     def row(self, ppl, seconds: float) -> PointResult:
         bpw, extra = None, {}
-        if self.point.config is not None:
+        if self.w8a8 is not None:
+            self.w8a8.modules = sum(m for m, _ in self.w8a8_modules.values())
+            self.w8a8.experts = sum(e for _, e in self.w8a8_modules.values())
+            bpw, extra = 8.0, {"w8a8": self.w8a8.to_dict()}
+        elif self.point.config is not None:
             stats = list(self.layers.values())
             bpw = 8.0 * sum(b for b, _, _, _ in stats) / sum(n for _, n, _, _ in stats)
             extra = {"min_sqnr_db": min(s for _, _, s, _ in stats), "sparse_values": sum(k for _, _, _, k in stats)}
@@ -65,27 +115,32 @@ def stream_sweep(
     path: str | Path, keep, grid: Sequence[GridPoint] | None = None, text_name: str = "wikitext2", text: str | None = None,
     max_tokens: int | None = DEFAULT_MAX_TOKENS, seq_len: int | None = None, dtype: str | torch.dtype = "float32",
     device: str | torch.device | None = None, tokenizer=None, model_name: str = "",
+    calib: Sequence[torch.Tensor] | None = None,
 ) -> SweepResult:
-    """``quant.sweep.run_sweep`` of a local safetensors checkpoint, streamed layer by layer: every
-    weight-only grid point (default ``default_grid(w8a8=False)``); a W8A8 point is refused."""
+    """``quant.sweep.run_sweep`` of a local safetensors checkpoint, streamed layer by layer: every grid point
+    (default ``default_grid()``) in one pass while the windows' residual streams fit ``stream.HELD_BYTES``.
+    ``calib``: SmoothQuant's token batches (default, as in memory: 4 x 256 tokens of ``wiki-intros``)."""
     keep = list(getattr(keep, "super_weights", keep) or [])
-    grid = default_grid(w8a8=False) if grid is None else list(grid)
-    if any(isinstance(p.config, W8A8) for p in grid):
-        raise SuperweightError(f"{W8A8_NEEDS_MEMORY}: drop them from the grid with --stream (or drop --stream)")
+    grid = default_grid() if grid is None else list(grid)
     text = load_text(text_name) if text is None else text
     start = time.perf_counter()
     sm = StreamedModel(path, dtype, device)
     try:
         tokenizer = tokenizer or _tokenizer(sm.ckpt.folder)
         ids, spans, seq_len, stride = perplexity_windows(sm.model, tokenizer, text, seq_len, max_tokens)
-        edits = [_PointEdit(sm, p, keep) for p in grid]
-        nlls = sm.edited_nlls([(ids[b:e], f - b) for b, e, f in spans], edits)  # [window][point]
+        smooths = any(isinstance(p.config, W8A8) and p.config.method == "smoothquant" for p in grid)
+        calibration = _Calibration(sm) if smooths else None
+        if smooths and calib is None:
+            calib = calibration_batches(tokenizer, load_text("wiki-intros"))
+        edits = [_PointEdit(sm, p, keep, calibration) for p in grid]
+        first = [(c.reshape(-1), calibration) for c in calib or ()] if calibration else []
+        nlls = sm.edited_nlls([(ids[b:e], f - b) for b, e, f in spans], edits, first)  # [window][point]
         seconds = (time.perf_counter() - start) / len(grid)
         rows = [e.row(perplexity_result([n[k] for n in nlls], spans, seq_len, stride), seconds) for k, e in enumerate(edits)]
         passes = sm.passes
     finally:
         sm.close()
     note = (f"streamed: every grid point through each layer read, {passes} pass(es) over the checkpoint in "
-            f"{time.perf_counter() - start:.0f} s (seconds per point: the pass's share); {W8A8_NEEDS_MEMORY}")
+            f"{time.perf_counter() - start:.0f} s (seconds per point: the pass's share)")
     return SweepResult(model=model_name or str(path), source=str(path), text=text_name, max_tokens=max_tokens,
                        seq_len=seq_len, super_weights=kept_list(keep), rows=rows, notes=[note])

@@ -61,36 +61,13 @@ def _eval_config(ppl: str, tasks: Optional[List[str]], limit: Optional[int], max
     return AblationConfig(ppl=ppl_source, tasks=task_list, limit=limit, max_tokens=max_tokens, seq_len=seq_len, **kw)
 
 
-def _streamed_eval(model: str, config, tasks_asked: bool, dtype: str, device: str):
-    """``eval`` of a model streamed layer by layer: its perplexity (``stream.stream_perplexity``, the
-    in-memory number); zero-shot tasks asked for are refused, the default ones skipped with a note."""
-    import time
-
-    from ..eval.text import load_text
-    from ..experiments import EvalResult
+def _streamed_eval(model: str, config, dtype: str, device: str):
+    """``eval`` of a model streamed layer by layer (``stream_ablate.stream_eval``): the in-memory numbers."""
     from ..progress import step
-    from ..stream import stream_perplexity
+    from ..stream_ablate import stream_eval
 
-    skipped = _streamed_tasks(config, tasks_asked)
-    if config.ppl is None:
-        raise SuperweightError("--stream measures perplexity only: give --ppl a text")
-    start = time.perf_counter()
-    with step("perplexity (streamed, layer by layer)"):
-        r = stream_perplexity(model, load_text(config.ppl), config.seq_len, config.max_tokens, dtype=dtype, device=device)
-    notes = [f"streamed: perplexity only ({EVAL_STREAM_TASKS})"] if skipped else []
-    return EvalResult(model, config, r.ppl, r.tokens, None, {}, notes, time.perf_counter() - start)
-
-
-EVAL_STREAM_TASKS = "zero-shot tasks of a model read layer by layer: `superweight ablate --stream`, its original row"
-
-
-def _streamed_tasks(config, tasks_asked: bool) -> bool:
-    """Streamed, zero-shot tasks asked for by name are refused; the default ones are dropped from
-    ``config`` (True when some were)."""
-    if tasks_asked and config.tasks:
-        raise SuperweightError(f"eval --stream measures perplexity only: pass --tasks none ({EVAL_STREAM_TASKS})")
-    skipped, config.tasks = bool(config.tasks), []
-    return skipped
+    with step("evaluation (streamed: every window and request batch through each layer read)"):
+        return stream_eval(model, config, dtype=dtype, device=device, model_name=model)
 
 
 def _streamed_ablation(model: str, det, origin: Optional[Path], config, dtype: str, device: str):
@@ -193,8 +170,8 @@ def eval_cmd(
     seq_len: Optional[int] = SeqLenOpt,
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the versioned result here."),
     stream: bool = typer.Option(
-        False, "--stream", help="Perplexity of a local safetensors model read one layer at a time (automatic when it "
-        "does not fit in memory); its zero-shot tasks: ablate --stream."
+        False, "--stream", help="Evaluate a local safetensors model read one layer at a time (automatic when it "
+        "does not fit in memory)."
     ),
     dtype: str = DtypeOpt,
     cache_dir: Optional[Path] = CacheOpt,
@@ -212,7 +189,7 @@ def eval_cmd(
     if json_path:
         check_output(json_path, "--json")
     if choose_mode(model, dtype, stream, device_map, cache_dir, device) == "stream":
-        result, shown = _streamed_eval(model, config, bool(tasks), dtype, device), []
+        result, shown = _streamed_eval(model, config, dtype, device), []
     else:
         lm = load_lm(model, dtype, cache_dir, device_map, device)
         result, shown = run_eval(lm, config), lm.notes

@@ -52,14 +52,14 @@ def _streamed_inputs(model: str, detection, ablation, sweep, run_ablation: bool,
         note = ["streamed: the ablation ran every condition through each layer read"]
     swept = run_sweep and sweep is None
     if swept:
-        grid = default_grid(w8a8=False)
+        grid = default_grid()
         with step(f"sweep (streamed: {len(grid)} points through each layer read)"):
             sweep = stream_sweep(model, detection, grid, dtype=dtype, device=device, model_name=model)
     inputs = rep.gather(None, detection, ablation, sweep, False, False, command=command, trace=trace, notes=note)
     if note:
         inputs.ablation_source = "run by this report (streamed)"
     if swept:
-        inputs.sweep_source = "run by this report (streamed: the weight-only points)"
+        inputs.sweep_source = "run by this report (streamed)"
     return inputs
 
 
@@ -80,7 +80,7 @@ def report(
     force: bool = typer.Option(False, "--force", help="Replace an existing --out folder."),
     stream: bool = typer.Option(
         False, "--stream", help="Read a local safetensors model one layer at a time (automatic when it does not fit in "
-        "memory): detection, the Fig. 4 trace, --run-ablation and --run-sweep (the weight-only points) stream."
+        "memory): detection, the Fig. 4 trace, --run-ablation and --run-sweep stream."
     ),
     dtype: str = DtypeOpt,
     cache_dir: Optional[Path] = CacheOpt,

@@ -36,15 +36,13 @@ def _grid(bits: List[int], size: List[str], group: List[int], clip_z: float):
 
 def _streamed_sweep(model: str, super_weights: Optional[Path], grid, text: str, max_tokens: int, seq_len: Optional[int],
                     dtype: str, device: str):
-    """``sweep`` of a model read layer by layer (``stream_sweep``): the weight-only points, in one pass."""
+    """``sweep`` of a model read layer by layer (``stream_sweep``): every grid point, in one pass."""
     from ..progress import step
-    from ..quant.config import W8A8
     from ..stream_sweep import stream_sweep
 
     keep = streamed_keep(model, super_weights, dtype, device)
-    points = [p for p in grid if not isinstance(p.config, W8A8)]
-    with step(f"sweep (streamed: {len(points)} points through each layer read)"):
-        return stream_sweep(model, keep, points, text_name=text, max_tokens=max_tokens, seq_len=seq_len, dtype=dtype,
+    with step(f"sweep (streamed: {len(grid)} points through each layer read)"):
+        return stream_sweep(model, keep, grid, text_name=text, max_tokens=max_tokens, seq_len=seq_len, dtype=dtype,
                             device=device, model_name=model)
 
 
@@ -62,7 +60,7 @@ def sweep_cmd(
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the versioned sweep result here."),
     stream: bool = typer.Option(
         False, "--stream", help="Read a local safetensors model one layer at a time, every grid point through each layer "
-        "read (automatic when it does not fit in memory); W8A8 points need it in memory and are left out."
+        "read (automatic when it does not fit in memory)."
     ),
     dtype: str = DtypeOpt,
     cache_dir: Optional[Path] = CacheOpt,

@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from ..device import input_device
-from .tasks import length_batches, load_items
+from .tasks import BATCH_TOKENS, in_input_order, length_batches, load_items, padded
 
 DEFAULT_STOPWORDS: tuple[str, ...] = (
     "the", ",", ".", "a", "and", "of", "to", "in", "is", "that", "it", "was", "he", "she", "I", "for", "on",
@@ -59,18 +59,21 @@ def prompt_ids(tokenizer, prompt: str) -> list[int]:
 
 
 @torch.no_grad()
-def next_token_probs(model: nn.Module, tokenizer, prompts: Sequence[str], batch_tokens: int = 2048) -> torch.Tensor:
+def next_token_probs(model: nn.Module, tokenizer, prompts: Sequence[str], batch_tokens: int = BATCH_TOKENS) -> torch.Tensor:
     """``[len(prompts), vocab]`` next-token probabilities after each prompt (right-padded batches)."""
     device = input_device(model)
     encoded = [prompt_ids(tokenizer, p) for p in prompts]
-    out: list[torch.Tensor | None] = [None] * len(prompts)
-    for batch in length_batches([len(e) for e in encoded], batch_tokens):
-        width = max(len(encoded[i]) for i in batch)
-        ids = torch.tensor([encoded[i] + [encoded[i][-1]] * (width - len(encoded[i])) for i in batch], device=device)
-        logits = model(input_ids=ids, use_cache=False).logits
-        for row, i in enumerate(batch):
-            out[i] = logits[row, len(encoded[i]) - 1].float().softmax(-1).cpu()
-    return torch.stack(out)  # type: ignore[arg-type]
+    batches = length_batches([len(e) for e in encoded], batch_tokens)
+    out = []
+    for batch in batches:
+        rows = [encoded[i] for i in batch]
+        out.append(last_probs(model(input_ids=padded(rows, device), use_cache=False).logits, rows))
+    return torch.stack(in_input_order(batches, out))
+
+
+def last_probs(logits: torch.Tensor, rows: Sequence[Sequence[int]]) -> list[torch.Tensor]:
+    """The next-token distribution after each row of a padded batch, on the host."""
+    return [logits[k, len(r) - 1].float().softmax(-1).cpu() for k, r in enumerate(rows)]
 
 
 def stopword_stats(

@@ -204,7 +204,10 @@ def item_pairs(tokenizer, item: Item, max_len: int = 2048) -> list[tuple[list[in
     return [(_truncate(ctx or [_prefix_token(tokenizer)], cont, max_len), cont) for ctx, cont in pairs]
 
 
-def length_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]:
+BATCH_TOKENS = 2048  # rows x longest row of one forward (requests and prompts alike)
+
+
+def length_batches(lengths: Sequence[int], batch_tokens: int = BATCH_TOKENS) -> list[list[int]]:
     """Request indices, longest first, packed so that rows x longest row <= ``batch_tokens``."""
     order = sorted(range(len(lengths)), key=lambda i: -lengths[i])
     batches: list[list[int]] = []
@@ -216,18 +219,37 @@ def length_batches(lengths: Sequence[int], batch_tokens: int) -> list[list[int]]
     return batches
 
 
-@torch.no_grad()
-def score_batch(model: nn.Module, pairs: Sequence[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
-    """One forward over right-padded rows ``(context + continuation)[:-1]``.
+def in_input_order(batches: Sequence[Sequence[int]], values: Sequence[Sequence]) -> list:
+    """Each batch's values (``values[b][row]``) put back at their input indices (``batches[b][row]``)."""
+    out: list = [None] * sum(len(b) for b in batches)
+    for batch, vals in zip(batches, values):
+        for i, v in zip(batch, vals):
+            out[i] = v
+    return out
+
+
+def padded(rows: Sequence[Sequence[int]], device: torch.device | str | None = None) -> torch.Tensor:
+    """Token rows right-padded with their own last token, as one ``[rows, longest]`` tensor.
 
     Causal attention never lets a real token see the padding after it, so no mask is needed and
-    each row's scores equal those of its own unpadded forward.
+    each row's logits equal those of its own unpadded forward.
     """
-    device = input_device(model)
-    rows = [(ctx + cont)[:-1] for ctx, cont in pairs]
     width = max(len(r) for r in rows)
-    ids = torch.tensor([r + [r[-1]] * (width - len(r)) for r in rows], device=device)
-    logits = model(input_ids=ids, use_cache=False).logits
+    return torch.tensor([list(r) + [r[-1]] * (width - len(r)) for r in rows], dtype=torch.long, device=device)
+
+
+def request_lengths(pairs: Sequence[tuple[list[int], list[int]]]) -> list[int]:
+    """Tokens each request runs: ``(context + continuation)[:-1]``."""
+    return [len(c) + len(x) - 1 for c, x in pairs]
+
+
+def request_ids(pairs: Sequence[tuple[list[int], list[int]]], device: torch.device | str | None = None) -> torch.Tensor:
+    """The padded ``(context + continuation)[:-1]`` rows of a batch of requests."""
+    return padded([(ctx + cont)[:-1] for ctx, cont in pairs], device)
+
+
+def batch_scores(logits: torch.Tensor, pairs: Sequence[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+    """(log-likelihood, is greedy) of each request's continuation from its batch's logits."""
     out = []
     for i, (ctx, cont) in enumerate(pairs):
         lp = logits[i, len(ctx) - 1 : len(ctx) - 1 + len(cont)].float().log_softmax(-1)
@@ -235,16 +257,19 @@ def score_batch(model: nn.Module, pairs: Sequence[tuple[list[int], list[int]]]) 
     return out
 
 
+@torch.no_grad()
+def score_batch(model: nn.Module, pairs: Sequence[tuple[list[int], list[int]]]) -> list[tuple[float, bool]]:
+    """One forward over right-padded rows ``(context + continuation)[:-1]`` (``padded``)."""
+    logits = model(input_ids=request_ids(pairs, input_device(model)), use_cache=False).logits
+    return batch_scores(logits, pairs)
+
+
 def score_requests(
-    model: nn.Module, pairs: Sequence[tuple[list[int], list[int]]], batch_tokens: int = 2048
+    model: nn.Module, pairs: Sequence[tuple[list[int], list[int]]], batch_tokens: int = BATCH_TOKENS
 ) -> list[tuple[float, bool]]:
     """(log-likelihood, is_greedy) of every request, batched by length (lm-eval's sort)."""
-    scores: list[tuple[float, bool] | None] = [None] * len(pairs)
-    lengths = [len(c) + len(x) - 1 for c, x in pairs]
-    for batch in length_batches(lengths, batch_tokens):
-        for i, s in zip(batch, score_batch(model, [pairs[i] for i in batch])):
-            scores[i] = s
-    return scores  # type: ignore[return-value]
+    batches = length_batches(request_lengths(pairs), batch_tokens)
+    return in_input_order(batches, [score_batch(model, [pairs[i] for i in b]) for b in batches])
 
 
 # ---------------------------------------------------------------- metrics
@@ -315,7 +340,7 @@ class PreparedTask:
 
     @property
     def tokens(self) -> int:
-        return sum(len(c) + len(x) - 1 for c, x in self.pairs)
+        return sum(request_lengths(self.pairs))
 
 
 def prepare_task(tokenizer, task: str, limit: int | None = None, max_len: int = 2048) -> PreparedTask:
@@ -327,7 +352,7 @@ def prepare_task(tokenizer, task: str, limit: int | None = None, max_len: int = 
     return PreparedTask(task, items, [p for ps in per_item for p in ps], [len(ps) for ps in per_item])
 
 
-def evaluate_prepared(model: nn.Module, prepared: PreparedTask, batch_tokens: int = 2048) -> TaskResult:
+def evaluate_prepared(model: nn.Module, prepared: PreparedTask, batch_tokens: int = BATCH_TOKENS) -> TaskResult:
     """Score every request of ``prepared`` with ``model`` and summarise the task's metrics."""
     return scored(prepared, score_requests(model, prepared.pairs, batch_tokens))
 
@@ -342,7 +367,7 @@ def scored(prepared: PreparedTask, flat: Sequence[tuple[float, bool]]) -> TaskRe
 
 
 def evaluate_task(
-    model: nn.Module, tokenizer, task: str, limit: int | None = None, max_len: int = 2048, batch_tokens: int = 2048
+    model: nn.Module, tokenizer, task: str, limit: int | None = None, max_len: int = 2048, batch_tokens: int = BATCH_TOKENS
 ) -> TaskResult:
     """Zero-shot metrics of ``model`` on the first ``limit`` documents of ``task``."""
     return evaluate_prepared(model, prepare_task(tokenizer, task, limit, max_len), batch_tokens)

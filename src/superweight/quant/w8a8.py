@@ -60,21 +60,30 @@ def _input_stats(model: nn.Module, modules: dict[str, nn.Module], calib: Sequenc
     """Per module: max ``|x|`` per input channel, and the median ``|x|`` (median over batches)."""
     maxima: dict[str, torch.Tensor] = {}
     medians: dict[str, list[float]] = {}
+    with recording_inputs(modules, maxima, medians):
+        for ids in calib:
+            model(input_ids=ids.reshape(1, -1).to(next(model.parameters()).device), use_cache=False)
+    return maxima, {n: float(torch.tensor(v, device="cpu").median()) for n, v in medians.items()}
 
+
+@contextlib.contextmanager
+def recording_inputs(modules: dict[str, nn.Module], maxima: dict[str, torch.Tensor],
+                     medians: dict[str, list[float]] | None = None) -> Iterator[None]:
+    """Inside the block, each call of a module in ``modules`` raises ``maxima[name]`` to its input's
+    max ``|x|`` per channel (and appends the input's median ``|x|`` to ``medians[name]``)."""
     def hook(name):
         def fn(module, args):
             x = args[0].detach().abs().reshape(-1, args[0].shape[-1]).float()
             m = x.amax(0)
             maxima[name] = torch.maximum(maxima[name], m) if name in maxima else m
-            medians.setdefault(name, []).append(float(x.median()))
+            if medians is not None:
+                medians.setdefault(name, []).append(float(x.median()))
         return fn
 
     with HookSet() as hooks:
         for n, m in modules.items():
             hooks.pre(m, hook(n))
-        for ids in calib:
-            model(input_ids=ids.reshape(1, -1).to(next(model.parameters()).device), use_cache=False)
-    return maxima, {n: float(torch.tensor(v, device="cpu").median()) for n, v in medians.items()}
+        yield
 
 
 def smoothing_factors(act_max: torch.Tensor, weight: torch.Tensor | Sequence[torch.Tensor], alpha: float) -> torch.Tensor:
@@ -86,10 +95,15 @@ def smoothing_factors(act_max: torch.Tensor, weight: torch.Tensor | Sequence[tor
     return (act_max.float().clamp(min=1e-5).pow(alpha) / w_max.pow(1 - alpha)).clamp(min=1e-5)
 
 
-def shared_smoothing(model: nn.Module, smoothed: dict[str, nn.Module], calib, alpha: float, arch) -> dict[str, torch.Tensor]:
+def smoothed_modules(modules: dict[str, nn.Module], config: W8A8) -> dict[str, nn.Module]:
+    """The modules SmoothQuant smooths (``config.smooth``: those fed by a norm)."""
+    return {n: m for n, m in modules.items() if re.search(config.smooth, n)}
+
+
+def shared_smoothing(smoothed: dict[str, nn.Module], act: dict[str, torch.Tensor], alpha: float, arch) -> dict[str, torch.Tensor]:
     """One ``s`` per group of smoothed modules with the same parent (q/k/v of one attention block,
-    gate/up of one MLP: they read the output of the same norm, into which ``1/s`` folds)."""
-    act = input_channel_absmax(model, smoothed, calib)
+    gate/up of one MLP: they read the output of the same norm, into which ``1/s`` folds), from the
+    calibration's input maxima ``act`` (``input_channel_absmax``)."""
     by_parent: dict[str, list[str]] = {}
     for name in smoothed:
         if name in act:
@@ -206,19 +220,28 @@ def _simulated_experts(experts: dict[str, nn.Module], config: W8A8, stats: W8A8S
 @contextlib.contextmanager
 def simulate_w8a8(
     model: nn.Module, config: W8A8, calib: Sequence[torch.Tensor] = (), include: str | None = None,
-    exclude: str | None = DEFAULT_EXCLUDE,
+    exclude: str | None = DEFAULT_EXCLUDE, within: str | None = None, act_max: dict[str, torch.Tensor] | None = None,
 ) -> Iterator[W8A8Stats]:
-    """Run ``model`` as W8A8 inside the block; original weights restored bitwise on exit."""
+    """Run ``model`` as W8A8 inside the block; original weights restored bitwise on exit.
+
+    ``within`` (a name prefix, e.g. ``model.layers.3.``) simulates only the modules under it, as
+    ``quantize``'s does (a streamed model's layer being read). SmoothQuant's input maxima are measured
+    on ``calib`` unless given by module name in ``act_max`` (measured already, e.g. while streaming)."""
     arch = _arch_of(model)
     experts = _experts_modules(model, arch, include, exclude)
     modules = target_modules(model, include, exclude, arch, required=not experts)
+    if within is not None:
+        experts = {n: m for n, m in experts.items() if n.startswith(within)}
+        modules = {n: m for n, m in modules.items() if n.startswith(within)}
     stats = W8A8Stats(config, modules=len(modules) + len(experts))
     smooth: dict[str, torch.Tensor] = {}
     if config.method == "smoothquant":
-        if not calib:
-            raise ValueError("SmoothQuant needs calibration batches (calib=[token ids, ...])")
-        smoothed = {n: m for n, m in modules.items() if re.search(config.smooth, n)}
-        smooth = shared_smoothing(model, smoothed, calib, config.alpha, arch)
+        smoothed = smoothed_modules(modules, config)
+        if act_max is None:
+            if not calib:
+                raise ValueError("SmoothQuant needs calibration batches (calib=[token ids, ...])")
+            act_max = input_channel_absmax(model, smoothed, calib)
+        smooth = shared_smoothing(smoothed, act_max, config.alpha, arch)
     expert_weights = [w for m in experts.values() for _, w in expert_params(m)]
     with edited_weights([m.weight for m in modules.values()] + expert_weights), HookSet() as hooks, torch.no_grad():
         for name, module in modules.items():
