@@ -200,6 +200,7 @@ def check_cli(checks: Checks, device: torch.device, folder: Path, root: Path, te
         "ablate --stream": ["ablate", str(folder), "--stream", *dev, *ppl, *task, "--scales", "0,1",
                             "--stopword-prompts", "2" if "lambada" in tasks else "0", "--top-n", "16"],
         "eval": ["eval", str(folder), *dev, *ppl, *task],
+        "eval --stream": ["eval", str(folder), "--stream", *dev, *ppl, *task],
         "quantize": ["quantize", str(folder), *dev, "--scheme", "int4", "--group", "32", "--out", str(art), "--force"],
         "eval artifact": ["eval", str(art), *dev, *ppl, "--tasks", "none"],
         "report": ["report", str(folder), *dev, "--out", str(root / "report"), "--ablation", str(root / "ablate.json"),

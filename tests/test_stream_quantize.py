@@ -141,6 +141,13 @@ def test_cli_quantize_streams_and_checks_the_super_weights_file(tmp_path, capsys
     code, _, err = run_main(["quantize", str(folder), "--stream", "--super-weights", str(tmp_path / "sw.json"),
                              "--out", str(tmp_path / "b")], capsys)
     assert code == 2 and "holds super weights of a GPT2LMHeadModel" in err and not (tmp_path / "b").exists()
+    found = json.loads((tmp_path / "sw.json").read_text())  # the right architecture, an index the model lacks
+    found["architecture"] = "LlamaForCausalLM"
+    found["super_weights"][0]["col"] = 99999
+    (tmp_path / "far.json").write_text(json.dumps(found))
+    code, _, err = run_main(["quantize", str(folder), "--stream", "--super-weights", str(tmp_path / "far.json"),
+                             "--out", str(tmp_path / "c")], capsys)
+    assert code == 2 and "it is not from" in err and not (tmp_path / "c").exists()
 
 
 def test_an_artifact_is_never_streamed(tmp_path, capsys):

@@ -8,7 +8,7 @@ import typer
 
 from ..errors import SuperweightError
 from ..files import check_output
-from ..inputs import check_super_weights, read_super_weights
+from ..inputs import check_super_weights, checked_against, read_super_weights
 from .app import (
     CacheOpt,
     DeviceMapOpt,
@@ -55,20 +55,18 @@ def _keep_for(lm, keep: bool, super_weights: Optional[Path]):
 
 def streamed_keep(model: str, super_weights: Optional[Path], dtype: str, device: str) -> list:
     """The super weights of a model that streams: from ``--super-weights`` (checked against the model's
-    architecture; coordinates when a layer is read) or detected now, streamed as well."""
-    from transformers import AutoConfig
-
-    from ..arch import architecture_name
+    meta skeleton: its architecture and every index, no weight read) or detected now, streamed as well."""
     from ..progress import step
+    from ..stream import StreamedModel
     from ..stream_detect import stream_detect
 
     if super_weights is not None:
         det = read_super_weights(super_weights)
-        arch = architecture_name(AutoConfig.from_pretrained(model))
-        if det.architecture != arch:
-            raise SuperweightError(f"{super_weights} holds super weights of a {det.architecture}, but {model} is a {arch}: "
-                                   f"detect them on this model (`superweight detect {model} --stream --json sw.json`)")
-        return list(det.super_weights)
+        sm = StreamedModel(model, dtype, device)
+        try:
+            return checked_against(det, sm.arch, sm.model, model, super_weights)
+        finally:
+            sm.close()
     with step("detecting super weights (streamed)"):
         keep = stream_detect(model, model_name=model, dtype=dtype, device=device).super_weights
     if not keep:
