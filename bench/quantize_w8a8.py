@@ -28,8 +28,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
 from superweight.quant import RTN, W8A8, quantize, simulate_w8a8  # noqa: E402
-from superweight.quant.sweep import WeightSnapshot, calibration_batches  # noqa: E402
-from superweight.quant.w8a8 import held_channels, target_modules  # noqa: E402
+from superweight.quant.sweep import WeightSnapshot  # noqa: E402
+from superweight.quant.w8a8 import activation_spec, default_calibration, held_channels, target_modules  # noqa: E402
 
 CONFIGS = [
     ("paper setting", "naive", W8A8("naive")),
@@ -57,8 +57,7 @@ def artifact_row(lm, calib, text: str, seq_len: int, tokens: int, snapshot: Weig
         try:
             result = quantize(lm.model, RTN(bits=8), arch=lm.arch)
             manifest = save_quantized(lm.model, lm.tokenizer, result, Path(tmp) / "w8a8", source=lm.source, notes=lm.notes,
-                                      activations={"bits": 8, "granularity": "per_token", "modules": modules,
-                                                   "held_out_channels": held, "found_on": "wiki-intros, 4 x 256 tokens"})
+                                      activations=activation_spec(modules, held))
         finally:
             snapshot.restore()
         loaded = load_quantized(Path(tmp) / "w8a8")
@@ -82,7 +81,7 @@ def main() -> None:
 
     lm = sw.load_model(args.model)
     text, tokens = load_text("wikitext2"), args.windows * args.seq_len
-    calib = calibration_batches(lm.tokenizer, load_text("wiki-intros"))
+    calib = default_calibration(lm.tokenizer)
     snapshot = WeightSnapshot(lm.model)
     out = {"version": 1, "command": "python bench/quantize_w8a8.py " + " ".join(sys.argv[1:]), "model": args.model,
            "notes": list(lm.notes), "tokens": tokens, "seq_len": args.seq_len, "rows": []}

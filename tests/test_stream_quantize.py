@@ -11,6 +11,7 @@ import torch
 import superweight as sw
 from superweight.checkpoint import INDEX, join_safetensors, read_header
 from superweight.export import MANIFEST, WEIGHTS, export_artifact, load_quantized
+from superweight.quant.api import DEFAULT_EXCLUDE
 from superweight.quant.config import RTN, Ternary, ZScore
 from superweight.stream_quantize import stream_quantize
 from superweight.synthetic import byte_tokenizer, plant_super_weight, tiny_model
@@ -125,6 +126,57 @@ def test_a_streamed_export_holds_one_layer_at_a_time(tmp_path, monkeypatch):
     monkeypatch.setattr(export.ArtifactWriter, "flush", flush)
     stream_quantize(folder, RTN(bits=4, group=32), [], tmp_path / "a")
     assert pending_at_flush[:4] == [1, 1, 1, 1]  # one layer's tensors per part
+
+
+@pytest.mark.parametrize("arch,expert,exclude", [("LlamaForCausalLM", None, DEFAULT_EXCLUDE),
+                                                ("GPT2LMHeadModel", None, DEFAULT_EXCLUDE),
+                                                ("MixtralForCausalLM", 0, DEFAULT_EXCLUDE), ("LlamaForCausalLM", None, "")])
+def test_streamed_w8a8_artifact_is_the_in_memory_one(arch, expert, exclude, tmp_path):
+    """A W8A8 artifact: int8 weights, and the inputs' held-out channels found on calibration text in one
+    streamed pass (the lm_head's through the head when it is a target): the in-memory file and manifest;
+    both load with the same activation hooks and score the same perplexity."""
+    from superweight.eval.perplexity import evaluate_perplexity
+    from superweight.eval.text import load_text
+    from superweight.quant.w8a8 import w8a8_activations
+
+    folder = _checkpoint(arch, tmp_path / "m", expert=expert)
+    keep = [(1, 5, 17) if expert is None else (1, 5, 17, expert)]
+    lm = sw.load_model(str(folder))
+    acts = w8a8_activations(lm.model, lm.tokenizer, exclude=exclude)
+    export_artifact(lm, RTN(bits=8), keep, tmp_path / "mem", exclude=exclude, write_back=False, activations=acts)
+    stream_quantize(folder, RTN(bits=8), keep, tmp_path / "st", exclude=exclude, activations=True)
+    same_artifact(tmp_path / "mem", tmp_path / "st")
+    if expert is None:
+        assert any(k.endswith("1.mlp.down_proj") or k.endswith("1.mlp.c_proj") for k in acts["held_out_channels"])
+    else:
+        assert "experts" in acts["note"]
+    if exclude == "":
+        assert any("lm_head" in m for m in acts["modules"])
+    text = load_text("wiki-intros")
+    ppl = [evaluate_perplexity(load_quantized(tmp_path / n).model, lm.tokenizer, text, 64, 200).ppl for n in ("mem", "st")]
+    export_artifact(lm, RTN(bits=8), keep, tmp_path / "w8", exclude=exclude, write_back=False)  # weights only
+    weights_only = evaluate_perplexity(load_quantized(tmp_path / "w8").model, lm.tokenizer, text, 64, 200).ppl
+    assert ppl[0] == ppl[1] != weights_only  # the inputs are quantized too
+
+
+def test_cli_quantize_w8a8_writes_an_artifact_with_its_activations(tmp_path, capsys):
+    """``quantize --scheme w8a8``: int8 weights per tensor, the activations entry (the planted super
+    activation's channel held out), shown in the table; in memory and streamed alike; ``eval`` loads it."""
+    from test_bad_inputs import run_main
+
+    folder = _checkpoint("LlamaForCausalLM", tmp_path / "m")
+    manifests = {}
+    for name, extra in {"mem": [], "st": ["--stream"]}.items():
+        code, out, err = run_main(["quantize", str(folder), "--scheme", "w8a8", *extra, "--out", str(tmp_path / name)], capsys)
+        assert code == 0, err
+        assert "activations (W8A8)" in out and "held-out channels" in out
+        manifests[name] = json.loads((tmp_path / name / MANIFEST).read_text())
+    assert manifests["mem"]["activations"] == manifests["st"]["activations"]
+    assert manifests["mem"]["activations"]["held_out_channels"]["model.layers.1.mlp.down_proj"] == [17]
+    assert manifests["mem"]["config"]["bits"] == 8 and manifests["mem"]["scheme"].startswith("int8")
+    code, out, err = run_main(["eval", str(tmp_path / "mem"), "--ppl", "wiki-intros", "--max-tokens", "200", "--tasks",
+                               "none"], capsys)
+    assert code == 0, err
 
 
 def test_cli_quantize_streams_and_checks_the_super_weights_file(tmp_path, capsys):

@@ -220,7 +220,14 @@ class Manifest(Versioned):
         row = [f"{s['quantized_weights']:,}", f"{s['bits_per_weight']:.4f}", f"{s['sparse_bits_per_weight']:.2e}",
                str(len(self.kept)), f"{s['file_bytes'] / 1e6:.2f}",
                f"{(s['predicted_data_bytes'] + s['header_bytes']) / 1e6:.2f}", f"{s['file_bits_per_param']:.3f}"]
-        return [Table(f"{self.scheme} -> {out}" if out else self.scheme, header, [row])]
+        tables = [Table(f"{self.scheme} -> {out}" if out else self.scheme, header, [row])]
+        if self.activations:
+            a = self.activations
+            held = a.get("held_out_channels", {})
+            tables.append(Table("activations (W8A8)", ["inputs quantized", "granularity", "held-out channels", "found on"],
+                                [[f"{len(a['modules'])} modules, {a['bits']}-bit", a.get("granularity", "per_token"),
+                                  f"{sum(map(len, held.values()))} in {len(held)} modules", a.get("found_on", "")]]))
+        return tables
 
 
 def save_quantized(
@@ -279,10 +286,12 @@ def finish_artifact(writer: ArtifactWriter, tmp: Path, model: nn.Module, tokeniz
 def export_artifact(
     lm, config, keep=None, out: str | os.PathLike = "", force: bool = False, include: str | None = None,
     exclude: str | None = None, param_dtype: torch.dtype = torch.float16, write_back: bool = True,
+    activations: dict | None = None,
 ) -> dict:
     """Quantize ``lm.model`` and write its packed artifact to ``out``. ``write_back=True`` (the
     default) also leaves ``lm.model`` fake-quantized in place; ``False`` leaves its weights untouched
-    and skips the write-back and the SQNR (the same file, two passes fewer per weight)."""
+    and skips the write-back and the SQNR (the same file, two passes fewer per weight). ``activations``:
+    a W8A8 artifact's entry (``quant.w8a8.w8a8_activations``, found before the weights change)."""
     from .quant.api import DEFAULT_EXCLUDE, quantize
 
     if Path(out).exists() and not force:
@@ -291,7 +300,7 @@ def export_artifact(
                       exclude=DEFAULT_EXCLUDE if exclude is None else exclude, arch=lm.arch, param_dtype=param_dtype,
                       write_back=write_back)
     return save_quantized(lm.model, lm.tokenizer, result, out, source=lm.source or lm.name, notes=lm.notes,
-                          force=force, param_dtype=param_dtype)
+                          force=force, param_dtype=param_dtype, activations=activations)
 
 
 # ---------------------------------------------------------------- loading

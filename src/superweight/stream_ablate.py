@@ -183,7 +183,7 @@ def _plan_tasks(plan: _Runs, sm: StreamedModel, tokenizer, config: AblationConfi
     max_len = default_seq_len(sm.model, tokenizer)
     tasks = {t: prepare_task(tokenizer, t, config.limit, max_len) for t in config.tasks}
     batches = {t: length_batches(request_lengths(task.pairs)) for t, task in tasks.items()}
-    windows = {t: [plan.window(request_ids([tasks[t].pairs[i] for i in b])) for b in bs] for t, bs in batches.items()}
+    windows = {t: [plan.window(request_ids([tasks[t].pairs[i] for i in b], "cpu")) for b in bs] for t, bs in batches.items()}
     for cond in measured:
         for t in cond.task_names(config):
             for k, b in enumerate(batches[t]):
@@ -209,7 +209,7 @@ def _plan_prompts(plan: _Runs, sm: StreamedModel, tokenizer, config: AblationCon
     groups = [[prompt_ids(tokenizer, SEASON_PROMPT)], *([encoded[i] for i in b] for b in batches)]
     both = [c for c in measured if c.name in ("original", "zero_super_weights")]
     for j, rows in enumerate(groups):
-        w = plan.window(padded(rows))
+        w = plan.window(padded(rows, "cpu"))
         for cond in both:
             plan.add(("probs", cond.name, j), w, cond, _probs_head(plan.windows[w], rows, sm.device))
 

@@ -8,6 +8,8 @@ export makes (restricted to the layer: ``within``), packs them and writes them t
 layer, with ``model.safetensors.index.json``), so no byte is written twice; ``sharded=False`` joins them
 into one ``model.safetensors`` instead, tensor by tensor. Either way the artifact holds the in-memory
 export's tensors byte for byte, and its manifest (sizes aside: each shard has a header) (tests).
+A W8A8 artifact (``activations=True``) also needs its inputs' held-out channels, found on calibration
+text: one streamed pass more ahead of the export (``streamed_activations``), the in-memory entry.
 Memory: the embeddings and final norm, one layer in ``dtype`` and its packed codes, the next layer
 read ahead.
 """
@@ -35,17 +37,21 @@ def stream_quantize(
     path: str | os.PathLike, config: RTN | Ternary, keep: Iterable | dict | None = None, out: str | os.PathLike = "",
     include: str | None = None, exclude: str | None = DEFAULT_EXCLUDE, param_dtype: torch.dtype = torch.float16,
     dtype: str = "float32", device: str | None = None, force: bool = False, notes: list[str] | None = None,
-    sharded: bool = True,
+    sharded: bool = True, activations: bool = False,
 ) -> dict:
     """Write the artifact of the local safetensors model at ``path`` quantized under ``config``, keeping
     ``keep`` exact, reading one decoder layer at a time; returns the manifest. ``sharded``: a file per
-    layer and an index (False: one ``model.safetensors``, as the in-memory export writes, one more copy)."""
+    layer and an index (False: one ``model.safetensors``, as the in-memory export writes, one more copy).
+    ``activations``: a W8A8 artifact (``config`` 8-bit; inputs quantized per token when loaded, the super
+    activations' channels held out: ``streamed_activations``)."""
     out = Path(out)
     if out.exists() and not force:
         raise SuperweightError(f"{out} already exists: pick another --out or pass --force to replace it")
     sm = StreamedModel(path, dtype=dtype, device=device or "cpu")
     try:
         model, arch = sm.model, sm.arch
+        tokenizer = _tokenizer(sm.ckpt.folder)
+        acts = streamed_activations(sm, tokenizer, include, exclude) if activations else None
         inside = f"{arch.layers}."
         with staged_dir(out) as tmp:
             writer = ArtifactWriter(tmp, param_dtype)
@@ -63,8 +69,7 @@ def stream_quantize(
                     writer.add_quantized(outside)
                 skip = set(outside.tensors) if outside is not None else set()
                 writer.add_untouched(*_untouched(model, skip, lambda n: not n.startswith(inside)))
-            return finish_artifact(writer, tmp, model, _tokenizer(sm.ckpt.folder), config, str(path), notes,
-                                   sharded=sharded)
+            return finish_artifact(writer, tmp, model, tokenizer, config, str(path), notes, acts, sharded=sharded)
     finally:
         sm.close()
 
@@ -78,6 +83,30 @@ def _outside_targets(model, config, keep, include, exclude, arch, param_dtype, i
         return None
     kept = {k: v for k, v in keep.items() if not k.startswith(inside)} if isinstance(keep, dict) else None
     return quantize(model, config, kept, include, exclude, arch, param_dtype, write_back=False)
+
+
+def streamed_activations(sm: StreamedModel, tokenizer, include: str | None = None,
+                         exclude: str | None = DEFAULT_EXCLUDE, ratio: float = 1000.0) -> dict:
+    """``quant.w8a8.w8a8_activations`` of a streamed model, the same entry: the calibration batches run
+    through every layer as it is read (one pass), each target module's inputs recorded meanwhile; modules
+    outside the layers (an ``--include``d head) read theirs as the head runs."""
+    from .quant.api import target_modules
+    from .quant.w8a8 import activation_spec, default_calibration, held_of, recording_inputs
+    from .stream_sweep import RecordedInputs
+
+    if tokenizer is None:
+        raise SuperweightError(f"{sm.ckpt.folder} has no tokenizer: a W8A8 artifact calibrates its activations on text")
+    modules = target_modules(sm.model, include, exclude, sm.arch)
+    calib = default_calibration(tokenizer)
+    recorded = RecordedInputs(sm, modules, medians=True)
+    outputs = sm.last_outputs(calib, [(k, recorded) for k in range(len(calib))])
+    inside = f"{sm.arch.layers}."
+    with recording_inputs({n: m for n, m in modules.items() if not n.startswith(inside)}, recorded.maxima,
+                          recorded.medians):
+        sm.through_head(outputs, [lambda model, ids=ids: model(input_ids=ids[None].to(sm.device), use_cache=False)
+                                  for ids in calib])
+    return activation_spec(list(modules), held_of(recorded.maxima, recorded.medians, ratio),
+                           experts=sm.arch.is_moe)
 
 
 def _tokenizer(folder: Path):

@@ -8,7 +8,7 @@ layer is quantized under the point (the same ``quantize`` call as in memory, res
 the next point (``StreamedModel.run_heads``; a point's layer is quantized once per pass). W8A8 points
 are layer-local too: the layer's weights are 8-bit and its linear inputs quantized per token while the
 windows run through it (``simulate_w8a8(..., within=layer)``); SmoothQuant's input maxima come from
-its calibration batches run through the unedited layer first, in the same pass (``_Calibration``).
+its calibration batches run through the unedited layer first, in the same pass (``RecordedInputs``).
 Perplexities and the W8A8 counts are the in-memory sweep's bit for bit.
 """
 from __future__ import annotations
@@ -31,30 +31,27 @@ from .quant.sweep import (
     GridPoint,
     PointResult,
     SweepResult,
-    calibration_batches,
     default_grid,
     kept_list,
     point_result,
 )
-from .quant.w8a8 import W8A8Stats, recording_inputs, simulate_w8a8
+from .quant.w8a8 import W8A8Stats, default_calibration, recording_inputs, simulate_w8a8
 from .stream import StreamedModel, _tokenizer
 
 
-class _Calibration:
-    """SmoothQuant's calibration as a streamed edit: while layer ``i`` is read, its linear inputs' max
-    ``|x|`` per channel over the calibration runs (the unedited model's, as in memory), by module name."""
+class RecordedInputs:
+    """A streamed edit that changes nothing: while layer ``i`` is read, the inputs of its modules among
+    ``modules`` are recorded (``quant.w8a8.recording_inputs``: max ``|x|`` per channel, by module name;
+    each call's median ``|x|`` too with ``medians``). SmoothQuant's calibration, the W8A8 artifact's."""
 
-    def __init__(self, sm: StreamedModel) -> None:
-        self.sm = sm
+    def __init__(self, sm: StreamedModel, modules: dict, medians: bool = False) -> None:
+        self.sm, self.modules = sm, modules
         self.maxima: dict[str, torch.Tensor] = {}
+        self.medians: dict[str, list[float]] | None = {} if medians else None
 
-    @contextlib.contextmanager
-    def __call__(self, i: int) -> Iterator[None]:
+    def __call__(self, i: int) -> contextlib.AbstractContextManager:
         prefix = _prefix(self.sm, i)
-        modules = {n: m for n, m in target_modules(self.sm.model, None, DEFAULT_EXCLUDE, self.sm.arch, required=False).items()
-                   if n.startswith(prefix)}
-        with recording_inputs(modules, self.maxima):
-            yield
+        return recording_inputs({n: m for n, m in self.modules.items() if n.startswith(prefix)}, self.maxima, self.medians)
 
 
 def _prefix(sm: StreamedModel, i: int) -> str:
@@ -65,7 +62,7 @@ class _PointEdit:
     """A grid point as a streamed edit: layer ``i`` fake-quantized (or run as W8A8) under the point inside
     the block, its weights put back after; what each layer's quantization reported, by layer."""
 
-    def __init__(self, sm: StreamedModel, point: GridPoint, keep: list, calibration: _Calibration | None = None) -> None:
+    def __init__(self, sm: StreamedModel, point: GridPoint, keep: list, calibration: RecordedInputs | None = None) -> None:
         self.sm, self.point, self.keep, self.calibration = sm, point, keep, calibration
         self.layers: dict[int, tuple[int, int, float, int]] = {}  # layer -> (bytes, weights, min sqnr, sparse)
         self.w8a8 = W8A8Stats(point.config) if isinstance(point.config, W8A8) else None
@@ -129,9 +126,10 @@ def stream_sweep(
         tokenizer = tokenizer or _tokenizer(sm.ckpt.folder)
         ids, spans, seq_len, stride = perplexity_windows(sm.model, tokenizer, text, seq_len, max_tokens)
         smooths = any(isinstance(p.config, W8A8) and p.config.method == "smoothquant" for p in grid)
-        calibration = _Calibration(sm) if smooths else None
+        targets = target_modules(sm.model, None, DEFAULT_EXCLUDE, sm.arch, required=False)
+        calibration = RecordedInputs(sm, targets) if smooths else None
         if smooths and calib is None:
-            calib = calibration_batches(tokenizer, load_text("wiki-intros"))
+            calib = default_calibration(tokenizer)
         edits = [_PointEdit(sm, p, keep, calibration) for p in grid]
         first = [(c.reshape(-1), calibration) for c in calib or ()] if calibration else []
         nlls = sm.edited_nlls([(ids[b:e], f - b) for b, e, f in spans], edits, first)  # [window][point]

@@ -75,7 +75,7 @@ def streamed_keep(model: str, super_weights: Optional[Path], dtype: str, device:
 
 
 def _streamed(model: str, config, keep_super_weights: bool, super_weights: Optional[Path], out: Path, force: bool,
-              include: Optional[str], exclude: str, dtype: str, device: str) -> dict:
+              include: Optional[str], exclude: str, dtype: str, device: str, activations: bool) -> dict:
     """A local safetensors model quantized layer by layer (``stream_quantize``); the super weights from
     ``streamed_keep``."""
     from ..progress import step
@@ -83,13 +83,26 @@ def _streamed(model: str, config, keep_super_weights: bool, super_weights: Optio
 
     keep = streamed_keep(model, super_weights, dtype, device) if keep_super_weights else []
     with step("quantizing layer by layer (streamed)"):
-        return stream_quantize(model, config, keep, out, include, exclude, dtype=dtype, device=device, force=force)
+        return stream_quantize(model, config, keep, out, include, exclude, dtype=dtype, device=device, force=force,
+                               activations=activations)
+
+
+def _activations(lm, include: Optional[str], exclude: str) -> dict:
+    """The W8A8 artifact's activations entry, found on calibration text before the weights change."""
+    from ..progress import step
+    from ..quant.w8a8 import CALIBRATION, w8a8_activations
+
+    with step(f"finding the super activations' input channels ({CALIBRATION})"):
+        return w8a8_activations(lm.model, lm.tokenizer, include, exclude)
 
 
 @app.command("quantize")
 def quantize_cmd(
     model: str = ModelArg,
-    scheme: str = typer.Option("int4", "--scheme", help="int2, int3, int4, int8, nf4 or ternary."),
+    scheme: str = typer.Option(
+        "int4", "--scheme", help="int2, int3, int4, int8, nf4, ternary, or w8a8 (int8 weights per tensor by default, "
+        "8-bit per-token inputs with the super activations' channels held out, found on calibration text)."
+    ),
     block: Optional[int] = typer.Option(None, "--block", help="Paper's blocks: runs of B elements of the flattened tensor."),
     group: Optional[int] = typer.Option(None, "--group", help="Groups of G along the input dimension of each row."),
     per_channel: bool = typer.Option(False, "--per-channel", help="One scale per output channel."),
@@ -142,12 +155,16 @@ def quantize_cmd(
                            search=search, zero_point=zero_point, outliers=outliers, sa_weight=sa_weight)
     from ..plan import choose_mode
 
+    w8a8 = scheme == "w8a8"
     if choose_mode(model, dtype, stream, device_map, cache_dir, device) == "stream":
-        manifest = _streamed(model, config, keep_super_weights, super_weights, out, force, include, exclude, dtype, device)
+        manifest = _streamed(model, config, keep_super_weights, super_weights, out, force, include, exclude, dtype, device,
+                             w8a8)
     else:
         lm = load_lm(model, dtype, cache_dir, device_map, device)
         keep = _keep_for(lm, keep_super_weights, super_weights)
-        manifest = export_artifact(lm, config, keep, out, force, include, exclude, write_back=False)  # only the file is used
+        acts = _activations(lm, include, exclude) if w8a8 else None
+        manifest = export_artifact(lm, config, keep, out, force, include, exclude, write_back=False,  # only the file is used
+                                   activations=acts)
     print_tables(Manifest.from_dict(manifest).tables(out))
     if json_path:
         from ..detect import write_json_atomic

@@ -228,7 +228,7 @@ def in_input_order(batches: Sequence[Sequence[int]], values: Sequence[Sequence])
     return out
 
 
-def padded(rows: Sequence[Sequence[int]], device: torch.device | str | None = None) -> torch.Tensor:
+def padded(rows: Sequence[Sequence[int]], device: torch.device | str) -> torch.Tensor:
     """Token rows right-padded with their own last token, as one ``[rows, longest]`` tensor.
 
     Causal attention never lets a real token see the padding after it, so no mask is needed and
@@ -243,7 +243,7 @@ def request_lengths(pairs: Sequence[tuple[list[int], list[int]]]) -> list[int]:
     return [len(c) + len(x) - 1 for c, x in pairs]
 
 
-def request_ids(pairs: Sequence[tuple[list[int], list[int]]], device: torch.device | str | None = None) -> torch.Tensor:
+def request_ids(pairs: Sequence[tuple[list[int], list[int]]], device: torch.device | str) -> torch.Tensor:
     """The padded ``(context + continuation)[:-1]`` rows of a batch of requests."""
     return padded([(ctx + cont)[:-1] for ctx, cont in pairs], device)
 

@@ -198,7 +198,7 @@ def from_dict(data: dict):
     return cls(**kwargs)
 
 
-SCHEMES = ("int2", "int3", "int4", "int8", "nf4", "ternary")
+SCHEMES = ("int2", "int3", "int4", "int8", "nf4", "ternary", "w8a8")
 
 
 def scheme_config(
@@ -206,11 +206,12 @@ def scheme_config(
     topk: int = 0, per_channel: bool = False, oversize: str = "error", **rtn_options,
 ) -> RTN | Ternary:
     """The config behind a CLI ``--scheme`` name; ``rtn_options`` (``search``, ``zero_point``,
-    ``outliers``, ``sa_weight``) go to ``RTN``."""
+    ``outliers``, ``sa_weight``) go to ``RTN``. ``w8a8``: its weights' config (int8, per tensor unless a
+    block, group or per-channel is given); the activations are the artifact's ``activations`` entry."""
     clip = ZScore(clip_z) if clip_z is not None else None
-    if scheme.startswith("int") and scheme in SCHEMES:
-        return RTN(bits=int(scheme[3:]), block=block, group=group, per_channel=per_channel, clip=clip, oversize=oversize,
-                   **rtn_options)
+    if (scheme.startswith("int") and scheme in SCHEMES) or scheme == "w8a8":
+        return RTN(bits=int(scheme[3:]) if scheme.startswith("int") else 8, block=block, group=group,
+                   per_channel=per_channel, clip=clip, oversize=oversize, **rtn_options)
     if scheme == "nf4":
         return RTN(bits=4, block=block, group=group, per_channel=per_channel, clip=clip, levels="nf4", oversize=oversize,
                    **rtn_options)

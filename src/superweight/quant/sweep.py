@@ -23,7 +23,7 @@ from ..results import Table, Versioned
 from ..version import __version__
 from .api import DEFAULT_EXCLUDE, quantize, target_weights
 from .config import RTN, W8A8, Ternary, ZScore, describe, to_dict
-from .w8a8 import simulate_w8a8
+from .w8a8 import default_calibration, simulate_w8a8
 
 log = logging.getLogger(__name__)
 
@@ -183,14 +183,6 @@ def kept_list(keep: Sequence) -> list[list[int]]:
     return [[*c, e] if e is not None else list(c) for c, e in as_keys(keep)]
 
 
-def calibration_batches(tokenizer, text: str, n: int = 4, length: int = 256) -> list[torch.Tensor]:
-    """``n`` consecutive ``length``-token samples of ``text`` (SmoothQuant's calibration set)."""
-    from ..eval.perplexity import tokenize_stream
-
-    ids = tokenize_stream(tokenizer, text, n * length)
-    return [ids[i * length:(i + 1) * length] for i in range(n) if ids[i * length:(i + 1) * length].numel() > 1]
-
-
 def run_sweep(
     lm, keep, grid: Sequence[GridPoint] | None = None, text_name: str = "wikitext2", text: str | None = None,
     max_tokens: int | None = DEFAULT_MAX_TOKENS, seq_len: int | None = None, calib: Sequence[torch.Tensor] | None = None,
@@ -209,7 +201,7 @@ def run_sweep(
     grid = default_grid() if grid is None else grid
     text = load_text(text_name) if text is None else text
     if calib is None and any(isinstance(p.config, W8A8) and p.config.method == "smoothquant" for p in grid):
-        calib = calibration_batches(lm.tokenizer, load_text("wiki-intros"))
+        calib = default_calibration(lm.tokenizer)
     model = lm.model
     snapshot = WeightSnapshot(model)
     out = SweepResult(

@@ -57,13 +57,13 @@ def input_channel_absmax(model: nn.Module, modules: dict[str, nn.Module], calib:
 
 @torch.no_grad()
 def _input_stats(model: nn.Module, modules: dict[str, nn.Module], calib: Sequence[torch.Tensor]):
-    """Per module: max ``|x|`` per input channel, and the median ``|x|`` (median over batches)."""
+    """Per module: max ``|x|`` per input channel, and each batch's median ``|x|``."""
     maxima: dict[str, torch.Tensor] = {}
     medians: dict[str, list[float]] = {}
     with recording_inputs(modules, maxima, medians):
         for ids in calib:
             model(input_ids=ids.reshape(1, -1).to(next(model.parameters()).device), use_cache=False)
-    return maxima, {n: float(torch.tensor(v, device="cpu").median()) for n, v in medians.items()}
+    return maxima, medians
 
 
 @contextlib.contextmanager
@@ -257,19 +257,68 @@ def simulate_w8a8(
 # ---------------------------------------------------------------- the W8A8 artifact's activations
 
 
+CALIBRATION_TEXT = "wiki-intros"  # never a test text
+CALIBRATION = "wiki-intros, 4 x 256 tokens"
+
+
+def calibration_batches(tokenizer, text: str, n: int = 4, length: int = 256) -> list[torch.Tensor]:
+    """``n`` consecutive ``length``-token samples of ``text`` (SmoothQuant's calibration set, and the W8A8
+    artifact's)."""
+    from ..eval.perplexity import tokenize_stream
+
+    ids = tokenize_stream(tokenizer, text, n * length)
+    return [ids[i * length:(i + 1) * length] for i in range(n) if ids[i * length:(i + 1) * length].numel() > 1]
+
+
+def default_calibration(tokenizer) -> list[torch.Tensor]:
+    """``calibration_batches`` of the built-in calibration text (``CALIBRATION``)."""
+    from ..eval.text import load_text
+
+    return calibration_batches(tokenizer, load_text(CALIBRATION_TEXT))
+
+
 def held_channels(model: nn.Module, calib: Sequence[torch.Tensor], ratio: float = 1000.0, include: str | None = None,
                   exclude: str | None = DEFAULT_EXCLUDE) -> dict[str, list[int]]:
     """Per linear module, the input channels whose calibration max ``|x|`` reaches ``ratio`` x the
     median ``|x|`` of its input (the super activations' channels): held out of 8-bit quantization."""
     arch = _arch_of(model)
     modules = target_modules(model, include, exclude, arch)
-    maxima, medians = _input_stats(model, modules, calib)
+    return held_of(*_input_stats(model, modules, calib), ratio)
+
+
+def held_of(maxima: dict[str, torch.Tensor], medians: dict[str, list[float]], ratio: float = 1000.0) -> dict[str, list[int]]:
+    """``held_channels`` from the recorded input statistics (``recording_inputs``: max ``|x|`` per channel,
+    each call's median ``|x|``, whose median is the threshold's base)."""
     out = {}
     for name, mx in maxima.items():
-        chans = torch.nonzero(mx >= ratio * max(medians[name], 1e-12)).reshape(-1).tolist()
+        median = float(torch.tensor(medians[name], device="cpu").median())
+        chans = torch.nonzero(mx >= ratio * max(median, 1e-12)).reshape(-1).tolist()
         if chans:
             out[name] = chans
     return out
+
+
+EXPERTS_NOTE = "a mixture of experts' experts: int8 weights, inputs not quantized (linear layers only)"
+
+
+def activation_spec(modules: Sequence[str], held: dict[str, list[int]], found_on: str = CALIBRATION,
+                    experts: bool = False) -> dict:
+    """The manifest's ``activations`` entry of a W8A8 artifact: 8-bit per-token inputs of ``modules``,
+    the ``held`` channels (the super activations') kept exact; ``experts``: the model has experts, whose
+    inputs stay unquantized (said in the entry)."""
+    spec = {"bits": 8, "granularity": "per_token", "modules": list(modules), "held_out_channels": held,
+            "found_on": found_on}
+    return spec | ({"note": EXPERTS_NOTE} if experts else {})
+
+
+def w8a8_activations(model: nn.Module, tokenizer, include: str | None = None, exclude: str | None = DEFAULT_EXCLUDE,
+                     ratio: float = 1000.0) -> dict:
+    """The ``activations`` entry of ``model``'s W8A8 artifact, calibrated on ``CALIBRATION`` (the model's
+    weights as they are now: call it before quantizing them)."""
+    arch = _arch_of(model)
+    modules = target_modules(model, include, exclude, arch)
+    return activation_spec(list(modules), held_channels(model, default_calibration(tokenizer), ratio, include, exclude),
+                           experts=bool(arch is not None and arch.is_moe))
 
 
 def activation_hook(channels: Sequence[int], symmetric: bool = False):
