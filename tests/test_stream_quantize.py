@@ -133,8 +133,9 @@ def test_a_streamed_export_holds_one_layer_at_a_time(tmp_path, monkeypatch):
                                                 ("MixtralForCausalLM", 0, DEFAULT_EXCLUDE), ("LlamaForCausalLM", None, "")])
 def test_streamed_w8a8_artifact_is_the_in_memory_one(arch, expert, exclude, tmp_path):
     """A W8A8 artifact: int8 weights, and the inputs' held-out channels found on calibration text in one
-    streamed pass (the lm_head's through the head when it is a target): the in-memory file and manifest;
-    both load with the same activation hooks and score the same perplexity."""
+    streamed pass (the lm_head's through the head when it is a target; an MoE's experts' two inputs): the
+    in-memory file and manifest; both load with the same activation quantization and score the same
+    perplexity."""
     from superweight.eval.perplexity import evaluate_perplexity
     from superweight.eval.text import load_text
     from superweight.quant.w8a8 import w8a8_activations
@@ -148,8 +149,11 @@ def test_streamed_w8a8_artifact_is_the_in_memory_one(arch, expert, exclude, tmp_
     same_artifact(tmp_path / "mem", tmp_path / "st")
     if expert is None:
         assert any(k.endswith("1.mlp.down_proj") or k.endswith("1.mlp.c_proj") for k in acts["held_out_channels"])
-    else:
-        assert "experts" in acts["note"]
+    else:  # the experts' inputs too: the planted expert's down-projection input channel held out
+        assert "model.layers.1.mlp.experts" in acts["experts"]
+        assert acts["held_out_channels"]["model.layers.1.mlp.experts.down_proj"] == [17]
+        loaded = load_quantized(tmp_path / "st").model
+        assert all("forward" in loaded.get_submodule(n).__dict__ for n in acts["experts"])
     if exclude == "":
         assert any("lm_head" in m for m in acts["modules"])
     text = load_text("wiki-intros")

@@ -91,22 +91,22 @@ def streamed_activations(sm: StreamedModel, tokenizer, include: str | None = Non
     through every layer as it is read (one pass), each target module's inputs recorded meanwhile; modules
     outside the layers (an ``--include``d head) read theirs as the head runs."""
     from .quant.api import target_modules
-    from .quant.w8a8 import activation_spec, default_calibration, held_of, recording_inputs
+    from .quant.w8a8 import activation_spec, default_calibration, experts_modules, held_of, recording_inputs
     from .stream_sweep import RecordedInputs
 
     if tokenizer is None:
         raise SuperweightError(f"{sm.ckpt.folder} has no tokenizer: a W8A8 artifact calibrates its activations on text")
-    modules = target_modules(sm.model, include, exclude, sm.arch)
+    experts = experts_modules(sm.model, include, exclude, sm.arch)
+    modules = target_modules(sm.model, include, exclude, sm.arch, required=not experts)
     calib = default_calibration(tokenizer)
-    recorded = RecordedInputs(sm, modules, medians=True)
+    recorded = RecordedInputs(sm, {**modules, **experts}, medians=True)
     outputs = sm.last_outputs(calib, [(k, recorded) for k in range(len(calib))])
     inside = f"{sm.arch.layers}."
     with recording_inputs({n: m for n, m in modules.items() if not n.startswith(inside)}, recorded.maxima,
                           recorded.medians):
         sm.through_head(outputs, [lambda model, ids=ids: model(input_ids=ids[None].to(sm.device), use_cache=False)
                                   for ids in calib])
-    return activation_spec(list(modules), held_of(recorded.maxima, recorded.medians, ratio),
-                           experts=sm.arch.is_moe)
+    return activation_spec(list(modules), held_of(recorded.maxima, recorded.medians, ratio), experts=list(experts))
 
 
 def _tokenizer(folder: Path):

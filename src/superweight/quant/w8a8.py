@@ -12,10 +12,11 @@ the layers that read one norm (q/k/v; gate/up) share one ``s``. ``W8A8.weights="
 ``symmetric=True`` give the reference's fake quantization (symmetric absmax per output row and per
 token); the defaults are the paper's Table 3 setting (asymmetric per tensor and per token).
 
-The W8A8 artifact (``export.save_quantized(..., activations=...)``) stores int8 weights with
-per-tensor scales and, in its manifest, the input channels held out of activation quantization
-(``held_channels``: the super activations' channels, found on calibration text); loading it
-installs ``activation_hook`` on every quantized layer.
+The W8A8 artifact (``superweight quantize --scheme w8a8``, ``export.save_quantized(..., activations=...)``)
+stores int8 weights with per-tensor scales and, in its manifest, the input channels held out of
+activation quantization (``held_channels``: the super activations' channels, found on calibration
+text); loading it installs ``activation_hook`` on every quantized linear layer and ``experts_forward``
+with both inputs quantized on every experts module.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ from .api import DEFAULT_EXCLUDE, _arch_of, out_in, target_modules
 from .config import RTN, W8A8
 from ..arch import expert_params
 from ..edits import HookSet, edited_weights
+from ..errors import SuperweightError
 from .primitives import fake_quantize, holdout_quantize, quantize_per_token
 
 
@@ -70,20 +72,51 @@ def _input_stats(model: nn.Module, modules: dict[str, nn.Module], calib: Sequenc
 def recording_inputs(modules: dict[str, nn.Module], maxima: dict[str, torch.Tensor],
                      medians: dict[str, list[float]] | None = None) -> Iterator[None]:
     """Inside the block, each call of a module in ``modules`` raises ``maxima[name]`` to its input's
-    max ``|x|`` per channel (and appends the input's median ``|x|`` to ``medians[name]``)."""
-    def hook(name):
-        def fn(module, args):
-            x = args[0].detach().abs().reshape(-1, args[0].shape[-1]).float()
-            m = x.amax(0)
+    max ``|x|`` per channel (and appends the input's median ``|x|`` to ``medians[name]``). An experts
+    module records its two inputs, ``{name}.gate_up_proj`` and ``{name}.down_proj``, running
+    ``experts_forward`` inside the block."""
+    def record(name):
+        def fn(x: torch.Tensor) -> torch.Tensor:
+            a = x.detach().abs().reshape(-1, x.shape[-1]).float()
+            m = a.amax(0)
             maxima[name] = torch.maximum(maxima[name], m) if name in maxima else m
             if medians is not None:
-                medians.setdefault(name, []).append(float(x.median()))
+                medians.setdefault(name, []).append(float(a.median()))
+            return x
         return fn
 
-    with HookSet() as hooks:
+    def hook(name):
+        r = record(name)
+
+        def fn(module, args) -> None:
+            r(args[0])
+        return fn
+
+    experts = {n: m for n, m in modules.items() if is_experts(m)}
+    with HookSet() as hooks, _experts_forwards(experts, lambda n: (record(f"{n}.gate_up_proj"), record(f"{n}.down_proj"))):
         for n, m in modules.items():
-            hooks.pre(m, hook(n))
+            if n not in experts:
+                hooks.pre(m, hook(n))
         yield
+
+
+def is_experts(module: nn.Module) -> bool:
+    """An MoE's experts module: 3-D expert weights, no linear layers (``down_proj`` a parameter)."""
+    w = getattr(module, "down_proj", None)
+    return isinstance(w, torch.Tensor) and w.dim() == 3
+
+
+@contextlib.contextmanager
+def _experts_forwards(experts: dict[str, nn.Module], inputs) -> Iterator[None]:
+    """Each experts module runs ``experts_forward`` with ``inputs(name)`` (its two input functions) inside
+    the block; its own forward back on exit."""
+    try:
+        for name, module in experts.items():
+            module.forward = experts_forward(module, *inputs(name))
+        yield
+    finally:
+        for module in experts.values():
+            module.__dict__.pop("forward", None)
 
 
 def smoothing_factors(act_max: torch.Tensor, weight: torch.Tensor | Sequence[torch.Tensor], alpha: float) -> torch.Tensor:
@@ -202,19 +235,20 @@ def _experts_modules(model: nn.Module, arch, include: str | None, exclude: str |
 @contextlib.contextmanager
 def _simulated_experts(experts: dict[str, nn.Module], config: W8A8, stats: W8A8Stats) -> Iterator[None]:
     """8-bit weights (per expert matrix) and inputs for each experts module; forwards restored on exit."""
-    try:
-        for name, module in experts.items():
-            for _, w in expert_params(module):
-                for e in range(w.shape[0]):
-                    w[e].copy_(quantize_weight_w8(w[e], config))
-            module.forward = experts_forward(
-                module, lambda x, n=name: _quantize_input(x, f"{n}.gate_up_proj", config, stats),
-                lambda x, n=name: _quantize_input(x, f"{n}.down_proj", config, stats))
-            stats.experts += module.down_proj.shape[0]
+    for name, module in experts.items():
+        for _, w in expert_params(module):
+            for e in range(w.shape[0]):
+                w[e].copy_(quantize_weight_w8(w[e], config))
+        stats.experts += module.down_proj.shape[0]
+    with _experts_forwards(experts, lambda n: (lambda x: _quantize_input(x, f"{n}.gate_up_proj", config, stats),
+                                               lambda x: _quantize_input(x, f"{n}.down_proj", config, stats))):
         yield
-    finally:
-        for module in experts.values():
-            module.__dict__.pop("forward", None)
+
+
+def experts_modules(model: nn.Module, include: str | None = None, exclude: str | None = DEFAULT_EXCLUDE,
+                    arch=None) -> dict[str, nn.Module]:
+    """An MoE's experts modules whose weights ``quantize`` would take, by module name (none for a dense model)."""
+    return _experts_modules(model, arch or _arch_of(model), include, exclude)
 
 
 @contextlib.contextmanager
@@ -279,11 +313,13 @@ def default_calibration(tokenizer) -> list[torch.Tensor]:
 
 def held_channels(model: nn.Module, calib: Sequence[torch.Tensor], ratio: float = 1000.0, include: str | None = None,
                   exclude: str | None = DEFAULT_EXCLUDE) -> dict[str, list[int]]:
-    """Per linear module, the input channels whose calibration max ``|x|`` reaches ``ratio`` x the
-    median ``|x|`` of its input (the super activations' channels): held out of 8-bit quantization."""
+    """Per linear module (and per experts module's two inputs, ``{name}.gate_up_proj`` / ``.down_proj``),
+    the input channels whose calibration max ``|x|`` reaches ``ratio`` x the median ``|x|`` of its input
+    (the super activations' channels): held out of 8-bit quantization."""
     arch = _arch_of(model)
-    modules = target_modules(model, include, exclude, arch)
-    return held_of(*_input_stats(model, modules, calib), ratio)
+    experts = _experts_modules(model, arch, include, exclude)
+    modules = target_modules(model, include, exclude, arch, required=not experts)
+    return held_of(*_input_stats(model, {**modules, **experts}, calib), ratio)
 
 
 def held_of(maxima: dict[str, torch.Tensor], medians: dict[str, list[float]], ratio: float = 1000.0) -> dict[str, list[int]]:
@@ -298,17 +334,14 @@ def held_of(maxima: dict[str, torch.Tensor], medians: dict[str, list[float]], ra
     return out
 
 
-EXPERTS_NOTE = "a mixture of experts' experts: int8 weights, inputs not quantized (linear layers only)"
-
-
 def activation_spec(modules: Sequence[str], held: dict[str, list[int]], found_on: str = CALIBRATION,
-                    experts: bool = False) -> dict:
-    """The manifest's ``activations`` entry of a W8A8 artifact: 8-bit per-token inputs of ``modules``,
-    the ``held`` channels (the super activations') kept exact; ``experts``: the model has experts, whose
-    inputs stay unquantized (said in the entry)."""
+                    experts: Sequence[str] = ()) -> dict:
+    """The manifest's ``activations`` entry of a W8A8 artifact: 8-bit per-token inputs of the linear
+    ``modules`` and of the ``experts`` modules (both their inputs), the ``held`` channels (the super
+    activations') kept exact."""
     spec = {"bits": 8, "granularity": "per_token", "modules": list(modules), "held_out_channels": held,
             "found_on": found_on}
-    return spec | ({"note": EXPERTS_NOTE} if experts else {})
+    return spec | ({"experts": list(experts)} if experts else {})
 
 
 def w8a8_activations(model: nn.Module, tokenizer, include: str | None = None, exclude: str | None = DEFAULT_EXCLUDE,
@@ -316,33 +349,50 @@ def w8a8_activations(model: nn.Module, tokenizer, include: str | None = None, ex
     """The ``activations`` entry of ``model``'s W8A8 artifact, calibrated on ``CALIBRATION`` (the model's
     weights as they are now: call it before quantizing them)."""
     arch = _arch_of(model)
-    modules = target_modules(model, include, exclude, arch)
+    experts = _experts_modules(model, arch, include, exclude)
+    modules = target_modules(model, include, exclude, arch, required=not experts)
     return activation_spec(list(modules), held_channels(model, default_calibration(tokenizer), ratio, include, exclude),
-                           experts=bool(arch is not None and arch.is_moe))
+                           experts=list(experts))
+
+
+def input_quantizer(channels: Sequence[int], symmetric: bool = False):
+    """``x ->`` its 8-bit per-token quantization, the ``channels`` kept exact (filled with the median while
+    the range is taken, then put back)."""
+    idx = torch.as_tensor(list(channels), dtype=torch.long, device="cpu")  # moved to each input's device
+
+    def quant(x: torch.Tensor) -> torch.Tensor:
+        if not idx.numel():
+            return quantize_act_w8(x, symmetric)
+        mask = torch.zeros(x.shape[-1], dtype=torch.bool, device=x.device)
+        mask[idx.to(x.device)] = True
+        return holdout_quantize(x, mask.expand_as(x), 8)
+    return quant
 
 
 def activation_hook(channels: Sequence[int], symmetric: bool = False):
-    """A pre-hook quantizing a linear layer's input per token to 8 bits, the ``channels`` kept exact
-    (filled with the median while the range is taken, then put back)."""
-    idx = torch.as_tensor(list(channels), dtype=torch.long, device="cpu")  # moved to each input's device
+    """A pre-hook quantizing a linear layer's input per token to 8 bits, the ``channels`` kept exact."""
+    quant = input_quantizer(channels, symmetric)
 
     def fn(module, args):
-        x = args[0]
-        if not idx.numel():
-            return (quantize_act_w8(x, symmetric), *args[1:])
-        mask = torch.zeros(x.shape[-1], dtype=torch.bool, device=x.device)
-        mask[idx.to(x.device)] = True
-        return (holdout_quantize(x, mask.expand_as(x), 8), *args[1:])
+        return (quant(args[0]), *args[1:])
     return fn
 
 
 def attach_activation_quant(model: nn.Module, spec: dict) -> list:
     """Install the 8-bit activation quantization an artifact's manifest describes (``activations``:
-    ``{"bits": 8, "modules": [...], "held_out_channels": {module: [channel, ...]}}``); the hooks
-    stay with the model (it is a W8A8 model). Returns their handles."""
+    ``{"bits": 8, "modules": [...], "experts": [...], "held_out_channels": {input: [channel, ...]}}``): a
+    pre-hook on each linear module, ``experts_forward`` with both inputs quantized on each experts module;
+    they stay with the model (it is a W8A8 model). Returns the hooks' handles."""
     held = spec.get("held_out_channels", {})
+    symmetric = bool(spec.get("symmetric"))
     handles = []
     for name in spec["modules"]:
         module = model.get_submodule(name)
-        handles.append(module.register_forward_pre_hook(activation_hook(held.get(name, []), bool(spec.get("symmetric")))))
+        handles.append(module.register_forward_pre_hook(activation_hook(held.get(name, []), symmetric)))
+    for name in spec.get("experts", []):
+        module = model.get_submodule(name)
+        if not is_experts(module) or not _standard_experts(module):
+            raise SuperweightError(f"{name} is not an experts module this version runs as W8A8: re-export the artifact")
+        module.forward = experts_forward(module, input_quantizer(held.get(f"{name}.gate_up_proj", []), symmetric),
+                                         input_quantizer(held.get(f"{name}.down_proj", []), symmetric))
     return handles
