@@ -35,7 +35,7 @@ from .quant.api import QuantResult
 from .quant.config import describe, to_dict
 from .quant.layout import Layout
 from .quant.schemes import handler
-from .quant.primitives import QuantizedTensor
+from .quant.primitives import QuantizedTensor, predicted_bytes, sparse_bytes, sparse_dtype
 
 MANIFEST = "superweight_manifest.json"
 WEIGHTS = "model.safetensors"
@@ -53,26 +53,6 @@ def is_artifact(path: str | os.PathLike) -> bool:
 
 
 # ---------------------------------------------------------------- sizes
-
-
-def sparse_dtype(values: torch.Tensor) -> torch.dtype:
-    """float16 when every value survives the round trip exactly, else the values' own dtype."""
-    return torch.float16 if torch.equal(values.half().to(values.dtype), values) else values.dtype
-
-
-def predicted_bytes(qt: QuantizedTensor, param_bytes: int = 2) -> int:
-    """Bytes a quantized tensor takes in the file, from the scheme alone (codes, params, sparse)."""
-    h = handler(qt.kind)
-    codes = h.code_bytes(qt.numel, qt.bits)
-    params = h.param_bytes(qt.layout, param_bytes)
-    k = int(qt.sparse_idx.numel())
-    val_bytes = torch.empty(0, dtype=sparse_dtype(qt.sparse_val), device="cpu").element_size() if k else 0
-    return codes + params + k * (4 + val_bytes)
-
-
-def sparse_bytes(qt: QuantizedTensor) -> int:
-    k = int(qt.sparse_idx.numel())
-    return k * (4 + torch.empty(0, dtype=sparse_dtype(qt.sparse_val), device="cpu").element_size()) if k else 0
 
 
 # ---------------------------------------------------------------- packing

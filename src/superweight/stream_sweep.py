@@ -23,9 +23,9 @@ import torch
 from .edits import edited_weights
 from .eval.perplexity import perplexity_result, perplexity_windows
 from .eval.text import load_text
-from .export import predicted_bytes
 from .quant.api import DEFAULT_EXCLUDE, quantize, target_modules
 from .quant.config import W8A8
+from .quant.primitives import predicted_bytes
 from .quant.sweep import (
     DEFAULT_MAX_TOKENS,
     GridPoint,

@@ -267,3 +267,24 @@ def holdout_quantize(x: torch.Tensor, mask: torch.Tensor, bits: int = 8) -> torc
         return quantize_per_token(x, bits)
     filled = torch.where(mask, x.detach().float().median().to(x.dtype), x)
     return torch.where(mask, x, quantize_per_token(filled, bits))
+
+
+# ---------------------------------------------------------------- sizes in the file
+
+
+def sparse_dtype(values: torch.Tensor) -> torch.dtype:
+    """float16 when every value survives the round trip exactly, else the values' own dtype."""
+    return torch.float16 if torch.equal(values.half().to(values.dtype), values) else values.dtype
+
+
+def predicted_bytes(qt: QuantizedTensor, param_bytes: int = 2) -> int:
+    """Bytes a quantized tensor takes in the file, from the scheme alone (codes, params, sparse)."""
+    h = qt.handler
+    codes = h.code_bytes(qt.numel, qt.bits)
+    return codes + h.param_bytes(qt.layout, param_bytes) + sparse_bytes(qt)
+
+
+def sparse_bytes(qt: QuantizedTensor) -> int:
+    """Bytes of a quantized tensor's sparse part: an int32 index and a value per kept element."""
+    k = int(qt.sparse_idx.numel())
+    return k * (4 + torch.empty(0, dtype=sparse_dtype(qt.sparse_val), device="cpu").element_size()) if k else 0

@@ -148,7 +148,7 @@ class WeightSnapshot(Snapshot):
 
 
 def _bits_per_weight(result) -> float:
-    from ..export import predicted_bytes
+    from .primitives import predicted_bytes
 
     return 8.0 * sum(predicted_bytes(t) for t in result.tensors.values()) / result.quantized_weights
 
