@@ -288,11 +288,17 @@ def super_weight_dicts(super_weights) -> list[dict]:
     return out
 
 
-def ablation_inputs(super_weights, config: AblationConfig | None, overrides: dict) -> tuple[AblationConfig, list, list]:
-    """(config with the overrides set, the super weights as given, their coords with any expert kept)."""
+def configured(config: AblationConfig | None, overrides: dict) -> AblationConfig:
+    """``config`` (default ``AblationConfig()``) with the keyword overrides set."""
     config = config or AblationConfig()
     for key, value in overrides.items():
         setattr(config, key, value)
+    return config
+
+
+def ablation_inputs(super_weights, config: AblationConfig | None, overrides: dict) -> tuple[AblationConfig, list, list]:
+    """(config with the overrides set, the super weights as given, their coords with any expert kept)."""
+    config = configured(config, overrides)
     sws = getattr(super_weights, "super_weights", super_weights)
     coords = [weight_item(c, e) for c, e in as_keys(sws)]  # an MoE weight keeps its expert
     if not coords:
@@ -411,9 +417,7 @@ class EvalResult(Versioned):
 
 def run_eval(loaded, config: AblationConfig | None = None, **overrides) -> EvalResult:
     """Perplexity and zero-shot tasks of ``loaded`` as it is (e.g. a quantized artifact)."""
-    config = config or AblationConfig()
-    for key, value in overrides.items():
-        setattr(config, key, value)
+    config = configured(config, overrides)
     start = time.perf_counter()
     work = prepare_workload(loaded.model, loaded.tokenizer, config)
     ppl, tokens, tasks, avg = evaluate_condition(loaded.model, loaded.tokenizer, work, config)

@@ -46,6 +46,7 @@ from .experiments import (
     EvalResult,
     ablation_inputs,
     build_conditions,
+    configured,
     copied_result,
     stopword_result,
     super_weight_dicts,
@@ -99,9 +100,7 @@ def stream_eval(
 ) -> EvalResult:
     """``experiments.run_eval`` of a local safetensors checkpoint, streamed layer by layer: its perplexity
     and zero-shot tasks, every window and request batch through each layer read."""
-    config = config or AblationConfig()
-    for key, value in overrides.items():
-        setattr(config, key, value)
+    config = configured(config, overrides)
     start = time.perf_counter()
     sm = StreamedModel(path, dtype, device)
     try:
