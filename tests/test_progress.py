@@ -39,3 +39,25 @@ def test_bar_on_a_terminal_unless_quiet(monkeypatch):
         progress.configure(quiet=False)
     monkeypatch.setenv("SUPERWEIGHT_PROGRESS", "0")
     assert not progress.enabled()
+
+
+def test_a_streamed_pass_shows_its_layer_beside_the_running_step(monkeypatch, tmp_path):
+    """``note`` updates the innermost spinner (nothing without one); ``StreamedModel.layer`` notes each layer
+    it reads, so ``detect --stream`` on a big model says how far its pass is."""
+    monkeypatch.setattr(progress, "enabled", lambda: True)
+    progress.note("nowhere")  # no spinner: nothing happens
+    with progress.step("outer"):
+        with progress.step("detecting"):
+            progress.note("layer 3/80")
+            assert progress._running[-1][0].status == "detecting: layer 3/80"
+        assert progress._running[-1][0].status == "outer"
+    assert progress._running == []
+
+    from test_stream import planted
+
+    from superweight.stream_detect import stream_detect
+
+    seen = []
+    monkeypatch.setattr(progress, "note", seen.append)
+    stream_detect(planted("LlamaForCausalLM", tmp_path / "m"), model_name="m")
+    assert "layer 1/4" in seen and "layer 4/4" in seen

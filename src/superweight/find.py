@@ -62,15 +62,19 @@ def _kw(config: FindConfig) -> dict:
 
 
 def _streamed(path: str, config: FindConfig, dtype: str, device: str | None):
+    from .progress import step
     from .stream import stream_magnitude_scan
     from .stream_detect import stream_detect
 
-    result = stream_detect(path, list(config.prompts), config.rule, config.max_iter, model_name=path, dtype=dtype,
-                           device=device, verdict_text=config.verdict_text, verdict_tokens=config.verdict_tokens,
-                           **_kw(config))
+    with step("detecting super weights (streamed, layer by layer)"):
+        result = stream_detect(path, list(config.prompts), config.rule, config.max_iter, model_name=path, dtype=dtype,
+                               device=device, verdict_text=config.verdict_text, verdict_tokens=config.verdict_tokens,
+                               **_kw(config))
     mag = None
     if config.magnitude:
-        mag = stream_magnitude_scan(path, config.z_threshold, config.scope, result.super_weights, dtype=dtype, device=device)
+        with step("magnitude scan (streamed)"):
+            mag = stream_magnitude_scan(path, config.z_threshold, config.scope, result.super_weights, dtype=dtype,
+                                        device=device)
         result.magnitude = mag.to_dict()
     return result, mag
 
@@ -80,8 +84,9 @@ def _in_memory(model_ref: str, config: FindConfig, dtype: str, cache_dir, device
     from .progress import step
 
     lm = load_model(model_ref, dtype=dtype, cache_dir=cache_dir, device_map=device_map, device=device)
-    result = detect(lm.model, lm.tokenizer, list(config.prompts), config.rule, config.max_iter, model_name=model_ref,
-                    arch=lm.arch, **_kw(config))
+    with step("detecting super weights"):
+        result = detect(lm.model, lm.tokenizer, list(config.prompts), config.rule, config.max_iter, model_name=model_ref,
+                        arch=lm.arch, **_kw(config))
     result.notes = list(lm.notes)
     if config.verdict_text is not None and result.super_weights:
         from .verdict import judge

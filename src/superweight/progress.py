@@ -43,18 +43,34 @@ def bar(iterable: Iterable[T], desc: str, total: int | None = None, unit: str = 
     return tqdm(iterable, desc=desc, total=total, unit=unit, leave=False, dynamic_ncols=True, file=sys.stderr)
 
 
+_running: list = []  # the spinners shown now, innermost last: (rich Status, description)
+
+
 @contextlib.contextmanager
 def step(desc: str) -> Iterator[None]:
-    """A spinner for a step of unknown length; logs its duration at DEBUG (``--verbose`` shows it)."""
+    """A spinner for a step of unknown length; logs its duration at DEBUG (``--verbose`` shows it).
+    ``note(text)`` shows where the step is (a streamed pass's layer) beside its description."""
     start = time.perf_counter()
     if enabled():
         from rich.console import Console
 
-        with Console(stderr=True).status(desc):
-            yield
+        with Console(stderr=True).status(desc) as status:
+            _running.append((status, desc))
+            try:
+                yield
+            finally:
+                _running.pop()
     else:
         yield
     log.debug("%s: %.1f s", desc, time.perf_counter() - start)
+
+
+def note(text: str) -> None:
+    """Show ``text`` beside the innermost running step's description (e.g. ``layer 12/80``); nothing
+    when no spinner is shown."""
+    if _running:
+        status, desc = _running[-1]
+        status.update(f"{desc}: {text}")
 
 
 @contextlib.contextmanager

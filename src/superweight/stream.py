@@ -284,6 +284,10 @@ class StreamedModel:
             self._free(names)
 
     def layer(self, i: int) -> contextlib.AbstractContextManager:
+        """Decoder layer ``i`` read for the block (the next one read ahead); a running spinner shows it."""
+        from .progress import note
+
+        note(f"layer {i + 1}/{self.num_layers}")
         return self.materialised(self.layer_names(i), layer=i)
 
     def prefetch_layer(self, i: int) -> None:
