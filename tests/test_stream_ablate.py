@@ -54,6 +54,29 @@ def test_streamed_ablation_splits_passes_to_fit_the_held_streams(tmp_path, monke
     assert "1 pass(es)" in one.notes[0] and "1 pass(es)" not in split.notes[0]
 
 
+def test_the_held_budget_comes_from_the_environment(tmp_path, monkeypatch, capsys):
+    """``SUPERWEIGHT_HELD_GB`` sets how much residual stream a pass holds (more passes under a tiny one, the
+    same numbers); a bad value is a one-line error before any work."""
+    from test_bad_inputs import run_main
+
+    from superweight.stream import HELD_BYTES, held_budget
+
+    folder = planted("LlamaForCausalLM", tmp_path / "m")
+    monkeypatch.delenv("SUPERWEIGHT_HELD_GB", raising=False)
+    assert held_budget() == HELD_BYTES
+    one = stream_ablation(folder, [(1, 7, 33)], _config(stopword_prompts=0))
+    monkeypatch.setenv("SUPERWEIGHT_HELD_GB", "0.000004")  # ~4 KiB
+    assert held_budget() == 4294
+    split = stream_ablation(folder, [(1, 7, 33)], _config(stopword_prompts=0))
+    assert {n: c.ppl for n, c in split.conditions.items()} == {n: c.ppl for n, c in one.conditions.items()}
+    assert "1 pass(es)" in one.notes[0] and "1 pass(es)" not in split.notes[0]
+    for bad in ("lots", "0", "-2"):
+        monkeypatch.setenv("SUPERWEIGHT_HELD_GB", bad)
+        code, _, err = run_main(["eval", str(folder), "--stream", "--tasks", "none", "--json", str(tmp_path / "e.json")],
+                                capsys)
+        assert code == 2 and "SUPERWEIGHT_HELD_GB" in err and not (tmp_path / "e.json").exists()
+
+
 @pytest.mark.parametrize("arch", ["LlamaForCausalLM", "MixtralForCausalLM"])
 def test_streamed_zero_shot_tasks_are_the_in_memory_ones(arch, tmp_path):
     """Every request under every condition (the scale conditions only on --scale-tasks), in the in-memory

@@ -101,6 +101,15 @@ def check_gguf_disk(name: str, cache_dir: str | Path | None = None) -> None:
 GGUF_EXPANSION = 8  # float32 bytes per GGUF byte, at most (4-bit blocks: 32 / 4.5 ~ 7.1)
 
 
+def _streaming() -> str:
+    """"stream", once the streamed passes' memory budget (``SUPERWEIGHT_HELD_GB``) reads well: a bad value
+    fails before any work."""
+    from .stream import held_budget
+
+    held_budget()
+    return "stream"
+
+
 def choose_mode(
     path: str | Path | None, dtype: str, stream: bool, device_map: str | None, cache_dir: str | Path | None = None,
     device: str | None = None,
@@ -131,13 +140,13 @@ def choose_mode(
                 f"not enough memory to stream: about {gib(plan.streaming)} needed (embeddings + one layer), "
                 f"{gib(plan.available)} available; free memory, try --dtype bfloat16, or use --device-map auto (disk offload)"
             )
-        return "stream"
+        return _streaming()
     if device_map not in (None, "cpu") or fits_in_memory:
         return "memory"
     if plan.fits_streaming:
         log.info("the model needs %s in memory, %s available: streaming it layer by layer (as with --stream)",
                  gib(plan.in_memory), gib(plan.available))
-        return "stream"
+        return _streaming()
     raise SuperweightError(
         f"not enough memory: in memory needs {gib(plan.in_memory)}, streaming about {gib(plan.streaming)}, "
         f"{gib(plan.available)} available; free memory or try --dtype bfloat16"

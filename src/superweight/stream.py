@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import logging
+import os
 from pathlib import Path
 from typing import Callable, Iterator, Sequence
 
@@ -43,7 +44,22 @@ log = logging.getLogger(__name__)
 Coord = tuple[int, int, int]
 Call = tuple[tuple, dict]  # the positional and keyword arguments the model passes one layer
 Edit = Callable[[int], contextlib.AbstractContextManager]  # changes layer i's weights inside the block
-HELD_BYTES = 2 << 30  # residual streams one pass of ``StreamedModel.run_heads`` holds at most
+HELD_BYTES = 2 << 30  # residual streams one pass of ``StreamedModel.run_heads`` holds at most by default
+HELD_ENV = "SUPERWEIGHT_HELD_GB"  # ... or this many GiB (fewer passes with more memory, or the reverse)
+
+
+def held_budget() -> int:
+    """Bytes of residual streams a streamed pass may hold: ``SUPERWEIGHT_HELD_GB`` GiB when set, else 2 GiB."""
+    value = os.environ.get(HELD_ENV)
+    if value is None:
+        return HELD_BYTES
+    try:
+        gib = float(value)
+    except ValueError:
+        gib = -1.0
+    if not gib > 0:
+        raise SuperweightError(f"{HELD_ENV}={value!r}: give a positive number of GiB, e.g. {HELD_ENV}=8")
+    return int(gib * (1 << 30))
 
 
 class _Recorded(Exception):
@@ -363,11 +379,13 @@ class StreamedModel:
             return out
 
     def run_heads(self, windows: Sequence[torch.Tensor], runs: Sequence[tuple[int, Edit]], fns: Sequence,
-                  held_bytes: int = HELD_BYTES, together: int = 0) -> list:
+                  held_bytes: int | None = None, together: int = 0) -> list:
         """``through_head(last_outputs(...))`` of every run, with the runs' residual streams held at once
-        kept under ``held_bytes`` (about tokens x hidden size x dtype bytes each): runs that do not fit one
+        kept under ``held_bytes`` (default ``held_budget()``; about tokens x hidden size x dtype bytes
+        each): runs that do not fit one
         pass go to the next, each pass reading the layers once more. The first ``together`` runs are never
         split (the first pass holds them all, whatever their size)."""
+        held_bytes = held_budget() if held_bytes is None else held_bytes
         width = self.model.get_input_embeddings().weight.shape[-1] * self.dtype.itemsize
         out, group, size = [], [], 0
         for r, (w, _) in enumerate(runs):
