@@ -163,6 +163,20 @@ def test_streamed_w8a8_artifact_is_the_in_memory_one(arch, expert, exclude, tmp_
     assert ppl[0] == ppl[1] != weights_only  # the inputs are quantized too
 
 
+def test_a_streamed_w8a8_export_reads_each_layer_once(tmp_path, monkeypatch):
+    """The calibration and the export share one pass: every decoder layer read once, a part written per layer."""
+    from superweight.stream import StreamedModel
+
+    folder = _checkpoint("LlamaForCausalLM", tmp_path / "m")
+    reads = []
+    layer = StreamedModel.layer
+    monkeypatch.setattr(StreamedModel, "layer", lambda self, i: reads.append(i) or layer(self, i))
+    stream_quantize(folder, RTN(bits=8), [(1, 5, 17)], tmp_path / "a", activations=True)
+    assert reads == list(range(4))
+    shards = set(json.loads((tmp_path / "a" / INDEX).read_text())["weight_map"].values())
+    assert len(shards) == 5  # a part per layer and the rest
+
+
 def test_cli_quantize_w8a8_writes_an_artifact_with_its_activations(tmp_path, capsys):
     """``quantize --scheme w8a8``: int8 weights per tensor, the activations entry (the planted super
     activation's channel held out), shown in the table; in memory and streamed alike; ``eval`` loads it."""

@@ -340,14 +340,16 @@ class StreamedModel:
 
     @torch.no_grad()
     def last_outputs(self, windows: Sequence[torch.Tensor], runs: Sequence[tuple[int, Edit]],
-                     each: Callable[[int, int, object], None] | None = None) -> list:
+                     each: Callable[[int, int, object], None] | None = None,
+                     after_layer: Callable[[int], None] | None = None) -> list:
         """The last decoder layer's output for each run ``(window index, edit)``, in one pass: each layer
         is read once and run once per run, with ``edit(i)`` (a context manager that changes layer ``i``'s
         weights, entered while the layer is read) around it: entered once per layer for all the runs that
         share it (equal edits), so a costly edit (quantizing the layer) is made once per layer. The layers'
         arguments are recorded once per window, so every run of a window sees the model's own masks and
         positions. A window is one row of ids or a padded batch of rows (``[rows, tokens]``).
-        ``each(layer, run, output)`` sees every layer's output as it comes."""
+        ``each(layer, run, output)`` sees every layer's output as it comes; ``after_layer(i)`` runs once
+        layer ``i`` has been let go."""
         calls = [self.layer_calls({"input_ids": _as_batch(ids).to(self.device)}) for ids in windows]
         hidden = [_hidden_of(calls[w][0]) for w, _ in runs]
         last: list = [None] * len(runs)
@@ -364,6 +366,8 @@ class StreamedModel:
                             hidden[r] = _first_tensor(last[r])
                             if each is not None:
                                 each(i, r, last[r])
+            if after_layer is not None:
+                after_layer(i)
         return last
 
     @torch.no_grad()

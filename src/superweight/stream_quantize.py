@@ -9,17 +9,19 @@ layer, with ``model.safetensors.index.json``), so no byte is written twice; ``sh
 into one ``model.safetensors`` instead, tensor by tensor. Either way the artifact holds the in-memory
 export's tensors byte for byte, and its manifest (sizes aside: each shard has a header) (tests).
 A W8A8 artifact (``activations=True``) also needs its inputs' held-out channels, found on calibration
-text: one streamed pass more ahead of the export (``streamed_activations``), the in-memory entry.
+text in the same pass (``streamed_activations``: the calibration batches run through each layer, then
+the layer is exported while still read), the in-memory entry.
 Memory: the embeddings and final norm, one layer in ``dtype`` and its packed codes, the next layer
 read ahead.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import re
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable, Iterator
 
 import torch
 
@@ -51,18 +53,25 @@ def stream_quantize(
     try:
         model, arch = sm.model, sm.arch
         tokenizer = _tokenizer(sm.ckpt.folder)
-        acts = streamed_activations(sm, tokenizer, include, exclude) if activations else None
         inside = f"{arch.layers}."
         with staged_dir(out) as tmp:
             writer = ArtifactWriter(tmp, param_dtype)
-            for i in range(sm.num_layers):
+
+            def export_layer(i: int) -> None:  # layer i is in memory, its weights as stored
                 prefix = f"{inside}{i}."
-                with sm.layer(i):
-                    result = quantize(model, config, keep, include, exclude, arch, param_dtype, write_back=False, within=prefix)
-                    writer.add_quantized(result)
-                    writer.add_untouched(*_untouched(model, set(result.tensors), lambda n, p=prefix: n.startswith(p)))
-                writer.flush()
+                result = quantize(model, config, keep, include, exclude, arch, param_dtype, write_back=False, within=prefix)
+                writer.add_quantized(result)
+                writer.add_untouched(*_untouched(model, set(result.tensors), lambda n, p=prefix: n.startswith(p)))
                 log.debug("layer %d/%d quantized", i + 1, sm.num_layers)
+
+            acts = None
+            if activations:  # the calibration and the export in the same pass: each layer read once
+                acts = streamed_activations(sm, tokenizer, include, exclude, each_layer=export_layer, flush=writer.flush)
+            else:
+                for i in range(sm.num_layers):
+                    with sm.layer(i):
+                        export_layer(i)
+                    writer.flush()
             with sm.materialised(sm.head_names()):  # an untied output head: read now, for the file
                 outside = _outside_targets(model, config, keep, include, exclude, arch, param_dtype, inside)
                 if outside is not None:
@@ -86,10 +95,13 @@ def _outside_targets(model, config, keep, include, exclude, arch, param_dtype, i
 
 
 def streamed_activations(sm: StreamedModel, tokenizer, include: str | None = None,
-                         exclude: str | None = DEFAULT_EXCLUDE, ratio: float = 1000.0) -> dict:
+                         exclude: str | None = DEFAULT_EXCLUDE, ratio: float = 1000.0,
+                         each_layer: Callable[[int], None] | None = None, flush: Callable[[], None] | None = None) -> dict:
     """``quant.w8a8.w8a8_activations`` of a streamed model, the same entry: the calibration batches run
     through every layer as it is read (one pass), each target module's inputs recorded meanwhile; modules
-    outside the layers (an ``--include``d head) read theirs as the head runs."""
+    outside the layers (an ``--include``d head) read theirs as the head runs. ``each_layer(i)`` runs once
+    the batches have gone through layer ``i``, while it is still in memory (``stream_quantize`` exports it
+    there), and ``flush()`` after it has been let go."""
     from .quant.api import target_modules
     from .quant.w8a8 import activation_spec, default_calibration, experts_modules, held_of, recording_inputs
     from .stream_sweep import RecordedInputs
@@ -99,8 +111,19 @@ def streamed_activations(sm: StreamedModel, tokenizer, include: str | None = Non
     experts = experts_modules(sm.model, include, exclude, sm.arch)
     modules = target_modules(sm.model, include, exclude, sm.arch, required=not experts)
     calib = default_calibration(tokenizer)
+    if not calib:
+        raise SuperweightError("the calibration text gave no tokens: a W8A8 artifact calibrates its activations on text")
     recorded = RecordedInputs(sm, {**modules, **experts}, medians=True)
-    outputs = sm.last_outputs(calib, [(k, recorded) for k in range(len(calib))])
+
+    @contextlib.contextmanager
+    def calibrating(i: int) -> Iterator[None]:
+        with recorded(i):
+            yield
+        if each_layer is not None:
+            each_layer(i)
+
+    outputs = sm.last_outputs(calib, [(k, calibrating) for k in range(len(calib))],
+                              after_layer=(lambda i: flush()) if flush is not None else None)
     inside = f"{sm.arch.layers}."
     with recording_inputs({n: m for n, m in modules.items() if not n.startswith(inside)}, recorded.maxima,
                           recorded.medians):
