@@ -193,8 +193,10 @@ def test_cli_quantize_w8a8_writes_an_artifact_with_its_activations(tmp_path, cap
     assert manifests["mem"]["activations"]["held_out_channels"]["model.layers.1.mlp.down_proj"] == [17]
     assert manifests["mem"]["config"]["bits"] == 8 and manifests["mem"]["scheme"].startswith("int8")
     code, out, err = run_main(["eval", str(tmp_path / "mem"), "--ppl", "wiki-intros", "--max-tokens", "200", "--tasks",
-                               "none"], capsys)
+                               "none", "--json", str(tmp_path / "ev.json")], capsys)
     assert code == 0, err
+    notes = " ".join(json.loads((tmp_path / "ev.json").read_text())["notes"])
+    assert "W8A8: inputs quantized to 8 bits per token" in notes and "1 super-activation channel held out" in notes
 
 
 def test_cli_quantize_streams_and_checks_the_super_weights_file(tmp_path, capsys):

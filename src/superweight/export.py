@@ -420,4 +420,9 @@ def load_quantized(
         attach_activation_quant(model, manifest["activations"])
     tokenizer = AutoTokenizer.from_pretrained(str(path)) if (path / "tokenizer_config.json").is_file() else None
     notes = list(manifest.get("notes", [])) + [f"quantized artifact: {manifest['scheme']}, {manifest['size']['bits_per_weight']:.3f} bits per quantized weight"]
+    if acts := manifest.get("activations"):
+        n = sum(map(len, acts.get("held_out_channels", {}).values()))
+        notes.append(f"W8A8: inputs quantized to {acts['bits']} bits per token in {len(acts['modules'])} modules"
+                     + (f" and {len(acts['experts'])} experts modules" if acts.get("experts") else "")
+                     + f", {n} super-activation channel{'' if n == 1 else 's'} held out")
     return LoadedModel(model, tokenizer, get_arch(model), str(path), manifest.get("source_model", ""), notes)
