@@ -495,15 +495,23 @@ def test_the_streamed_verdict_is_the_in_memory_one(arch, tmp_path):
 
 @pytest.mark.parametrize("arch", ["LlamaForCausalLM", "Gemma2ForCausalLM", "GPT2LMHeadModel"])
 def test_streamed_perplexity_is_the_in_memory_one(arch, tmp_path):
-    from superweight.eval.perplexity import evaluate_perplexity
+    """Overlapping windows through ``StreamedModel.window_nlls`` (what ``eval --stream`` and the streamed
+    ablation score): ``evaluate_perplexity``'s result."""
+    from superweight.eval.perplexity import evaluate_perplexity, perplexity_result, perplexity_windows
     from superweight.eval.text import load_text
-    from superweight.stream import stream_perplexity
+    from superweight.stream import StreamedModel
 
     folder = planted(arch, tmp_path / arch)
     text = load_text("wiki-intros")
     lm = sw.load_model(str(folder))
     mem = evaluate_perplexity(lm.model, lm.tokenizer, text, seq_len=128, max_tokens=1000, stride=96)  # overlapping windows
-    assert stream_perplexity(folder, text, seq_len=128, max_tokens=1000, stride=96).to_dict() == mem.to_dict()
+    sm = StreamedModel(folder)
+    try:
+        ids, spans, seq_len, stride = perplexity_windows(sm.model, lm.tokenizer, text, 128, 1000, 96)
+        nlls = sm.window_nlls([(ids[b:e], f - b) for b, e, f in spans], [[]])
+    finally:
+        sm.close()
+    assert perplexity_result([n for n, in nlls], spans, seq_len, stride).to_dict() == mem.to_dict()
 
 
 def test_cli_eval_streams_perplexity_and_tasks(tmp_path, capsys):

@@ -386,9 +386,8 @@ class StreamedModel:
                   held_bytes: int | None = None, together: int = 0) -> list:
         """``through_head(last_outputs(...))`` of every run, with the runs' residual streams held at once
         kept under ``held_bytes`` (default ``held_budget()``; about tokens x hidden size x dtype bytes
-        each): runs that do not fit one
-        pass go to the next, each pass reading the layers once more. The first ``together`` runs are never
-        split (the first pass holds them all, whatever their size)."""
+        each): runs that do not fit one pass go to the next, each pass reading the layers once more. The
+        first ``together`` runs are never split (the first pass holds them all, whatever their size)."""
         held_bytes = held_budget() if held_bytes is None else held_bytes
         width = self.model.get_input_embeddings().weight.shape[-1] * self.dtype.itemsize
         out, group, size = [], [], 0
@@ -513,24 +512,3 @@ def stream_magnitude_scan(
 
     rank_super_weights(result, flagged_z, super_weights, matrix_of)
     return result
-
-
-# ---------------------------------------------------------------- streaming perplexity
-
-
-def stream_perplexity(
-    path: str | Path, text: str, seq_len: int | None = None, max_tokens: int | None = None, stride: int | None = None,
-    dtype: str | torch.dtype = "float32", device: str | torch.device | None = None, tokenizer=None,
-):
-    """``eval.perplexity.evaluate_perplexity`` of a checkpoint on disk: every window in one pass over the
-    layers (each layer read once, run once per window), the same number as in memory."""
-    from .eval.perplexity import perplexity_result, perplexity_windows
-
-    sm = StreamedModel(path, dtype, device)
-    try:
-        tokenizer = tokenizer or _tokenizer(sm.ckpt.folder)
-        ids, spans, seq_len, stride = perplexity_windows(sm.model, tokenizer, text, seq_len, max_tokens, stride)
-        nlls = sm.window_nlls([(ids[b:e], f - b) for b, e, f in spans], [[]])
-        return perplexity_result([n for n, in nlls], spans, seq_len, stride)
-    finally:
-        sm.close()

@@ -102,14 +102,12 @@ def streamed_activations(sm: StreamedModel, tokenizer, include: str | None = Non
     outside the layers (an ``--include``d head) read theirs as the head runs. ``each_layer(i)`` runs once
     the batches have gone through layer ``i``, while it is still in memory (``stream_quantize`` exports it
     there), and ``flush()`` after it has been let go."""
-    from .quant.api import target_modules
-    from .quant.w8a8 import activation_spec, default_calibration, experts_modules, held_of, recording_inputs
+    from .quant.w8a8 import activation_spec, default_calibration, held_of, recording_inputs, w8a8_targets
     from .stream_sweep import RecordedInputs
 
     if tokenizer is None:
         raise SuperweightError(f"{sm.ckpt.folder} has no tokenizer: a W8A8 artifact calibrates its activations on text")
-    experts = experts_modules(sm.model, include, exclude, sm.arch)
-    modules = target_modules(sm.model, include, exclude, sm.arch, required=not experts)
+    modules, experts = w8a8_targets(sm.model, include, exclude, sm.arch)
     calib = default_calibration(tokenizer)
     if not calib:
         raise SuperweightError("the calibration text gave no tokens: a W8A8 artifact calibrates its activations on text")

@@ -28,8 +28,7 @@ from .app import (
 def _streamed_inputs(model: str, detection, ablation, sweep, run_ablation: bool, run_sweep: bool, limit: int, prompt,
                      command: str, dtype: str, device: str):
     """The report's inputs for a model read layer by layer: detection (unless given), the Fig. 4 trace, the
-    ablation (``--run-ablation``) and the sweep (``--run-sweep``: the weight-only
-    points) streamed."""
+    ablation (``--run-ablation``) and the sweep (``--run-sweep``) streamed."""
     from .. import report as rep
     from ..detect import DEFAULT_PROMPT
     from ..experiments import AblationConfig

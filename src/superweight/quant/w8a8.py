@@ -245,10 +245,13 @@ def _simulated_experts(experts: dict[str, nn.Module], config: W8A8, stats: W8A8S
         yield
 
 
-def experts_modules(model: nn.Module, include: str | None = None, exclude: str | None = DEFAULT_EXCLUDE,
-                    arch=None) -> dict[str, nn.Module]:
-    """An MoE's experts modules whose weights ``quantize`` would take, by module name (none for a dense model)."""
-    return _experts_modules(model, arch or _arch_of(model), include, exclude)
+def w8a8_targets(model: nn.Module, include: str | None = None, exclude: str | None = DEFAULT_EXCLUDE,
+                 arch=None) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
+    """(linear modules, experts modules) W8A8 takes, by name: those whose weights ``quantize`` would take
+    (a model with experts may have no linear target)."""
+    arch = arch or _arch_of(model)
+    experts = _experts_modules(model, arch, include, exclude)
+    return target_modules(model, include, exclude, arch, required=not experts), experts
 
 
 @contextlib.contextmanager
@@ -262,8 +265,7 @@ def simulate_w8a8(
     ``quantize``'s does (a streamed model's layer being read). SmoothQuant's input maxima are measured
     on ``calib`` unless given by module name in ``act_max`` (measured already, e.g. while streaming)."""
     arch = _arch_of(model)
-    experts = _experts_modules(model, arch, include, exclude)
-    modules = target_modules(model, include, exclude, arch, required=not experts)
+    modules, experts = w8a8_targets(model, include, exclude, arch)
     if within is not None:
         experts = {n: m for n, m in experts.items() if n.startswith(within)}
         modules = {n: m for n, m in modules.items() if n.startswith(within)}
@@ -316,9 +318,7 @@ def held_channels(model: nn.Module, calib: Sequence[torch.Tensor], ratio: float 
     """Per linear module (and per experts module's two inputs, ``{name}.gate_up_proj`` / ``.down_proj``),
     the input channels whose calibration max ``|x|`` reaches ``ratio`` x the median ``|x|`` of its input
     (the super activations' channels): held out of 8-bit quantization."""
-    arch = _arch_of(model)
-    experts = _experts_modules(model, arch, include, exclude)
-    modules = target_modules(model, include, exclude, arch, required=not experts)
+    modules, experts = w8a8_targets(model, include, exclude)
     return held_of(*_input_stats(model, {**modules, **experts}, calib), ratio)
 
 
@@ -348,11 +348,9 @@ def w8a8_activations(model: nn.Module, tokenizer, include: str | None = None, ex
                      ratio: float = 1000.0) -> dict:
     """The ``activations`` entry of ``model``'s W8A8 artifact, calibrated on ``CALIBRATION`` (the model's
     weights as they are now: call it before quantizing them)."""
-    arch = _arch_of(model)
-    experts = _experts_modules(model, arch, include, exclude)
-    modules = target_modules(model, include, exclude, arch, required=not experts)
-    return activation_spec(list(modules), held_channels(model, default_calibration(tokenizer), ratio, include, exclude),
-                           experts=list(experts))
+    modules, experts = w8a8_targets(model, include, exclude)
+    held = held_channels(model, default_calibration(tokenizer), ratio, include, exclude)
+    return activation_spec(list(modules), held, experts=list(experts))
 
 
 def input_quantizer(channels: Sequence[int], symmetric: bool = False):
