@@ -16,8 +16,9 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
+
+from streamed_pair import in_memory_and_streamed, task_list, task_options
 
 ROOT = Path(__file__).resolve().parent
 MODELS = ("smollm2-135m", "gemma3-270m")
@@ -26,7 +27,6 @@ MODELS = ("smollm2-135m", "gemma3-270m")
 def run(name: str, tokens: int, text: str, tasks: list[str], limit: int) -> dict:
     import superweight as sw
     from superweight.experiments import AblationConfig, run_ablation
-    from superweight.load import _gguf_cache_folder, default_cache_dir
     from superweight.stream_ablate import stream_ablation
 
     lm = sw.load_model(name)
@@ -35,12 +35,8 @@ def run(name: str, tokens: int, text: str, tasks: list[str], limit: int) -> dict
     def config() -> AblationConfig:
         return AblationConfig(ppl=text, tasks=tasks, limit=limit, scale_tasks=[], max_tokens=tokens)
 
-    t0 = time.perf_counter()
-    mem = run_ablation(lm, found, config())
-    in_memory_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    streamed = stream_ablation(_gguf_cache_folder(lm.source, default_cache_dir()), found, config())
-    streamed_s = time.perf_counter() - t0
+    mem, streamed, times = in_memory_and_streamed(lm, lambda: run_ablation(lm, found, config()),
+                                                  lambda folder: stream_ablation(folder, found, config()))
     ppl = {n: [mem.conditions[n].ppl, c.ppl] for n, c in streamed.conditions.items()}
     stop = max(abs(mem.stopwords[c][k] - streamed.stopwords[c][k])
                for c in ("original", "zero_super_weights") for k in ("stopword_prob", "other_prob", "target_prob"))
@@ -52,7 +48,7 @@ def run(name: str, tokens: int, text: str, tasks: list[str], limit: int) -> dict
             "accuracy_streamed": {n: {t: r.acc for t, r in c.tasks.items()} for n, c in streamed.conditions.items()
                                   if c.tasks},
             "stopwords": streamed.stopwords, "top5": streamed.top5,
-            "in_memory_s": in_memory_s, "streamed_s": streamed_s, "streamed_over_in_memory": streamed_s / in_memory_s}
+            **times}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -61,12 +57,10 @@ def main(argv: list[str] | None = None) -> dict:
     from superweight.eval.text import wikitext_candidates
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tokens", type=int, default=4096)
-    ap.add_argument("--tasks", default="piqa,lambada", help="comma-separated zero-shot tasks ('' for none)")
-    ap.add_argument("--limit", type=int, default=40, help="documents per task")
+    task_options(ap, limit=40)
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "stream_ablate.json")
     args = ap.parse_args(argv)
-    tasks = [t for t in args.tasks.split(",") if t]
+    tasks = task_list(args.tasks)
     text = "wikitext2" if any(p.is_file() for p in wikitext_candidates()) else "wiki-intros"
     out = {"command": "python bench/stream_ablate.py " + " ".join(sys.argv[1:] if argv is None else argv), "text": text,
            "tasks": tasks, "limit": args.limit, "models": [run(m, args.tokens, text, tasks, args.limit) for m in MODELS]}

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
+
+from streamed_pair import in_memory_and_streamed, task_list, task_options
 
 ROOT = Path(__file__).resolve().parent
 MODELS = ("smollm2-135m", "gemma3-270m")
@@ -23,7 +24,6 @@ MODELS = ("smollm2-135m", "gemma3-270m")
 def run(name: str, tokens: int, tasks: list[str], limit: int) -> dict:
     import superweight as sw
     from superweight.experiments import AblationConfig, run_eval
-    from superweight.load import _gguf_cache_folder, default_cache_dir
     from superweight.stream_ablate import stream_eval
 
     lm = sw.load_model(name)
@@ -31,17 +31,13 @@ def run(name: str, tokens: int, tasks: list[str], limit: int) -> dict:
     def config() -> AblationConfig:
         return AblationConfig(ppl="wiki-intros", tasks=tasks, limit=limit, max_tokens=tokens)
 
-    t0 = time.perf_counter()
-    mem = run_eval(lm, config())
-    in_memory_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    streamed = stream_eval(_gguf_cache_folder(lm.source, default_cache_dir()), config())
-    streamed_s = time.perf_counter() - t0
+    mem, streamed, times = in_memory_and_streamed(lm, lambda: run_eval(lm, config()),
+                                                  lambda folder: stream_eval(folder, config()))
     return {"model": name, "notes": lm.notes + streamed.notes, "tokens": streamed.ppl_tokens,
             "ppl_in_memory_and_streamed": [mem.ppl, streamed.ppl], "same_ppl": mem.ppl == streamed.ppl,
             "same_tasks": mem.tasks == streamed.tasks,
             "accuracy": {t: r.acc for t, r in streamed.tasks.items()},
-            "in_memory_s": in_memory_s, "streamed_s": streamed_s, "streamed_over_in_memory": streamed_s / in_memory_s}
+            **times}
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -50,12 +46,10 @@ def main(argv: list[str] | None = None) -> dict:
     from superweight.files import write_json_atomic
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--tokens", type=int, default=4096)
-    ap.add_argument("--tasks", default="piqa,lambada", help="comma-separated zero-shot tasks ('' for none)")
-    ap.add_argument("--limit", type=int, default=100, help="documents per task")
+    task_options(ap, limit=100)
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "stream_eval.json")
     args = ap.parse_args(argv)
-    tasks = [t for t in args.tasks.split(",") if t]
+    tasks = task_list(args.tasks)
     out = {"command": "python bench/stream_eval.py " + " ".join(sys.argv[1:] if argv is None else argv),
            "text": "wiki-intros", "tasks": tasks, "limit": args.limit,
            "models": [run(m, args.tokens, tasks, args.limit) for m in MODELS]}

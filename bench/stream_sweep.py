@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
+
+from streamed_pair import in_memory_and_streamed
 
 ROOT = Path(__file__).resolve().parent
 MODELS = ("smollm2-135m", "gemma3-270m")
@@ -26,7 +27,6 @@ MODELS = ("smollm2-135m", "gemma3-270m")
 
 def run(name: str, text_name: str, points: str) -> dict:
     import superweight as sw
-    from superweight.load import _gguf_cache_folder, default_cache_dir
     from superweight.quant.sweep import default_grid, run_sweep
     from superweight.stream_sweep import stream_sweep
 
@@ -34,18 +34,14 @@ def run(name: str, text_name: str, points: str) -> dict:
     keep = sw.detect(lm.model, lm.tokenizer, arch=lm.arch).super_weights
     grid = default_grid(w8a8=False) if points == "weight-only" else \
         [p for p in default_grid() if p.family in ("fp", "w8a8")]
-    t0 = time.perf_counter()
-    mem = run_sweep(lm, keep, grid, text_name=text_name)
-    in_memory_s = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    streamed = stream_sweep(_gguf_cache_folder(lm.source, default_cache_dir()), keep, grid, text_name=text_name)
-    streamed_s = time.perf_counter() - t0
+    mem, streamed, times = in_memory_and_streamed(lm, lambda: run_sweep(lm, keep, grid, text_name=text_name),
+                                                  lambda folder: stream_sweep(folder, keep, grid, text_name=text_name))
     same = [(a.ppl, a.bits_per_weight, a.extra) == (b.ppl, b.bits_per_weight, b.extra) for a, b in zip(mem.rows, streamed.rows)]
     return {"model": name, "notes": lm.notes + streamed.notes, "super_weights": streamed.super_weights,
             "points": len(grid), "tokens": mem.rows[0].tokens, "all_same": all(same),
             "rows": [[r.label, r.ppl, r.bits_per_weight] for r in streamed.rows],
             "w8a8": {r.label: r.extra["w8a8"] for r in streamed.rows if "w8a8" in r.extra},
-            "in_memory_s": in_memory_s, "streamed_s": streamed_s, "streamed_over_in_memory": streamed_s / in_memory_s}
+            **times}
 
 
 def main(argv: list[str] | None = None) -> dict:
