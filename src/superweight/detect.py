@@ -35,7 +35,7 @@ from .errors import SuperweightError
 from .files import read_json, write_json_atomic  # noqa: F401  (write_json_atomic: re-exported)
 from .results import Table, Versioned
 from .runner import InMemoryRunner, Runner, encode_prompt  # noqa: F401  (encode_prompt: re-exported)
-from .trace import SuperActivation, TraceRule, find_activations
+from .trace import Largest, SuperActivation, TraceRule, find_activations, largest, threshold
 from .verdict import Verdict
 
 SCHEMA_VERSION = 2
@@ -186,7 +186,7 @@ def _weight_row(sw: SuperWeight, n_prompts: int) -> list[str]:
 
 def _activation_row(a: SuperActivation) -> list[str]:
     changes = lambda cs: ", ".join(f"{c.layer} ({c.sublayer} {c.delta:+.4g})" for c in cs) or "-"  # noqa: E731
-    return [str(a.token), str(a.channel), f"{a.peak:+.5g}", str(a.peak_layer), f"{a.ratio:,.0f}", changes(a.rises), changes(a.falls)]
+    return [str(a.token), str(a.channel), f"{a.peak:+.5g}", str(a.peak_layer), f"{a.ratio:,.0f}{' (fallback)' if a.fallback else ''}", changes(a.rises), changes(a.falls)]
 
 
 def _verdict_row(v: Verdict) -> list[str]:
@@ -268,6 +268,8 @@ class PromptState:
     layers: list[LayerStats] = field(default_factory=list)
     iterations: int = 0
     done: bool = False
+    largest: Largest | None = None  # the first pass's largest activation against its layer's median
+    threshold: float | None = None  # the ratio its super activations must reach (trace.threshold), set by that pass
 
     def known(self) -> set:
         return {s.key for s in self.found}
@@ -293,9 +295,14 @@ def paper_step(runner: Runner, traces: list[LayerTrace], state: PromptState, rul
 
 def trace_step(runner: Runner, traces: list[LayerTrace], state: PromptState, rule: TraceRule, it: int) -> list[SuperWeight]:
     """Trace, attribute every rise and fall; returns the new creating weights."""
+    if state.largest is None:  # the first pass sets the bar for the prompt's later ones
+        state.largest = largest(traces, rule)
+        state.threshold = threshold(state.largest, rule)
+    if state.threshold is None:
+        return []
     seen_channels = {a.channel for a in state.activations}
     new: list[SuperWeight] = []
-    for sa in find_activations(traces, rule, it, state.index):
+    for sa in find_activations(traces, rule, it, state.index, state.threshold):
         fresh = sa.channel not in seen_channels
         if fresh:
             state.activations.append(sa)
@@ -332,7 +339,9 @@ def propose(method: str, runner: Runner, traces: list[LayerTrace], zeroing: Sequ
     ``zeroing``. A streamed pass runs them as a speculative branch, so the next iteration needs no
     second read of the checkpoint; the branch is used only if the step then asks for exactly its
     weights (``stream_detect.StreamedRunner``), never trusted. The paper's step zeroes one weight,
-    the earliest spiking layer's; the trace step every creating weight of every rise."""
+    the earliest spiking layer's; the trace step every creating weight of every rise. The trace
+    rule's fallback (``trace.threshold``) needs the whole pass and is not guessed at: a streamed
+    model detected through it reads its checkpoint once more per iteration."""
     i = len(traces) - 1
     if method == "paper":
         if proposed or runner.arch.is_moe:  # the paper's step refuses experts
@@ -415,7 +424,30 @@ def assemble(
         per_prompt=[[sw.key for sw in st.found] for st in states], iterations=sum(s.iterations for s in states),
         method=method, trace_rule=trace_rule or TraceRule(),
         activations=[a for st in states for a in st.activations], sources=[s for st in states for s in st.sources],
+        notes=threshold_notes(states, trace_rule or TraceRule(), len(prompts)) if method == "trace" else [],
     )
+
+
+def threshold_notes(states: Sequence[PromptState], rule: TraceRule, n_prompts: int) -> list[str]:
+    """What the trace rule saw where no activation reached ``rule.ratio``: the fallback's bar, or
+    the largest activation and how far it is from any bar (so a miss is a number, not a silence)."""
+    out = []
+    for st in states:
+        top, bar = st.largest, st.threshold
+        if top is None or bar == rule.ratio:
+            continue
+        where = f"token {top.token}, channel {top.channel}, after layer {top.layer}: {top.value:+.4g}, {top.ratio:,.0f}x its layer's median |h|"
+        head = f"prompt {st.index}: " if n_prompts > 1 else ""
+        if bar is None:
+            fallback = f" (or {rule.fallback_ratio:,.0f}x when nothing reaches that)" if rule.fallback_ratio > 0 else ""
+            out.append(f"{head}no super activation: the largest is at {where}; a super activation is at least "
+                       f"{rule.ratio:,.0f}x{fallback} and |h| >= {rule.floor:g} (--sa-ratio, --sa-fallback)")
+        else:
+            out.append(f"{head}no activation reached the {rule.ratio:,.0f}x rule (calibrated on SmolLM2-135M and "
+                       f"Gemma-3-270M); the largest is at {where}. Traced by the fallback with every channel down to "
+                       f"{bar:,.0f}x (--sa-fallback 0 turns it off): other families (Qwen3.5, MoE models) run smaller "
+                       "activations than the paper's; the verdict measures whether these weights matter")
+    return out
 
 
 def detect(

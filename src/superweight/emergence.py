@@ -97,11 +97,15 @@ class EmergenceResult(Versioned):
 
 def detect_checkpoint(model: nn.Module, tokenizer, arch, prompt: str | None = None, text: str = ""):
     """The one place this module calls detection: ``superweight.detect`` (its default method, the
-    residual-stream trace) and, when it finds weights and ``text`` is given, its verdict by impact."""
+    residual-stream trace) and, when it finds weights and ``text`` is given, its verdict by impact.
+    Emergence is read against the calibrated rule alone (2000x its layer's median): the rule's
+    fallback (``trace.threshold``) would accept the largest activation at any checkpoint from 100x,
+    and the step at which detection first accepts one would then mean something else."""
     from .detect import DEFAULT_PROMPT, detect
+    from .trace import TraceRule
     from .verdict import judge
 
-    result = detect(model, tokenizer, [prompt or DEFAULT_PROMPT], arch=arch)
+    result = detect(model, tokenizer, [prompt or DEFAULT_PROMPT], arch=arch, trace_rule=TraceRule(fallback_ratio=0.0))
     if result.super_weights and text:
         judge(model, arch, tokenizer, result, text, tokens=1024, draws=2)
     return result

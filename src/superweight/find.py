@@ -87,7 +87,7 @@ def _in_memory(model_ref: str, config: FindConfig, dtype: str, cache_dir, device
     with step("detecting super weights"):
         result = detect(lm.model, lm.tokenizer, list(config.prompts), config.rule, config.max_iter, model_name=model_ref,
                         arch=lm.arch, **_kw(config))
-    result.notes = list(lm.notes)
+    result.notes = [*lm.notes, *result.notes]
     if config.verdict_text is not None and result.super_weights:
         from .verdict import judge
 

@@ -258,6 +258,25 @@ def plant_super_weight(
     return target_x
 
 
+# The median |h| of a real model's residual stream (its super activation's peak over its ratio,
+# docs/detect.md): SmolLM2-135M 24,058 / 12,600 = 1.9, Gemma-3-270M 41,944 / 8,500 = 4.9. A tiny
+# model initialised at std 0.02 runs near 0.02, so a super activation of a few hundred times its
+# median stays under detection's absolute floor (20) there, unlike in a real model.
+REAL_MEDIAN = 2.0
+
+
+@torch.no_grad()
+def real_scale(model: nn.Module, median: float = REAL_MEDIAN) -> float:
+    """Scale the input embeddings so that the median |h| after layer 0 is ``median``, as in a real
+    model; returns the factor. Call it before planting (the plant is sized against that median)."""
+    arch = get_arch(model)
+    block = arch.layer_modules(model)[0]
+    _, now = _mlp_input(model, block.get_submodule(arch.up_proj), block)
+    factor = median / max(now, 1e-12)
+    model.get_input_embeddings().weight.mul_(factor)
+    return factor
+
+
 def _quadratic(block: nn.Module) -> bool:
     """Whether an ungated MLP's activation grows as x^2 for large x (Arcee's ReLU^2, Apertus' xIELU), measured."""
     act = next((m for name, m in block.named_modules() if name.endswith(("act_fn", "act", "activation_fn"))), None)

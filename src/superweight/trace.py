@@ -9,6 +9,17 @@ super weight's column) and 540x (Gemma); tiny random models stay under 15x. ``ra
 sits between the two groups with a factor of 2 to 3.4 on each side. The rule keeps one
 (token, channel) per channel: the token where the ratio is largest.
 
+Other families run smaller: measured across open models, Qwen3.5 and MoE checkpoints peak at
+10^2-10^3 in absolute value, 14-23x lower than dense ones of their size (Chen et al. 2026,
+"Measuring Maximum Activations in Open LLMs"), and Sun et al. (2024) call an activation massive
+from 1000x its median. So when no (token, channel) of a pass reaches ``ratio``, a *fallback*
+takes the largest one if it reaches ``fallback_ratio = 100`` (unplanted tiny random models of all
+51 architectures: at most 10.7x), with every channel within ``fallback_span = 10`` of its ratio
+(the real models' super activations stand 13.7x and 15.7x above their next channels). The
+threshold a prompt's first pass sets is kept for its later passes, so what is left of an
+activation once its weights are zeroed is judged as before. Such activations are marked
+``fallback``; the verdict measures whether their weights matter.
+
 Along that (token, channel) the value after every layer is recorded; a layer whose change
 ``h_out - h_in`` moves the value towards its peak by at least ``rise`` times |peak| is a
 *creation* layer, one that moves it back by as much is a *cancellation* layer. Each change is
@@ -31,6 +42,8 @@ class TraceRule:
 
     ratio: float = 2000.0  # |h[t, c]| / median |h| of the layer
     floor: float = 20.0  # and |h[t, c]| at least this
+    fallback_ratio: float = 100.0  # when nothing reaches ``ratio``: the largest, if at least this (0: no fallback)
+    fallback_span: float = 10.0  # ... with every channel within this factor of it
     rise: float = 0.1  # a layer's change counts when it is at least this share of |peak|
     max_activations: int = 8  # the largest ones, per iteration
     min_share: float = 0.5  # the reported weights' terms must carry this share of the MLP's output
@@ -70,6 +83,7 @@ class SuperActivation(Versioned):
     iteration: int = 0  # the detection iteration that first saw it
     prompt: int = 0
     tokens: list[int] = field(default_factory=list)  # every token where this channel passes the rule
+    fallback: bool = False  # found below ``TraceRule.ratio``, by the fallback (module doc)
 
     @classmethod
     def _decode(cls, d: dict) -> dict[str, Any]:
@@ -84,23 +98,64 @@ def hidden_stack(traces: list[LayerTrace]) -> torch.Tensor:
     return torch.stack([tr.h_out.float() for tr in traces])
 
 
-def find_activations(traces: list[LayerTrace], rule: TraceRule, iteration: int = 0, prompt: int = 0) -> list[SuperActivation]:
-    """The super activations of one forward pass, largest ratio first (at most ``max_activations``)."""
+@dataclass
+class Largest(Versioned):
+    """The largest (token, channel) of a pass against its layer's median |h|, passing the rule or not."""
+
+    KIND: ClassVar[str] = "largest activation"
+    token: int
+    channel: int
+    layer: int
+    value: float
+    ratio: float
+
+
+def _ratios(traces: list[LayerTrace]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``h`` ``[layers, tokens, hidden]``, ``|h|`` and ``|h|`` over its layer's median |h|."""
     h = hidden_stack(traces)
     mag = h.abs()
     scale = mag.flatten(1).median(dim=1).values.clamp_min(1e-12)  # [layers]
-    ratio = mag / scale[:, None, None]
-    passing = (ratio >= rule.ratio) & (mag >= rule.floor)
+    return h, mag, mag / scale[:, None, None]
+
+
+def largest(traces: list[LayerTrace], rule: TraceRule) -> Largest:
+    """The pass's largest ratio among the values at least ``rule.floor`` (else among all)."""
+    h, mag, ratio = _ratios(traces)
+    above = mag >= rule.floor
+    r = torch.where(above, ratio, torch.zeros_like(ratio)) if bool(above.any()) else ratio
+    layer, t, c = (int(i) for i in torch.unravel_index(r.argmax(), r.shape))
+    return Largest(token=t, channel=c, layer=layer, value=float(h[layer, t, c]), ratio=float(r[layer, t, c]))
+
+
+def threshold(top: Largest, rule: TraceRule) -> float | None:
+    """The ratio a super activation of this prompt must reach: ``rule.ratio``, the fallback's, or
+    None when not even the fallback applies (module doc)."""
+    if top.ratio >= rule.ratio and abs(top.value) >= rule.floor:
+        return rule.ratio
+    if rule.fallback_ratio > 0 and top.ratio >= rule.fallback_ratio and abs(top.value) >= rule.floor:
+        return max(rule.fallback_ratio, top.ratio / rule.fallback_span)
+    return None
+
+
+def find_activations(traces: list[LayerTrace], rule: TraceRule, iteration: int = 0, prompt: int = 0,
+                     ratio_at_least: float | None = None) -> list[SuperActivation]:
+    """The super activations of one forward pass, largest ratio first (at most ``max_activations``).
+
+    ``ratio_at_least``: the threshold (``threshold``), by default ``rule.ratio``."""
+    h, mag, ratio = _ratios(traces)
+    bar = rule.ratio if ratio_at_least is None else ratio_at_least
+    passing = (ratio >= bar) & (mag >= rule.floor)
     if not bool(passing.any()):
         return []
     best = torch.where(passing, ratio, torch.zeros_like(ratio)).amax(dim=0)  # [tokens, hidden]
     per_channel, token_of = best.max(dim=0)
     channels = [int(c) for c in torch.nonzero(per_channel > 0).flatten()]
     channels.sort(key=lambda c: -float(per_channel[c]))
-    return [
-        _activation(traces, h, ratio, passing, int(token_of[c]), c, rule, iteration, prompt)
-        for c in channels[: rule.max_activations]
-    ]
+    found = [_activation(traces, h, ratio, passing, int(token_of[c]), c, rule, iteration, prompt)
+             for c in channels[: rule.max_activations]]
+    for sa in found:
+        sa.fallback = bar < rule.ratio
+    return found
 
 
 def _activation(traces, h, ratio, passing, t: int, c: int, rule: TraceRule, iteration: int, prompt: int) -> SuperActivation:

@@ -42,6 +42,10 @@ def detect(
     floor: float = typer.Option(50.0, "--floor", help="Paper method: absolute |activation| floor."),
     ratio: float = typer.Option(50.0, "--ratio", help="Paper method: times the median of the other layers' maxima."),
     sa_ratio: float = typer.Option(2000.0, "--sa-ratio", help="Default method: |h| / its layer's median |h| of a super activation."),
+    sa_fallback: float = typer.Option(
+        100.0, "--sa-fallback", min=0.0,
+        help="Default method: when nothing reaches --sa-ratio, trace the largest activation if it reaches this (0: off).",
+    ),
     verdict: bool = typer.Option(True, "--verdict/--no-verdict", help="Zero each finding and measure the damage (streamed too: every finding in one pass per read)."),
     verdict_tokens: int = typer.Option(1024, "--verdict-tokens", min=16, help="Tokens of text the verdict scores."),
     verdict_text: str = typer.Option("wiki-intros", "--verdict-text", help="wiki-intros, wikitext2 or a text file."),
@@ -66,7 +70,7 @@ def detect(
     check_prompts(prompt)
     config = FindConfig(
         method=method, prompts=tuple(prompt or [DEFAULT_PROMPT]), rule=SpikeRule(floor=floor, ratio=ratio),
-        trace_rule=TraceRule(ratio=sa_ratio), max_iter=max_iter, verdict_text=_verdict_text(verdict_text) if verdict else None,
+        trace_rule=TraceRule(ratio=sa_ratio, fallback_ratio=sa_fallback), max_iter=max_iter, verdict_text=_verdict_text(verdict_text) if verdict else None,
         verdict_tokens=verdict_tokens, z_threshold=z_threshold, scope="all_linear" if all_linear else "down_proj",
     )
     if json_path:
