@@ -191,3 +191,23 @@ def test_streamed_fig4_trace_of_the_real_model_is_the_in_memory_one(smollm2):
     mem = report.residual_trace(smollm2.model, smollm2.tokenizer, smollm2.arch, det)
     assert report.streamed_residual_trace(_gguf_cache_folder(smollm2.source, default_cache_dir()), det) == mem
     assert max(mem.sa_with) > 10 * max(mem.sa_without)  # the super activation goes with them (24,058 vs 1,402)
+
+
+@pytest.mark.parametrize("model_name", ["smollm2", "gemma"])
+def test_with_their_creating_weights_zeroed_the_real_models_leave_a_crowd_not_a_fallback(model_name, request):
+    """The fallback (trace.threshold) takes channels standing 5x above the rest. Zeroing the real
+    models' creating weights leaves their largest channels a crowd (no step over 2.4x among the top
+    nine, docs/detect.md): nothing is traced, and the note says why, with the numbers."""
+    from superweight.runner import zeroed
+
+    lm = request.getfixturevalue(model_name)
+    found = sw.detect(lm.model, lm.tokenizer, arch=lm.arch)
+    assert found.notes == [] and not any(a.fallback for a in found.activations)
+    creating = [s for s in found.super_weights if s.role == "creates"]
+    with zeroed(lm.model, lm.arch, creating):
+        result = sw.detect(lm.model, lm.tokenizer, arch=lm.arch)
+    assert result.super_weights == [] and result.activations == []
+    (note,) = result.notes
+    assert "no channel stands out" in note
+    step = float(note.split("channels is ")[1].split("x")[0])
+    assert step < 2.5

@@ -429,24 +429,33 @@ def assemble(
 
 
 def threshold_notes(states: Sequence[PromptState], rule: TraceRule, n_prompts: int) -> list[str]:
-    """What the trace rule saw where no activation reached ``rule.ratio``: the fallback's bar, or
-    the largest activation and how far it is from any bar (so a miss is a number, not a silence)."""
+    """What the trace rule saw where no activation reached ``rule.ratio``: what the fallback traced,
+    or the largest activation and why it is not one (so a miss is a number, not a silence)."""
     out = []
     for st in states:
         top, bar = st.largest, st.threshold
         if top is None or bar == rule.ratio:
             continue
-        where = f"token {top.token}, channel {top.channel}, after layer {top.layer}: {top.value:+.4g}, {top.ratio:,.0f}x its layer's median |h|"
         head = f"prompt {st.index}: " if n_prompts > 1 else ""
-        if bar is None:
+        where = (f"token {top.token}, channel {top.channel}, after layer {top.layer}: {top.value:+.4g}, "
+                 f"{top.ratio:,.0f}x its layer's median |h|")
+        if bar is not None:
+            traced = [f"{c} ({r:,.0f}x)" for c, r in top.channels if r >= bar]
+            out.append(f"{head}no activation reached the {rule.ratio:,.0f}x rule (calibrated on SmolLM2-135M and "
+                       f"Gemma-3-270M); the largest is at {where}. The fallback traced channel(s) {', '.join(traced)}, "
+                       f"which stand {rule.fallback_gap:g}x or more above the next (--sa-fallback 0 turns it off): other "
+                       "families (Qwen3.5, MoE models) run smaller activations than the paper's; the verdict measures "
+                       "whether these weights matter")
+        elif rule.fallback_ratio > 0 and top.ratio >= rule.fallback_ratio:
+            ratios = [r for _, r in top.channels]
+            step = max(a / max(b, 1e-12) for a, b in zip(ratios, ratios[1:]))
+            out.append(f"{head}no super activation: the largest is at {where}, but no channel stands out: the "
+                       f"largest step among the top {len(ratios)} channels is {step:.2g}x, and a super activation "
+                       f"stands {rule.fallback_gap:g}x above the next (or reaches {rule.ratio:,.0f}x)")
+        else:
             fallback = f" (or {rule.fallback_ratio:,.0f}x when nothing reaches that)" if rule.fallback_ratio > 0 else ""
             out.append(f"{head}no super activation: the largest is at {where}; a super activation is at least "
                        f"{rule.ratio:,.0f}x{fallback} and |h| >= {rule.floor:g} (--sa-ratio, --sa-fallback)")
-        else:
-            out.append(f"{head}no activation reached the {rule.ratio:,.0f}x rule (calibrated on SmolLM2-135M and "
-                       f"Gemma-3-270M); the largest is at {where}. Traced by the fallback with every channel down to "
-                       f"{bar:,.0f}x (--sa-fallback 0 turns it off): other families (Qwen3.5, MoE models) run smaller "
-                       "activations than the paper's; the verdict measures whether these weights matter")
     return out
 
 

@@ -13,12 +13,15 @@ Other families run smaller: measured across open models, Qwen3.5 and MoE checkpo
 10^2-10^3 in absolute value, 14-23x lower than dense ones of their size (Chen et al. 2026,
 "Measuring Maximum Activations in Open LLMs"), and Sun et al. (2024) call an activation massive
 from 1000x its median. So when no (token, channel) of a pass reaches ``ratio``, a *fallback*
-takes the largest one if it reaches ``fallback_ratio = 100`` (unplanted tiny random models of all
-51 architectures: at most 10.7x), with every channel within ``fallback_span = 10`` of its ratio
-(the real models' super activations stand 13.7x and 15.7x above their next channels). The
-threshold a prompt's first pass sets is kept for its later passes, so what is left of an
-activation once its weights are zeroed is judged as before. Such activations are marked
-``fallback``; the verdict measures whether their weights matter.
+takes the largest channels if they stand out: at least ``fallback_ratio = 100`` and
+``fallback_gap = 5`` times the next channel. Measured (largest ratio of each channel, two
+prompts, docs/results/detect_fallback.json): the real models' super activations stand
+12.8-13.8x above the next channel (SmolLM2 12,600 over 917; Gemma 6,935 over 538); with their
+creating weights zeroed, both models' largest channels form a crowd, no step among the top nine
+larger than 1.7x (SmolLM2) and 2.4x (Gemma); unplanted tiny random models of all 51 architectures
+peak at 10.7x. The threshold a prompt's first pass sets is kept for its later passes, so what is
+left of an activation once its weights are zeroed is judged as before. Such activations are
+marked ``fallback``; the verdict measures whether their weights matter.
 
 Along that (token, channel) the value after every layer is recorded; a layer whose change
 ``h_out - h_in`` moves the value towards its peak by at least ``rise`` times |peak| is a
@@ -42,8 +45,8 @@ class TraceRule:
 
     ratio: float = 2000.0  # |h[t, c]| / median |h| of the layer
     floor: float = 20.0  # and |h[t, c]| at least this
-    fallback_ratio: float = 100.0  # when nothing reaches ``ratio``: the largest, if at least this (0: no fallback)
-    fallback_span: float = 10.0  # ... with every channel within this factor of it
+    fallback_ratio: float = 100.0  # when nothing reaches ``ratio``: channels of at least this (0: no fallback)
+    fallback_gap: float = 5.0  # ... that stand this far above every other channel
     rise: float = 0.1  # a layer's change counts when it is at least this share of |peak|
     max_activations: int = 8  # the largest ones, per iteration
     min_share: float = 0.5  # the reported weights' terms must carry this share of the MLP's output
@@ -99,15 +102,16 @@ def hidden_stack(traces: list[LayerTrace]) -> torch.Tensor:
 
 
 @dataclass
-class Largest(Versioned):
-    """The largest (token, channel) of a pass against its layer's median |h|, passing the rule or not."""
+class Largest:
+    """A pass's largest (token, channel) against its layer's median |h|, passing the rule or not, and
+    the largest ratio of each channel, largest first (``channels``: ``[channel, ratio]``)."""
 
-    KIND: ClassVar[str] = "largest activation"
     token: int
     channel: int
     layer: int
     value: float
     ratio: float
+    channels: list[list]
 
 
 def _ratios(traces: list[LayerTrace]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -124,16 +128,28 @@ def largest(traces: list[LayerTrace], rule: TraceRule) -> Largest:
     above = mag >= rule.floor
     r = torch.where(above, ratio, torch.zeros_like(ratio)) if bool(above.any()) else ratio
     layer, t, c = (int(i) for i in torch.unravel_index(r.argmax(), r.shape))
-    return Largest(token=t, channel=c, layer=layer, value=float(h[layer, t, c]), ratio=float(r[layer, t, c]))
+    per_channel = r.amax(dim=(0, 1))
+    top = per_channel.topk(min(rule.max_activations + 1, per_channel.numel()))
+    channels = [[int(ch), float(v)] for v, ch in zip(top.values, top.indices)]
+    return Largest(token=t, channel=c, layer=layer, value=float(h[layer, t, c]), ratio=float(r[layer, t, c]), channels=channels)
 
 
 def threshold(top: Largest, rule: TraceRule) -> float | None:
-    """The ratio a super activation of this prompt must reach: ``rule.ratio``, the fallback's, or
-    None when not even the fallback applies (module doc)."""
-    if top.ratio >= rule.ratio and abs(top.value) >= rule.floor:
+    """The ratio a super activation of this prompt must reach: ``rule.ratio``; else the fallback's,
+    the ratio of the last of the largest channels that stand ``fallback_gap`` above the next one (at
+    least ``fallback_ratio``); else None (module doc)."""
+    if abs(top.value) < rule.floor:
+        return None
+    if top.ratio >= rule.ratio:
         return rule.ratio
-    if rule.fallback_ratio > 0 and top.ratio >= rule.fallback_ratio and abs(top.value) >= rule.floor:
-        return max(rule.fallback_ratio, top.ratio / rule.fallback_span)
+    if rule.fallback_ratio <= 0:
+        return None
+    ratios = [r for _, r in top.channels]
+    for k, r in enumerate(ratios[: rule.max_activations]):
+        if r < rule.fallback_ratio:
+            return None
+        if r >= rule.fallback_gap * (ratios[k + 1] if k + 1 < len(ratios) else 0.0):
+            return r
     return None
 
 

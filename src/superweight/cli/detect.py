@@ -44,7 +44,7 @@ def detect(
     sa_ratio: float = typer.Option(2000.0, "--sa-ratio", help="Default method: |h| / its layer's median |h| of a super activation."),
     sa_fallback: float = typer.Option(
         100.0, "--sa-fallback", min=0.0,
-        help="Default method: when nothing reaches --sa-ratio, trace the largest activation if it reaches this (0: off).",
+        help="Default method: when nothing reaches --sa-ratio, trace the channels that reach this and stand 5x above the rest (0: off).",
     ),
     verdict: bool = typer.Option(True, "--verdict/--no-verdict", help="Zero each finding and measure the damage (streamed too: every finding in one pass per read)."),
     verdict_tokens: int = typer.Option(1024, "--verdict-tokens", min=16, help="Tokens of text the verdict scores."),
