@@ -103,6 +103,9 @@ def test_cli_reports_the_fallback_and_turns_it_off(tmp_path):
     doc = json.loads(out.read_text())
     assert [(s["layer"], s["row"], s["col"]) for s in doc["super_weights"]] == [PLANT]
     assert doc["activations"][0]["fallback"] is True and doc["trace_rule"]["fallback_ratio"] == 100.0
+    (top,) = doc["largest"]  # the numbers behind the note, one per prompt
+    assert top["channel"] == 5 and top["channels"][0][0] == 5 and top["ratio"] >= 5 * top["channels"][1][1]
+    assert sw.DetectionResult.load(out).largest[0].ratio == top["ratio"]
     assert "fallback" in proc.stderr
     proc = run_cli("detect", str(folder), "--no-verdict", "--sa-fallback", "0")
     assert proc.returncode == 0, proc.stderr

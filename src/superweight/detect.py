@@ -118,6 +118,7 @@ class DetectionResult(Versioned):
     activations: list[SuperActivation] = field(default_factory=list)
     sources: list[Source] = field(default_factory=list)
     verdicts: list[Verdict] = field(default_factory=list)
+    largest: list[Largest] = field(default_factory=list)  # per prompt, the first pass's largest activation (trace)
 
     @property
     def agree(self) -> bool:
@@ -172,6 +173,7 @@ class DetectionResult(Versioned):
         out["activations"] = [SuperActivation.from_dict(a) for a in d["activations"]]
         out["sources"] = [Source.from_dict(s) for s in d["sources"]]
         out["verdicts"] = [Verdict.from_dict(v) for v in d["verdicts"]]
+        out["largest"] = [Largest(**x) for x in d.get("largest", [])]
         return out
 
 
@@ -425,6 +427,7 @@ def assemble(
         method=method, trace_rule=trace_rule or TraceRule(),
         activations=[a for st in states for a in st.activations], sources=[s for st in states for s in st.sources],
         notes=threshold_notes(states, trace_rule or TraceRule(), len(prompts)) if method == "trace" else [],
+        largest=[st.largest for st in states if st.largest is not None],
     )
 
 
