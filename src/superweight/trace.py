@@ -10,7 +10,7 @@ sits between the two groups with a factor of 2 to 3.4 on each side. The rule kee
 (token, channel) per channel: the token where the ratio is largest.
 
 Other families run smaller: measured across open models, Qwen3.5 and MoE checkpoints peak at
-10^2-10^3 in absolute value, 14-23x lower than dense ones of their size (Chen et al. 2026,
+10^2-10^3 in absolute value, MoE ones 14-23x lower than dense ones of their size (Chen et al. 2026,
 "Measuring Maximum Activations in Open LLMs"), and Sun et al. (2024) call an activation massive
 from 1000x its median. So when no (token, channel) of a pass reaches ``ratio``, a *fallback*
 takes the largest channels if they stand out: at least ``fallback_ratio = 100`` and
