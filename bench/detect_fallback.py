@@ -7,7 +7,8 @@ prompts, each channel's largest |h| over its layer's median (tokens and layers; 
 the rule's floor), largest first, as ``trace.largest`` reads it: as loaded, and with the creating
 weights detection finds zeroed (a model without its super activation). Then the largest ratio of
 unplanted tiny random models of every architecture (3 seeds), and what detection does on tiny
-models at a real model's residual scale with a plant at 40x, 300x and 1000x. The fallback
+models at a real model's residual scale: unplanted and with a plant at 300x (every architecture),
+and at 40x and 1000x (five of them). The fallback
 (``trace.threshold``) takes channels of at least 100x that stand 5x above the next.
 """
 from __future__ import annotations
@@ -78,18 +79,22 @@ def random_models(seeds: int = 3) -> dict:
 
 
 def planted() -> list[dict]:
+    """Tiny models at a real model's residual scale: unplanted, then planted at 300x (every
+    architecture) and at 40x and 1000x (``PLANT_ARCHS``)."""
     import superweight as sw
-    from superweight.synthetic import byte_tokenizer, plant_super_weight, real_scale, tiny_model
+    from superweight.synthetic import UNREGISTERED, byte_tokenizer, plant_super_weight, real_scale, tiny_model
 
-    rows = []
-    for arch in PLANT_ARCHS:
-        for ratio in (40.0, 300.0, 1000.0):
+    rows, tok = [], byte_tokenizer()
+    for arch in (*sw.SUPPORTED, *UNREGISTERED):
+        for ratio in (None, 40.0, 300.0, 1000.0) if arch in PLANT_ARCHS else (None, 300.0):
             model = tiny_model(arch)
             real_scale(model)
-            plant_super_weight(model, 1, 5, 17, ratio=ratio)
-            result = sw.detect(model, byte_tokenizer())
+            if ratio:
+                plant_super_weight(model, 1, 5, 17, ratio=ratio)
+            result = sw.detect(model, tok)
             rows.append({"arch": arch, "planted_ratio": ratio, "found": [list(s.coord) for s in result.super_weights],
-                         "activations": [[a.channel, round(a.ratio, 1), a.fallback] for a in result.activations]})
+                         "activations": [[a.channel, round(a.ratio, 1), a.fallback] for a in result.activations],
+                         "largest_ratio": round(result.largest[0].ratio, 1)})
     return rows
 
 

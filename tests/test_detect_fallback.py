@@ -11,7 +11,7 @@ import pytest
 import superweight as sw
 from superweight.stream_detect import stream_detect
 from superweight.synthetic import byte_tokenizer as make_tokenizer
-from superweight.synthetic import plant_super_weight, real_scale, tiny_model
+from superweight.synthetic import UNREGISTERED, plant_super_weight, real_scale, tiny_model
 from superweight.trace import TraceRule
 
 PLANT = (1, 5, 17)
@@ -54,7 +54,15 @@ def test_an_activation_under_the_rule_is_traced_by_the_fallback(arch, byte_token
     assert "no super activation" in note and "channel 5" in note and "2,000x" in note and "100x" not in note
 
 
-@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "Gemma3ForCausalLM", "MixtralForCausalLM"])
+@pytest.mark.parametrize("arch", [*sw.SUPPORTED, *UNREGISTERED])
+def test_every_architecture_finds_a_300x_plant_through_the_fallback(arch, byte_tokenizer):
+    """MoE layouts included (an expert, a shared expert, a dense first layer: where each plant goes)."""
+    result = sw.detect(small_plant(arch), byte_tokenizer)
+    assert [s.coord for s in result.super_weights] == [PLANT]
+    assert [a.fallback for a in result.activations] == [True]
+
+
+@pytest.mark.parametrize("arch", ["LlamaForCausalLM", "Gemma3ForCausalLM", "MixtralForCausalLM", "DeepseekV3ForCausalLM"])
 def test_no_plant_at_real_scale_finds_nothing_and_says_how_far_it_was(arch, byte_tokenizer):
     model = tiny_model(arch)
     real_scale(model)

@@ -269,9 +269,8 @@ REAL_MEDIAN = 2.0
 def real_scale(model: nn.Module, median: float = REAL_MEDIAN) -> float:
     """Scale the input embeddings so that the median |h| after layer 0 is ``median``, as in a real
     model; returns the factor. Call it before planting (the plant is sized against that median)."""
-    arch = get_arch(model)
-    block = arch.layer_modules(model)[0]
-    _, now = _mlp_input(model, block.get_submodule(arch.up_proj), block)
+    block = get_arch(model).layer_modules(model)[0]
+    _, now = _mlp_input(model, block, block)  # the block's own input: any MLP kind (dense first layers of MoEs)
     factor = median / max(now, 1e-12)
     model.get_input_embeddings().weight.mul_(factor)
     return factor
