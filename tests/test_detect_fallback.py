@@ -118,6 +118,10 @@ def test_cli_reports_the_fallback_and_turns_it_off(tmp_path):
     proc = run_cli("detect", str(folder), "--no-verdict", "--sa-fallback", "0")
     assert proc.returncode == 0, proc.stderr
     assert "No super weight found" in proc.stdout and "no super activation: the largest" in proc.stderr
+    proc = run_cli("report", str(folder), "--out", str(tmp_path / "report"))  # the report says so too
+    assert proc.returncode == 0, proc.stderr
+    report = (tmp_path / "report" / "report.md").read_text()
+    assert "(fallback)" in report and "The fallback traced channel(s) 5" in report
 
 
 def _two_independent(model):

@@ -95,7 +95,7 @@ def detect_default(lm, prompts: Optional[List[str]] = None):
 
     with step("detecting super weights"):
         result = run_detect(lm.model, lm.tokenizer, list(prompts or [DEFAULT_PROMPT]), model_name=lm.name, arch=lm.arch)
-    result.notes = list(lm.notes)
+    result.notes = [*lm.notes, *result.notes]  # the load's caveats, then detection's own (the fallback's)
     return result
 
 
