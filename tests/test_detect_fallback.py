@@ -122,6 +122,9 @@ def test_cli_reports_the_fallback_and_turns_it_off(tmp_path):
     assert proc.returncode == 0, proc.stderr
     report = (tmp_path / "report" / "report.md").read_text()
     assert "(fallback)" in report and "The fallback traced channel(s) 5" in report
+    proc = run_cli("quantize", str(folder), "--out", str(tmp_path / "q"))  # what it holds out, and why
+    assert proc.returncode == 0, proc.stderr
+    assert "held out were found by detection's fallback" in " ".join(proc.stderr.split())
 
 
 def _two_independent(model):

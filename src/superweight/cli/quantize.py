@@ -47,10 +47,19 @@ def _keep_for(lm, keep: bool, super_weights: Optional[Path]):
         return []
     if super_weights is not None:
         return check_super_weights(read_super_weights(super_weights), lm, super_weights)
-    found = detect_default(lm).super_weights
-    if not found:
+    return _held(detect_default(lm))
+
+
+def _held(result) -> list:
+    """A detection's super weights, to hold out, with a note when there are none or the fallback found them."""
+    if not result.super_weights:
         err_console.print("[yellow]note:[/] no super weight detected: nothing is held out")
-    return found
+    elif any(a.fallback for a in result.activations):
+        err_console.print(
+            f"[yellow]note:[/] the {len(result.super_weights)} super weight(s) held out were found by detection's fallback: "
+            f"no activation reached {result.trace_rule.ratio:,.0f}x its layer's median (`superweight detect` measures them)"
+        )
+    return result.super_weights
 
 
 def streamed_keep(model: str, super_weights: Optional[Path], dtype: str, device: str) -> list:
@@ -68,10 +77,7 @@ def streamed_keep(model: str, super_weights: Optional[Path], dtype: str, device:
         finally:
             sm.close()
     with step("detecting super weights (streamed)"):
-        keep = stream_detect(model, model_name=model, dtype=dtype, device=device).super_weights
-    if not keep:
-        err_console.print("[yellow]note:[/] no super weight detected: nothing is held out")
-    return keep
+        return _held(stream_detect(model, model_name=model, dtype=dtype, device=device))
 
 
 def _streamed(model: str, config, keep_super_weights: bool, super_weights: Optional[Path], out: Path, force: bool,
