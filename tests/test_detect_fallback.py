@@ -122,6 +122,10 @@ def test_cli_reports_the_fallback_and_turns_it_off(tmp_path):
     assert proc.returncode == 0, proc.stderr
     report = (tmp_path / "report" / "report.md").read_text()
     assert "(fallback)" in report and "The fallback traced channel(s) 5" in report
+    proc = run_cli("ablate", str(folder), "--ppl", "wiki-intros", "--max-tokens", "256", "--tasks", "none", "--scales", "",
+                   "--stopword-prompts", "2", "--json", str(tmp_path / "ablate.json"))
+    assert proc.returncode == 0, proc.stderr
+    assert any("The fallback traced channel(s) 5" in n for n in json.loads((tmp_path / "ablate.json").read_text())["notes"])
     proc = run_cli("quantize", str(folder), "--out", str(tmp_path / "q"))  # what it holds out, and why
     assert proc.returncode == 0, proc.stderr
     assert "held out were found by detection's fallback" in " ".join(proc.stderr.split())

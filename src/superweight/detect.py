@@ -446,7 +446,7 @@ def threshold_notes(states: Sequence[PromptState], rule: TraceRule, n_prompts: i
             traced = [f"{c} ({r:,.0f}x)" for c, r in top.channels if r >= bar]
             out.append(f"{head}no activation reached the {rule.ratio:,.0f}x rule (calibrated on SmolLM2-135M and "
                        f"Gemma-3-270M); the largest is at {where}. The fallback traced channel(s) {', '.join(traced)}, "
-                       f"which stand {rule.fallback_gap:g}x or more above the next (--sa-fallback 0 turns it off): other "
+                       f"which stand {rule.fallback_gap:g}x or more above the next (`detect --sa-fallback 0` turns it off): other "
                        "families (Qwen3.5, MoE models) run smaller activations than the paper's; the verdict measures "
                        "whether these weights matter")
         elif rule.fallback_ratio > 0 and top.ratio >= rule.fallback_ratio:
@@ -458,7 +458,7 @@ def threshold_notes(states: Sequence[PromptState], rule: TraceRule, n_prompts: i
         else:
             fallback = f" (or {rule.fallback_ratio:,.0f}x when nothing reaches that)" if rule.fallback_ratio > 0 else ""
             out.append(f"{head}no super activation: the largest is at {where}; a super activation is at least "
-                       f"{rule.ratio:,.0f}x{fallback} and |h| >= {rule.floor:g} (--sa-ratio, --sa-fallback)")
+                       f"{rule.ratio:,.0f}x{fallback} and |h| >= {rule.floor:g} (`detect --sa-ratio`, `--sa-fallback`)")
     return out
 
 

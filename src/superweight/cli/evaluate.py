@@ -77,14 +77,23 @@ def _streamed_ablation(model: str, det, origin: Optional[Path], config, dtype: s
     from ..stream_ablate import stream_ablation
     from ..stream_detect import stream_detect
 
+    detected = None
     if det is None:
         with step("detecting super weights (streamed)"):
-            det = stream_detect(model, model_name=model, dtype=dtype, device=device)
+            det = detected = stream_detect(model, model_name=model, dtype=dtype, device=device)
         origin = None
     _print_found(det.super_weights)
     with step("ablation (streamed: every condition through each layer read)"):
-        return stream_ablation(model, det, config, dtype=dtype, device=device, model_name=model,
-                               origin=None if origin is None else str(origin))
+        result = stream_ablation(model, det, config, dtype=dtype, device=device, model_name=model,
+                                 origin=None if origin is None else str(origin))
+    return _with_notes_of(result, detected)
+
+
+def _with_notes_of(result, detection):
+    """The ablation's notes and, when the super weights were detected now, detection's own (the fallback's)."""
+    if detection is not None:
+        result.notes += [n for n in detection.notes if n not in result.notes]
+    return result
 
 
 def _print_found(found) -> None:
@@ -149,9 +158,10 @@ def ablate(
         result, shown = _streamed_ablation(model, det, super_weights, config, dtype, device), []
     else:
         lm = load_lm(model, dtype, cache_dir, device_map, device)
-        found = check_super_weights(det, lm, super_weights) if det else detect_default(lm).super_weights
+        detected = None if det else detect_default(lm)
+        found = check_super_weights(det, lm, super_weights) if det else detected.super_weights
         _print_found(found)
-        result, shown = run_ablation(lm, found, config), lm.notes
+        result, shown = _with_notes_of(run_ablation(lm, found, config), detected), lm.notes
     print_ablation_table(result)
     print_stopwords(result)
     print_notes(result.notes, shown=shown)
