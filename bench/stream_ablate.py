@@ -14,11 +14,9 @@ both wall times and the passes the streamed run made over the checkpoint.
 """
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 
-from streamed_pair import in_memory_and_streamed, task_list, task_options
+from streamed_pair import command, in_memory_and_streamed, perplexity_text, task_list, task_options, write_results
 
 ROOT = Path(__file__).resolve().parent
 MODELS = ("smollm2-135m", "gemma3-270m")
@@ -54,22 +52,15 @@ def run(name: str, tokens: int, text: str, tasks: list[str], limit: int) -> dict
 def main(argv: list[str] | None = None) -> dict:
     import argparse
 
-    from superweight.eval.text import wikitext_candidates
-
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     task_options(ap, limit=40)
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "stream_ablate.json")
     args = ap.parse_args(argv)
     tasks = task_list(args.tasks)
-    text = "wikitext2" if any(p.is_file() for p in wikitext_candidates()) else "wiki-intros"
-    out = {"command": "python bench/stream_ablate.py " + " ".join(sys.argv[1:] if argv is None else argv), "text": text,
-           "tasks": tasks, "limit": args.limit, "models": [run(m, args.tokens, text, tasks, args.limit) for m in MODELS]}
-    from superweight.files import write_json_atomic
-
-    write_json_atomic(args.out, out)
-    print(json.dumps([{k: m[k] for k in ("model", "same_ppl", "same_tasks", "same_stopwords", "in_memory_s",
-                                         "streamed_s")} for m in out["models"]], indent=1))
-    return out
+    text = perplexity_text()
+    out = {"command": command("stream_ablate.py", argv), "text": text, "tasks": tasks, "limit": args.limit,
+           "models": [run(m, args.tokens, text, tasks, args.limit) for m in MODELS]}
+    return write_results(args.out, out, ("model", "same_ppl", "same_tasks", "same_stopwords", "in_memory_s", "streamed_s"))
 
 
 if __name__ == "__main__":

@@ -11,11 +11,9 @@ whether perplexity and every task result are the same numbers, and both wall tim
 """
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 
-from streamed_pair import in_memory_and_streamed, task_list, task_options
+from streamed_pair import command, in_memory_and_streamed, task_list, task_options, write_results
 
 ROOT = Path(__file__).resolve().parent
 MODELS = ("smollm2-135m", "gemma3-270m")
@@ -43,20 +41,15 @@ def run(name: str, tokens: int, tasks: list[str], limit: int) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     import argparse
 
-    from superweight.files import write_json_atomic
-
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     task_options(ap, limit=100)
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "stream_eval.json")
     args = ap.parse_args(argv)
     tasks = task_list(args.tasks)
-    out = {"command": "python bench/stream_eval.py " + " ".join(sys.argv[1:] if argv is None else argv),
-           "text": "wiki-intros", "tasks": tasks, "limit": args.limit,
+    out = {"command": command("stream_eval.py", argv), "text": "wiki-intros", "tasks": tasks, "limit": args.limit,
            "models": [run(m, args.tokens, tasks, args.limit) for m in MODELS]}
-    write_json_atomic(args.out, out)
-    print(json.dumps([{k: m[k] for k in ("model", "same_ppl", "same_tasks", "ppl_in_memory_and_streamed", "in_memory_s",
-                                         "streamed_s")} for m in out["models"]], indent=1))
-    return out
+    return write_results(args.out, out, ("model", "same_ppl", "same_tasks", "ppl_in_memory_and_streamed", "in_memory_s",
+                                         "streamed_s"))
 
 
 if __name__ == "__main__":

@@ -15,11 +15,9 @@ wall times.
 """
 from __future__ import annotations
 
-import json
-import sys
 from pathlib import Path
 
-from streamed_pair import in_memory_and_streamed
+from streamed_pair import command, in_memory_and_streamed, perplexity_text, write_results
 
 ROOT = Path(__file__).resolve().parent
 MODELS = ("smollm2-135m", "gemma3-270m")
@@ -47,21 +45,14 @@ def run(name: str, text_name: str, points: str) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     import argparse
 
-    from superweight.eval.text import wikitext_candidates
-
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", type=Path, default=ROOT / "results" / "stream_sweep.json")
     ap.add_argument("--points", choices=("weight-only", "w8a8"), default="weight-only")
     args = ap.parse_args(argv)
-    text = "wikitext2" if any(p.is_file() for p in wikitext_candidates()) else "wiki-intros"
-    out = {"command": "python bench/stream_sweep.py " + " ".join(sys.argv[1:] if argv is None else argv), "text": text,
-           "points": args.points, "models": [run(m, text, args.points) for m in MODELS]}
-    from superweight.files import write_json_atomic
-
-    write_json_atomic(args.out, out)
-    print(json.dumps([{k: m[k] for k in ("model", "points", "all_same", "in_memory_s", "streamed_s")} for m in out["models"]],
-                     indent=1))
-    return out
+    text = perplexity_text()
+    out = {"command": command("stream_sweep.py", argv), "text": text, "points": args.points,
+           "models": [run(m, text, args.points) for m in MODELS]}
+    return write_results(args.out, out, ("model", "points", "all_same", "in_memory_s", "streamed_s"))
 
 
 if __name__ == "__main__":

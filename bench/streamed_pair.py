@@ -1,11 +1,14 @@
 """What the streamed-against-in-memory benches share (``stream_ablate``, ``stream_eval``, ``stream_sweep``):
 the same measurement in memory and streamed from the safetensors copy a real model's first load wrote,
-each timed in the same run, and the zero-shot task options."""
+each timed in the same run, the zero-shot task options, the perplexity text and how results are written."""
 from __future__ import annotations
 
 import argparse
+import json
+import sys
 import time
-from typing import Callable, TypeVar
+from pathlib import Path
+from typing import Callable, Sequence, TypeVar
 
 T = TypeVar("T")
 
@@ -33,3 +36,24 @@ def task_options(ap: argparse.ArgumentParser, limit: int) -> None:
 
 def task_list(spec: str) -> list[str]:
     return [t for t in spec.split(",") if t]
+
+
+def perplexity_text() -> str:
+    """WikiText-2 where its file is at hand (``../shared``), else the offline Wikipedia introductions."""
+    from superweight.eval.text import wikitext_candidates
+
+    return "wikitext2" if any(p.is_file() for p in wikitext_candidates()) else "wiki-intros"
+
+
+def command(script: str, argv: Sequence[str] | None) -> str:
+    """The command line that reproduces this run."""
+    return f"python bench/{script} " + " ".join(sys.argv[1:] if argv is None else argv)
+
+
+def write_results(path: Path, out: dict, keys: Sequence[str]) -> dict:
+    """Write ``out`` (atomically) and print each model's ``keys``."""
+    from superweight.files import write_json_atomic
+
+    write_json_atomic(path, out)
+    print(json.dumps([{k: m[k] for k in keys} for m in out["models"]], indent=1))
+    return out
