@@ -24,11 +24,8 @@ PROMPTS = ("Apple Inc. is a worldwide tech company.", "In 1969, the first humans
 PLANT_ARCHS = ("LlamaForCausalLM", "Gemma3ForCausalLM", "GPT2LMHeadModel", "MixtralForCausalLM", "Qwen2MoeForCausalLM")
 
 
-def _steps(channels: list[list]) -> list[float]:
-    return [a[1] / max(b[1], 1e-12) for a, b in zip(channels, channels[1:])]
-
-
 def channel_peaks(lm, zero=()) -> list[dict]:
+    """Each prompt's top channels, with ``zero`` zeroed for the pass (the runner restores them)."""
     from superweight.runner import InMemoryRunner, encode_prompt
     from superweight.trace import TraceRule, largest
 
@@ -37,7 +34,7 @@ def channel_peaks(lm, zero=()) -> list[dict]:
         (traces,) = runner.run([encode_prompt(lm.tokenizer, prompt, "cpu")], [list(zero)])
         top = largest(traces, rule)
         out.append({"prompt": prompt, "channels": [[c, round(r, 1)] for c, r in top.channels],
-                    "steps": [round(x, 2) for x in _steps(top.channels)]})
+                    "steps": [round(x, 2) for x in top.steps]})
     return out
 
 
@@ -49,9 +46,8 @@ def real_model(name: str) -> dict:
     found = sw.detect(lm.model, lm.tokenizer, arch=lm.arch)
     creating = [s for s in found.super_weights if s.role == "creates"]
 
-    as_loaded = channel_peaks(lm)
+    as_loaded, without = channel_peaks(lm), channel_peaks(lm, creating)
     with zeroing(lm.model, lm.arch, creating):
-        without = channel_peaks(lm, creating)
         after = sw.detect(lm.model, lm.tokenizer, arch=lm.arch)
     return {
         "creating_weights": [[s.layer, s.row, s.col] for s in creating],

@@ -450,10 +450,8 @@ def threshold_notes(states: Sequence[PromptState], rule: TraceRule, n_prompts: i
                        "families (Qwen3.5, MoE models) run smaller activations than the paper's; the verdict measures "
                        "whether these weights matter")
         elif rule.fallback_ratio > 0 and top.ratio >= rule.fallback_ratio:
-            ratios = [r for _, r in top.channels]
-            step = max(a / max(b, 1e-12) for a, b in zip(ratios, ratios[1:]))
             out.append(f"{head}no super activation: the largest is at {where}, but no channel stands out: the "
-                       f"largest step among the top {len(ratios)} channels is {step:.2g}x, and a super activation "
+                       f"largest step among the top {len(top.channels)} channels is {max(top.steps):.2g}x, and a super activation "
                        f"stands {rule.fallback_gap:g}x above the next (or reaches {rule.ratio:,.0f}x)")
         else:
             fallback = f" (or {rule.fallback_ratio:,.0f}x when nothing reaches that)" if rule.fallback_ratio > 0 else ""

@@ -113,6 +113,12 @@ class Largest:
     ratio: float
     channels: list[list]
 
+    @property
+    def steps(self) -> list[float]:
+        """Each top channel's ratio over the next one's (where the fallback looks for a gap)."""
+        ratios = [r for _, r in self.channels]
+        return [a / max(b, 1e-12) for a, b in zip(ratios, ratios[1:])]
+
 
 def _ratios(traces: list[LayerTrace]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """``h`` ``[layers, tokens, hidden]``, ``|h|`` and ``|h|`` over its layer's median |h|."""
