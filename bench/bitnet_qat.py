@@ -18,12 +18,12 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from superweight.bitnet import export_ternary, kept_indices  # noqa: E402
-from superweight.emergence import detect_checkpoint, load_checkpoint  # noqa: E402
+from superweight.train.bitnet import export_ternary, kept_indices  # noqa: E402
+from superweight.train.emergence import detect_checkpoint, load_checkpoint  # noqa: E402
 from superweight.eval.perplexity import evaluate_perplexity  # noqa: E402
 from superweight.eval.text import load_wikitext2  # noqa: E402
-from superweight.files import write_json_atomic  # noqa: E402
-from superweight.train import checkpoint_folders  # noqa: E402
+from superweight.core.files import write_json_atomic  # noqa: E402
+from superweight.train.loop import checkpoint_folders  # noqa: E402
 
 
 def evaluate(run: Path, text: str, max_tokens: int, artifacts: Path, name: str) -> dict:

@@ -41,7 +41,7 @@ def load_child(cache: str) -> None:
     import transformers.modeling_gguf_pytorch_utils  # noqa: F401
     from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaForCausalLM  # noqa: F401
 
-    from superweight.load import load_model
+    from superweight.model.load import load_model
 
     t0 = time.perf_counter()
     lm = load_model("smollm2-135m", cache_dir=cache)
@@ -69,9 +69,9 @@ def bench_loads() -> dict:
 def bench_iteration(reps: int) -> dict:
     import torch
 
-    from superweight.detect import DEFAULT_PROMPT, encode_prompt, run_detection
-    from superweight.load import load_model
-    from superweight.runner import InMemoryRunner
+    from superweight.find.loop import DEFAULT_PROMPT, encode_prompt, run_detection
+    from superweight.model.load import load_model
+    from superweight.find.runner import InMemoryRunner
 
     lm = load_model("smollm2-135m")
     inputs = encode_prompt(lm.tokenizer, DEFAULT_PROMPT)
@@ -103,9 +103,9 @@ def bench_iteration(reps: int) -> dict:
 
 def bench_verdict(lm, forward_s: float, tokens: int = 1024) -> dict:
     """One verdict on the default method's full result, in forwards-equivalent of the prompt."""
-    from superweight.detect import detect
+    from superweight.find.loop import detect
     from superweight.eval.text import load_text
-    from superweight.verdict import judge
+    from superweight.find.verdict import judge
 
     result = detect(lm.model, lm.tokenizer, arch=lm.arch)
     t0 = time.perf_counter()
@@ -134,7 +134,7 @@ def main(argv: list[str] | None = None) -> dict:
     result["targets"] = {"iteration_ratio": TARGET_ITER, "load_ratio": TARGET_LOAD}
     result["machine"] = {"cpus": os.cpu_count(), "loadavg_1m": os.getloadavg()[0]}
     result["command"] = "python bench/detect.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    from superweight.detect import write_json_atomic
+    from superweight.find.loop import write_json_atomic
 
     write_json_atomic(args.out, result)
     keys = ("forward_s", "iteration_s", "iteration_ratio", "iteration_ratio_paired_median", "load_ratio")

@@ -2,7 +2,7 @@
 
     python bench/detect_archs.py            # -> docs/results/detect_archs.json (~30 s on 2 CPUs)
 
-``superweight.synthetic.HARD_CASES`` (a weak spike, two creating layers, a late cancelling layer,
+``superweight.testing.synthetic.HARD_CASES`` (a weak spike, two creating layers, a late cancelling layer,
 one column feeding three rows, a super activation off the first token, two independent ones, none)
 are built for pre-norm dense models. On each of the 42 architectures (32 dense, 10 mixtures of experts;
 tiny random models of their real config classes) this records whether the case can be built there
@@ -27,8 +27,8 @@ ROOT = Path(__file__).resolve().parents[1]
 
 def run() -> dict:
     import superweight as sw
-    from superweight.arch import SUPPORTED
-    from superweight.synthetic import HARD_CASES, UNREGISTERED, byte_tokenizer, hard_case
+    from superweight.model.arch import SUPPORTED
+    from superweight.testing.synthetic import HARD_CASES, UNREGISTERED, byte_tokenizer, hard_case
 
     tok, rows = byte_tokenizer(), []
     for arch in [*SUPPORTED, *UNREGISTERED]:
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> dict:
     t0 = time.perf_counter()
     out = {"command": "python bench/detect_archs.py " + " ".join(sys.argv[1:] if argv is None else argv), **run()}
     out["seconds"] = time.perf_counter() - t0
-    from superweight.files import write_json_atomic
+    from superweight.core.files import write_json_atomic
 
     write_json_atomic(args.out, out)
     print(json.dumps({k: out[k] for k in ("cases", "built", "as_designed", "exact_where_as_designed", "exact_where_not",

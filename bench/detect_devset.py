@@ -5,7 +5,7 @@
 Real models: SmolLM2-135M (Q4_1 GGUF) and Gemma-3-270M (Q4_K_M GGUF), float weights dequantized
 from those files. Each method runs on the paper's prompt; the default method's findings get the
 verdict (1,024 tokens of the offline Wikipedia introductions, 2 null draws). Synthetic cases:
-``superweight.synthetic.HARD_CASES`` on tiny Llama models, scored against their known answer.
+``superweight.testing.synthetic.HARD_CASES`` on tiny Llama models, scored against their known answer.
 """
 from __future__ import annotations
 
@@ -44,7 +44,7 @@ def summarize(result) -> dict:
 def real_model(name: str, tokens: int) -> dict:
     import superweight as sw
     from superweight.eval.text import load_text
-    from superweight.verdict import judge
+    from superweight.find.verdict import judge
 
     lm = sw.load_model(name)
     out = {"model": name, "notes": lm.notes}
@@ -61,7 +61,7 @@ def real_model(name: str, tokens: int) -> dict:
 
 def synthetic() -> list[dict]:
     import superweight as sw
-    from superweight.synthetic import HARD_CASES, byte_tokenizer, hard_case
+    from superweight.testing.synthetic import HARD_CASES, byte_tokenizer, hard_case
 
     tok, rows = byte_tokenizer(), []
     for name in HARD_CASES:
@@ -89,7 +89,7 @@ def main(argv: list[str] | None = None) -> dict:
     torch.set_num_threads(1)
     result = {"command": "python bench/detect_devset.py " + " ".join(argv if argv is not None else sys.argv[1:]),
               "synthetic": synthetic(), "real": [real_model(m, args.tokens) for m in args.models]}
-    from superweight.files import write_json_atomic
+    from superweight.core.files import write_json_atomic
 
     write_json_atomic(args.out, result)
     print(json.dumps(result, indent=1, default=str)[:4000])

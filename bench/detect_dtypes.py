@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> dict:
             row["same_weights_as_float32"] = row.get("super_weights") == ref
         out["models"][model] = rows
         print(model, {d: r.get("super_weights", r.get("error")) for d, r in rows.items()}, flush=True)
-    from superweight.files import write_json_atomic
+    from superweight.core.files import write_json_atomic
 
     write_json_atomic(args.out, out)
     return out

@@ -26,8 +26,8 @@ PLANT_ARCHS = ("LlamaForCausalLM", "Gemma3ForCausalLM", "GPT2LMHeadModel", "Mixt
 
 def channel_peaks(lm, zero=()) -> list[dict]:
     """Each prompt's top channels, with ``zero`` zeroed for the pass (the runner restores them)."""
-    from superweight.runner import InMemoryRunner, encode_prompt
-    from superweight.trace import TraceRule, largest
+    from superweight.find.runner import InMemoryRunner, encode_prompt
+    from superweight.find.trace import TraceRule, largest
 
     runner, rule, out = InMemoryRunner(lm.model, lm.arch), TraceRule(), []
     for prompt in PROMPTS:
@@ -40,7 +40,7 @@ def channel_peaks(lm, zero=()) -> list[dict]:
 
 def real_model(name: str) -> dict:
     import superweight as sw
-    from superweight.runner import zeroed as zeroing
+    from superweight.find.runner import zeroed as zeroing
 
     lm = sw.load_model(name)
     found = sw.detect(lm.model, lm.tokenizer, arch=lm.arch)
@@ -58,9 +58,9 @@ def real_model(name: str) -> dict:
 
 def random_models(seeds: int = 3) -> dict:
     import superweight as sw
-    from superweight.runner import InMemoryRunner, encode_prompt
-    from superweight.synthetic import UNREGISTERED, byte_tokenizer, tiny_model
-    from superweight.trace import TraceRule, largest
+    from superweight.find.runner import InMemoryRunner, encode_prompt
+    from superweight.testing.synthetic import UNREGISTERED, byte_tokenizer, tiny_model
+    from superweight.find.trace import TraceRule, largest
 
     tok, out = byte_tokenizer(), {}
     for arch in (*sw.SUPPORTED, *UNREGISTERED):
@@ -78,7 +78,7 @@ def planted() -> list[dict]:
     """Tiny models at a real model's residual scale: unplanted, then planted at 300x (every
     architecture) and at 40x and 1000x (``PLANT_ARCHS``)."""
     import superweight as sw
-    from superweight.synthetic import UNREGISTERED, byte_tokenizer, plant_super_weight, real_scale, tiny_model
+    from superweight.testing.synthetic import UNREGISTERED, byte_tokenizer, plant_super_weight, real_scale, tiny_model
 
     rows, tok = [], byte_tokenizer()
     for arch in (*sw.SUPPORTED, *UNREGISTERED):

@@ -4,7 +4,7 @@
     python bench/device_check.py --device cpu --small         # the same code paths on the CPU, ~1-2 minutes
     python bench/device_check.py --prepare                    # here, once: wheels + task-data extract to carry
 
-Part 1, tiny random models with a planted super weight (``superweight.synthetic``), one per
+Part 1, tiny random models with a planted super weight (``superweight.testing.synthetic``), one per
 architecture: load onto the device, detect and ablate (in memory and streamed), eval, W8A8, quantize,
 save and load the artifact (its logits must equal the fake-quantized model's), then each command
 once through the CLI (``--device``). Part 2, a random Llama checkpoint of 7B width written by
@@ -33,7 +33,7 @@ from pathlib import Path
 
 import torch
 
-from superweight.errors import SuperweightError
+from superweight.core.errors import SuperweightError
 
 ROOT = Path(__file__).resolve().parent
 sys.path.insert(0, str(ROOT))
@@ -94,7 +94,7 @@ def _on(model, device: torch.device) -> None:
 
 
 def tiny_folder(arch: str, root: Path) -> Path:
-    from superweight.synthetic import byte_tokenizer, plant_super_weight, tiny_model
+    from superweight.testing.synthetic import byte_tokenizer, plant_super_weight, tiny_model
 
     model = tiny_model(arch, positions=2048)  # LAMBADA contexts are ~500 byte tokens
     plant_super_weight(model, *PLANT)
@@ -111,9 +111,9 @@ def _expect_plant(coords) -> None:
 
 def check_arch(checks: Checks, arch: str, device: torch.device, root: Path, text: Path, tasks: list[str]) -> None:
     import superweight as sw
-    from superweight.experiments import AblationConfig, run_ablation, run_eval
-    from superweight.stream_ablate import stream_ablation
-    from superweight.stream_detect import stream_detect
+    from superweight.prove.experiments import AblationConfig, run_ablation, run_eval
+    from superweight.prove.streamed import stream_ablation
+    from superweight.find.streamed import stream_detect
 
     folder = checks.run(f"{arch}: save tiny planted model", tiny_folder, arch, root)
     if folder is None:
@@ -168,8 +168,8 @@ def _w8a8(lm, text: Path) -> float:
 
 
 def _quantize_roundtrip(lm, found, out: Path, device: torch.device) -> None:
-    from superweight.device import input_device
-    from superweight.export import export_artifact, load_quantized
+    from superweight.model.device import input_device
+    from superweight.quant.artifact import export_artifact, load_quantized
     from superweight.quant.config import scheme_config
 
     export_artifact(lm, scheme_config("int4", group=32), keep=found, out=out, force=True)
@@ -289,7 +289,7 @@ def in_memory_timings(folder: Path, device: torch.device, planted: list[int], re
     """Detection iteration / plain forward and quantize+pack / device copy, on ``device``."""
     import stream as bench_stream
     import superweight as sw
-    from superweight.detect import DEFAULT_PROMPT, encode_prompt
+    from superweight.find.loop import DEFAULT_PROMPT, encode_prompt
 
     t0 = time.perf_counter()
     lm = sw.load_model(str(folder), dtype="bfloat16", device=device)
@@ -322,7 +322,7 @@ def _expect_big(coords, planted: list[int]) -> None:
 
 def quantize_vs_copy(lm, device: torch.device) -> dict:
     """INT4 (group 128) quantize + bit packing of every down-projection against a clone of them."""
-    from superweight.export import pack_tensor
+    from superweight.quant.artifact import pack_tensor
     from superweight.quant import RTN, quantize, target_modules
 
     include = r"down_proj$"
@@ -422,12 +422,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prepare", action="store_true", help="download the wheels and extract the task data to carry")
     ap.add_argument("--strays", action="store_true",
                     help="a GPU stand-in on the CPU: tensors superweight makes without a device go to meta, so one "
-                         "that would stay on the CPU beside a GPU model fails here (superweight.device.StraysOnMeta)")
+                         "that would stay on the CPU beside a GPU model fails here (superweight.model.device.StraysOnMeta)")
     args = ap.parse_args(argv)
     if args.prepare:
         prepare()
         return 0
-    from superweight.device import resolve_device
+    from superweight.model.device import resolve_device
 
     device = resolve_device(args.device)
     root = args.workdir or Path(tempfile.mkdtemp(prefix="sw-device-"))
@@ -439,7 +439,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if args.workdir is None:
             shutil.rmtree(root, ignore_errors=True)
-    from superweight.files import write_json_atomic
+    from superweight.core.files import write_json_atomic
 
     write_json_atomic(args.out, report)
     print(json.dumps({k: report["big"].get(k) for k in RATIOS}, indent=1))
@@ -453,7 +453,7 @@ def _strays(on: bool):
     import contextlib
 
     import superweight
-    from superweight.device import StraysOnMeta
+    from superweight.model.device import StraysOnMeta
 
     # the tiny models are built on the CPU by ``synthetic`` before they are loaded onto the device
     return StraysOnMeta(Path(superweight.__file__).parent, skip=("synthetic.py",)) if on else contextlib.nullcontext()
@@ -463,8 +463,8 @@ RATIOS = ("iteration_over_forward", "stream_over_cold_read", "quantize_pack_over
 
 
 def run_all(args, device: torch.device, root: Path, argv: list[str]) -> dict:
-    from superweight.arch import SUPPORTED
-    from superweight.synthetic import UNREGISTERED, tiny_config
+    from superweight.model.arch import SUPPORTED
+    from superweight.testing.synthetic import UNREGISTERED, tiny_config
 
     # every registered architecture, and those whose spec is read from the model (``arch_infer``)
     archs = args.archs.split(",") if args.archs else SMALL_ARCHS if args.small else \
@@ -495,7 +495,7 @@ def run_all(args, device: torch.device, root: Path, argv: list[str]) -> dict:
             "refused": [s["step"] for s in checks.steps if s["ok"] is None],
         }
 
-    from superweight.files import write_json_atomic
+    from superweight.core.files import write_json_atomic
 
     write_json_atomic(args.out, report({}, False))  # part 1 survives a timeout in part 2
     big_gb = args.big_gb if args.big_gb is not None else 2.0 if args.small else 4.6

@@ -26,10 +26,10 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from superweight.emergence import EmergenceResult, emergence  # noqa: E402
-from superweight.emergence_plots import run_figure, seeds_figure, write_png  # noqa: E402
-from superweight.files import write_json_atomic  # noqa: E402
-from superweight.train import TrainResult  # noqa: E402
+from superweight.train.emergence import EmergenceResult, emergence  # noqa: E402
+from superweight.report.emergence_plots import run_figure, seeds_figure, write_png  # noqa: E402
+from superweight.core.files import write_json_atomic  # noqa: E402
+from superweight.train.loop import TrainResult  # noqa: E402
 
 
 def rank_of(values: torch.Tensor, index: int) -> int:
@@ -48,7 +48,7 @@ def stable_from(seq: list) -> int:
 @torch.no_grad()
 def init_ranks(step0: Path, channel: int, layer: int, creator_layer: int) -> dict:
     """Rank (1 = largest, ties counted as larger) of ``channel`` among the hidden channels at step 0."""
-    from superweight.emergence import load_checkpoint
+    from superweight.train.emergence import load_checkpoint
 
     lm = load_checkpoint(step0)
     emb = lm.model.get_input_embeddings().weight
@@ -101,7 +101,7 @@ def summarize(run: Path, result: EmergenceResult) -> dict:
 def measure_run(run: Path, seed: int, saved: Path, eval_tokens: int, reuse: bool) -> EmergenceResult:
     """``emergence`` of every checkpoint of ``run``; with ``reuse``, checkpoints already in ``saved``
     (same folder, same eval tokens) are not measured again."""
-    from superweight.train import checkpoint_folders
+    from superweight.train.loop import checkpoint_folders
 
     folders = checkpoint_folders([run])
     done = {}

@@ -56,7 +56,7 @@ def main() -> None:
     from superweight.eval import evaluate_perplexity, load_text
     from superweight.eval.perplexity import tokenize_stream
     from superweight.eval.text import wikitext_candidates
-    from superweight.load import load_model
+    from superweight.model.load import load_model
 
     lm = load_model(args.model)
     source = "wikitext2" if any(p.is_file() for p in wikitext_candidates()) else "wiki-intros"

@@ -17,11 +17,11 @@ from pathlib import Path
 
 import torch
 
-from superweight import llama_cpp
-from superweight.detect import detect, write_json_atomic
+from superweight.quant import llama_cpp
+from superweight.find.loop import detect, write_json_atomic
 from superweight.eval.perplexity import evaluate_perplexity
 from superweight.eval.text import load_text
-from superweight.load import load_model
+from superweight.model.load import load_model
 
 
 def block_damage(lm, sw, type_name: str) -> dict:

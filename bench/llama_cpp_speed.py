@@ -3,7 +3,7 @@ TQ2_0 / TQ1_0 with the super-weight tensor kept at F16, measured alternately in 
 
 The GGUF files are written here with gguf-py (metadata, the model's BPE tokenizer, Q/K permuted for
 llama.cpp's rotary layout exactly as llama.cpp's convert_hf_to_gguf.py does); the super-weight
-tensor's name comes from the project's bridge (``superweight.llama_cpp.gguf_tensor_name``).
+tensor's name comes from the project's bridge (``superweight.quant.llama_cpp.gguf_tensor_name``).
 TQ1_0/TQ2_0 need rows that are multiples of 256, which the documented 128-wide CPU model does not
 have, so the speed model is a wider Llama with the same tokenizer whose decoder weights are made
 exactly ternary (absmean, the BitNet forward's ``ternary_weight``): TQ2_0 stores such weights
@@ -28,9 +28,9 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from superweight.bitnet import ternary_weight  # noqa: E402
-from superweight.files import write_json_atomic  # noqa: E402
-from superweight.llama_cpp import gguf_tensor_name  # noqa: E402
+from superweight.train.bitnet import ternary_weight  # noqa: E402
+from superweight.core.files import write_json_atomic  # noqa: E402
+from superweight.quant.llama_cpp import gguf_tensor_name  # noqa: E402
 
 HF_TO_GGUF = {
     "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",

@@ -9,7 +9,7 @@ than RAM. Weights are slices of one pool of N(0, 0.02) values at random offsets 
 fresh normals would take minutes of CPU; the layers still differ from each other).
 
 Planting without a full forward: the script streams the first ``layer`` layers of the written
-checkpoint on the detection prompt (``superweight.stream.StreamedModel``), takes the MLP input h of
+checkpoint on the detection prompt (``superweight.stream.model.StreamedModel``), takes the MLP input h of
 ``layer`` at token 0, and rewrites in place (inside the shard file) the gate and up rows of the
 intermediate channel ``col`` to ``a * h / |h|``, so that channel reaches silu(a|h|) * a|h| ~ the
 ``--activation`` target on that token only, and sets down_proj[row, col] to ``--weight``. The
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from superweight.checkpoint import read_header
+from superweight.model.checkpoint import read_header
 
 WIDTHS = {
     "7b": dict(hidden_size=4096, intermediate_size=11008, num_attention_heads=32, num_key_value_heads=32),
@@ -105,7 +105,7 @@ def check_plant(args: argparse.Namespace, layers: int, itemsize: int) -> str | N
 def write_checkpoint(out: Path, width: str, layers: int, dtype: torch.dtype, seed: int) -> None:
     from safetensors.torch import save_file
 
-    from superweight.synthetic import byte_tokenizer
+    from superweight.testing.synthetic import byte_tokenizer
 
     out.mkdir(parents=True, exist_ok=True)
     pool, w = Pool(0.02, dtype, seed), WIDTHS[width]
@@ -152,9 +152,10 @@ def write_row(path: Path, key: str, row: int, values: torch.Tensor) -> None:
 @torch.no_grad()
 def mlp_input_token0(folder: Path, layer: int, prompt: str) -> torch.Tensor:
     """h = the MLP input of ``layer`` at token 0, by streaming layers 0..layer of the checkpoint."""
-    from superweight.detect import encode_prompt
-    from superweight.stream import StreamedModel, _hidden_of
-    from superweight.synthetic import byte_tokenizer
+    from superweight.find.loop import encode_prompt
+    from superweight.model.capture import _first_tensor
+    from superweight.stream.model import StreamedModel, _hidden_of, _with_hidden
+    from superweight.testing.synthetic import byte_tokenizer
 
     sm = StreamedModel(folder, "float32")
     calls = sm.layer_calls(encode_prompt(byte_tokenizer(), prompt))
@@ -164,7 +165,8 @@ def mlp_input_token0(folder: Path, layer: int, prompt: str) -> torch.Tensor:
             up = sm.layers[i].get_submodule(sm.arch.up_proj)
             handle = up.register_forward_pre_hook(lambda m, args: seen.append(args[0][0, 0].clone()))
             try:
-                hidden, _ = sm.run_layer(i, calls[i], hidden)
+                args, kwargs = _with_hidden(calls[i], hidden)
+                hidden = _first_tensor(sm.layers[i](*args, **kwargs))
             finally:
                 handle.remove()
     return seen[-1]
@@ -194,7 +196,7 @@ def plant(folder: Path, layer: int, row: int, col: int, weight: float, activatio
 
 
 def main(argv: list[str] | None = None) -> dict:
-    from superweight.detect import DEFAULT_PROMPT
+    from superweight.find.loop import DEFAULT_PROMPT
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--size-gb", type=float, required=True, help="target size on disk, GiB")

@@ -36,7 +36,7 @@ import torch
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from superweight.export import pack_tensor, save_quantized, load_quantized  # noqa: E402
+from superweight.quant.artifact import pack_tensor, save_quantized, load_quantized  # noqa: E402
 from superweight.quant import RTN, Ternary, ZScore, describe, kernels, native, quantize, target_modules  # noqa: E402
 from superweight.quant.sweep import WeightSnapshot  # noqa: E402
 
@@ -57,13 +57,13 @@ def _median_time(fn, repeats: int, before=None) -> float:
 
 def _load(name: str, dtype: str = "float32"):
     from superweight import load_model
-    from superweight.load import LoadedModel
-    from superweight.synthetic import byte_tokenizer, tiny_model
+    from superweight.model.load import LoadedModel
+    from superweight.testing.synthetic import byte_tokenizer, tiny_model
 
     if name != "tiny":
         return load_model(name, dtype=dtype)
     model = tiny_model("LlamaForCausalLM", hidden=256, intermediate=1024).to(getattr(torch, dtype))
-    from superweight.arch_infer import get_arch
+    from superweight.model.arch_infer import get_arch
 
     return LoadedModel(model, byte_tokenizer(), get_arch(model), "tiny", "tiny")
 

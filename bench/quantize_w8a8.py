@@ -49,7 +49,7 @@ def ppl(model, tokenizer, text: str, seq_len: int, tokens: int) -> float:
 
 def artifact_row(lm, calib, text: str, seq_len: int, tokens: int, snapshot: WeightSnapshot) -> dict:
     """Write the W8A8 artifact, load it back, evaluate the loaded model."""
-    from superweight.export import load_quantized, save_quantized
+    from superweight.quant.artifact import load_quantized, save_quantized
 
     held = held_channels(lm.model, calib)
     modules = list(target_modules(lm.model))

@@ -83,9 +83,9 @@ def child(folder: str, dtype: str, threads: int | None, device: str = "cpu", pre
 
     import torch
 
-    import superweight.stream as stream
-    import superweight.stream_detect as sd
-    from superweight.device import resolve_device
+    import superweight.stream.model as stream
+    import superweight.find.streamed as sd
+    from superweight.model.device import resolve_device
 
     if threads:
         torch.set_num_threads(threads)
@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
     result["command"] = "python bench/stream.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    from superweight.detect import write_json_atomic
+    from superweight.find.loop import write_json_atomic
 
     write_json_atomic(args.out, result)
     print(json.dumps({k: result[k] for k in ("checkpoint_bytes", "read_s", "stream_s", "peak_rss", "rss_ratio",

@@ -24,8 +24,8 @@ MODELS = ("smollm2-135m", "gemma3-270m")
 
 def run(name: str, tokens: int, text: str, tasks: list[str], limit: int) -> dict:
     import superweight as sw
-    from superweight.experiments import AblationConfig, run_ablation
-    from superweight.stream_ablate import stream_ablation
+    from superweight.prove.experiments import AblationConfig, run_ablation
+    from superweight.prove.streamed import stream_ablation
 
     lm = sw.load_model(name)
     found = sw.detect(lm.model, lm.tokenizer, arch=lm.arch).super_weights

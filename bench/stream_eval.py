@@ -21,8 +21,8 @@ MODELS = ("smollm2-135m", "gemma3-270m")
 
 def run(name: str, tokens: int, tasks: list[str], limit: int) -> dict:
     import superweight as sw
-    from superweight.experiments import AblationConfig, run_eval
-    from superweight.stream_ablate import stream_eval
+    from superweight.prove.experiments import AblationConfig, run_eval
+    from superweight.prove.streamed import stream_eval
 
     lm = sw.load_model(name)
 

@@ -33,9 +33,9 @@ def _status(field: str) -> int:
 
 def child(mode: str, folder: str, out: str, device: str = "cpu") -> None:
     import superweight as sw
-    from superweight.export import export_artifact
+    from superweight.quant.artifact import export_artifact
     from superweight.quant.config import RTN
-    from superweight.stream_quantize import stream_quantize
+    from superweight.quant.streamed import stream_quantize
 
     planted = json.loads((Path(folder) / "superweight_planted.json").read_text())
     keep = [(planted["layer"], planted["row"], planted["col"])]
@@ -60,7 +60,7 @@ def run_child(mode: str, folder: Path, out: Path, device: str = "cpu") -> dict:
 def digest(artifact: Path) -> dict:
     """Hashes of the manifest (less what counts headers: a sharded artifact has one per shard), of the
     tensor entries and of the data; a sharded artifact's shards are joined first (not timed)."""
-    from superweight.checkpoint import INDEX, join_safetensors, read_header
+    from superweight.model.checkpoint import INDEX, join_safetensors, read_header
 
     manifest = json.loads((artifact / "superweight_manifest.json").read_text())
     manifest.pop("source_model", None)
@@ -122,7 +122,7 @@ def main(argv: list[str] | None = None) -> dict:
         }
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    from superweight.files import write_json_atomic
+    from superweight.core.files import write_json_atomic
 
     write_json_atomic(args.out, result)
     print(json.dumps({k: result[k] for k in ("checkpoint_bytes", "peak_rss_over_checkpoint", "stream_rss_over_memory_rss",

@@ -26,7 +26,7 @@ MODELS = ("smollm2-135m", "gemma3-270m")
 def run(name: str, text_name: str, points: str) -> dict:
     import superweight as sw
     from superweight.quant.sweep import default_grid, run_sweep
-    from superweight.stream_sweep import stream_sweep
+    from superweight.quant.streamed_sweep import stream_sweep
 
     lm = sw.load_model(name)
     keep = sw.detect(lm.model, lm.tokenizer, arch=lm.arch).super_weights

@@ -21,9 +21,9 @@ MODELS = ("smollm2-135m", "gemma3-270m")
 def run(name: str, tokens: int) -> dict:
     import superweight as sw
     from superweight.eval.text import load_text
-    from superweight.load import _gguf_cache_folder, default_cache_dir
-    from superweight.stream_detect import stream_detect
-    from superweight.verdict import judge
+    from superweight.model.load import _gguf_cache_folder, default_cache_dir
+    from superweight.find.streamed import stream_detect
+    from superweight.find.verdict import judge
 
     lm = sw.load_model(name)
     text = load_text("wiki-intros")
@@ -51,7 +51,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     out = {"command": "python bench/stream_verdict.py " + " ".join(sys.argv[1:] if argv is None else argv),
            "models": [run(m, args.tokens) for m in MODELS]}
-    from superweight.files import write_json_atomic
+    from superweight.core.files import write_json_atomic
 
     write_json_atomic(args.out, out)
     print(json.dumps([{k: m[k] for k in ("model", "verdicts", "same_verdicts", "in_memory_s", "streamed_s")} for m in out["models"]], indent=1))

@@ -16,7 +16,7 @@ T = TypeVar("T")
 def in_memory_and_streamed(lm, in_memory: Callable[[], T], streamed: Callable[[str], T]) -> tuple[T, T, dict]:
     """``in_memory()``, then ``streamed(folder)`` on ``lm``'s converted safetensors folder: (both results,
     their times and the streamed / in-memory ratio)."""
-    from superweight.load import _gguf_cache_folder, default_cache_dir
+    from superweight.model.load import _gguf_cache_folder, default_cache_dir
 
     t0 = time.perf_counter()
     mem = in_memory()
@@ -52,7 +52,7 @@ def command(script: str, argv: Sequence[str] | None) -> str:
 
 def write_results(path: Path, out: dict, keys: Sequence[str]) -> dict:
     """Write ``out`` (atomically) and print each model's ``keys``."""
-    from superweight.files import write_json_atomic
+    from superweight.core.files import write_json_atomic
 
     write_json_atomic(path, out)
     print(json.dumps([{k: m[k] for k in keys} for m in out["models"]], indent=1))

@@ -28,7 +28,7 @@ def inputs(per_kind: int, max_chars: int) -> dict[str, list[str]]:
     """The texts of each kind, ``per_kind`` of them, each cut to ``max_chars``."""
     import importlib
 
-    from superweight.detect import DEFAULT_PROMPT
+    from superweight.find.loop import DEFAULT_PROMPT
     from superweight.eval.tasks import TASK_NAMES, load_items
     from superweight.eval.text import load_wiki_intros
 
@@ -91,7 +91,7 @@ def main(argv: list[str] | None = None) -> dict:
            "per_kind": args.per_kind, "max_chars": args.max_chars,
            "models": [run_model(m, texts) for m in args.models.split(",")]}
     out["seconds"] = time.perf_counter() - t0
-    from superweight.files import write_json_atomic
+    from superweight.core.files import write_json_atomic
 
     write_json_atomic(args.out, out)
     for m in out["models"]:

@@ -38,11 +38,11 @@ def run(name: str, text_name: str, tokens: int, seq_len: int) -> dict:
     import superweight as sw
     from superweight.eval.perplexity import evaluate_perplexity
     from superweight.eval.text import load_text
-    from superweight.export import MANIFEST, export_artifact, load_quantized
-    from superweight.load import _gguf_cache_folder, default_cache_dir
+    from superweight.quant.artifact import MANIFEST, export_artifact, load_quantized
+    from superweight.model.load import _gguf_cache_folder, default_cache_dir
     from superweight.quant.config import RTN
     from superweight.quant.w8a8 import w8a8_activations
-    from superweight.stream_quantize import stream_quantize
+    from superweight.quant.streamed import stream_quantize
 
     lm = sw.load_model(name)
     keep = sw.detect(lm.model, lm.tokenizer, arch=lm.arch).super_weights
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
     import argparse
 
     from superweight.eval.text import wikitext_candidates
-    from superweight.files import write_json_atomic
+    from superweight.core.files import write_json_atomic
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=4096)

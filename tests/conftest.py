@@ -36,6 +36,6 @@ def wikitext_path() -> Path:
 
 @pytest.fixture(scope="session")
 def byte_tokenizer():
-    from superweight.synthetic import byte_tokenizer
+    from superweight.testing.synthetic import byte_tokenizer
 
     return byte_tokenizer()

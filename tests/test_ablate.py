@@ -6,14 +6,14 @@ import json
 import pytest
 import torch
 
-from superweight.ablate import (
+from superweight.prove.ablate import (
     DEFAULT_SCALES, random_coords, restored_super_activation, scaled_weights, top_magnitude_coords, zeroed_entries,
     zeroed_weights,
 )
-from superweight.arch_infer import get_arch
-from superweight.coords import as_keys
-from superweight.errors import SuperweightError
-from superweight.synthetic import plant_super_weight, tiny_model
+from superweight.model.arch_infer import get_arch
+from superweight.core.coords import as_keys
+from superweight.core.errors import SuperweightError
+from superweight.testing.synthetic import plant_super_weight, tiny_model
 
 SW = [(1, 7, 21)]
 ARCHS = ["LlamaForCausalLM", "GPT2LMHeadModel"]  # nn.Linear and GPT-2's transposed Conv1D
@@ -206,7 +206,7 @@ def test_ablate_and_eval_commands_on_a_tiny_model(tmp_path, byte_tokenizer):
     from typer.testing import CliRunner
 
     from superweight.cli import app
-    from superweight.detect import detect
+    from superweight.find.loop import detect
 
     model, arch = planted("LlamaForCausalLM")
     folder = tmp_path / "tiny"

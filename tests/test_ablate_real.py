@@ -4,7 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from superweight.ablate import random_coords, zeroed_entries
+from superweight.prove.ablate import random_coords, zeroed_entries
 from superweight.eval import evaluate_perplexity, load_text
 from superweight.eval.text import wikitext_candidates
 
@@ -13,7 +13,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def detected(smollm2):
-    from superweight.detect import detect
+    from superweight.find.loop import detect
 
     result = detect(smollm2.model, smollm2.tokenizer, arch=smollm2.arch)
     assert result.super_weights, "detection found no super weight in SmolLM2"
@@ -43,7 +43,7 @@ def test_zeroing_the_super_weights_multiplies_perplexity(smollm2, detected, real
 
 
 def test_small_ablation_end_to_end(smollm2, detected, tmp_path):
-    from superweight.experiments import AblationConfig, AblationResult, run_ablation
+    from superweight.prove.experiments import AblationConfig, AblationResult, run_ablation
 
     layers = sorted({sw.layer for sw in detected.super_weights})
     before = {layer: smollm2.arch.weight_matrix(smollm2.model, layer).detach().clone() for layer in layers}
@@ -70,9 +70,9 @@ def test_small_ablation_end_to_end(smollm2, detected, tmp_path):
 def test_streamed_ablation_of_the_real_model_is_the_in_memory_one(smollm2, detected):
     """``ablate --stream``'s numbers on the real SmolLM2 (its safetensors copy read layer by layer):
     every condition's perplexity, task results and the stopword shift, bit for bit."""
-    from superweight.experiments import AblationConfig, run_ablation
-    from superweight.load import _gguf_cache_folder, default_cache_dir
-    from superweight.stream_ablate import stream_ablation
+    from superweight.prove.experiments import AblationConfig, run_ablation
+    from superweight.model.load import _gguf_cache_folder, default_cache_dir
+    from superweight.prove.streamed import stream_ablation
 
     def config():
         return AblationConfig(ppl="wiki-intros", tasks=["piqa", "lambada"], limit=3, max_tokens=256, seq_len=128,

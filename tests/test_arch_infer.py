@@ -7,12 +7,12 @@ import torch
 from typer.testing import CliRunner
 
 import superweight as sw
-from superweight.arch import SUPPORTED, spec_for_name
-from superweight.arch_infer import candidate_specs, infer_spec, unexplained_share
+from superweight.model.arch import SUPPORTED, spec_for_name
+from superweight.model.arch_infer import candidate_specs, infer_spec, unexplained_share
 from superweight.cli import app
-from superweight.errors import UnsupportedArchitectureError
-from superweight.stream_detect import stream_detect
-from superweight.synthetic import UNREGISTERED, plant_super_weight, tiny_model
+from superweight.core.errors import UnsupportedArchitectureError
+from superweight.find.streamed import stream_detect
+from superweight.testing.synthetic import UNREGISTERED, plant_super_weight, tiny_model
 
 PLANT = (1, 5, 17)
 

@@ -25,10 +25,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from superweight.errors import SuperweightError
-from superweight.export import MANIFEST, load_quantized, save_quantized
+from superweight.core.errors import SuperweightError
+from superweight.quant.artifact import MANIFEST, load_quantized, save_quantized
 from superweight.quant import RTN, quantize
-from superweight.synthetic import byte_tokenizer, plant_super_weight, tiny_model
+from superweight.testing.synthetic import byte_tokenizer, plant_super_weight, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 PLANT = (1, 5, 17)
@@ -108,7 +108,7 @@ def _down(m: dict) -> dict:
 
 @pytest.fixture(scope="module")
 def inputs(tmp_path_factory) -> dict[str, Path]:
-    from superweight.detect import SuperWeight, detect
+    from superweight.find.loop import SuperWeight, detect
 
     root = tmp_path_factory.mktemp("inputs")
     model = tiny_model("LlamaForCausalLM")
@@ -239,7 +239,7 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(inputs, tmp_path, monke
         def no_loading(*a, **k):
             raise AssertionError(f"{case}: the model was loaded before the input was checked")
 
-        monkeypatch.setattr("superweight.load.load_model", no_loading)
+        monkeypatch.setattr("superweight.model.load.load_model", no_loading)
     before = tree(inputs["root"])
     start = time.perf_counter()
     code, out, err = run_main(args, capsys)
@@ -266,7 +266,7 @@ def test_llama_cpp_args_survive_command_substitution(inputs, capsys, tmp_path):
 
 def test_eval_prints_each_note_once_and_quiet_hides_the_gguf_bar(inputs, capsys, monkeypatch, tmp_path):
     """Case 13, on a GGUF (its note) converted into a fresh cache, on a pretend terminal."""
-    import superweight.progress as progress
+    import superweight.core.progress as progress
 
     monkeypatch.setattr(progress, "enabled", lambda: not progress._quiet)  # a terminal: bars show unless --quiet
     cache = tmp_path / "cache"
@@ -283,7 +283,7 @@ def test_eval_prints_each_note_once_and_quiet_hides_the_gguf_bar(inputs, capsys,
 def test_perplexity_over_few_tokens_warns(inputs, caplog):
     """Case 11 in the library: a perplexity over fewer than MIN_TOKENS tokens is logged as noise."""
     from superweight.eval.perplexity import MIN_TOKENS, evaluate_perplexity
-    from superweight.load import load_model
+    from superweight.model.load import load_model
 
     lm = load_model(str(inputs["tiny"]))
     with caplog.at_level("WARNING"):
@@ -316,16 +316,16 @@ def test_catalog_cites_the_paper_not_a_local_file(capsys):
 
 # (name, command, where the signal arrives, before/after that call, signal, what must be left)
 KILLS = [
-    ("quantize-loading", "quantize", "superweight.load:load_model", "after", signal.SIGTERM, "nothing"),
+    ("quantize-loading", "quantize", "superweight.model.load:load_model", "after", signal.SIGTERM, "nothing"),
     ("quantize-weights-written", "quantize", "safetensors.torch:save_file", "after", signal.SIGINT, "nothing"),
     ("quantize-all-but-manifest", "quantize", "json:dumps", "before", signal.SIGTERM, "nothing"),
     ("quantize-publishing", "quantize", "os:replace", "before", signal.SIGINT, "complete"),
     ("stream-quantize-a-layer-written", "stream-quantize", "safetensors.torch:save_file", "after", signal.SIGTERM, "nothing"),
     ("stream-quantize-publishing", "stream-quantize", "os:replace", "before", signal.SIGINT, "complete"),
-    ("report-loading", "report", "superweight.load:load_model", "after", signal.SIGINT, "nothing"),
-    ("report-half-written", "report", "superweight.report:render_html", "after", signal.SIGTERM, "nothing"),
+    ("report-loading", "report", "superweight.model.load:load_model", "after", signal.SIGINT, "nothing"),
+    ("report-half-written", "report", "superweight.report.page:render_html", "after", signal.SIGTERM, "nothing"),
     ("report-publishing", "report", "os:replace", "before", signal.SIGTERM, "complete"),
-    ("gguf-read", "gguf", "superweight.load:_from_pretrained", "after", signal.SIGINT, "nothing"),
+    ("gguf-read", "gguf", "superweight.model.load:_from_pretrained", "after", signal.SIGINT, "nothing"),
     ("gguf-weights-written", "gguf", "safetensors.torch:save_model", "after", signal.SIGTERM, "nothing"),
     ("gguf-publishing", "gguf", "os:replace", "before", signal.SIGTERM, "complete"),
 ]

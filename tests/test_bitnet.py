@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from superweight.bitnet import BitLinear, BitNetConfig, absmax_per_token, convert, export_ternary, restore, ternary_weight
-from superweight.synthetic import tiny_model
+from superweight.train.bitnet import BitLinear, BitNetConfig, absmax_per_token, convert, export_ternary, restore, ternary_weight
+from superweight.testing.synthetic import tiny_model
 
 KEEP = [(1, 3, 5), (1, 60, 100)]
 
@@ -71,7 +71,7 @@ def test_checkpoint_round_trip_restores_the_ternary_forward(model, tmp_path):
 
 
 def test_artifact_holds_the_weights_the_forward_used(model, tmp_path, byte_tokenizer):
-    from superweight.export import load_quantized
+    from superweight.quant.artifact import load_quantized
 
     used = {f"{n}.weight": m.effective_weight().detach().clone() for n, m in model.named_modules() if isinstance(m, BitLinear)}
     manifest = export_ternary(model, byte_tokenizer, tmp_path / "art")

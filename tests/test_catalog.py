@@ -12,13 +12,13 @@ import torch
 from typer.testing import CliRunner
 
 import superweight as sw
-from superweight.arch import DENSE, MOE
-from superweight import llama_cpp
-from superweight.catalog import AGREE, DIFFER, NOT_IN_CATALOG, Catalog, CatalogEntry, candidate_names, compare, verify
+from superweight.model.arch import DENSE, MOE
+from superweight.quant import llama_cpp
+from superweight.find.catalog import AGREE, DIFFER, NOT_IN_CATALOG, Catalog, CatalogEntry, candidate_names, compare, verify
 from superweight.cli import app
-from superweight.detect import SuperWeight
-from superweight.errors import SuperweightError
-from superweight.synthetic import byte_tokenizer, plant_super_weight, tiny_model
+from superweight.find.loop import SuperWeight
+from superweight.core.errors import SuperweightError
+from superweight.testing.synthetic import byte_tokenizer, plant_super_weight, tiny_model
 
 PLANTS = [(1, 5, 17), (2, 9, 40)]
 
@@ -173,7 +173,7 @@ def test_gguf_names_of_expert_weights(arch_name):
     [o] = llama_cpp.overrides_for(arch_name, 4, [(2, 1, 3, 5), (2, 4, 4, 1)], "f16")
     assert o.tensor == "blk.2.ffn_down_exps.weight" and o.hf_module == "model.layers.2.mlp.experts.down_proj"
     assert o.super_weights == [[2, 1, 3, 5], [2, 4, 4, 1]]
-    if sw.arch.spec_for_name(arch_name).shared_down:  # Qwen2-MoE, DeepSeek, GLM-4-MoE, ERNIE-4.5-MoE
+    if sw.model.arch.spec_for_name(arch_name).shared_down:  # Qwen2-MoE, DeepSeek, GLM-4-MoE, ERNIE-4.5-MoE
         [o] = llama_cpp.overrides_for(arch_name, 4, [(1, 1, 1)])
         assert o.tensor == "blk.1.ffn_down_shexp.weight"
     else:
@@ -229,7 +229,7 @@ def test_overrides_cli_from_catalog_and_detection_file(tmp_path):
 def test_override_tensors_exist_in_the_real_gguf_file():
     from gguf import GGUFReader
 
-    from superweight.load import builtin_path
+    from superweight.model.load import builtin_path
 
     names = {t.name for t in GGUFReader(str(builtin_path("smollm2-135m"))).tensors}
     entry = Catalog.load().find(["smollm2-135m"])[0]

@@ -9,10 +9,10 @@ import sys
 import pytest
 
 import superweight as sw
-from superweight.stream_detect import stream_detect
-from superweight.synthetic import byte_tokenizer as make_tokenizer
-from superweight.synthetic import UNREGISTERED, plant_super_weight, real_scale, tiny_model
-from superweight.trace import TraceRule
+from superweight.find.streamed import stream_detect
+from superweight.testing.synthetic import byte_tokenizer as make_tokenizer
+from superweight.testing.synthetic import UNREGISTERED, plant_super_weight, real_scale, tiny_model
+from superweight.find.trace import TraceRule
 
 PLANT = (1, 5, 17)
 # dense pre-norm, post-norm, learned positions, and two MoE routings (where real peaks run lowest)
@@ -138,7 +138,7 @@ def _two_independent(model):
 
 
 def _two_layers(model):
-    from superweight.synthetic import _unit
+    from superweight.testing.synthetic import _unit
 
     plant_super_weight(model, 1, 5, 17, ratio=200.0)
     plant_super_weight(model, 2, 5, 40, ratio=500.0, direction=_unit(model.config.hidden_size, 5))
@@ -146,7 +146,7 @@ def _two_layers(model):
 
 
 def _late_cancel(model):
-    from superweight.synthetic import _median_after, _unit
+    from superweight.testing.synthetic import _median_after, _unit
 
     plant_super_weight(model, 1, 5, 17, ratio=400.0)
     median, ratio = _median_after(model, 4, 5)

@@ -5,8 +5,8 @@ import pytest
 import torch
 
 import superweight as sw
-from superweight.synthetic import HARD_CASES, hard_case
-from superweight.verdict import CANCELLING, judge
+from superweight.testing.synthetic import HARD_CASES, hard_case
+from superweight.find.verdict import CANCELLING, judge
 
 TEXT = (
     "The history of the city begins with a small harbour on the river, where traders from the north met "
@@ -78,7 +78,7 @@ def test_verdict_numbers_labels_and_bitwise_restore(byte_tokenizer):
 
 
 def test_verdict_restores_weights_when_scoring_fails(byte_tokenizer, monkeypatch):
-    from superweight import verdict
+    from superweight.find import verdict
 
     case = hard_case("weak_spike")
     result = sw.detect(case.model, byte_tokenizer)

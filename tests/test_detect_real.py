@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import superweight as sw
-from superweight.load import _gguf_cache_folder, builtin_path, default_cache_dir
+from superweight.model.load import _gguf_cache_folder, builtin_path, default_cache_dir
 
 pytestmark = pytest.mark.slow
 
@@ -72,9 +72,9 @@ def test_gemma3_super_activations_rise_through_the_post_ffn_norm(gemma):
     """Channel 163 is built by layers 3-9, 11: at 3-8 one weight carries 89-99% of a down-projection
     output of only 0.07-1.8, but 17-23x its token's RMS, which the post-FFN norm divides by. Zeroing
     such a weight removes its layer's rise (layer 3: +10,428 -> +463 after it): a creating weight."""
-    from superweight.ablate import zeroed_weights
-    from superweight.capture import TraceCapture
-    from superweight.detect import DEFAULT_PROMPT, encode_prompt
+    from superweight.prove.ablate import zeroed_weights
+    from superweight.model.capture import TraceCapture
+    from superweight.find.loop import DEFAULT_PROMPT, encode_prompt
 
     result = sw.detect(gemma.model, gemma.tokenizer, arch=gemma.arch)
     channels = {a.channel: a for a in result.activations}
@@ -98,7 +98,7 @@ def test_gemma3_super_activations_rise_through_the_post_ffn_norm(gemma):
 def _streamed_once(folder, lm, method: str, arch) -> None:
     """Streamed detection of a real model's converted checkpoint: bitwise the in-memory result, in
     one pass over its layers (SmolLM2 takes 3-4 iterations: a chain of guesses serves them)."""
-    from superweight.stream_detect import StreamedRunner, stream_detect
+    from superweight.find.streamed import StreamedRunner, stream_detect
 
     runs: list[StreamedRunner] = []
     real_init = StreamedRunner.__init__
@@ -140,7 +140,7 @@ def test_gemma3_weights_agree_across_ordinary_prompts(gemma):
 def test_reading_the_real_models_modules_gives_their_registered_specs(smollm2, gemma):
     """The spec reader on the two real models (pre-norm Llama, post-norm Gemma-3): the same paths as
     the registered specs, and their hooks add up to the residual stream to float32 rounding."""
-    from superweight.arch_infer import infer_spec, unexplained_share
+    from superweight.model.arch_infer import infer_spec, unexplained_share
 
     for lm in (smollm2, gemma):
         spec = infer_spec(lm.model)
@@ -167,13 +167,13 @@ def test_smollm2_streamed_verdict_is_the_in_memory_one(smollm2):
     """The streamed verdict on the real model (its converted safetensors folder, layer by layer):
     bitwise the in-memory numbers, x7.27 for 11: [507, 1229] included."""
     from superweight.eval.text import load_text
-    from superweight.stream_detect import stream_detect
-    from superweight.verdict import judge
+    from superweight.find.streamed import stream_detect
+    from superweight.find.verdict import judge
 
     text = load_text("wiki-intros")
     mem = sw.detect(smollm2.model, smollm2.tokenizer, arch=smollm2.arch)
     judge(smollm2.model, smollm2.arch, smollm2.tokenizer, mem, text, 1024)
-    from superweight.load import _gguf_cache_folder, default_cache_dir
+    from superweight.model.load import _gguf_cache_folder, default_cache_dir
 
     folder = _gguf_cache_folder(smollm2.source, default_cache_dir())  # the safetensors copy loading wrote
     streamed = stream_detect(folder, verdict_text=text, verdict_tokens=1024)
@@ -184,8 +184,8 @@ def test_smollm2_streamed_verdict_is_the_in_memory_one(smollm2):
 
 def test_streamed_fig4_trace_of_the_real_model_is_the_in_memory_one(smollm2):
     """``report --stream``'s Fig. 4 on the real SmolLM2 (its safetensors copy read layer by layer)."""
-    from superweight import report
-    from superweight.load import _gguf_cache_folder, default_cache_dir
+    from superweight.report import page as report
+    from superweight.model.load import _gguf_cache_folder, default_cache_dir
 
     det = sw.detect(smollm2.model, smollm2.tokenizer, arch=smollm2.arch)
     mem = report.residual_trace(smollm2.model, smollm2.tokenizer, smollm2.arch, det)
@@ -198,7 +198,7 @@ def test_with_their_creating_weights_zeroed_the_real_models_leave_a_crowd_not_a_
     """The fallback (trace.threshold) takes channels standing 5x above the rest. Zeroing the real
     models' creating weights leaves their largest channels a crowd (no step over 2.4x among the top
     nine, docs/detect.md): nothing is traced, and the note says why, with the numbers."""
-    from superweight.runner import zeroed
+    from superweight.find.runner import zeroed
 
     lm = request.getfixturevalue(model_name)
     found = sw.detect(lm.model, lm.tokenizer, arch=lm.arch)

@@ -5,10 +5,10 @@ import pytest
 import torch
 
 import superweight as sw
-from superweight.arch import DENSE, MOE
-from superweight.detect import DetectionResult, SpikeRule
-from superweight.magnitude import magnitude_scan
-from superweight.synthetic import plant_super_weight, tiny_model
+from superweight.model.arch import DENSE, MOE
+from superweight.find.loop import DetectionResult, SpikeRule
+from superweight.find.magnitude import magnitude_scan
+from superweight.testing.synthetic import plant_super_weight, tiny_model
 
 PLANT = (1, 5, 17)  # layer, row (hidden channel), col (intermediate channel)
 
@@ -212,7 +212,7 @@ def test_qwen3_moe_mlp_only_layers_are_dense(byte_tokenizer):
     """Qwen-MoE configs can make some layers dense (``mlp_only_layers``): read from the model."""
     import transformers as tf
 
-    from superweight.synthetic import tiny_config
+    from superweight.testing.synthetic import tiny_config
 
     config = tiny_config("Qwen3MoeForCausalLM")
     config.mlp_only_layers = [1]

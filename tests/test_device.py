@@ -10,13 +10,13 @@ import pytest
 import torch
 import typer
 
-from superweight.checkpoint import open_checkpoint
-from superweight.device import device_map_for, input_device, resolve_device
-from superweight.errors import SuperweightError
-from superweight.prefetch import LayerPrefetcher, read_host
-from superweight.stream import StreamedModel
-from superweight.stream_detect import stream_detect
-from superweight.synthetic import byte_tokenizer, plant_super_weight, tiny_model
+from superweight.model.checkpoint import open_checkpoint
+from superweight.model.device import device_map_for, input_device, resolve_device
+from superweight.core.errors import SuperweightError
+from superweight.stream.prefetch import LayerPrefetcher, read_host
+from superweight.stream.model import StreamedModel
+from superweight.find.streamed import stream_detect
+from superweight.testing.synthetic import byte_tokenizer, plant_super_weight, tiny_model
 
 ROOT = Path(__file__).resolve().parents[1]
 PLANT = (1, 7, 33)
@@ -124,7 +124,7 @@ def test_prefetcher_reads_ahead_and_raises_in_the_caller(folder, tmp_path):
 def test_streaming_prefetches_the_next_layer_and_agrees_without_it(folder, monkeypatch):
     import functools
 
-    import superweight.stream_detect as sd
+    import superweight.find.streamed as sd
 
     sm = StreamedModel(folder, "float32", device="cpu")
     with sm.layer(0):
@@ -139,7 +139,7 @@ def test_streaming_prefetches_the_next_layer_and_agrees_without_it(folder, monke
 
 def test_load_model_and_artifact_onto_the_cpu(folder, tmp_path):
     import superweight as sw
-    from superweight.export import export_artifact, load_quantized
+    from superweight.quant.artifact import export_artifact, load_quantized
     from superweight.quant.config import scheme_config
 
     lm = sw.load_model(str(folder), device="cpu")
@@ -180,7 +180,7 @@ def test_device_check_cpu_rehearsal(tmp_path):
 def test_strays_on_meta_moves_only_the_named_code_and_fails_a_mix(tmp_path):
     """A tensor made without a device by code under the prefix goes to meta (and fails when mixed with
     the model's tensors); the same call elsewhere, or with a device, is left alone."""
-    from superweight.device import StraysOnMeta
+    from superweight.model.device import StraysOnMeta
 
     mine = tmp_path / "mine.py"
     mine.write_text("import torch\n"

@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from superweight.emergence import EmergenceResult, emergence
-from superweight.train import TrainConfig, train
+from superweight.train.emergence import EmergenceResult, emergence
+from superweight.train.loop import TrainConfig, train
 
 TEXT = "\n\n".join(f"Apple Inc. is a worldwide tech company. The mill {i} stands by the river." for i in range(300))
 
@@ -32,7 +32,7 @@ def test_reads_every_checkpoint(run):
 def test_follows_a_planted_super_weight(run, tmp_path):
     from transformers import AutoTokenizer, LlamaForCausalLM
 
-    from superweight.synthetic import plant_super_weight
+    from superweight.testing.synthetic import plant_super_weight
 
     folder, out = run
     model = LlamaForCausalLM.from_pretrained(out / "step-000004")

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from superweight.errors import SuperweightError
+from superweight.core.errors import SuperweightError
 from superweight.eval import evaluate_perplexity, load_text
 from superweight.eval.perplexity import window_spans
 
@@ -131,7 +131,7 @@ def test_length_batches_respect_the_budget():
 
 
 def test_padded_batch_scores_equal_single_rows():
-    from superweight.synthetic import tiny_model
+    from superweight.testing.synthetic import tiny_model
 
     model = tiny_model("LlamaForCausalLM")
     g = torch.Generator().manual_seed(0)

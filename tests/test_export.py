@@ -10,11 +10,11 @@ from pathlib import Path
 import pytest
 import torch
 
-from superweight.errors import SuperweightError
-from superweight.export import MANIFEST, WEIGHTS, load_quantized, read_manifest, save_quantized
-from superweight.load import load_model, resolve
+from superweight.core.errors import SuperweightError
+from superweight.quant.artifact import MANIFEST, WEIGHTS, load_quantized, read_manifest, save_quantized
+from superweight.model.load import load_model, resolve
 from superweight.quant import RTN, Ternary, ZScore, describe, quantize
-from superweight.synthetic import byte_tokenizer, plant_super_weight, tiny_model
+from superweight.testing.synthetic import byte_tokenizer, plant_super_weight, tiny_model
 
 PLANT = (1, 5, 17)
 CONFIGS = [
@@ -53,7 +53,7 @@ def test_round_trip_is_bitwise_and_keeps_super_weights(tmp_path, arch, config):
 def test_a_mixture_of_experts_is_quantized_experts_and_all(tmp_path, arch, config):
     """Experts' 3-D weights are quantized as [experts * out, in] matrices, a super weight kept in its
     expert, and the artifact loads back bitwise with the experts in their own shape."""
-    from superweight.arch_infer import get_arch
+    from superweight.model.arch_infer import get_arch
 
     model = tiny_model(arch, vocab=320)
     plant_super_weight(model, *PLANT, weight=2.5, expert=2)
@@ -162,7 +162,7 @@ def test_existing_folder_is_refused_unless_forced(artifact):
 
 def test_artifact_files_get_the_mode_of_a_plain_open(artifact):
     """safetensors writes 0600; the artifact's files are 0666 minus the umask, like every other file."""
-    from superweight.files import _umask
+    from superweight.core.files import _umask
 
     want = 0o666 & ~_umask()
     assert {p.name: p.stat().st_mode & 0o777 for p in artifact.iterdir()} == {p.name: want for p in artifact.iterdir()}

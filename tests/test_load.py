@@ -11,15 +11,15 @@ from pathlib import Path
 import pytest
 
 import superweight as sw
-from superweight.load import builtin_path, check_safetensors, load_model, resolve
-from superweight.synthetic import plant_super_weight, tiny_model
+from superweight.model.load import builtin_path, check_safetensors, load_model, resolve
+from superweight.testing.synthetic import plant_super_weight, tiny_model
 
 PLANT = (1, 5, 17)
 
 
 @pytest.fixture(scope="module")
 def tiny_folder(tmp_path_factory, ) -> Path:
-    from superweight.synthetic import byte_tokenizer
+    from superweight.testing.synthetic import byte_tokenizer
 
     folder = tmp_path_factory.mktemp("tiny-llama")
     model = tiny_model("LlamaForCausalLM")
@@ -86,7 +86,7 @@ def test_an_unreadable_architecture_is_refused_before_loading_weights(tmp_path):
 
 def test_unknown_name_suggests_a_close_match():
     with pytest.raises(sw.SuperweightError, match="Did you mean LlamaForCausalLM"):
-        sw.arch.spec_for_name("LLamaForCausalLM")
+        sw.model.arch.spec_for_name("LLamaForCausalLM")
 
 
 def test_truncated_safetensors_is_detected(tiny_folder, tmp_path):
@@ -139,7 +139,7 @@ def test_cli_detect_writes_versioned_json(tmp_path, tiny_folder):
                    "-p", "Apple Inc. is a worldwide tech company.")
     assert proc.returncode == 0, proc.stderr
     data = json.loads(out.read_text())
-    from superweight.detect import SCHEMA_VERSION
+    from superweight.find.loop import SCHEMA_VERSION
 
     assert data["version"] == SCHEMA_VERSION and data["kind"] == "detection" and data["agree_across_prompts"] is True
     assert [(s["layer"], s["row"], s["col"]) for s in data["super_weights"]] == [PLANT]

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import sys
 
-from superweight import progress
+from superweight.core import progress
 
 
 class _Tty:
@@ -55,7 +55,7 @@ def test_a_streamed_pass_shows_its_layer_beside_the_running_step(monkeypatch, tm
 
     from test_stream import planted
 
-    from superweight.stream_detect import stream_detect
+    from superweight.find.streamed import stream_detect
 
     seen = []
     monkeypatch.setattr(progress, "note", seen.append)

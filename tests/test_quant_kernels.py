@@ -159,7 +159,7 @@ def _use_native(on: bool) -> None:
 
 @pytest.mark.parametrize("native_on", [False, True])
 def test_write_back_false_leaves_the_weights_and_gives_the_same_codes(native_on):
-    from superweight.synthetic import tiny_model
+    from superweight.testing.synthetic import tiny_model
 
     _use_native(native_on)
     model = tiny_model("LlamaForCausalLM")
@@ -174,9 +174,9 @@ def test_write_back_false_leaves_the_weights_and_gives_the_same_codes(native_on)
 
 
 def _tiny_lm():
-    from superweight.arch_infer import get_arch
-    from superweight.load import LoadedModel
-    from superweight.synthetic import byte_tokenizer, plant_super_weight, tiny_model
+    from superweight.model.arch_infer import get_arch
+    from superweight.model.load import LoadedModel
+    from superweight.testing.synthetic import byte_tokenizer, plant_super_weight, tiny_model
 
     model = tiny_model("LlamaForCausalLM", vocab=320)
     plant_super_weight(model, 1, 5, 17, weight=2.5)
@@ -186,7 +186,7 @@ def _tiny_lm():
 @pytest.mark.parametrize("native_on", [False, True])
 @pytest.mark.parametrize("config", [RTN(bits=4, block=1000, clip=ZScore(4)), RTN(bits=3, group=24), RTN(bits=4, group=20)])
 def test_artifact_written_without_write_back_loads_as_the_fake_quantized_model(tmp_path, config, native_on):
-    from superweight.export import export_artifact, load_quantized
+    from superweight.quant.artifact import export_artifact, load_quantized
 
     _use_native(native_on)
     lm = _tiny_lm()
@@ -205,7 +205,7 @@ def test_cli_artifact_is_the_fake_quantized_model(tmp_path, native_on):
     from typer.testing import CliRunner
 
     from superweight.cli import app
-    from superweight.export import load_quantized
+    from superweight.quant.artifact import load_quantized
 
     _use_native(native_on)
     lm = _tiny_lm()

@@ -10,7 +10,7 @@ import math
 import pytest
 import torch
 
-from superweight.errors import SuperweightError
+from superweight.core.errors import SuperweightError
 from superweight.quant import RTN, kernels, native, quantize
 from superweight.quant.config import Percentile
 from superweight.quant.pack import pack_bits
@@ -147,7 +147,7 @@ def test_portable_build_is_bitwise_the_vector_build():
 
 
 def test_without_a_compiler_the_quantizer_runs_in_torch(monkeypatch, caplog):
-    from superweight.synthetic import tiny_model
+    from superweight.testing.synthetic import tiny_model
 
     model = tiny_model("LlamaForCausalLM")
     want = quantize(model, RTN(bits=4, group=32, clip=Percentile(99.0)), write_back=False)

@@ -9,13 +9,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from superweight.errors import SuperweightError
+from superweight.core.errors import SuperweightError
 from superweight.quant import (
     NF4_LEVELS, RTN, W8A8, Layout, Percentile, Ternary, ZScore, clip_tensor, fake_quantize, from_dict,
     holdout_quantize, make_layout, pack_bits, pack_ternary, packed_bytes, quantize, quantize_per_token,
     quantize_tensor, scheme_config, simulate_w8a8, sqnr, target_modules, to_dict, unpack_bits, unpack_ternary,
 )
-from superweight.synthetic import plant_super_weight, tiny_model
+from superweight.testing.synthetic import plant_super_weight, tiny_model
 
 SETTINGS = settings(max_examples=60, deadline=None)
 

@@ -6,8 +6,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from superweight.detect import detect
-from superweight.export import load_quantized, save_quantized
+from superweight.find.loop import detect
+from superweight.quant.artifact import load_quantized, save_quantized
 from superweight.quant import RTN, ZScore, quantize
 from superweight.quant.sweep import GridPoint, WeightSnapshot, run_sweep, tables
 
@@ -64,10 +64,10 @@ def test_smollm2_streamed_export_is_the_in_memory_one(smollm2, super_weights, tm
     same manifest and bytes as the in-memory export, kept super weights and fit weights included."""
     import json
 
-    from superweight.export import MANIFEST, export_artifact
-    from superweight.load import _gguf_cache_folder, default_cache_dir
+    from superweight.quant.artifact import MANIFEST, export_artifact
+    from superweight.model.load import _gguf_cache_folder, default_cache_dir
     from superweight.quant.config import RTN
-    from superweight.stream_quantize import stream_quantize
+    from superweight.quant.streamed import stream_quantize
     from test_stream_quantize import same_artifact
 
     config = RTN(bits=4, group=64, search="mse", sa_weight=16.0)
@@ -81,11 +81,11 @@ def test_smollm2_streamed_w8a8_artifact_is_the_in_memory_one(smollm2, super_weig
     """``quantize --scheme w8a8`` on the real model, in memory and streamed: the same int8 bytes and the
     same held-out input channels, which include the super weights' columns in their down-projections
     (the super activations they read)."""
-    from superweight.export import export_artifact
-    from superweight.load import _gguf_cache_folder, default_cache_dir
+    from superweight.quant.artifact import export_artifact
+    from superweight.model.load import _gguf_cache_folder, default_cache_dir
     from superweight.quant.config import RTN
     from superweight.quant.w8a8 import w8a8_activations
-    from superweight.stream_quantize import stream_quantize
+    from superweight.quant.streamed import stream_quantize
     from test_stream_quantize import same_artifact
 
     acts = w8a8_activations(smollm2.model, smollm2.tokenizer)

@@ -10,13 +10,13 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from superweight.arch_infer import get_arch
-from superweight.errors import SuperweightError
-from superweight.export import MANIFEST, WEIGHTS, load_quantized, save_quantized
+from superweight.model.arch_infer import get_arch
+from superweight.core.errors import SuperweightError
+from superweight.quant.artifact import MANIFEST, WEIGHTS, load_quantized, save_quantized
 from superweight.quant import RTN, make_layout, pack_bits, quantize, quantize_tensor, unpack_bits
 from superweight.quant.primitives import outlier_count
 from superweight.quant.schemes import handler, kinds
-from superweight.synthetic import byte_tokenizer, plant_super_weight, tiny_model
+from superweight.testing.synthetic import byte_tokenizer, plant_super_weight, tiny_model
 
 SETTINGS = settings(max_examples=50, deadline=None)
 
@@ -222,7 +222,7 @@ def test_tiny_model_end_to_end_outlier_aware_beats_rtn_on_output_error():
 
 
 def test_sa_fit_weights_mark_the_columns_that_read_the_super_activation():
-    from superweight.arch_infer import get_arch
+    from superweight.model.arch_infer import get_arch
     from superweight.quant.api import sa_fit_weights, target_modules
 
     model = tiny_model("LlamaForCausalLM", vocab=320)

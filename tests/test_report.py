@@ -15,12 +15,13 @@ import pytest
 from typer.testing import CliRunner
 
 import superweight as sw
-from superweight import plots, report
+from superweight.report import plots
+from superweight.report import page as report
 from superweight.cli import app
-from superweight.errors import SuperweightError
-from superweight.experiments import AblationConfig, AblationResult, run_ablation
+from superweight.core.errors import SuperweightError
+from superweight.prove.experiments import AblationConfig, AblationResult, run_ablation
 from superweight.quant.sweep import SweepResult, default_grid, run_sweep
-from superweight.synthetic import byte_tokenizer, plant_super_weight, tiny_model
+from superweight.testing.synthetic import byte_tokenizer, plant_super_weight, tiny_model
 
 PLANT = (1, 5, 17)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -205,7 +206,7 @@ def test_missing_parts_are_said_on_the_page(planted, tmp_path):
 
 
 def test_run_ablation_passes_the_limit(planted, results, monkeypatch):
-    import superweight.experiments as experiments
+    import superweight.prove.experiments as experiments
 
     model, tok, det = planted
     seen = {}

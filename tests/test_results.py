@@ -7,14 +7,14 @@ import json
 import pytest
 
 import superweight as sw
-from superweight.catalog import CatalogEntry, compare, Verdict
-from superweight.coords import Coord, as_coords
-from superweight.errors import SuperweightError
-from superweight.experiments import AblationConfig, AblationResult, EvalResult, run_ablation, run_eval
-from superweight.magnitude import MagnitudeResult, magnitude_scan
+from superweight.find.catalog import CatalogEntry, compare, Verdict
+from superweight.core.coords import Coord, as_coords
+from superweight.core.errors import SuperweightError
+from superweight.prove.experiments import AblationConfig, AblationResult, EvalResult, run_ablation, run_eval
+from superweight.find.magnitude import MagnitudeResult, magnitude_scan
 from superweight.quant.config import RTN
 from superweight.quant.sweep import GridPoint, SweepResult, run_sweep
-from superweight.synthetic import byte_tokenizer, plant_super_weight, tiny_model
+from superweight.testing.synthetic import byte_tokenizer, plant_super_weight, tiny_model
 
 PLANT = (1, 7, 21)
 TEXT = "The quick brown fox jumps over the lazy dog. " * 12
@@ -121,7 +121,7 @@ def test_sweep_command_writes_a_loadable_result(lm, tmp_path):
 
 
 def test_manifest_round_trips_and_prints(tmp_path):
-    from superweight.export import Manifest, read_manifest, save_quantized
+    from superweight.quant.artifact import Manifest, read_manifest, save_quantized
     from superweight.quant.api import quantize
 
     model = tiny_model("LlamaForCausalLM")

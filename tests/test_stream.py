@@ -12,14 +12,16 @@ import pytest
 import torch
 
 import superweight as sw
-from superweight.arch import MOE
-from superweight.checkpoint import open_checkpoint
-from superweight.errors import SuperweightError
-from superweight.magnitude import magnitude_scan
-from superweight.plan import MemoryPlan, choose_mode, memory_plan
-from superweight.stream import StreamedModel, stream_magnitude_scan
-from superweight.stream_detect import stream_detect
-from superweight.synthetic import byte_tokenizer, plant_super_weight, tiny_model
+from superweight.model.arch import MOE
+from superweight.model.checkpoint import open_checkpoint
+from superweight.core.errors import SuperweightError
+from superweight.find.magnitude import magnitude_scan
+from superweight.stream.plan import MemoryPlan, choose_mode, memory_plan
+from superweight.eval.streamed import window_nlls
+from superweight.find.magnitude import stream_magnitude_scan
+from superweight.stream.model import StreamedModel
+from superweight.find.streamed import stream_detect
+from superweight.testing.synthetic import byte_tokenizer, plant_super_weight, tiny_model
 
 PLANT = (1, 7, 33)
 PROMPTS = ["Apple Inc. is a worldwide tech company.", "Paris is the capital of France."]
@@ -58,8 +60,8 @@ def test_streaming_equals_in_memory_bit_for_bit(arch, tmp_path):
 
 @pytest.mark.parametrize("method", ["trace", "paper"])
 def test_second_iteration_restreams_from_the_zeroed_layer_and_agrees(method, tmp_path):
-    from superweight.stream_detect import StreamedRunner
-    from superweight.detect import assemble, encode_prompt, run_detection
+    from superweight.find.streamed import StreamedRunner
+    from superweight.find.loop import assemble, encode_prompt, run_detection
 
     folder = tmp_path / "m"
     model = tiny_model("GPT2LMHeadModel", layers=6)
@@ -80,8 +82,8 @@ def test_second_iteration_restreams_from_the_zeroed_layer_and_agrees(method, tmp
 
 
 def test_streaming_reads_each_layer_once_per_iteration_for_all_prompts(tmp_path):
-    from superweight.stream_detect import StreamedRunner
-    from superweight.detect import encode_prompt, run_detection
+    from superweight.find.streamed import StreamedRunner
+    from superweight.find.loop import encode_prompt, run_detection
 
     folder = planted("LlamaForCausalLM", tmp_path / "m")
     runner = StreamedRunner(StreamedModel(folder))
@@ -92,15 +94,15 @@ def test_streaming_reads_each_layer_once_per_iteration_for_all_prompts(tmp_path)
 
 
 def _speculating_runner(folder: Path, method: str, guess=None):
-    from superweight.detect import propose
-    from superweight.stream_detect import StreamedRunner
+    from superweight.find.loop import propose
+    from superweight.find.streamed import StreamedRunner
 
     guess = guess or (lambda r, traces, ws, proposed: propose(method, r, traces, ws, proposed))
     return StreamedRunner(StreamedModel(folder), guess)
 
 
 def _streamed(runner, method: str, prompts=PROMPTS):
-    from superweight.detect import assemble, encode_prompt, run_detection
+    from superweight.find.loop import assemble, encode_prompt, run_detection
 
     states = run_detection(runner, [encode_prompt(byte_tokenizer(), p) for p in prompts], method)
     return states, assemble(states, runner, list(prompts), "m", method, None, None)
@@ -121,7 +123,7 @@ def test_speculation_reads_the_checkpoint_once(arch, method, tmp_path):
 
 def test_a_wrong_guess_costs_a_pass_not_a_result(tmp_path):
     """A proposal the step does not make (here a made-up weight of layer 0) is never used."""
-    from superweight.detect import SuperWeight
+    from superweight.find.loop import SuperWeight
 
     folder = planted("LlamaForCausalLM", tmp_path / "m")
     fake = SuperWeight(layer=0, row=1, col=2, module="", value=0.0, magnitude_rank=0, input_value=0.0,
@@ -155,7 +157,7 @@ def test_a_chain_of_guesses_reads_the_checkpoint_once(method, prompts, tmp_path)
 def test_a_wrong_guess_deep_in_the_chain_costs_a_pass_not_a_result(tmp_path):
     """The chain's first level is right, its second carries a made-up weight: the third iteration is
     not served (a second pass, from the layer that differs) and the result is still the in-memory one."""
-    from superweight.detect import SuperWeight, propose
+    from superweight.find.loop import SuperWeight, propose
 
     folder = _two_plants(tmp_path / "m")
     fake = SuperWeight(layer=5, row=1, col=2, module="", value=0.0, magnitude_rank=0, input_value=0.0,
@@ -214,7 +216,7 @@ def test_a_shared_expert_or_dense_layer_weight_streams_bit_for_bit(arch, layer, 
 
 def test_outside_a_pass_detection_reads_only_the_down_projection(tmp_path):
     """Ranking and a weight's value need a layer's down-projection only: not the attention's bytes."""
-    from superweight.stream_detect import StreamedRunner
+    from superweight.find.streamed import StreamedRunner
 
     folder = planted("LlamaForCausalLM", tmp_path / "m")
     runner = StreamedRunner(StreamedModel(folder, prefetch=False))
@@ -347,7 +349,7 @@ def test_config_that_does_not_match_the_shards_is_a_clear_error(sharded):
 
 
 def _plan(monkeypatch, in_memory: int, streaming: int, available: int) -> None:
-    monkeypatch.setattr("superweight.plan.memory_plan",
+    monkeypatch.setattr("superweight.stream.plan.memory_plan",
                         lambda path, dtype: MemoryPlan(in_memory, streaming, available, 10**12))
 
 
@@ -360,7 +362,7 @@ def test_memory_plan_sizes_from_headers(sharded):
 
 def test_mode_is_automatic_with_a_log_line(sharded, monkeypatch, caplog):
     _plan(monkeypatch, 10 * 2**30, 2**30, 4 * 2**30)
-    with caplog.at_level(logging.INFO, logger="superweight.plan"):
+    with caplog.at_level(logging.INFO, logger="superweight.stream.plan"):
         assert choose_mode(str(sharded), "float32", False, None) == "stream"
     assert "streaming it layer by layer" in caplog.text
     _plan(monkeypatch, 2**30, 2**29, 4 * 2**30)
@@ -424,7 +426,7 @@ def test_cli_truncated_shard_exits_2(sharded):
 PEAK_SCRIPT = textwrap.dedent("""
     import json, sys
     from pathlib import Path
-    from superweight.stream_detect import stream_detect
+    from superweight.find.streamed import stream_detect
 
     def status(field):
         for line in Path("/proc/self/status").read_text().splitlines():
@@ -481,7 +483,7 @@ def test_the_streamed_verdict_is_the_in_memory_one(arch, tmp_path):
     """Every zeroed set's NLL in one pass over the layers, the head applied by the model's own forward
     (Gemma-2's logit softcapping included): the same verdicts, labels, null draws and numbers."""
     from superweight.eval.text import load_text
-    from superweight.verdict import judge
+    from superweight.find.verdict import judge
 
     folder = planted(arch, tmp_path / arch)  # Mixtral: in expert 0
     text = load_text("wiki-intros")
@@ -499,7 +501,7 @@ def test_streamed_perplexity_is_the_in_memory_one(arch, tmp_path):
     ablation score): ``evaluate_perplexity``'s result."""
     from superweight.eval.perplexity import evaluate_perplexity, perplexity_result, perplexity_windows
     from superweight.eval.text import load_text
-    from superweight.stream import StreamedModel
+    from superweight.stream.model import StreamedModel
 
     folder = planted(arch, tmp_path / arch)
     text = load_text("wiki-intros")
@@ -508,7 +510,7 @@ def test_streamed_perplexity_is_the_in_memory_one(arch, tmp_path):
     sm = StreamedModel(folder)
     try:
         ids, spans, seq_len, stride = perplexity_windows(sm.model, lm.tokenizer, text, 128, 1000, 96)
-        nlls = sm.window_nlls([(ids[b:e], f - b) for b, e, f in spans], [[]])
+        nlls = window_nlls(sm, [(ids[b:e], f - b) for b, e, f in spans], [[]])
     finally:
         sm.close()
     assert perplexity_result([n for n, in nlls], spans, seq_len, stride).to_dict() == mem.to_dict()

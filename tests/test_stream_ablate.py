@@ -9,8 +9,8 @@ import pytest
 import torch
 
 import superweight as sw
-from superweight.experiments import AblationConfig, run_ablation
-from superweight.stream_ablate import stream_ablation
+from superweight.prove.experiments import AblationConfig, run_ablation
+from superweight.prove.streamed import stream_ablation
 from test_stream import planted
 
 
@@ -44,7 +44,7 @@ def test_streamed_ablation_is_the_in_memory_one(arch, plant, tmp_path):
 
 def test_streamed_ablation_splits_passes_to_fit_the_held_streams(tmp_path, monkeypatch):
     """A budget smaller than all the runs' residual streams: more passes, the same numbers."""
-    import superweight.stream as stream
+    import superweight.stream.model as stream
 
     folder = planted("LlamaForCausalLM", tmp_path / "m")
     one = stream_ablation(folder, [(1, 7, 33)], _config(stopword_prompts=0))
@@ -59,7 +59,7 @@ def test_the_held_budget_comes_from_the_environment(tmp_path, monkeypatch, capsy
     same numbers); a bad value is a one-line error before any work."""
     from test_bad_inputs import run_main
 
-    from superweight.stream import HELD_BYTES, held_budget
+    from superweight.stream.model import HELD_BYTES, held_budget
 
     folder = planted("LlamaForCausalLM", tmp_path / "m")
     monkeypatch.delenv("SUPERWEIGHT_HELD_GB", raising=False)
@@ -96,8 +96,8 @@ def test_streamed_zero_shot_tasks_are_the_in_memory_ones(arch, tmp_path):
 
 def test_streamed_eval_is_the_in_memory_one(tmp_path):
     """``stream_eval``: perplexity and every task as ``run_eval`` measures them in memory."""
-    from superweight.experiments import run_eval
-    from superweight.stream_ablate import stream_eval
+    from superweight.prove.experiments import run_eval
+    from superweight.prove.streamed import stream_eval
 
     folder = planted("LlamaForCausalLM", tmp_path / "m")
     config = dict(ppl="wiki-intros", max_tokens=400, seq_len=96, tasks=["piqa", "lambada"], limit=5)

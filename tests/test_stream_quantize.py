@@ -9,12 +9,12 @@ import pytest
 import torch
 
 import superweight as sw
-from superweight.checkpoint import INDEX, join_safetensors, read_header
-from superweight.export import MANIFEST, WEIGHTS, export_artifact, load_quantized
+from superweight.model.checkpoint import INDEX, join_safetensors, read_header
+from superweight.quant.artifact import MANIFEST, WEIGHTS, export_artifact, load_quantized
 from superweight.quant.api import DEFAULT_EXCLUDE
 from superweight.quant.config import RTN, Ternary, ZScore
-from superweight.stream_quantize import stream_quantize
-from superweight.synthetic import byte_tokenizer, plant_super_weight, tiny_model
+from superweight.quant.streamed import stream_quantize
+from superweight.testing.synthetic import byte_tokenizer, plant_super_weight, tiny_model
 
 
 def _checkpoint(arch: str, folder: Path, expert: int | None = None) -> Path:
@@ -93,7 +93,7 @@ def test_a_single_file_streamed_export_is_the_in_memory_file(tmp_path):
 
 
 def test_a_sharded_artifact_loads_as_the_single_file_one_and_a_lost_shard_is_a_clear_error(tmp_path):
-    from superweight.errors import SuperweightError
+    from superweight.core.errors import SuperweightError
 
     folder = _checkpoint("LlamaForCausalLM", tmp_path / "m")
     stream_quantize(folder, RTN(bits=4, group=32), [], tmp_path / "sharded")
@@ -113,7 +113,7 @@ def test_a_sharded_artifact_loads_as_the_single_file_one_and_a_lost_shard_is_a_c
 
 def test_a_streamed_export_holds_one_layer_at_a_time(tmp_path, monkeypatch):
     """Each layer's packed tensors go to a part file before the next layer is read."""
-    from superweight import export
+    from superweight.quant import artifact as export
 
     folder = _checkpoint("LlamaForCausalLM", tmp_path / "m")
     pending_at_flush: list[int] = []
@@ -165,7 +165,7 @@ def test_streamed_w8a8_artifact_is_the_in_memory_one(arch, expert, exclude, tmp_
 
 def test_a_streamed_w8a8_export_reads_each_layer_once(tmp_path, monkeypatch):
     """The calibration and the export share one pass: every decoder layer read once, a part written per layer."""
-    from superweight.stream import StreamedModel
+    from superweight.stream.model import StreamedModel
 
     folder = _checkpoint("LlamaForCausalLM", tmp_path / "m")
     reads = []
@@ -226,7 +226,7 @@ def test_an_artifact_is_never_streamed(tmp_path, capsys):
     """A quantized artifact (sharded or not) loads in memory: ``--stream`` on one is a one-line refusal."""
     from test_bad_inputs import run_main
 
-    from superweight.plan import choose_mode
+    from superweight.stream.plan import choose_mode
 
     folder = _checkpoint("LlamaForCausalLM", tmp_path / "m")
     stream_quantize(folder, RTN(bits=4, group=32), [], tmp_path / "a")

@@ -9,7 +9,7 @@ import torch
 import superweight as sw
 from superweight.eval.text import load_text
 from superweight.quant.sweep import default_grid, run_sweep
-from superweight.stream_sweep import stream_sweep
+from superweight.quant.streamed_sweep import stream_sweep
 from test_stream import planted
 
 GRID = dict(bits=(3, 4), sizes=(1024, None), groups=(32,), w8a8=False, ternary_topk=8)
@@ -64,7 +64,7 @@ def test_streamed_w8a8_is_the_in_memory_one(arch, tmp_path):
 
 def test_streamed_smoothquant_calibrates_in_the_first_pass(tmp_path, monkeypatch):
     """Passes split by a tiny budget: the calibration runs stay together in the first pass, the numbers unchanged."""
-    import superweight.stream as stream
+    import superweight.stream.model as stream
 
     folder = planted("LlamaForCausalLM", tmp_path / "m")
     grid = [p for p in default_grid(bits=(), sizes=(), groups=(), ternary_topk=-1) if p.variant == "SmoothQuant"]

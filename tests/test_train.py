@@ -6,8 +6,8 @@ import json
 import pytest
 import torch
 
-from superweight.errors import SuperweightError
-from superweight.train import TrainConfig, TrainResult, checkpoint_folders, lr_at, train
+from superweight.core.errors import SuperweightError
+from superweight.train.loop import TrainConfig, TrainResult, checkpoint_folders, lr_at, train
 
 SENTENCES = [
     "The river flows past the old mill and into the valley.",
@@ -87,8 +87,8 @@ def test_bad_inputs_are_one_line_errors(tmp_path):
 
 
 def test_continued_bitnet_training_from_a_checkpoint(run, text_file, tmp_path):
-    from superweight.bitnet import BitLinear
-    from superweight.emergence import load_checkpoint
+    from superweight.train.bitnet import BitLinear
+    from superweight.train.emergence import load_checkpoint
 
     out, _ = run
     result = train(tiny(text_file, steps=2, save_every=2, init=str(out / "step-000004"), bitnet=True, keep=[[0, 1, 2]]), tmp_path / "q")

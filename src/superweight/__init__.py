@@ -5,17 +5,17 @@
 >>> result = sw.detect(lm.model, lm.tokenizer)
 >>> [(s.layer, s.row, s.col) for s in result.super_weights]
 """
-from .version import __version__
+from .core.version import __version__
 
-from .errors import SuperweightError
-from .arch import ArchSpec, SUPPORTED
-from .arch_infer import get_arch
-from .load import LoadedModel, load_model, DEFAULT_MODEL
-from .capture import ActivationCapture
-from .detect import DetectionResult, SpikeRule, SuperWeight, detect
-from .find import FindConfig, find_super_weights
-from .ablate import scaled_weights, zeroed_weights
-from .export import load_quantized, save_quantized
+from .core.errors import SuperweightError
+from .model.arch import ArchSpec, SUPPORTED
+from .model.arch_infer import get_arch
+from .model.load import LoadedModel, load_model, DEFAULT_MODEL
+from .model.capture import ActivationCapture
+from .find.loop import DetectionResult, SpikeRule, SuperWeight, detect
+from .find.api import FindConfig, find_super_weights
+from .prove.ablate import scaled_weights, zeroed_weights
+from .quant.artifact import load_quantized, save_quantized
 
 __all__ = [
     "__version__", "SuperweightError", "ArchSpec", "get_arch", "SUPPORTED", "LoadedModel", "load_model",

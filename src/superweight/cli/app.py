@@ -15,7 +15,7 @@ from typing import List, Optional
 import typer
 from rich.console import Console
 
-from ..errors import SuperweightError
+from ..core.errors import SuperweightError
 
 app = typer.Typer(
     help="Find, prove and use the super weights of causal language models (Yu et al., 2024).\n\n"
@@ -44,7 +44,7 @@ MaxTokensOpt = typer.Option(
 SeqLenOpt = typer.Option(None, "--seq-len", help="Perplexity window (default min(2048, model max)).")
 def _check_device(value: str) -> str:
     """Fail on a device this machine lacks before anything is loaded."""
-    from ..device import resolve_device
+    from ..model.device import resolve_device
 
     resolve_device(value)
     return value
@@ -61,7 +61,7 @@ DeviceMapOpt = typer.Option(
 def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
-    from ..progress import configure
+    from ..core.progress import configure
 
     configure(quiet=quiet)  # progress bars: terminal only, never with --quiet
     import transformers
@@ -80,7 +80,7 @@ def print_notes(notes, shown=()) -> None:
 def load_lm(
     model: str, dtype: str, cache_dir: Optional[Path], device_map: Optional[str] = None, device: Optional[str] = "auto"
 ):
-    from ..load import load_model
+    from ..model.load import load_model
 
     lm = load_model(model, dtype=dtype, cache_dir=cache_dir, device_map=device_map, device=device)
     for note in lm.notes:
@@ -89,9 +89,9 @@ def load_lm(
 
 
 def detect_default(lm, prompts: Optional[List[str]] = None):
-    from ..detect import DEFAULT_PROMPT
-    from ..detect import detect as run_detect
-    from ..progress import step
+    from ..find.loop import DEFAULT_PROMPT
+    from ..find.loop import detect as run_detect
+    from ..core.progress import step
 
     with step("detecting super weights"):
         result = run_detect(lm.model, lm.tokenizer, list(prompts or [DEFAULT_PROMPT]), model_name=lm.name, arch=lm.arch)

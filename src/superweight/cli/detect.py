@@ -7,9 +7,9 @@ from typing import List, Optional
 import typer
 from rich.table import Table
 
-from ..errors import SuperweightError
-from ..files import check_output
-from ..inputs import check_prompts, read_super_weights
+from ..core.errors import SuperweightError
+from ..core.files import check_output
+from .inputs import check_prompts, read_super_weights
 from .app import (
     CacheOpt,
     DeviceMapOpt,
@@ -62,9 +62,9 @@ def detect(
     quiet: bool = QuietOpt,
 ) -> None:
     """Find the super weights of MODEL (default: the built-in SmolLM2-135M), and what zeroing each costs."""
-    from ..detect import DEFAULT_PROMPT, SpikeRule
-    from ..find import FindConfig, find_super_weights
-    from ..trace import TraceRule
+    from ..find.loop import DEFAULT_PROMPT, SpikeRule
+    from ..find.api import FindConfig, find_super_weights
+    from ..find.trace import TraceRule
 
     setup_logging(verbose, quiet)
     check_prompts(prompt)
@@ -117,7 +117,7 @@ def catalog_cmd(
     """List the published super weight coordinates and where each comes from."""
     import json
 
-    from ..catalog import Catalog
+    from ..find.catalog import Catalog
 
     setup_logging(verbose, quiet)
     cat = Catalog.load(catalog_path)
@@ -157,9 +157,9 @@ def verify(
 
     Prints agree / differ / not in catalog. Exit code: 0 agree, 1 differ, 0 not in catalog.
     """
-    from ..catalog import Catalog, model_names
-    from ..catalog import verify as run_verify
-    from ..detect import write_json_atomic
+    from ..find.catalog import Catalog, model_names
+    from ..find.catalog import verify as run_verify
+    from ..find.loop import write_json_atomic
 
     setup_logging(verbose, quiet)
     check_prompts(prompt)
@@ -202,8 +202,8 @@ def llama_cpp_overrides(
     """
     import json
 
-    from .. import llama_cpp
-    from ..catalog import Catalog
+    from ..quant import llama_cpp
+    from ..find.catalog import Catalog
 
     setup_logging(verbose, quiet)
     if fmt not in ("args", "file", "json"):

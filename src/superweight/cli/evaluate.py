@@ -6,10 +6,10 @@ from typing import List, Optional
 
 import typer
 
-from ..ablate import DEFAULT_SCALES, DEFAULT_TOP_N
-from ..errors import SuperweightError
-from ..files import check_output
-from ..inputs import check_super_weights, check_text_source, read_super_weights
+from ..prove.ablate import DEFAULT_SCALES, DEFAULT_TOP_N
+from ..core.errors import SuperweightError
+from ..core.files import check_output
+from .inputs import check_super_weights, check_text_source, read_super_weights
 from .app import (
     CacheOpt,
     DeviceMapOpt,
@@ -53,7 +53,7 @@ def _task_list(values: Optional[List[str]], default: Optional[list[str]]) -> Opt
 def _eval_config(ppl: str, tasks: Optional[List[str]], limit: Optional[int], max_tokens: Optional[int],
                  seq_len: Optional[int], **kw):
     from ..eval.tasks import parse_tasks
-    from ..experiments import AblationConfig
+    from ..prove.experiments import AblationConfig
 
     ppl_source = None if ppl.lower() in ("none", "") else ppl
     check_text_source(ppl_source)  # before the model loads: a wrong --ppl costs nothing
@@ -63,8 +63,8 @@ def _eval_config(ppl: str, tasks: Optional[List[str]], limit: Optional[int], max
 
 def _streamed_eval(model: str, config, dtype: str, device: str):
     """``eval`` of a model streamed layer by layer (``stream_ablate.stream_eval``): the in-memory numbers."""
-    from ..progress import step
-    from ..stream_ablate import stream_eval
+    from ..core.progress import step
+    from ..prove.streamed import stream_eval
 
     with step("evaluation (streamed: every window and request batch through each layer read)"):
         return stream_eval(model, config, dtype=dtype, device=device, model_name=model)
@@ -73,9 +73,9 @@ def _streamed_eval(model: str, config, dtype: str, device: str):
 def _streamed_ablation(model: str, det, origin: Optional[Path], config, dtype: str, device: str):
     """``ablate`` of a model streamed layer by layer (``stream_ablate.stream_ablation``): detection
     streamed too unless a JSON gives the super weights."""
-    from ..progress import step
-    from ..stream_ablate import stream_ablation
-    from ..stream_detect import stream_detect
+    from ..core.progress import step
+    from ..prove.streamed import stream_ablation
+    from ..find.streamed import stream_detect
 
     detected = None
     if det is None:
@@ -142,8 +142,8 @@ def ablate(
     quiet: bool = QuietOpt,
 ) -> None:
     """Prove the super weights matter: zero, scale and restore them; paper Table 1, Fig. 5 and Fig. 6."""
-    from ..experiments import run_ablation
-    from ..plan import choose_mode
+    from ..prove.experiments import run_ablation
+    from ..stream.plan import choose_mode
 
     setup_logging(verbose, quiet)
     sweep_tasks = _task_list(scale_tasks, None)
@@ -191,8 +191,8 @@ def eval_cmd(
     quiet: bool = QuietOpt,
 ) -> None:
     """Perplexity and zero-shot accuracy (lm-eval semantics, 95% bootstrap CI) of one model."""
-    from ..experiments import run_eval
-    from ..plan import choose_mode
+    from ..prove.experiments import run_eval
+    from ..stream.plan import choose_mode
 
     setup_logging(verbose, quiet)
     config = _eval_config(ppl, tasks, limit, max_tokens, seq_len)

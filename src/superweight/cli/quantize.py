@@ -6,9 +6,10 @@ from typing import Optional
 
 import typer
 
-from ..errors import SuperweightError
-from ..files import check_output
-from ..inputs import check_super_weights, checked_against, read_super_weights
+from ..core.errors import SuperweightError
+from ..core.files import check_output
+from ..model.arch import checked_against
+from .inputs import check_super_weights, read_super_weights
 from .app import (
     CacheOpt,
     DeviceMapOpt,
@@ -65,9 +66,9 @@ def _held(result) -> list:
 def streamed_keep(model: str, super_weights: Optional[Path], dtype: str, device: str) -> list:
     """The super weights of a model that streams: from ``--super-weights`` (checked against the model's
     meta skeleton: its architecture and every index, no weight read) or detected now, streamed as well."""
-    from ..progress import step
-    from ..stream import StreamedModel
-    from ..stream_detect import stream_detect
+    from ..core.progress import step
+    from ..stream.model import StreamedModel
+    from ..find.streamed import stream_detect
 
     if super_weights is not None:
         det = read_super_weights(super_weights)
@@ -84,8 +85,8 @@ def _streamed(model: str, config, keep_super_weights: bool, super_weights: Optio
               include: Optional[str], exclude: str, dtype: str, device: str, activations: bool) -> dict:
     """A local safetensors model quantized layer by layer (``stream_quantize``); the super weights from
     ``streamed_keep``."""
-    from ..progress import step
-    from ..stream_quantize import stream_quantize
+    from ..core.progress import step
+    from ..quant.streamed import stream_quantize
 
     keep = streamed_keep(model, super_weights, dtype, device) if keep_super_weights else []
     with step("quantizing layer by layer (streamed)"):
@@ -95,7 +96,7 @@ def _streamed(model: str, config, keep_super_weights: bool, super_weights: Optio
 
 def _activations(lm, include: Optional[str], exclude: str) -> dict:
     """The W8A8 artifact's activations entry, found on calibration text before the weights change."""
-    from ..progress import step
+    from ..core.progress import step
     from ..quant.w8a8 import CALIBRATION, w8a8_activations
 
     with step(f"finding the super activations' input channels ({CALIBRATION})"):
@@ -150,7 +151,7 @@ def quantize_cmd(
         read_super_weights(super_weights)  # a bad file fails now, not after loading the model
     if json_path:
         check_output(json_path, "--json")
-    from ..export import Manifest, export_artifact
+    from ..quant.artifact import Manifest, export_artifact
 
     if out is None:
         raise SuperweightError("pass --out DIR to write an artifact (or run `superweight sweep` to compare schemes)")
@@ -159,7 +160,7 @@ def quantize_cmd(
     check_output(out, "--out", folder=True)
     config = scheme_config(scheme, block, group, clip_z, topk, per_channel, oversize,
                            search=search, zero_point=zero_point, outliers=outliers, sa_weight=sa_weight)
-    from ..plan import choose_mode
+    from ..stream.plan import choose_mode
 
     w8a8 = scheme == "w8a8"
     if choose_mode(model, dtype, stream, device_map, cache_dir, device) == "stream":
@@ -173,7 +174,7 @@ def quantize_cmd(
                                    activations=acts)
     print_tables(Manifest.from_dict(manifest).tables(out))
     if json_path:
-        from ..detect import write_json_atomic
+        from ..find.loop import write_json_atomic
 
         write_json_atomic(json_path, manifest)
         console.print(f"wrote {json_path}")

@@ -6,8 +6,8 @@ from typing import List, Optional
 
 import typer
 
-from ..files import check_output
-from ..inputs import check_json_inputs, check_prompts
+from ..core.files import check_output
+from .inputs import check_json_inputs, check_prompts
 
 from .app import (
     CacheOpt,
@@ -29,14 +29,14 @@ def _streamed_inputs(model: str, detection, ablation, sweep, run_ablation: bool,
                      command: str, dtype: str, device: str):
     """The report's inputs for a model read layer by layer: detection (unless given), the Fig. 4 trace, the
     ablation (``--run-ablation``) and the sweep (``--run-sweep``) streamed."""
-    from .. import report as rep
-    from ..detect import DEFAULT_PROMPT
-    from ..experiments import AblationConfig
-    from ..progress import step
+    from ..report import page as rep
+    from ..find.loop import DEFAULT_PROMPT
+    from ..prove.experiments import AblationConfig
+    from ..core.progress import step
     from ..quant.sweep import default_grid
-    from ..stream_ablate import stream_ablation
-    from ..stream_detect import stream_detect
-    from ..stream_sweep import stream_sweep
+    from ..prove.streamed import stream_ablation
+    from ..find.streamed import stream_detect
+    from ..quant.streamed_sweep import stream_sweep
 
     if detection is None:
         with step("detecting super weights (streamed)"):
@@ -89,15 +89,15 @@ def report(
     quiet: bool = QuietOpt,
 ) -> None:
     """Write a one-page report (HTML with embedded figures, Markdown + PNGs) of MODEL's super weights."""
-    from .. import report as rep
-    from ..plan import choose_mode
+    from ..report import page as rep
+    from ..stream.plan import choose_mode
 
     setup_logging(verbose, quiet)
     rep.check_out_dir(out, force)
     check_output(out, "--out", folder=True)
     check_prompts(prompt)
     check_json_inputs(ablation=ablation, sweep=sweep)  # before the model loads: a wrong path costs nothing
-    from ..detect import DetectionResult
+    from ..find.loop import DetectionResult
 
     detection = DetectionResult.load(super_weights) if super_weights else None
     needs_model = detection is None or run_ablation or run_sweep

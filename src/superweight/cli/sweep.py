@@ -6,8 +6,8 @@ from typing import List, Optional
 
 import typer
 
-from ..files import check_output
-from ..inputs import check_text_source, read_super_weights
+from ..core.files import check_output
+from .inputs import check_text_source, read_super_weights
 from ..quant.sweep import DEFAULT_BITS, DEFAULT_CLIP_Z, DEFAULT_GROUPS, DEFAULT_MAX_TOKENS, DEFAULT_SIZES
 from .app import (
     CacheOpt,
@@ -37,8 +37,8 @@ def _grid(bits: List[int], size: List[str], group: List[int], clip_z: float):
 def _streamed_sweep(model: str, super_weights: Optional[Path], grid, text: str, max_tokens: int, seq_len: Optional[int],
                     dtype: str, device: str):
     """``sweep`` of a model read layer by layer (``stream_sweep``): every grid point, in one pass."""
-    from ..progress import step
-    from ..stream_sweep import stream_sweep
+    from ..core.progress import step
+    from ..quant.streamed_sweep import stream_sweep
 
     keep = streamed_keep(model, super_weights, dtype, device)
     with step(f"sweep (streamed: {len(grid)} points through each layer read)"):
@@ -74,7 +74,7 @@ def sweep_cmd(
     Example: `superweight sweep --super-weights sw.json --json sweep.json`, then
     `superweight report --super-weights sw.json --sweep sweep.json --out rep`.
     """
-    from ..plan import choose_mode
+    from ..stream.plan import choose_mode
     from ..quant.sweep import run_sweep
 
     setup_logging(verbose, quiet)

@@ -6,7 +6,7 @@ from typing import List, Optional
 
 import typer
 
-from ..errors import SuperweightError
+from ..core.errors import SuperweightError
 from .app import QuietOpt, VerboseOpt, app, console, setup_logging
 
 
@@ -21,7 +21,7 @@ def parse_coord(text: str) -> list[int]:
 def keep_coords(keep: List[str], keep_file: Optional[Path]) -> list[list[int]]:
     coords = [parse_coord(k) for k in keep or []]
     if keep_file is not None:
-        from ..detect import DetectionResult
+        from ..find.loop import DetectionResult
 
         coords += [list(c) for c in DetectionResult.load(keep_file).coords]
     return coords
@@ -61,8 +61,8 @@ def train(
     `superweight detect --json sw.json && superweight train --init smollm2-135m --bitnet --keep-file sw.json --device auto --out runs/q`"""
     import torch
 
-    from ..train import TrainConfig
-    from ..train import train as run_train
+    from ..train.loop import TrainConfig
+    from ..train.loop import train as run_train
 
     setup_logging(verbose, quiet)
     if out.exists() and any(out.iterdir()) and not force:
@@ -100,8 +100,8 @@ def emergence(
     quiet: bool = QuietOpt,
 ) -> None:
     """Run detection at every checkpoint: largest residual activation, its creator, and whether zeroing hurts."""
-    from ..emergence import emergence as run_emergence
-    from ..emergence_plots import run_figure, write_png
+    from ..train.emergence import emergence as run_emergence
+    from ..report.emergence_plots import run_figure, write_png
 
     setup_logging(verbose, quiet)
 
@@ -126,7 +126,7 @@ def emergence(
 
 def _train_losses(paths: List[Path]) -> list:
     """The training-loss curve when a single `superweight train --out` folder was given."""
-    from ..train import TrainResult
+    from ..train.loop import TrainResult
 
     if len(paths) == 1 and (paths[0] / "train_log.json").is_file():
         return TrainResult.load(paths[0] / "train_log.json").losses

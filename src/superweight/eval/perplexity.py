@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..device import input_device
-from ..errors import SuperweightError
-from ..progress import bar
+from ..model.device import input_device
+from ..core.errors import SuperweightError
+from ..core.progress import bar
 
 log = logging.getLogger(__name__)
 

@@ -14,7 +14,7 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from ..device import input_device
+from ..model.device import input_device
 from .tasks import BATCH_TOKENS, in_input_order, length_batches, load_items, padded
 
 DEFAULT_STOPWORDS: tuple[str, ...] = (

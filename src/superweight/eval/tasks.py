@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..device import input_device
-from ..errors import SuperweightError
+from ..model.device import input_device
+from ..core.errors import SuperweightError
 from .stats import bootstrap_ci
 
 log = logging.getLogger(__name__)

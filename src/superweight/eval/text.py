@@ -14,7 +14,7 @@ import json
 import os
 from pathlib import Path
 
-from ..errors import SuperweightError
+from ..core.errors import SuperweightError
 
 WIKITEXT_ENV = "SUPERWEIGHT_WIKITEXT"
 WIKITEXT_RELATIVE = Path("shared") / "data" / "wikitext-2-raw" / "wiki.test.raw"
@@ -35,7 +35,7 @@ def wikitext_candidates() -> list[Path]:
 
 
 def _wikitext_from_hub() -> str | None:
-    from ..hub import unavailable_reason
+    from ..model.hub import unavailable_reason
 
     if importlib.util.find_spec("datasets") is None or unavailable_reason() is not None:
         return None  # no retries when offline: report the local options at once

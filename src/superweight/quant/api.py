@@ -17,10 +17,10 @@ from typing import Iterable
 import torch
 from torch import nn
 
-from ..ablate import as_coords, as_keys
-from ..arch import ArchSpec, check_index, expert_params
-from ..arch_infer import get_arch
-from ..errors import SuperweightError
+from ..core.coords import as_coords, as_keys
+from ..model.arch import ArchSpec, check_index, expert_params
+from ..model.arch_infer import get_arch
+from ..core.errors import SuperweightError
 from .config import RTN, SMOOTHABLE, Ternary, W8A8, describe, to_dict
 from .primitives import QuantizedTensor, quantize_tensor
 

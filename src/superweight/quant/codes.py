@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ..errors import SuperweightError
+from ..core.errors import SuperweightError
 from .layout import Layout
 
 # QLoRA's NormalFloat4 levels (Dettmers et al. 2023, bitsandbytes).

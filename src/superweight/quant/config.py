@@ -11,7 +11,7 @@ import difflib
 from dataclasses import asdict, dataclass, fields
 from typing import Union
 
-from ..errors import SuperweightError
+from ..core.errors import SuperweightError
 
 CONFIG_VERSION = 1
 

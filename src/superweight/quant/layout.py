@@ -13,7 +13,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from ..errors import SuperweightError
+from ..core.errors import SuperweightError
 
 
 @dataclass(frozen=True)

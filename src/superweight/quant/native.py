@@ -38,7 +38,7 @@ from pathlib import Path
 
 import torch
 
-from ..files import default_cache_dir
+from ..core.files import default_cache_dir
 
 log = logging.getLogger(__name__)
 

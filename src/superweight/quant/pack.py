@@ -12,7 +12,7 @@ import sys
 import torch
 import torch.nn.functional as F
 
-from ..errors import SuperweightError
+from ..core.errors import SuperweightError
 from . import native
 
 if sys.byteorder != "little":  # pack_bits reads codes as machine words

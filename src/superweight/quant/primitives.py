@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from ..errors import SuperweightError
+from ..core.errors import SuperweightError
 from .config import RTN, Percentile, Ternary, ZScore
 from .codes import NF4_LEVELS, _to_dtype, ternary_codes  # noqa: F401  (re-exported)
 from . import native

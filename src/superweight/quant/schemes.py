@@ -14,7 +14,7 @@ from typing import Callable
 
 import torch
 
-from ..errors import SuperweightError
+from ..core.errors import SuperweightError
 from . import kernels, native
 from .codes import ternary_codes
 from .layout import Layout

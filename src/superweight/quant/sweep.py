@@ -18,9 +18,9 @@ from typing import Any, Callable, ClassVar, Sequence
 import torch
 from torch import nn
 
-from ..edits import Snapshot
-from ..results import Table, Versioned
-from ..version import __version__
+from ..model.edits import Snapshot
+from ..core.results import Table, Versioned
+from ..core.version import __version__
 from .api import DEFAULT_EXCLUDE, quantize, target_weights
 from .config import RTN, W8A8, Ternary, ZScore, describe, to_dict
 from .w8a8 import default_calibration, simulate_w8a8
@@ -178,7 +178,7 @@ def point_result(point: GridPoint, ppl, bits_per_weight: float | None, seconds: 
 
 def kept_list(keep: Sequence) -> list[list[int]]:
     """The sweep file's super weights: ``[layer, row, col]``, an MoE weight's with its expert appended."""
-    from ..coords import as_keys
+    from ..core.coords import as_keys
 
     return [[*c, e] if e is not None else list(c) for c, e in as_keys(keep)]
 

@@ -30,9 +30,9 @@ from torch import nn
 
 from .api import DEFAULT_EXCLUDE, _arch_of, out_in, target_modules
 from .config import RTN, W8A8
-from ..arch import expert_params
-from ..edits import HookSet, edited_weights
-from ..errors import SuperweightError
+from ..model.arch import expert_params
+from ..model.edits import HookSet, edited_weights
+from ..core.errors import SuperweightError
 from .primitives import fake_quantize, holdout_quantize, quantize_per_token
 
 

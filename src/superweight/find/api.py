@@ -1,0 +1,100 @@
+"""One call that finds the super weights of any model reference, in memory or streamed.
+
+``find_super_weights("smollm2-135m")`` loads (or streams, when the checkpoint does not fit in
+memory) the model, runs the detection loop of ``detect.py`` on it (the same code either way),
+adds the verdict by impact when a text is given (streamed: every zeroed set in one pass) and
+the magnitude z-score scan when asked. ``superweight detect`` is a thin shell over it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .loop import DEFAULT_PROMPT, DetectionResult, SpikeRule, detect
+from ..core.errors import SuperweightError
+from .magnitude import MagnitudeResult, magnitude_scan
+from ..stream.plan import choose_mode
+from .trace import TraceRule
+
+METHODS = {"default": "trace", "trace": "trace", "paper": "paper", "activation": "paper", "magnitude": "trace", "both": "trace"}
+
+
+@dataclass(frozen=True)
+class FindConfig:
+    """What to run. ``method``: default (trace), paper, magnitude (z-score scan only) or both."""
+
+    method: str = "default"
+    prompts: tuple[str, ...] = (DEFAULT_PROMPT,)
+    rule: SpikeRule = field(default_factory=SpikeRule)
+    trace_rule: TraceRule = field(default_factory=TraceRule)
+    max_iter: int = 10
+    verdict_text: str | None = None  # the text the verdict scores; None: no verdict
+    verdict_tokens: int = 1024
+    z_threshold: float = 3.0
+    scope: str = "down_proj"  # magnitude scan: down_proj or all_linear
+
+    def __post_init__(self) -> None:
+        if self.method not in METHODS:
+            raise SuperweightError(f"unknown method {self.method!r}: use default, paper, magnitude or both")
+
+    @property
+    def magnitude(self) -> bool:
+        return self.method in ("magnitude", "both")
+
+
+def find_super_weights(
+    model_ref: str | Path, config: FindConfig = FindConfig(), stream: bool | str = "auto", dtype: str = "float32",
+    cache_dir: str | Path | None = None, device: str | None = None, device_map: str | None = None,
+) -> tuple[DetectionResult, MagnitudeResult | None]:
+    """Detection (and, per ``config``, the verdict and the magnitude scan) of ``model_ref``.
+
+    ``stream``: "auto" streams a local safetensors checkpoint only when it does not fit in memory,
+    True always streams it, False always loads it.
+    """
+    mode = "memory" if stream is False else choose_mode(str(model_ref), dtype, stream is True, device_map, cache_dir, device)
+    if mode == "stream":
+        return _streamed(str(model_ref), config, dtype, device)
+    return _in_memory(str(model_ref), config, dtype, cache_dir, device, device_map)
+
+
+def _kw(config: FindConfig) -> dict:
+    return dict(method=METHODS[config.method], trace_rule=config.trace_rule)
+
+
+def _streamed(path: str, config: FindConfig, dtype: str, device: str | None):
+    from ..core.progress import step
+    from .magnitude import stream_magnitude_scan
+    from .streamed import stream_detect
+
+    with step("detecting super weights (streamed, layer by layer)"):
+        result = stream_detect(path, list(config.prompts), config.rule, config.max_iter, model_name=path, dtype=dtype,
+                               device=device, verdict_text=config.verdict_text, verdict_tokens=config.verdict_tokens,
+                               **_kw(config))
+    mag = None
+    if config.magnitude:
+        with step("magnitude scan (streamed)"):
+            mag = stream_magnitude_scan(path, config.z_threshold, config.scope, result.super_weights, dtype=dtype,
+                                        device=device)
+        result.magnitude = mag.to_dict()
+    return result, mag
+
+
+def _in_memory(model_ref: str, config: FindConfig, dtype: str, cache_dir, device, device_map):
+    from ..model.load import load_model
+    from ..core.progress import step
+
+    lm = load_model(model_ref, dtype=dtype, cache_dir=cache_dir, device_map=device_map, device=device)
+    with step("detecting super weights"):
+        result = detect(lm.model, lm.tokenizer, list(config.prompts), config.rule, config.max_iter, model_name=model_ref,
+                        arch=lm.arch, **_kw(config))
+    result.notes = [*lm.notes, *result.notes]
+    if config.verdict_text is not None and result.super_weights:
+        from .verdict import judge
+
+        with step("verdict: zeroing each finding"):
+            judge(lm.model, lm.arch, lm.tokenizer, result, config.verdict_text, config.verdict_tokens)
+    mag = None
+    if config.magnitude:
+        mag = magnitude_scan(lm.model, lm.arch, config.z_threshold, config.scope, result.super_weights)
+        result.magnitude = mag.to_dict()
+    return result, mag

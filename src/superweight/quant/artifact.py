@@ -1,0 +1,429 @@
+"""Packed quantized artifact: write it (``save_quantized``) and load it back (``load_quantized``).
+
+A folder holding ``model.safetensors`` (bit-packed codes, scales, zero points, a sparse exact
+outlier table per matrix, the untouched tensors), the model's ``config.json``, its tokenizer and
+``superweight_manifest.json`` (scheme, kept weights, source model, tool version, sizes). A model
+quantized layer by layer (``quantize --stream``) is written sharded instead, one file per layer and
+``model.safetensors.index.json`` as transformers writes them: the same tensors, byte for byte. For a
+quantized weight ``W`` the file holds ``W::codes`` (uint8, packed), ``W::scale`` and ``W::zero``
+(``[rows, runs]``, float16), and ``W::sparse_idx`` (int32 flat ``[out, in]`` indices) with
+``W::sparse_val`` (float16 when that is exact for every value, else the model's dtype: the manifest
+says which). The folder is written under a temporary name and renamed, so it is complete or absent.
+"""
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import ClassVar
+
+import torch
+from torch import nn
+
+from ..core.version import __version__
+from ..model.checkpoint import read_header
+from ..model.device import resolve_device
+from ..core.errors import SuperweightError
+from ..core.files import staged_dir
+from ..core.results import Table, Versioned
+from .manifest import check_against_model, check_manifest
+from ..model.loaded import LoadedModel, parse_dtype
+from .api import QuantResult
+from .config import describe, to_dict
+from .layout import Layout
+from ..model.checkpoint import ARTIFACT_MANIFEST, is_artifact  # noqa: F401  (is_artifact: the artifact check)
+from ..model.load import register_artifact_loader
+from .schemes import handler
+from .primitives import QuantizedTensor, predicted_bytes, sparse_bytes, sparse_dtype
+
+MANIFEST = ARTIFACT_MANIFEST
+WEIGHTS = "model.safetensors"
+MANIFEST_VERSION = 1
+SEP = "::"
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+# ---------------------------------------------------------------- sizes
+
+
+# ---------------------------------------------------------------- packing
+
+
+def pack_tensor(key: str, qt: QuantizedTensor, param_dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    out = handler(qt.kind).pack(key, qt.packed_codes(), qt.scale, qt.zero, param_dtype)
+    if qt.sparse_idx.numel():
+        out[f"{key}{SEP}sparse_idx"] = qt.sparse_idx.to(torch.int32)
+        out[f"{key}{SEP}sparse_val"] = qt.sparse_val.to(sparse_dtype(qt.sparse_val)).contiguous()
+    return {k: v.cpu() for k, v in out.items()}  # packed on the model's device, written from host memory
+
+
+def _untouched(model: nn.Module, skip: set[str], only=None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """State dict minus the quantized weights; tied tensors stored once (alias -> stored name).
+    ``only(name)``: the names to take (a streamed export takes one layer's at a time)."""
+    tensors, tied, seen = {}, {}, {}
+    for name, t in model.state_dict().items():
+        if name in skip or (only is not None and not only(name)):
+            continue
+        ptr = (t.data_ptr(), t.dtype, tuple(t.shape), t.stride())
+        if t.numel() and ptr in seen:
+            tied[name] = seen[ptr]
+            continue
+        seen[ptr] = name
+        tensors[name] = t.detach().to("cpu", copy=True).contiguous()  # the file is written from host memory
+    return tensors, tied
+
+
+def _tensor_entry(qt: QuantizedTensor, transposed: bool, view: list[int] | None = None) -> dict:
+    entry = {
+        "kind": qt.kind, "bits": qt.bits, "shape": list(qt.shape), "layout": qt.layout.to_dict(),
+        "transposed": transposed, "packing": handler(qt.kind).packing(qt.bits),
+        "sparse": int(qt.sparse_idx.numel()),
+        "sparse_dtype": _dtype_name(sparse_dtype(qt.sparse_val)) if qt.sparse_idx.numel() else None,
+    }
+    return entry | ({"view": view} if view else {})  # experts: the [experts, out, in] the matrix is a view of
+
+
+class ArtifactWriter:
+    """An artifact's weights file, written in pieces: quantized results (packed) and untouched tensors are
+    added as they come, ``flush`` writes what has come to a part file in the staging folder, ``write``
+    joins the parts into one ``model.safetensors`` (a single part is renamed: the in-memory export is one
+    ``save_file``). A model quantized layer by layer (``stream_quantize``) flushes each layer, so no more
+    than one layer's packed tensors are ever held. Keeps what the manifest needs: entries, kept, sizes."""
+
+    def __init__(self, folder: Path, param_dtype: torch.dtype):
+        self.folder, self.param_dtype = Path(folder), param_dtype
+        self._pending: dict[str, torch.Tensor] = {}
+        self._parts: list[Path] = []
+        self.entries: dict[str, dict] = {}
+        self.kept: list[dict] = []
+        self.tied: dict[str, str] = {}
+        self.quantized_weights = self.quantized_bytes = self.sparse_bytes = self.untouched_bytes = 0
+
+    def add_quantized(self, result: QuantResult) -> None:
+        for key, qt in result.tensors.items():
+            self._pending.update(pack_tensor(key, qt, self.param_dtype))
+            self.entries[key] = _tensor_entry(qt, result.transposed[key], result.views.get(key))
+            self.quantized_weights += qt.numel
+            self.quantized_bytes += predicted_bytes(qt)
+            self.sparse_bytes += sparse_bytes(qt)
+        self.kept += result.kept
+
+    def add_untouched(self, tensors: dict[str, torch.Tensor], tied: dict[str, str]) -> None:
+        self._pending.update(tensors)
+        self.tied.update(tied)
+        self.untouched_bytes += sum(t.numel() * t.element_size() for t in tensors.values())
+
+    def flush(self) -> None:
+        from safetensors.torch import save_file
+
+        if self._pending:
+            part = self.folder / f".part-{len(self._parts):05d}.safetensors"
+            save_file(self._pending, str(part), metadata=_FILE_METADATA)
+            self._parts.append(part)
+            self._pending = {}
+
+    def write(self, folder: Path, sharded: bool = False) -> list[Path]:
+        """The weights files in ``folder`` (the staging folder: the publishing rename is ``staged_dir``'s):
+        one ``model.safetensors``, the parts joined, or with ``sharded`` the parts themselves and an index
+        (a single part is always renamed to ``model.safetensors``). Returns the files."""
+        from ..model.checkpoint import index_parts, join_safetensors
+
+        self.flush()
+        if len(self._parts) == 1:
+            self._parts[0].rename(folder / WEIGHTS)
+        elif sharded:
+            return index_parts(self._parts, folder, _FILE_METADATA)
+        else:
+            join_safetensors(self._parts, folder / WEIGHTS, _FILE_METADATA)
+            for part in self._parts:
+                part.unlink()
+        return [folder / WEIGHTS]
+
+    def size(self, file_bytes: int, total_params: int, header_bytes: int) -> dict:
+        """Measured and predicted sizes, and bits per quantized weight."""
+        n = self.quantized_weights
+        return {
+            "file_bytes": file_bytes,
+            "predicted_data_bytes": self.quantized_bytes + self.untouched_bytes,
+            "data_bytes": file_bytes - header_bytes,
+            "header_bytes": header_bytes,
+            "quantized_weights": n,
+            "quantized_bytes": self.quantized_bytes,
+            "bits_per_weight": 8.0 * self.quantized_bytes / n,
+            "sparse_bits_per_weight": 8.0 * self.sparse_bytes / n,
+            "total_params": total_params,
+            "file_bits_per_param": 8.0 * file_bytes / total_params,
+        }
+
+
+_FILE_METADATA = {"format": "pt", "superweight": __version__}
+
+
+@dataclass
+class Manifest(Versioned):
+    """``superweight_manifest.json`` typed: the scheme, the kept weights, every quantized tensor's entry
+    and the sizes. ``save_quantized`` writes it; ``Manifest.from_dict(read_manifest(path))`` reads it back."""
+
+    KIND: ClassVar[str] = "artifact manifest"
+    VERSION: ClassVar[int] = MANIFEST_VERSION
+    HINT: ClassVar[str] = ": re-export it with `superweight quantize --out`"
+    scheme: str
+    config: dict
+    param_dtype: str
+    dtype: str
+    source_model: str
+    architecture: str
+    kept: list[dict]
+    tied: dict[str, str]
+    tensors: dict[str, dict]
+    size: dict
+    notes: list[str] = field(default_factory=list)
+    activations: dict | None = None
+    tool_version: str = __version__
+
+    def to_dict(self) -> dict:
+        d = super().to_dict()
+        return {k: v for k, v in d.items() if k != "kind" and not (k == "activations" and v is None)}
+
+    def tables(self, out: str | os.PathLike = "") -> list[Table]:
+        s = self.size
+        header = ["quantized weights", "bits/weight", "sparse bits/weight", "kept", "file MB", "predicted MB", "file bits/param"]
+        row = [f"{s['quantized_weights']:,}", f"{s['bits_per_weight']:.4f}", f"{s['sparse_bits_per_weight']:.2e}",
+               str(len(self.kept)), f"{s['file_bytes'] / 1e6:.2f}",
+               f"{(s['predicted_data_bytes'] + s['header_bytes']) / 1e6:.2f}", f"{s['file_bits_per_param']:.3f}"]
+        tables = [Table(f"{self.scheme} -> {out}" if out else self.scheme, header, [row])]
+        if self.activations:
+            a = self.activations
+            held = a.get("held_out_channels", {})
+            tables.append(Table("activations (W8A8)", ["inputs quantized", "granularity", "held-out channels", "found on"],
+                                [[f"{len(a['modules'])} modules, {a['bits']}-bit", a.get("granularity", "per_token"),
+                                  f"{sum(map(len, held.values()))} in {len(held)} modules", a.get("found_on", "")]]))
+        return tables
+
+
+def save_quantized(
+    model: nn.Module, tokenizer, result: QuantResult, out: str | os.PathLike, source: str = "",
+    notes: list[str] | None = None, force: bool = False, param_dtype: torch.dtype = torch.float16,
+    activations: dict | None = None,
+) -> dict:
+    """Write the artifact of a model already fake-quantized by ``quantize`` (``result``); return the manifest.
+
+    ``activations`` (a W8A8 artifact): ``{"bits": 8, "modules": [...], "held_out_channels": {...}}``,
+    stored in the manifest and installed as input quantization when the artifact is loaded."""
+    out = Path(out)
+    if out.exists() and not force:
+        raise SuperweightError(f"{out} already exists: pick another --out or pass --force to replace it")
+    with staged_dir(out) as tmp:
+        writer = ArtifactWriter(tmp, param_dtype)
+        writer.add_untouched(*_untouched(model, set(result.tensors)))
+        writer.add_quantized(result)
+        return finish_artifact(writer, tmp, model, tokenizer, result.config, source, notes, activations)
+
+
+def finish_artifact(writer: ArtifactWriter, tmp: Path, model: nn.Module, tokenizer, config, source: str = "",
+                    notes: list[str] | None = None, activations: dict | None = None, sharded: bool = False) -> dict:
+    """Write the weights file(s), config, tokenizer and manifest of an artifact into its staging folder ``tmp``
+    (``model`` may be a skeleton on the meta device: only its config and parameter count are read)."""
+    files = writer.write(tmp, sharded)
+    model.config.save_pretrained(tmp)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(tmp)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(tmp)
+    file_bytes = sum(f.stat().st_size for f in files)
+    total = sum(p.numel() for p in model.parameters())
+    manifest = {
+        "version": MANIFEST_VERSION,
+        "tool_version": __version__,
+        "scheme": describe(config),
+        "config": to_dict(config),
+        "param_dtype": _dtype_name(writer.param_dtype),
+        "dtype": _dtype_name(next(model.parameters()).dtype),
+        "source_model": source,
+        "architecture": type(model).__name__,
+        "notes": list(notes or []),
+        "kept": writer.kept,
+        "tied": writer.tied,
+        "tensors": writer.entries,
+        "size": writer.size(file_bytes, total, sum(read_header(f).data_start for f in files)),
+    }
+    if activations:
+        manifest["activations"] = activations
+    Manifest.from_dict(manifest)  # the typed manifest accepts what is written
+    (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def export_artifact(
+    lm, config, keep=None, out: str | os.PathLike = "", force: bool = False, include: str | None = None,
+    exclude: str | None = None, param_dtype: torch.dtype = torch.float16, write_back: bool = True,
+    activations: dict | None = None,
+) -> dict:
+    """Quantize ``lm.model`` and write its packed artifact to ``out``. ``write_back=True`` (the
+    default) also leaves ``lm.model`` fake-quantized in place; ``False`` leaves its weights untouched
+    and skips the write-back and the SQNR (the same file, two passes fewer per weight). ``activations``:
+    a W8A8 artifact's entry (``quant.w8a8.w8a8_activations``, found before the weights change)."""
+    from .api import DEFAULT_EXCLUDE, quantize
+
+    if Path(out).exists() and not force:
+        raise SuperweightError(f"{out} already exists: pick another --out or pass --force to replace it")
+    result = quantize(lm.model, config, keep=keep, include=include,
+                      exclude=DEFAULT_EXCLUDE if exclude is None else exclude, arch=lm.arch, param_dtype=param_dtype,
+                      write_back=write_back)
+    return save_quantized(lm.model, lm.tokenizer, result, out, source=lm.source or lm.name, notes=lm.notes,
+                          force=force, param_dtype=param_dtype, activations=activations)
+
+
+# ---------------------------------------------------------------- loading
+
+
+def read_manifest(path: str | os.PathLike) -> dict:
+    path = Path(path)
+    if not (path / MANIFEST).is_file():
+        raise SuperweightError(f"{path} is not a superweight quantized artifact (no {MANIFEST}): write one with `superweight quantize --out`")
+    try:
+        manifest = json.loads((path / MANIFEST).read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise SuperweightError(f"{path / MANIFEST} is corrupted ({exc}): re-export the artifact") from None
+    if not isinstance(manifest, dict) or manifest.get("version") != MANIFEST_VERSION:
+        got = manifest.get("version") if isinstance(manifest, dict) else None
+        raise SuperweightError(f"artifact manifest version {got!r} is not {MANIFEST_VERSION}: re-export it with this version")
+    return check_manifest(manifest, path)
+
+
+def _layout(entry: dict) -> Layout:
+    L = Layout(**entry["layout"])
+    if L.numel != math.prod(entry["shape"]):
+        raise ValueError(f"layout holds {L.numel} elements, shape {entry['shape']} needs {math.prod(entry['shape'])}")
+    return L
+
+
+def _expect(t: torch.Tensor, shape: tuple[int, ...], what: str) -> torch.Tensor:
+    if tuple(t.shape) != shape:
+        raise ValueError(f"{what} has shape {tuple(t.shape)}, expected {shape}")
+    return t
+
+
+def unpack_tensor(f, key: str, entry: dict) -> QuantizedTensor:
+    """Rebuild one ``QuantizedTensor`` from an open safetensors file, checking every shape."""
+    L = _layout(entry)
+    kind, bits = entry["kind"], int(entry["bits"])
+    codes, scale, zero = handler(kind).unpack(f.get_tensor, key, bits, L)
+    idx, val = torch.zeros(0, dtype=torch.int64, device="cpu"), torch.zeros(0, device="cpu")
+    if entry.get("sparse"):
+        idx = f.get_tensor(f"{key}{SEP}sparse_idx").long()
+        val = _expect(f.get_tensor(f"{key}{SEP}sparse_val"), tuple(idx.shape), f"{key} sparse values")
+        if idx.numel() != entry["sparse"] or (idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= L.numel)):
+            raise ValueError(f"{key} sparse indices are out of range")
+    return QuantizedTensor(kind, bits, tuple(entry["shape"]), L, codes, scale, zero, idx, val)
+
+
+def read_state_dict(path: str | os.PathLike, manifest: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """Dequantized weights plus untouched tensors, every quantized weight in its stored orientation."""
+    from ..model.checkpoint import INDEX, open_checkpoint
+
+    path = Path(path)
+    if not (path / WEIGHTS).is_file() and not (path / INDEX).is_file():
+        raise SuperweightError(f"{path / WEIGHTS} is missing: the artifact is incomplete, re-export it")
+    state: dict[str, torch.Tensor] = {}
+    try:
+        with _WeightFiles(open_checkpoint(path)) as f:
+            for key, entry in manifest["tensors"].items():
+                w = unpack_tensor(f, key, entry).dequantize(dtype)
+                w = w.t().contiguous() if entry["transposed"] else w
+                state[key] = w.reshape(entry["view"]) if entry.get("view") else w
+            for name in f.keys():
+                if SEP not in name:
+                    state[name] = f.get_tensor(name)
+    except SuperweightError as exc:
+        raise SuperweightError(f"{path} is a corrupted artifact ({exc})") from None
+    except Exception as exc:  # safetensors / torch raise many kinds on a damaged file
+        raise SuperweightError(f"{path} is a corrupted artifact ({type(exc).__name__}: {exc}): re-export it") from None
+    return state
+
+
+class _WeightFiles:
+    """The weights of an artifact (one file or shards) read by tensor name, like one ``safe_open``."""
+
+    def __init__(self, ckpt) -> None:
+        self.ckpt, self._open, self._stack = ckpt, {}, contextlib.ExitStack()
+
+    def __enter__(self) -> "_WeightFiles":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stack.close()
+
+    def keys(self) -> list[str]:
+        return list(self.ckpt.tensors)
+
+    def get_tensor(self, name: str) -> torch.Tensor:
+        from safetensors import safe_open
+
+        info = self.ckpt.tensors.get(name)
+        if info is None:
+            raise ValueError(f"{name} is missing")
+        if info.file not in self._open:
+            self._open[info.file] = self._stack.enter_context(safe_open(str(info.file), framework="pt"))
+        return self._open[info.file].get_tensor(name)
+
+
+def load_quantized(
+    path: str | os.PathLike, dtype: str | torch.dtype | None = None, device: str | torch.device | None = "cpu"
+):
+    """Rebuild a working transformers model (and tokenizer) from an artifact: a ``LoadedModel``.
+
+    The packed weights are unpacked on the CPU, then the model moves to ``device`` (``auto``:
+    CUDA when available)."""
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    from ..model.arch_infer import get_arch
+
+    path = Path(path)
+    manifest = read_manifest(path)
+    torch_dtype = parse_dtype(dtype) if dtype is not None else _DTYPES.get(manifest.get("dtype"), torch.float32)
+    from accelerate import init_empty_weights
+
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+        with init_empty_weights(include_buffers=False):  # parameters on "meta": no random init, no copy
+            model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    except Exception as exc:  # transformers raises many kinds on a damaged config.json
+        raise SuperweightError(f"{path} is a corrupted artifact (config: {exc}): re-export it".splitlines()[0]) from None
+    check_against_model(manifest, model, path)
+    state = read_state_dict(path, manifest, torch_dtype)
+    state = {k: v.to(torch_dtype) if v.is_floating_point() else v for k, v in state.items()}
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as exc:  # a stored tensor of another shape than the config's
+        raise SuperweightError(f"{path} does not match its config ({str(exc).strip().splitlines()[-1].strip()}): re-export it") from None
+    missing = [m for m in missing if m not in manifest.get("tied", {})]
+    if missing or unexpected:
+        raise SuperweightError(f"{path} does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]}): re-export it")
+    model.tie_weights()
+    meta = [n for n, p in model.named_parameters() if p.is_meta]
+    if meta:
+        raise SuperweightError(f"{path} lacks {meta[0]} (and {len(meta) - 1} more): re-export it")
+    model.to(resolve_device(device)).eval()
+    if manifest.get("activations"):
+        from .w8a8 import attach_activation_quant
+
+        attach_activation_quant(model, manifest["activations"])
+    tokenizer = AutoTokenizer.from_pretrained(str(path)) if (path / "tokenizer_config.json").is_file() else None
+    notes = list(manifest.get("notes", [])) + [f"quantized artifact: {manifest['scheme']}, {manifest['size']['bits_per_weight']:.3f} bits per quantized weight"]
+    if acts := manifest.get("activations"):
+        n = sum(map(len, acts.get("held_out_channels", {}).values()))
+        notes.append(f"W8A8: inputs quantized to {acts['bits']} bits per token in {len(acts['modules'])} modules"
+                     + (f" and {len(acts['experts'])} experts modules" if acts.get("experts") else "")
+                     + f", {n} super-activation channel{'' if n == 1 else 's'} held out")
+    return LoadedModel(model, tokenizer, get_arch(model), str(path), manifest.get("source_model", ""), notes)
+
+
+register_artifact_loader(load_quantized)
