@@ -1,8 +1,9 @@
 """Tokens/s in llama.cpp (llama-cpp-python) of one ternary Llama model stored as F16, Q4_0, and
 TQ2_0 / TQ1_0 with the super-weight tensor kept at F16, measured alternately in one run.
 
-The GGUF files are written here with gguf-py (metadata, the model's BPE tokenizer, Q/K permuted for
-llama.cpp's rotary layout exactly as llama.cpp's convert_hf_to_gguf.py does); the super-weight
+The GGUF files are written by the product's writer (``superweight.quant.gguf_export``: metadata, the
+model's BPE tokenizer, Q/K permuted for llama.cpp's rotary layout exactly as llama.cpp's
+convert_hf_to_gguf.py does; llama.cpp's reference quantizers from gguf-py); the super-weight
 tensor's name comes from the project's bridge (``superweight.quant.llama_cpp.gguf_tensor_name``).
 TQ1_0/TQ2_0 need rows that are multiples of 256, which the documented 128-wide CPU model does not
 have, so the speed model is a wider Llama with the same tokenizer whose decoder weights are made
@@ -16,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import importlib.util
-import json
 import statistics
 import sys
 import time
@@ -30,18 +30,10 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from superweight.train.bitnet import ternary_weight  # noqa: E402
 from superweight.core.files import write_json_atomic  # noqa: E402
+from superweight.model.arch_infer import get_arch  # noqa: E402
+from superweight.model.loaded import LoadedModel  # noqa: E402
+from superweight.quant.gguf_export import GGUFPlan, write_gguf as write_gguf_file  # noqa: E402
 from superweight.quant.llama_cpp import gguf_tensor_name  # noqa: E402
-
-HF_TO_GGUF = {
-    "self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-    "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
-}
-
-
-def permute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """HF rotate-half layout -> llama.cpp interleaved rotary layout (convert_hf_to_gguf.py)."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
 
 def speed_model(tokenizer, hidden: int, layers: int, inter: int, heads: int, sw_layer: int, seed: int = 0):
     """A Llama with exactly ternary decoder weights and one planted large weight in ``sw_layer``'s down_proj."""
@@ -61,60 +53,11 @@ def speed_model(tokenizer, hidden: int, layers: int, inter: int, heads: int, sw_
 
 
 def write_gguf(model, tokenizer, path: Path, base: str, f16_tensors: set[str]) -> int:
-    import gguf
-
-    cfg = model.config
-    qtype = {"f16": gguf.GGMLQuantizationType.F16, "q4_0": gguf.GGMLQuantizationType.Q4_0,
-             "tq1_0": gguf.GGMLQuantizationType.TQ1_0, "tq2_0": gguf.GGMLQuantizationType.TQ2_0}[base]
-    w = gguf.GGUFWriter(str(path), "llama")
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_rope_dimension_count(cfg.hidden_size // cfg.num_attention_heads)
-    w.add_rope_freq_base(float(cfg.rope_parameters["rope_theta"]) if getattr(cfg, "rope_parameters", None) else 10000.0)
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_file_type(1)
-    _tokenizer_metadata(w, tokenizer)
-    sd = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
-    w.add_tensor("token_embd.weight", sd["model.embed_tokens.weight"].astype(np.float16))
-    w.add_tensor("output_norm.weight", sd["model.norm.weight"])
-    for i in range(cfg.num_hidden_layers):
-        pre = f"model.layers.{i}."
-        w.add_tensor(f"blk.{i}.attn_norm.weight", sd[pre + "input_layernorm.weight"])
-        w.add_tensor(f"blk.{i}.ffn_norm.weight", sd[pre + "post_attention_layernorm.weight"])
-        for hf, short in HF_TO_GGUF.items():
-            t = sd[pre + hf + ".weight"]
-            if short in ("attn_q", "attn_k"):
-                t = permute(t, cfg.num_attention_heads)
-            name = f"blk.{i}.{short}.weight"
-            kind = gguf.GGMLQuantizationType.F16 if name in f16_tensors else qtype
-            if kind == gguf.GGMLQuantizationType.F16:
-                w.add_tensor(name, t.astype(np.float16))
-            else:
-                w.add_tensor(name, gguf.quants.quantize(t, kind), raw_dtype=kind)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return path.stat().st_size
-
-
-def _tokenizer_metadata(w, tokenizer) -> None:
-    tok = json.loads(tokenizer.backend_tokenizer.to_str())
-    vocab = tok["model"]["vocab"]
-    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
-    merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"]["merges"]]
-    special = {a["id"] for a in tok.get("added_tokens", [])}
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
-    w.add_token_list(tokens)
-    w.add_token_types([3 if i in special else 1 for i in range(len(tokens))])
-    w.add_token_merges(merges)
-    w.add_bos_token_id(tokenizer.bos_token_id)
-    w.add_eos_token_id(tokenizer.eos_token_id)
+    """The product's writer (``superweight quantize --format gguf``): llama.cpp's reference quantizers
+    for ``base``, the token embedding and the ``f16_tensors`` in F16, norms in F32."""
+    lm = LoadedModel(model, tokenizer, get_arch(model), "speed-model", "speed-model")
+    plan = GGUFPlan(base, search=False, embed_type="f16", overrides={t: "f16" for t in f16_tensors})
+    return write_gguf_file(lm, plan, path)["bytes"]
 
 
 def gguf_roundtrip(path: Path, model, sw_tensor: str) -> dict:

@@ -103,6 +103,37 @@ def _activations(lm, include: Optional[str], exclude: str) -> dict:
         return w8a8_activations(lm.model, lm.tokenizer, include, exclude)
 
 
+def _gguf(model: str, scheme: str, search: str, keep_super_weights: bool, super_weights: Optional[Path], out: Path,
+          force: bool, json_path: Optional[Path], layout_options: tuple, dtype: str, cache_dir, device: str) -> None:
+    """``--format gguf``: one GGUF file, the super weights' tensors in F16 (``quant.gguf_export``)."""
+    from ..core.progress import step
+    from ..quant.gguf_codec import check_type
+    from ..quant.gguf_export import export_gguf
+
+    check_type(scheme)
+    if any(o is not None for o in layout_options):
+        raise SuperweightError("--format gguf takes its layout from the llama.cpp type (--scheme): drop --block, --group, "
+                               "--clip-z, --topk, --outliers and --include")
+    if out.exists() and not force:
+        raise SuperweightError(f"{out} already exists: pick another --out or pass --force to replace it")
+    check_output(out, "--out")
+    lm = load_lm(model, dtype, cache_dir, None, device)
+    keep = _keep_for(lm, keep_super_weights, super_weights)
+    with step(f"writing {out} ({scheme}, {'our range search' if search == 'mse' else 'reference'} block parameters)"):
+        summary = export_gguf(lm, scheme, search, keep, out)
+    types: dict[str, int] = {}
+    for row in summary["tensors"].values():
+        types[row["type"]] = types.get(row["type"], 0) + 1
+    console.print(f"wrote {out}: {summary['bytes'] / 1e6:.1f} MB, tensors by type "
+                  + ", ".join(f"{k} {v}" for k, v in sorted(types.items()))
+                  + (f"; super weights' tensors: {', '.join(summary['overrides'])}" if summary["overrides"] else ""))
+    if json_path:
+        from ..find.loop import write_json_atomic
+
+        write_json_atomic(json_path, summary)
+        console.print(f"wrote {json_path}")
+
+
 @app.command("quantize")
 def quantize_cmd(
     model: str = ModelArg,
@@ -115,7 +146,7 @@ def quantize_cmd(
     per_channel: bool = typer.Option(False, "--per-channel", help="One scale per output channel."),
     clip_z: Optional[float] = typer.Option(None, "--clip-z", help="Clip weights at mean +- Z std before quantizing."),
     topk: int = typer.Option(0, "--topk", min=0, help="Ternary: also keep the K largest other weights per matrix in FP16."),
-    search: str = typer.Option("minmax", "--search", help="int*/nf4 range per group: minmax, mse (least-squares range search, never worse than minmax) or hqq (HQQ's solver, int*)."),
+    search: Optional[str] = typer.Option(None, "--search", help="int*/nf4 range per group: minmax (default), mse (least-squares range search, never worse than minmax) or hqq (HQQ's solver, int*); --format gguf: mse (default) or minmax (llama.cpp's reference quantizers)."),
     zero_point: str = typer.Option("float", "--zero-point", help="int*: float (float16), int8 (integer steps) or fix8 (8-bit fixed point)."),
     outliers: float = typer.Option(0.0, "--outliers", min=0.0, help="int*/nf4: bits per weight spent on the largest other weights, held out exact."),
     sa_weight: float = typer.Option(1.0, "--sa-weight", min=1.0, help="With --search mse: fit weight of the columns that read the super activation."),
@@ -129,6 +160,8 @@ def quantize_cmd(
     stream: bool = typer.Option(
         False, "--stream", help="Read a local safetensors model one layer at a time (automatic when it does not fit in memory)."
     ),
+    out_format: str = typer.Option("artifact", "--format", help="artifact (a packed folder) or gguf (one file llama.cpp runs; "
+                                   "--scheme is then a llama.cpp type: q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k, q8_0, tq2_0 ...)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the manifest here."),
     dtype: str = DtypeOpt,
     cache_dir: Optional[Path] = CacheOpt,
@@ -153,8 +186,14 @@ def quantize_cmd(
         check_output(json_path, "--json")
     from ..quant.artifact import Manifest, export_artifact
 
+    if out_format not in ("artifact", "gguf"):
+        raise SuperweightError(f"unknown --format {out_format!r}: use artifact or gguf")
     if out is None:
         raise SuperweightError("pass --out DIR to write an artifact (or run `superweight sweep` to compare schemes)")
+    if out_format == "gguf":
+        return _gguf(model, scheme, search or "mse", keep_super_weights, super_weights, out, force, json_path,
+                     (block, group, clip_z, topk or None, outliers or None, include), dtype, cache_dir, device)
+    search = search or "minmax"
     if out.exists() and not force:
         raise SuperweightError(f"{out} already exists: pick another --out or pass --force to replace it")
     check_output(out, "--out", folder=True)

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import torch
 
+from ..core.errors import SuperweightError
 from .codes import NF4_LEVELS, _to_dtype
 
 SHRINK = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)  # fractions of the min/max range
@@ -150,7 +151,47 @@ class NF4Grid:
         return (_positive(_to_dtype(torch.where(ok, s, p[0].double()).float(), self.dtype, _INF)),)
 
 
-Grid = UniformGrid | NF4Grid
+def _nearest(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``x`` rounded to the nearest ``dtype`` value; an overflow is refused as ``_to_dtype`` refuses it."""
+    h = x.to(dtype)
+    if not torch.isfinite(h).all():
+        raise SuperweightError(f"quantization parameters overflow {dtype}: the tensor holds values too large for it")
+    return h
+
+
+class SymmetricGrid:
+    """``x_hat = (q - half) * scale`` with a signed float16 scale, ``q`` in ``[0, 2 half)``: llama.cpp's
+    Q4_0/Q5_0 blocks (``half`` 8, 16) and Q6_K sub-blocks (32). The extra negative level is used the way
+    llama.cpp uses it: the group's value of largest magnitude maps to ``-half`` (``minmax``, its
+    reference quantizer's choice)."""
+
+    def __init__(self, bits: int, dtype: torch.dtype):
+        self.half, self.qmax, self.dtype = 2 ** (bits - 1), 2**bits - 1, dtype
+
+    def minmax(self, lo: torch.Tensor, hi: torch.Tensor) -> Params:
+        extreme = torch.where(hi.abs() >= lo.abs(), hi, lo)  # llama.cpp: the signed value of largest |x|
+        s = _nearest(extreme / -self.half, self.dtype)
+        return (torch.where(s != 0, s, torch.ones_like(s)),)
+
+    def from_range(self, lo: torch.Tensor, hi: torch.Tensor) -> Params:
+        return self.minmax(lo, hi)
+
+    def codes(self, x3: torch.Tensor, p: Params, out: torch.Tensor | None = None) -> torch.Tensor:
+        return torch.div(x3, p[0].float(), out=out).round_().add_(self.half).clamp_(0, self.qmax)
+
+    def levels_(self, q: torch.Tensor, p: Params) -> torch.Tensor:
+        return q.sub_(self.half).mul_(p[0].float())
+
+    def refit(self, x3: torch.Tensor, m3: torch.Tensor, q: torch.Tensor, p: Params) -> Params:
+        """The least-squares scale for fixed codes: ``sum m x l / sum m l^2`` with ``l = q - half``."""
+        lv = (q - self.half).double()
+        num, den = (m3 * x3 * lv).sum(-1, keepdim=True), (m3 * lv * lv).sum(-1, keepdim=True)
+        s = torch.where(den > 0, num / den.clamp_min(1e-300), p[0].double()).float()
+        s = _nearest(s, self.dtype)
+        return (torch.where(s != 0, s, p[0]),)
+
+
+Grid = UniformGrid | NF4Grid | SymmetricGrid
 
 
 def weighted_range(x3: torch.Tensor, m3: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -195,7 +236,7 @@ def _affine_refit(grid: UniformGrid, x3: torch.Tensor, m3: torch.Tensor, q: torc
 
 
 def _refit(grid: Grid, x3, m3, q, p: Params, sums, buf) -> Params:
-    if isinstance(grid, NF4Grid):
+    if hasattr(grid, "refit"):  # NF4 and the symmetric grids: a scale only
         return grid.refit(x3, m3, q, p)
     return _affine_refit(grid, x3, m3, q, p, sums, buf)
 
