@@ -191,7 +191,8 @@ def test_artifact_written_without_write_back_loads_as_the_fake_quantized_model(t
     _use_native(native_on)
     lm = _tiny_lm()
     before = {k: v.clone() for k, v in lm.model.state_dict().items()}
-    export_artifact(lm, config, keep=[(1, 5, 17)], out=tmp_path / "a", write_back=False)
+    export_artifact(lm, config, keep=[(1, 5, 17)], out=tmp_path / "a", write_back=False,
+                    untouched_dtype=torch.float32)  # the untouched tensors as they are, for the bitwise check
     assert all(torch.equal(v, lm.model.state_dict()[k]) for k, v in before.items())  # untouched
     quantize(lm.model, config, keep=[(1, 5, 17)])  # the fake-quantized model of the same config
     got = load_quantized(tmp_path / "a").model.state_dict()
@@ -212,7 +213,7 @@ def test_cli_artifact_is_the_fake_quantized_model(tmp_path, native_on):
     lm.model.save_pretrained(tmp_path / "m")
     lm.tokenizer.save_pretrained(tmp_path / "m")
     res = CliRunner().invoke(app, ["quantize", str(tmp_path / "m"), "--scheme", "int3", "--group", "24",
-                                   "--no-keep-super-weights", "--out", str(tmp_path / "q")])
+                                   "--no-keep-super-weights", "--untouched-dtype", "float32", "--out", str(tmp_path / "q")])
     assert res.exit_code == 0, res.output
     quantize(lm.model, RTN(bits=3, group=24))
     got = load_quantized(tmp_path / "q").model.state_dict()

@@ -25,7 +25,7 @@ def _checkpoint(arch: str, folder: Path, expert: int | None = None) -> Path:
     return folder
 
 
-HEADERS = ("file_bytes", "header_bytes", "file_bits_per_param")  # sizes that count each shard's header
+HEADERS = ("file_bytes", "header_bytes", "file_bits_per_param", "ratio_to_float16")  # sizes that count each shard's header
 
 
 def same_artifact(a: Path, b: Path, ignore: tuple[str, ...] = ("source_model",)) -> None:

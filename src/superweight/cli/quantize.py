@@ -82,7 +82,7 @@ def streamed_keep(model: str, super_weights: Optional[Path], dtype: str, device:
 
 
 def _streamed(model: str, config, keep_super_weights: bool, super_weights: Optional[Path], out: Path, force: bool,
-              include: Optional[str], exclude: str, dtype: str, device: str, activations: bool) -> dict:
+              include: Optional[str], exclude: str, dtype: str, device: str, activations: bool, storage: dict) -> dict:
     """A local safetensors model quantized layer by layer (``stream_quantize``); the super weights from
     ``streamed_keep``."""
     from ..core.progress import step
@@ -91,7 +91,7 @@ def _streamed(model: str, config, keep_super_weights: bool, super_weights: Optio
     keep = streamed_keep(model, super_weights, dtype, device) if keep_super_weights else []
     with step("quantizing layer by layer (streamed)"):
         return stream_quantize(model, config, keep, out, include, exclude, dtype=dtype, device=device, force=force,
-                               activations=activations)
+                               activations=activations, **storage)
 
 
 def _activations(lm, include: Optional[str], exclude: str) -> dict:
@@ -134,6 +134,17 @@ def _gguf(model: str, scheme: str, search: str, keep_super_weights: bool, super_
         console.print(f"wrote {json_path}")
 
 
+def _storage(untouched_dtype: str, embeddings: str) -> dict:
+    """``--untouched-dtype`` and ``--embeddings`` as ``save_quantized``'s keywords, checked before any load."""
+    from ..model.loaded import parse_dtype
+
+    if embeddings not in ("float", "int8"):
+        raise SuperweightError(f"bad --embeddings {embeddings!r}: use float or int8")
+    if untouched_dtype not in ("auto", "float16", "bfloat16", "float32"):
+        raise SuperweightError(f"bad --untouched-dtype {untouched_dtype!r}: use auto, float16, bfloat16 or float32")
+    return {"untouched_dtype": None if untouched_dtype == "auto" else parse_dtype(untouched_dtype), "embeddings": embeddings}
+
+
 @app.command("quantize")
 def quantize_cmd(
     model: str = ModelArg,
@@ -157,6 +168,10 @@ def quantize_cmd(
     oversize: str = typer.Option("error", "--oversize", help="A tensor smaller than --block/--group: error, or tensor (quantize it per tensor)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Artifact folder to write (written to a temp folder, then renamed)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --out folder."),
+    untouched_dtype: str = typer.Option(
+        "auto", "--untouched-dtype", help="Tensors left unquantized (embeddings, norms): auto (a 16-bit model's own dtype; "
+        "float32 ones in float16, bfloat16 beyond its range), float16, bfloat16 or float32."),
+    embeddings: str = typer.Option("float", "--embeddings", help="float, or int8: the embeddings as per-row 8-bit codes."),
     stream: bool = typer.Option(
         False, "--stream", help="Read a local safetensors model one layer at a time (automatic when it does not fit in memory)."
     ),
@@ -201,16 +216,17 @@ def quantize_cmd(
                            search=search, zero_point=zero_point, outliers=outliers, sa_weight=sa_weight)
     from ..stream.plan import choose_mode
 
+    storage = _storage(untouched_dtype, embeddings)
     w8a8 = scheme == "w8a8"
     if choose_mode(model, dtype, stream, device_map, cache_dir, device) == "stream":
         manifest = _streamed(model, config, keep_super_weights, super_weights, out, force, include, exclude, dtype, device,
-                             w8a8)
+                             w8a8, storage)
     else:
         lm = load_lm(model, dtype, cache_dir, device_map, device)
         keep = _keep_for(lm, keep_super_weights, super_weights)
         acts = _activations(lm, include, exclude) if w8a8 else None
         manifest = export_artifact(lm, config, keep, out, force, include, exclude, write_back=False,  # only the file is used
-                                   activations=acts)
+                                   activations=acts, **storage)
     print_tables(Manifest.from_dict(manifest).tables(out))
     if json_path:
         from ..find.loop import write_json_atomic

@@ -90,15 +90,47 @@ def _tensor_entry(qt: QuantizedTensor, transposed: bool, view: list[int] | None 
     return entry | ({"view": view} if view else {})  # experts: the [experts, out, in] the matrix is a view of
 
 
+def embedding_names(model: nn.Module) -> set[str]:
+    """The weights of the input and output embeddings (``model.embed_tokens.weight``, ``lm_head.weight``)."""
+    found = {getattr(model, get)() for get in ("get_input_embeddings", "get_output_embeddings") if hasattr(model, get)}
+    return {f"{name}.weight" for name, m in model.named_modules() if m in found and m is not None}
+
+
+def int8_embeddings(model: nn.Module, embeddings: str) -> set[str]:
+    """The names ``embeddings`` (``float`` or ``int8``) stores as 8-bit codes."""
+    if embeddings not in ("float", "int8"):
+        raise SuperweightError(f"embeddings must be 'float' or 'int8', not {embeddings!r}")
+    return embedding_names(model) if embeddings == "int8" else set()
+
+
+def stored_dtype(t: torch.Tensor, asked: torch.dtype | None) -> torch.dtype:
+    """The dtype an untouched tensor is stored in: ``asked``, else a 16-bit model's own dtype, and a float32
+    tensor in float16 (bfloat16 when a value is beyond float16's range)."""
+    if not t.is_floating_point():
+        return t.dtype
+    if asked is not None:
+        return asked
+    if t.dtype != torch.float32:
+        return t.dtype
+    return torch.float16 if not t.numel() or float(t.abs().max()) <= torch.finfo(torch.float16).max else torch.bfloat16
+
+
 class ArtifactWriter:
     """An artifact's weights file, written in pieces: quantized results (packed) and untouched tensors are
     added as they come, ``flush`` writes what has come to a part file in the staging folder, ``write``
     joins the parts into one ``model.safetensors`` (a single part is renamed: the in-memory export is one
     ``save_file``). A model quantized layer by layer (``stream_quantize``) flushes each layer, so no more
-    than one layer's packed tensors are ever held. Keeps what the manifest needs: entries, kept, sizes."""
+    than one layer's packed tensors are ever held. Keeps what the manifest needs: entries, kept, sizes.
 
-    def __init__(self, folder: Path, param_dtype: torch.dtype):
+    Untouched tensors are stored in ``stored_dtype(t, untouched_dtype)`` (16-bit unless asked); those
+    named in ``int8_names`` (the embeddings, ``embeddings="int8"``) as per-row 8-bit codes instead
+    (``EMBEDDING_INT8``: a manifest entry like a quantized weight's, marked ``"embedding": true``)."""
+
+    def __init__(self, folder: Path, param_dtype: torch.dtype, untouched_dtype: torch.dtype | None = None,
+                 int8_names: set[str] | frozenset = frozenset()):
         self.folder, self.param_dtype = Path(folder), param_dtype
+        self.untouched_dtype, self.int8_names = untouched_dtype, set(int8_names)
+        self.stored_dtypes: dict[str, int] = {}
         self._pending: dict[str, torch.Tensor] = {}
         self._parts: list[Path] = []
         self.entries: dict[str, dict] = {}
@@ -116,9 +148,26 @@ class ArtifactWriter:
         self.kept += result.kept
 
     def add_untouched(self, tensors: dict[str, torch.Tensor], tied: dict[str, str]) -> None:
-        self._pending.update(tensors)
         self.tied.update(tied)
-        self.untouched_bytes += sum(t.numel() * t.element_size() for t in tensors.values())
+        for name, t in tensors.items():
+            if name in self.int8_names and t.is_floating_point() and t.dim() == 2:
+                self._add_int8(name, t)
+                continue
+            t = t.to(stored_dtype(t, self.untouched_dtype))
+            self._pending[name] = t
+            key = _dtype_name(t.dtype)
+            self.stored_dtypes[key] = self.stored_dtypes.get(key, 0) + t.numel()
+            self.untouched_bytes += t.numel() * t.element_size()
+
+    def _add_int8(self, name: str, t: torch.Tensor) -> None:
+        from .config import EMBEDDING_INT8
+        from .primitives import quantize_tensor
+
+        qt = quantize_tensor(t, EMBEDDING_INT8, param_dtype=torch.float16, packed=True)
+        self._pending.update(pack_tensor(name, qt, torch.float16))
+        self.entries[name] = _tensor_entry(qt, False) | {"embedding": True}
+        self.stored_dtypes["int8"] = self.stored_dtypes.get("int8", 0) + t.numel()
+        self.untouched_bytes += predicted_bytes(qt)
 
     def flush(self) -> None:
         from safetensors.torch import save_file
@@ -160,6 +209,8 @@ class ArtifactWriter:
             "sparse_bits_per_weight": 8.0 * self.sparse_bytes / n,
             "total_params": total_params,
             "file_bits_per_param": 8.0 * file_bytes / total_params,
+            "float16_bytes": 2 * total_params,
+            "ratio_to_float16": file_bytes / (2 * total_params),
         }
 
 
@@ -186,6 +237,7 @@ class Manifest(Versioned):
     size: dict
     notes: list[str] = field(default_factory=list)
     activations: dict | None = None
+    stored_dtypes: dict[str, int] = field(default_factory=dict)
     tool_version: str = __version__
 
     def to_dict(self) -> dict:
@@ -194,10 +246,12 @@ class Manifest(Versioned):
 
     def tables(self, out: str | os.PathLike = "") -> list[Table]:
         s = self.size
-        header = ["quantized weights", "bits/weight", "sparse bits/weight", "kept", "file MB", "predicted MB", "file bits/param"]
+        header = ["quantized weights", "bits/weight", "sparse bits/weight", "kept", "file MB", "predicted MB", "file bits/param",
+                  "x float16"]
         row = [f"{s['quantized_weights']:,}", f"{s['bits_per_weight']:.4f}", f"{s['sparse_bits_per_weight']:.2e}",
                str(len(self.kept)), f"{s['file_bytes'] / 1e6:.2f}",
-               f"{(s['predicted_data_bytes'] + s['header_bytes']) / 1e6:.2f}", f"{s['file_bits_per_param']:.3f}"]
+               f"{(s['predicted_data_bytes'] + s['header_bytes']) / 1e6:.2f}", f"{s['file_bits_per_param']:.3f}",
+               f"{s['ratio_to_float16']:.3f}" if "ratio_to_float16" in s else "-"]
         tables = [Table(f"{self.scheme} -> {out}" if out else self.scheme, header, [row])]
         if self.activations:
             a = self.activations
@@ -211,17 +265,19 @@ class Manifest(Versioned):
 def save_quantized(
     model: nn.Module, tokenizer, result: QuantResult, out: str | os.PathLike, source: str = "",
     notes: list[str] | None = None, force: bool = False, param_dtype: torch.dtype = torch.float16,
-    activations: dict | None = None,
+    activations: dict | None = None, untouched_dtype: torch.dtype | None = None, embeddings: str = "float",
 ) -> dict:
     """Write the artifact of a model already fake-quantized by ``quantize`` (``result``); return the manifest.
 
     ``activations`` (a W8A8 artifact): ``{"bits": 8, "modules": [...], "held_out_channels": {...}}``,
-    stored in the manifest and installed as input quantization when the artifact is loaded."""
+    stored in the manifest and installed as input quantization when the artifact is loaded.
+    ``untouched_dtype``: the dtype of the tensors left unquantized (None: ``stored_dtype``'s 16-bit rule);
+    ``embeddings="int8"`` stores the embeddings as per-row 8-bit codes."""
     out = Path(out)
     if out.exists() and not force:
         raise SuperweightError(f"{out} already exists: pick another --out or pass --force to replace it")
     with staged_dir(out) as tmp:
-        writer = ArtifactWriter(tmp, param_dtype)
+        writer = ArtifactWriter(tmp, param_dtype, untouched_dtype, int8_embeddings(model, embeddings))
         writer.add_untouched(*_untouched(model, set(result.tensors)))
         writer.add_quantized(result)
         return finish_artifact(writer, tmp, model, tokenizer, result.config, source, notes, activations)
@@ -253,6 +309,7 @@ def finish_artifact(writer: ArtifactWriter, tmp: Path, model: nn.Module, tokeniz
         "tied": writer.tied,
         "tensors": writer.entries,
         "size": writer.size(file_bytes, total, sum(read_header(f).data_start for f in files)),
+        "stored_dtypes": writer.stored_dtypes,
     }
     if activations:
         manifest["activations"] = activations
@@ -264,12 +321,13 @@ def finish_artifact(writer: ArtifactWriter, tmp: Path, model: nn.Module, tokeniz
 def export_artifact(
     lm, config, keep=None, out: str | os.PathLike = "", force: bool = False, include: str | None = None,
     exclude: str | None = None, param_dtype: torch.dtype = torch.float16, write_back: bool = True,
-    activations: dict | None = None,
+    activations: dict | None = None, untouched_dtype: torch.dtype | None = None, embeddings: str = "float",
 ) -> dict:
     """Quantize ``lm.model`` and write its packed artifact to ``out``. ``write_back=True`` (the
     default) also leaves ``lm.model`` fake-quantized in place; ``False`` leaves its weights untouched
     and skips the write-back and the SQNR (the same file, two passes fewer per weight). ``activations``:
-    a W8A8 artifact's entry (``quant.w8a8.w8a8_activations``, found before the weights change)."""
+    a W8A8 artifact's entry (``quant.w8a8.w8a8_activations``, found before the weights change).
+    ``untouched_dtype``, ``embeddings``: how the unquantized tensors are stored (``save_quantized``)."""
     from .api import DEFAULT_EXCLUDE, quantize
 
     if Path(out).exists() and not force:
@@ -278,7 +336,8 @@ def export_artifact(
                       exclude=DEFAULT_EXCLUDE if exclude is None else exclude, arch=lm.arch, param_dtype=param_dtype,
                       write_back=write_back)
     return save_quantized(lm.model, lm.tokenizer, result, out, source=lm.source or lm.name, notes=lm.notes,
-                          force=force, param_dtype=param_dtype, activations=activations)
+                          force=force, param_dtype=param_dtype, activations=activations,
+                          untouched_dtype=untouched_dtype, embeddings=embeddings)
 
 
 # ---------------------------------------------------------------- loading

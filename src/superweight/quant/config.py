@@ -200,6 +200,9 @@ def from_dict(data: dict):
 
 SCHEMES = ("int2", "int3", "int4", "int8", "nf4", "ternary", "w8a8")
 
+# An artifact's 8-bit embeddings (``quantize --embeddings int8``): per row (token), min/max 8-bit codes.
+EMBEDDING_INT8 = RTN(bits=8, per_channel=True)
+
 
 def scheme_config(
     scheme: str, block: int | None = None, group: int | None = None, clip_z: float | None = None,

@@ -105,8 +105,11 @@ def check_manifest(m: dict, path: str | Path) -> dict:
 def _check_scheme(key: str, e: dict, config, path: str | Path) -> None:
     """The entry is what ``config`` makes of a tensor of its shape: kind, bits and layout (a layout
     with other groups but as many of them would otherwise dequantize silently wrong)."""
+    from .config import EMBEDDING_INT8
     from .layout import make_layout
 
+    if e.get("embedding"):  # an 8-bit embedding (``embeddings="int8"``), whatever the weights' scheme
+        config = EMBEDDING_INT8
     kind = getattr(config, "kind", None)  # the scheme handler the config stores with (quant/schemes.py)
     if e["kind"] != kind or (kind != "ternary" and e["bits"] != getattr(config, "bits", e["bits"])):
         raise _fail(path, f"tensor {key}: {e['kind']} {e['bits']}-bit does not match the config's scheme")

@@ -26,7 +26,7 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from ..core.errors import SuperweightError
-from .artifact import ArtifactWriter, _untouched, finish_artifact
+from .artifact import ArtifactWriter, _untouched, finish_artifact, int8_embeddings
 from ..core.files import staged_dir
 from .api import DEFAULT_EXCLUDE, quantize, target_weights
 from .config import RTN, Ternary
@@ -39,13 +39,15 @@ def stream_quantize(
     path: str | os.PathLike, config: RTN | Ternary, keep: Iterable | dict | None = None, out: str | os.PathLike = "",
     include: str | None = None, exclude: str | None = DEFAULT_EXCLUDE, param_dtype: torch.dtype = torch.float16,
     dtype: str = "float32", device: str | None = None, force: bool = False, notes: list[str] | None = None,
-    sharded: bool = True, activations: bool = False,
+    sharded: bool = True, activations: bool = False, untouched_dtype: torch.dtype | None = None,
+    embeddings: str = "float",
 ) -> dict:
     """Write the artifact of the local safetensors model at ``path`` quantized under ``config``, keeping
     ``keep`` exact, reading one decoder layer at a time; returns the manifest. ``sharded``: a file per
     layer and an index (False: one ``model.safetensors``, as the in-memory export writes, one more copy).
     ``activations``: a W8A8 artifact (``config`` 8-bit; inputs quantized per token when loaded, the super
-    activations' channels held out: ``streamed_activations``)."""
+    activations' channels held out: ``streamed_activations``). ``untouched_dtype``, ``embeddings``: how the
+    unquantized tensors are stored (``artifact.save_quantized``)."""
     out = Path(out)
     if out.exists() and not force:
         raise SuperweightError(f"{out} already exists: pick another --out or pass --force to replace it")
@@ -55,7 +57,7 @@ def stream_quantize(
         tokenizer = _tokenizer(sm.ckpt.folder)
         inside = f"{arch.layers}."
         with staged_dir(out) as tmp:
-            writer = ArtifactWriter(tmp, param_dtype)
+            writer = ArtifactWriter(tmp, param_dtype, untouched_dtype, int8_embeddings(model, embeddings))
 
             def export_layer(i: int) -> None:  # layer i is in memory, its weights as stored
                 prefix = f"{inside}{i}."
