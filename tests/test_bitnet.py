@@ -78,3 +78,30 @@ def test_artifact_holds_the_weights_the_forward_used(model, tmp_path, byte_token
     assert manifest["size"]["bits_per_weight"] < 1.7 and len(manifest["kept"]) == 2
     state = load_quantized(tmp_path / "art").model.state_dict()
     assert all(torch.equal(state[k], v) for k, v in used.items())
+
+
+def test_whole_lines_are_the_rows_and_columns_of_the_given_entries():
+    from superweight.model.arch_infer import get_arch
+    from superweight.train.bitnet import whole_lines
+
+    m = tiny_model("LlamaForCausalLM")
+    rows, cols = m.model.layers[1].mlp.down_proj.weight.shape
+    lines = whole_lines(m, get_arch(m), [(1, 3, 5), (1, 3, 9)])
+    assert len(lines) == cols + 2 * rows - 2 and len(set(lines)) == len(lines)
+    assert all(layer == 1 and (row == 3 or col in (5, 9)) for layer, row, col in lines)
+
+
+def test_effective_weights_show_the_forward_weights_and_restore_the_latent_ones(model):
+    from superweight.train.bitnet import effective_weights
+
+    down = model.model.layers[1].mlp.down_proj
+    latent = down.weight.detach().clone()
+    expected = down.effective_weight().detach().clone()
+    ids = torch.randint(0, model.config.vocab_size, (1, 12))
+    before = model(input_ids=ids).logits
+    with effective_weights(model):
+        assert torch.equal(down.weight, expected) and down.weight[3, 5] == latent[3, 5]  # kept: exact
+        inside = model(input_ids=ids).logits
+    assert torch.equal(down.weight, latent)
+    tol = 1e-5 * before.abs().max().item()  # W + (Wq - W) against Wq: float32 rounding only
+    assert torch.allclose(inside, before, atol=tol, rtol=0)

@@ -96,3 +96,56 @@ def test_continued_bitnet_training_from_a_checkpoint(run, text_file, tmp_path):
     lm = load_checkpoint(tmp_path / "q" / "step-000002")
     down = lm.model.model.layers[0].mlp.down_proj
     assert isinstance(down, BitLinear) and down.keep_idx.tolist() == [1 * 64 + 2]
+
+
+def _down(model, layer: int = 1):
+    return model.model.layers[layer].mlp.down_proj.weight
+
+
+def test_zero_then_train_zeroes_first_and_lets_training_move_the_weight(text_file, tmp_path):
+    def value(model, tokenizer, step):
+        return {"w": float(_down(model).detach()[3, 5])}
+
+    zeroed = train(tiny(text_file, steps=2, save_every=1, zero=[[1, 3, 5]], save_checkpoints=False), tmp_path / "z",
+                   measure=value)
+    plain = train(tiny(text_file, steps=2, save_every=1, save_checkpoints=False), tmp_path / "p", measure=value)
+    assert [m["step"] for m in zeroed.measures] == [0, 1, 2]
+    assert zeroed.measures[0]["w"] == 0.0 and plain.measures[0]["w"] != 0.0  # same seed: only the zeroing differs
+    assert zeroed.measures[-1]["w"] != 0.0  # not frozen: the gradient moves it from step 1
+    assert not list((tmp_path / "z").glob("step-*")) and (tmp_path / "z" / "train_log.json").is_file()
+
+
+def test_frozen_embedding_does_not_move(run, text_file, tmp_path):
+    out, _ = run
+    seen = []
+
+    def embedding(model, tokenizer, step):
+        seen.append((model.get_input_embeddings().weight.detach().clone(), _down(model).detach().clone()))
+        return {}
+
+    train(tiny(text_file, steps=2, save_every=2, init=str(out / "step-000004"), freeze_embeddings=True,
+               save_checkpoints=False), tmp_path / "f", measure=embedding)
+    assert torch.equal(seen[0][0], seen[-1][0]) and not torch.equal(seen[0][1], seen[-1][1])
+
+
+def test_keep_lines_keeps_the_whole_row_and_column(text_file, tmp_path):
+    from superweight.train.emergence import load_checkpoint
+
+    result = train(tiny(text_file, steps=1, save_every=1, bitnet=True, keep=[[1, 3, 5]], keep_lines=True), tmp_path / "l")
+    kept = {tuple(c) for c in result.config["keep"]}
+    rows, cols = 32, 64  # the test preset's down_proj: [hidden, intermediate]
+    assert len(kept) == rows + cols - 1 and (1, 3, 5) in kept
+    assert all(layer == 1 and (row == 3 or col == 5) for layer, row, col in kept)
+    down = load_checkpoint(tmp_path / "l" / "step-000001").model.model.layers[1].mlp.down_proj
+    assert down.keep_idx.numel() == rows + cols - 1
+
+
+def test_keep_random_draws_as_many_weights_of_the_same_layers_per_seed(text_file, tmp_path):
+    keep = [[1, 3, 5], [1, 4, 6]]
+    draws = [train(tiny(text_file, steps=1, save_every=1, bitnet=True, keep=keep, keep_random=True, seed=s,
+                        save_checkpoints=False), tmp_path / f"r{s}").config["keep"] for s in (0, 1)]
+    for drawn in draws:
+        assert len(drawn) == 2 and all(c[0] == 1 and c not in keep for c in drawn)
+    assert draws[0] != draws[1]
+    with pytest.raises(SuperweightError, match="exclude each other"):
+        train(tiny(text_file, steps=1, bitnet=True, keep=keep, keep_random=True, keep_lines=True), tmp_path / "x")

@@ -19,9 +19,10 @@ change what a pretrained model such as SmolLM2 computes before continued trainin
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import ClassVar, Iterable
+from typing import ClassVar, Iterable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -79,6 +80,8 @@ class BitLinear(nn.Linear):
     def effective_weight(self) -> torch.Tensor:
         """The weight the forward pass uses: ternary x gamma, kept entries at their latent value."""
         w = self.weight
+        if getattr(self, "materialised", False):  # inside ``effective_weights``: weight already is it
+            return w
         w_q = w + (ternary_weight(w).to(w.dtype) - w).detach()
         if self.keep_idx.numel():
             flat = w_q.reshape(-1).index_put((self.keep_idx,), w.reshape(-1)[self.keep_idx])
@@ -88,6 +91,37 @@ class BitLinear(nn.Linear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x_q = x + (absmax_per_token(x, self.activation_bits) - x).detach()
         return F.linear(x_q, self.effective_weight(), self.bias)
+
+
+@contextmanager
+def effective_weights(model: nn.Module) -> Iterator[nn.Module]:
+    """Inside: every ``BitLinear``'s ``weight`` holds the weight its forward uses (same forward, same
+    outputs), so code that reads weight matrices (detection's creators) sees the ternary ones.
+    The latent weights are restored on exit."""
+    saved = []
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, BitLinear) and not getattr(module, "materialised", False):
+                saved.append((module, module.weight.detach().clone()))
+                module.weight.copy_(module.effective_weight())
+                module.materialised = True
+    try:
+        yield model
+    finally:
+        with torch.no_grad():
+            for module, latent in saved:
+                module.weight.copy_(latent)
+                module.materialised = False
+
+
+def whole_lines(model: nn.Module, arch: ArchSpec, coords: Iterable) -> list[tuple[int, int, int]]:
+    """Every down-projection entry in the row or the column of one of ``coords`` (layer, row, col)."""
+    out: set[tuple[int, int, int]] = set()
+    for layer, row, col in (tuple(c)[:3] for c in coords):
+        rows, cols = arch.weight_matrix(model, layer).shape
+        out.update((layer, row, c) for c in range(cols))
+        out.update((layer, r, col) for r in range(rows))
+    return sorted(out)
 
 
 def bit_targets(model: nn.Module, arch: ArchSpec) -> dict[str, nn.Linear]:

@@ -148,6 +148,28 @@ def load_checkpoint(path: Path):
     return lm
 
 
+def activation_state(model: nn.Module, tokenizer, arch, prompt: str | None = None, text: str = "") -> tuple[object, dict]:
+    """Detection's result and the activation fields of a ``CheckpointPoint`` (no losses) for a model
+    as it is now; a BitNet model is read through the weights its forward uses."""
+    from .bitnet import effective_weights
+
+    with effective_weights(model):
+        result = detect_checkpoint(model, tokenizer, arch, prompt, text)
+        layers = result.layers
+        top, value, share, out_peak, in_val = top_creator(model, arch, layers)
+        peak = max(layers, key=lambda s: s.residual.magnitude)
+        typical = typical_residual(model, arch, tokenizer, peak.layer, prompt)
+    res = [s.residual.magnitude for s in layers]
+    return result, dict(
+        residual_max=peak.residual.magnitude, residual_layer=peak.layer, residual_channel=peak.residual.channel,
+        residual_token=peak.residual.token, residual_median_layer_max=float(torch.tensor(res, device="cpu").median()),
+        residual_typical=typical, top=list(top), top_value=value, top_share=share, top_output=out_peak,
+        top_input=in_val, detected=[list(c) for c in result.coords], residual_per_layer=res,
+        activations=[[a.token, a.channel, a.peak_layer, a.ratio] for a in result.activations],
+        verdicts=[sw.verdict for sw in result.super_weights], output_per_layer=[s.output.magnitude for s in layers],
+    )
+
+
 def measure(path: Path, text: str, eval_tokens: int, prompt: str | None = None) -> CheckpointPoint:
     """Everything one checkpoint shows (see the module docstring)."""
     from .loop import bos_id, checkpoint_step, eval_windows, heldout_loss, token_stream
@@ -156,29 +178,16 @@ def measure(path: Path, text: str, eval_tokens: int, prompt: str | None = None) 
     model, arch = lm.model.eval(), lm.arch
     seq_len = min(getattr(model.config, "max_position_embeddings", 128) or 128, 512)
     windows = eval_windows(token_stream(lm.tokenizer, text), bos_id(lm.tokenizer), seq_len, eval_tokens)
-    result = detect_checkpoint(model, lm.tokenizer, arch, prompt, text)
-    layers = result.layers
-    top, value, share, out_peak, in_val = top_creator(model, arch, layers)
+    result, fields = activation_state(model, lm.tokenizer, arch, prompt, text)
     loss = heldout_loss(model, windows)
-    with zeroed_weights(model, arch, [top]):
+    with zeroed_weights(model, arch, [fields["top"]]):
         loss_top = heldout_loss(model, windows)
     loss_det = None
     if result.super_weights:
         with zeroed_weights(model, arch, result.super_weights):
             loss_det = heldout_loss(model, windows)
-    res = [s.residual.magnitude for s in layers]
-    peak = max(layers, key=lambda s: s.residual.magnitude)
-    return CheckpointPoint(
-        path=str(path), step=checkpoint_step(path), loss=loss, loss_zero_top=loss_top, loss_zero_detected=loss_det,
-        residual_max=peak.residual.magnitude, residual_layer=peak.layer, residual_channel=peak.residual.channel,
-        residual_token=peak.residual.token, residual_median_layer_max=float(torch.tensor(res, device="cpu").median()),
-        residual_typical=typical_residual(model, arch, lm.tokenizer, peak.layer, prompt),
-        top=list(top), top_value=value, top_share=share, top_output=out_peak, top_input=in_val,
-        detected=[list(c) for c in result.coords], residual_per_layer=res,
-        activations=[[a.token, a.channel, a.peak_layer, a.ratio] for a in result.activations],
-        verdicts=[sw.verdict for sw in result.super_weights],
-        output_per_layer=[s.output.magnitude for s in layers],
-    )
+    return CheckpointPoint(path=str(path), step=checkpoint_step(path), loss=loss, loss_zero_top=loss_top,
+                           loss_zero_detected=loss_det, **fields)
 
 
 def emergence(

@@ -77,6 +77,10 @@ class TrainConfig(Versioned):
     bitnet: bool = False
     keep: list[list[int]] = field(default_factory=list)  # (layer, row, col) of down_proj kept in full precision
     keep_random: bool = False  # replace ``keep`` by as many random down_proj entries of the same layers
+    keep_lines: bool = False  # keep the whole down_proj row and column of every ``keep`` entry instead
+    zero: list[list[int]] = field(default_factory=list)  # (layer, row, col) of down_proj zeroed before step 1
+    freeze_embeddings: bool = False  # continued training: the (tied) embedding is not trained
+    save_checkpoints: bool = True  # False: only train_log.json (held-out losses and measures) is written
 
     @classmethod
     def preset(cls, name: str, **overrides) -> "TrainConfig":
@@ -216,8 +220,9 @@ def lr_at(step: int, config: TrainConfig) -> float:
 
 def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
     """AdamW; no weight decay on norms and biases (one-dimensional parameters)."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    rest = [p for p in model.parameters() if p.dim() < 2]
+    params = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in params if p.dim() >= 2]
+    rest = [p for p in params if p.dim() < 2]
     groups = [{"params": decay, "weight_decay": config.weight_decay}, {"params": rest, "weight_decay": 0.0}]
     return torch.optim.AdamW(groups, lr=config.lr, betas=(0.9, 0.95))
 
@@ -250,6 +255,7 @@ class TrainResult(Versioned):
     checkpoints: list[str]
     seconds: float = 0.0
     threads: int = 0
+    measures: list[dict] = field(default_factory=list)  # what ``train(measure=...)`` returned at each checkpoint step
 
 
 def _prepare(config: TrainConfig, tokenizer=None):
@@ -265,15 +271,36 @@ def _prepare(config: TrainConfig, tokenizer=None):
 
 
 def _with_kept(model: nn.Module, config: TrainConfig) -> TrainConfig:
-    """``config`` with its random control drawn: as many random entries, in the same layers."""
-    if not (config.keep_random and config.keep):
+    """``config`` with its kept entries resolved: the random control drawn (as many random entries,
+    in the same layers), or the whole rows and columns of the given entries."""
+    if not config.keep or not (config.keep_random or config.keep_lines):
         return config
-    from ..prove.ablate import random_coords
     from ..model.arch_infer import get_arch
+
+    if config.keep_random and config.keep_lines:
+        raise SuperweightError("keep_random and keep_lines exclude each other: pick one control")
+    if config.keep_lines:
+        from .bitnet import whole_lines
+
+        return dataclasses.replace(config, keep=[list(c) for c in whole_lines(model, get_arch(model), config.keep)])
+    from ..prove.ablate import random_coords
 
     layers = sorted({c[0] for c in config.keep})
     coords = random_coords(model, get_arch(model), layers, len(config.keep), config.keep, seed=config.seed)
     return dataclasses.replace(config, keep=[list(c) for c in coords])
+
+
+def _zero_then_train(model: nn.Module, config: TrainConfig) -> None:
+    """Zero ``config.zero`` for good (training may grow them back), and freeze the embedding if asked."""
+    if config.zero:
+        from ..model.arch_infer import get_arch
+
+        arch = get_arch(model)
+        with torch.no_grad():
+            for layer, row, col in config.zero:
+                arch.weight_matrix(model, layer)[row, col] = 0.0
+    if config.freeze_embeddings:
+        model.get_input_embeddings().weight.requires_grad_(False)
 
 
 def _train_step(model, opt, ids: torch.Tensor, lr: float, clip: float) -> float:
@@ -300,13 +327,15 @@ def _initial(config: TrainConfig):
     return lm.model, lm.tokenizer
 
 
-def train(config: TrainConfig, out: str | Path, progress=None) -> TrainResult:
+def train(config: TrainConfig, out: str | Path, progress=None, measure=None) -> TrainResult:
     """Train from scratch (or continue ``config.init``); a checkpoint at step 0, every
-    ``save_every`` steps and at the end."""
+    ``save_every`` steps and at the end. ``measure(model, tokenizer, step) -> dict``, when given,
+    runs at each of those steps (model in eval mode) and its dicts go to ``TrainResult.measures``."""
     out, device = Path(out), resolve_device(config.device)
     model, tokenizer = _initial(config)
     tokenizer, bos, stream, windows, held_name = _prepare(config, tokenizer)
     model = model if model is not None else build_model(config, len(tokenizer), bos)
+    _zero_then_train(model, config)
     if config.bitnet:
         config = _with_kept(model, config)
         from .bitnet import BitNetConfig, convert
@@ -321,10 +350,13 @@ def train(config: TrainConfig, out: str | Path, progress=None) -> TrainResult:
     def checkpoint(step: int, loss: float | None) -> None:
         model.eval()
         held = heldout_loss(model, windows)
+        if measure is not None:
+            result.measures.append({"step": step, **measure(model, tokenizer, step)})
         model.train()
         result.evals.append([step, held])
-        path = save_checkpoint(model, tokenizer, out, step, config, {"train_loss": loss, "heldout_loss": held})
-        result.checkpoints.append(path.name)
+        if config.save_checkpoints:
+            path = save_checkpoint(model, tokenizer, out, step, config, {"train_loss": loss, "heldout_loss": held})
+            result.checkpoints.append(path.name)
         result.seconds = time.time() - start
         result.save(out / "train_log.json")
         log.info("step %d: train %.3f held-out %.3f (%.0f s)", step, loss or float("nan"), held, result.seconds)
