@@ -82,10 +82,25 @@ def test_permute_round_trips():
 
 
 @pytest.fixture(scope="module")
-def tiny_llama(byte_tokenizer):
+def bpe_tokenizer():
+    """A byte-level BPE with merges (llama.cpp's BPE needs them), trained here on a few sentences."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(["Apple Inc. is a worldwide tech company.", "the super weight of the model"] * 20, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|endoftext|>", pad_token="<|endoftext|>")
+
+
+@pytest.fixture(scope="module")
+def tiny_llama(bpe_tokenizer):
     model = tiny_model("LlamaForCausalLM", hidden=256, intermediate=512, vocab=320)
     plant_super_weight(model, layer=1, row=7, col=11)
-    return LoadedModel(model, byte_tokenizer, get_arch(model), "tiny", "tiny-folder")
+    return LoadedModel(model, bpe_tokenizer, get_arch(model), "tiny", "tiny-folder")
 
 
 def _reader(path):
@@ -106,7 +121,10 @@ def test_whole_llama_reads_back(tiny_llama, tmp_path):
     assert field("general.architecture") == "llama"
     assert (field("llama.block_count"), field("llama.embedding_length")) == (cfg.num_hidden_layers, cfg.hidden_size)
     assert (field("llama.attention.head_count"), field("llama.attention.head_count_kv")) == (4, 2)
-    assert field("tokenizer.ggml.model") == "gpt2" and len(field("tokenizer.ggml.tokens")) == len(tiny_llama.tokenizer)
+    assert field("tokenizer.ggml.model") == "gpt2" and len(field("tokenizer.ggml.tokens")) == cfg.vocab_size
+    assert field("tokenizer.ggml.tokens")[: len(tiny_llama.tokenizer)] == tiny_llama.tokenizer.convert_ids_to_tokens(
+        list(range(len(tiny_llama.tokenizer))))
+    assert field("tokenizer.ggml.token_type")[-1] == 5  # padded to the embedding's rows, unused
     types = {t.name: t.tensor_type.name for t in r.tensors}
     assert types["blk.1.ffn_down.weight"] == "F16"  # the super weight's tensor, a higher type
     assert types["blk.0.ffn_down.weight"] == types["blk.1.attn_q.weight"] == "Q4_K"
@@ -147,10 +165,10 @@ def _cli(*args):
     return CliRunner().invoke(app, ["quantize", *map(str, args)])
 
 
-def test_cli_writes_a_gguf_and_refuses_in_one_line(tmp_path, byte_tokenizer):
+def test_cli_writes_a_gguf_and_refuses_in_one_line(tmp_path, bpe_tokenizer, byte_tokenizer):
     folder = tmp_path / "tiny"
     tiny_model("LlamaForCausalLM", hidden=64, intermediate=128).save_pretrained(folder)
-    byte_tokenizer.save_pretrained(folder)
+    bpe_tokenizer.save_pretrained(folder)
     res = _cli(folder, "--format", "gguf", "--scheme", "q4_0", "--out", tmp_path / "m.gguf", "--no-keep-super-weights")
     assert res.exit_code == 0, res.output
     assert {t.tensor_type.name for t in _reader(tmp_path / "m.gguf").tensors} == {"Q4_0", "Q8_0", "F32"}
@@ -164,8 +182,32 @@ def test_cli_writes_a_gguf_and_refuses_in_one_line(tmp_path, byte_tokenizer):
         res = _cli(folder, "--format", "gguf", *args, "--out", tmp_path / "x.gguf", "--no-keep-super-weights")
         assert isinstance(res.exception, SuperweightError) and message in str(res.exception), (args, res.output)
     assert not (tmp_path / "x.gguf").exists()
+    byte_tokenizer.save_pretrained(folder)  # no merges: llama.cpp could not read it
+    res = _cli(folder, "--format", "gguf", "--scheme", "q8_0", "--out", tmp_path / "x.gguf", "--no-keep-super-weights")
+    assert isinstance(res.exception, SuperweightError) and "has no merges" in str(res.exception), res.output
     gpt2 = tmp_path / "gpt2"
     tiny_model("GPT2LMHeadModel").save_pretrained(gpt2)
     byte_tokenizer.save_pretrained(gpt2)
     res = _cli(gpt2, "--format", "gguf", "--scheme", "q8_0", "--out", tmp_path / "x.gguf", "--no-keep-super-weights")
     assert isinstance(res.exception, SuperweightError) and "only from a GGUF file" in str(res.exception), res.output
+
+
+@pytest.mark.slow
+def test_real_model_written_at_f32_reproduces_its_source_gguf(smollm2, tmp_path):
+    """SmolLM2 (float weights dequantized from its Q4_1 GGUF) written back at F32: every tensor holds the
+    source file's dequantized values, Q/K included (so our permutation is llama.cpp's converter's), and
+    every metadata field but the file type is the source's."""
+    import gguf
+
+    path = tmp_path / "smol.gguf"
+    write_gguf(smollm2, GGUFPlan("f32", search=False, embed_type="f32"), path)
+    src, ours = gguf.GGUFReader(smollm2.source), _reader(path)
+    written = {t.name: t for t in ours.tensors}
+    assert sorted(written) == sorted(t.name for t in src.tensors)
+    for t in src.tensors:
+        want = torch.from_numpy(np.asarray(gguf.quants.dequantize(t.data, t.tensor_type), dtype=np.float32))
+        got = torch.from_numpy(np.asarray(written[t.name].data, dtype=np.float32)).reshape(want.shape)
+        torch.testing.assert_close(got, want, rtol=2.0**-23, atol=0, msg=t.name)
+    for key, f in src.fields.items():
+        if not key.startswith("GGUF.") and key != "general.file_type":
+            assert ours.fields[key].contents() == f.contents(), key

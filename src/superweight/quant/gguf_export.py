@@ -81,7 +81,9 @@ def check_exportable(lm) -> None:
                                "convert_hf_to_gguf.py first and pass that .gguf")
     if not _is_gguf(lm.source):
         _check_llama_config(lm.model.config)
-        _bpe(lm.tokenizer)
+        if not _bpe(lm.tokenizer)["model"].get("merges"):
+            raise SuperweightError("the tokenizer's BPE has no merges, which llama.cpp's BPE needs: "
+                                   "pass a model with a trained tokenizer")
 
 
 def _check_llama_config(cfg) -> None:
@@ -179,23 +181,23 @@ def _llama_metadata(w, lm) -> None:
     w.add_rope_freq_base(_rope_theta(cfg))
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_vocab_size(cfg.vocab_size)
-    tokenizer_metadata(w, lm.tokenizer)
+    tokenizer_metadata(w, lm.tokenizer, cfg.vocab_size)
 
 
-def tokenizer_metadata(w, tokenizer) -> None:
-    """A byte-level BPE tokenizer as llama.cpp's ``gpt2`` tokenizer model (vocabulary, merges, special tokens)."""
+def tokenizer_metadata(w, tokenizer, vocab_size: int) -> None:
+    """A byte-level BPE tokenizer as llama.cpp's ``gpt2`` tokenizer model (vocabulary, merges, special
+    tokens), padded to the embedding's ``vocab_size`` rows with unused ``[PADi]`` tokens as
+    convert_hf_to_gguf.py pads it."""
     tok = _bpe(tokenizer)
-    vocab = tok["model"]["vocab"]
-    tokens = [t for t, _ in sorted(vocab.items(), key=lambda kv: kv[1])]
-    for a in tok.get("added_tokens", []):  # added tokens past the BPE vocabulary
-        if a["id"] >= len(tokens):
-            tokens += [f"[PAD{i}]" for i in range(len(tokens), a["id"])] + [a["content"]]
+    by_id = {i: t for t, i in tok["model"]["vocab"].items()}
+    by_id.update({a["id"]: a["content"] for a in tok.get("added_tokens", [])})
+    tokens = [by_id.get(i, f"[PAD{i}]") for i in range(max(vocab_size, 1 + max(by_id)))]
     merges = [m if isinstance(m, str) else " ".join(m) for m in tok["model"].get("merges", [])]
     special = {a["id"] for a in tok.get("added_tokens", [])}
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre("default")
     w.add_token_list(tokens)
-    w.add_token_types([3 if i in special else 1 for i in range(len(tokens))])
+    w.add_token_types([3 if i in special else 1 if i in by_id else 5 for i in range(len(tokens))])
     w.add_token_merges(merges)
     for setter, tid in ((w.add_bos_token_id, tokenizer.bos_token_id), (w.add_eos_token_id, tokenizer.eos_token_id),
                         (w.add_pad_token_id, tokenizer.pad_token_id)):

@@ -1,0 +1,193 @@
+"""Our GGUF (``superweight quantize --format gguf``) against llama.cpp's own quantizer of the same type,
+at equal file size, with perplexity computed from llama.cpp's own logits on two texts.
+
+For each model (the built-in SmolLM2-135M and Gemma-3-270M, whose float weights are themselves
+dequantized from Q4_1 and Q4_K_M GGUF files: every figure is relative to those weights, and a type
+that matches the source's grid, Q4_1 for SmolLM2, has an unusually easy job) one run:
+
+1. writes the float model as an F32 GGUF (the product's writer; metadata and tokenizer copied from
+   the source GGUF) and detects the super weights;
+2. for each type T, four files:
+   - ``llama.cpp T``: ``llama_model_quantize`` (llama-cpp-python) of the F32 file, ``pure`` (every 2-D
+     decoder weight T, with llama.cpp's own fallback where a row is not whole blocks), token
+     embedding and output in Q8_0, no importance matrix;
+   - ``llama.cpp T + overrides``: the same with the super weights' tensors in F16 through the quantize
+     parameters' tensor overrides (``tt_overrides``: what ``llama-quantize --tensor-type
+     ^blk\\.L\\.ffn_down\\.weight$=f16`` passes; the patterns are ``superweight llama-cpp-overrides``');
+   - ``ours T`` and ``ours T + overrides``: the product's writer (``GGUFPlan(T, search=True)``) with
+     the same embedding type and the same overrides: the same types tensor by tensor, so the same
+     size (checked: ``size_ratio``);
+3. scores every file, and the F32 one, with ``llama_cpp.Llama(..., logits_all=True)``: windows of
+   ``--seq-len`` tokens of WikiText-2 and of the LAMBADA passages (``eval.text``, context + target
+   word), the project's own windowing (``eval.perplexity``), the NLL from llama.cpp's logits.
+
+    nice python bench/gguf_export.py [--models smollm2-135m gemma3-270m] [--types q4_0 q4_1 q4_k]
+        [--seq-len 512 --windows 8] [--threads 2]  -> bench/results/gguf_export.json
+"""
+from __future__ import annotations
+
+import argparse
+import ctypes
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from superweight.core.files import write_json_atomic  # noqa: E402
+from superweight.eval.perplexity import tokenize_stream, window_spans  # noqa: E402
+from superweight.eval.text import load_text  # noqa: E402
+from superweight.find.loop import detect  # noqa: E402
+from superweight.model.load import load_model  # noqa: E402
+from superweight.quant.gguf_export import GGUFPlan, write_gguf  # noqa: E402
+from superweight.quant.llama_cpp import TensorOverride, overrides_for  # noqa: E402
+
+TEXTS = ("wikitext2", "lambada")
+EMBED = "q8_0"
+
+
+def llama_cpp_quantize(src: Path, out: Path, type_name: str, threads: int, overrides: list[TensorOverride] = ()) -> None:
+    """llama.cpp's own quantizer: every 2-D weight ``type_name`` (``pure``), embedding and output Q8_0,
+    ``overrides`` as ``--tensor-type PATTERN=TYPE`` (the parameters' ``tt_overrides``, null-terminated)."""
+    import gguf
+    import llama_cpp
+
+    ftype = {"q4_k": "MOSTLY_Q4_K_M", "q5_k": "MOSTLY_Q5_K_M"}.get(type_name, f"MOSTLY_{type_name.upper()}")
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.nthread = threads
+    params.ftype = int(gguf.LlamaFileType[ftype])
+    params.pure = True
+    params.token_embedding_type = int(gguf.GGMLQuantizationType[EMBED.upper()])
+    params.output_tensor_type = int(gguf.GGMLQuantizationType[EMBED.upper()])
+    table = (llama_cpp.llama_model_tensor_override * (len(overrides) + 1))()
+    for i, o in enumerate(overrides):
+        table[i].pattern, table[i].type = o.pattern.encode(), int(gguf.GGMLQuantizationType[o.type.upper()])
+    table[len(overrides)].pattern = None
+    if overrides:
+        params.tt_overrides = ctypes.cast(table, ctypes.POINTER(llama_cpp.llama_model_tensor_override))
+    rc = llama_cpp.llama_model_quantize(str(src).encode(), str(out).encode(), ctypes.byref(params))
+    if rc != 0:
+        raise RuntimeError(f"llama_model_quantize({type_name}) returned {rc}")
+
+
+def tensor_types(path: Path) -> dict[str, str]:
+    import gguf
+
+    return {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
+
+
+def llama_perplexity(path: Path, windows: list[tuple[list[int], int]], threads: int) -> dict:
+    """exp(mean NLL) of each window's scored tokens, from llama.cpp's logits of every position."""
+    from llama_cpp import Llama
+
+    n_ctx = max(len(ids) for ids, _ in windows)
+    llm = Llama(model_path=str(path), n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, logits_all=True,
+                n_threads=threads, verbose=False)
+    nll, count, start = 0.0, 0, time.perf_counter()
+    for ids, first in windows:
+        llm.reset()
+        llm.eval(ids)
+        logits = torch.from_numpy(np.array(llm.scores[first - 1: len(ids) - 1], dtype=np.float32))
+        target = torch.tensor(ids[first:])
+        nll += float(torch.nn.functional.cross_entropy(logits.double(), target, reduction="sum"))
+        count += len(target)
+    del llm
+    return {"ppl": float(np.exp(nll / count)), "nll": nll / count, "tokens": count, "seconds": time.perf_counter() - start}
+
+
+def text_windows(tokenizer, source: str, seq_len: int, n_windows: int) -> list[tuple[list[int], int]]:
+    """The project's windows (``eval.perplexity``: stride = seq_len) over the first tokens of ``source``."""
+    ids = tokenize_stream(tokenizer, load_text(source), seq_len * n_windows).tolist()
+    return [(ids[b:e], f - b) for b, e, f in window_spans(len(ids), seq_len, seq_len)]
+
+
+def files_for(lm, model: str, types: list[str], overrides: list[TensorOverride], work: Path, threads: int) -> dict[str, Path]:
+    """The F32 source and, for each type, the four files compared (see the module docstring)."""
+    model = model.strip("/").replace("/", "_")
+    src = work / f"{model}-f32.gguf"
+    write_gguf(lm, GGUFPlan("f32", search=False, embed_type="f32"), src)
+    files = {"float (F32)": src}
+    for t in types:
+        lc = work / f"{model}-{t}-llamacpp.gguf"
+        llama_cpp_quantize(src, lc, t, threads)
+        files[f"llama.cpp {t}"] = lc
+        files[f"llama.cpp {t} + overrides"] = work / f"{model}-{t}-llamacpp-ovr.gguf"
+        llama_cpp_quantize(src, files[f"llama.cpp {t} + overrides"], t, threads, overrides)
+        for suffix, ovr in (("", {}), (" + overrides", {o.tensor: o.type for o in overrides})):
+            path = work / f"{model}-{t}-ours{'-ovr' if ovr else ''}.gguf"
+            start = time.perf_counter()
+            write_gguf(lm, GGUFPlan(t, search=True, embed_type=EMBED, overrides=dict(ovr)), path)
+            print(f"  ours {t}{suffix}: written in {time.perf_counter() - start:.0f} s", flush=True)
+            files[f"ours {t}{suffix}"] = path
+    return files
+
+
+def compare(rows: dict, types: dict[str, dict], type_names: list[str]) -> list[dict]:
+    """Ours against llama.cpp, type by type, with and without the overrides, on each text."""
+    out = []
+    for t in type_names:
+        for suffix in ("", " + overrides"):
+            ours, ref = rows[f"ours {t}{suffix}"], rows[f"llama.cpp {t}{suffix}"]
+            entry = {"type": t, "overrides": bool(suffix), "size_ratio": ours["bytes"] / ref["bytes"],
+                     "same_types": types[f"ours {t}{suffix}"] == types[f"llama.cpp {t}{suffix}"]}
+            for text in ref["ppl"]:
+                entry[text] = {"ours": ours["ppl"][text]["ppl"], "llama.cpp": ref["ppl"][text]["ppl"],
+                               "ours_lower": ours["ppl"][text]["ppl"] < ref["ppl"][text]["ppl"]}
+            out.append(entry)
+    return out
+
+
+def run_model(model: str, args) -> dict:
+    torch.set_num_threads(args.threads)
+    lm = load_model(model)
+    det = detect(lm.model, lm.tokenizer, model_name=model, arch=lm.arch)
+    overrides = overrides_for(lm.arch.name, lm.model.config.num_hidden_layers, det.super_weights, "f16")
+    windows = {text: text_windows(lm.tokenizer, text, args.seq_len, args.windows) for text in args.texts}
+    files = files_for(lm, model, args.types, overrides, args.workdir, args.threads)
+    notes = lm.notes
+    del lm
+    rows, types = {}, {}
+    for name, path in files.items():
+        types[name] = tensor_types(path)
+        counts = {k: list(types[name].values()).count(k) for k in sorted(set(types[name].values()))}
+        rows[name] = {"bytes": path.stat().st_size, "type_counts": counts,
+                      "ppl": {text: llama_perplexity(path, w, args.threads) for text, w in windows.items()}}
+        print(f"{model:14s} {name:28s} {rows[name]['bytes'] / 1e6:8.2f} MB  "
+              + "  ".join(f"{t} {r['ppl']:.3f}" for t, r in rows[name]["ppl"].items()), flush=True)
+    comparison = compare(rows, types, args.types)
+    return {"notes": notes, "super_weights": [[s.layer, s.row, s.col] for s in det.super_weights],
+            "overrides": [o.argument for o in overrides], "rows": rows, "comparison": comparison}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--models", nargs="+", default=["smollm2-135m", "gemma3-270m"])
+    ap.add_argument("--types", nargs="+", default=["q4_0", "q4_1", "q4_k"])
+    ap.add_argument("--texts", nargs="+", default=list(TEXTS))
+    ap.add_argument("--seq-len", type=int, default=512)
+    ap.add_argument("--windows", type=int, default=8)
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--workdir", type=Path, default=Path("/tmp/superweight-gguf-export"))
+    ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gguf_export.json")
+    args = ap.parse_args()
+    args.workdir.mkdir(parents=True, exist_ok=True)
+    import llama_cpp
+
+    result = {"command": "python bench/gguf_export.py " + " ".join(sys.argv[1:]), "llama_cpp_python": llama_cpp.__version__,
+              "seq_len": args.seq_len, "windows": args.windows, "embedding_type": EMBED, "threads": args.threads,
+              "models": {}}
+    for model in args.models:
+        result["models"][model] = run_model(model, args)
+        write_json_atomic(args.out, result)  # each model as soon as it is measured
+    for model, r in result["models"].items():
+        for c in r["comparison"]:
+            print(model, c["type"], "+ovr" if c["overrides"] else "    ", f"size x{c['size_ratio']:.4f}",
+                  "  ".join(f"{t}: ours {c[t]['ours']:.3f} vs {c[t]['llama.cpp']:.3f}" for t in args.texts))
+
+
+if __name__ == "__main__":
+    main()
