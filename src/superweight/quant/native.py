@@ -14,7 +14,8 @@ checks it, ties, signed zeros and float16 edge cases included).
 The library is compiled on first use with the C compiler the machine has (``$CC``, ``cc`` or
 ``gcc``; ``-O3 -march=native -fopenmp``, about a second) into ``native/`` of superweight's cache
 (``$SUPERWEIGHT_CACHE``, default ``~/.cache/superweight``), keyed by the source, the flags and the
-CPU. Each call runs its loop on ``torch.get_num_threads()`` OpenMP threads (one for small calls).
+CPU. ``$SUPERWEIGHT_CFLAGS`` (split on spaces) is appended to the flags: ``-mno-avx2`` builds the
+portable kernels that CI's second test pass runs, ``-march=x86-64`` a baseline build. Each call runs its loop on ``torch.get_num_threads()`` OpenMP threads (one for small calls).
 The library links ``libgomp.so.1``, the name of the runtime torch's Linux wheels load, so the
 dynamic linker hands it torch's runtime and its warm threads (Python threads were tried first:
 waking a pool thread cost ~0.4 ms in this 2-core VM, more than a whole 1536x576 matrix takes).
@@ -47,6 +48,7 @@ FLAGS = ("-O3", "-march=native", "-ffp-contract=off", "-fPIC", "-shared", "-std=
 OPENMP = ("-fopenmp",)  # tried first; without it every call runs on one thread
 PARALLEL_MIN_NUMEL = 1 << 16  # below this a call runs on one thread
 _ENV = "SUPERWEIGHT_NATIVE"
+_CFLAGS_ENV = "SUPERWEIGHT_CFLAGS"
 _state: dict = {"lib": None, "tried": False}
 
 
@@ -90,13 +92,19 @@ def _build(compiler: str, flags: tuple[str, ...]) -> Path:
     return target
 
 
+def extra_flags() -> tuple[str, ...]:
+    """``$SUPERWEIGHT_CFLAGS`` split on whitespace: flags appended to every build (e.g. ``-mno-avx2``)."""
+    return tuple(os.environ.get(_CFLAGS_ENV, "").split())
+
+
 def load(flags: tuple[str, ...] = FLAGS) -> ctypes.CDLL:
-    """Build (or find in the cache) and load the kernels compiled with ``flags``; raises OSError or
-    subprocess.SubprocessError when that fails. ``library()`` is the cached, never-failing entry."""
+    """Build (or find in the cache) and load the kernels compiled with ``flags`` and then
+    ``extra_flags()``; raises OSError or subprocess.SubprocessError when that fails. ``library()`` is
+    the cached, never-failing entry."""
     compiler = shutil.which(os.environ.get("CC", "cc")) or shutil.which("gcc")
     if compiler is None:
         raise OSError("no C compiler (cc, gcc or $CC) on PATH")
-    lib = ctypes.CDLL(str(_build(compiler, flags)))
+    lib = ctypes.CDLL(str(_build(compiler, flags + extra_flags())))
     i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     lib.sw_rtn_minmax.argtypes = [ptr, i64, i64, i64, i32, ptr, i32, ptr, ptr, ptr, i32, i32]
     lib.sw_pack_bits.argtypes = [ptr, i64, i32, ptr, i32]
