@@ -15,8 +15,9 @@ that matches the source's grid, Q4_1 for SmolLM2, has an unusually easy job) one
      parameters' tensor overrides (``tt_overrides``: what ``llama-quantize --tensor-type
      ^blk\\.L\\.ffn_down\\.weight$=f16`` passes; the patterns are ``superweight llama-cpp-overrides``');
    - ``ours T`` and ``ours T + overrides``: the product's writer (``GGUFPlan(T, search=True)``) with
-     the same embedding type and the same overrides: the same types tensor by tensor, so the same
-     size (checked: ``size_ratio``);
+     the same embedding type, and that file with the super weights' tensors in F16 (``with_f16``:
+     what the writer writes with those overrides, without encoding every other tensor twice): the
+     same types tensor by tensor as llama.cpp's, so the same size (checked: ``size_ratio``);
 3. scores every file, and the F32 one, with ``llama_cpp.Llama(..., logits_all=True)``: windows of
    ``--seq-len`` tokens of WikiText-2 and of the LAMBADA passages (``eval.text``, context + target
    word), the project's own windowing (``eval.perplexity``), the NLL from llama.cpp's logits.
@@ -28,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import ctypes
+import json
 import sys
 import time
 from pathlib import Path
@@ -74,6 +76,33 @@ def llama_cpp_quantize(src: Path, out: Path, type_name: str, threads: int, overr
         raise RuntimeError(f"llama_model_quantize({type_name}) returned {rc}")
 
 
+def with_f16(ours: Path, source: Path, names: set[str], out: Path) -> None:
+    """``ours`` with the tensors ``names`` in F16 from ``source``'s float values: byte for byte what the
+    writer writes with those overrides (it encodes each tensor on its own; an F16 tensor is the plain
+    float16 of the weights), without encoding the others twice."""
+    import gguf
+
+    reader, src = gguf.GGUFReader(str(ours)), gguf.GGUFReader(str(source))
+    floats = {t.name: np.array(t.data, dtype=np.float32) for t in src.tensors if t.name in names}
+    w = gguf.GGUFWriter(str(out), reader.fields["general.architecture"].contents())
+    for key, f in reader.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        sub = f.types[1] if f.types[0] == gguf.GGUFValueType.ARRAY and len(f.types) > 1 else None
+        w.add_key_value(key, f.contents(), f.types[0], sub_type=sub)
+    for t in reader.tensors:
+        if t.name in floats:
+            w.add_tensor(t.name, floats[t.name].astype(np.float16))
+        elif t.tensor_type == gguf.GGMLQuantizationType.F32:
+            w.add_tensor(t.name, np.array(t.data))
+        else:
+            w.add_tensor(t.name, np.array(t.data), raw_dtype=t.tensor_type)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
 def tensor_types(path: Path) -> dict[str, str]:
     import gguf
 
@@ -117,12 +146,13 @@ def files_for(lm, model: str, types: list[str], overrides: list[TensorOverride],
         files[f"llama.cpp {t}"] = lc
         files[f"llama.cpp {t} + overrides"] = work / f"{model}-{t}-llamacpp-ovr.gguf"
         llama_cpp_quantize(src, files[f"llama.cpp {t} + overrides"], t, threads, overrides)
-        for suffix, ovr in (("", {}), (" + overrides", {o.tensor: o.type for o in overrides})):
-            path = work / f"{model}-{t}-ours{'-ovr' if ovr else ''}.gguf"
-            start = time.perf_counter()
-            write_gguf(lm, GGUFPlan(t, search=True, embed_type=EMBED, overrides=dict(ovr)), path)
-            print(f"  ours {t}{suffix}: written in {time.perf_counter() - start:.0f} s", flush=True)
-            files[f"ours {t}{suffix}"] = path
+        path, start = work / f"{model}-{t}-ours.gguf", time.perf_counter()
+        write_gguf(lm, GGUFPlan(t, search=True, embed_type=EMBED), path)
+        print(f"  ours {t}: written in {time.perf_counter() - start:.0f} s", flush=True)
+        files[f"ours {t}"] = files[f"ours {t} + overrides"] = path
+        if overrides:
+            files[f"ours {t} + overrides"] = work / f"{model}-{t}-ours-ovr.gguf"
+            with_f16(path, src, {o.tensor for o in overrides}, files[f"ours {t} + overrides"])
     return files
 
 
@@ -181,7 +211,10 @@ def main() -> None:
               "seq_len": args.seq_len, "windows": args.windows, "embedding_type": EMBED, "threads": args.threads,
               "models": {}}
     for model in args.models:
-        result["models"][model] = run_model(model, args)
+        measured = run_model(model, args)
+        if args.out.is_file():  # models measured by other runs (one process per model) are kept
+            result["models"] = {**json.loads(args.out.read_text())["models"], **result["models"]}
+        result["models"][model] = {"command": result["command"], **measured}
         write_json_atomic(args.out, result)  # each model as soon as it is measured
     for model, r in result["models"].items():
         for c in r["comparison"]:
