@@ -115,6 +115,69 @@ def bench_verdict(lm, forward_s: float, tokens: int = 1024) -> dict:
             "forwards_equivalent": seconds / forward_s, "findings": len(result.super_weights)}
 
 
+BIG = "big-llama-1b"  # the synthetic >= 1B Llama (bench/make_big_model.py), built once under --big-dir
+
+
+def big_model(folder: Path) -> Path:
+    """A random 7B-width Llama of 4 layers (1.07B parameters, bfloat16 on disk) with one planted super
+    weight (layer 2, row 3968, col 7003): written once by ``bench/make_big_model.py``, then reused."""
+    if not (folder / "superweight_planted.json").exists():
+        sys.path.insert(0, str(ROOT))
+        import make_big_model
+
+        make_big_model.main(["--size-gb", "2.2", "--out", str(folder)])
+    return folder
+
+
+def bench_verdict_cost(name: str, big_dir: Path, reps: int = 3) -> dict:
+    """Detect + verdict on ``name`` as ``superweight detect`` runs them (default method, wiki-intros,
+    1,024 tokens): the tokens the verdict scored (base, every zeroed set and null draw) over its text
+    length, each verdict's label and tokens, and detect + verdict time over one plain forward over the
+    verdict text (the median of ``reps``, timed after the verdict)."""
+    import torch
+
+    from superweight.eval.text import load_text
+    from superweight.find.loop import detect
+    from superweight.find.verdict import Judge, judge_with
+    from superweight.model.load import load_model
+
+    ref = str(big_model(big_dir)) if name == BIG else name
+    lm = load_model(ref)
+    text = load_text("wiki-intros")
+    t0 = time.perf_counter()
+    result = detect(lm.model, lm.tokenizer, arch=lm.arch, model_name=name)
+    t1 = time.perf_counter()
+    j = Judge(lm.model, lm.arch, lm.tokenizer, text, 1024)
+    judge_with(j, result)
+    t2 = time.perf_counter()
+    ids = j.ids[: j.spans[0][1]].unsqueeze(0)
+    forwards = []
+    for _ in range(reps):
+        with torch.no_grad():
+            f0 = time.perf_counter()
+            lm.model(input_ids=ids, use_cache=False)
+            forwards.append(time.perf_counter() - f0)
+    forward_s = statistics.median(forwards)
+    return {"model": name, "params": sum(p.numel() for p in lm.model.parameters()), "dtype": str(lm.model.dtype),
+            "text_tokens": j.tokens, "windows": len(j.spans), "tokens_per_pass": j.per_pass,
+            "scored_tokens": j.scored, "scored_over_text": j.scored / j.tokens, "forward_s": forward_s,
+            "detect_s": t1 - t0, "verdict_s": t2 - t1, "detect_verdict_over_forward": (t2 - t0) / forward_s,
+            "verdicts": [{"target": v.target, "weights": v.weights, "label": v.label, "ppl_ratio": v.ppl_ratio,
+                          "null_ppl_ratios": v.null_ppl_ratios, "tokens": getattr(v, "scored", v.tokens)}
+                         for v in result.verdicts],
+            "labels": {str(sw.key): sw.verdict for sw in result.super_weights}, "notes": lm.notes}
+
+
+def write_verdict_cost(out: Path, phase: str, name: str, entry: dict, command: str) -> None:
+    """Merge one model's figures into ``out`` under ``phase`` (before / after)."""
+    from superweight.find.loop import write_json_atomic
+
+    data = json.loads(out.read_text()) if out.exists() else {}
+    data.setdefault(phase, {})[name] = {**entry, "command": command, "torch_threads": __import__("torch").get_num_threads(),
+                                       "machine": {"cpus": os.cpu_count(), "loadavg_1m": os.getloadavg()[0]}}
+    write_json_atomic(out, data)
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=30)
@@ -122,6 +185,10 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--threads", type=int, help="torch threads (default: torch's own)")
     ap.add_argument("--skip-loads", action="store_true", help="only the iteration / forward ratio")
     ap.add_argument("--load-child", help=argparse.SUPPRESS)
+    ap.add_argument("--verdict-cost", metavar="MODEL", help=f"only the verdict's cost on MODEL (smollm2-135m, gemma3-270m, {BIG})")
+    ap.add_argument("--phase", default="after", help="the key the verdict cost is written under (before / after)")
+    ap.add_argument("--verdict-out", type=Path, default=ROOT / "results" / "detect_verdict.json")
+    ap.add_argument("--big-dir", type=Path, default=Path(tempfile.gettempdir()) / "sw-big-llama-1b")
     args = ap.parse_args(argv)
     if args.threads:
         import torch
@@ -130,6 +197,12 @@ def main(argv: list[str] | None = None) -> dict:
     if args.load_child:
         load_child(args.load_child)
         return {}
+    command = "python bench/detect.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.verdict_cost:
+        entry = bench_verdict_cost(args.verdict_cost, args.big_dir)
+        write_verdict_cost(args.verdict_out, args.phase, args.verdict_cost, entry, command)
+        print(json.dumps({k: entry[k] for k in ("scored_over_text", "detect_verdict_over_forward", "labels")}, indent=1))
+        return entry
     result = {**bench_iteration(args.reps), **({} if args.skip_loads else bench_loads())}
     result["targets"] = {"iteration_ratio": TARGET_ITER, "load_ratio": TARGET_LOAD}
     result["machine"] = {"cpus": os.cpu_count(), "loadavg_1m": os.getloadavg()[0]}

@@ -249,6 +249,7 @@ class StreamedJudge(JudgeBase):
         log.info("verdict, streamed: %d zeroed sets and the base over %d tokens, about %.3g TFLOP of forward passes "
                  "(--no-verdict skips it)", len(sets), self.tokens, flops / 1e12)
         per_window = window_nlls(self.sm, self.windows(), all_sets)
+        self.scored += self.per_pass * len(all_sets)
         means = [self.mean([w[s] for w in per_window]) for s in range(len(all_sets))]
         self.base = means[0]
         return means[1:]

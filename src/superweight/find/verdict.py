@@ -96,10 +96,16 @@ class JudgeBase:
         self.model, self.arch, self.tokenizer = model, arch, tokenizer
         self.ids, self.spans, _, _ = perplexity_windows(model, tokenizer, text, max_tokens=tokens)
         self.tokens, self.rng, self.base = len(self.ids), random.Random(seed), 0.0
+        self.scored = 0  # tokens scored so far, summed over every pass (the base, each set, each null draw)
 
     def windows(self) -> list[tuple[torch.Tensor, int]]:
         """``(ids, first_scored)`` of each window."""
         return [(self.ids[b:e], f - b) for b, e, f in self.spans]
+
+    @property
+    def per_pass(self) -> int:
+        """Tokens one full pass over the windows scores."""
+        return sum(e - f for _, e, f in self.spans)
 
     def mean(self, window_nlls: Sequence[float]) -> float:
         """Mean NLL per scored token from the windows' summed NLLs (added in window order)."""
@@ -126,6 +132,7 @@ class Judge(JudgeBase):
         from ..eval.perplexity import window_nll
 
         self.forwards += len(self.spans)
+        self.scored += self.per_pass
         return self.mean([float(window_nll(self.model, ids, first)) for ids, first in self.windows()])
 
     def zeroed_nlls(self, sets: Sequence[Sequence]) -> list[float]:
