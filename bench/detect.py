@@ -11,6 +11,14 @@
   over its scored text and its time in forwards-equivalent (its time / one plain forward).
   The two are timed alternately, ``--reps`` times each, after a warm-up; the JSON also has the
   median of the per-pair ratios (steadier on a shared machine). Target <= 1.10.
+* ``--verdict-cost MODEL`` (smollm2-135m, gemma3-270m, or big-llama-1b: a random 7B-width Llama of
+  5 layers, 1.27B parameters, with one planted super weight, written by ``make_big_model.py``): detect
+  + verdict as ``superweight detect`` runs them, in memory. ``scored_tokens``: every token the verdict
+  ran through the model's head, summed over its rounds, the base, each zeroed set and each null draw
+  (a set re-scored on a longer prefix counts its tokens again), over ``text_tokens``;
+  ``detect_verdict_over_forward``: detect + verdict time over one plain forward over the verdict
+  text; each verdict's label and the tokens it was scored on. Written into
+  ``results/detect_verdict.json`` under ``--phase`` (before / after the early-stopping verdict).
 * ``load_ratio``: ``load_model("smollm2-135m")`` from a cache folder that already holds the
   converted safetensors, over the first load into a fresh empty cache folder (GGUF
   dequantization + save). Target <= 0.2. Each load runs in its own process, which imports the
@@ -163,7 +171,8 @@ def bench_verdict_cost(name: str, big_dir: Path, reps: int = 3) -> dict:
             "scored_tokens": j.scored, "scored_over_text": j.scored / j.tokens, "forward_s": forward_s,
             "detect_s": t1 - t0, "verdict_s": t2 - t1, "detect_verdict_over_forward": (t2 - t0) / forward_s,
             "verdicts": [{"target": v.target, "weights": v.weights, "label": v.label, "ppl_ratio": v.ppl_ratio,
-                          "null_ppl_ratios": v.null_ppl_ratios, "tokens": getattr(v, "scored", v.tokens)}
+                          "null_ppl_ratios": v.null_ppl_ratios, "tokens": getattr(v, "scored", v.tokens),
+                          "null_tokens": getattr(v, "null_scored", [v.tokens] * len(v.null_ppl_ratios))}
                          for v in result.verdicts],
             "labels": {str(sw.key): sw.verdict for sw in result.super_weights}, "notes": lm.notes}
 

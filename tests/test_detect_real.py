@@ -165,18 +165,19 @@ def test_smollm2_super_weights_do_not_depend_on_the_kind_of_text(smollm2):
 
 def test_smollm2_streamed_verdict_is_the_in_memory_one(smollm2):
     """The streamed verdict on the real model (its converted safetensors folder, layer by layer):
-    bitwise the in-memory numbers, x7.27 for 11: [507, 1229] included."""
+    bitwise the in-memory numbers, x7.27 for 11: [507, 1229] included (every set on the whole text;
+    the early-stopped verdict: bench/detect.py --verdict-cost)."""
     from superweight.eval.text import load_text
     from superweight.find.streamed import stream_detect
     from superweight.find.verdict import judge
 
     text = load_text("wiki-intros")
     mem = sw.detect(smollm2.model, smollm2.tokenizer, arch=smollm2.arch)
-    judge(smollm2.model, smollm2.arch, smollm2.tokenizer, mem, text, 1024)
+    judge(smollm2.model, smollm2.arch, smollm2.tokenizer, mem, text, 1024, full=True)
     from superweight.model.load import _gguf_cache_folder, default_cache_dir
 
     folder = _gguf_cache_folder(smollm2.source, default_cache_dir())  # the safetensors copy loading wrote
-    streamed = stream_detect(folder, verdict_text=text, verdict_tokens=1024)
+    streamed = stream_detect(folder, verdict_text=text, verdict_tokens=1024, verdict_full=True)
     assert [v.to_dict() for v in streamed.verdicts] == [v.to_dict() for v in mem.verdicts]
     [v] = [v for v in streamed.verdicts if v.target == "weight" and v.weights == [[11, 507, 1229, None]]]
     assert round(v.ppl_ratio, 2) == 7.27 and v.label == "super weight"

@@ -99,6 +99,12 @@ def window_nll(model: nn.Module, ids: torch.Tensor, first_scored: int) -> torch.
     return F.cross_entropy(logits.float(), ids[first_scored:], reduction="sum").double()
 
 
+def token_nlls(model: nn.Module, ids: torch.Tensor, first_scored: int) -> torch.Tensor:
+    """``window_nll`` token by token: the NLL (float64, on the CPU) of each of ``ids[first_scored:]``."""
+    logits = model(input_ids=ids.unsqueeze(0), use_cache=False).logits[0, first_scored - 1 : -1]
+    return F.cross_entropy(logits.float(), ids[first_scored:], reduction="none").double().cpu()
+
+
 def evaluate_perplexity(
     model: nn.Module,
     tokenizer,

@@ -10,7 +10,7 @@ import torch
 
 from ..model.edits import zeroed
 from ..stream.model import Edit, StreamedModel, no_head
-from .perplexity import window_nll
+from .perplexity import token_nlls, window_nll
 
 
 def zeroing(sm: StreamedModel, weights: Sequence) -> Edit:
@@ -22,6 +22,18 @@ def nll_head(sm: StreamedModel, ids: torch.Tensor, first_scored: int):
     """A ``through_head`` function: ``eval.perplexity.window_nll`` of the window (float)."""
     device = sm.device
     return lambda model: float(window_nll(model, ids.to(device), first_scored))
+
+
+def window_token_nlls(sm: StreamedModel, windows: Sequence[tuple[torch.Tensor, int]],
+                      zero_sets: Sequence[Sequence]) -> list[list[torch.Tensor]]:
+    """``perplexity.token_nlls`` of each window once per set of weights zeroed (``[window][set]``),
+    every layer read once per pass."""
+    edits = [zeroing(sm, weights) for weights in zero_sets]
+    runs = [(w, edit) for w in range(len(windows)) for edit in edits]
+    device = sm.device
+    fns = [lambda model, ids=windows[w][0], first=windows[w][1]: token_nlls(model, ids.to(device), first) for w, _ in runs]
+    values = sm.run_heads([ids for ids, _ in windows], runs, fns)
+    return [values[w * len(edits):(w + 1) * len(edits)] for w in range(len(windows))]
 
 
 def window_nlls(sm: StreamedModel, windows: Sequence[tuple[torch.Tensor, int]],

@@ -30,6 +30,7 @@ class FindConfig:
     max_iter: int = 10
     verdict_text: str | None = None  # the text the verdict scores; None: no verdict
     verdict_tokens: int = 1024
+    verdict_full: bool = False  # score every zeroed set on the whole text (no early stop)
     z_threshold: float = 3.0
     scope: str = "down_proj"  # magnitude scan: down_proj or all_linear
 
@@ -69,7 +70,7 @@ def _streamed(path: str, config: FindConfig, dtype: str, device: str | None):
     with step("detecting super weights (streamed, layer by layer)"):
         result = stream_detect(path, list(config.prompts), config.rule, config.max_iter, model_name=path, dtype=dtype,
                                device=device, verdict_text=config.verdict_text, verdict_tokens=config.verdict_tokens,
-                               **_kw(config))
+                               verdict_full=config.verdict_full, **_kw(config))
     mag = None
     if config.magnitude:
         with step("magnitude scan (streamed)"):
@@ -92,7 +93,8 @@ def _in_memory(model_ref: str, config: FindConfig, dtype: str, cache_dir, device
         from .verdict import judge
 
         with step("verdict: zeroing each finding"):
-            judge(lm.model, lm.arch, lm.tokenizer, result, config.verdict_text, config.verdict_tokens)
+            judge(lm.model, lm.arch, lm.tokenizer, result, config.verdict_text, config.verdict_tokens,
+                  full=config.verdict_full)
     mag = None
     if config.magnitude:
         mag = magnitude_scan(lm.model, lm.arch, config.z_threshold, config.scope, result.super_weights)

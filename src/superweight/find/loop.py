@@ -152,8 +152,10 @@ class DetectionResult(Versioned):
                              [_activation_row(a) for a in self.activations]))
         if self.verdicts:
             out.append(Table(
-                f"Verdict: zero it, score {self.verdicts[0].tokens} tokens (null: as many random weights of the same matrices)",
-                ["zeroed", "what", "PPL x", "null PPL x", "activation after", "label"], [_verdict_row(v) for v in self.verdicts]))
+                f"Verdict: zero it, score up to {self.verdicts[0].tokens} tokens, each set until its label is decided "
+                "(null: as many random weights of the same matrices)",
+                ["zeroed", "what", "PPL x", "tokens", "null PPL x", "activation after", "label"],
+                [_verdict_row(v) for v in self.verdicts]))
         return out
 
     def to_dict(self) -> dict:
@@ -195,7 +197,7 @@ def _verdict_row(v: Verdict) -> list[str]:
     where = "; ".join(f"{w[0]}{'' if w[3] is None else f' e{w[3]}'}: [{w[1]}, {w[2]}]" for w in v.weights)
     null = ", ".join(f"{x:.3g}" for x in v.null_ppl_ratios) or "-"
     after = f"{v.activation_before:+.4g} -> {v.activation_after:+.4g}" if v.activation_before else "-"
-    return [where, v.target, f"{v.ppl_ratio:.3g}", null, after, v.label]
+    return [where, v.target, f"{v.ppl_ratio:.3g}", str(v.scored or v.tokens), null, after, v.label]
 
 
 # ---------------------------------------------------------------- shared pieces

@@ -30,7 +30,7 @@ from .runner import zeroed
 from ..stream.model import Call, StreamedModel, _first_tensor, _hidden_of, _tokenizer, _with_hidden
 from .trace import TraceRule
 from .verdict import JudgeBase, judge_with
-from ..eval.streamed import window_nlls
+from ..eval.streamed import window_token_nlls
 
 log = logging.getLogger(__name__)
 
@@ -208,6 +208,7 @@ def stream_detect(
     trace_rule: TraceRule | None = None,
     verdict_text: str | None = None,
     verdict_tokens: int = 1024,
+    verdict_full: bool = False,
 ) -> DetectionResult:
     """``superweight.find.loop.detect`` for a local safetensors checkpoint, streamed layer by layer.
 
@@ -227,32 +228,30 @@ def stream_detect(
         log.info("streamed %d layers: %d layer reads in %d pass(es)", sm.num_layers, runner.layers_read, runner.passes)
         result = assemble(states, runner, prompts, model_name or str(path), method, rule, trace_rule)
         if verdict_text is not None and result.super_weights:
-            judge_with(StreamedJudge(sm, tokenizer, verdict_text, verdict_tokens), result)
+            judge_with(StreamedJudge(sm, tokenizer, verdict_text, verdict_tokens), result, full=verdict_full)
         return result
     finally:
         sm.close()
 
 
 class StreamedJudge(JudgeBase):
-    """``verdict.Judge`` for a streamed model: the NLL of every zeroed set (and the base) in one pass
-    over the layers for all the text's windows (``StreamedModel.window_nlls``), and the super
-    activations after zeroing in one more pass: two reads of the checkpoint for a whole verdict."""
+    """``verdict.Judge`` for a streamed model: each round's zeroed sets (and the base) in one pass over the
+    layers for all the text's windows (``eval.streamed.window_token_nlls``), and the super activations
+    after zeroing in one more pass: a read of the checkpoint per round (most verdicts need one), and one."""
 
     def __init__(self, sm: StreamedModel, tokenizer, text: str, tokens: int = 1024, seed: int = 0):
         super().__init__(sm.model, sm.arch, tokenizer, text, tokens, seed)
         self.sm = sm
 
-    def zeroed_nlls(self, sets: Sequence[Sequence]) -> list[float]:
-        """Mean NLL with each set zeroed; the base (nothing zeroed) is measured in the same passes."""
-        all_sets = [[], *sets]
-        flops = 2 * sum(p.numel() for p in self.model.parameters()) * self.tokens * len(all_sets)
-        log.info("verdict, streamed: %d zeroed sets and the base over %d tokens, about %.3g TFLOP of forward passes "
-                 "(--no-verdict skips it)", len(sets), self.tokens, flops / 1e12)
-        per_window = window_nlls(self.sm, self.windows(), all_sets)
-        self.scored += self.per_pass * len(all_sets)
-        means = [self.mean([w[s] for w in per_window]) for s in range(len(all_sets))]
-        self.base = means[0]
-        return means[1:]
+    def token_nlls(self, sets: Sequence[Sequence], upto: int) -> list[torch.Tensor]:
+        """The NLL of each of the first ``upto`` scored tokens with each set zeroed, all in one pass."""
+        windows = self.windows(upto)
+        flops = 2 * sum(p.numel() for p in self.model.parameters()) * sum(len(ids) for ids, _ in windows) * len(sets)
+        log.info("verdict, streamed: %d zeroed sets (the base included) on %d tokens, about %.3g TFLOP of forward "
+                 "passes (--no-verdict skips it)", len(sets), upto, flops / 1e12)
+        per_window = window_token_nlls(self.sm, windows, sets)
+        self.scored += upto * len(sets)
+        return [torch.cat([w[s] for w in per_window]) for s in range(len(sets))]
 
     def activations_after(self, requests: Sequence[tuple]) -> list[float]:
         if not requests:

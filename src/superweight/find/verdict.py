@@ -16,10 +16,18 @@ introductions, else WikiText-2). The null zeroes as many random weights of the s
 
 The super activation's size after zeroing (``activation_after``, on the detection prompt) says how
 much of it the weights made.
+
+Each set is scored in chunks (128 tokens, then doubling up to the whole text) and stops as soon as a
+confidence bound decides every question its label asks (``Question``): is its mean NLL above the
+base's by ``log(collapse)``, and above each null draw's? A collapse (x7, x62,000) or a survivor
+(x1.00-1.03) is decided on its first chunk; only a borderline set is scored to the end, where the
+point estimate decides as before. The null draws are shared by every set of the same matrices, and a
+set found twice (a weight alone that is its activation's only creating weight) is scored once.
+``Verdict.scored`` says how many tokens each set was scored on.
 """
 from __future__ import annotations
 
-import math
+import logging
 import random
 from dataclasses import dataclass, field
 from typing import ClassVar, Sequence
@@ -30,11 +38,16 @@ from torch import nn
 from ..model.arch import ArchSpec
 from ..core.results import Versioned
 
+log = logging.getLogger(__name__)
+
 SUPER_WEIGHT = "super weight"
 JOINT = "super weight (jointly)"
 SURVIVES = "super activation source, model survives"
 CANCELLING = "late / cancelling"
 COLLAPSE = 2.0  # perplexity ratio that counts as the model collapsing
+CHUNK = 128  # tokens a set is first scored on; each later round doubles them up to the whole text
+BLOCK = 16  # tokens per block: the bound's spread is the spread of block means (neighbouring tokens correlate)
+Z = 4.0  # the bound: mean +- Z standard errors of the block means
 
 
 @dataclass
@@ -52,18 +65,20 @@ class Verdict(Versioned):
     null_ppl_ratios: list[float] = field(default_factory=list)  # as many random weights of the same matrices
     activation_before: float = 0.0  # the super activation's |peak| on the prompt, unmodified
     activation_after: float = 0.0  # the same (token, channel, layer) with the weights zeroed
-    tokens: int = 0
+    tokens: int = 0  # the verdict text's length in tokens
+    scored: int = 0  # the tokens this set was scored on (it stops once its label is decided)
+    null_scored: list[int] = field(default_factory=list)  # the same for each null draw
 
 
 def _key(w) -> list:
     return [w.layer, w.row, w.col, getattr(w, "expert", None)]
 
 
-def null_draw(model: nn.Module, arch: ArchSpec, weights: Sequence, rng: random.Random) -> list:
-    """As many random entries as ``weights``, each in the same matrix (never one of them)."""
+def null_draw(model: nn.Module, arch: ArchSpec, weights: Sequence, rng: random.Random, avoid: Sequence = ()) -> list:
+    """As many random entries as ``weights``, each in the same matrix (never one of them nor of ``avoid``)."""
     from types import SimpleNamespace
 
-    taken = {tuple(_key(w)) for w in weights}
+    taken = {tuple(_key(w)) for w in (*weights, *avoid)}
     out = []
     for w in weights:
         rows, cols = arch.expert_matrix(model, w.layer, getattr(w, "expert", None)).shape
@@ -76,48 +91,48 @@ def null_draw(model: nn.Module, arch: ArchSpec, weights: Sequence, rng: random.R
     return out
 
 
-def _label_weight(sw, ratio: float, null: list[float], group_ratio: float) -> str:
-    if sw.role != "creates":
-        return CANCELLING
-    beyond = ratio > max(null, default=1.0)
-    if ratio >= COLLAPSE and beyond:
-        return SUPER_WEIGHT
-    return JOINT if group_ratio >= COLLAPSE else SURVIVES
-
-
 class JudgeBase:
-    """What every judge shares (``judge_with`` asks it ``zeroed_nlls`` and ``activations_after``): the
+    """What every judge shares (``judge_with`` asks it ``token_nlls`` and ``activations_after``): the
     verdict text's windows (``eval.perplexity.perplexity_windows``, one window up to the model's length),
-    the null draws' generator, the mean NLL over the scored tokens and the perplexity ratio to the base."""
+    the null draws' generator, the prefixes a round scores and the tokens scored so far."""
 
     def __init__(self, model: nn.Module, arch: ArchSpec, tokenizer, text: str, tokens: int = 1024, seed: int = 0):
         from ..eval.perplexity import perplexity_windows
 
         self.model, self.arch, self.tokenizer = model, arch, tokenizer
         self.ids, self.spans, _, _ = perplexity_windows(model, tokenizer, text, max_tokens=tokens)
-        self.tokens, self.rng, self.base = len(self.ids), random.Random(seed), 0.0
+        self.tokens, self.rng = len(self.ids), random.Random(seed)
         self.scored = 0  # tokens scored so far, summed over every pass (the base, each set, each null draw)
-
-    def windows(self) -> list[tuple[torch.Tensor, int]]:
-        """``(ids, first_scored)`` of each window."""
-        return [(self.ids[b:e], f - b) for b, e, f in self.spans]
+        self.upto = self.per_pass  # the scored tokens the current round measures
 
     @property
     def per_pass(self) -> int:
         """Tokens one full pass over the windows scores."""
         return sum(e - f for _, e, f in self.spans)
 
-    def mean(self, window_nlls: Sequence[float]) -> float:
-        """Mean NLL per scored token from the windows' summed NLLs (added in window order)."""
-        return sum(window_nlls) / max(sum(e - f for _, e, f in self.spans), 1)
+    def rounds(self, full: bool = False) -> list[int]:
+        """The scored tokens of each round: ``CHUNK``, doubling, then the whole text (only it when ``full``)."""
+        out, n = [], CHUNK
+        while n < self.per_pass and not full:
+            out.append(n)
+            n *= 2
+        return [*out, self.per_pass]
 
-    def ratio(self, nll: float) -> float:
-        return math.exp(min(nll - self.base, 700.0))
+    def windows(self, upto: int | None = None) -> list[tuple[torch.Tensor, int]]:
+        """``(ids, first_scored)`` of each window, cut after the first ``upto`` scored tokens (all by default)."""
+        left, out = self.per_pass if upto is None else upto, []
+        for b, e, f in self.spans:
+            if left <= 0:
+                break
+            end = min(e, f + left)
+            out.append((self.ids[b:end], f - b))
+            left -= end - f
+        return out
 
 
 class Judge(JudgeBase):
-    """Measures verdicts for one model in memory: a base NLL once, then one NLL per zeroed set. (A
-    streamed model has ``stream_detect.StreamedJudge``: the same questions, every set in one pass.)"""
+    """Measures verdicts for one model in memory, one zeroed set after another. (A streamed model has
+    ``find.streamed.StreamedJudge``: the same questions, every set of a round in one pass.)"""
 
     def __init__(self, model: nn.Module, arch: ArchSpec, tokenizer, text: str, tokens: int = 1024, seed: int = 0):
         from .runner import InMemoryRunner
@@ -125,20 +140,22 @@ class Judge(JudgeBase):
         super().__init__(model, arch, tokenizer, text, tokens, seed)
         self.ids = self.ids.to(next(model.parameters()).device)
         self.forwards = 0
-        self.base = self.nll()
         self.runner = InMemoryRunner(model, arch)
 
-    def nll(self) -> float:
-        from ..eval.perplexity import window_nll
+    def nll(self) -> torch.Tensor:
+        """The NLL of each of the first ``upto`` scored tokens, the model as it is now."""
+        from ..eval.perplexity import token_nlls
 
-        self.forwards += len(self.spans)
-        self.scored += self.per_pass
-        return self.mean([float(window_nll(self.model, ids, first)) for ids, first in self.windows()])
+        windows = self.windows(self.upto)
+        self.forwards += len(windows)
+        self.scored += self.upto
+        return torch.cat([token_nlls(self.model, ids, first) for ids, first in windows])
 
-    def zeroed_nlls(self, sets: Sequence[Sequence]) -> list[float]:
+    def token_nlls(self, sets: Sequence[Sequence], upto: int) -> list[torch.Tensor]:
+        """``nll`` with each set zeroed in turn (restored after each)."""
         from .runner import zeroed
 
-        out = []
+        self.upto, out = upto, []
         for weights in sets:
             with zeroed(self.model, self.arch, weights):
                 out.append(self.nll())
@@ -157,44 +174,33 @@ class Judge(JudgeBase):
 
 
 def judge(model: nn.Module, arch: ArchSpec, tokenizer, result, text: str, tokens: int = 1024, draws: int = 2,
-          seed: int = 0) -> int:
-    """Fill ``result.verdicts`` and each weight's ``verdict`` label; returns the forward passes it ran."""
+          seed: int = 0, full: bool = False, collapse: float = COLLAPSE) -> int:
+    """Fill ``result.verdicts`` and each weight's ``verdict`` label; returns the forward passes it ran.
+    ``full``: score every set on the whole text (no early stop); ``collapse``: the perplexity ratio that
+    counts as the model collapsing."""
     j = Judge(model, arch, tokenizer, text, tokens, seed)
-    judge_with(j, result, draws)
+    judge_with(j, result, draws, full, collapse)
     return j.forwards
 
 
-def judge_with(j, result, draws: int = 2) -> None:
+def judge_with(j, result, draws: int = 2, full: bool = False, collapse: float = COLLAPSE) -> None:
     """``judge`` with any judge (in memory, streamed): every zeroed set and null draw is planned first, in
-    one order (so the draws are the same however the NLLs are measured), then measured in one call."""
-    groups: dict[int, list] = {}
-    for sw in result.super_weights:
-        if sw.role == "creates":
-            groups.setdefault(sw.row, []).append(sw)
-    plan: list[tuple] = []  # (kind, channel, weights, null sets) in the order the verdicts are listed
-    for ch, ws in groups.items():
-        plan.append(("activation", ch, ws, [null_draw(j.model, j.arch, ws, j.rng) for _ in range(draws)]))
-    for sw in result.super_weights:
-        plan.append(("weight", sw.row, [sw], [] if sw.row in groups else [null_draw(j.model, j.arch, [sw], j.rng)]))
-    sets = [s for _, _, ws, nulls in plan for s in (*nulls, ws)]
-    nlls = iter(j.zeroed_nlls(sets))
+    one order (so the draws are the same however the NLLs are measured), then scored round by round
+    (``verdict_rounds.Scoring``, the base beside them) until each label is decided."""
+    from ..core.progress import note
+    from .verdict_rounds import Scoring, plan_verdicts, verdicts_of
+
+    plan = plan_verdicts(j, result, draws, collapse)
+    scoring = Scoring(plan.tracks, plan.questions)
+    for upto in j.rounds(full):
+        todo = scoring.todo()
+        if not todo:
+            break
+        note(f"{len(todo)} zeroed set(s) on {upto} tokens")
+        log.info("verdict: %d zeroed set(s) and the base on %d of %d tokens", len(todo), upto, j.per_pass)
+        base, *nlls = j.token_nlls([[], *[t.weights for t in todo]], upto)
+        scoring.record(base, todo, nlls, final=upto == j.per_pass)
     activation = {a.channel: a for a in result.activations}
-    requests = [(result.prompts[activation[ch].prompt], activation[ch], ws) for _, ch, ws, _ in plan if ch in activation]
-    after = iter(j.activations_after(requests))
-    verdicts, groups_done = [], {}
-    for kind, ch, ws, nulls in plan:
-        null = [j.ratio(next(nlls)) for _ in nulls] or groups_done[ch].null_ppl_ratios
-        nll = next(nlls)
-        v = Verdict(kind, [_key(w) for w in ws], ch, "", j.base, nll, j.ratio(nll), null, tokens=j.tokens)
-        if ch in activation:
-            v.activation_before, v.activation_after = activation[ch].peak, next(after)
-        if kind == "activation":
-            collapses = v.ppl_ratio >= COLLAPSE and v.ppl_ratio > max(null, default=1.0)
-            v.label = "super activation: the model collapses without its creating weights" if collapses else (
-                "super activation: the model survives without its creating weights")
-            groups_done[ch] = v
-        else:
-            group = groups_done.get(ch)
-            v.label = ws[0].verdict = _label_weight(ws[0], v.ppl_ratio, null, group.ppl_ratio if group else 1.0)
-        verdicts.append(v)
-    result.verdicts = verdicts
+    requests = [(result.prompts[activation[e.channel].prompt], activation[e.channel], e.track.weights)
+                for e in plan.entries if e.channel in activation]
+    result.verdicts = verdicts_of(plan, activation, j.activations_after(requests), j.tokens)

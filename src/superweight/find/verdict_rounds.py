@@ -1,0 +1,192 @@
+"""The verdict's plan and rounds: the sets to score, the questions their labels ask, when each is decided.
+
+A ``Track`` is one zeroed set (a finding, a super activation's creating weights, or a null draw)
+and the NLL of each token scored so far, beside the base's NLL of the same tokens. A ``Question``
+compares two tracks (or a track and the base) on their common tokens: is the mean difference above
+a line? It is answered as soon as a bound (mean +- ``Z`` standard errors of 16-token block means)
+is on one side of the line, or at the end of the text by the point estimate, as the full verdict
+always did. A track is scored in the next round while a question it is in is open and still matters
+(a set's nulls only matter while its collapse is not ruled out); every track is scored at least once.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Sequence
+
+import torch
+
+from .verdict import BLOCK, CANCELLING, COLLAPSE, JOINT, SUPER_WEIGHT, SURVIVES, Z, Verdict, _key, null_draw
+
+_EMPTY = torch.zeros(0, dtype=torch.float64)
+
+
+@dataclass(eq=False)
+class Track:
+    """One zeroed set: its weights, the NLL of each token scored so far and the base's of the same tokens."""
+
+    weights: list
+    nlls: torch.Tensor = _EMPTY
+    base: torch.Tensor = _EMPTY
+
+    @property
+    def scored(self) -> int:
+        return len(self.nlls)
+
+    def mean(self, x: torch.Tensor) -> float:
+        return float(x.sum()) / max(len(x), 1)
+
+    def ratio(self) -> float:
+        """The perplexity ratio to the base on the tokens scored."""
+        return math.exp(min(self.mean(self.nlls) - self.mean(self.base), 700.0))
+
+
+def decide(x: torch.Tensor, line: float, at_least: bool, final: bool) -> bool | None:
+    """Is the mean of ``x`` above ``line``: True / False once the bound says so, the point estimate
+    when ``final`` (``>=`` when ``at_least``), else None (score more tokens)."""
+    mean = float(x.sum()) / max(len(x), 1)
+    if final:
+        return mean >= line if at_least else mean > line
+    k = len(x) // BLOCK
+    if k < 2:
+        return None
+    se = float(x[: k * BLOCK].view(k, BLOCK).mean(1).std()) / math.sqrt(k)
+    if mean - Z * se > line:
+        return True
+    if mean + Z * se < line:
+        return False
+    return None
+
+
+@dataclass(eq=False)
+class Question:
+    """Is ``a``'s mean NLL above ``b``'s (the base's when None) by more than ``line``? ``after``: a
+    question this one matters only for while it is not answered False (a null for a collapse)."""
+
+    a: Track
+    b: Track | None
+    line: float
+    at_least: bool = False
+    after: "Question | None" = None
+    answer: bool | None = None
+
+    @property
+    def tracks(self) -> list[Track]:
+        return [self.a] if self.b is None else [self.a, self.b]
+
+    @property
+    def open(self) -> bool:
+        return self.answer is None and not (self.after is not None and self.after.answer is False)
+
+    def ask(self, final: bool) -> None:
+        n = min(t.scored for t in self.tracks)
+        other = self.a.base if self.b is None else self.b.nlls
+        self.answer = decide(self.a.nlls[:n] - other[:n], self.line, self.at_least, final)
+
+
+class Scoring:
+    """Which tracks the next round scores, and the answers once a round is recorded."""
+
+    def __init__(self, tracks: Sequence[Track], questions: Sequence[Question]):
+        self.tracks, self.questions = list(tracks), list(questions)
+
+    def todo(self) -> list[Track]:
+        wanted = {id(t) for q in self.questions if q.open for t in q.tracks}
+        return [t for t in self.tracks if t.scored == 0 or id(t) in wanted]
+
+    def record(self, base: torch.Tensor, todo: Sequence[Track], nlls: Sequence[torch.Tensor], final: bool) -> None:
+        for t, x in zip(todo, nlls):
+            t.nlls, t.base = x, base[: len(x)]
+        for q in self.questions:
+            if q.open:
+                q.ask(final)
+
+
+@dataclass
+class Entry:
+    """One verdict to write: an activation's creating weights together, or one weight."""
+
+    kind: str  # "activation" or "weight"
+    channel: int
+    track: Track
+    nulls: list[Track]
+    weight: object = None  # the SuperWeight (kind "weight")
+    collapse: Question | None = None
+    beyond: list[Question] = field(default_factory=list)
+
+
+@dataclass
+class Plan:
+    entries: list[Entry]
+    tracks: list[Track]
+    questions: list[Question]
+
+
+class _Planner:
+    """Tracks shared by key: a set found twice is scored once, and the null draws of the same
+    matrices (as many weights in each) are drawn once and shared by every set they serve."""
+
+    def __init__(self, j, result, draws: int, collapse: float):
+        self.j, self.avoid, self.draws, self.line = j, list(result.super_weights), draws, math.log(collapse)
+        self.tracks: dict[frozenset, Track] = {}
+        self.pools: dict[tuple, list[list]] = {}
+        self.questions: dict[tuple, Question] = {}
+
+    def track(self, weights: Sequence) -> Track:
+        key = frozenset(tuple(_key(w)) for w in weights)
+        return self.tracks.setdefault(key, Track(list(weights)))
+
+    def nulls(self, weights: Sequence, n: int) -> list[Track]:
+        key = tuple(sorted((w.layer, str(getattr(w, "expert", None))) for w in weights))
+        if key not in self.pools:
+            self.pools[key] = [null_draw(self.j.model, self.j.arch, weights, self.j.rng, self.avoid) for _ in range(self.draws)]
+        return [self.track(ws) for ws in self.pools[key][:n]]
+
+    def question(self, a: Track, b: Track | None, line: float, at_least: bool, after: Question | None) -> Question:
+        key = (id(a), id(b), line)
+        return self.questions.setdefault(key, Question(a, b, line, at_least, after))
+
+    def entry(self, kind: str, channel: int, weights: Sequence, nulls: list[Track], weight=None, ask: bool = True) -> Entry:
+        e = Entry(kind, channel, self.track(weights), nulls, weight)
+        if ask:
+            e.collapse = self.question(e.track, None, self.line, True, None)
+            e.beyond = [self.question(e.track, n, 0.0, False, e.collapse) for n in nulls]
+        return e
+
+
+def plan_verdicts(j, result, draws: int = 2, collapse: float = COLLAPSE) -> Plan:
+    """Every verdict's sets, nulls and questions, drawn in one order (the same however they are scored)."""
+    groups: dict[int, list] = {}
+    for sw in result.super_weights:
+        if sw.role == "creates":
+            groups.setdefault(sw.row, []).append(sw)
+    p, entries, group_nulls = _Planner(j, result, draws, collapse), [], {}
+    for ch, ws in groups.items():
+        group_nulls[ch] = p.nulls(ws, draws)
+        entries.append(p.entry("activation", ch, ws, group_nulls[ch]))
+    for sw in result.super_weights:
+        creates = sw.role == "creates"
+        nulls = group_nulls[sw.row] if sw.row in group_nulls else p.nulls([sw], 1)
+        entries.append(p.entry("weight", sw.row, [sw], nulls, sw, ask=creates))
+    return Plan(entries, list(p.tracks.values()), list(p.questions.values()))
+
+
+def verdicts_of(plan: Plan, activation: dict, after: Sequence[float], tokens: int) -> list[Verdict]:
+    """The verdicts (and each weight's ``verdict`` label) from the scored plan."""
+    after_it, collapsed, out = iter(after), {}, []
+    for e in plan.entries:
+        t = e.track
+        v = Verdict(e.kind, [_key(w) for w in t.weights], e.channel, "", t.mean(t.base), t.mean(t.nlls), t.ratio(),
+                    [n.ratio() for n in e.nulls], tokens=tokens, scored=t.scored, null_scored=[n.scored for n in e.nulls])
+        if e.channel in activation:
+            v.activation_before, v.activation_after = activation[e.channel].peak, next(after_it)
+        collapses = bool(e.collapse is not None and e.collapse.answer and all(q.answer for q in e.beyond))
+        if e.kind == "activation":
+            collapsed[e.channel] = bool(e.collapse.answer)
+            v.label = "super activation: the model {} without its creating weights".format(
+                "collapses" if collapses else "survives")
+        else:
+            v.label = e.weight.verdict = (CANCELLING if e.weight.role != "creates" else SUPER_WEIGHT if collapses
+                                          else JOINT if collapsed.get(e.channel) else SURVIVES)
+        out.append(v)
+    return out

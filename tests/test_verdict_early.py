@@ -1,0 +1,93 @@
+"""The verdict's early stop on a planted tiny model: each zeroed set is scored in rounds (128 tokens,
+then doubling) and stops once a confidence bound decides its label; a borderline set runs to the end.
+The labels are those of scoring every set on the whole text (``full=True``)."""
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+import superweight as sw
+from superweight.eval.text import load_text
+from superweight.find.verdict import CHUNK, JOINT, SUPER_WEIGHT, SURVIVES, Judge, judge
+from superweight.find.verdict_rounds import decide
+from superweight.testing.synthetic import tiny_model
+
+LAYER, ROW, COL, PARTNER = 1, 5, 17, 18  # down_proj[ROW, COL] cancels down_proj[ROW, PARTNER]
+SURVIVOR = (2, 9, 40)  # an ordinary weight
+
+
+@pytest.fixture(scope="module")
+def model():
+    """A tiny Llama whose channel ROW carries +a*act - a*act = 0 at every token (two intermediate
+    channels with the same gate and up rows): zeroing down_proj[ROW, COL] leaves -a*act there, which
+    the head (column ROW scaled up) turns into confident wrong predictions, a collapse."""
+    m = tiny_model("LlamaForCausalLM")
+    mlp = m.model.layers[LAYER].mlp
+    with torch.no_grad():
+        mlp.gate_proj.weight[PARTNER] = mlp.gate_proj.weight[COL]
+        mlp.up_proj.weight[PARTNER] = mlp.up_proj.weight[COL]
+        mlp.down_proj.weight[:, [COL, PARTNER]] = 0.0
+        mlp.down_proj.weight[ROW, COL], mlp.down_proj.weight[ROW, PARTNER] = 400.0, -400.0
+        m.lm_head.weight[:, ROW] = torch.randn(m.config.vocab_size, generator=torch.Generator().manual_seed(0))
+    return m
+
+
+def finding(layer: int, row: int, col: int):
+    return SimpleNamespace(layer=layer, row=row, col=col, expert=None, role="creates", verdict="")
+
+
+def findings(*coords):
+    return SimpleNamespace(super_weights=[finding(*c) for c in coords], activations=[], prompts=[])
+
+
+def run(model, tokenizer, *coords, **kw):
+    result = findings(*coords)
+    judge(model, sw.get_arch(model), tokenizer, result, load_text("wiki-intros"), tokens=512, **kw)
+    return {tuple(v.weights[0][:3]): v for v in result.verdicts if v.target == "weight"}
+
+
+def test_a_collapse_and_a_survivor_are_decided_on_the_first_chunk(model, byte_tokenizer):
+    early = run(model, byte_tokenizer, (LAYER, ROW, COL), SURVIVOR)
+    full = run(model, byte_tokenizer, (LAYER, ROW, COL), SURVIVOR, full=True)
+    collapse, survivor = early[(LAYER, ROW, COL)], early[SURVIVOR]
+    assert collapse.label == full[(LAYER, ROW, COL)].label == SUPER_WEIGHT and collapse.ppl_ratio > 10
+    assert survivor.label == full[SURVIVOR].label == SURVIVES and abs(survivor.ppl_ratio - 1) < 0.05
+    assert collapse.scored == survivor.scored == CHUNK and collapse.null_scored == [CHUNK, CHUNK]
+    per_pass = full[SURVIVOR].scored
+    assert per_pass > 3 * CHUNK and full[(LAYER, ROW, COL)].null_scored == [per_pass] * 2
+
+
+def test_a_borderline_set_is_scored_to_the_end(model, byte_tokenizer):
+    """The collapse line put at the survivor's own ratio over the whole text: no bound can decide it
+    before the end, where the point estimate does, as in the full verdict."""
+    full = run(model, byte_tokenizer, SURVIVOR, full=True)[SURVIVOR]
+    line = full.ppl_ratio * (1 + 1e-9)
+    early = run(model, byte_tokenizer, SURVIVOR, collapse=line)[SURVIVOR]
+    assert early.scored == full.scored and early.label == SURVIVES
+    assert early.ppl_ratio == pytest.approx(full.ppl_ratio, rel=1e-9)
+
+
+def test_the_verdict_scores_at_most_twice_the_text_on_decided_sets(model, byte_tokenizer):
+    """Two findings of one row (a group and each alone) and their shared nulls: every set decided on
+    its first chunk, so the verdict's tokens (base included) stay under the text's length."""
+    j = Judge(model, sw.get_arch(model), byte_tokenizer, load_text("wiki-intros"), 512)
+    from superweight.find.verdict import judge_with
+
+    result = findings((LAYER, ROW, COL), (LAYER, ROW, 3))
+    judge_with(j, result)
+    labels = [v.label for v in result.verdicts]
+    assert labels[1:] == [SUPER_WEIGHT, JOINT]
+    assert {v.scored for v in result.verdicts} == {CHUNK}
+    # base + group + 2 weights + 2 shared group nulls, one chunk each
+    assert j.scored == 6 * CHUNK < j.per_pass * 2
+
+
+@pytest.mark.parametrize("mean, expected", [(1.95, True), (0.01, False), (0.69, None)])
+def test_the_bound_decides_clear_means_and_waits_on_borderline_ones(mean, expected):
+    g = torch.Generator().manual_seed(0)
+    x = mean + 0.5 * torch.randn(CHUNK, generator=g, dtype=torch.float64)
+    x += mean - x.mean()  # exactly this mean
+    assert decide(x, 0.6931471805599453, True, final=False) is expected
+    assert decide(x, 0.6931471805599453, True, final=True) is (mean >= 0.6931471805599453)
