@@ -91,3 +91,27 @@ def test_the_bound_decides_clear_means_and_waits_on_borderline_ones(mean, expect
     x += mean - x.mean()  # exactly this mean
     assert decide(x, 0.6931471805599453, True, final=False) is expected
     assert decide(x, 0.6931471805599453, True, final=True) is (mean >= 0.6931471805599453)
+
+
+def test_detect_says_each_sets_tokens_and_verdict_full_scores_the_whole_text(tmp_path):
+    """``superweight detect``: the early-stopped verdict by default (the table's tokens column, the
+    JSON's ``scored``), every set on the whole text with ``--verdict-full``."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from superweight.cli.app import app
+    from superweight.testing.synthetic import byte_tokenizer, plant_super_weight
+
+    m = tiny_model("LlamaForCausalLM")
+    plant_super_weight(m, 1, 5, 17)
+    m.save_pretrained(tmp_path / "m")
+    byte_tokenizer().save_pretrained(tmp_path / "m")
+    scored = {}
+    for flag in ([], ["--verdict-full"]):
+        out = tmp_path / f"d{len(flag)}.json"
+        res = CliRunner().invoke(app, ["detect", str(tmp_path / "m"), "--verdict-tokens", "512", "--json", str(out), *flag])
+        assert res.exit_code == 0, res.output
+        assert "tokens" in res.output and "until its label is decided" in res.output
+        scored[bool(flag)] = {v["scored"] for v in json.loads(out.read_text())["verdicts"]}
+    assert scored[False] == {CHUNK} and scored[True] == {510}

@@ -47,7 +47,10 @@ def detect(
         help="Default method: when nothing reaches --sa-ratio, trace the channels that reach this and stand 5x above the rest (0: off).",
     ),
     verdict: bool = typer.Option(True, "--verdict/--no-verdict", help="Zero each finding and measure the damage (streamed too: every finding in one pass per read)."),
-    verdict_tokens: int = typer.Option(1024, "--verdict-tokens", min=16, help="Tokens of text the verdict scores."),
+    verdict_tokens: int = typer.Option(1024, "--verdict-tokens", min=16, help="Tokens of text the verdict scores (at most)."),
+    verdict_full: bool = typer.Option(
+        False, "--verdict-full", help="Score every zeroed set on the whole text (default: each stops once its label is decided)."
+    ),
     verdict_text: str = typer.Option("wiki-intros", "--verdict-text", help="wiki-intros, wikitext2 or a text file."),
     z_threshold: float = typer.Option(3.0, "--z-threshold", help="Magnitude method: mean + z * std of |W|."),
     all_linear: bool = typer.Option(False, "--all-linear", help="Magnitude method: scan every linear layer."),
@@ -71,7 +74,7 @@ def detect(
     config = FindConfig(
         method=method, prompts=tuple(prompt or [DEFAULT_PROMPT]), rule=SpikeRule(floor=floor, ratio=ratio),
         trace_rule=TraceRule(ratio=sa_ratio, fallback_ratio=sa_fallback), max_iter=max_iter, verdict_text=_verdict_text(verdict_text) if verdict else None,
-        verdict_tokens=verdict_tokens, z_threshold=z_threshold, scope="all_linear" if all_linear else "down_proj",
+        verdict_tokens=verdict_tokens, verdict_full=verdict_full, z_threshold=z_threshold, scope="all_linear" if all_linear else "down_proj",
     )
     if json_path:
         check_output(json_path, "--json")

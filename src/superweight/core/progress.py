@@ -7,6 +7,9 @@
 
 Bars go to stderr (so piped stdout stays clean) and vanish when stdout is not a terminal, when
 ``configure(quiet=True)`` was called (the CLI's ``--quiet``), or when ``SUPERWEIGHT_PROGRESS=0``.
+Off a terminal (a pipe, a log file) a running ``step`` writes a plain line to stderr every
+``SUPERWEIGHT_PROGRESS_EVERY`` seconds (default 30) instead: its description, where it is (the last
+``note``: a layer, a condition) and the time so far.
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ import contextlib
 import logging
 import os
 import sys
+import threading
 import time
 from typing import Iterable, Iterator, TypeVar
 
@@ -32,6 +36,43 @@ def enabled() -> bool:
     if _quiet or os.environ.get("SUPERWEIGHT_PROGRESS", "1") == "0":
         return False
     return sys.stdout.isatty() and sys.stderr.isatty()
+
+
+def every() -> float:
+    """Seconds between plain progress lines (``SUPERWEIGHT_PROGRESS_EVERY``, default 30)."""
+    try:
+        return max(float(os.environ.get("SUPERWEIGHT_PROGRESS_EVERY", "30")), 0.01)
+    except ValueError:
+        return 30.0
+
+
+def plain() -> bool:
+    """Plain progress lines instead of bars: not quiet, not ``SUPERWEIGHT_PROGRESS=0``, not a terminal."""
+    if _quiet or os.environ.get("SUPERWEIGHT_PROGRESS", "1") == "0":
+        return False
+    return not (sys.stdout.isatty() and sys.stderr.isatty())
+
+
+class _Ticker:
+    """Writes ``... desc: where (N s)`` to stderr every ``every()`` seconds until ``stop``."""
+
+    def __init__(self, desc: str):
+        self.desc, self.where, self.start = desc, "", time.perf_counter()
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="superweight-progress", daemon=True)
+        self.thread.start()
+
+    def _run(self) -> None:
+        while not self.done.wait(every()):
+            where = f": {self.where}" if self.where else ""
+            print(f"... {self.desc}{where} ({time.perf_counter() - self.start:.0f} s)", file=sys.stderr, flush=True)
+
+    def stop(self) -> None:
+        self.done.set()
+        self.thread.join()
+
+
+_tickers: list[_Ticker] = []  # the plain-line steps running now, innermost last
 
 
 def bar(iterable: Iterable[T], desc: str, total: int | None = None, unit: str = "it") -> Iterable[T]:
@@ -60,14 +101,24 @@ def step(desc: str) -> Iterator[None]:
                 yield
             finally:
                 _running.pop()
+    elif plain():
+        ticker = _Ticker(desc)
+        _tickers.append(ticker)
+        try:
+            yield
+        finally:
+            _tickers.remove(ticker)
+            ticker.stop()
     else:
         yield
     log.debug("%s: %.1f s", desc, time.perf_counter() - start)
 
 
 def note(text: str) -> None:
-    """Show ``text`` beside the innermost running step's description (e.g. ``layer 12/80``); nothing
-    when no spinner is shown."""
+    """Show ``text`` beside the innermost running step's description (e.g. ``layer 12/80``), on its
+    spinner or in its next plain line; nothing when no step runs."""
+    if _tickers:
+        _tickers[-1].where = text
     if _running:
         status, desc = _running[-1]
         status.update(f"{desc}: {text}")

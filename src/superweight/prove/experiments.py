@@ -32,11 +32,13 @@ from .ablate import (
 )
 from ..core.coords import Coord, as_key, as_keys
 from ..core.errors import SuperweightError
-from ..eval.perplexity import default_seq_len, evaluate_perplexity
+from ..core.progress import note, step
+from ..eval.perplexity import default_seq_len, evaluate_perplexity, perplexity_windows
 from ..eval.stopwords import SEASON_PROMPT, lambada_prompts, stopword_stats, top_next_tokens
 from ..eval.tasks import PreparedTask, TaskResult, average_accuracy, evaluate_prepared, parse_tasks, prepare_task
 from ..eval.text import load_text
 from ..core.results import Table, Versioned, num
+from .plan import Estimate, plan_line, work_line
 
 log = logging.getLogger(__name__)
 
@@ -187,25 +189,49 @@ class Workload:
 
     text: str | None
     tasks: dict[str, PreparedTask]
+    ppl_tokens: int = 0  # the tokens perplexity scores
+
+    def units(self, tasks: Sequence[str] | None = None) -> int:
+        """Tokens one evaluation scores: perplexity's and the tasks' requests (all, or ``tasks``)."""
+        names = self.tasks if tasks is None else [t for t in tasks if t in self.tasks]
+        return self.ppl_tokens + sum(self.tasks[t].tokens for t in names)
+
+    def line(self, config: AblationConfig) -> str:
+        return work_line(self.ppl_tokens, config.ppl, self.tasks, config.limit)
 
 
 def prepare_workload(model, tokenizer, config: AblationConfig) -> Workload:
     text = load_text(config.ppl) if config.ppl else None
     max_len = default_seq_len(model, tokenizer)  # lm-eval truncates to the model length
     tasks = {t: prepare_task(tokenizer, t, config.limit, max_len) for t in config.tasks}
-    return Workload(text, tasks)
+    tokens = 0
+    if text is not None:
+        _, spans, _, _ = perplexity_windows(model, tokenizer, text, config.seq_len, config.max_tokens)
+        tokens = sum(e - f for _, e, f in spans)
+    return Workload(text, tasks, tokens)
 
 
 def evaluate_condition(
-    model, tokenizer, work: Workload, config: AblationConfig, tasks: Sequence[str] | None = None
+    model, tokenizer, work: Workload, config: AblationConfig, tasks: Sequence[str] | None = None, where: str = "",
+    estimate: Estimate | None = None,
 ) -> tuple[float | None, int | None, dict[str, TaskResult], float | None]:
-    """(ppl, tokens scored, {task: metrics}, mean acc) of the model as it is now."""
+    """(ppl, tokens scored, {task: metrics}, mean acc) of the model as it is now; ``where`` prefixes
+    each stage's progress note (the condition); ``estimate`` hears of the first stage's time."""
     ppl = tokens = None
+    start = time.perf_counter()
     if work.text is not None:
+        note(f"{where}perplexity ({work.ppl_tokens:,} tokens)")
         r = evaluate_perplexity(model, tokenizer, work.text, seq_len=config.seq_len, max_tokens=config.max_tokens)
         ppl, tokens = r.ppl, r.tokens
+        if estimate:
+            estimate.first("perplexity", time.perf_counter() - start)
     names = list(work.tasks) if tasks is None else [t for t in tasks if t in work.tasks]
-    results = {t: evaluate_prepared(model, work.tasks[t]) for t in names}
+    results = {}
+    for i, t in enumerate(names, 1):
+        note(f"{where}task {i}/{len(names)}: {t} ({len(work.tasks[t].items)} items)")
+        results[t] = evaluate_prepared(model, work.tasks[t])
+        if estimate:
+            estimate.first(t, time.perf_counter() - start)
     avg = average_accuracy(results) if results else None
     return ppl, tokens, results, avg
 
@@ -315,10 +341,20 @@ def run_ablation(loaded, super_weights, config: AblationConfig | None = None, **
     config, sws, coords = ablation_inputs(super_weights, config, overrides)
     model, tokenizer, arch = loaded.model, loaded.tokenizer, loaded.arch
     work = prepare_workload(model, tokenizer, config)
+    conds = build_conditions(model, arch, coords, config)
+    ran = [c for c in conds if not (c.same_as and any(d.name == c.same_as for d in conds[:conds.index(c)]))]
+    stopwords = f", then the stopword statistics on {config.stopword_prompts} prompts" if config.stopword_prompts else ""
+    log.info("%s", plan_line(len(conds), len(conds) - len(ran), work.line(config), stopwords))
+    estimate = Estimate([work.units(c.task_names(config)) for c in ran])
     conditions: dict[str, ConditionResult] = {}
-    for cond in build_conditions(model, arch, coords, config):
-        conditions[cond.name] = run_condition(model, tokenizer, work, config, cond, conditions)
-    stop, top5 = stopword_block(model, tokenizer, arch, coords, config)
+    with step("ablation"):
+        for i, cond in enumerate(conds, 1):
+            conditions[cond.name] = run_condition(model, tokenizer, work, config, cond, conditions,
+                                                  f"condition {i}/{len(conds)} ({cond.name}): ")
+            if cond is ran[0]:
+                estimate.first(cond.name, conditions[cond.name].seconds)
+        note("stopword statistics")
+        stop, top5 = stopword_block(model, tokenizer, arch, coords, config)
     return AblationResult(
         model=loaded.name, architecture=arch.name, super_weights=super_weight_dicts(sws), config=config,
         conditions=conditions, stopwords=stop, top5=top5, notes=list(loaded.notes),
@@ -326,13 +362,14 @@ def run_ablation(loaded, super_weights, config: AblationConfig | None = None, **
 
 
 def run_condition(
-    model, tokenizer, work: Workload, config: AblationConfig, cond: Condition, done: dict[str, ConditionResult]
+    model, tokenizer, work: Workload, config: AblationConfig, cond: Condition, done: dict[str, ConditionResult],
+    where: str = "",
 ) -> ConditionResult:
     if cond.same_as and cond.same_as in done:
         return copied_result(cond, done[cond.same_as], config)
     start = time.perf_counter()
     with cond.edit():
-        ppl, tokens, task_results, avg = evaluate_condition(model, tokenizer, work, config, cond.task_names(config))
+        ppl, tokens, task_results, avg = evaluate_condition(model, tokenizer, work, config, cond.task_names(config), where)
     seconds = time.perf_counter() - start
     log.info("%s: ppl %s, mean acc %s (%.0f s)", cond.name, _fmt(ppl), _fmt(avg), seconds)
     return ConditionResult(cond.description, cond.weights_changed, ppl, tokens, avg, task_results, seconds)
@@ -420,5 +457,9 @@ def run_eval(loaded, config: AblationConfig | None = None, **overrides) -> EvalR
     config = configured(config, overrides)
     start = time.perf_counter()
     work = prepare_workload(loaded.model, loaded.tokenizer, config)
-    ppl, tokens, tasks, avg = evaluate_condition(loaded.model, loaded.tokenizer, work, config)
+    log.info("plan: %s", work.line(config))
+    stages = ([work.ppl_tokens] if work.text is not None else []) + [t.tokens for t in work.tasks.values()]
+    with step("evaluation"):
+        ppl, tokens, tasks, avg = evaluate_condition(loaded.model, loaded.tokenizer, work, config,
+                                                     estimate=Estimate(stages, "stage"))
     return EvalResult(loaded.name, config, ppl, tokens, avg, tasks, list(loaded.notes), time.perf_counter() - start)

@@ -17,12 +17,14 @@ so every number is the in-memory one: the same rows through the same kernels.
 from __future__ import annotations
 
 import contextlib
+import logging
 import time
 from pathlib import Path
 
 import torch
 
 from .ablate import checked_keys, sw_layers
+from .plan import plan_line
 from ..eval.perplexity import default_seq_len, perplexity_result, perplexity_windows
 from ..eval.stopwords import SEASON_PROMPT, lambada_prompts, last_probs, prompt_ids, stats_of, top_of
 from ..eval.tasks import (
@@ -55,6 +57,19 @@ from .experiments import (
 from ..stream.model import StreamedModel, _tokenizer
 
 
+log = logging.getLogger(__name__)
+
+
+def _work(config: AblationConfig) -> str:
+    """What each condition scores, from the config (the streamed pass tokenizes as it goes)."""
+    tokens = f"up to {config.max_tokens:,} tokens of {config.ppl}" if config.max_tokens else f"all of {config.ppl}"
+    parts = [tokens] if config.ppl else []
+    if config.tasks:
+        parts.append(f"{len(config.tasks)} task(s) ({', '.join(config.tasks)}; "
+                     f"{f'at most {config.limit} items each' if config.limit else 'all items'})")
+    return " x ".join(parts) or "nothing to score"
+
+
 def stream_ablation(
     path: str | Path, super_weights, config: AblationConfig | None = None, dtype: str | torch.dtype = "float32",
     device: str | torch.device | None = None, tokenizer=None, model_name: str = "", origin: str | None = None,
@@ -74,6 +89,8 @@ def stream_ablation(
         with sm.materialised(names):  # the null baselines read the super weights' layers
             conds = build_conditions(sm.model, sm.arch, coords, config)
         measured = [c for c in conds if c.same_as is None]
+        log.info("%s", plan_line(len(conds), len(conds) - len(measured), _work(config),
+                                 ", every condition through each layer read (one pass: no estimate before its end)"))
         ppl, tasks, stop, top5 = _measure(sm, tokenizer, config, measured)
         conditions: dict[str, ConditionResult] = {}
         for cond in conds:
