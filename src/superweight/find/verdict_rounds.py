@@ -5,8 +5,8 @@ and the NLL of each token scored so far, beside the base's NLL of the same token
 compares two tracks (or a track and the base) on their common tokens: is the mean difference above
 a line? It is answered as soon as a bound (mean +- ``Z`` standard errors of 16-token block means)
 is on one side of the line, or at the end of the text by the point estimate, as the full verdict
-always did. A track is scored in the next round while a question it is in is open and still matters
-(a set's nulls only matter while its collapse is not ruled out); every track is scored at least once.
+always did. A track is scored in the next round while a question it is in is open (a set's nulls
+are asked about only once its collapse is established); every track is scored at least once.
 """
 from __future__ import annotations
 
@@ -41,16 +41,26 @@ class Track:
         return math.exp(min(self.mean(self.nlls) - self.mean(self.base), 700.0))
 
 
-def decide(x: torch.Tensor, line: float, at_least: bool, final: bool) -> bool | None:
-    """Is the mean of ``x`` above ``line``: True / False once the bound says so, the point estimate
-    when ``final`` (``>=`` when ``at_least``), else None (score more tokens)."""
+def estimate(x: torch.Tensor) -> tuple[float, float | None]:
+    """The mean of ``x`` and its standard error from ``BLOCK``-token block means (None under two blocks)."""
     mean = float(x.sum()) / max(len(x), 1)
-    if final:
-        return mean >= line if at_least else mean > line
     k = len(x) // BLOCK
     if k < 2:
+        return mean, None
+    return mean, float(x[: k * BLOCK].view(k, BLOCK).mean(1).std()) / math.sqrt(k)
+
+
+def decide(x: torch.Tensor, line: float, at_least: bool, final: bool, y: torch.Tensor | None = None) -> bool | None:
+    """Is the mean of ``x`` (minus the mean of ``y``, scored apart) above ``line``: True / False once the
+    bound says so, the point estimate when ``final`` (``>=`` when ``at_least``), else None (score more)."""
+    mean, se = estimate(x)
+    if y is not None:
+        other, se_y = estimate(y)
+        mean, se = mean - other, None if se is None or se_y is None else math.hypot(se, se_y)
+    if final:
+        return mean >= line if at_least else mean > line
+    if se is None:
         return None
-    se = float(x[: k * BLOCK].view(k, BLOCK).mean(1).std()) / math.sqrt(k)
     if mean - Z * se > line:
         return True
     if mean + Z * se < line:
@@ -60,8 +70,9 @@ def decide(x: torch.Tensor, line: float, at_least: bool, final: bool) -> bool | 
 
 @dataclass(eq=False)
 class Question:
-    """Is ``a``'s mean NLL above ``b``'s (the base's when None) by more than ``line``? ``after``: a
-    question this one matters only for while it is not answered False (a null for a collapse)."""
+    """Is ``a``'s mean NLL above the base's by more than ``line`` (``b`` None), or is ``a``'s damage
+    (its NLL over the base's on its tokens) above ``b``'s (a null draw, scored apart)? ``after``: a
+    question this one is asked only once it is answered True (a null matters only for a collapse)."""
 
     a: Track
     b: Track | None
@@ -76,12 +87,11 @@ class Question:
 
     @property
     def open(self) -> bool:
-        return self.answer is None and not (self.after is not None and self.after.answer is False)
+        return self.answer is None and (self.after is None or self.after.answer is True)
 
     def ask(self, final: bool) -> None:
-        n = min(t.scored for t in self.tracks)
-        other = self.a.base if self.b is None else self.b.nlls
-        self.answer = decide(self.a.nlls[:n] - other[:n], self.line, self.at_least, final)
+        damage = [t.nlls - t.base for t in self.tracks]
+        self.answer = decide(damage[0], self.line, self.at_least, final, damage[1] if self.b is not None else None)
 
 
 class Scoring:
@@ -165,9 +175,8 @@ def plan_verdicts(j, result, draws: int = 2, collapse: float = COLLAPSE) -> Plan
         group_nulls[ch] = p.nulls(ws, draws)
         entries.append(p.entry("activation", ch, ws, group_nulls[ch]))
     for sw in result.super_weights:
-        creates = sw.role == "creates"
-        nulls = group_nulls[sw.row] if sw.row in group_nulls else p.nulls([sw], 1)
-        entries.append(p.entry("weight", sw.row, [sw], nulls, sw, ask=creates))
+        creates = sw.role == "creates"  # a cancelling weight's label asks nothing: no null drawn for it
+        entries.append(p.entry("weight", sw.row, [sw], group_nulls[sw.row] if creates else [], sw, ask=creates))
     return Plan(entries, list(p.tracks.values()), list(p.questions.values()))
 
 
