@@ -172,15 +172,22 @@ def _quantize_roundtrip(lm, found, out: Path, device: torch.device) -> None:
     from superweight.quant.artifact import export_artifact, load_quantized
     from superweight.quant.config import scheme_config
 
-    export_artifact(lm, scheme_config("int4", group=32), keep=found, out=out, force=True)
+    export_artifact(lm, scheme_config("int4", group=32), keep=found, out=out, force=True,
+                    untouched_dtype=torch.float32)  # the untouched tensors as they are: a bitwise round trip
     ids = lm.tokenizer("Apple Inc. is a worldwide tech company.", return_tensors="pt")["input_ids"]
     with torch.no_grad():
         fake = lm.model(input_ids=ids.to(input_device(lm.model)), use_cache=False).logits
-        loaded = load_quantized(out, device=device)
+        loaded = load_quantized(out, device=device, dequantize=True)
         _on(loaded.model, device)
         back = loaded.model(input_ids=ids.to(device), use_cache=False).logits
+        packed = load_quantized(out, device=device)  # int4 g32: torch's int4 kernel (tinygemm on CUDA), bfloat16
+        _on(packed.model, device)
+        kept = packed.model(input_ids=ids.to(device), use_cache=False).logits
     if not torch.equal(fake, back):
         raise AssertionError(f"artifact logits differ from the fake-quantized model's (max {float((fake - back).abs().max()):.3g})")
+    bound = 16 * 2.0**-8 * lm.model.config.num_hidden_layers * float(back.abs().max())  # tests/test_packed.py's bound
+    if float((kept - back).abs().max()) > bound:
+        raise AssertionError(f"packed logits differ from the dense load's by {float((kept - back).abs().max()):.3g} > {bound:.3g}")
 
 
 def check_cli(checks: Checks, device: torch.device, folder: Path, root: Path, text: Path, tasks: list[str]) -> None:

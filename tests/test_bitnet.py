@@ -76,7 +76,7 @@ def test_artifact_holds_the_weights_the_forward_used(model, tmp_path, byte_token
     used = {f"{n}.weight": m.effective_weight().detach().clone() for n, m in model.named_modules() if isinstance(m, BitLinear)}
     manifest = export_ternary(model, byte_tokenizer, tmp_path / "art")
     assert manifest["size"]["bits_per_weight"] < 1.7 and len(manifest["kept"]) == 2
-    state = load_quantized(tmp_path / "art").model.state_dict()
+    state = load_quantized(tmp_path / "art", dequantize=True).model.state_dict()
     assert all(torch.equal(state[k], v) for k, v in used.items())
 
 

@@ -42,7 +42,7 @@ CASES = [("LlamaForCausalLM", c) for c in CONFIGS] + [("GPT2LMHeadModel", c) for
 def test_round_trip_is_bitwise_and_keeps_super_weights(tmp_path, arch, config):
     model, result = _quantized(arch, config)
     manifest = save_quantized(model, byte_tokenizer(), result, tmp_path / "art", source="tiny")
-    lm = load_quantized(tmp_path / "art")
+    lm = load_quantized(tmp_path / "art", dequantize=True)
     expected, got = model.state_dict(), lm.model.state_dict()
     assert set(expected) == set(got)
     for name, tensor in expected.items():
@@ -71,7 +71,7 @@ def test_a_mixture_of_experts_is_quantized_experts_and_all(tmp_path, arch, confi
     entry = manifest["tensors"]["model.layers.1.mlp.experts.down_proj"]
     assert entry["view"] == [4, 64, 128] and entry["shape"] == [4 * 64, 128]
     assert "model.layers.1.mlp.experts.gate_up_proj" in manifest["tensors"]
-    lm = load_quantized(tmp_path / "art")
+    lm = load_quantized(tmp_path / "art", dequantize=True)
     expected, got = model.state_dict(), lm.model.state_dict()
     assert set(expected) == set(got)
     for name, tensor in expected.items():
@@ -86,7 +86,7 @@ def test_a_shared_expert_weight_is_kept(tmp_path):
     result = quantize(model, RTN(bits=4, group=32), keep=[PLANT])
     assert result.kept == [{"name": "model.layers.1.mlp.shared_expert.down_proj.weight", "index": 5 * 128 + 17, "value": 2.5}]
     save_quantized(model, byte_tokenizer(), result, tmp_path / "art")
-    back = load_quantized(tmp_path / "art")
+    back = load_quantized(tmp_path / "art", dequantize=True)
     assert float(back.arch.weight_matrix(back.model, PLANT[0])[PLANT[1], PLANT[2]]) == 2.5
 
 
@@ -136,7 +136,7 @@ def test_loaded_artifact_generates_and_loads_through_load_model(tmp_path):
     model, result = _quantized("LlamaForCausalLM", RTN(bits=4, group=32))
     save_quantized(model, byte_tokenizer(), result, tmp_path / "art", source="tiny", notes=["a caveat"])
     assert resolve(str(tmp_path / "art")) == ("quantized", str(tmp_path / "art"))
-    lm = load_model(str(tmp_path / "art"))
+    lm = load_model(str(tmp_path / "art"), dequantize=True)
     assert "a caveat" in lm.notes and any("bits per quantized weight" in n for n in lm.notes)
     ids = lm.tokenizer("hello", return_tensors="pt")["input_ids"]
     out = lm.model.generate(ids, max_new_tokens=5, do_sample=False, pad_token_id=0)

@@ -174,7 +174,7 @@ def test_new_schemes_round_trip_bitwise_with_predicted_size(tmp_path, config):
     plant_super_weight(model, *PLANT, weight=2.5)
     result = quantize(model, config, keep=[PLANT])
     manifest = save_quantized(model, byte_tokenizer(), result, tmp_path / "art", source="tiny", untouched_dtype=torch.float32)
-    lm = load_quantized(tmp_path / "art")
+    lm = load_quantized(tmp_path / "art", dequantize=True)
     expected, got = model.state_dict(), lm.model.state_dict()
     assert all(torch.equal(got[k], v) for k, v in expected.items())
     assert float(lm.arch.weight_matrix(lm.model, PLANT[0])[PLANT[1], PLANT[2]]) == 2.5

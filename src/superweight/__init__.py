@@ -16,11 +16,12 @@ from .find.loop import DetectionResult, SpikeRule, SuperWeight, detect
 from .find.api import FindConfig, find_super_weights
 from .prove.ablate import scaled_weights, zeroed_weights
 from .quant.artifact import load_quantized, save_quantized
+from .eval.generate import Generation, generate
 
 __all__ = [
     "__version__", "SuperweightError", "ArchSpec", "get_arch", "SUPPORTED", "LoadedModel", "load_model",
     "DEFAULT_MODEL", "ActivationCapture", "DetectionResult", "SpikeRule", "SuperWeight", "detect",
     "FindConfig", "find_super_weights",
     "scaled_weights", "zeroed_weights",
-    "load_quantized", "save_quantized",
+    "load_quantized", "save_quantized", "generate", "Generation",
 ]

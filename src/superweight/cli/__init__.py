@@ -9,7 +9,7 @@ Quick start::
 
 One module per command group registers its commands on ``app``; printers live in ``console``.
 """
-from . import detect, evaluate, quantize, report, sweep, train  # noqa: F401  (registers the commands)
+from . import detect, evaluate, generate, quantize, report, sweep, train  # noqa: F401  (registers the commands)
 from .app import app, main
 
 __all__ = ["app", "main"]

@@ -32,6 +32,9 @@ CacheOpt = typer.Option(None, "--cache-dir", help="Where converted GGUF models a
 DtypeOpt = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16.")
 VerboseOpt = typer.Option(False, "--verbose", "-v")
 QuietOpt = typer.Option(False, "--quiet", "-q")
+DequantizeOpt = typer.Option(
+    False, "--dequantize", help="A quantized artifact as a dense float model (its weights are otherwise held packed; "
+    "studies that edit weights need this).")
 PplOpt = typer.Option("wikitext2", "--ppl", help="Perplexity text: wikitext2, wiki-intros, a file, or none.")
 TasksOpt = typer.Option(
     None, "--tasks", help="Repeat (or comma-separate): piqa, arc_easy, arc_challenge, hellaswag, winogrande, sciq, "
@@ -78,11 +81,13 @@ def print_notes(notes, shown=()) -> None:
 
 
 def load_lm(
-    model: str, dtype: str, cache_dir: Optional[Path], device_map: Optional[str] = None, device: Optional[str] = "auto"
+    model: str, dtype: str, cache_dir: Optional[Path], device_map: Optional[str] = None, device: Optional[str] = "auto",
+    dequantize: bool = False,
 ):
+    """The model a command runs; a quantized artifact packed, or dense with ``dequantize``."""
     from ..model.load import load_model
 
-    lm = load_model(model, dtype=dtype, cache_dir=cache_dir, device_map=device_map, device=device)
+    lm = load_model(model, dtype=dtype, cache_dir=cache_dir, device_map=device_map, device=device, dequantize=dequantize)
     for note in lm.notes:
         err_console.print(f"[yellow]note:[/] {note}")
     return lm

@@ -169,7 +169,7 @@ def verify(
     if json_path:
         check_output(json_path, "--json")
     cat = Catalog.load(catalog_path)
-    lm = load_lm(model, dtype, cache_dir, device_map, device)
+    lm = load_lm(model, dtype, cache_dir, device_map, device, dequantize=True)
     result = detect_default(lm, prompt)
     verdict = run_verify(model_names(model, lm.model, lm.source), result.super_weights, cat)
     print_verdict(verdict)
@@ -222,7 +222,7 @@ def llama_cpp_overrides(
         det = read_super_weights(source)
         arch, n_layers, coords, origin = det.architecture, det.num_layers, det.super_weights, source
     else:
-        det = detect_default(load_lm(source, dtype, cache_dir, device_map, device))
+        det = detect_default(load_lm(source, dtype, cache_dir, device_map, device, dequantize=True))
         arch, n_layers, coords, origin = det.architecture, det.num_layers, det.super_weights, f"detection on {source}"
     if not coords:
         raise SuperweightError(f"{origin}: no super weight, so nothing to keep: llama-quantize needs no override")

@@ -12,6 +12,7 @@ from ..core.files import check_output
 from .inputs import check_super_weights, check_text_source, read_super_weights
 from .app import (
     CacheOpt,
+    DequantizeOpt,
     DeviceMapOpt,
     DeviceOpt,
     DtypeOpt,
@@ -138,6 +139,7 @@ def ablate(
     cache_dir: Optional[Path] = CacheOpt,
     device: str = DeviceOpt,
     device_map: Optional[str] = DeviceMapOpt,
+    dequantize: bool = DequantizeOpt,
     verbose: bool = VerboseOpt,
     quiet: bool = QuietOpt,
 ) -> None:
@@ -157,7 +159,7 @@ def ablate(
     if choose_mode(model, dtype, stream, device_map, cache_dir, device) == "stream":
         result, shown = _streamed_ablation(model, det, super_weights, config, dtype, device), []
     else:
-        lm = load_lm(model, dtype, cache_dir, device_map, device)
+        lm = load_lm(model, dtype, cache_dir, device_map, device, dequantize)
         detected = None if det else detect_default(lm)
         found = check_super_weights(det, lm, super_weights) if det else detected.super_weights
         _print_found(found)
@@ -187,6 +189,7 @@ def eval_cmd(
     cache_dir: Optional[Path] = CacheOpt,
     device: str = DeviceOpt,
     device_map: Optional[str] = DeviceMapOpt,
+    dequantize: bool = DequantizeOpt,
     verbose: bool = VerboseOpt,
     quiet: bool = QuietOpt,
 ) -> None:
@@ -201,7 +204,7 @@ def eval_cmd(
     if choose_mode(model, dtype, stream, device_map, cache_dir, device) == "stream":
         result, shown = _streamed_eval(model, config, dtype, device), []
     else:
-        lm = load_lm(model, dtype, cache_dir, device_map, device)
+        lm = load_lm(model, dtype, cache_dir, device_map, device, dequantize)
         result, shown = run_eval(lm, config), lm.notes
     print_tables(result.tables())
     print_notes(result.notes, shown=shown)

@@ -117,7 +117,7 @@ def _gguf(model: str, scheme: str, search: str, keep_super_weights: bool, super_
     if out.exists() and not force:
         raise SuperweightError(f"{out} already exists: pick another --out or pass --force to replace it")
     check_output(out, "--out")
-    lm = load_lm(model, dtype, cache_dir, None, device)
+    lm = load_lm(model, dtype, cache_dir, None, device, dequantize=True)
     keep = _keep_for(lm, keep_super_weights, super_weights)
     with step(f"writing {out} ({scheme}, {'our range search' if search == 'mse' else 'reference'} block parameters)"):
         summary = export_gguf(lm, scheme, search, keep, out)
@@ -222,7 +222,7 @@ def quantize_cmd(
         manifest = _streamed(model, config, keep_super_weights, super_weights, out, force, include, exclude, dtype, device,
                              w8a8, storage)
     else:
-        lm = load_lm(model, dtype, cache_dir, device_map, device)
+        lm = load_lm(model, dtype, cache_dir, device_map, device, dequantize=True)
         keep = _keep_for(lm, keep_super_weights, super_weights)
         acts = _activations(lm, include, exclude) if w8a8 else None
         manifest = export_artifact(lm, config, keep, out, force, include, exclude, write_back=False,  # only the file is used

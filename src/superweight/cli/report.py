@@ -109,7 +109,7 @@ def report(
         inputs = _streamed_inputs(model, detection, ablation, sweep, run_ablation, run_sweep, limit, prompt, command, dtype,
                                   device)
     else:
-        lm = load_lm(model, dtype, cache_dir, device_map, device) if needs_model else None
+        lm = load_lm(model, dtype, cache_dir, device_map, device, dequantize=True) if needs_model else None
         detection = detection or detect_default(lm, prompt)
         inputs = rep.gather(lm, detection, ablation, sweep, run_ablation, run_sweep, limit, command)
     figs = rep.build_figures(inputs)

@@ -87,7 +87,7 @@ def sweep_cmd(
     if choose_mode(model, dtype, stream, device_map, cache_dir, device) == "stream":
         result = _streamed_sweep(model, super_weights, grid, text, max_tokens, seq_len, dtype, device)
     else:
-        lm = load_lm(model, dtype, cache_dir, device_map, device)
+        lm = load_lm(model, dtype, cache_dir, device_map, device, dequantize=True)
         keep = _keep_for(lm, True, super_weights)
         result = run_sweep(
             lm, keep, grid, text_name=text, max_tokens=max_tokens, seq_len=seq_len,

@@ -84,7 +84,8 @@ def _in_memory(model_ref: str, config: FindConfig, dtype: str, cache_dir, device
     from ..model.load import load_model
     from ..core.progress import step
 
-    lm = load_model(model_ref, dtype=dtype, cache_dir=cache_dir, device_map=device_map, device=device)
+    lm = load_model(model_ref, dtype=dtype, cache_dir=cache_dir, device_map=device_map, device=device,
+                    dequantize=True)  # detection reads the weights
     with step("detecting super weights"):
         result = detect(lm.model, lm.tokenizer, list(config.prompts), config.rule, config.max_iter, model_name=model_ref,
                         arch=lm.arch, **_kw(config))

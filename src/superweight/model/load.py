@@ -286,8 +286,11 @@ def load_model(
     cache_dir: str | os.PathLike | None = None,
     device_map: str | None = None,
     device: str | torch.device | None = None,
+    dequantize: bool = False,
 ) -> LoadedModel:
     """Load ``name`` (built-in name, ``.gguf`` file, model folder or hub id) for analysis.
+
+    A quantized artifact keeps its weights packed, or with ``dequantize`` loads as a dense float model.
 
     ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``) puts the whole model there; ``device_map``
     lets accelerate place the layers instead (GPUs, CPU, disk). Neither: the CPU.
@@ -298,7 +301,7 @@ def load_model(
     device_map = device_map_for(device, device_map)
     kind, where = resolve(name)
     if kind == "quantized":
-        return _artifact_loader()(where, dtype=torch_dtype, device=device_map or "cpu")
+        return _artifact_loader()(where, dtype=torch_dtype, device=device_map or "cpu", dequantize=dequantize)
     notes: list[str] = []
     if kind == "gguf":
         cache = _gguf_cache_folder(where, Path(cache_dir) if cache_dir else default_cache_dir())

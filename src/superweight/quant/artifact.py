@@ -38,6 +38,7 @@ from ..model.checkpoint import ARTIFACT_MANIFEST, is_artifact  # noqa: F401  (is
 from ..model.load import register_artifact_loader
 from .schemes import handler
 from .primitives import QuantizedTensor, predicted_bytes, sparse_bytes, sparse_dtype
+from .runtime import KERNELS, replace_linear
 
 MANIFEST = ARTIFACT_MANIFEST
 WEIGHTS = "model.safetensors"
@@ -370,31 +371,49 @@ def _expect(t: torch.Tensor, shape: tuple[int, ...], what: str) -> torch.Tensor:
     return t
 
 
-def unpack_tensor(f, key: str, entry: dict) -> QuantizedTensor:
-    """Rebuild one ``QuantizedTensor`` from an open safetensors file, checking every shape."""
+def unpack_tensor(f, key: str, entry: dict, packed: bool = False) -> QuantizedTensor:
+    """Rebuild one ``QuantizedTensor`` from an open safetensors file, checking every shape; ``packed``: its
+    codes as stored (``QuantizedTensor.packed``), not unpacked."""
     L = _layout(entry)
     kind, bits = entry["kind"], int(entry["bits"])
-    codes, scale, zero = handler(kind).unpack(f.get_tensor, key, bits, L)
+    stored, scale, zero = handler(kind).read_packed(f.get_tensor, key, bits, L)
+    codes = None if packed else handler(kind).unpack_codes(stored, bits, L.numel)
     idx, val = torch.zeros(0, dtype=torch.int64, device="cpu"), torch.zeros(0, device="cpu")
     if entry.get("sparse"):
         idx = f.get_tensor(f"{key}{SEP}sparse_idx").long()
         val = _expect(f.get_tensor(f"{key}{SEP}sparse_val"), tuple(idx.shape), f"{key} sparse values")
         if idx.numel() != entry["sparse"] or (idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= L.numel)):
             raise ValueError(f"{key} sparse indices are out of range")
-    return QuantizedTensor(kind, bits, tuple(entry["shape"]), L, codes, scale, zero, idx, val)
+    return QuantizedTensor(kind, bits, tuple(entry["shape"]), L, codes, scale, zero, idx, val, stored if packed else None)
 
 
 def read_state_dict(path: str | os.PathLike, manifest: dict, dtype: torch.dtype) -> dict[str, torch.Tensor]:
     """Dequantized weights plus untouched tensors, every quantized weight in its stored orientation."""
+    return read_weights(path, manifest, dtype)[0]
+
+
+def stays_packed(entry: dict) -> bool:
+    """Whether a quantized tensor loads as a ``PackedLinear`` (not an 8-bit embedding, not fused experts)."""
+    return not entry.get("embedding") and not entry.get("view")
+
+
+def read_weights(path: str | os.PathLike, manifest: dict, dtype: torch.dtype, packed: bool = False,
+                 ) -> tuple[dict[str, torch.Tensor], dict[str, QuantizedTensor]]:
+    """``(state, packed tensors)``: the untouched tensors and the dequantized weights by name, and with
+    ``packed`` the weights that ``stays_packed`` as ``QuantizedTensor``s holding their stored codes instead."""
     from ..model.checkpoint import INDEX, open_checkpoint
 
     path = Path(path)
     if not (path / WEIGHTS).is_file() and not (path / INDEX).is_file():
         raise SuperweightError(f"{path / WEIGHTS} is missing: the artifact is incomplete, re-export it")
     state: dict[str, torch.Tensor] = {}
+    held: dict[str, QuantizedTensor] = {}
     try:
         with _WeightFiles(open_checkpoint(path)) as f:
             for key, entry in manifest["tensors"].items():
+                if packed and stays_packed(entry):
+                    held[key] = unpack_tensor(f, key, entry, packed=True)
+                    continue
                 w = unpack_tensor(f, key, entry).dequantize(dtype)
                 w = w.t().contiguous() if entry["transposed"] else w
                 state[key] = w.reshape(entry["view"]) if entry.get("view") else w
@@ -405,7 +424,7 @@ def read_state_dict(path: str | os.PathLike, manifest: dict, dtype: torch.dtype)
         raise SuperweightError(f"{path} is a corrupted artifact ({exc})") from None
     except Exception as exc:  # safetensors / torch raise many kinds on a damaged file
         raise SuperweightError(f"{path} is a corrupted artifact ({type(exc).__name__}: {exc}): re-export it") from None
-    return state
+    return state, held
 
 
 class _WeightFiles:
@@ -435,54 +454,86 @@ class _WeightFiles:
 
 
 def load_quantized(
-    path: str | os.PathLike, dtype: str | torch.dtype | None = None, device: str | torch.device | None = "cpu"
+    path: str | os.PathLike, dtype: str | torch.dtype | None = None, device: str | torch.device | None = "cpu",
+    dequantize: bool = False, kernel: str = "auto",
 ):
     """Rebuild a working transformers model (and tokenizer) from an artifact: a ``LoadedModel``.
 
-    The packed weights are unpacked on the CPU, then the model moves to ``device`` (``auto``:
-    CUDA when available)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    The quantized linear layers stay packed (``quant.runtime.PackedLinear``: ``kernel`` ``auto`` runs
+    torch's int4 kernel where the layout fits and the fused dequantize-then-matmul elsewhere, ``int4``
+    requires the kernel for every layer, ``fused`` never uses it); 8-bit embeddings and fused MoE experts
+    load dense. ``dequantize=True``: every weight dense, as a float model (what editing weights needs).
+    The model then moves to ``device`` (``auto``: CUDA when available)."""
+    from transformers import AutoTokenizer
 
     from ..model.arch_infer import get_arch
 
+    if kernel not in KERNELS:
+        raise SuperweightError(f"unknown kernel {kernel!r}: one of {', '.join(KERNELS)}")
     path = Path(path)
     manifest = read_manifest(path)
     torch_dtype = parse_dtype(dtype) if dtype is not None else _DTYPES.get(manifest.get("dtype"), torch.float32)
-    from accelerate import init_empty_weights
-
-    try:
-        config = AutoConfig.from_pretrained(str(path))
-        with init_empty_weights(include_buffers=False):  # parameters on "meta": no random init, no copy
-            model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
-    except Exception as exc:  # transformers raises many kinds on a damaged config.json
-        raise SuperweightError(f"{path} is a corrupted artifact (config: {exc}): re-export it".splitlines()[0]) from None
+    model = _skeleton(path, torch_dtype)
     check_against_model(manifest, model, path)
-    state = read_state_dict(path, manifest, torch_dtype)
-    state = {k: v.to(torch_dtype) if v.is_floating_point() else v for k, v in state.items()}
-    try:
-        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
-    except RuntimeError as exc:  # a stored tensor of another shape than the config's
-        raise SuperweightError(f"{path} does not match its config ({str(exc).strip().splitlines()[-1].strip()}): re-export it") from None
-    missing = [m for m in missing if m not in manifest.get("tied", {})]
-    if missing or unexpected:
-        raise SuperweightError(f"{path} does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]}): re-export it")
+    state, held = read_weights(path, manifest, torch_dtype, packed=not dequantize)
+    _assign(model, {k: v.to(torch_dtype) if v.is_floating_point() else v for k, v in state.items()}, manifest, held, path)
+    target = resolve_device(device)
+    kernels = [replace_linear(model, key, qt, kernel, target).kernel for key, qt in held.items()]
     model.tie_weights()
     meta = [n for n, p in model.named_parameters() if p.is_meta]
     if meta:
         raise SuperweightError(f"{path} lacks {meta[0]} (and {len(meta) - 1} more): re-export it")
-    model.to(resolve_device(device)).eval()
+    model.to(target).eval()
     if manifest.get("activations"):
         from .w8a8 import attach_activation_quant
 
         attach_activation_quant(model, manifest["activations"])
     tokenizer = AutoTokenizer.from_pretrained(str(path)) if (path / "tokenizer_config.json").is_file() else None
     notes = list(manifest.get("notes", [])) + [f"quantized artifact: {manifest['scheme']}, {manifest['size']['bits_per_weight']:.3f} bits per quantized weight"]
+    notes += _packed_notes(manifest, kernels, dequantize)
     if acts := manifest.get("activations"):
         n = sum(map(len, acts.get("held_out_channels", {}).values()))
         notes.append(f"W8A8: inputs quantized to {acts['bits']} bits per token in {len(acts['modules'])} modules"
                      + (f" and {len(acts['experts'])} experts modules" if acts.get("experts") else "")
                      + f", {n} super-activation channel{'' if n == 1 else 's'} held out")
     return LoadedModel(model, tokenizer, get_arch(model), str(path), manifest.get("source_model", ""), notes)
+
+
+def _skeleton(path: Path, torch_dtype: torch.dtype) -> nn.Module:
+    """The artifact's model on the meta device (no random init, no copy)."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(str(path))
+        with init_empty_weights(include_buffers=False):
+            return AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    except Exception as exc:  # transformers raises many kinds on a damaged config.json
+        raise SuperweightError(f"{path} is a corrupted artifact (config: {exc}): re-export it".splitlines()[0]) from None
+
+
+def _assign(model: nn.Module, state: dict, manifest: dict, held: dict, path: Path) -> None:
+    """Load ``state`` into the skeleton; every weight must be there, tied to another or ``held`` packed."""
+    try:
+        missing, unexpected = model.load_state_dict(state, strict=False, assign=True)
+    except RuntimeError as exc:  # a stored tensor of another shape than the config's
+        raise SuperweightError(f"{path} does not match its config ({str(exc).strip().splitlines()[-1].strip()}): re-export it") from None
+    missing = [m for m in missing if m not in manifest.get("tied", {}) and m not in held]
+    if missing or unexpected:
+        raise SuperweightError(f"{path} does not match its config (missing {missing[:3]}, unexpected {unexpected[:3]}): re-export it")
+
+
+def _packed_notes(manifest: dict, kernels: list[str], dequantize: bool) -> list[str]:
+    if dequantize:
+        return ["weights dequantized to a dense float model (dequantize=True)"]
+    notes = []
+    if kernels:
+        notes.append(f"weights held packed: {kernels.count('int4')} layers on the int4 kernel, "
+                     f"{kernels.count('fused')} on the fused dequantize-then-matmul")
+    experts = [k for k, e in manifest["tensors"].items() if e.get("view")]
+    if experts:
+        notes.append(f"{len(experts)} fused MoE experts weights loaded dense (no packed experts module)")
+    return notes
 
 
 register_artifact_loader(load_quantized)

@@ -214,6 +214,55 @@ int sw_pack_bits(const uint8_t *c, int64_t n, int bits, uint8_t *out, int thread
     return bad;
 }
 
+/* pack.unpack_bits: the first n codes of the LSB-first stream p of `bits`-bit codes, one per byte of c */
+#ifdef __BMI2__ /* one pdep per 8 codes */
+#define UNPACK_LOOP(BITS)                                                            \
+    for (const uint64_t mask = 0x0101010101010101ULL * ((1u << BITS) - 1); i + 8 <= n; i += 8) { \
+        uint64_t w = 0;                                                              \
+        memcpy(&w, p + i / 8 * BITS, BITS);                                          \
+        w = _pdep_u64(w, mask);                                                      \
+        memcpy(c + i, &w, 8);                                                        \
+    }
+#else
+#define UNPACK_LOOP(BITS)                                                            \
+    for (; i + 8 <= n; i += 8) {                                                  \
+        uint64_t w = 0;                                                              \
+        memcpy(&w, p + i / 8 * BITS, BITS);                                          \
+        for (int k = 0; k < 8; k++) c[i + k] = (uint8_t)((w >> (k * BITS)) & ((1u << BITS) - 1)); \
+    }
+#endif
+
+static inline int unpack_octets(const uint8_t *p, int64_t n, int bits, uint8_t *c) {
+    int64_t i = 0;
+    switch (bits) {
+        case 1: UNPACK_LOOP(1) break;
+        case 2: UNPACK_LOOP(2) break;
+        case 3: UNPACK_LOOP(3) break;
+        case 4: UNPACK_LOOP(4) break;
+        case 5: UNPACK_LOOP(5) break;
+        case 6: UNPACK_LOOP(6) break;
+        case 7: UNPACK_LOOP(7) break;
+        default: return 1;
+    }
+    if (i < n) { /* the last, partial octet: ceil(rest * bits / 8) bytes */
+        uint64_t w = 0;
+        memcpy(&w, p + i / 8 * bits, ((n - i) * bits + 7) / 8);
+        for (int k = 0; i + k < n; k++) c[i + k] = (uint8_t)((w >> (k * bits)) & ((1u << bits) - 1));
+    }
+    return 0;
+}
+
+int sw_unpack_bits(const uint8_t *p, int64_t n, int bits, uint8_t *c, int threads) {
+    const int64_t blocks = (n + PACK_BLOCK - 1) / PACK_BLOCK;
+    int bad = 0;
+#pragma omp parallel for num_threads(threads) schedule(static) reduction(| : bad)
+    for (int64_t b = 0; b < blocks; b++) {
+        const int64_t m = n - b * PACK_BLOCK < PACK_BLOCK ? n - b * PACK_BLOCK : PACK_BLOCK;
+        bad |= unpack_octets(p + b * (PACK_BLOCK / 8) * bits, m, bits, c + b * PACK_BLOCK);
+    }
+    return bad;
+}
+
 #define PACK_CHUNK 1024 /* codes a run packs at a time (a multiple of 8) */
 
 /* Min/max RTN of all runs of x ([rows, row_len], runs of `size`, the last of each

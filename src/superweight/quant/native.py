@@ -108,6 +108,8 @@ def load(flags: tuple[str, ...] = FLAGS) -> ctypes.CDLL:
     i64, ptr, i32 = ctypes.c_int64, ctypes.c_void_p, ctypes.c_int
     lib.sw_rtn_minmax.argtypes = [ptr, i64, i64, i64, i32, ptr, i32, ptr, ptr, ptr, i32, i32]
     lib.sw_pack_bits.argtypes = [ptr, i64, i32, ptr, i32]
+    lib.sw_unpack_bits.argtypes = [ptr, i64, i32, ptr, i32]
+    lib.sw_unpack_bits.restype = ctypes.c_int
     lib.sw_sum_squares.argtypes = [ptr, i64, i64, ptr, i32]
     lib.sw_rtn_dense.argtypes = [ptr, i64, i64, i64, i32, ptr, ptr, ptr, i32]
     lib.sw_sqnr_sums.argtypes = [ptr, ptr, i64, i64, ptr, i32]
@@ -194,6 +196,17 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor | None:
     n = c.numel()
     out = torch.empty(-(-n * bits // 8), dtype=torch.uint8, device="cpu")
     return None if lib.sw_pack_bits(c.data_ptr(), n, bits, out.data_ptr(), _threads(n)) else out
+
+
+def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor | None:
+    """``pack.unpack_bits``: the first ``n`` codes (1-7 bits) of a packed stream, or None when the native
+    path does not apply."""
+    lib = library()
+    if lib is None or not 1 <= bits <= 7 or packed.device.type != "cpu" or packed.dtype != torch.uint8:
+        return None
+    p = packed.reshape(-1).contiguous()
+    out = torch.empty(n, dtype=torch.uint8, device="cpu")
+    return None if lib.sw_unpack_bits(p.data_ptr(), n, bits, out.data_ptr(), _threads(n)) else out
 
 
 SUM_CHUNK = 1 << 16

@@ -101,6 +101,9 @@ def unpack_bits(packed: torch.Tensor, bits: int, n: int) -> torch.Tensor:
     packed = packed.reshape(-1).to(torch.uint8)
     if bits == 8:
         return packed.clone()
+    out = native.unpack_bits(packed, bits, n)
+    if out is not None:
+        return out
     mask = 2**bits - 1
     if 8 % bits == 0:
         per = 8 // bits

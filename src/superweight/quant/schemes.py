@@ -117,12 +117,19 @@ class Scheme:
 
     def unpack(self, get: Callable[[str], torch.Tensor], key: str, bits: int, layout: Layout):
         """``(codes, scale, zero)`` read through ``get(name)``, every shape checked."""
-        codes = self.unpack_codes(get(f"{key}{SEP}codes"), bits, layout.numel)
+        packed, scale, zero = self.read_packed(get, key, bits, layout)
+        return self.unpack_codes(packed, bits, layout.numel), scale, zero
+
+    def read_packed(self, get: Callable[[str], torch.Tensor], key: str, bits: int, layout: Layout):
+        """``(packed codes, scale, zero)`` as stored, read through ``get(name)``, every size checked."""
+        packed = get(f"{key}{SEP}codes").reshape(-1)
+        if packed.dtype != torch.uint8 or packed.numel() != self.code_bytes(layout.numel, bits):
+            raise ValueError(f"{key} codes hold {packed.numel()} {packed.dtype} values, expected {self.code_bytes(layout.numel, bits)} bytes")
         scale = _expect(get(f"{key}{SEP}scale"), (layout.rows, layout.runs), f"{key} scale")
         zero = _expect(get(f"{key}{SEP}zero"), (layout.rows, layout.runs), f"{key} zero") if self.has_zero else None
         if zero is not None and self.zero_dtype is not None and zero.dtype != self.zero_dtype:
             raise ValueError(f"{key} zero is {zero.dtype}, expected {self.zero_dtype}")
-        return codes, scale, zero
+        return packed, scale, zero
 
 
 def _expect(t: torch.Tensor, shape: tuple[int, ...], what: str) -> torch.Tensor:

@@ -321,7 +321,7 @@ def _initial(config: TrainConfig):
     from ..model.load import load_model
 
     torch.manual_seed(config.seed)
-    lm = load_model(config.init)
+    lm = load_model(config.init, dequantize=True)  # training edits the weights
     if type(lm.model).__name__ != "LlamaForCausalLM":
         raise SuperweightError(f"--init {config.init}: continued training supports Llama-architecture models only")
     return lm.model, lm.tokenizer
