@@ -12,8 +12,9 @@
   The two are timed alternately, ``--reps`` times each, after a warm-up; the JSON also has the
   median of the per-pair ratios (steadier on a shared machine). Target <= 1.10.
 * ``--verdict-cost MODEL`` (smollm2-135m, gemma3-270m, or big-llama-1b: a random 7B-width Llama of
-  5 layers, 1.27B parameters, with one planted super weight, written by ``make_big_model.py``): detect
-  + verdict as ``superweight detect`` runs them, in memory. ``scored_tokens``: every token the verdict
+  5 layers, 1.27B parameters, bfloat16 on disk, with one planted super weight, written by
+  ``make_big_model.py``): detect + verdict as ``superweight detect`` runs them, in memory (the big
+  one streamed layer by layer: in float32 it did not fit beside the shared machine's other work). ``scored_tokens``: every token the verdict
   ran through the model's head, summed over its rounds, the base, each zeroed set and each null draw
   (a set re-scored on a longer prefix counts its tokens again), over ``text_tokens``;
   ``detect_verdict_over_forward``: detect + verdict time over one plain forward over the verdict
@@ -123,11 +124,11 @@ def bench_verdict(lm, forward_s: float, tokens: int = 1024) -> dict:
             "forwards_equivalent": seconds / forward_s, "findings": len(result.super_weights)}
 
 
-BIG = "big-llama-1b"  # the synthetic >= 1B Llama (bench/make_big_model.py), built once under --big-dir
+BIG = "big-llama-1b"  # the synthetic >= 1B Llama (bench/make_big_model.py, 1.27B), built once under --big-dir
 
 
 def big_model(folder: Path) -> Path:
-    """A random 7B-width Llama of 4 layers (1.07B parameters, bfloat16 on disk) with one planted super
+    """A random 7B-width Llama of 5 layers (1.27B parameters, bfloat16 on disk) with one planted super
     weight (layer 2, row 3968, col 7003): written once by ``bench/make_big_model.py``, then reused."""
     if not (folder / "superweight_planted.json").exists():
         sys.path.insert(0, str(ROOT))
@@ -135,6 +136,23 @@ def big_model(folder: Path) -> Path:
 
         make_big_model.main(["--size-gb", "2.2", "--out", str(folder)])
     return folder
+
+
+def cost_figures(j, forwards: list[float], t0: float, t1: float, t2: float) -> dict:
+    """The judge's tokens over its text, and detect (t0-t1) + verdict (t1-t2) over the median forward."""
+    forward_s = statistics.median(forwards)
+    return {"text_tokens": j.tokens, "windows": len(j.spans), "tokens_per_pass": j.per_pass, "scored_tokens": j.scored,
+            "scored_over_text": j.scored / j.tokens, "forward_s": forward_s, "forwards_s": forwards, "detect_s": t1 - t0,
+            "verdict_s": t2 - t1, "detect_verdict_over_forward": (t2 - t0) / forward_s}
+
+
+def verdict_rows(result) -> dict:
+    """Each verdict (label, ratio, the tokens it was scored on) and each weight's label."""
+    return {"verdicts": [{"target": v.target, "weights": v.weights, "label": v.label, "ppl_ratio": v.ppl_ratio,
+                          "null_ppl_ratios": v.null_ppl_ratios, "tokens": getattr(v, "scored", v.tokens),
+                          "null_tokens": getattr(v, "null_scored", [v.tokens] * len(v.null_ppl_ratios))}
+                         for v in result.verdicts],
+            "labels": {str(sw.key): sw.verdict for sw in result.super_weights}}
 
 
 def bench_verdict_cost(name: str, big_dir: Path, reps: int = 3) -> dict:
@@ -150,8 +168,9 @@ def bench_verdict_cost(name: str, big_dir: Path, reps: int = 3) -> dict:
     from superweight.find.verdict import Judge, judge_with
     from superweight.model.load import load_model
 
-    ref = str(big_model(big_dir)) if name == BIG else name
-    lm = load_model(ref)
+    if name == BIG:
+        return bench_streamed_verdict_cost(big_model(big_dir), reps)
+    lm = load_model(name)
     text = load_text("wiki-intros")
     stream, spans, _, _ = perplexity_windows(lm.model, lm.tokenizer, text, max_tokens=1024)
     ids = stream[: spans[0][1]].unsqueeze(0)  # the verdict's first (here: only) window
@@ -170,16 +189,48 @@ def bench_verdict_cost(name: str, big_dir: Path, reps: int = 3) -> dict:
     judge_with(j, result)
     t2 = time.perf_counter()
     forwards += [forward() for _ in range(reps - 1)]
-    forward_s = statistics.median(forwards)
     return {"model": name, "params": sum(p.numel() for p in lm.model.parameters()), "dtype": str(lm.model.dtype),
-            "text_tokens": j.tokens, "windows": len(j.spans), "tokens_per_pass": j.per_pass,
-            "scored_tokens": j.scored, "scored_over_text": j.scored / j.tokens, "forward_s": forward_s, "forwards_s": forwards,
-            "detect_s": t1 - t0, "verdict_s": t2 - t1, "detect_verdict_over_forward": (t2 - t0) / forward_s,
-            "verdicts": [{"target": v.target, "weights": v.weights, "label": v.label, "ppl_ratio": v.ppl_ratio,
-                          "null_ppl_ratios": v.null_ppl_ratios, "tokens": getattr(v, "scored", v.tokens),
-                          "null_tokens": getattr(v, "null_scored", [v.tokens] * len(v.null_ppl_ratios))}
-                         for v in result.verdicts],
-            "labels": {str(sw.key): sw.verdict for sw in result.super_weights}, "notes": lm.notes}
+            **cost_figures(j, forwards, t0, t1, t2),
+            **verdict_rows(result), "notes": lm.notes}
+
+
+def bench_streamed_verdict_cost(folder: Path, reps: int = 3) -> dict:
+    """``bench_verdict_cost`` of a checkpoint read layer by layer (``detect --stream``: what a model that
+    does not fit in memory gets; this 1.27B one, 5.4 GB in float32, did not on the shared machine):
+    detection streamed, then the streamed judge; the baseline is one streamed pass over the verdict
+    text (every layer read, the head applied)."""
+    from superweight.eval.perplexity import perplexity_windows
+    from superweight.eval.streamed import window_nlls
+    from superweight.eval.text import load_text
+    from superweight.find.streamed import StreamedJudge, stream_detect
+    from superweight.find.verdict import judge_with
+    from superweight.stream.model import StreamedModel, _tokenizer
+
+    text = load_text("wiki-intros")
+    sm = StreamedModel(folder, "float32")
+    try:
+        tok = _tokenizer(sm.ckpt.folder)
+        stream, spans, _, _ = perplexity_windows(sm.model, tok, text, max_tokens=1024)
+        window = [(stream[b:e], f - b) for b, e, f in spans]
+
+        def forward() -> float:
+            f0 = time.perf_counter()
+            window_nlls(sm, window, [[]])
+            return time.perf_counter() - f0
+
+        forwards = [forward()]
+        t0 = time.perf_counter()
+        result = stream_detect(folder, model_name=BIG)
+        t1 = time.perf_counter()
+        j = StreamedJudge(sm, tok, text, 1024)
+        judge_with(j, result)
+        t2 = time.perf_counter()
+        forwards += [forward() for _ in range(reps - 1)]
+    finally:
+        sm.close()
+    return {"model": BIG, "streamed": True, "params": sum(p.numel() for p in sm.model.parameters()), "dtype": "torch.float32",
+            **cost_figures(j, forwards, t0, t1, t2),
+            **verdict_rows(result)}
 
 
 def write_verdict_cost(out: Path, phase: str, name: str, entry: dict, command: str) -> None:
