@@ -139,11 +139,12 @@ def big_model(folder: Path) -> Path:
 
 
 def cost_figures(j, forwards: list[float], t0: float, t1: float, t2: float) -> dict:
-    """The judge's tokens over its text, and detect (t0-t1) + verdict (t1-t2) over the median forward."""
-    forward_s = statistics.median(forwards)
+    """The judge's tokens over its text, and detect (t0-t1) + verdict (t1-t2) over the median forward
+    (None with no forward timed: ``--reps 0``)."""
+    forward_s = statistics.median(forwards) if forwards else None
     return {"text_tokens": j.tokens, "windows": len(j.spans), "tokens_per_pass": j.per_pass, "scored_tokens": j.scored,
             "scored_over_text": j.scored / j.tokens, "forward_s": forward_s, "forwards_s": forwards, "detect_s": t1 - t0,
-            "verdict_s": t2 - t1, "detect_verdict_over_forward": (t2 - t0) / forward_s}
+            "verdict_s": t2 - t1, "detect_verdict_over_forward": (t2 - t0) / forward_s if forward_s else None}
 
 
 def verdict_rows(result) -> dict:
@@ -218,7 +219,7 @@ def bench_streamed_verdict_cost(folder: Path, reps: int = 3) -> dict:
             window_nlls(sm, window, [[]])
             return time.perf_counter() - f0
 
-        forwards = [forward()]
+        forwards = [forward()] if reps else []
         t0 = time.perf_counter()
         result = stream_detect(folder, model_name=BIG)
         t1 = time.perf_counter()
@@ -253,6 +254,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--verdict-cost", metavar="MODEL", help=f"only the verdict's cost on MODEL (smollm2-135m, gemma3-270m, {BIG})")
     ap.add_argument("--phase", default="after", help="the key the verdict cost is written under (before / after)")
     ap.add_argument("--verdict-out", type=Path, default=ROOT / "results" / "detect_verdict.json")
+    ap.add_argument("--verdict-reps", type=int, default=3, help="plain forwards timed for the verdict cost (0: none, no wall ratio)")
     ap.add_argument("--big-dir", type=Path, default=Path(tempfile.gettempdir()) / "sw-big-llama-1b")
     args = ap.parse_args(argv)
     if args.threads:
@@ -264,7 +266,7 @@ def main(argv: list[str] | None = None) -> dict:
         return {}
     command = "python bench/detect.py " + " ".join(argv if argv is not None else sys.argv[1:])
     if args.verdict_cost:
-        entry = bench_verdict_cost(args.verdict_cost, args.big_dir)
+        entry = bench_verdict_cost(args.verdict_cost, args.big_dir, args.verdict_reps)
         write_verdict_cost(args.verdict_out, args.phase, args.verdict_cost, entry, command)
         print(json.dumps({k: entry[k] for k in ("scored_over_text", "detect_verdict_over_forward", "labels")}, indent=1))
         return entry
