@@ -68,7 +68,7 @@ def make_probe(keep: list[list[int]], args) -> Probe:
 def run_all(args) -> None:
     keep = super_weights()
     probe = make_probe(keep, args)
-    for arm in args.arms.split(","):
+    for arm in [a for a in args.arms.split(",") if a]:
         for seed in map(int, args.seeds.split(",")):
             out = args.runs / f"{arm}-s{seed}"
             if (out / "done.json").is_file() or (out / "started").exists():

@@ -2,7 +2,8 @@
 dequantized from its Q4_1 GGUF) and continue float training. Does the super activation come back,
 through the same coordinate, another weight of the same channel, or another channel; after how
 many steps; what happens to perplexity? A control run continues training without zeroing, on the
-same tokens, steps and seed.
+same tokens, steps and seed (not run in the committed result, for lack of CPU: the not-zeroed
+model's own probe at step 0, ``--reference``, is the comparison).
 
 At step 0 and every --every steps (``superweight.train.probe``, whose activation fields are
 ``superweight.train.emergence.activation_state``, the per-checkpoint measurement of
@@ -69,12 +70,9 @@ def run_all(args) -> None:
         print(f"{name}: {time.time() - t:.0f} s", flush=True)
 
 
-def came_back(measures: list[dict], channel: int, level: float) -> int | None:
-    """The first step at which the channel's largest |h| reaches ``level`` again."""
-    for m in measures:
-        if m["step"] > 0 and m["channels"][0][0] >= level and m["activation"]["residual_channel"] == channel:
-            return m["step"]
-    return None
+def span_peak(measure: dict, first: int, last: int) -> float:
+    """The largest residual |h| after layers ``first``..``last`` (any channel)."""
+    return max(measure["activation"]["residual_per_layer"][first : last + 1])
 
 
 def collect(args) -> dict:
@@ -85,26 +83,30 @@ def collect(args) -> dict:
             log = TrainResult.load(path / "train_log.json")
             runs[name] = {"config": log.config, "measures": log.measures, "losses": log.losses, "seconds": log.seconds,
                           "done": json.loads((path / "done.json").read_text())}
+    reference = json.loads(args.reference.read_text()) if args.reference.is_file() else None
     summary = {}
-    if "zeroed" in runs and "control" in runs:
-        z, c = runs["zeroed"]["measures"], runs["control"]["measures"]
-        channel = runs["zeroed"]["done"]["channels"][0]
-        original = c[0]["channels"][0][0]
+    if "zeroed" in runs and reference:
+        z = runs["zeroed"]["measures"]
+        zeroed = runs["zeroed"]["done"]["zeroed"]
+        first = min(c[0] for c in zeroed)
+        last = reference["activation"]["residual_layer"]  # the layer after which the original peak is largest
+        original = span_peak(reference, first, last)
         summary = {
-            "channel": channel, "original_channel_peak": original,
-            "zeroed_channel_peak": [[m["step"], m["channels"][0][0]] for m in z],
-            "control_channel_peak": [[m["step"], m["channels"][0][0]] for m in c],
-            "zeroed_top_creator": [[m["step"], m["activation"]["top"], m["activation"]["top_share"]] for m in z],
+            "channel": runs["zeroed"]["done"]["channels"][0], "zeroed": zeroed, "span": [first, last],
+            "original": {"span_peak": original, "residual_max": reference["activation"]["residual_max"],
+                         "residual_layer": last, "residual_channel": reference["activation"]["residual_channel"],
+                         "wikitext2_ppl": reference["wikitext2_ppl"], "lambada_ppl": reference["lambada_ppl"]},
+            "span_peak": [[m["step"], span_peak(m, first, last)] for m in z],
+            "channel_peak": [[m["step"], *m["channels"][0]] for m in z],
+            "top_creator": [[m["step"], m["activation"]["top"], m["activation"]["top_share"], m["activation"]["top_output"]] for m in z],
             "zeroed_values": [[m["step"], m["watched"]] for m in z],
-            "half_back_at_step": came_back(z, channel, original / 2),
-            "wikitext2_ppl": {"zeroed": [[m["step"], m["wikitext2_ppl"]] for m in z],
-                              "control": [[m["step"], m["wikitext2_ppl"]] for m in c]},
-            "lambada_ppl": {"zeroed": [[m["step"], m["lambada_ppl"]] for m in z],
-                            "control": [[m["step"], m["lambada_ppl"]] for m in c]},
+            "half_back_at_step": next((m["step"] for m in z if m["step"] > 0 and span_peak(m, first, last) >= original / 2), None),
+            "wikitext2_ppl": [[m["step"], m["wikitext2_ppl"]] for m in z],
+            "lambada_ppl": [[m["step"], m["lambada_ppl"]] for m in z],
         }
     return {"command": "python bench/reemergence.py --runs DIR && python bench/reemergence.py --runs DIR --collect",
             "model": MODEL, "notes": ["SmolLM2-135M float weights are dequantized from its Q4_1 GGUF"],
-            "threads": 1, "summary": summary, "runs": runs}
+            "reference": str(args.reference), "threads": 1, "summary": summary, "runs": runs}
 
 
 def plot(result: dict, path: Path) -> None:
@@ -113,25 +115,23 @@ def plot(result: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    s = result["summary"]
     fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
-    for name, color in zip(RUNS, ("tab:red", "tab:blue")):
-        run = result["runs"].get(name)
-        if not run:
-            continue
-        ms = run["measures"]
-        steps = [m["step"] for m in ms]
-        axes[0].plot(steps, [m["channels"][0][0] for m in ms], color=color, marker="o", label=name)
-        axes[1].plot(steps, [m["wikitext2_ppl"] for m in ms], color=color, marker="o", label=name)
-        axes[2].plot(steps, [m["lambada_ppl"] for m in ms], color=color, marker="o", label=name)
-    channel = result["summary"].get("channel", "?")
-    axes[0].set_ylabel(f"largest |h| of channel {channel} (paper prompt)")
-    axes[1].set_ylabel("WikiText-2 perplexity")
-    axes[2].set_ylabel("LAMBADA-passage perplexity")
+    steps = [p[0] for p in s["span_peak"]]
+    first, last = s["span"]
+    axes[0].plot(steps, [p[1] for p in s["span_peak"]], "o-", color="tab:red", label=f"max |h| after layers {first}-{last}")
+    axes[0].plot(steps, [p[1] for p in s["channel_peak"]], "s--", color="tab:orange", label=f"max |h| of channel {s['channel']}, any layer")
+    axes[0].axhline(s["original"]["span_peak"], color="black", ls=":", label="not zeroed (step 0)")
+    axes[0].set_ylabel("residual |h| (paper prompt)")
+    for ax, key in ((axes[1], "wikitext2_ppl"), (axes[2], "lambada_ppl")):
+        ax.plot(steps, [p[1] for p in s[key]], "o-", color="tab:red", label="creators zeroed, then trained")
+        ax.axhline(s["original"][key], color="black", ls=":", label="not zeroed (step 0)")
+        ax.set_ylabel(key.replace("_ppl", " perplexity").replace("wikitext2", "WikiText-2").replace("lambada", "LAMBADA-passage"))
     for ax in axes:
         ax.set_xlabel("float training step")
         ax.set_yscale("log")
-        ax.legend()
-    fig.suptitle("SmolLM2-135M (dequantized Q4_1 GGUF): super weights zeroed, then trained on, vs not zeroed")
+        ax.legend(fontsize=8)
+    fig.suptitle("SmolLM2-135M (dequantized Q4_1 GGUF): its creating super weights zeroed, then trained on")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
 
@@ -149,10 +149,14 @@ def main() -> None:
     ap.add_argument("--wikitext-tokens", type=int, default=508)
     ap.add_argument("--lambada", type=int, default=12)
     ap.add_argument("--collect", action="store_true")
+    ap.add_argument("--reference", type=Path, default=None,
+                    help="The not-zeroed model's probe at the same settings (bench/qat_arms.py --float-reference "
+                         "writes it); default RUNS/float.json")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "reemergence.json")
     ap.add_argument("--png", type=Path, default=ROOT / "docs" / "reemergence.png")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    args.reference = args.reference or args.runs / "float.json"
     if args.collect:
         result = collect(args)
         write_json_atomic(args.out, result)

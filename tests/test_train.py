@@ -149,3 +149,22 @@ def test_keep_random_draws_as_many_weights_of_the_same_layers_per_seed(text_file
     assert draws[0] != draws[1]
     with pytest.raises(SuperweightError, match="exclude each other"):
         train(tiny(text_file, steps=1, bitnet=True, keep=keep, keep_random=True, keep_lines=True), tmp_path / "x")
+
+
+def test_cli_zero_then_train_and_keep_lines(text_file, tmp_path):
+    from safetensors.torch import load_file
+    from typer.testing import CliRunner
+
+    from superweight.cli import app
+
+    base = ["train", "--preset", "test", "--text", str(text_file), "--steps", "1", "--save-every", "1"]
+    result = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "z"), "--zero", "1:3:5", "--freeze-embeddings"])
+    assert result.exit_code == 0, result.output
+    state = json.loads((tmp_path / "z" / "step-000000" / "train_state.json").read_text())
+    assert state["config"]["zero"] == [[1, 3, 5]] and state["config"]["freeze_embeddings"]
+    weights = load_file(tmp_path / "z" / "step-000000" / "model.safetensors")
+    assert float(weights["model.layers.1.mlp.down_proj.weight"][3, 5]) == 0.0
+    bad = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "l"), "--keep-lines", "--keep", "1:3:5"])
+    assert isinstance(bad.exception, SuperweightError) and "only apply with --bitnet" in str(bad.exception)
+    bad = CliRunner().invoke(app, [*base, "--out", str(tmp_path / "x"), "--zero", "1:3"])
+    assert isinstance(bad.exception, SuperweightError) and "--zero '1:3'" in str(bad.exception)

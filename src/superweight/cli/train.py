@@ -10,11 +10,11 @@ from ..core.errors import SuperweightError
 from .app import QuietOpt, VerboseOpt, app, console, setup_logging
 
 
-def parse_coord(text: str) -> list[int]:
+def parse_coord(text: str, option: str = "--keep") -> list[int]:
     """``LAYER:ROW:COL`` -> ``[layer, row, col]``."""
     parts = text.split(":")
     if len(parts) != 3 or not all(p.strip().isdigit() for p in parts):
-        raise SuperweightError(f"--keep {text!r}: write a down-projection coordinate as LAYER:ROW:COL, e.g. 1:57:301")
+        raise SuperweightError(f"{option} {text!r}: write a down-projection coordinate as LAYER:ROW:COL, e.g. 1:57:301")
     return [int(p) for p in parts]
 
 
@@ -24,6 +24,16 @@ def keep_coords(keep: List[str], keep_file: Optional[Path]) -> list[list[int]]:
         from ..find.loop import DetectionResult
 
         coords += [list(c) for c in DetectionResult.load(keep_file).coords]
+    return coords
+
+
+def zero_coords(zero: List[str], zero_file: Optional[Path]) -> list[list[int]]:
+    """``--zero`` coordinates, plus the creating weights (role "creates") of a detection JSON."""
+    coords = [parse_coord(z, "--zero") for z in zero or []]
+    if zero_file is not None:
+        from ..find.loop import DetectionResult
+
+        coords += [[sw.layer, sw.row, sw.col] for sw in DetectionResult.load(zero_file).super_weights if sw.role == "creates"]
     return coords
 
 
@@ -49,6 +59,10 @@ def train(
     keep: List[str] = typer.Option(None, "--keep", help="With --bitnet: a down_proj weight LAYER:ROW:COL kept in full precision (repeat)."),
     keep_file: Optional[Path] = typer.Option(None, "--keep-file", help="With --bitnet: keep the super weights of a detection JSON."),
     keep_random: bool = typer.Option(False, "--keep-random", help="Control: keep as many random weights of the same layers instead."),
+    keep_lines: bool = typer.Option(False, "--keep-lines", help="Keep the whole down_proj row and column of every kept weight instead."),
+    zero: List[str] = typer.Option(None, "--zero", help="Zero this down_proj weight LAYER:ROW:COL before step 1, then train on (repeat)."),
+    zero_file: Optional[Path] = typer.Option(None, "--zero-file", help="Zero the creating super weights of a detection JSON before step 1."),
+    freeze_embeddings: bool = typer.Option(False, "--freeze-embeddings", help="Do not train the (tied) embedding."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for torch."),
     force: bool = typer.Option(False, "--force", help="Train into an existing --out folder."),
     verbose: bool = VerboseOpt,
@@ -68,16 +82,18 @@ def train(
     if out.exists() and any(out.iterdir()) and not force:
         raise SuperweightError(f"{out} is not empty: pick another --out or pass --force")
     coords = keep_coords(keep, keep_file)
-    if (coords or keep_random) and not bitnet:
-        raise SuperweightError("--keep, --keep-file and --keep-random only apply with --bitnet")
-    if keep_random and not coords:
-        raise SuperweightError("--keep-random needs --keep or --keep-file: it draws as many random weights")
+    if (coords or keep_random or keep_lines) and not bitnet:
+        raise SuperweightError("--keep, --keep-file, --keep-random and --keep-lines only apply with --bitnet")
+    if (keep_random or keep_lines) and not coords:
+        raise SuperweightError("--keep-random and --keep-lines need --keep or --keep-file: they start from those weights")
+    zeroed = zero_coords(zero, zero_file)
     if threads:
         torch.set_num_threads(threads)
     config = TrainConfig.preset(
         preset, steps=steps, save_every=save_every, seed=seed, layers=layers, hidden=hidden, intermediate=intermediate,
         heads=heads, seq_len=seq_len, batch=batch, lr=lr, text=text, tokenizer=tokenizer, device=device,
-        bitnet=bitnet, keep=coords, keep_random=keep_random, init=init,
+        bitnet=bitnet, keep=coords, keep_random=keep_random, init=init, keep_lines=keep_lines, zero=zeroed,
+        freeze_embeddings=freeze_embeddings,
     )
     result = run_train(config, out)
     last = result.evals[-1]
