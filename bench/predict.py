@@ -25,6 +25,7 @@ from superweight.find.predict import predict  # noqa: E402
 from superweight.model.load import load_model  # noqa: E402
 
 MODELS = ("smollm2-135m", "gemma3-270m")
+TOP_STORED = 20  # each ranking's best entries kept in the JSON
 
 
 def findings(devset: Path) -> dict[str, dict]:
@@ -46,7 +47,9 @@ def one_model(name: str, found: dict) -> dict:
     sets = {}
     for label, targets in (("creators", creators), ("all_findings", every)):
         sets[label] = predict(lm.model, lm.arch, targets, name=name, top_k=1000).to_dict()
-    return {"model": name, "notes": [*lm.notes, *found["notes"]][:2], "layers": lm.arch.num_layers(lm.model),
+        for r in sets[label]["rankings"]:
+            r["top"] = r["top"][:TOP_STORED]  # precision/recall used all 1,000
+    return {"model": name, "notes": list(dict.fromkeys([*lm.notes, *found["notes"]])), "layers": lm.arch.num_layers(lm.model),
             "seconds": time.time() - t, "targets": sets}
 
 
@@ -78,8 +81,8 @@ def plot(models: list[dict], path: Path) -> None:
         ax.axhline(10, color="gray", ls=":")
         ax.axhline(1000, color="gray", ls="--")
         ax.set_xticks(range(len(names)), names, rotation=60, ha="right")
-        ax.set_ylabel(f"rank of each creating weight among {pred['entries']:,} entries")
-        ax.set_title(f"{m['model']} ({len(pred['targets'])} creating weights)")
+        ax.set_ylabel("rank (1 = top score)")
+        ax.set_title(f"{m['model']}: {len(pred['targets'])} creating weights among {pred['entries']:,} entries")
     fig.suptitle("Weight-only predictors: where detection's creating weights rank (1 = top; lines at 10 and 1000)")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -90,8 +93,12 @@ def main() -> None:
     ap.add_argument("--devset", type=Path, default=ROOT / "docs" / "results" / "detect_devset.json")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "predict.json")
     ap.add_argument("--png", type=Path, default=ROOT / "docs" / "predict.png")
+    ap.add_argument("--plot-only", action="store_true", help="Redraw the PNG from the JSON at --out.")
     args = ap.parse_args()
     torch.set_num_threads(1)
+    if args.plot_only:
+        plot(json.loads(args.out.read_text())["models"], args.png)
+        return
     found = findings(args.devset)
     models = [one_model(name, found[name]) for name in MODELS]
     result = {"command": "python bench/predict.py", "targets_from": "docs/results/detect_devset.json (trace method)",

@@ -95,65 +95,101 @@ def mean_ci(values: list[float]) -> dict:
     return {"mean": m, "n": len(values), "ci95": [m - half, m + half]}
 
 
-def extra_bits(arm: str, run: dict) -> int:
+def extra_bits(arm: str, config: dict) -> int:
     """Bits stored beyond the ternary codes: a kept entry costs its FP16 value and a 32-bit index;
-    a kept whole row or column costs its FP16 values and one 32-bit line index."""
-    kept = run["config"]["keep"]
+    kept whole rows and columns cost their FP16 values and a 32-bit index per line."""
+    kept = config["keep"]
     if arm == "lines":
-        lines = {(c[0], "r", c[1]) for c in run["done"]["keep"]} | {(c[0], "c", c[2]) for c in run["done"]["keep"]}
-        return 16 * len(kept) + 32 * len(lines)
+        rows = {(c[0], c[1]) for c in kept if sum(1 for d in kept if d[0] == c[0] and d[1] == c[1]) > 1}
+        cols = {(c[0], c[2]) for c in kept if sum(1 for d in kept if d[0] == c[0] and d[2] == c[2]) > 1}
+        return 16 * len(kept) + 32 * (len(rows) + len(cols))
     return (16 + 32) * len(kept)
 
 
 def collect(args) -> dict:
+    """Every run with a training log (finished or not: ``done``), and per measured step the arms'
+    perplexities across the seeds that reached it, and their paired differences from arm (a)."""
     runs = {}
-    for path in sorted(args.runs.glob("*-s*/done.json")):
-        log = TrainResult.load(path.parent / "train_log.json")
+    for path in sorted(args.runs.glob("*-s*/train_log.json")):
+        log = TrainResult.load(path)
+        if not log.measures:
+            continue
+        done = path.parent / "done.json"
         runs[path.parent.name] = {"config": log.config, "measures": log.measures, "losses": log.losses,
-                                  "seconds": log.seconds, "done": json.loads(path.read_text())}
+                                  "seconds": log.seconds, "done": done.is_file()}
+    steps = sorted({m["step"] for r in runs.values() for m in r["measures"]})
     arms = {}
     for arm in ARMS:
         mine = {k: v for k, v in runs.items() if k.startswith(arm + "-")}
         if not mine:
             continue
-        last = {k: v["measures"][-1] for k, v in mine.items()}
-        first = {k: v["measures"][0] for k, v in mine.items()}
         some = next(iter(mine.values()))
-        arms[arm] = {
-            "seeds": sorted(v["config"]["seed"] for v in mine.values()),
-            "kept_weights": len(some["config"]["keep"]), "extra_bits": extra_bits(arm, some),
-            "step0_wikitext2_ppl": mean_ci([m["wikitext2_ppl"] for m in first.values()]),
-            "step0_lambada_ppl": mean_ci([m["lambada_ppl"] for m in first.values()]),
-            "final_wikitext2_ppl": mean_ci([m["wikitext2_ppl"] for m in last.values()]),
-            "final_lambada_ppl": mean_ci([m["lambada_ppl"] for m in last.values()]),
-            "final_massive": mean_ci([m["activation"]["massive"] for m in last.values()]),
-        }
-    diffs = paired_differences(runs)
-    out = {"command": "python bench/qat_arms.py --runs DIR --arms ternary,super,random,lines --seeds 0,1 && "
-                      "python bench/qat_arms.py --runs DIR --collect",
-           "model": MODEL, "notes": ["SmolLM2-135M float weights are dequantized from its Q4_1 GGUF"],
-           "setup": {k: some_config(runs).get(k) for k in ("steps", "save_every", "seq_len", "batch", "lr", "warmup",
-                                                           "weight_decay", "freeze_embeddings", "text")},
-           "threads": 1, "arms": arms, "paired_vs_ternary": diffs, "runs": runs}
-    if (args.runs / "float.json").is_file():
-        out["float_reference"] = json.loads((args.runs / "float.json").read_text())
-    return out
+        arms[arm] = {"runs": sorted(mine), "finished": sorted(k for k, v in mine.items() if v["done"]),
+                     "kept_weights": len(some["config"]["keep"]), "extra_bits": extra_bits(arm, some["config"]),
+                     "by_step": {str(s): at_step(mine, s) for s in steps}}
+    setup = some_config(runs)
+    return {"command": "python bench/qat_arms.py --runs DIR --arms ternary,super,random,lines --seeds 0,1 --steps 30 "
+                       "--every 10 --wikitext-tokens 508 --lambada 12 && python bench/qat_arms.py --runs DIR --collect",
+            "model": MODEL, "notes": ["SmolLM2-135M float weights are dequantized from its Q4_1 GGUF"],
+            "setup": {k: setup.get(k) for k in ("steps", "save_every", "seq_len", "batch", "lr", "warmup",
+                                                "weight_decay", "freeze_embeddings", "text")},
+            "threads": 1, "arms": arms, "paired_vs_ternary": paired_differences(runs, steps),
+            "float_reference": json.loads((args.runs / "float.json").read_text()) if (args.runs / "float.json").is_file() else None,
+            "runs": runs}
+
+
+def at_step(runs: dict, step: int) -> dict:
+    """Mean and 95% interval across the runs that measured ``step``."""
+    ms = [m for r in runs.values() for m in r["measures"] if m["step"] == step]
+    if not ms:
+        return {}
+    return {"wikitext2_ppl": mean_ci([m["wikitext2_ppl"] for m in ms]), "lambada_ppl": mean_ci([m["lambada_ppl"] for m in ms]),
+            "residual_max": mean_ci([m["activation"]["residual_max"] for m in ms])}
 
 
 def some_config(runs: dict) -> dict:
     return next(iter(runs.values()))["config"] if runs else {}
 
 
-def paired_differences(runs: dict) -> dict:
-    """Per arm: final perplexity minus arm (a)'s on the same seed (same tokens), mean and 95% CI."""
-    out = {}
+def paired_differences(runs: dict, steps: list[int]) -> dict:
+    """Per arm and step: ln(perplexity) minus arm (a)'s on the same seed (same tokens), in nats per
+    token (negative: better than all-ternary), mean and 95% CI across seeds."""
+    def value(name: str, step: int, metric: str) -> float | None:
+        return next((m[metric] for m in runs.get(name, {}).get("measures", []) if m["step"] == step), None)
+
+    out: dict = {}
     for arm in ARMS[1:]:
-        for metric in ("wikitext2_ppl", "lambada_ppl"):
-            d = [runs[f"{arm}-s{s}"]["measures"][-1][metric] - runs[f"ternary-s{s}"]["measures"][-1][metric]
-                 for s in range(10) if f"{arm}-s{s}" in runs and f"ternary-s{s}" in runs]
-            if d:
-                out.setdefault(arm, {})[metric] = mean_ci(d)
+        for step in steps:
+            for metric in ("wikitext2_ppl", "lambada_ppl"):
+                pairs = [(value(f"{arm}-s{s}", step, metric), value(f"ternary-s{s}", step, metric)) for s in range(10)]
+                d = [math.log(a) - math.log(b) for a, b in pairs if a is not None and b is not None]
+                if d:
+                    out.setdefault(arm, {}).setdefault(str(step), {})[metric] = mean_ci(d)
     return out
+
+
+def markdown(result: dict) -> str:
+    """The docs' table: per step and arm, mean perplexities (seeds), largest |h|, and the paired
+    ln-perplexity difference from arm (a) with its 95% interval."""
+    def ci(d: dict | None) -> str:
+        if not d:
+            return ""
+        band = f" [{d['ci95'][0]:+.3f}, {d['ci95'][1]:+.3f}]" if d["ci95"] else " (1 seed)"
+        return f"{d['mean']:+.3f}{band}"
+
+    lines = ["| step | arm | seeds | WikiText-2 ppl | LAMBADA ppl | max \\|h\\| | d ln ppl WikiText-2 vs (a) | d ln ppl LAMBADA vs (a) |",
+             "|---|---|---|---|---|---|---|---|"]
+    steps = sorted({int(s) for a in result["arms"].values() for s, v in a["by_step"].items() if v})
+    for step in steps:
+        for arm, a in result["arms"].items():
+            v = a["by_step"].get(str(step))
+            if not v:
+                continue
+            d = result["paired_vs_ternary"].get(arm, {}).get(str(step), {})
+            lines.append(f"| {step} | {arm} | {v['wikitext2_ppl']['n']} | {v['wikitext2_ppl']['mean']:,.0f} | "
+                         f"{v['lambada_ppl']['mean']:,.0f} | {v['residual_max']['mean']:,.0f} | "
+                         f"{ci(d.get('wikitext2_ppl'))} | {ci(d.get('lambada_ppl'))} |")
+    return "\n".join(lines)
 
 
 def plot(result: dict, path: Path) -> None:
@@ -209,7 +245,7 @@ def main() -> None:
         result = collect(args)
         write_json_atomic(args.out, result)
         plot(result, args.png)
-        print(json.dumps({"arms": result["arms"], "paired_vs_ternary": result["paired_vs_ternary"]}, indent=1))
+        print(markdown(result))
     else:
         run_all(args)
 

@@ -88,13 +88,14 @@ def collect(args) -> dict:
     if "zeroed" in runs and reference:
         z = runs["zeroed"]["measures"]
         zeroed = runs["zeroed"]["done"]["zeroed"]
-        first = min(c[0] for c in zeroed)
-        last = reference["activation"]["residual_layer"]  # the layer after which the original peak is largest
+        per_layer = reference["activation"]["residual_per_layer"]
+        span = [i for i, v in enumerate(per_layer) if v >= max(per_layer) / 2]  # where the original lives
+        first, last = span[0], span[-1]
         original = span_peak(reference, first, last)
         summary = {
             "channel": runs["zeroed"]["done"]["channels"][0], "zeroed": zeroed, "span": [first, last],
             "original": {"span_peak": original, "residual_max": reference["activation"]["residual_max"],
-                         "residual_layer": last, "residual_channel": reference["activation"]["residual_channel"],
+                         "residual_layer": reference["activation"]["residual_layer"], "residual_channel": reference["activation"]["residual_channel"],
                          "wikitext2_ppl": reference["wikitext2_ppl"], "lambada_ppl": reference["lambada_ppl"]},
             "span_peak": [[m["step"], span_peak(m, first, last)] for m in z],
             "channel_peak": [[m["step"], *m["channels"][0]] for m in z],
