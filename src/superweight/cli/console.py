@@ -3,6 +3,8 @@ from __future__ import annotations
 
 from rich.table import Table
 
+from ..core.results import Table as ResultTable
+
 from .app import console
 
 
@@ -25,15 +27,11 @@ def print_super_weights(result) -> None:
 
 
 def print_layers(result) -> None:
-    table = Table(title="Per-layer maxima (unmodified model, first prompt)")
-    for col in ("layer", "max|in|", "in ch", "max|out|", "out ch", "token", "max|resid|", "resid ch"):
-        table.add_column(col, justify="right")
-    for s in result.layers:
-        table.add_row(
-            str(s.layer), f"{s.input.magnitude:.4g}", str(s.input.channel), f"{s.output.magnitude:.4g}",
-            str(s.output.channel), str(s.output.token), f"{s.residual.magnitude:.4g}", str(s.residual.channel),
-        )
-    console.print(table)
+    header = ["layer", "max|in|", "in ch", "max|out|", "out ch", "token", "max|resid|", "resid ch"]
+    rows = [[str(s.layer), f"{s.input.magnitude:.4g}", str(s.input.channel), f"{s.output.magnitude:.4g}",
+             str(s.output.channel), str(s.output.token), f"{s.residual.magnitude:.4g}", str(s.residual.channel)]
+            for s in result.layers]
+    print_tables([ResultTable("Per-layer maxima (unmodified model, first prompt)", header, rows)])
 
 
 def print_magnitude(mag) -> None:
@@ -76,9 +74,25 @@ def print_sweep_tables(result) -> None:
     print_tables(result.tables())
 
 
+def plain_table(t) -> str:
+    """A ``results.Table`` as plain text for a pipe or a file: the title, then one line per row, columns
+    two spaces apart (the first left-aligned, the rest right-aligned), no border, no cell cut or wrapped."""
+    rows = [[" ".join(str(c).split("\n")) for c in r] for r in [t.header, *t.rows]]
+    widths = [max(len(r[i]) for r in rows if i < len(r)) for i in range(len(t.header))]
+
+    def line(r: list[str]) -> str:
+        return "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+
+    return "\n".join([t.title, *(line(r) for r in rows)])
+
+
 def print_tables(tables) -> None:
-    """Print ``results.Table`` objects (every result's ``tables()``) as rich tables."""
+    """Print ``results.Table`` objects (every result's ``tables()``): rich tables on a terminal, the
+    compact ``plain_table`` layout elsewhere (a pipe or a file has no width to fit, so nothing is cut)."""
     for t in tables:
+        if not console.is_terminal:
+            console.print(plain_table(t) + "\n", markup=False, highlight=False, soft_wrap=True)
+            continue
         table = Table(title=t.title)
         for h in t.header:
             table.add_column(h.replace("[", "\\["), justify="right")
