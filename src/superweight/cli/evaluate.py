@@ -8,9 +8,10 @@ import typer
 
 from ..prove.ablate import DEFAULT_SCALES, DEFAULT_TOP_N
 from ..core.errors import SuperweightError
-from ..core.files import check_output
-from .inputs import check_super_weights, check_text_source, read_super_weights
+from .inputs import check_seq_len, check_super_weights, check_super_weights_early, check_text_source, read_super_weights
 from .app import (
+    check_json_out,
+    write_json_out,
     CacheOpt,
     DequantizeOpt,
     DeviceMapOpt,
@@ -153,9 +154,11 @@ def ablate(
         ppl, tasks, limit, max_tokens, seq_len, top_n=top_n, random_n=random_n, scales=_parse_scales(scales),
         scale_tasks=sweep_tasks, stopword_prompts=stopword_prompts, seed=seed,
     )
+    check_seq_len(seq_len, model, cache_dir)
     det = read_super_weights(super_weights) if super_weights else None
-    if json_path:
-        check_output(json_path, "--json")
+    if det is not None:  # checked against the config now, not after loading the model
+        check_super_weights_early(det, model, super_weights, cache_dir, to_ablate=True)
+    check_json_out(json_path)
     if choose_mode(model, dtype, stream, device_map, cache_dir, device) == "stream":
         result, shown = _streamed_ablation(model, det, super_weights, config, dtype, device), []
     else:
@@ -167,9 +170,7 @@ def ablate(
     print_ablation_table(result)
     print_stopwords(result)
     print_notes(result.notes, shown=shown)
-    if json_path:
-        result.save(json_path)
-        console.print(f"wrote {json_path}")
+    write_json_out(json_path, result.to_dict())
 
 
 @app.command("eval")
@@ -199,8 +200,8 @@ def eval_cmd(
 
     setup_logging(verbose, quiet)
     config = _eval_config(ppl, tasks, limit, max_tokens, seq_len)
-    if json_path:
-        check_output(json_path, "--json")
+    check_seq_len(seq_len, model, cache_dir)
+    check_json_out(json_path)
     if choose_mode(model, dtype, stream, device_map, cache_dir, device) == "stream":
         result, shown = _streamed_eval(model, config, dtype, device), []
     else:
@@ -208,6 +209,4 @@ def eval_cmd(
         result, shown = run_eval(lm, config), lm.notes
     print_tables(result.tables())
     print_notes(result.notes, shown=shown)
-    if json_path:
-        result.save(json_path)
-        console.print(f"wrote {json_path}")
+    write_json_out(json_path, result.to_dict())

@@ -58,7 +58,43 @@ def read_super_weights(path: str | Path):
         _coordinate(sw, i, path)
     if not isinstance(det.architecture, str) or not isinstance(det.num_layers, int) or isinstance(det.num_layers, bool):
         raise SuperweightError(f"{path}: 'architecture' must be a string and 'num_layers' an integer")
+    for i, sw in enumerate(det.super_weights):
+        if sw.layer >= det.num_layers:
+            raise SuperweightError(f"{path}: super weight {i} has layer {sw.layer}, but the file's model has {det.num_layers} "
+                                   "layers: write the file again with `superweight detect --json`")
     return det
+
+
+def check_super_weights_early(det, model: str, origin: str | Path, cache_dir: Path | None = None,
+                              to_ablate: bool = False) -> None:
+    """``det`` checked against MODEL's config before any weight loads (``load.config_skeleton``: same
+    architecture, every layer, expert, row and column in range); with ``to_ablate`` an empty list is
+    refused too. Where the config needs the weights (an uncached hub id) the check after loading runs alone."""
+    from ..model.arch_infer import get_arch
+    from ..model.load import config_skeleton
+
+    if to_ablate and not det.super_weights:
+        raise SuperweightError(f"{origin} lists no super weight, so there is nothing to ablate: leave out --super-weights "
+                               f"to detect them now, or pass a detection that found some")
+    skeleton = config_skeleton(model, cache_dir)
+    if skeleton is not None:
+        checked_against(det, get_arch(skeleton), skeleton, model, origin)
+
+
+def check_seq_len(seq_len: int | None, model: str, cache_dir: Path | None = None) -> None:
+    """``--seq-len`` holds at least 2 tokens and no more than MODEL's positions (read from its config,
+    ``load.config_skeleton``), before any weight loads."""
+    from ..eval.perplexity import model_max_length
+    from ..model.load import config_skeleton
+
+    if seq_len is None:
+        return
+    if seq_len < 2:
+        raise SuperweightError(f"--seq-len {seq_len}: a perplexity window needs at least 2 tokens, e.g. --seq-len 1024")
+    skeleton = config_skeleton(model, cache_dir)
+    limit = model_max_length(skeleton) if skeleton is not None else None
+    if limit is not None and seq_len > limit:
+        raise SuperweightError(f"--seq-len {seq_len} is longer than {model}'s {limit:,} positions: pass at most --seq-len {limit}")
 
 
 def check_super_weights(det, lm, origin: str | Path) -> list:
@@ -67,10 +103,11 @@ def check_super_weights(det, lm, origin: str | Path) -> list:
     return checked_against(det, lm.arch, lm.model, lm.name, origin)
 
 
-def check_json_inputs(**files: Path | None) -> None:
-    """Result files passed by name (``ablation=``, ``sweep=``) are readable JSON objects."""
-    from ..core.files import read_json
+def read_results(ablation: Path | None = None, sweep: Path | None = None):
+    """``(AblationResult | None, SweepResult | None)`` read from the files given, each through its own
+    validation (kind, version, fields), so that a wrong file fails before any model loads."""
+    from ..prove.experiments import AblationResult
+    from ..quant.sweep import SweepResult
 
-    for what, path in files.items():
-        if path is not None:
-            read_json(path, what)
+    return (AblationResult.load(ablation) if ablation is not None else None,
+            SweepResult.load(sweep) if sweep is not None else None)

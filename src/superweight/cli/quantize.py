@@ -9,8 +9,10 @@ import typer
 from ..core.errors import SuperweightError
 from ..core.files import check_output
 from ..model.arch import checked_against
-from .inputs import check_super_weights, read_super_weights
+from .inputs import check_super_weights, check_super_weights_early, read_super_weights
 from .app import (
+    check_json_out,
+    write_json_out,
     CacheOpt,
     DeviceMapOpt,
     DeviceOpt,
@@ -127,11 +129,7 @@ def _gguf(model: str, scheme: str, search: str, keep_super_weights: bool, super_
     console.print(f"wrote {out}: {summary['bytes'] / 1e6:.1f} MB, tensors by type "
                   + ", ".join(f"{k} {v}" for k, v in sorted(types.items()))
                   + (f"; super weights' tensors: {', '.join(summary['overrides'])}" if summary["overrides"] else ""))
-    if json_path:
-        from ..find.loop import write_json_atomic
-
-        write_json_atomic(json_path, summary)
-        console.print(f"wrote {json_path}")
+    write_json_out(json_path, summary)
 
 
 def _storage(untouched_dtype: str, embeddings: str) -> dict:
@@ -195,10 +193,9 @@ def quantize_cmd(
     from ..quant.config import scheme_config
 
     setup_logging(verbose, quiet)
-    if super_weights is not None and keep_super_weights:
-        read_super_weights(super_weights)  # a bad file fails now, not after loading the model
-    if json_path:
-        check_output(json_path, "--json")
+    if super_weights is not None and keep_super_weights:  # a bad file fails now, not after loading the model
+        check_super_weights_early(read_super_weights(super_weights), model, super_weights, cache_dir)
+    check_json_out(json_path)
     from ..quant.artifact import Manifest, export_artifact
 
     if out_format not in ("artifact", "gguf"):
@@ -228,8 +225,4 @@ def quantize_cmd(
         manifest = export_artifact(lm, config, keep, out, force, include, exclude, write_back=False,  # only the file is used
                                    activations=acts, **storage)
     print_tables(Manifest.from_dict(manifest).tables(out))
-    if json_path:
-        from ..find.loop import write_json_atomic
-
-        write_json_atomic(json_path, manifest)
-        console.print(f"wrote {json_path}")
+    write_json_out(json_path, manifest)

@@ -7,7 +7,7 @@ from typing import List, Optional
 import typer
 
 from ..core.files import check_output
-from .inputs import check_json_inputs, check_prompts
+from .inputs import check_prompts, check_super_weights, check_super_weights_early, read_results, read_super_weights
 
 from .app import (
     CacheOpt,
@@ -96,11 +96,11 @@ def report(
     rep.check_out_dir(out, force)
     check_output(out, "--out", folder=True)
     check_prompts(prompt)
-    check_json_inputs(ablation=ablation, sweep=sweep)  # before the model loads: a wrong path costs nothing
-    from ..find.loop import DetectionResult
-
-    detection = DetectionResult.load(super_weights) if super_weights else None
+    detection = read_super_weights(super_weights) if super_weights else None  # before the model loads:
+    read_results(ablation, sweep)  # a wrong path or file costs nothing
     needs_model = detection is None or run_ablation or run_sweep
+    if detection is not None and needs_model:
+        check_super_weights_early(detection, model, super_weights, cache_dir, to_ablate=run_ablation)
     flags = [f"--super-weights {super_weights}" if super_weights else "",
              f"--ablation {ablation}" if ablation else "", f"--sweep {sweep}" if sweep else "",
              f"--run-ablation --limit {limit}" if run_ablation else "", "--run-sweep" if run_sweep else ""]
@@ -110,6 +110,8 @@ def report(
                                   device)
     else:
         lm = load_lm(model, dtype, cache_dir, device_map, device, dequantize=True) if needs_model else None
+        if lm is not None and detection is not None:
+            check_super_weights(detection, lm, super_weights)
         detection = detection or detect_default(lm, prompt)
         inputs = rep.gather(lm, detection, ablation, sweep, run_ablation, run_sweep, limit, command)
     figs = rep.build_figures(inputs)

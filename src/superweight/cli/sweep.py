@@ -6,10 +6,11 @@ from typing import List, Optional
 
 import typer
 
-from ..core.files import check_output
-from .inputs import check_text_source, read_super_weights
+from .inputs import check_seq_len, check_super_weights_early, check_text_source, read_super_weights
 from ..quant.sweep import DEFAULT_BITS, DEFAULT_CLIP_Z, DEFAULT_GROUPS, DEFAULT_MAX_TOKENS, DEFAULT_SIZES
 from .app import (
+    check_json_out,
+    write_json_out,
     CacheOpt,
     DeviceMapOpt,
     DeviceOpt,
@@ -78,11 +79,11 @@ def sweep_cmd(
     from ..quant.sweep import run_sweep
 
     setup_logging(verbose, quiet)
-    if super_weights is not None:
-        read_super_weights(super_weights)  # a bad file fails now, not after loading the model
-    if json_path:
-        check_output(json_path, "--json")
+    if super_weights is not None:  # a bad file fails now, not after loading the model
+        check_super_weights_early(read_super_weights(super_weights), model, super_weights, cache_dir)
+    check_json_out(json_path)
     check_text_source(text)
+    check_seq_len(seq_len, model, cache_dir)
     grid = _grid(bits, size, group, clip_z)
     if choose_mode(model, dtype, stream, device_map, cache_dir, device) == "stream":
         result = _streamed_sweep(model, super_weights, grid, text, max_tokens, seq_len, dtype, device)
@@ -96,6 +97,4 @@ def sweep_cmd(
     print_sweep_tables(result)
     for note in result.notes:
         console.print(f"note: {note}", highlight=False)
-    if json_path:
-        result.save(json_path)
-        console.print(f"wrote {json_path}")
+    write_json_out(json_path, result.to_dict())

@@ -41,10 +41,15 @@ class Versioned:
 
     @classmethod
     def check_version(cls, d: dict, source: str = "") -> None:
+        """The file's ``kind`` (when it names one) is this class's, and its ``version`` this class's."""
+        kind = d.get("kind")
+        where = f"{source} " if source else "the data "
+        if isinstance(kind, str) and kind != cls.KIND:
+            raise SuperweightError(f"{where}is {_a(kind)} {kind} file, not {_a(cls.KIND)} {cls.KIND} file{cls.HINT}")
         if d.get("version") != cls.VERSION:
-            where = f"{source} " if source else ""
             raise SuperweightError(
-                f"{where}{cls.KIND} file version {d.get('version')!r} is not {cls.VERSION}: write it again{cls.HINT}"
+                f"{where}is {_a(cls.KIND)} {cls.KIND} file of version {d.get('version')!r}, not {cls.VERSION} (another superweight "
+                f"version wrote it){cls.HINT}"
             )
 
     @classmethod
@@ -83,6 +88,11 @@ class Table:
 def num(x: float | None, fmt: str = "{:.4g}") -> str:
     """A table cell: ``-`` for a missing number."""
     return "-" if x is None else fmt.format(x)
+
+
+def _a(noun: str) -> str:
+    """The article before ``noun``: "an ablation", "a detection"."""
+    return "an" if noun[:1].lower() in "aeio" else "a"
 
 
 def _plain(value: Any) -> Any:

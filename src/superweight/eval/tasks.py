@@ -348,6 +348,8 @@ def prepare_task(tokenizer, task: str, limit: int | None = None, max_len: int = 
     items = load_items(task, limit)
     if not items:
         raise SuperweightError(f"task {task} has no documents (limit={limit})")
+    if limit is not None and len(items) < limit:  # a huge --limit is the whole task: say so, with its size
+        log.warning("%s has %s documents: --limit %s scores all of them", task, f"{len(items):,}", f"{limit:,}")
     per_item = [item_pairs(tokenizer, it, max_len) for it in items]
     return PreparedTask(task, items, [p for ps in per_item for p in ps], [len(ps) for ps in per_item])
 

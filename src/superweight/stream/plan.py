@@ -82,16 +82,20 @@ def check_gguf_disk(name: str, cache_dir: str | Path | None = None) -> None:
     """A first GGUF load writes a float32 copy to the cache: refuse early when the disk cannot hold it."""
     import shutil
 
+    from ..core.files import check_output
     from ..model.load import _gguf_cache_folder, default_cache_dir, resolve
 
     kind, where = resolve(name)
     if kind != "gguf":
         return
     root = Path(cache_dir) if cache_dir else default_cache_dir()
+    cached = (_gguf_cache_folder(where, root) / "model.safetensors").is_file()
+    if not cached:  # a cache folder that cannot be written: said first, and before any conversion
+        check_output(root, "the GGUF cache (--cache-dir or SUPERWEIGHT_CACHE)", folder=True)
     need = GGUF_EXPANSION * os.path.getsize(where)
     existing = next(p for p in [root, *root.parents] if p.exists())
     free = shutil.disk_usage(existing).free
-    if free < need and not (_gguf_cache_folder(where, root) / "model.safetensors").is_file():
+    if free < need and not cached:
         raise SuperweightError(
             f"converting {Path(where).name} writes up to {gib(need)} (float32) to {root}, which has {gib(free)} free: "
             "pass --cache-dir on a disk with room (or convert it elsewhere and --stream the saved folder)"
