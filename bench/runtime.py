@@ -41,7 +41,7 @@ SCHEMES = {
 }
 FUSED = ("int3 g64", "ternary")
 SYNTHETIC = dict(hidden_size=2048, intermediate_size=5632, num_hidden_layers=20, num_attention_heads=16,
-                 num_key_value_heads=16, vocab_size=32000, max_position_embeddings=2048, tie_word_embeddings=False)
+                 num_key_value_heads=16, vocab_size=49152, max_position_embeddings=2048, tie_word_embeddings=False)
 WIKITEXT = ROOT.parent / "shared" / "data" / "wikitext-2-raw" / "wiki.test.raw"
 
 
@@ -104,7 +104,7 @@ def profile(lm, tokens: int, top: int = 8) -> list[dict]:
 # ---------------------------------------------------------------- the parent
 
 
-def run_child(spec: dict, log) -> dict:
+def run_child(spec: dict, log, save=None) -> dict:
     proc = subprocess.run(["nice", sys.executable, __file__, "--child", json.dumps(spec)], capture_output=True, text=True)
     if proc.returncode != 0:
         err = (proc.stderr.strip().splitlines() or ["?"])[-1]
@@ -115,6 +115,18 @@ def run_child(spec: dict, log) -> dict:
     return row
 
 
+class Saver:
+    """Writes the results so far after every measurement (a run cut short keeps what it measured)."""
+
+    def __init__(self, path: Path, results: dict):
+        self.path, self.results = path, results
+
+    def __call__(self) -> None:
+        for rows in self.results["models"]:
+            rows["decode_ratios"] = ratios(rows)
+        write_json_atomic(self.path, self.results)
+
+
 def synthetic_model(folder: Path) -> Path:
     """The synthetic Llama (random weights, bfloat16) written once to ``folder`` with a byte tokenizer."""
     if (folder / "config.json").is_file():
@@ -122,8 +134,12 @@ def synthetic_model(folder: Path) -> Path:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from superweight.testing.synthetic import byte_tokenizer
+    from transformers import AutoTokenizer
 
+    from superweight.core.files import default_cache_dir
+    from superweight.model.load import _gguf_cache_folder, builtin_path
+
+    tokenizer = AutoTokenizer.from_pretrained(str(_gguf_cache_folder(builtin_path("smollm2-135m"), default_cache_dir())))
     with torch.device("meta"):
         model = LlamaForCausalLM(LlamaConfig(**SYNTHETIC)).to(torch.bfloat16)
     model.to_empty(device="cpu")
@@ -133,7 +149,7 @@ def synthetic_model(folder: Path) -> Path:
             p.fill_(1.0) if p.dim() == 1 else p.normal_(0.0, 0.02, generator=gen)
     tmp = folder.with_name(folder.name + ".partial")
     model.save_pretrained(tmp)
-    byte_tokenizer().save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)  # SmolLM2's BPE (49,152 tokens): one llama.cpp reads
     tmp.rename(folder)  # complete or absent
     return folder
 
@@ -142,7 +158,7 @@ def cli(*args: str) -> None:
     subprocess.run(["nice", sys.executable, "-m", "superweight", *args], check=True, capture_output=True, text=True)
 
 
-def llama_cpp_rows(source: str, work: Path, tokens: int, threads: int, log) -> dict:
+def llama_cpp_rows(source: str, work: Path, tokens: int, threads: int, dtype: str, log) -> dict:
     if importlib.util.find_spec("llama_cpp") is None:
         return {"skipped": "llama-cpp-python is not installed"}
     from llama_cpp_speed import decode_speed
@@ -152,7 +168,8 @@ def llama_cpp_rows(source: str, work: Path, tokens: int, threads: int, log) -> d
         out = work / f"{qtype}.gguf"
         try:
             if not out.is_file():
-                cli("quantize", source, "--format", "gguf", "--scheme", qtype, "--out", str(out), "--no-keep-super-weights")
+                cli("quantize", source, "--format", "gguf", "--scheme", qtype, "--out", str(out), "--no-keep-super-weights",
+                    "--dtype", dtype)
             speed = decode_speed(out, list(range(1, 17)), tokens, threads)
             rows[qtype] = {"file_bytes": out.stat().st_size, "decode_tok_s": speed["decode_tok_s"]}
         except Exception as exc:  # a model llama.cpp cannot take is recorded, not fatal
@@ -162,18 +179,21 @@ def llama_cpp_rows(source: str, work: Path, tokens: int, threads: int, log) -> d
     return rows
 
 
-def model_rows(name: str, args, log) -> dict:
+def model_rows(name: str, args, log, rows: dict, save) -> dict:
     work = args.workdir / name.replace("/", "_")
     work.mkdir(parents=True, exist_ok=True)
     synthetic = name == "synthetic-1b"
     source = str(synthetic_model(work / "model")) if synthetic else name
     ppl = 0 if synthetic else args.ppl_tokens
     base = {"threads": args.threads, "ppl_tokens": ppl}
-    rows = {"model": name, "baselines": {}, "schemes": {}}
-    for dtype in ("float32", "bfloat16"):
+    rows |= {"model": name, "baselines": {}, "schemes": {}}
+    def baseline(dtype: str) -> None:
         log(f"{name} {dtype}")
         rows["baselines"][dtype] = run_child({**base, "kind": "model", "model": source, "dtype": dtype,
                                               "tokens": args.new_tokens, "profile": args.profile_tokens}, log)
+        save()
+
+    baseline("bfloat16")
     keep = ["--no-keep-super-weights"]
     if not synthetic:
         cli("detect", name, "--json", str(work / "sw.json"))
@@ -182,7 +202,8 @@ def model_rows(name: str, args, log) -> dict:
         art = work / scheme.replace(" ", "_").replace("+", "p")
         log(f"{name} {scheme}")
         if not (art / "superweight_manifest.json").is_file():
-            cli("quantize", source, *flags, *keep, "--out", str(art), "--force")
+            cli("quantize", source, *flags, *keep, "--dtype", "bfloat16" if synthetic else "float32", "--out", str(art),
+                "--force")  # the synthetic model is bfloat16: quantized from it as stored
         tokens = args.fused_tokens if scheme in FUSED else args.new_tokens
         packed = run_child({**base, "kind": "artifact", "model": str(art), "dequantize": False, "tokens": tokens,
                             "profile": args.profile_tokens if scheme not in FUSED else 0}, log)
@@ -190,14 +211,18 @@ def model_rows(name: str, args, log) -> dict:
             if ppl else {"skipped": "no perplexity to compare (random weights)"}
         rows["schemes"][scheme] = {"packed": packed, "dequantized": dense, "file_bytes": json.loads(
             (art / "superweight_manifest.json").read_text())["size"]["file_bytes"]}
-    rows["llama_cpp"] = llama_cpp_rows(source, work, args.new_tokens, args.threads, log)
+        save()
+    rows["llama_cpp"] = llama_cpp_rows(source, work, args.new_tokens, args.threads,
+                                       "bfloat16" if synthetic else "float32", log)
+    save()
+    baseline("float32")  # last: the largest process (a 1B model in float32 is 4.4 GB)
     return rows
 
 
 def ratios(rows: dict) -> dict:
     """Decode speed of each packed scheme over the float32 and bfloat16 models' and llama.cpp's (same run)."""
     out = {}
-    f32, bf16 = (rows["baselines"][d].get("decode_tok_s") for d in ("float32", "bfloat16"))
+    f32, bf16 = (rows["baselines"].get(d, {}).get("decode_tok_s") for d in ("float32", "bfloat16"))
     cpp = {k: v.get("decode_tok_s") for k, v in rows.get("llama_cpp", {}).items() if isinstance(v, dict)}
     for scheme, r in rows["schemes"].items():
         tps = r["packed"].get("decode_tok_s")
@@ -227,11 +252,11 @@ def main() -> None:
     log = lambda s: print(s, flush=True)  # noqa: E731
     results = {"command": "python " + " ".join(sys.argv),
                "threads": args.threads, "new_tokens": args.new_tokens, "fused_tokens": args.fused_tokens, "models": []}
+    save = Saver(args.out, results)
     for name in args.models:
-        rows = model_rows(name, args, log)
-        rows["decode_ratios"] = ratios(rows)
-        results["models"].append(rows)
-        write_json_atomic(args.out, results)  # each model as it completes
+        results["models"].append({})
+        model_rows(name, args, log, results["models"][-1], save)
+        save()
     log(f"wrote {args.out}")
 
 
