@@ -128,6 +128,21 @@ def llama_perplexity(path: Path, windows: list[tuple[list[int], int]], threads: 
     return {"ppl": float(np.exp(nll / count)), "nll": nll / count, "tokens": count, "seconds": time.perf_counter() - start}
 
 
+def cached_perplexity(path: Path, text: str, windows: list[tuple[list[int], int]], threads: int) -> dict:
+    """``llama_perplexity``, kept beside the file (``FILE.ppl-TEXT-NxL.json``, valid while the file's size
+    and modification time are those it was measured on): ``--score`` processes measure files in
+    parallel, the main run reuses their figures."""
+    key = f"{text}-{len(windows)}x{max(len(ids) for ids, _ in windows)}"
+    cache, stamp = Path(f"{path}.ppl-{key}.json"), [path.stat().st_size, path.stat().st_mtime]
+    if cache.is_file():
+        got = json.loads(cache.read_text())
+        if got["stamp"] == stamp:
+            return got["result"]
+    result = llama_perplexity(path, windows, threads)
+    write_json_atomic(cache, {"stamp": stamp, "result": result})
+    return result
+
+
 def text_windows(tokenizer, source: str, seq_len: int, n_windows: int) -> list[tuple[list[int], int]]:
     """The project's windows (``eval.perplexity``: stride = seq_len) over the first tokens of ``source``."""
     ids = tokenize_stream(tokenizer, load_text(source), seq_len * n_windows).tolist()
@@ -138,37 +153,26 @@ def files_for(lm, model: str, types: list[str], overrides: list[TensorOverride],
     """The F32 source and, for each type, the four files compared (see the module docstring)."""
     model = model.strip("/").replace("/", "_")
     src = work / f"{model}-f32.gguf"
-    write_gguf(lm, GGUFPlan("f32", search=False, embed_type="f32"), src)
+    if not src.is_file():  # files are written atomically: one that exists is whole (rerun after a cut run)
+        write_gguf(lm, GGUFPlan("f32", search=False, embed_type="f32"), src)
     files = {"float (F32)": src}
     for t in types:
         lc = work / f"{model}-{t}-llamacpp.gguf"
-        llama_cpp_quantize(src, lc, t, threads)
+        if not lc.is_file():
+            llama_cpp_quantize(src, lc, t, threads)
         files[f"llama.cpp {t}"] = lc
         files[f"llama.cpp {t} + overrides"] = work / f"{model}-{t}-llamacpp-ovr.gguf"
-        llama_cpp_quantize(src, files[f"llama.cpp {t} + overrides"], t, threads, overrides)
+        if not files[f"llama.cpp {t} + overrides"].is_file():
+            llama_cpp_quantize(src, files[f"llama.cpp {t} + overrides"], t, threads, overrides)
         path, start = work / f"{model}-{t}-ours.gguf", time.perf_counter()
-        write_gguf(lm, GGUFPlan(t, search=True, embed_type=EMBED), path)
-        print(f"  ours {t}: written in {time.perf_counter() - start:.0f} s", flush=True)
+        if not path.is_file():
+            write_gguf(lm, GGUFPlan(t, search=True, embed_type=EMBED), path)
+            print(f"  ours {t}: written in {time.perf_counter() - start:.0f} s", flush=True)
         files[f"ours {t}"] = files[f"ours {t} + overrides"] = path
         if overrides:
             files[f"ours {t} + overrides"] = work / f"{model}-{t}-ours-ovr.gguf"
             with_f16(path, src, {o.tensor for o in overrides}, files[f"ours {t} + overrides"])
     return files
-
-
-def compare(rows: dict, types: dict[str, dict], type_names: list[str]) -> list[dict]:
-    """Ours against llama.cpp, type by type, with and without the overrides, on each text."""
-    out = []
-    for t in type_names:
-        for suffix in ("", " + overrides"):
-            ours, ref = rows[f"ours {t}{suffix}"], rows[f"llama.cpp {t}{suffix}"]
-            entry = {"type": t, "overrides": bool(suffix), "size_ratio": ours["bytes"] / ref["bytes"],
-                     "same_types": types[f"ours {t}{suffix}"] == types[f"llama.cpp {t}{suffix}"]}
-            for text in ref["ppl"]:
-                entry[text] = {"ours": ours["ppl"][text]["ppl"], "llama.cpp": ref["ppl"][text]["ppl"],
-                               "ours_lower": ours["ppl"][text]["ppl"] < ref["ppl"][text]["ppl"]}
-            out.append(entry)
-    return out
 
 
 def run_model(model: str, args) -> dict:
@@ -185,7 +189,7 @@ def run_model(model: str, args) -> dict:
         types[name] = tensor_types(path)
         counts = {k: list(types[name].values()).count(k) for k in sorted(set(types[name].values()))}
         rows[name] = {"bytes": path.stat().st_size, "type_counts": counts,
-                      "ppl": {text: llama_perplexity(path, w, args.threads) for text, w in windows.items()}}
+                      "ppl": {text: cached_perplexity(path, text, w, args.threads) for text, w in windows.items()}}
         print(f"{model:14s} {name:28s} {rows[name]['bytes'] / 1e6:8.2f} MB  "
               + "  ".join(f"{t} {r['ppl']:.3f}" for t, r in rows[name]["ppl"].items()), flush=True)
     comparison = compare(rows, types, args.types)
@@ -193,8 +197,68 @@ def run_model(model: str, args) -> dict:
             "overrides": [o.argument for o in overrides], "rows": rows, "comparison": comparison}
 
 
+def score(model: str, paths: list[Path], args) -> None:
+    """``--score``: measure these files only (the cache beside each), e.g. in parallel processes."""
+    from transformers import AutoTokenizer
+
+    from superweight.model.load import _gguf_cache_folder, default_cache_dir, resolve
+
+    kind, where = resolve(model)
+    folder = _gguf_cache_folder(where, default_cache_dir()) if kind == "gguf" else where
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    for path in paths:
+        for text in args.texts:
+            r = cached_perplexity(path, text, text_windows(tokenizer, text, args.seq_len, args.windows), args.threads)
+            print(f"{path.name} {text} {r['ppl']:.3f}", flush=True)
+
+
+def assemble(model: str, args) -> dict:
+    """``--assemble``: the model's entry from the files and per-file perplexities already in the work
+    folder (written by a run and by ``--score`` processes), without loading the model; what was not
+    measured is listed under ``missing``. The overrides are read back from llama.cpp's file (its F16 tensors)."""
+    stem, key = model.strip("/").replace("/", "_"), f"{args.windows}x{args.seq_len}"
+    names = {"float (F32)": f"{stem}-f32.gguf"}
+    for t in args.types:
+        names.update({f"llama.cpp {t}": f"{stem}-{t}-llamacpp.gguf", f"llama.cpp {t} + overrides": f"{stem}-{t}-llamacpp-ovr.gguf",
+                      f"ours {t}": f"{stem}-{t}-ours.gguf", f"ours {t} + overrides": f"{stem}-{t}-ours-ovr.gguf"})
+    rows, types, missing = {}, {}, []
+    for name, file in names.items():
+        path = args.workdir / file
+        caches = {text: Path(f"{path}.ppl-{text}-{key}.json") for text in args.texts}
+        have = {text: json.loads(c.read_text())["result"] for text, c in caches.items() if path.is_file() and c.is_file()}
+        missing += [f"{name}: {text}" for text in args.texts if text not in have]
+        if have:
+            types[name] = tensor_types(path)
+            counts = {k: list(types[name].values()).count(k) for k in sorted(set(types[name].values()))}
+            rows[name] = {"bytes": path.stat().st_size, "type_counts": counts, "ppl": have}
+    first_lc = next((types[n] for n in types if n.startswith("llama.cpp") and n.endswith("overrides")), {})
+    overrides = sorted(n for n, t in first_lc.items() if t == "F16")
+    comparison = compare(rows, types, args.types)
+    return {"assembled": True, "overrides": overrides, "rows": rows, "comparison": comparison, "missing": missing}
+
+
+def compare(rows: dict, types: dict, type_names: list[str]) -> list[dict]:
+    """Ours against llama.cpp, type by type, with and without the overrides, on each text both were measured on."""
+    out = []
+    for t in type_names:
+        for suffix in ("", " + overrides"):
+            ours, ref = rows.get(f"ours {t}{suffix}"), rows.get(f"llama.cpp {t}{suffix}")
+            if ours is None or ref is None:
+                continue
+            entry = {"type": t, "overrides": bool(suffix), "size_ratio": ours["bytes"] / ref["bytes"],
+                     "same_types": types[f"ours {t}{suffix}"] == types[f"llama.cpp {t}{suffix}"]}
+            for text in set(ours["ppl"]) & set(ref["ppl"]):
+                entry[text] = {"ours": ours["ppl"][text]["ppl"], "llama.cpp": ref["ppl"][text]["ppl"],
+                               "ours_lower": ours["ppl"][text]["ppl"] < ref["ppl"][text]["ppl"]}
+            out.append(entry)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
+    ap.add_argument("--score", nargs="+", type=Path, default=None, help="only measure these files (of --models' first)")
+    ap.add_argument("--splice", nargs="+", default=None, help="OURS F32 OUT TENSOR...: write ours + overrides")
+    ap.add_argument("--assemble", action="store_true", help="the JSON from the files and measurements in --workdir")
     ap.add_argument("--models", nargs="+", default=["smollm2-135m", "gemma3-270m"])
     ap.add_argument("--types", nargs="+", default=["q4_0", "q4_1", "q4_k"])
     ap.add_argument("--texts", nargs="+", default=list(TEXTS))
@@ -207,11 +271,16 @@ def main() -> None:
     args.workdir.mkdir(parents=True, exist_ok=True)
     import llama_cpp
 
+    if args.score:
+        return score(args.models[0], args.score, args)
+    if args.splice:  # ours + overrides from ours and the F32 file: OURS F32 OUT TENSOR...
+        ours, src, out, *names = args.splice
+        return with_f16(Path(ours), Path(src), set(names), Path(out))
     result = {"command": "python bench/gguf_export.py " + " ".join(sys.argv[1:]), "llama_cpp_python": llama_cpp.__version__,
               "seq_len": args.seq_len, "windows": args.windows, "embedding_type": EMBED, "threads": args.threads,
               "models": {}}
     for model in args.models:
-        measured = run_model(model, args)
+        measured = assemble(model, args) if args.assemble else run_model(model, args)
         if args.out.is_file():  # models measured by other runs (one process per model) are kept
             result["models"] = {**json.loads(args.out.read_text())["models"], **result["models"]}
         result["models"][model] = {"command": result["command"], **measured}
@@ -219,7 +288,7 @@ def main() -> None:
     for model, r in result["models"].items():
         for c in r["comparison"]:
             print(model, c["type"], "+ovr" if c["overrides"] else "    ", f"size x{c['size_ratio']:.4f}",
-                  "  ".join(f"{t}: ours {c[t]['ours']:.3f} vs {c[t]['llama.cpp']:.3f}" for t in args.texts))
+                  "  ".join(f"{t}: ours {c[t]['ours']:.3f} vs {c[t]['llama.cpp']:.3f}" for t in args.texts if t in c))
 
 
 if __name__ == "__main__":
