@@ -127,7 +127,7 @@ def collect(args) -> dict:
         arms[arm] = {"runs": sorted(mine), "finished": sorted(k for k, v in mine.items() if v["done"]),
                      "kept_weights": len(some["config"]["keep"]), "extra_bits": extra_bits(arm, some["config"]),
                      "by_step": {str(s): at_step(mine, s) for s in steps}}
-    setup = some_config(runs)
+    setup = runs["ternary-s0"]["config"] if "ternary-s0" in runs else some_config(runs)
     return {"command": "python bench/qat_arms.py --runs DIR --arms ternary,super,random,lines --seeds 0,1 --steps 30 "
                        "--every 10 --wikitext-tokens 508 --lambada 12 && python bench/qat_arms.py --runs DIR --collect",
             "model": MODEL, "notes": ["SmolLM2-135M float weights are dequantized from its Q4_1 GGUF"],
