@@ -9,6 +9,7 @@ mechanism the paper describes (``Y[t, j] ~ X[t, k] * W[j, k]``).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from torch import nn
@@ -28,110 +29,122 @@ def _llama_kw(t: dict) -> dict:
     )
 
 
+def _families(t: dict) -> dict[str, dict]:
+    """The keyword groups the Llama-like tiny configs are built from (``_LLAMA_LIKE``)."""
+    head_dim, experts, inter = t["hidden"] // t["heads"], t["experts"], t["intermediate"]
+    return {
+        "head_dim": dict(head_dim=head_dim),
+        "pad": dict(pad_token_id=0),
+        "no_window": dict(sliding_window=None),
+        "moe": dict(num_local_experts=experts, num_experts_per_tok=2),
+        "olmoe": dict(num_experts=experts, num_experts_per_tok=2),
+        "qwen_moe": dict(num_experts=experts, num_experts_per_tok=2, moe_intermediate_size=inter),
+        "shared_expert": dict(shared_expert_intermediate_size=inter),
+        # DeepSeek-style MoE: layer 0 dense (first_k_dense_replace), a shared expert beside the routed ones
+        "deepseek": dict(n_routed_experts=experts, num_experts_per_tok=2, moe_intermediate_size=inter,
+                         first_k_dense_replace=1, n_group=1, topk_group=1, n_shared_experts=1),
+        "mla": dict(q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=head_dim),
+        "ernie_moe": dict(moe_num_experts=experts, moe_k=2, moe_intermediate_size=inter, moe_layer_start_index=1,
+                          moe_num_shared_experts=1),
+        "granite": dict(residual_multiplier=0.22, embedding_multiplier=12.0, attention_multiplier=1.0 / head_dim,
+                        logits_scaling=8.0),
+        "ministral": dict(sliding_window=64, layer_types=["full_attention"] * t["layers"]),
+        "llama4": dict(intermediate_size_mlp=inter, num_local_experts=experts),
+    }
+
+
+# architecture -> (its transformers config class, the ``_families`` added to the Llama keywords)
+_LLAMA_LIKE: dict[str, tuple[str, tuple[str, ...]]] = {
+    "LlamaForCausalLM": ("LlamaConfig", ()),
+    "MistralForCausalLM": ("MistralConfig", ("no_window",)),
+    "Qwen2ForCausalLM": ("Qwen2Config", ()),
+    "Qwen3ForCausalLM": ("Qwen3Config", ("head_dim",)),
+    "GemmaForCausalLM": ("GemmaConfig", ("head_dim",)),
+    "Gemma2ForCausalLM": ("Gemma2Config", ("head_dim",)),
+    "Gemma3ForCausalLM": ("Gemma3TextConfig", ("head_dim",)),
+    "OlmoForCausalLM": ("OlmoConfig", ()),
+    "Olmo2ForCausalLM": ("Olmo2Config", ()),
+    "Phi3ForCausalLM": ("Phi3Config", ("pad",)),
+    "MixtralForCausalLM": ("MixtralConfig", ("moe",)),
+    "Qwen2MoeForCausalLM": ("Qwen2MoeConfig", ("qwen_moe", "shared_expert")),
+    "Qwen3MoeForCausalLM": ("Qwen3MoeConfig", ("qwen_moe", "head_dim")),
+    "OlmoeForCausalLM": ("OlmoeConfig", ("olmoe",)),
+    "PhimoeForCausalLM": ("PhimoeConfig", ("moe",)),
+    "GraniteMoeForCausalLM": ("GraniteMoeConfig", ("moe", "granite")),
+    "DeepseekV2ForCausalLM": ("DeepseekV2Config", ("deepseek", "mla")),
+    "DeepseekV3ForCausalLM": ("DeepseekV3Config", ("deepseek", "mla")),
+    "Glm4MoeForCausalLM": ("Glm4MoeConfig", ("deepseek", "pad")),
+    "Ernie4_5_MoeForCausalLM": ("Ernie4_5_MoeConfig", ("ernie_moe",)),
+    "Olmo3ForCausalLM": ("Olmo3Config", ()),
+    "Exaone4ForCausalLM": ("Exaone4Config", ()),
+    "StableLmForCausalLM": ("StableLmConfig", ()),
+    "SmolLM3ForCausalLM": ("SmolLM3Config", ("pad",)),
+    "HeliumForCausalLM": ("HeliumConfig", ("head_dim",)),
+    "Ernie4_5ForCausalLM": ("Ernie4_5Config", ()),
+    "SeedOssForCausalLM": ("SeedOssConfig", ()),
+    "HunYuanDenseV1ForCausalLM": ("HunYuanDenseV1Config", ("head_dim",)),
+    "CohereForCausalLM": ("CohereConfig", ()),
+    "Cohere2ForCausalLM": ("Cohere2Config", ()),
+    "GraniteForCausalLM": ("GraniteConfig", ("granite",)),
+    "ArceeForCausalLM": ("ArceeConfig", ()),
+    "ApertusForCausalLM": ("ApertusConfig", ()),
+    "Starcoder2ForCausalLM": ("Starcoder2Config", ()),
+    "PhiForCausalLM": ("PhiConfig", ()),
+    "Glm4ForCausalLM": ("Glm4Config", ("pad",)),
+    # no ArchSpec registered for these: their spec is read from their modules (``arch_infer``)
+    "GlmForCausalLM": ("GlmConfig", ("pad",)),
+    "NemotronForCausalLM": ("NemotronConfig", ()),
+    "MinistralForCausalLM": ("MinistralConfig", ("head_dim", "ministral")),
+    "PersimmonForCausalLM": ("PersimmonConfig", ()),
+    "Lfm2ForCausalLM": ("Lfm2Config", ()),
+    "Qwen3NextForCausalLM": ("Qwen3NextConfig", ("head_dim",)),
+    "Llama4ForCausalLM": ("Llama4TextConfig", ("head_dim", "llama4")),  # experts stored [experts, in, out]: refused, not guessed
+}
+
+
+def _gpt2_kw(t: dict) -> dict:
+    return dict(n_embd=t["hidden"], n_inner=t["intermediate"], n_layer=t["layers"], n_head=t["heads"], vocab_size=t["vocab"])
+
+
+def _neox_kw(t: dict) -> dict:
+    return dict(hidden_size=t["hidden"], num_hidden_layers=t["layers"], num_attention_heads=t["heads"], vocab_size=t["vocab"])
+
+
+# architecture -> (its transformers config class, its keywords from the sizes): the ones with their own names
+_OWN_NAMES: dict[str, tuple[str, Callable[[dict], dict]]] = {
+    "GPTJForCausalLM": ("GPTJConfig", lambda t: {**_gpt2_kw(t), "n_positions": t["positions"],
+                                                 "rotary_dim": t["hidden"] // t["heads"] // 2}),
+    "BloomForCausalLM": ("BloomConfig", lambda t: dict(hidden_size=t["hidden"], n_layer=t["layers"], n_head=t["heads"],
+                                                       vocab_size=t["vocab"])),
+    "GPTNeoForCausalLM": ("GPTNeoConfig", lambda t: dict(
+        hidden_size=t["hidden"], intermediate_size=t["intermediate"], num_layers=t["layers"], num_heads=t["heads"],
+        vocab_size=t["vocab"], attention_types=[[["global", "local"], t["layers"] // 2]])),
+    "GPTBigCodeForCausalLM": ("GPTBigCodeConfig", _gpt2_kw),
+    "CodeGenForCausalLM": ("CodeGenConfig", lambda t: {**_gpt2_kw(t), "rotary_dim": t["hidden"] // t["heads"] // 2}),
+    "GPT2LMHeadModel": ("GPT2Config", lambda t: {**_gpt2_kw(t), "n_positions": t["positions"]}),
+    "GPTNeoXForCausalLM": ("GPTNeoXConfig", lambda t: {**_neox_kw(t), "intermediate_size": t["intermediate"],
+                                                       "max_position_embeddings": t["positions"]}),
+    "OPTForCausalLM": ("OPTConfig", lambda t: {**_neox_kw(t), "ffn_dim": t["intermediate"],
+                                               "max_position_embeddings": t["positions"], "word_embed_proj_dim": t["hidden"]}),
+    "FalconForCausalLM": ("FalconConfig", lambda t: {**_neox_kw(t), "ffn_hidden_size": t["intermediate"]}),
+}
+
+
 def tiny_config(arch_name: str, **overrides):
     """A small config of the real config class of ``arch_name`` (an HF class name)."""
     import transformers as tf
 
     t = {**TINY, **overrides}
-    llama = _llama_kw(t)
-    head_dim = t["hidden"] // t["heads"]
-    moe = dict(num_local_experts=t["experts"], num_experts_per_tok=2)
-    # DeepSeek-style MoE: layer 0 dense (first_k_dense_replace), a shared expert beside the routed ones
-    deepseek = dict(n_routed_experts=t["experts"], num_experts_per_tok=2, moe_intermediate_size=t["intermediate"],
-                    first_k_dense_replace=1, n_group=1, topk_group=1, n_shared_experts=1)
-    mla = dict(q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=head_dim)
-    granite = dict(residual_multiplier=0.22, embedding_multiplier=12.0, attention_multiplier=1.0 / head_dim, logits_scaling=8.0)
-    builders = {
-        "LlamaForCausalLM": lambda: tf.LlamaConfig(**llama),
-        "MistralForCausalLM": lambda: tf.MistralConfig(**llama, sliding_window=None),
-        "Qwen2ForCausalLM": lambda: tf.Qwen2Config(**llama),
-        "Qwen3ForCausalLM": lambda: tf.Qwen3Config(**llama, head_dim=head_dim),
-        "GemmaForCausalLM": lambda: tf.GemmaConfig(**llama, head_dim=head_dim),
-        "Gemma2ForCausalLM": lambda: tf.Gemma2Config(**llama, head_dim=head_dim),
-        "Gemma3ForCausalLM": lambda: tf.Gemma3TextConfig(**llama, head_dim=head_dim),
-        "OlmoForCausalLM": lambda: tf.OlmoConfig(**llama),
-        "Olmo2ForCausalLM": lambda: tf.Olmo2Config(**llama),
-        "Phi3ForCausalLM": lambda: tf.Phi3Config(**llama, pad_token_id=0),
-        "MixtralForCausalLM": lambda: tf.MixtralConfig(**llama, **moe),
-        "Qwen2MoeForCausalLM": lambda: tf.Qwen2MoeConfig(
-            **llama, num_experts=t["experts"], num_experts_per_tok=2, moe_intermediate_size=t["intermediate"],
-            shared_expert_intermediate_size=t["intermediate"],
-        ),
-        "Qwen3MoeForCausalLM": lambda: tf.Qwen3MoeConfig(
-            **llama, num_experts=t["experts"], num_experts_per_tok=2, moe_intermediate_size=t["intermediate"], head_dim=head_dim,
-        ),
-        "OlmoeForCausalLM": lambda: tf.OlmoeConfig(**llama, num_experts=t["experts"], num_experts_per_tok=2),
-        "PhimoeForCausalLM": lambda: tf.PhimoeConfig(**llama, **moe),
-        "GraniteMoeForCausalLM": lambda: tf.GraniteMoeConfig(**llama, **moe, **granite),
-        "DeepseekV2ForCausalLM": lambda: tf.DeepseekV2Config(**llama, **deepseek, **mla),
-        "DeepseekV3ForCausalLM": lambda: tf.DeepseekV3Config(**llama, **deepseek, **mla),
-        "Glm4MoeForCausalLM": lambda: tf.Glm4MoeConfig(**llama, **deepseek, pad_token_id=0),
-        "Ernie4_5_MoeForCausalLM": lambda: tf.Ernie4_5_MoeConfig(
-            **llama, moe_num_experts=t["experts"], moe_k=2, moe_intermediate_size=t["intermediate"], moe_layer_start_index=1,
-            moe_num_shared_experts=1,
-        ),
-        "Olmo3ForCausalLM": lambda: tf.Olmo3Config(**llama),
-        "Exaone4ForCausalLM": lambda: tf.Exaone4Config(**llama),
-        "StableLmForCausalLM": lambda: tf.StableLmConfig(**llama),
-        "SmolLM3ForCausalLM": lambda: tf.SmolLM3Config(**llama, pad_token_id=0),
-        "HeliumForCausalLM": lambda: tf.HeliumConfig(**llama, head_dim=head_dim),
-        "Ernie4_5ForCausalLM": lambda: tf.Ernie4_5Config(**llama),
-        "SeedOssForCausalLM": lambda: tf.SeedOssConfig(**llama),
-        "HunYuanDenseV1ForCausalLM": lambda: tf.HunYuanDenseV1Config(**llama, head_dim=head_dim),
-        "CohereForCausalLM": lambda: tf.CohereConfig(**llama),
-        "Cohere2ForCausalLM": lambda: tf.Cohere2Config(**llama),
-        "GraniteForCausalLM": lambda: tf.GraniteConfig(**llama, **granite),
-        "ArceeForCausalLM": lambda: tf.ArceeConfig(**llama),
-        "ApertusForCausalLM": lambda: tf.ApertusConfig(**llama),
-        "Starcoder2ForCausalLM": lambda: tf.Starcoder2Config(**llama),
-        "PhiForCausalLM": lambda: tf.PhiConfig(**llama),
-        "Glm4ForCausalLM": lambda: tf.Glm4Config(**llama, pad_token_id=0),
-        "GPTJForCausalLM": lambda: tf.GPTJConfig(
-            n_embd=t["hidden"], n_inner=t["intermediate"], n_layer=t["layers"], n_head=t["heads"],
-            vocab_size=t["vocab"], n_positions=t["positions"], rotary_dim=head_dim // 2,
-        ),
-        "BloomForCausalLM": lambda: tf.BloomConfig(hidden_size=t["hidden"], n_layer=t["layers"], n_head=t["heads"], vocab_size=t["vocab"]),
-        # no ArchSpec registered for these: their spec is read from their modules (``arch_infer``)
-        "GlmForCausalLM": lambda: tf.GlmConfig(**llama, pad_token_id=0),
-        "NemotronForCausalLM": lambda: tf.NemotronConfig(**llama),
-        "MinistralForCausalLM": lambda: tf.MinistralConfig(**llama, head_dim=head_dim, sliding_window=64,
-                                                           layer_types=["full_attention"] * t["layers"]),
-        "PersimmonForCausalLM": lambda: tf.PersimmonConfig(**llama),
-        "Lfm2ForCausalLM": lambda: tf.Lfm2Config(**llama),
-        "Qwen3NextForCausalLM": lambda: tf.Qwen3NextConfig(**llama, head_dim=head_dim),
-        "GPTNeoForCausalLM": lambda: tf.GPTNeoConfig(
-            hidden_size=t["hidden"], intermediate_size=t["intermediate"], num_layers=t["layers"], num_heads=t["heads"],
-            vocab_size=t["vocab"], attention_types=[[["global", "local"], t["layers"] // 2]],
-        ),
-        "GPTBigCodeForCausalLM": lambda: tf.GPTBigCodeConfig(
-            n_embd=t["hidden"], n_inner=t["intermediate"], n_layer=t["layers"], n_head=t["heads"], vocab_size=t["vocab"],
-        ),
-        "CodeGenForCausalLM": lambda: tf.CodeGenConfig(
-            n_embd=t["hidden"], n_inner=t["intermediate"], n_layer=t["layers"], n_head=t["heads"], vocab_size=t["vocab"],
-            rotary_dim=head_dim // 2,
-        ),
-        "Llama4ForCausalLM": lambda: tf.Llama4TextConfig(  # experts stored [experts, in, out]: refused, not guessed
-            **llama, intermediate_size_mlp=t["intermediate"], head_dim=head_dim, num_local_experts=t["experts"],
-        ),
-        "GPT2LMHeadModel": lambda: tf.GPT2Config(
-            n_embd=t["hidden"], n_inner=t["intermediate"], n_layer=t["layers"], n_head=t["heads"],
-            vocab_size=t["vocab"], n_positions=t["positions"],
-        ),
-        "GPTNeoXForCausalLM": lambda: tf.GPTNeoXConfig(
-            hidden_size=t["hidden"], intermediate_size=t["intermediate"], num_hidden_layers=t["layers"],
-            num_attention_heads=t["heads"], vocab_size=t["vocab"], max_position_embeddings=t["positions"],
-        ),
-        "OPTForCausalLM": lambda: tf.OPTConfig(
-            hidden_size=t["hidden"], ffn_dim=t["intermediate"], num_hidden_layers=t["layers"],
-            num_attention_heads=t["heads"], vocab_size=t["vocab"], max_position_embeddings=t["positions"],
-            word_embed_proj_dim=t["hidden"],
-        ),
-        "FalconForCausalLM": lambda: tf.FalconConfig(
-            hidden_size=t["hidden"], ffn_hidden_size=t["intermediate"], num_hidden_layers=t["layers"],
-            num_attention_heads=t["heads"], vocab_size=t["vocab"],
-        ),
-    }
-    config = builders[arch_name]()
+    if arch_name in _LLAMA_LIKE:
+        name, parts = _LLAMA_LIKE[arch_name]
+        families = _families(t)
+        kwargs = _llama_kw(t)
+        for part in parts:
+            kwargs.update(families[part])
+    else:
+        name, build = _OWN_NAMES[arch_name]
+        kwargs = build(t)
+    config = getattr(tf, name)(**kwargs)
     config.architectures = [arch_name]
     return config
 
