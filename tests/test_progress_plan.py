@@ -54,12 +54,14 @@ def tiny(tmp_path_factory):
     byte_tokenizer().save_pretrained(folder / "m")
     detect(model, byte_tokenizer()).save(folder / "sw.json")
     (folder / "t.txt").write_text("The quick brown fox jumps over the lazy dog. " * 8)
+    # long enough (about 4,500 tokens, 70 windows) that a step outlasts many 0.01 s ticks on any machine
+    (folder / "long.txt").write_text("The quick brown fox jumps over the lazy dog. " * 100)
     return folder
 
 
 def piped(*args: str) -> subprocess.CompletedProcess:
-    """The CLI with stdout and stderr to pipes (not a terminal), a progress line every 0.05 s."""
-    env = {**os.environ, "SUPERWEIGHT_PROGRESS_EVERY": "0.05"}
+    """The CLI with stdout and stderr to pipes (not a terminal), a progress line every 0.01 s."""
+    env = {**os.environ, "SUPERWEIGHT_PROGRESS_EVERY": "0.01"}
     env.pop("SUPERWEIGHT_PROGRESS", None)
     return subprocess.run([sys.executable, "-m", "superweight", *args], capture_output=True, text=True, env=env, timeout=600)
 
@@ -80,10 +82,10 @@ def test_ablate_shows_its_plan_an_estimate_and_progress_lines_through_a_pipe(tin
 
 
 def test_eval_shows_its_plan_an_estimate_and_progress_lines_through_a_pipe(tiny):
-    proc = piped("eval", str(tiny / "m"), "--ppl", str(tiny / "t.txt"), "--tasks", "winogrande", "--limit", "2",
+    proc = piped("eval", str(tiny / "m"), "--ppl", str(tiny / "long.txt"), "--tasks", "winogrande", "--limit", "2",
                  "--seq-len", "64")
     assert proc.returncode == 0, proc.stderr
     err = proc.stderr
-    assert re.search(r"^plan: \d+ tokens of .*t\.txt x 1 task\(s\) \(winogrande; at most 2 items each", err, re.M), err
+    assert re.search(r"^plan: [\d,]+ tokens of .*long\.txt x 1 task\(s\) \(winogrande; at most 2 items each", err, re.M), err
     assert re.search(r"^perplexity took \d+ s; the 1 stage\(s\) left: about \d+ s$", err, re.M), err
     assert re.search(r"^\.\.\. evaluation: (perplexity|task 1/1: winogrande)", err, re.M), err

@@ -283,7 +283,7 @@ def test_smollm2_report_renders_in_headless_chromium(smollm2, tmp_path):
     figs = report.build_figures(got)
     out = report.write_report(got, figs, tmp_path / "smollm2")
     page = (out / "report.html").read_text()
-    assert "4-bit" in page  # the GGUF-baseline note
+    assert "bit-quantized model, not of the original release" in page  # the GGUF-baseline note
     # A copy with a probe script: the title becomes the number of decoded images.
     probe = out / "probe.html"
     probe.write_text(page.replace(

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from .app import CacheOpt, DequantizeOpt, DeviceOpt, DtypeOpt, ModelArg, QuietOpt, VerboseOpt, app, err_console, load_lm, setup_logging
+from .app import CacheOpt, DequantizeOpt, DeviceMapOpt, DeviceOpt, DtypeOpt, ModelArg, QuietOpt, VerboseOpt, app, err_console, load_lm, setup_logging
 
 
 @app.command("generate")
@@ -20,6 +20,7 @@ def generate_cmd(
     dtype: str = DtypeOpt,
     cache_dir: Optional[Path] = CacheOpt,
     device: str = DeviceOpt,
+    device_map: Optional[str] = DeviceMapOpt,
     dequantize: bool = DequantizeOpt,
     verbose: bool = VerboseOpt,
     quiet: bool = QuietOpt,
@@ -32,7 +33,7 @@ def generate_cmd(
     from ..eval.generate import DEFAULT_PROMPT, generate
 
     setup_logging(verbose, quiet)
-    lm = load_lm(model, dtype, cache_dir, None, device, dequantize)
+    lm = load_lm(model, dtype, cache_dir, device_map, device, dequantize)
     result = generate(lm, prompt if prompt is not None else DEFAULT_PROMPT, max_new_tokens, temperature, raw, stream=True,
                       seed=seed)
     template = "chat template" if result.chat_template else "no chat template"

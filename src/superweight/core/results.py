@@ -33,7 +33,12 @@ class Versioned:
 
     KIND: ClassVar[str] = "result"
     VERSION: ClassVar[int] = 1
-    HINT: ClassVar[str] = ""  # how to write such a file, appended to error messages
+    WRITER: ClassVar[str] = ""  # the command that writes such a file, named in error messages
+
+    @classmethod
+    def hint(cls, verb: str = "write it with") -> str:
+        """``": write it with `superweight ...`"``, the tail of an error message (empty without a writer)."""
+        return f": {verb} {cls.WRITER}" if cls.WRITER else ""
 
     def to_dict(self) -> dict:
         body = {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}  # type: ignore[arg-type]
@@ -45,11 +50,11 @@ class Versioned:
         kind = d.get("kind")
         where = f"{source} " if source else "the data "
         if isinstance(kind, str) and kind != cls.KIND:
-            raise SuperweightError(f"{where}is {_a(kind)} {kind} file, not {_a(cls.KIND)} {cls.KIND} file{cls.HINT}")
+            raise SuperweightError(f"{where}is {_a(kind)} {kind} file, not {_a(cls.KIND)} {cls.KIND} file{cls.hint()}")
         if d.get("version") != cls.VERSION:
             raise SuperweightError(
                 f"{where}is {_a(cls.KIND)} {cls.KIND} file of version {d.get('version')!r}, not {cls.VERSION} (another superweight "
-                f"version wrote it){cls.HINT}"
+                f"version wrote it){cls.hint('re-run')}"
             )
 
     @classmethod
@@ -59,7 +64,7 @@ class Versioned:
             return cls(**cls._decode(d))  # type: ignore[call-arg]
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             where = source or "the data"
-            raise SuperweightError(f"{where} is not a valid {cls.KIND} file ({exc}){cls.HINT}") from None
+            raise SuperweightError(f"{where} is not a valid {cls.KIND} file ({exc}){cls.hint()}") from None
 
     @classmethod
     def _decode(cls, d: dict) -> dict[str, Any]:
@@ -72,7 +77,7 @@ class Versioned:
 
     @classmethod
     def load(cls: type[T], path: str | Path) -> T:
-        data = read_json(path, cls.KIND, cls.HINT)
+        data = read_json(path, cls.KIND, cls.hint())
         return cls.from_dict(data, str(path))
 
 

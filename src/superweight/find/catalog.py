@@ -232,7 +232,7 @@ class Verdict(Versioned):
 
     KIND: ClassVar[str] = "catalog verdict"
     VERSION: ClassVar[int] = SCHEMA_VERSION
-    HINT: ClassVar[str] = ": write it with `superweight verify --json PATH`"
+    WRITER: ClassVar[str] = "`superweight verify --json PATH`"
     status: str  # agree | differ | not in catalog
     model: str
     entry: str | None = None  # catalog entry id

@@ -100,7 +100,7 @@ class SuperWeight:
 class DetectionResult(Versioned):
     KIND: ClassVar[str] = "detection"
     VERSION: ClassVar[int] = SCHEMA_VERSION
-    HINT: ClassVar[str] = ": write it with `superweight detect --json PATH`"
+    WRITER: ClassVar[str] = "`superweight detect --json PATH`"
 
     model: str
     architecture: str

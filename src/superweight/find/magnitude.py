@@ -48,7 +48,7 @@ class MagnitudeResult(Versioned):
     """The z-score scan: how many weights it flags, its top weights, and where the super weights rank."""
 
     KIND: ClassVar[str] = "magnitude scan"
-    HINT: ClassVar[str] = ": write it with `superweight detect --method magnitude --json PATH`"
+    WRITER: ClassVar[str] = "`superweight detect --method magnitude --json PATH`"
     threshold: float
     scope: str  # "down_proj" or "all_linear"
     total_weights: int

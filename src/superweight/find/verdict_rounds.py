@@ -18,7 +18,7 @@ import torch
 
 from .verdict import BLOCK, CANCELLING, COLLAPSE, JOINT, SUPER_WEIGHT, SURVIVES, Z, Verdict, _key, null_draw
 
-_EMPTY = torch.zeros(0, dtype=torch.float64)
+_EMPTY = torch.zeros(0, dtype=torch.float64, device="cpu")  # a placeholder: record() replaces it whole
 
 
 @dataclass(eq=False)

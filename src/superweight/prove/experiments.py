@@ -112,7 +112,7 @@ class AblationResult(Versioned):
 
     KIND: ClassVar[str] = "ablation"
     VERSION: ClassVar[int] = RESULT_VERSION
-    HINT: ClassVar[str] = ": write it with `superweight ablate --json PATH`"
+    WRITER: ClassVar[str] = "`superweight ablate --json PATH`"
     model: str
     architecture: str
     super_weights: list[dict]
@@ -421,7 +421,7 @@ class EvalResult(Versioned):
 
     KIND: ClassVar[str] = "evaluation"
     VERSION: ClassVar[int] = RESULT_VERSION
-    HINT: ClassVar[str] = ": write it with `superweight eval --json PATH`"
+    WRITER: ClassVar[str] = "`superweight eval --json PATH`"
     model: str
     config: AblationConfig
     ppl: float | None

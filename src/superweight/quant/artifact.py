@@ -225,7 +225,7 @@ class Manifest(Versioned):
 
     KIND: ClassVar[str] = "artifact manifest"
     VERSION: ClassVar[int] = MANIFEST_VERSION
-    HINT: ClassVar[str] = ": re-export it with `superweight quantize --out`"
+    WRITER: ClassVar[str] = "`superweight quantize --out DIR`"
     scheme: str
     config: dict
     param_dtype: str

@@ -74,7 +74,7 @@ class SweepResult(Versioned):
 
     KIND: ClassVar[str] = "sweep"
     VERSION: ClassVar[int] = SWEEP_VERSION
-    HINT: ClassVar[str] = ": write it with `superweight sweep --json PATH`"
+    WRITER: ClassVar[str] = "`superweight sweep --json PATH`"
     model: str
     source: str
     text: str

@@ -74,7 +74,7 @@ class EmergenceResult(Versioned):
 
     KIND: ClassVar[str] = "emergence"
     VERSION: ClassVar[int] = 1
-    HINT: ClassVar[str] = " with `superweight emergence CHECKPOINTS... --json PATH`"
+    WRITER: ClassVar[str] = "`superweight emergence CHECKPOINTS... --json PATH`"
 
     label: str
     text: str

@@ -245,7 +245,7 @@ class TrainResult(Versioned):
 
     KIND: ClassVar[str] = "training log"
     VERSION: ClassVar[int] = 1
-    HINT: ClassVar[str] = " with `superweight train --out DIR`"
+    WRITER: ClassVar[str] = "`superweight train --out DIR`"
 
     config: dict
     heldout: str
