@@ -68,7 +68,8 @@ def test_verdict_numbers_labels_and_bitwise_restore(byte_tokenizer):
     assert forwards > 0
     by_target = {v.target: v for v in result.verdicts}
     group = by_target["activation"]
-    assert group.weights == [[1, 5, 17, None]] and len(group.null_ppl_ratios) == 2 and group.tokens == 256
+    assert group.weights == [[1, 5, 17, None]] and group.tokens == 256
+    assert "survives" in group.label and group.null_ppl_ratios == [] == group.null_scored  # no collapse: no null scored
     assert abs(group.activation_after) < 0.05 * abs(group.activation_before)  # the plant made all of it
     late = next(s for s in result.super_weights if s.role == "cancels")
     assert late.verdict == CANCELLING
@@ -86,11 +87,11 @@ def test_verdict_restores_weights_when_scoring_fails(byte_tokenizer, monkeypatch
     calls = {"n": 0}
     real = verdict.Judge.nll
 
-    def failing(self):
+    def failing(self, *args):
         calls["n"] += 1
         if calls["n"] == 2:  # the first zeroed measurement
             raise RuntimeError("interrupted")
-        return real(self)
+        return real(self, *args)
 
     monkeypatch.setattr(verdict.Judge, "nll", failing)
     with pytest.raises(RuntimeError):

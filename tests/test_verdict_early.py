@@ -63,10 +63,10 @@ def test_a_borderline_set_is_scored_to_the_end(model, byte_tokenizer):
     """The collapse line put at the survivor's own ratio over the whole text: no bound can decide it
     before the end, where the point estimate does, as in the full verdict."""
     full = run(model, byte_tokenizer, SURVIVOR, full=True)[SURVIVOR]
-    line = full.ppl_ratio * (1 + 1e-9)
+    line = full.ppl_ratio * (1 + 1e-6)  # above float noise: a set continued from its cache sums its tokens apart
     early = run(model, byte_tokenizer, SURVIVOR, collapse=line)[SURVIVOR]
     assert early.scored == full.scored and early.label == SURVIVES
-    assert early.ppl_ratio == pytest.approx(full.ppl_ratio, rel=1e-9)
+    assert early.ppl_ratio == pytest.approx(full.ppl_ratio, rel=1e-6)
 
 
 def test_the_verdict_scores_at_most_twice_the_text_on_decided_sets(model, byte_tokenizer):

@@ -243,15 +243,17 @@ class StreamedJudge(JudgeBase):
         super().__init__(sm.model, sm.arch, tokenizer, text, tokens, seed)
         self.sm = sm
 
-    def token_nlls(self, sets: Sequence[Sequence], upto: int) -> list[torch.Tensor]:
-        """The NLL of each of the first ``upto`` scored tokens with each set zeroed, all in one pass."""
+    def token_nlls(self, sets: Sequence[Sequence], upto: int, starts: Sequence[int] | None = None) -> list[torch.Tensor]:
+        """The NLL of scored tokens ``starts[i]`` (default 0) to ``upto`` with each set zeroed, all in one pass:
+        every set's whole prefix is scored again (and counted), then cut."""
         windows = self.windows(upto)
         flops = 2 * sum(p.numel() for p in self.model.parameters()) * sum(len(ids) for ids, _ in windows) * len(sets)
         log.info("verdict, streamed: %d zeroed sets (the base included) on %d tokens, about %.3g TFLOP of forward "
                  "passes (--no-verdict skips it)", len(sets), upto, flops / 1e12)
         per_window = window_token_nlls(self.sm, windows, sets)
         self.scored += upto * len(sets)
-        return [torch.cat([w[s] for w in per_window]) for s in range(len(sets))]
+        starts = starts or [0] * len(sets)
+        return [torch.cat([w[s] for w in per_window])[starts[s]:] for s in range(len(sets))]
 
     def activations_after(self, requests: Sequence[tuple]) -> list[float]:
         if not requests:

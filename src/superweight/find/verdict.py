@@ -129,37 +129,99 @@ class JudgeBase:
             left -= end - f
         return out
 
+    def token_nlls(self, sets: Sequence[Sequence], upto: int, starts: Sequence[int] | None = None) -> list[torch.Tensor]:
+        """The NLL of scored tokens ``starts[i]`` (default 0) to ``upto`` with ``sets[i]`` zeroed: a judge
+        that cannot continue a set where it stopped scores the prefix again and counts it."""
+        raise NotImplementedError
+
+    def release(self, keep: Sequence[Sequence]) -> None:
+        """Forget what continuing any set but those in ``keep`` would need (a judge that keeps state)."""
+
 
 class Judge(JudgeBase):
-    """Measures verdicts for one model in memory, one zeroed set after another. (A streamed model has
+    """Measures verdicts for one model in memory, one zeroed set after another. A set scored again in a
+    later round continues where it stopped: its keys and values (the model's cache, built with the same
+    weights zeroed) are kept between rounds, so only the new tokens run through the model. A model whose
+    cache cannot continue a window scores the prefix again. (A streamed model has
     ``find.streamed.StreamedJudge``: the same questions, every set of a round in one pass.)"""
 
     def __init__(self, model: nn.Module, arch: ArchSpec, tokenizer, text: str, tokens: int = 1024, seed: int = 0):
+        import inspect
+
         from .runner import InMemoryRunner
 
         super().__init__(model, arch, tokenizer, text, tokens, seed)
         self.ids = self.ids.to(next(model.parameters()).device)
         self.forwards = 0
         self.runner = InMemoryRunner(model, arch)
+        self.caches: dict[tuple, tuple[int, object]] = {}  # set key -> (scored tokens, cache) of a window not finished
+        self.incremental = True  # False once a model's cache failed to continue a window
+        params = inspect.signature(model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
 
-    def nll(self) -> torch.Tensor:
-        """The NLL of each of the first ``upto`` scored tokens, the model as it is now."""
-        from ..eval.perplexity import token_nlls
+    @staticmethod
+    def key(weights: Sequence) -> frozenset:
+        return frozenset(tuple(_key(w)) for w in weights)
 
-        windows = self.windows(self.upto)
-        self.forwards += len(windows)
-        self.scored += self.upto
-        return torch.cat([token_nlls(self.model, ids, first) for ids, first in windows])
+    def _window(self, w: int, start: int, stop: int, key: frozenset, keep: bool) -> torch.Tensor:
+        """The NLL of scored tokens ``start:stop`` of window ``w``, continuing from the set's cache when it
+        stopped at ``start``; the cache is kept when ``keep`` (more of the window may be asked for)."""
+        import torch.nn.functional as F
 
-    def token_nlls(self, sets: Sequence[Sequence], upto: int) -> list[torch.Tensor]:
-        """``nll`` with each set zeroed in turn (restored after each)."""
+        b, e, f = self.spans[w]
+        held = self.caches.pop(key, None)
+        cache = held[1] if held is not None and held[0] == (w, start) and start > 0 else None
+        if start > 0 and cache is None:  # no cache to continue: the prefix again, counted
+            return self._window(w, 0, stop, key, keep)[start:]
+        self.forwards += 1
+        self.scored += stop - start
+        if not keep and cache is None:  # the window's prefix in one pass, as the whole-text verdict always ran it
+            ids = self.ids[b : f + stop]
+            logits = self.model(input_ids=ids.unsqueeze(0), use_cache=False).logits[0, :-1]
+        else:
+            ids = self.ids[f + start - 1 if start else b : f + stop - 1]  # the cache ends before the next token
+            try:
+                out = self.model(input_ids=ids.unsqueeze(0), use_cache=True, **{self._cache_kw: cache})
+            except Exception as exc:  # noqa: BLE001 - a cache this model cannot continue: rescore from now on
+                if cache is None:
+                    raise
+                log.info("verdict: the model's cache cannot continue a window (%s): prefixes are scored again", exc)
+                self.incremental = False
+                self.scored -= stop - start
+                self.forwards -= 1
+                return self._window(w, 0, stop, key, keep)[start:]
+            logits = out.logits[0]
+            if keep and self.incremental:
+                self.caches[key] = ((w, stop), out.get("cache", None) or out.get("past_key_values", None))
+        if not start:
+            logits = logits[f - b - 1:]
+        return F.cross_entropy(logits.float(), self.ids[f + start : f + stop], reduction="none").double().cpu()
+
+    def nll(self, key: frozenset = frozenset(), start: int = 0) -> torch.Tensor:
+        """The NLL of each scored token from ``start`` to ``upto``, the model as it is now (``key``: the
+        zeroed set's, whose cache continues it)."""
+        out, off = [], 0
+        for w, (b, e, f) in enumerate(self.spans):
+            n = e - f
+            lo, hi = max(start - off, 0), min(self.upto - off, n)
+            off += n
+            if lo < hi:
+                out.append(self._window(w, lo, hi, key, keep=hi < n and self.upto < self.per_pass))
+        return torch.cat(out) if out else torch.zeros(0, dtype=torch.float64)
+
+    def token_nlls(self, sets: Sequence[Sequence], upto: int, starts: Sequence[int] | None = None) -> list[torch.Tensor]:
+        """``nll`` with each set zeroed in turn (restored after each), from ``starts[i]`` (default 0)."""
         from .runner import zeroed
 
         self.upto, out = upto, []
-        for weights in sets:
-            with zeroed(self.model, self.arch, weights):
-                out.append(self.nll())
+        for weights, start in zip(sets, starts or [0] * len(sets)):
+            with torch.no_grad(), zeroed(self.model, self.arch, weights):
+                out.append(self.nll(self.key(weights), start))
         return out
+
+    def release(self, keep: Sequence[Sequence]) -> None:
+        wanted = {self.key(ws) for ws in keep}
+        self.caches = {k: v for k, v in self.caches.items() if k in wanted}
 
     def activations_after(self, requests: Sequence[tuple]) -> list[float]:
         """``h[token, channel]`` after the peak layer for each ``(prompt, activation, weights zeroed)``."""
@@ -191,15 +253,18 @@ def judge_with(j, result, draws: int = 2, full: bool = False, collapse: float = 
     from .verdict_rounds import Scoring, plan_verdicts, verdicts_of
 
     plan = plan_verdicts(j, result, draws, collapse)
-    scoring = Scoring(plan.tracks, plan.questions)
+    scoring = Scoring(plan.tracks, plan.questions, j.per_pass)
     for upto in j.rounds(full):
-        todo = scoring.todo()
-        if not todo:
+        final = upto == j.per_pass
+        while todo := scoring.todo(upto):  # again when a collapse established in this round opens its nulls
+            note(f"{len(todo)} zeroed set(s) on {upto} tokens")
+            log.info("verdict: %d zeroed set(s) (the base among them) on %d of %d tokens", len(todo), upto, j.per_pass)
+            nlls = j.token_nlls([t.weights for t in todo], upto, [t.scored for t in todo])
+            scoring.record(todo, nlls, final)
+        wanted = scoring.wanted()
+        j.release([scoring.base.weights, *[t.weights for t in wanted]] if wanted else [])
+        if not wanted:
             break
-        note(f"{len(todo)} zeroed set(s) on {upto} tokens")
-        log.info("verdict: %d zeroed set(s) and the base on %d of %d tokens", len(todo), upto, j.per_pass)
-        base, *nlls = j.token_nlls([[], *[t.weights for t in todo]], upto)
-        scoring.record(base, todo, nlls, final=upto == j.per_pass)
     activation = {a.channel: a for a in result.activations}
     requests = [(result.prompts[activation[e.channel].prompt], activation[e.channel], e.track.weights)
                 for e in plan.entries if e.channel in activation]

@@ -41,21 +41,29 @@ class Track:
         return math.exp(min(self.mean(self.nlls) - self.mean(self.base), 700.0))
 
 
-def estimate(x: torch.Tensor) -> tuple[float, float | None]:
-    """The mean of ``x`` and its standard error from ``BLOCK``-token block means (None under two blocks)."""
+def estimate(x: torch.Tensor, total: int | None = None) -> tuple[float, float | None]:
+    """The mean of ``x`` and its standard error from ``BLOCK``-token block means (None under two blocks).
+    ``total``: the tokens of the whole text, whose mean the label is read from: ``x`` is its first
+    ``len(x)``, and the error of their mean as an estimate of the whole text's shrinks by the finite
+    population correction, to 0 when ``x`` is the whole text."""
     mean = float(x.sum()) / max(len(x), 1)
     k = len(x) // BLOCK
     if k < 2:
         return mean, None
-    return mean, float(x[: k * BLOCK].view(k, BLOCK).mean(1).std()) / math.sqrt(k)
+    se = float(x[: k * BLOCK].view(k, BLOCK).mean(1).std()) / math.sqrt(k)
+    if total:
+        se *= math.sqrt(max(total - len(x), 0) / max(total - BLOCK, 1))
+    return mean, se
 
 
-def decide(x: torch.Tensor, line: float, at_least: bool, final: bool, y: torch.Tensor | None = None) -> bool | None:
+def decide(x: torch.Tensor, line: float, at_least: bool, final: bool, y: torch.Tensor | None = None,
+           total: int | None = None) -> bool | None:
     """Is the mean of ``x`` (minus the mean of ``y``, scored apart) above ``line``: True / False once the
-    bound says so, the point estimate when ``final`` (``>=`` when ``at_least``), else None (score more)."""
-    mean, se = estimate(x)
+    bound says so, the point estimate when ``final`` (``>=`` when ``at_least``), else None (score more).
+    ``total``: the whole text's scored tokens (``estimate``), None for the bound of an unending text."""
+    mean, se = estimate(x, total)
     if y is not None:
-        other, se_y = estimate(y)
+        other, se_y = estimate(y, total)
         mean, se = mean - other, None if se is None or se_y is None else math.hypot(se, se_y)
     if final:
         return mean >= line if at_least else mean > line
@@ -89,27 +97,44 @@ class Question:
     def open(self) -> bool:
         return self.answer is None and (self.after is None or self.after.answer is True)
 
-    def ask(self, final: bool) -> None:
+    def ask(self, final: bool, total: int | None = None) -> None:
         damage = [t.nlls - t.base for t in self.tracks]
-        self.answer = decide(damage[0], self.line, self.at_least, final, damage[1] if self.b is not None else None)
+        self.answer = decide(damage[0], self.line, self.at_least, final, damage[1] if self.b is not None else None,
+                             total)
 
 
 class Scoring:
-    """Which tracks the next round scores, and the answers once a round is recorded."""
+    """Which tracks a round scores, and the answers once they are recorded. Each track (the base one
+    too) continues from the tokens it has: a round extends it to the round's prefix. A round scores
+    every set not yet scored (its ratio is reported, asked about or not) and every track of an open
+    question; a null draw only once a question about it is open (a set whose collapse is refuted
+    never has its nulls scored), in the same round as that collapse is established. ``total``: the
+    whole text's scored tokens, the population the bound's finite population correction is taken over."""
 
-    def __init__(self, tracks: Sequence[Track], questions: Sequence[Question]):
-        self.tracks, self.questions = list(tracks), list(questions)
+    def __init__(self, tracks: Sequence[Track], questions: Sequence[Question], total: int | None = None):
+        self.tracks, self.questions, self.total = list(tracks), list(questions), total
+        self.base = Track([])
+        self.nulls = {id(q.b) for q in self.questions if q.b is not None}
 
-    def todo(self) -> list[Track]:
-        wanted = {id(t) for q in self.questions if q.open for t in q.tracks}
-        return [t for t in self.tracks if t.scored == 0 or id(t) in wanted]
+    def wanted(self) -> list[Track]:
+        """The tracks of the open questions."""
+        ids = {id(t) for q in self.questions if q.open for t in q.tracks}
+        return [t for t in self.tracks if id(t) in ids]
 
-    def record(self, base: torch.Tensor, todo: Sequence[Track], nlls: Sequence[torch.Tensor], final: bool) -> None:
+    def todo(self, upto: int) -> list[Track]:
+        """The tracks to extend to ``upto`` now (the base first when it is behind them)."""
+        ids = {id(t) for t in self.wanted()}
+        out = [t for t in self.tracks if t.scored < upto and (id(t) in ids or (t.scored == 0 and id(t) not in self.nulls))]
+        return [self.base, *out] if out and self.base.scored < upto else out
+
+    def record(self, todo: Sequence[Track], nlls: Sequence[torch.Tensor], final: bool) -> None:
         for t, x in zip(todo, nlls):
-            t.nlls, t.base = x, base[: len(x)]
+            t.nlls = torch.cat([t.nlls, x]) if t.scored else x
+        for t in self.tracks:
+            t.base = self.base.nlls[: t.scored]
         for q in self.questions:
-            if q.open:
-                q.ask(final)
+            if q.open and all(t.scored for t in q.tracks):
+                q.ask(final, self.total)
 
 
 @dataclass
@@ -184,9 +209,9 @@ def verdicts_of(plan: Plan, activation: dict, after: Sequence[float], tokens: in
     """The verdicts (and each weight's ``verdict`` label) from the scored plan."""
     after_it, collapsed, out = iter(after), {}, []
     for e in plan.entries:
-        t = e.track
+        t, nulls = e.track, [n for n in e.nulls if n.scored]  # a null is scored once its set collapses
         v = Verdict(e.kind, [_key(w) for w in t.weights], e.channel, "", t.mean(t.base), t.mean(t.nlls), t.ratio(),
-                    [n.ratio() for n in e.nulls], tokens=tokens, scored=t.scored, null_scored=[n.scored for n in e.nulls])
+                    [n.ratio() for n in nulls], tokens=tokens, scored=t.scored, null_scored=[n.scored for n in nulls])
         if e.channel in activation:
             v.activation_before, v.activation_after = activation[e.channel].peak, next(after_it)
         collapses = bool(e.collapse is not None and e.collapse.answer and all(q.answer for q in e.beyond))
