@@ -244,6 +244,24 @@ def write_verdict_cost(out: Path, phase: str, name: str, entry: dict, command: s
     write_json_atomic(out, data)
 
 
+def summarize(out: Path) -> dict:
+    """``summary`` of ``out`` from its phases: each model's tokens over the text and detect + verdict over
+    one forward in each phase, and whether every phase gave every finding the same label."""
+    from superweight.find.loop import write_json_atomic
+
+    data = json.loads(out.read_text())
+    phases = [k for k, v in data.items() if k not in ("code", "summary") and isinstance(v, dict)]
+    summary = {}
+    for name in sorted({m for ph in phases for m in data[ph]}):
+        rows = {ph: data[ph][name] for ph in phases if name in data[ph]}
+        summary[name] = {**{ph: {k: r.get(k) for k in ("scored_tokens", "scored_over_text", "detect_verdict_over_forward")}
+                            for ph, r in rows.items()},
+                         "labels_unchanged": len({json.dumps(r["labels"], sort_keys=True) for r in rows.values()}) == 1}
+    data["summary"] = summary
+    write_json_atomic(out, data)
+    return summary
+
+
 def main(argv: list[str] | None = None) -> dict:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=30)
@@ -256,6 +274,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--verdict-out", type=Path, default=ROOT / "results" / "detect_verdict.json")
     ap.add_argument("--verdict-reps", type=int, default=3, help="plain forwards timed for the verdict cost (0: none, no wall ratio)")
     ap.add_argument("--big-dir", type=Path, default=Path(tempfile.gettempdir()) / "sw-big-llama-1b")
+    ap.add_argument("--summary", action="store_true", help="only write the summary of --verdict-out from its phases")
     args = ap.parse_args(argv)
     if args.threads:
         import torch
@@ -265,6 +284,10 @@ def main(argv: list[str] | None = None) -> dict:
         load_child(args.load_child)
         return {}
     command = "python bench/detect.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    if args.summary:
+        summary = summarize(args.verdict_out)
+        print(json.dumps(summary, indent=1))
+        return summary
     if args.verdict_cost:
         entry = bench_verdict_cost(args.verdict_cost, args.big_dir, args.verdict_reps)
         write_verdict_cost(args.verdict_out, args.phase, args.verdict_cost, entry, command)

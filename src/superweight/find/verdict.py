@@ -110,13 +110,12 @@ class JudgeBase:
         """Tokens one full pass over the windows scores."""
         return sum(e - f for _, e, f in self.spans)
 
-    def rounds(self, full: bool = False) -> list[int]:
-        """The scored tokens of each round: ``CHUNK``, doubling, then the whole text (only it when ``full``)."""
-        out, n = [], CHUNK
-        while n < self.per_pass and not full:
-            out.append(n)
-            n *= 2
-        return [*out, self.per_pass]
+    def ends(self, scored: Sequence[int], full: bool = False) -> list[int]:
+        """How far the next round takes each set, from the tokens each has: all to one prefix (a round
+        scores each set's prefix again, in one pass): ``CHUNK``, then doubling the furthest (twice the
+        longest prefix bounds what the rescored prefixes cost), the whole text when ``full``."""
+        end = self.per_pass if full else min(max(CHUNK, 2 * max(scored)), self.per_pass)
+        return [end] * len(scored)
 
     def windows(self, upto: int | None = None) -> list[tuple[torch.Tensor, int]]:
         """``(ids, first_scored)`` of each window, cut after the first ``upto`` scored tokens (all by default)."""
@@ -154,48 +153,60 @@ class Judge(JudgeBase):
         self.ids = self.ids.to(next(model.parameters()).device)
         self.forwards = 0
         self.runner = InMemoryRunner(model, arch)
-        self.caches: dict[tuple, tuple[int, object]] = {}  # set key -> (scored tokens, cache) of a window not finished
+        self.caches: dict[frozenset, tuple] = {}  # set key -> ((window, scored), cache, next token's NLL)
         self.incremental = True  # False once a model's cache failed to continue a window
         params = inspect.signature(model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
+
+    def ends(self, scored: Sequence[int], full: bool = False) -> list[int]:
+        """A set continued from its cache costs only its new tokens, so each set goes on by ``CHUNK``
+        from where it is: a borderline set stops at the first ``CHUNK`` where the bound decides it, and
+        a null draw asked about late starts on its own first ``CHUNK`` (``JudgeBase.ends`` while the
+        cache cannot continue)."""
+        if full or not self.incremental:
+            return super().ends(scored, full)
+        return [min(n + CHUNK, self.per_pass) for n in scored]
 
     @staticmethod
     def key(weights: Sequence) -> frozenset:
         return frozenset(tuple(_key(w)) for w in weights)
 
     def _window(self, w: int, start: int, stop: int, key: frozenset, keep: bool) -> torch.Tensor:
-        """The NLL of scored tokens ``start:stop`` of window ``w``, continuing from the set's cache when it
-        stopped at ``start``; the cache is kept when ``keep`` (more of the window may be asked for)."""
+        """The NLL of scored tokens ``start:stop`` of window ``w``. From 0, the window's first ``stop``
+        scored tokens in one pass, as the whole-text verdict ran them; from the cache the set's last
+        round left (with the NLL of the next token, which that round's last logits gave), only the
+        tokens after it. The cache is kept when ``keep`` (more of the window may be asked for)."""
         import torch.nn.functional as F
 
         b, e, f = self.spans[w]
         held = self.caches.pop(key, None)
-        cache = held[1] if held is not None and held[0] == (w, start) and start > 0 else None
-        if start > 0 and cache is None:  # no cache to continue: the prefix again, counted
+        if start > 0 and (held is None or held[0] != (w, start)):  # nothing to continue from: the prefix again, counted
             return self._window(w, 0, stop, key, keep)[start:]
         self.forwards += 1
         self.scored += stop - start
-        if not keep and cache is None:  # the window's prefix in one pass, as the whole-text verdict always ran it
-            ids = self.ids[b : f + stop]
-            logits = self.model(input_ids=ids.unsqueeze(0), use_cache=False).logits[0, :-1]
+        ids = self.ids[b : f + stop] if start == 0 else self.ids[f + start : f + stop]
+        cache = None if start == 0 else held[1]
+        keep = keep and self.incremental and f + stop < e
+        if not keep and cache is None:
+            logits = self.model(input_ids=ids.unsqueeze(0), use_cache=False).logits[0]
         else:
-            ids = self.ids[f + start - 1 if start else b : f + stop - 1]  # the cache ends before the next token
             try:
                 out = self.model(input_ids=ids.unsqueeze(0), use_cache=True, **{self._cache_kw: cache})
             except Exception as exc:  # noqa: BLE001 - a cache this model cannot continue: rescore from now on
                 if cache is None:
                     raise
                 log.info("verdict: the model's cache cannot continue a window (%s): prefixes are scored again", exc)
-                self.incremental = False
-                self.scored -= stop - start
-                self.forwards -= 1
-                return self._window(w, 0, stop, key, keep)[start:]
+                self.incremental, self.scored, self.forwards = False, self.scored - (stop - start), self.forwards - 1
+                return self._window(w, 0, stop, key, False)[start:]
             logits = out.logits[0]
-            if keep and self.incremental:
-                self.caches[key] = ((w, stop), out.get("cache", None) or out.get("past_key_values", None))
-        if not start:
-            logits = logits[f - b - 1:]
-        return F.cross_entropy(logits.float(), self.ids[f + start : f + stop], reduction="none").double().cpu()
+        targets = self.ids[f + start + (start > 0) : min(f + stop + 1, e)]
+        nlls = F.cross_entropy(logits[f - b - 1 if start == 0 else 0 :][: len(targets)].float(), targets,
+                               reduction="none").double().cpu()
+        if start > 0:
+            nlls = torch.cat([held[2], nlls])
+        if keep:
+            self.caches[key] = ((w, stop), out.get("cache", None) or out.get("past_key_values", None), nlls[-1:])
+        return nlls[: stop - start]
 
     def nll(self, key: frozenset = frozenset(), start: int = 0) -> torch.Tensor:
         """The NLL of each scored token from ``start`` to ``upto``, the model as it is now (``key``: the
@@ -249,23 +260,32 @@ def judge_with(j, result, draws: int = 2, full: bool = False, collapse: float = 
     """``judge`` with any judge (in memory, streamed): every zeroed set and null draw is planned first, in
     one order (so the draws are the same however the NLLs are measured), then scored round by round
     (``verdict_rounds.Scoring``, the base beside them) until each label is decided."""
-    from ..core.progress import note
-    from .verdict_rounds import Scoring, plan_verdicts, verdicts_of
+    from .verdict_rounds import plan_verdicts, verdicts_of
 
     plan = plan_verdicts(j, result, draws, collapse)
-    scoring = Scoring(plan.tracks, plan.questions, j.per_pass)
-    for upto in j.rounds(full):
-        final = upto == j.per_pass
-        while todo := scoring.todo(upto):  # again when a collapse established in this round opens its nulls
-            note(f"{len(todo)} zeroed set(s) on {upto} tokens")
-            log.info("verdict: %d zeroed set(s) (the base among them) on %d of %d tokens", len(todo), upto, j.per_pass)
-            nlls = j.token_nlls([t.weights for t in todo], upto, [t.scored for t in todo])
-            scoring.record(todo, nlls, final)
-        wanted = scoring.wanted()
-        j.release([scoring.base.weights, *[t.weights for t in wanted]] if wanted else [])
-        if not wanted:
-            break
+    score_plan(j, plan, full)
     activation = {a.channel: a for a in result.activations}
     requests = [(result.prompts[activation[e.channel].prompt], activation[e.channel], e.track.weights)
                 for e in plan.entries if e.channel in activation]
     result.verdicts = verdicts_of(plan, activation, j.activations_after(requests), j.tokens)
+
+
+def score_plan(j, plan, full: bool = False) -> None:
+    """Score the plan's tracks round by round until every question is answered (``full``: every track
+    on the whole text in one round), each round as far as the judge's ``ends`` says."""
+    from ..core.progress import note
+    from .verdict_rounds import Scoring
+
+    scoring = Scoring(plan.tracks, plan.questions, j.per_pass, every=full)
+    while todo := scoring.todo():
+        ends = j.ends([t.scored for t in todo], full)
+        if scoring.base.scored < max(ends):  # the base as far as the furthest set
+            todo, ends = [scoring.base, *todo], [max(ends), *ends]
+        for end in sorted(set(ends)):
+            group = [t for t, e in zip(todo, ends) if e == end]
+            note(f"{len(group)} zeroed set(s) to {end} tokens")
+            log.info("verdict: %d zeroed set(s) (the base may be one) to %d of %d tokens", len(group), end, j.per_pass)
+            scoring.record(group, j.token_nlls([t.weights for t in group], end, [t.scored for t in group]))
+        scoring.ask()
+        wanted = scoring.wanted()
+        j.release([scoring.base.weights, *[t.weights for t in wanted]] if wanted else [])

@@ -104,37 +104,48 @@ class Question:
 
 
 class Scoring:
-    """Which tracks a round scores, and the answers once they are recorded. Each track (the base one
-    too) continues from the tokens it has: a round extends it to the round's prefix. A round scores
-    every set not yet scored (its ratio is reported, asked about or not) and every track of an open
-    question; a null draw only once a question about it is open (a set whose collapse is refuted
-    never has its nulls scored), in the same round as that collapse is established. ``total``: the
-    whole text's scored tokens, the population the bound's finite population correction is taken over."""
+    """Which tracks the next round scores, and the answers once it is recorded. Each track (the base
+    one too) continues from the tokens it has (``JudgeBase.ends``: how far a round takes it). A round
+    scores the tracks of the open questions, and first every set whose label asks one (a late /
+    cancelling weight's asks nothing: it is not zeroed). A null draw is scored only once a question
+    about it is open, from the round after its set's collapse is established: a set whose collapse is
+    refuted never has its nulls scored. ``every`` (the whole-text verdict): every track is scored,
+    asked about or not. ``total``: the whole text's scored tokens; a question is final once its tracks
+    have them all, and the bound's finite population correction is taken over them (``estimate``)."""
 
-    def __init__(self, tracks: Sequence[Track], questions: Sequence[Question], total: int | None = None):
-        self.tracks, self.questions, self.total = list(tracks), list(questions), total
+    def __init__(self, tracks: Sequence[Track], questions: Sequence[Question], total: int, every: bool = False):
+        self.tracks, self.questions, self.total, self.every = list(tracks), list(questions), total, every
         self.base = Track([])
-        self.nulls = {id(q.b) for q in self.questions if q.b is not None}
+        self.asked = {id(q.a) for q in self.questions}  # the sets (never a null draw) whose labels ask a question
 
     def wanted(self) -> list[Track]:
-        """The tracks of the open questions."""
-        ids = {id(t) for q in self.questions if q.open for t in q.tracks}
+        """The tracks of the open questions (only the unscored ones of a question that has some: a null
+        draw opened late catches up before its set goes on)."""
+        ids = set()
+        for q in self.questions:
+            if q.open:
+                fresh = [t for t in q.tracks if not t.scored]
+                ids.update(id(t) for t in fresh or q.tracks)
         return [t for t in self.tracks if id(t) in ids]
 
-    def todo(self, upto: int) -> list[Track]:
-        """The tracks to extend to ``upto`` now (the base first when it is behind them)."""
+    def todo(self) -> list[Track]:
+        """The tracks the next round extends."""
         ids = {id(t) for t in self.wanted()}
-        out = [t for t in self.tracks if t.scored < upto and (id(t) in ids or (t.scored == 0 and id(t) not in self.nulls))]
-        return [self.base, *out] if out and self.base.scored < upto else out
+        return [t for t in self.tracks if t.scored < self.total and
+                (id(t) in ids or (t.scored == 0 and (self.every or id(t) in self.asked)))]
 
-    def record(self, todo: Sequence[Track], nlls: Sequence[torch.Tensor], final: bool) -> None:
+    def record(self, todo: Sequence[Track], nlls: Sequence[torch.Tensor]) -> None:
+        """Append each track's new NLLs (``todo`` may hold the base)."""
         for t, x in zip(todo, nlls):
             t.nlls = torch.cat([t.nlls, x]) if t.scored else x
+
+    def ask(self) -> None:
+        """Ask every open question whose tracks are scored, each on its own tokens beside the base's."""
         for t in self.tracks:
             t.base = self.base.nlls[: t.scored]
         for q in self.questions:
             if q.open and all(t.scored for t in q.tracks):
-                q.ask(final, self.total)
+                q.ask(all(t.scored >= self.total for t in q.tracks), self.total)
 
 
 @dataclass
@@ -210,6 +221,9 @@ def verdicts_of(plan: Plan, activation: dict, after: Sequence[float], tokens: in
     after_it, collapsed, out = iter(after), {}, []
     for e in plan.entries:
         t, nulls = e.track, [n for n in e.nulls if n.scored]  # a null is scored once its set collapses
+        if not t.scored:  # a label that asks nothing (late / cancelling): not zeroed, no verdict row
+            e.weight.verdict = CANCELLING
+            continue
         v = Verdict(e.kind, [_key(w) for w in t.weights], e.channel, "", t.mean(t.base), t.mean(t.nlls), t.ratio(),
                     [n.ratio() for n in nulls], tokens=tokens, scored=t.scored, null_scored=[n.scored for n in nulls])
         if e.channel in activation:
