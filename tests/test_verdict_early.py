@@ -115,3 +115,62 @@ def test_detect_says_each_sets_tokens_and_verdict_full_scores_the_whole_text(tmp
         assert "tokens" in res.output and "until its label is decided" in res.output
         scored[bool(flag)] = {v["scored"] for v in json.loads(out.read_text())["verdicts"]}
     assert scored[False] == {CHUNK} and scored[True] == {510}
+
+
+def test_the_bound_narrows_to_the_point_estimate_at_the_end_of_the_text():
+    """The label is read from the whole text's mean, and the first ``n`` of its ``total`` tokens leave
+    less of it unknown as ``n`` grows (the finite population correction): a mean 2.5 plain standard
+    errors under the line is undecided alone, decided with 7/8 of the text scored, and the whole
+    text is its own point estimate."""
+    g = torch.Generator().manual_seed(1)
+    x = 0.3 + torch.randn(896, generator=g, dtype=torch.float64)
+    from superweight.find.verdict_rounds import estimate
+
+    mean, se = estimate(x)
+    line = mean + 2.5 * se
+    assert decide(x, line, True, final=False) is None
+    assert estimate(x, 1024)[1] == pytest.approx(se * ((1024 - 896) / (1024 - 16)) ** 0.5)
+    assert decide(x, line, True, final=False, total=1024) is False
+    assert decide(x, mean - 2.5 * se, True, final=False, total=1024) is True
+    assert decide(x, line, True, final=False, total=4 * 896) is None  # a quarter of a longer text
+    assert estimate(x, 896)[1] == 0.0 and decide(x, mean * (1 - 1e-9), True, final=False, total=896) is True
+
+
+def test_a_near_line_set_stops_before_the_end_where_only_the_corrected_bound_decides(model, byte_tokenizer):
+    """The collapse line put a little above the survivor's damage: the plain bound (an unending text)
+    decides at no round, the corrected one before the end; the label is the whole-text verdict's."""
+    import math
+
+    from superweight.find.verdict_rounds import estimate
+
+    j = Judge(model, sw.get_arch(model), byte_tokenizer, load_text("wiki-intros"), 512)
+    base, zeroed = j.token_nlls([[], [finding(*SURVIVOR)]], j.per_pass)
+    x = zeroed - base
+    n = 3 * CHUNK
+    mean, se = estimate(x[:n], j.per_pass)
+    line = mean + 5 * se
+    assert all(decide(x[:k], line, True, final=False) is None for k in range(CHUNK, j.per_pass, CHUNK))
+    early = run(model, byte_tokenizer, SURVIVOR, collapse=math.exp(line))[SURVIVOR]
+    full = run(model, byte_tokenizer, SURVIVOR, collapse=math.exp(line), full=True)[SURVIVOR]
+    assert early.label == full.label == SURVIVES
+    assert early.scored <= n < full.scored == j.per_pass and early.null_scored == [] and len(full.null_scored) == 2
+
+
+def test_a_cancelling_weight_is_not_zeroed_unless_the_verdict_is_full(model, byte_tokenizer):
+    """A late / cancelling weight's label asks nothing: the early verdict labels it without zeroing it
+    (no verdict row, no tokens); ``full`` zeroes it on the whole text as before."""
+    from superweight.find.verdict import CANCELLING, judge_with
+
+    out = {}
+    for full in (False, True):
+        result = findings((LAYER, ROW, COL))
+        late = finding(*SURVIVOR)
+        late.role = "cancels"
+        result.super_weights.append(late)
+        j = Judge(model, sw.get_arch(model), byte_tokenizer, load_text("wiki-intros"), 512)
+        judge_with(j, result, full=full)
+        out[full] = (j.scored, [v.weights[0][:3] for v in result.verdicts], late.verdict)
+    assert out[False][2] == out[True][2] == CANCELLING
+    assert list(SURVIVOR) not in out[False][1] and list(SURVIVOR) in out[True][1]
+    # early: the base, the group (its weight alone is the same set) and its two nulls, one chunk each
+    assert out[False][0] == 4 * CHUNK

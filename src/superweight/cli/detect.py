@@ -50,7 +50,7 @@ def detect(
     verdict: bool = typer.Option(True, "--verdict/--no-verdict", help="Zero each finding and measure the damage (streamed too: every finding in one pass per read)."),
     verdict_tokens: int = typer.Option(1024, "--verdict-tokens", min=16, help="Tokens of text the verdict scores (at most)."),
     verdict_full: bool = typer.Option(
-        False, "--verdict-full", help="Score every zeroed set on the whole text (default: each stops once its label is decided)."
+        False, "--verdict-full", help="Score every zeroed set and null draw on the whole text, late / cancelling weights too (default: each set stops once its label is decided)."
     ),
     verdict_text: str = typer.Option("wiki-intros", "--verdict-text", help="wiki-intros, wikitext2 or a text file."),
     z_threshold: float = typer.Option(3.0, "--z-threshold", help="Magnitude method: mean + z * std of |W|."),

@@ -17,12 +17,20 @@ introductions, else WikiText-2). The null zeroes as many random weights of the s
 The super activation's size after zeroing (``activation_after``, on the detection prompt) says how
 much of it the weights made.
 
-Each set is scored in chunks (128 tokens, then doubling up to the whole text) and stops as soon as a
-confidence bound decides every question its label asks (``Question``): is its mean NLL above the
-base's by ``log(collapse)``, and above each null draw's? A collapse (x7, x62,000) or a survivor
-(x1.00-1.03) is decided on its first chunk; only a borderline set is scored to the end, where the
-point estimate decides as before. The null draws are shared by every set of the same matrices, and a
-set found twice (a weight alone that is its activation's only creating weight) is scored once.
+Each set is scored in rounds and stops as soon as a confidence bound decides every question its label
+asks (``Question``): is its mean NLL above the base's by ``log(collapse)``, and above each null draw's?
+The label is read from the whole text's mean, so the bound is on that mean: the standard error of the
+16-token block means of the tokens scored so far, times the finite population correction
+``sqrt((total - n) / (total - 16))`` (what the unscored rest of the text can still move), +- ``Z`` = 4
+of them. At the end of the text it is the point estimate, as the whole-text verdict always decided.
+In memory a set continues from its cache (its keys and values, built with the same weights zeroed), so
+a round costs only its new tokens, and each undecided set goes on by ``CHUNK`` (128) tokens; streamed,
+a round scores each set's prefix again in one pass over the layers, so the prefixes double (128, 256,
+512, the whole text). A collapse (x7, x62,000) or a survivor (x1.00-1.03) is decided on its first
+chunk. A null draw is scored only once its set's collapse is established (on its own first chunk,
+then beside its set); the draws are shared by every set of the same matrices, a set found twice (a
+weight alone that is its activation's only creating weight) is scored once, and a late / cancelling
+weight, whose label asks nothing, is not zeroed (``full``: every set and null on the whole text).
 ``Verdict.scored`` says how many tokens each set was scored on.
 """
 from __future__ import annotations

@@ -1,12 +1,14 @@
 """The verdict's plan and rounds: the sets to score, the questions their labels ask, when each is decided.
 
-A ``Track`` is one zeroed set (a finding, a super activation's creating weights, or a null draw)
-and the NLL of each token scored so far, beside the base's NLL of the same tokens. A ``Question``
-compares two tracks (or a track and the base) on their common tokens: is the mean difference above
-a line? It is answered as soon as a bound (mean +- ``Z`` standard errors of 16-token block means)
-is on one side of the line, or at the end of the text by the point estimate, as the full verdict
-always did. A track is scored in the next round while a question it is in is open (a set's nulls
-are asked about only once its collapse is established); every track is scored at least once.
+A ``Track`` is one zeroed set (a finding, a super activation's creating weights, a null draw, or the
+base with nothing zeroed) and the NLL of each token scored so far; the others hold the base's NLL of
+the same tokens beside theirs. A ``Question`` compares two tracks (or a track and the base), each on
+its own tokens: is the mean difference above a line? It is answered as soon as a bound (mean +- ``Z``
+standard errors of 16-token block means, with the finite population correction over the whole text,
+whose mean the label is read from) is on one side of the line, which at the end of the text is the
+point estimate, as the full verdict always decided. A track is scored in the next round while a
+question it is in is open; a set's nulls are asked about, and scored, only once its collapse is
+established; a set whose label asks nothing is not scored (``Scoring``).
 """
 from __future__ import annotations
 
