@@ -188,7 +188,7 @@ class Judge(JudgeBase):
 
         b, e, f = self.spans[w]
         held = self.caches.pop(key, None)
-        if start > 0 and (held is None or held[0] != (w, start)):  # nothing to continue from: the prefix again, counted
+        if start > 0 and (held is None or held[0] != (w, start) or held[1] is None):  # nothing to continue: the prefix again, counted
             return self._window(w, 0, stop, key, keep)[start:]
         self.forwards += 1
         self.scored += stop - start
@@ -239,6 +239,7 @@ class Judge(JudgeBase):
         return out
 
     def release(self, keep: Sequence[Sequence]) -> None:
+        """Drop the caches of every set but those in ``keep`` (decided sets: their memory back)."""
         wanted = {self.key(ws) for ws in keep}
         self.caches = {k: v for k, v in self.caches.items() if k in wanted}
 
