@@ -160,7 +160,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_num_threads(args.threads)
     from superweight.find.loop import write_json_atomic
 
-    data = json.loads(args.out.read_text()) if args.out.exists() else {}
+    data: dict = {}
     args.cache.mkdir(parents=True, exist_ok=True)
     for name in args.models:
         cached = args.cache / f"{name}.pt"
@@ -175,6 +175,7 @@ def main(argv: list[str] | None = None) -> dict:
         for rule, (policy, z, fpc) in RULES.items():
             r = replay(d, policy, z=z, fpc=fpc)
             rules[rule] = {**r, "labels_as_whole_text": r["labels"] == whole["labels"]}
+        data = json.loads(args.out.read_text()) if args.out.exists() else {}  # read late: another run may have written
         data[name] = {"tokens": d["tokens"], "per_pass": d["per_pass"], "tracks": d["tracks"],
                       "whole_text": whole, "rules": rules, "drift": drift(d), "seconds": time.perf_counter() - t0,
                       "command": "python bench/verdict_rules.py " + " ".join(argv if argv is not None else sys.argv[1:]),

@@ -1,6 +1,7 @@
-"""The verdict's early stop on a planted tiny model: each zeroed set is scored in rounds (128 tokens,
-then doubling) and stops once a confidence bound decides its label; a borderline set runs to the end.
-The labels are those of scoring every set on the whole text (``full=True``)."""
+"""The verdict's early stop on a planted tiny model: each zeroed set is scored in rounds (in memory 128
+tokens at a time, continued from its cache) and stops once a confidence bound on the whole text's mean
+decides its label; a borderline set runs to the end. The labels are those of scoring every set on the
+whole text (``full=True``)."""
 from __future__ import annotations
 
 from types import SimpleNamespace
