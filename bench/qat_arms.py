@@ -12,6 +12,8 @@ and the value the forward uses at the super weights' coordinates (``superweight.
 
     python bench/qat_arms.py --runs /tmp/qat --arms ternary,super,random,lines --seeds 0,1   # the runs
     python bench/qat_arms.py --runs /tmp/qat --collect   # -> docs/results/qat_arms.json, docs/qat_arms.png
+    python bench/qat_arms.py --runs /tmp/qat2 --collect --merge docs/results/qat_arms.json
+        # the runs under /tmp/qat2 added to an earlier JSON whose runs folder is gone
 
 Runs already finished under --runs are not rerun, so several processes can share the arms.
 """
@@ -106,17 +108,72 @@ def extra_bits(arm: str, config: dict) -> int:
     return (16 + 32) * len(kept)
 
 
-def collect(args) -> dict:
-    """Every run with a training log (finished or not: ``done``), and per measured step the arms'
-    perplexities across the seeds that reached it, and their paired differences from arm (a)."""
+SETUP = ("steps", "save_every", "seq_len", "batch", "lr", "warmup", "weight_decay", "grad_clip", "eval_tokens",
+         "freeze_embeddings", "text", "heldout", "init", "bitnet")  # what every arm and seed must share
+
+
+def load_runs(folder: Path) -> dict:
+    """Every run under ``folder`` with a training log that measured at least once (finished or
+    not: ``done``)."""
     runs = {}
-    for path in sorted(args.runs.glob("*-s*/train_log.json")):
+    for path in sorted(folder.glob("*-s*/train_log.json")):
         log = TrainResult.load(path)
         if not log.measures:
             continue
         done = path.parent / "done.json"
         runs[path.parent.name] = {"config": log.config, "measures": log.measures, "losses": log.losses,
                                   "seconds": log.seconds, "done": done.is_file()}
+    return runs
+
+
+def last_step(run: dict) -> int:
+    return max(m["step"] for m in run["measures"])
+
+
+def merge_runs(fresh: dict, earlier: dict) -> tuple[dict, dict]:
+    """``fresh`` runs (from --runs) together with an earlier JSON's ``runs``: of two runs with one
+    name the one measured further wins (the fresh one on a tie). Returns the runs and what was
+    merged: the names taken from the earlier JSON, and for each name present in both, per step both
+    measured, ln perplexity of the fresh run minus the earlier one's (how far a rerun of the same
+    seed and settings lands from the earlier run: 0 where the arithmetic is the same)."""
+    runs, taken, reruns = dict(fresh), [], {}
+    for name, old in earlier.get("runs", {}).items():
+        new = fresh.get(name)
+        if new is not None:
+            before = {m["step"]: m for m in old["measures"]}
+            reruns[name] = {str(m["step"]): {k: math.log(m[k]) - math.log(before[m["step"]][k])
+                                             for k in ("wikitext2_ppl", "lambada_ppl")}
+                            for m in new["measures"] if m["step"] in before}
+        if new is None or last_step(old) > last_step(new):
+            runs[name] = old
+            taken.append(name)
+    return dict(sorted(runs.items())), {"runs_from_earlier_json": sorted(taken), "reruns": reruns}
+
+
+def check_setup(runs: dict) -> dict:
+    """The settings every run shares (same tokens, steps and schedule): those of most runs; a run
+    with others is an error that names it."""
+    setups = {name: {k: r["config"].get(k) for k in SETUP} for name, r in runs.items()}
+    if not setups:
+        return {}
+    common = json.loads(max((json.dumps(s) for s in setups.values()),
+                            key=lambda t: sum(json.dumps(s) == t for s in setups.values())))
+    odd = {name: {k: v for k, v in s.items() if v != common[k]} for name, s in setups.items() if s != common}
+    if odd:
+        raise SystemExit(f"runs with other settings than the rest's {common}: {odd}")
+    return common
+
+
+def collect(args) -> dict:
+    """Every run with a training log (finished or not: ``done``), with ``--merge``'s runs where the
+    runs folder lacks them or measured less far, and per measured step the arms' perplexities across
+    the seeds that reached it, and their paired differences from arm (a)."""
+    runs, merged = load_runs(args.runs), None
+    earlier = json.loads(args.merge.read_text()) if args.merge else {}
+    if args.merge:
+        runs, merged = merge_runs(runs, earlier)
+        merged = {"json": args.merge.name, **merged}
+    setup = check_setup(runs)
     steps = sorted({m["step"] for r in runs.values() for m in r["measures"]})
     arms = {}
     for arm in ARMS:
@@ -127,15 +184,15 @@ def collect(args) -> dict:
         arms[arm] = {"runs": sorted(mine), "finished": sorted(k for k, v in mine.items() if v["done"]),
                      "kept_weights": len(some["config"]["keep"]), "extra_bits": extra_bits(arm, some["config"]),
                      "by_step": {str(s): at_step(mine, s) for s in steps}}
-    setup = runs["ternary-s0"]["config"] if "ternary-s0" in runs else some_config(runs)
-    return {"command": "python bench/qat_arms.py --runs DIR --arms ternary,super,random,lines --seeds 0,1 --steps 30 "
-                       "--every 10 --wikitext-tokens 508 --lambada 12 && python bench/qat_arms.py --runs DIR --collect",
+    float_json = args.runs / "float.json"
+    reference = json.loads(float_json.read_text()) if float_json.is_file() else earlier.get("float_reference")
+    command = ("python bench/qat_arms.py --runs DIR --arms ternary,super,random,lines --seeds 0,1 --steps 30 "
+               "--every 10 --wikitext-tokens 508 --lambada 12 && python bench/qat_arms.py --runs DIR --collect")
+    return {"command": command + (" --merge EARLIER.json" if args.merge else ""),
             "model": MODEL, "notes": ["SmolLM2-135M float weights are dequantized from its Q4_1 GGUF"],
-            "setup": {k: setup.get(k) for k in ("steps", "save_every", "seq_len", "batch", "lr", "warmup",
-                                                "weight_decay", "freeze_embeddings", "text")},
-            "threads": 1, "arms": arms, "paired_vs_ternary": paired_differences(runs, steps),
-            "float_reference": json.loads((args.runs / "float.json").read_text()) if (args.runs / "float.json").is_file() else None,
-            "runs": runs}
+            "setup": {k: setup.get(k) for k in SETUP}, "threads": 1, "merged": merged,
+            "arms": arms, "paired_vs_ternary": paired_differences(runs, steps),
+            "float_reference": reference, "runs": runs}
 
 
 def at_step(runs: dict, step: int) -> dict:
@@ -145,10 +202,6 @@ def at_step(runs: dict, step: int) -> dict:
         return {}
     return {"wikitext2_ppl": mean_ci([m["wikitext2_ppl"] for m in ms]), "lambada_ppl": mean_ci([m["lambada_ppl"] for m in ms]),
             "residual_max": mean_ci([m["activation"]["residual_max"] for m in ms])}
-
-
-def some_config(runs: dict) -> dict:
-    return next(iter(runs.values()))["config"] if runs else {}
 
 
 def paired_differences(runs: dict, steps: list[int]) -> dict:
@@ -237,6 +290,8 @@ def main() -> None:
     ap.add_argument("--lambada", type=int, default=16)
     ap.add_argument("--float-reference", action="store_true", help="Also probe the float model once.")
     ap.add_argument("--collect", action="store_true")
+    ap.add_argument("--merge", type=Path, help="With --collect: also take this earlier JSON's runs where --runs "
+                    "lacks them or measured less far (a JSON whose runs folder is gone).")
     ap.add_argument("--out", type=Path, default=ROOT / "docs" / "results" / "qat_arms.json")
     ap.add_argument("--png", type=Path, default=ROOT / "docs" / "qat_arms.png")
     args = ap.parse_args()
