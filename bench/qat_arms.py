@@ -135,14 +135,17 @@ def merge_runs(fresh: dict, earlier: dict) -> tuple[dict, dict]:
     name the one measured further wins (the fresh one on a tie). Returns the runs and what was
     merged: the names taken from the earlier JSON, and for each name present in both, per step both
     measured, ln perplexity of the fresh run minus the earlier one's (how far a rerun of the same
-    seed and settings lands from the earlier run: 0 where the arithmetic is the same)."""
+    seed and settings lands from the earlier run: 0 where the arithmetic is the same) and the
+    largest activation [earlier, fresh]."""
     runs, taken, reruns = dict(fresh), [], {}
     for name, old in earlier.get("runs", {}).items():
         new = fresh.get(name)
         if new is not None:
             before = {m["step"]: m for m in old["measures"]}
-            reruns[name] = {str(m["step"]): {k: math.log(m[k]) - math.log(before[m["step"]][k])
-                                             for k in ("wikitext2_ppl", "lambada_ppl")}
+            reruns[name] = {str(m["step"]): {**{k: math.log(m[k]) - math.log(before[m["step"]][k])
+                                                for k in ("wikitext2_ppl", "lambada_ppl")},
+                                             "residual_max": [before[m["step"]]["activation"]["residual_max"],
+                                                              m["activation"]["residual_max"]]}
                             for m in new["measures"] if m["step"] in before}
         if new is None or last_step(old) > last_step(new):
             runs[name] = old

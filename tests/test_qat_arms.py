@@ -97,7 +97,10 @@ def test_collect_merges_an_earlier_json(tmp_path, text_file):
     reruns = result["merged"]["reruns"]
     assert set(reruns) == {"random-s1", "lines-s0", "super-s0"}
     assert list(reruns["random-s1"]) == ["0", "2"] and list(reruns["super-s0"]) == ["0"]
-    assert all(abs(d) < 1e-4 for r in reruns.values() for step in r.values() for d in step.values())
+    assert all(abs(step[k]) < 1e-4 for r in reruns.values() for step in r.values() for k in ("wikitext2_ppl", "lambada_ppl"))
+    assert all(step["residual_max"][0] == pytest.approx(step["residual_max"][1], rel=1e-4)
+               for r in reruns.values() for step in r.values())
+    assert reruns["random-s1"]["2"]["residual_max"][1] == result["runs"]["random-s1"]["measures"][1]["activation"]["residual_max"]
     for arm in qat_arms.ARMS:
         for step in (0, 2, 4):
             assert seeds(result, arm, step) == 2, (arm, step)
