@@ -189,7 +189,8 @@ def collect(args) -> dict:
                      "by_step": {str(s): at_step(mine, s) for s in steps}}
     float_json = args.runs / "float.json"
     reference = json.loads(float_json.read_text()) if float_json.is_file() else earlier.get("float_reference")
-    command = ("python bench/qat_arms.py --runs DIR --arms ternary,super,random,lines --seeds 0,1 --steps 30 "
+    seeds = ",".join(str(s) for s in sorted({r["config"]["seed"] for r in runs.values()}))
+    command = (f"python bench/qat_arms.py --runs DIR --arms ternary,super,random,lines --seeds {seeds} --steps 30 "
                "--every 10 --wikitext-tokens 508 --lambada 12 && python bench/qat_arms.py --runs DIR --collect")
     return {"command": command + (" --merge EARLIER.json" if args.merge else ""),
             "model": MODEL, "notes": ["SmolLM2-135M float weights are dequantized from its Q4_1 GGUF"],

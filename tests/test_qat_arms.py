@@ -111,6 +111,7 @@ def test_collect_merges_an_earlier_json(tmp_path, text_file):
                  for s in (0, 1)]
         assert d["mean"] == pytest.approx(sum(pairs) / 2, rel=1e-9, abs=1e-12)
         assert d["ci95"][0] <= d["mean"] <= d["ci95"][1]
+    assert "--seeds 0,1 " in result["command"] and result["command"].endswith("--merge EARLIER.json")
     assert result["float_reference"] == {"wikitext2_ppl": 3.0, "lambada_ppl": 4.0}
     assert result["setup"]["steps"] == 4 and result["arms"]["lines"]["extra_bits"] > result["arms"]["super"]["extra_bits"] == 96
     assert "| 4 | lines | 2 |" in qat_arms.markdown(result)
