@@ -205,12 +205,12 @@ def bench_streamed_verdict_cost(folder: Path, reps: int = 3) -> dict:
     from superweight.eval.text import load_text
     from superweight.find.streamed import StreamedJudge, stream_detect
     from superweight.find.verdict import judge_with
-    from superweight.stream.model import StreamedModel, _tokenizer
+    from superweight.model.streamed import StreamedModel, load_tokenizer
 
     text = load_text("wiki-intros")
     sm = StreamedModel(folder, "float32")
     try:
-        tok = _tokenizer(sm.ckpt.folder)
+        tok = load_tokenizer(sm.ckpt.folder)
         stream, spans, _, _ = perplexity_windows(sm.model, tok, text, max_tokens=1024)
         window = [(stream[b:e], f - b) for b, e, f in spans]
 

@@ -201,10 +201,10 @@ def score(model: str, paths: list[Path], args) -> None:
     """``--score``: measure these files only (the cache beside each), e.g. in parallel processes."""
     from transformers import AutoTokenizer
 
-    from superweight.model.load import _gguf_cache_folder, default_cache_dir, resolve
+    from superweight.model.load import gguf_cache_folder, default_cache_dir, resolve
 
     kind, where = resolve(model)
-    folder = _gguf_cache_folder(where, default_cache_dir()) if kind == "gguf" else where
+    folder = gguf_cache_folder(where, default_cache_dir()) if kind == "gguf" else where
     tokenizer = AutoTokenizer.from_pretrained(folder)
     for path in paths:
         for text in args.texts:

@@ -9,7 +9,7 @@ than RAM. Weights are slices of one pool of N(0, 0.02) values at random offsets 
 fresh normals would take minutes of CPU; the layers still differ from each other).
 
 Planting without a full forward: the script streams the first ``layer`` layers of the written
-checkpoint on the detection prompt (``superweight.stream.model.StreamedModel``), takes the MLP input h of
+checkpoint on the detection prompt (``superweight.model.streamed.StreamedModel``), takes the MLP input h of
 ``layer`` at token 0, and rewrites in place (inside the shard file) the gate and up rows of the
 intermediate channel ``col`` to ``a * h / |h|``, so that channel reaches silu(a|h|) * a|h| ~ the
 ``--activation`` target on that token only, and sets down_proj[row, col] to ``--weight``. The
@@ -153,20 +153,20 @@ def write_row(path: Path, key: str, row: int, values: torch.Tensor) -> None:
 def mlp_input_token0(folder: Path, layer: int, prompt: str) -> torch.Tensor:
     """h = the MLP input of ``layer`` at token 0, by streaming layers 0..layer of the checkpoint."""
     from superweight.find.loop import encode_prompt
-    from superweight.model.capture import _first_tensor
-    from superweight.stream.model import StreamedModel, _hidden_of, _with_hidden
+    from superweight.model.capture import first_tensor
+    from superweight.model.streamed import StreamedModel, hidden_of, with_hidden
     from superweight.testing.synthetic import byte_tokenizer
 
     sm = StreamedModel(folder, "float32")
     calls = sm.layer_calls(encode_prompt(byte_tokenizer(), prompt))
-    hidden, seen = _hidden_of(calls[0]), []
+    hidden, seen = hidden_of(calls[0]), []
     for i in range(layer + 1):
         with sm.layer(i):
             up = sm.layers[i].get_submodule(sm.arch.up_proj)
             handle = up.register_forward_pre_hook(lambda m, args: seen.append(args[0][0, 0].clone()))
             try:
-                args, kwargs = _with_hidden(calls[i], hidden)
-                hidden = _first_tensor(sm.layers[i](*args, **kwargs))
+                args, kwargs = with_hidden(calls[i], hidden)
+                hidden = first_tensor(sm.layers[i](*args, **kwargs))
             finally:
                 handle.remove()
     return seen[-1]

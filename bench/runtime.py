@@ -137,9 +137,9 @@ def synthetic_model(folder: Path) -> Path:
     from transformers import AutoTokenizer
 
     from superweight.core.files import default_cache_dir
-    from superweight.model.load import _gguf_cache_folder, builtin_path
+    from superweight.model.load import gguf_cache_folder, builtin_path
 
-    tokenizer = AutoTokenizer.from_pretrained(str(_gguf_cache_folder(builtin_path("smollm2-135m"), default_cache_dir())))
+    tokenizer = AutoTokenizer.from_pretrained(str(gguf_cache_folder(builtin_path("smollm2-135m"), default_cache_dir())))
     with torch.device("meta"):
         model = LlamaForCausalLM(LlamaConfig(**SYNTHETIC)).to(torch.bfloat16)
     model.to_empty(device="cpu")

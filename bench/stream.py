@@ -83,7 +83,7 @@ def child(folder: str, dtype: str, threads: int | None, device: str = "cpu", pre
 
     import torch
 
-    import superweight.stream.model as stream
+    import superweight.model.streamed as stream
     import superweight.find.streamed as sd
     from superweight.model.device import resolve_device
 

@@ -21,7 +21,7 @@ MODELS = ("smollm2-135m", "gemma3-270m")
 def run(name: str, tokens: int) -> dict:
     import superweight as sw
     from superweight.eval.text import load_text
-    from superweight.model.load import _gguf_cache_folder, default_cache_dir
+    from superweight.model.load import gguf_cache_folder, default_cache_dir
     from superweight.find.streamed import stream_detect
     from superweight.find.verdict import judge
 
@@ -31,7 +31,7 @@ def run(name: str, tokens: int) -> dict:
     mem = sw.detect(lm.model, lm.tokenizer, arch=lm.arch)
     judge(lm.model, lm.arch, lm.tokenizer, mem, text, tokens)
     in_memory_s = time.perf_counter() - t0
-    folder = _gguf_cache_folder(lm.source, default_cache_dir())
+    folder = gguf_cache_folder(lm.source, default_cache_dir())
     t0 = time.perf_counter()
     streamed = stream_detect(folder, verdict_text=text, verdict_tokens=tokens)
     streamed_s = time.perf_counter() - t0

@@ -16,13 +16,13 @@ T = TypeVar("T")
 def in_memory_and_streamed(lm, in_memory: Callable[[], T], streamed: Callable[[str], T]) -> tuple[T, T, dict]:
     """``in_memory()``, then ``streamed(folder)`` on ``lm``'s converted safetensors folder: (both results,
     their times and the streamed / in-memory ratio)."""
-    from superweight.model.load import _gguf_cache_folder, default_cache_dir
+    from superweight.model.load import gguf_cache_folder, default_cache_dir
 
     t0 = time.perf_counter()
     mem = in_memory()
     in_memory_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    out = streamed(_gguf_cache_folder(lm.source, default_cache_dir()))
+    out = streamed(gguf_cache_folder(lm.source, default_cache_dir()))
     streamed_s = time.perf_counter() - t0
     return mem, out, {"in_memory_s": in_memory_s, "streamed_s": streamed_s, "streamed_over_in_memory": streamed_s / in_memory_s}
 

@@ -39,7 +39,7 @@ def run(name: str, text_name: str, tokens: int, seq_len: int) -> dict:
     from superweight.eval.perplexity import evaluate_perplexity
     from superweight.eval.text import load_text
     from superweight.quant.artifact import MANIFEST, export_artifact, load_quantized
-    from superweight.model.load import _gguf_cache_folder, default_cache_dir
+    from superweight.model.load import gguf_cache_folder, default_cache_dir
     from superweight.quant.config import RTN
     from superweight.quant.w8a8 import w8a8_activations
     from superweight.quant.streamed import stream_quantize
@@ -58,7 +58,7 @@ def run(name: str, text_name: str, tokens: int, seq_len: int) -> dict:
         export_artifact(lm, RTN(bits=8), keep, tmp / "w8", write_back=False)
         export_artifact(lm, RTN(bits=8), keep, tmp / "w8a8-none", write_back=False,
                         activations={**acts, "held_out_channels": {}})
-        stream_quantize(_gguf_cache_folder(lm.source, default_cache_dir()), RTN(bits=8), keep, tmp / "stream",
+        stream_quantize(gguf_cache_folder(lm.source, default_cache_dir()), RTN(bits=8), keep, tmp / "stream",
                         activations=True)
         manifest = json.loads((tmp / "w8a8" / MANIFEST).read_text())
         row = {"model": name, "notes": lm.notes, "super_weights": [[s.layer, s.row, s.col] for s in keep],

@@ -71,7 +71,7 @@ def test_streamed_ablation_of_the_real_model_is_the_in_memory_one(smollm2, detec
     """``ablate --stream``'s numbers on the real SmolLM2 (its safetensors copy read layer by layer):
     every condition's perplexity, task results and the stopword shift, bit for bit."""
     from superweight.prove.experiments import AblationConfig, run_ablation
-    from superweight.model.load import _gguf_cache_folder, default_cache_dir
+    from superweight.model.load import gguf_cache_folder, default_cache_dir
     from superweight.prove.streamed import stream_ablation
 
     def config():
@@ -79,7 +79,7 @@ def test_streamed_ablation_of_the_real_model_is_the_in_memory_one(smollm2, detec
                               scales=(0.0, 1.0, 2.0), stopword_prompts=3)
 
     mem = run_ablation(smollm2, detected, config())
-    streamed = stream_ablation(_gguf_cache_folder(smollm2.source, default_cache_dir()), detected, config())
+    streamed = stream_ablation(gguf_cache_folder(smollm2.source, default_cache_dir()), detected, config())
     assert {n: c.ppl for n, c in streamed.conditions.items()} == {n: c.ppl for n, c in mem.conditions.items()}
     assert {n: c.tasks for n, c in streamed.conditions.items()} == {n: c.tasks for n, c in mem.conditions.items()}
     assert streamed.conditions["zero_super_weights"].ppl > 5 * streamed.conditions["original"].ppl

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import superweight as sw
-from superweight.model.load import _gguf_cache_folder, builtin_path, default_cache_dir
+from superweight.model.load import gguf_cache_folder, builtin_path, default_cache_dir
 
 pytestmark = pytest.mark.slow
 
@@ -45,7 +45,7 @@ def test_coordinates_agree_across_ordinary_prompts(smollm2, smol_result):
 
 
 def test_gguf_conversion_is_cached(smollm2):
-    folder = _gguf_cache_folder(str(builtin_path("smollm2-135m")), default_cache_dir())
+    folder = gguf_cache_folder(str(builtin_path("smollm2-135m")), default_cache_dir())
     assert (folder / "model.safetensors").is_file() and (folder / "config.json").is_file()
     assert any("Q4_1" in n for n in smollm2.notes)
 
@@ -118,13 +118,13 @@ def _streamed_once(folder, lm, method: str, arch) -> None:
 
 @pytest.mark.parametrize("method", ["trace", "paper"])
 def test_smollm2_streams_in_one_pass_bitwise(smollm2, method):
-    folder = _gguf_cache_folder(str(builtin_path("smollm2-135m")), default_cache_dir())
+    folder = gguf_cache_folder(str(builtin_path("smollm2-135m")), default_cache_dir())
     _streamed_once(folder, smollm2, method, smollm2.arch)
 
 
 @pytest.mark.parametrize("method", ["trace", "paper"])
 def test_gemma3_streams_in_one_pass_bitwise(gemma, method):
-    folder = _gguf_cache_folder(str(builtin_path("gemma3-270m")), default_cache_dir())
+    folder = gguf_cache_folder(str(builtin_path("gemma3-270m")), default_cache_dir())
     _streamed_once(folder, gemma, method, gemma.arch)
 
 
@@ -174,9 +174,9 @@ def test_smollm2_streamed_verdict_is_the_in_memory_one(smollm2):
     text = load_text("wiki-intros")
     mem = sw.detect(smollm2.model, smollm2.tokenizer, arch=smollm2.arch)
     judge(smollm2.model, smollm2.arch, smollm2.tokenizer, mem, text, 1024, full=True)
-    from superweight.model.load import _gguf_cache_folder, default_cache_dir
+    from superweight.model.load import gguf_cache_folder, default_cache_dir
 
-    folder = _gguf_cache_folder(smollm2.source, default_cache_dir())  # the safetensors copy loading wrote
+    folder = gguf_cache_folder(smollm2.source, default_cache_dir())  # the safetensors copy loading wrote
     streamed = stream_detect(folder, verdict_text=text, verdict_tokens=1024, verdict_full=True)
     assert [v.to_dict() for v in streamed.verdicts] == [v.to_dict() for v in mem.verdicts]
     [v] = [v for v in streamed.verdicts if v.target == "weight" and v.weights == [[11, 507, 1229, None]]]
@@ -186,11 +186,11 @@ def test_smollm2_streamed_verdict_is_the_in_memory_one(smollm2):
 def test_streamed_fig4_trace_of_the_real_model_is_the_in_memory_one(smollm2):
     """``report --stream``'s Fig. 4 on the real SmolLM2 (its safetensors copy read layer by layer)."""
     from superweight.report import page as report
-    from superweight.model.load import _gguf_cache_folder, default_cache_dir
+    from superweight.model.load import gguf_cache_folder, default_cache_dir
 
     det = sw.detect(smollm2.model, smollm2.tokenizer, arch=smollm2.arch)
     mem = report.residual_trace(smollm2.model, smollm2.tokenizer, smollm2.arch, det)
-    assert report.streamed_residual_trace(_gguf_cache_folder(smollm2.source, default_cache_dir()), det) == mem
+    assert report.streamed_residual_trace(gguf_cache_folder(smollm2.source, default_cache_dir()), det) == mem
     assert max(mem.sa_with) > 10 * max(mem.sa_without)  # the super activation goes with them (24,058 vs 1,402)
 
 

@@ -13,8 +13,8 @@ import typer
 from superweight.model.checkpoint import open_checkpoint
 from superweight.model.device import device_map_for, input_device, resolve_device
 from superweight.core.errors import SuperweightError
-from superweight.stream.prefetch import LayerPrefetcher, read_host
-from superweight.stream.model import StreamedModel
+from superweight.model.prefetch import LayerPrefetcher, read_host
+from superweight.model.streamed import StreamedModel
 from superweight.find.streamed import stream_detect
 from superweight.testing.synthetic import byte_tokenizer, plant_super_weight, tiny_model
 

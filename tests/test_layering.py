@@ -1,6 +1,6 @@
 """The package's stack: each folder imports only from the folders below it (docs/architecture.md).
 
-core < model < stream < eval < {find, prove, quant} < {train, testing} < report < cli. Read from
+core < model < eval < {find, prove, quant} < {train, testing} < report < cli. Read from
 the source's own import statements (module level and inside functions alike), so a leak cannot hide
 inside a function.
 """
@@ -12,8 +12,8 @@ from pathlib import Path
 import superweight
 
 PACKAGE = Path(superweight.__file__).parent
-LAYER = {"core": 0, "model": 1, "stream": 2, "eval": 3, "find": 4, "prove": 4, "quant": 4,
-         "train": 5, "testing": 5, "report": 6, "cli": 7}
+LAYER = {"core": 0, "model": 1, "eval": 2, "find": 3, "prove": 3, "quant": 3,
+         "train": 4, "testing": 4, "report": 5, "cli": 6}
 
 
 def _imports(path: Path) -> list[tuple[int, list[str]]]:
@@ -39,7 +39,7 @@ def test_every_folder_of_the_package_is_a_layer():
 
 
 def test_the_top_of_the_package_holds_its_layers_and_its_face_only():
-    """11 folders, ``__init__.py`` (the Python API) and ``__main__.py`` (``python -m superweight``)."""
+    """10 folders, ``__init__.py`` (the Python API) and ``__main__.py`` (``python -m superweight``)."""
     entries = {p.name for p in PACKAGE.iterdir() if p.name != "__pycache__"}
     assert entries - set(LAYER) == {"__init__.py", "__main__.py"}
 

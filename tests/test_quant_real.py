@@ -65,14 +65,14 @@ def test_smollm2_streamed_export_is_the_in_memory_one(smollm2, super_weights, tm
     import json
 
     from superweight.quant.artifact import MANIFEST, export_artifact
-    from superweight.model.load import _gguf_cache_folder, default_cache_dir
+    from superweight.model.load import gguf_cache_folder, default_cache_dir
     from superweight.quant.config import RTN
     from superweight.quant.streamed import stream_quantize
     from test_stream_quantize import same_artifact
 
     config = RTN(bits=4, group=64, search="mse", sa_weight=16.0)
     export_artifact(smollm2, config, super_weights, tmp_path / "mem", write_back=False)
-    stream_quantize(_gguf_cache_folder(smollm2.source, default_cache_dir()), config, super_weights, tmp_path / "st")
+    stream_quantize(gguf_cache_folder(smollm2.source, default_cache_dir()), config, super_weights, tmp_path / "st")
     same_artifact(tmp_path / "mem", tmp_path / "st", ignore=("source_model", "notes"))  # its shards joined here
     assert len(json.loads((tmp_path / "st" / MANIFEST).read_text())["kept"]) == len(super_weights)
 
@@ -82,7 +82,7 @@ def test_smollm2_streamed_w8a8_artifact_is_the_in_memory_one(smollm2, super_weig
     same held-out input channels, which include the super weights' columns in their down-projections
     (the super activations they read)."""
     from superweight.quant.artifact import export_artifact
-    from superweight.model.load import _gguf_cache_folder, default_cache_dir
+    from superweight.model.load import gguf_cache_folder, default_cache_dir
     from superweight.quant.config import RTN
     from superweight.quant.w8a8 import w8a8_activations
     from superweight.quant.streamed import stream_quantize
@@ -90,7 +90,7 @@ def test_smollm2_streamed_w8a8_artifact_is_the_in_memory_one(smollm2, super_weig
 
     acts = w8a8_activations(smollm2.model, smollm2.tokenizer)
     export_artifact(smollm2, RTN(bits=8), super_weights, tmp_path / "mem", write_back=False, activations=acts)
-    stream_quantize(_gguf_cache_folder(smollm2.source, default_cache_dir()), RTN(bits=8), super_weights, tmp_path / "st",
+    stream_quantize(gguf_cache_folder(smollm2.source, default_cache_dir()), RTN(bits=8), super_weights, tmp_path / "st",
                     activations=True)
     same_artifact(tmp_path / "mem", tmp_path / "st", ignore=("source_model", "notes"))
     held = acts["held_out_channels"]

@@ -16,10 +16,10 @@ from superweight.model.arch import MOE
 from superweight.model.checkpoint import open_checkpoint
 from superweight.core.errors import SuperweightError
 from superweight.find.magnitude import magnitude_scan
-from superweight.stream.plan import MemoryPlan, choose_mode, memory_plan
+from superweight.model.mode import MemoryPlan, choose_mode, memory_plan
 from superweight.eval.streamed import window_nlls
 from superweight.find.magnitude import stream_magnitude_scan
-from superweight.stream.model import StreamedModel
+from superweight.model.streamed import StreamedModel
 from superweight.find.streamed import stream_detect
 from superweight.testing.synthetic import byte_tokenizer, plant_super_weight, tiny_model
 
@@ -349,7 +349,7 @@ def test_config_that_does_not_match_the_shards_is_a_clear_error(sharded):
 
 
 def _plan(monkeypatch, in_memory: int, streaming: int, available: int) -> None:
-    monkeypatch.setattr("superweight.stream.plan.memory_plan",
+    monkeypatch.setattr("superweight.model.mode.memory_plan",
                         lambda path, dtype: MemoryPlan(in_memory, streaming, available, 10**12))
 
 
@@ -362,7 +362,7 @@ def test_memory_plan_sizes_from_headers(sharded):
 
 def test_mode_is_automatic_with_a_log_line(sharded, monkeypatch, caplog):
     _plan(monkeypatch, 10 * 2**30, 2**30, 4 * 2**30)
-    with caplog.at_level(logging.INFO, logger="superweight.stream.plan"):
+    with caplog.at_level(logging.INFO, logger="superweight.model.mode"):
         assert choose_mode(str(sharded), "float32", False, None) == "stream"
     assert "streaming it layer by layer" in caplog.text
     _plan(monkeypatch, 2**30, 2**29, 4 * 2**30)
@@ -501,7 +501,7 @@ def test_streamed_perplexity_is_the_in_memory_one(arch, tmp_path):
     ablation score): ``evaluate_perplexity``'s result."""
     from superweight.eval.perplexity import evaluate_perplexity, perplexity_result, perplexity_windows
     from superweight.eval.text import load_text
-    from superweight.stream.model import StreamedModel
+    from superweight.model.streamed import StreamedModel
 
     folder = planted(arch, tmp_path / arch)
     text = load_text("wiki-intros")

@@ -44,7 +44,7 @@ def test_streamed_ablation_is_the_in_memory_one(arch, plant, tmp_path):
 
 def test_streamed_ablation_splits_passes_to_fit_the_held_streams(tmp_path, monkeypatch):
     """A budget smaller than all the runs' residual streams: more passes, the same numbers."""
-    import superweight.stream.model as stream
+    import superweight.model.streamed as stream
 
     folder = planted("LlamaForCausalLM", tmp_path / "m")
     one = stream_ablation(folder, [(1, 7, 33)], _config(stopword_prompts=0))
@@ -59,7 +59,7 @@ def test_the_held_budget_comes_from_the_environment(tmp_path, monkeypatch, capsy
     same numbers); a bad value is a one-line error before any work."""
     from test_bad_inputs import run_main
 
-    from superweight.stream.model import HELD_BYTES, held_budget
+    from superweight.model.streamed import HELD_BYTES, held_budget
 
     folder = planted("LlamaForCausalLM", tmp_path / "m")
     monkeypatch.delenv("SUPERWEIGHT_HELD_GB", raising=False)

@@ -165,7 +165,7 @@ def test_streamed_w8a8_artifact_is_the_in_memory_one(arch, expert, exclude, tmp_
 
 def test_a_streamed_w8a8_export_reads_each_layer_once(tmp_path, monkeypatch):
     """The calibration and the export share one pass: every decoder layer read once, a part written per layer."""
-    from superweight.stream.model import StreamedModel
+    from superweight.model.streamed import StreamedModel
 
     folder = _checkpoint("LlamaForCausalLM", tmp_path / "m")
     reads = []
@@ -226,7 +226,7 @@ def test_an_artifact_is_never_streamed(tmp_path, capsys):
     """A quantized artifact (sharded or not) loads in memory: ``--stream`` on one is a one-line refusal."""
     from test_bad_inputs import run_main
 
-    from superweight.stream.plan import choose_mode
+    from superweight.model.mode import choose_mode
 
     folder = _checkpoint("LlamaForCausalLM", tmp_path / "m")
     stream_quantize(folder, RTN(bits=4, group=32), [], tmp_path / "a")

@@ -64,7 +64,7 @@ def test_streamed_w8a8_is_the_in_memory_one(arch, tmp_path):
 
 def test_streamed_smoothquant_calibrates_in_the_first_pass(tmp_path, monkeypatch):
     """Passes split by a tiny budget: the calibration runs stay together in the first pass, the numbers unchanged."""
-    import superweight.stream.model as stream
+    import superweight.model.streamed as stream
 
     folder = planted("LlamaForCausalLM", tmp_path / "m")
     grid = [p for p in default_grid(bits=(), sizes=(), groups=(), ternary_topk=-1) if p.variant == "SmoothQuant"]

@@ -146,7 +146,7 @@ def ablate(
 ) -> None:
     """Prove the super weights matter: zero, scale and restore them; paper Table 1, Fig. 5 and Fig. 6."""
     from ..prove.experiments import run_ablation
-    from ..stream.plan import choose_mode
+    from ..model.mode import choose_mode
 
     setup_logging(verbose, quiet)
     sweep_tasks = _task_list(scale_tasks, None)
@@ -196,7 +196,7 @@ def eval_cmd(
 ) -> None:
     """Perplexity and zero-shot accuracy (lm-eval semantics, 95% bootstrap CI) of one model."""
     from ..prove.experiments import run_eval
-    from ..stream.plan import choose_mode
+    from ..model.mode import choose_mode
 
     setup_logging(verbose, quiet)
     config = _eval_config(ppl, tasks, limit, max_tokens, seq_len)

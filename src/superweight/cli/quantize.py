@@ -30,7 +30,7 @@ from .app import (
 from .console import print_tables
 
 
-def _parse_size(text: str) -> Optional[int]:
+def parse_size(text: str) -> Optional[int]:
     """``16384``, ``128x128`` or ``tensor`` (per tensor) -> elements per block."""
     if text.lower() in ("tensor", "per-tensor", "none"):
         return None
@@ -44,7 +44,7 @@ def _parse_size(text: str) -> Optional[int]:
     return size
 
 
-def _keep_for(lm, keep: bool, super_weights: Optional[Path]):
+def keep_for(lm, keep: bool, super_weights: Optional[Path]):
     """The super weights to hold out: from a detection JSON, or detected now; [] when not kept."""
     if not keep:
         return []
@@ -69,7 +69,7 @@ def streamed_keep(model: str, super_weights: Optional[Path], dtype: str, device:
     """The super weights of a model that streams: from ``--super-weights`` (checked against the model's
     meta skeleton: its architecture and every index, no weight read) or detected now, streamed as well."""
     from ..core.progress import step
-    from ..stream.model import StreamedModel
+    from ..model.streamed import StreamedModel
     from ..find.streamed import stream_detect
 
     if super_weights is not None:
@@ -120,7 +120,7 @@ def _gguf(model: str, scheme: str, search: str, keep_super_weights: bool, super_
         raise SuperweightError(f"{out} already exists: pick another --out or pass --force to replace it")
     check_output(out, "--out")
     lm = load_lm(model, dtype, cache_dir, None, device, dequantize=True)
-    keep = _keep_for(lm, keep_super_weights, super_weights)
+    keep = keep_for(lm, keep_super_weights, super_weights)
     with step(f"writing {out} ({scheme}, {'our range search' if search == 'mse' else 'reference'} block parameters)"):
         summary = export_gguf(lm, scheme, search, keep, out)
     types: dict[str, int] = {}
@@ -211,7 +211,7 @@ def quantize_cmd(
     check_output(out, "--out", folder=True)
     config = scheme_config(scheme, block, group, clip_z, topk, per_channel, oversize,
                            search=search, zero_point=zero_point, outliers=outliers, sa_weight=sa_weight)
-    from ..stream.plan import choose_mode
+    from ..model.mode import choose_mode
 
     storage = _storage(untouched_dtype, embeddings)
     w8a8 = scheme == "w8a8"
@@ -220,7 +220,7 @@ def quantize_cmd(
                              w8a8, storage)
     else:
         lm = load_lm(model, dtype, cache_dir, device_map, device, dequantize=True)
-        keep = _keep_for(lm, keep_super_weights, super_weights)
+        keep = keep_for(lm, keep_super_weights, super_weights)
         acts = _activations(lm, include, exclude) if w8a8 else None
         manifest = export_artifact(lm, config, keep, out, force, include, exclude, write_back=False,  # only the file is used
                                    activations=acts, **storage)

@@ -90,7 +90,7 @@ def report(
 ) -> None:
     """Write a one-page report (HTML with embedded figures, Markdown + PNGs) of MODEL's super weights."""
     from ..report import page as rep
-    from ..stream.plan import choose_mode
+    from ..model.mode import choose_mode
 
     setup_logging(verbose, quiet)
     rep.check_out_dir(out, force)

@@ -25,13 +25,13 @@ from .app import (
     setup_logging,
 )
 from .console import print_sweep_tables
-from .quantize import _keep_for, _parse_size, streamed_keep
+from .quantize import keep_for, parse_size, streamed_keep
 
 
 def _grid(bits: List[int], size: List[str], group: List[int], clip_z: float):
     from ..quant.sweep import default_grid
 
-    sizes = tuple(_parse_size(s) for t in size for s in t.split(",") if s) if size else DEFAULT_SIZES
+    sizes = tuple(parse_size(s) for t in size for s in t.split(",") if s) if size else DEFAULT_SIZES
     return default_grid(tuple(bits or DEFAULT_BITS), sizes, clip_z, tuple(group or DEFAULT_GROUPS))
 
 
@@ -75,7 +75,7 @@ def sweep_cmd(
     Example: `superweight sweep --super-weights sw.json --json sweep.json`, then
     `superweight report --super-weights sw.json --sweep sweep.json --out rep`.
     """
-    from ..stream.plan import choose_mode
+    from ..model.mode import choose_mode
     from ..quant.sweep import run_sweep
 
     setup_logging(verbose, quiet)
@@ -89,7 +89,7 @@ def sweep_cmd(
         result = _streamed_sweep(model, super_weights, grid, text, max_tokens, seq_len, dtype, device)
     else:
         lm = load_lm(model, dtype, cache_dir, device_map, device, dequantize=True)
-        keep = _keep_for(lm, True, super_weights)
+        keep = keep_for(lm, True, super_weights)
         result = run_sweep(
             lm, keep, grid, text_name=text, max_tokens=max_tokens, seq_len=seq_len,
             progress=lambda p: err_console.print(f"  {p.label}: ppl {p.ppl:.4g} ({p.seconds:.0f} s)", highlight=False),

@@ -9,7 +9,7 @@ import functools
 import torch
 
 from ..model.edits import zeroed
-from ..stream.model import Edit, StreamedModel, no_head
+from ..model.streamed import Edit, StreamedModel, no_head
 from .perplexity import token_nlls, window_nll
 
 

@@ -13,7 +13,7 @@ from pathlib import Path
 from .loop import DEFAULT_PROMPT, DetectionResult, SpikeRule, detect
 from ..core.errors import SuperweightError
 from .magnitude import MagnitudeResult, magnitude_scan
-from ..stream.plan import choose_mode
+from ..model.mode import choose_mode
 from .trace import TraceRule
 
 METHODS = {"default": "trace", "trace": "trace", "paper": "paper", "activation": "paper", "magnitude": "trace", "both": "trace"}

@@ -15,7 +15,7 @@ from typing import Any, Callable, ClassVar, Iterable, Iterator
 import torch
 from torch import nn
 
-from ..stream.model import StreamedModel
+from ..model.streamed import StreamedModel
 from ..model.arch import ArchSpec, expert_params
 from ..core.results import Versioned
 

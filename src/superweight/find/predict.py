@@ -27,7 +27,7 @@ from torch import nn
 
 from ..core.errors import SuperweightError
 from ..core.results import Versioned
-from ..model.arch import ArchSpec, _submodule
+from ..model.arch import ArchSpec, submodule
 
 STATISTICS = ("magnitude_z", "abs", "column_norm", "up_gate_down", "gain_up_gate_down")
 KS = (1, 3, 10, 30, 100, 1000)
@@ -40,10 +40,10 @@ def _mlp_inputs(model: nn.Module, arch: ArchSpec, layer: int) -> tuple[torch.Ten
     if arch.is_moe or arch.fused_gate_up or arch.transposed:
         raise SuperweightError(f"weight-only prediction supports dense unfused nn.Linear MLPs; {arch.name} is not one")
     block = arch.layer_modules(model)[layer]
-    up = _submodule(block, arch.up_proj).weight.detach().float()
-    gate = _submodule(block, arch.gate_proj).weight.detach().float() if arch.gate_proj else None
-    norm = _submodule(block, "pre_feedforward_layernorm") if arch.post_norm else None
-    norm = norm or _submodule(block, "post_attention_layernorm")
+    up = submodule(block, arch.up_proj).weight.detach().float()
+    gate = submodule(block, arch.gate_proj).weight.detach().float() if arch.gate_proj else None
+    norm = submodule(block, "pre_feedforward_layernorm") if arch.post_norm else None
+    norm = norm or submodule(block, "post_attention_layernorm")
     gain = torch.ones(up.shape[1]) if norm is None or getattr(norm, "weight", None) is None else norm.weight.detach().float()
     if norm is not None and "Gemma" in type(norm).__name__:
         gain = 1.0 + gain

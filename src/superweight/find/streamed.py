@@ -27,7 +27,7 @@ from ..model.capture import LayerTrace, TraceCapture
 from .loop import DEFAULT_METHOD, DEFAULT_PROMPT, DetectionResult, SpikeRule, assemble, encode_prompt, propose, run_detection
 from ..core.errors import SuperweightError
 from .runner import zeroed
-from ..stream.model import Call, StreamedModel, _first_tensor, _hidden_of, _tokenizer, _with_hidden
+from ..model.streamed import Call, StreamedModel, first_tensor, hidden_of, load_tokenizer, with_hidden
 from .trace import TraceRule
 from .verdict import JudgeBase, judge_with
 from ..eval.streamed import window_token_nlls
@@ -168,16 +168,16 @@ class StreamedRunner:
 
     def _first_hidden(self, enc: dict, start: int) -> torch.Tensor | None:
         if start == 0:
-            return _hidden_of(self._calls(enc)[0])
+            return hidden_of(self._calls(enc)[0])
         if start >= self.num_layers:
             return None
         return self.cache[id(enc)][1][start].h_in.unsqueeze(0)
 
     def _run_layer(self, i: int, call: Call, hidden: torch.Tensor, weights: Sequence) -> tuple[torch.Tensor, LayerTrace]:
-        args, kwargs = _with_hidden(call, hidden)
+        args, kwargs = with_hidden(call, hidden)
         with zeroed(self.model, self.arch, weights, layer=i), TraceCapture(self.model, self.arch, layers=[i]) as cap:
             out = self.sm.layers[i](*args, **kwargs)
-        return _first_tensor(out), cap.as_list()[0]
+        return first_tensor(out), cap.as_list()[0]
 
     @contextlib.contextmanager
     def layer(self, layer: int, zeroed_weights: Sequence = ()) -> Iterator[None]:
@@ -220,7 +220,7 @@ def stream_detect(
         raise SuperweightError("no prompt given: pass at least one --prompt")
     sm = StreamedModel(path, dtype, device)
     try:
-        tokenizer = tokenizer or _tokenizer(sm.ckpt.folder)
+        tokenizer = tokenizer or load_tokenizer(sm.ckpt.folder)
         encoded = [encode_prompt(tokenizer, p) for p in prompts]
         runner = StreamedRunner(sm, lambda r, traces, ws, proposed: propose(method, r, traces, ws, proposed, rule, trace_rule),
                                 depth=max_iter - 1)

@@ -63,7 +63,7 @@ class ArchSpec:
     def attn_module(self, block: nn.Module) -> nn.Module:
         """The module whose output the attention (a hybrid's other token mixer) adds, in one decoder layer."""
         for path in (self.attn_out, *self.attn_alt):
-            if (module := _submodule(block, path)) is not None:
+            if (module := submodule(block, path)) is not None:
                 return module
         raise SuperweightError(f"a layer of {self.name} has none of {', '.join((self.attn_out, *self.attn_alt))}")
 
@@ -75,7 +75,7 @@ class ArchSpec:
         if not self.is_moe:
             return self.down_proj
         for path in (self.down_proj, self.shared_down):
-            if path and isinstance(getattr(_submodule(block, path), "weight", None), torch.Tensor):
+            if path and isinstance(getattr(submodule(block, path), "weight", None), torch.Tensor):
                 return path
         return None
 
@@ -99,7 +99,7 @@ class ArchSpec:
 
     def experts_module(self, model: nn.Module, layer: int) -> nn.Module | None:
         """The MoE experts module of ``layer`` (None for a dense layer, e.g. Qwen2-MoE's ``mlp_only_layers``)."""
-        module = _submodule(self.layer_modules(model)[layer], self.experts) if self.experts else None
+        module = submodule(self.layer_modules(model)[layer], self.experts) if self.experts else None
         return module if isinstance(getattr(module, "down_proj", None), torch.Tensor) else None
 
     def expert_matrix(self, model: nn.Module, layer: int, expert: int | None) -> torch.Tensor:
@@ -138,7 +138,7 @@ class ArchSpec:
         return self.as_out_in(self.down_proj_module(model, layer).weight)
 
 
-def _submodule(block: nn.Module, path: str) -> nn.Module | None:
+def submodule(block: nn.Module, path: str) -> nn.Module | None:
     try:
         return block.get_submodule(path)
     except AttributeError:

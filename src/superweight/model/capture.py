@@ -85,7 +85,7 @@ def _unravel(flat_index: int, shape: torch.Size) -> tuple[int, ...]:
     return tuple(reversed(index))
 
 
-def _first_tensor(output) -> torch.Tensor:
+def first_tensor(output) -> torch.Tensor:
     return output[0] if isinstance(output, (tuple, list)) else output
 
 
@@ -150,13 +150,13 @@ class ActivationCapture:
 
     def _down_hook(self, i: int):
         def hook(module, args, output):
-            self._defer(i, args[0], _first_tensor(output))
+            self._defer(i, args[0], first_tensor(output))
 
         return hook
 
     def _residual_hook(self, i: int):
         def hook(module, args, output):
-            self._defer(i, _first_tensor(output), None)
+            self._defer(i, first_tensor(output), None)
 
         return hook
 
@@ -256,7 +256,7 @@ class TraceCapture:
 
     def _set(self, i: int, name: str):
         def hook(module, args, output):
-            setattr(self.traces[i], name, _batch0(_first_tensor(output)))
+            setattr(self.traces[i], name, _batch0(first_tensor(output)))
 
         return hook
 
@@ -289,7 +289,7 @@ class TraceCapture:
             down = arch.down_proj_module(self.model, i)
 
             def down_io(module, args, output):
-                tr.x, tr.y = _batch0(args[0]), _batch0(_first_tensor(output))
+                tr.x, tr.y = _batch0(args[0]), _batch0(first_tensor(output))
 
             hooks.forward(down, down_io)
 

@@ -214,7 +214,7 @@ def config_skeleton(name: str, cache_dir: str | os.PathLike | None = None):
     kind, where = resolve(name)
     kw: dict = {}
     if kind == "gguf":
-        cache = _gguf_cache_folder(where, Path(cache_dir) if cache_dir else default_cache_dir())
+        cache = gguf_cache_folder(where, Path(cache_dir) if cache_dir else default_cache_dir())
         if (cache / "config.json").is_file():
             where = str(cache)
         else:
@@ -303,7 +303,7 @@ def _gguf_bar() -> Iterator[None]:
         gguf_utils.tqdm = original
 
 
-def _gguf_cache_folder(path: str, cache_dir: Path) -> Path:
+def gguf_cache_folder(path: str, cache_dir: Path) -> Path:
     return cache_dir / "gguf" / f"{Path(path).stem}-{file_sha256(path)[:16]}"
 
 
@@ -426,7 +426,7 @@ def load_model(
         return _artifact_loader()(where, dtype=torch_dtype, device=device_map or "cpu", dequantize=dequantize)
     notes: list[str] = []
     if kind == "gguf":
-        cache = _gguf_cache_folder(where, Path(cache_dir) if cache_dir else default_cache_dir())
+        cache = gguf_cache_folder(where, Path(cache_dir) if cache_dir else default_cache_dir())
         notes.append(_gguf_note_cached(where, cache))
         source, where = where, str(cache)
     else:

@@ -54,7 +54,7 @@ from .experiments import (
     stopword_result,
     super_weight_dicts,
 )
-from ..stream.model import StreamedModel, _tokenizer
+from ..model.streamed import StreamedModel, load_tokenizer
 
 
 log = logging.getLogger(__name__)
@@ -81,7 +81,7 @@ def stream_ablation(
     start = time.perf_counter()
     sm = StreamedModel(path, dtype, device)
     try:
-        tokenizer = tokenizer or _tokenizer(sm.ckpt.folder)
+        tokenizer = tokenizer or load_tokenizer(sm.ckpt.folder)
         if origin is not None:
             checked_against(super_weights, sm.arch, sm.model, model_name or str(path), origin)
         checked_keys(sm.model, sm.arch, coords)
@@ -122,7 +122,7 @@ def stream_eval(
     start = time.perf_counter()
     sm = StreamedModel(path, dtype, device)
     try:
-        tokenizer = tokenizer or _tokenizer(sm.ckpt.folder)
+        tokenizer = tokenizer or load_tokenizer(sm.ckpt.folder)
         original = Condition("original", "as it is", lambda coords: contextlib.nullcontext(), [])
         ppl, tasks, _, _ = _measure(sm, tokenizer, config, [original], stopwords=False)
         value, tokens = ppl.get("original", (None, None))

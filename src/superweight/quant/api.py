@@ -69,7 +69,7 @@ def is_transposed(module: nn.Module, arch: ArchSpec | None) -> bool:
     return bool(arch is not None and arch.transposed and not isinstance(module, nn.Linear))
 
 
-def _arch_of(model: nn.Module) -> ArchSpec | None:
+def arch_of(model: nn.Module) -> ArchSpec | None:
     try:
         return get_arch(model)
     except SuperweightError:
@@ -80,7 +80,7 @@ def target_modules(model: nn.Module, include: str | None = None, exclude: str | 
                    arch: ArchSpec | None = None, required: bool = True) -> dict[str, nn.Module]:
     """Linear modules by name, filtered by ``include`` / ``exclude`` regular expressions (re.search);
     none matching is an error when ``required`` (a caller with other weights to take passes False)."""
-    arch = arch or _arch_of(model)
+    arch = arch or arch_of(model)
     found = {
         name: m for name, m in model.named_modules()
         if is_linear(m, arch) and (include is None or re.search(include, name))
@@ -109,7 +109,7 @@ def target_weights(model: nn.Module, include: str | None = None, exclude: str | 
                    arch: ArchSpec | None = None, required: bool = True) -> list[Target]:
     """``target_modules``' weights, then (a mixture of experts) each experts module's 3-D weights whose
     parameter name matches ``include`` and not ``exclude``; none at all is an error when ``required``."""
-    arch = arch or _arch_of(model)
+    arch = arch or arch_of(model)
     experts = _expert_weights(model, include, exclude) if arch is not None and arch.is_moe else []
     linear = target_modules(model, include, exclude, arch, required=required and not experts)
     out = [Target(n, f"{n}.weight", out_in(m, arch), is_transposed(m, arch)) for n, m in linear.items()]
@@ -207,7 +207,7 @@ def quantize(
     Works on any device: every tensor it builds follows the weight's device."""
     if isinstance(config, W8A8):
         raise SuperweightError("W8A8 quantizes activations too: use superweight.quant.simulate_w8a8(model, config)")
-    arch = arch or _arch_of(model)
+    arch = arch or arch_of(model)
     targets = target_weights(model, include, exclude, arch)
     keeps = keep_indices(model, keep, arch)
     if within is not None:

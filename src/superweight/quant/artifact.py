@@ -65,7 +65,7 @@ def pack_tensor(key: str, qt: QuantizedTensor, param_dtype: torch.dtype) -> dict
     return {k: v.cpu() for k, v in out.items()}  # packed on the model's device, written from host memory
 
 
-def _untouched(model: nn.Module, skip: set[str], only=None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+def untouched_tensors(model: nn.Module, skip: set[str], only=None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """State dict minus the quantized weights; tied tensors stored once (alias -> stored name).
     ``only(name)``: the names to take (a streamed export takes one layer's at a time)."""
     tensors, tied, seen = {}, {}, {}
@@ -279,7 +279,7 @@ def save_quantized(
         raise SuperweightError(f"{out} already exists: pick another --out or pass --force to replace it")
     with staged_dir(out) as tmp:
         writer = ArtifactWriter(tmp, param_dtype, untouched_dtype, int8_embeddings(model, embeddings))
-        writer.add_untouched(*_untouched(model, set(result.tensors)))
+        writer.add_untouched(*untouched_tensors(model, set(result.tensors)))
         writer.add_quantized(result)
         return finish_artifact(writer, tmp, model, tokenizer, result.config, source, notes, activations)
 

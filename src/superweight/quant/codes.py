@@ -18,7 +18,7 @@ NF4_LEVELS = torch.tensor([
 ])
 
 
-def _to_dtype(x: torch.Tensor, dtype: torch.dtype, direction: float) -> torch.Tensor:
+def to_dtype(x: torch.Tensor, dtype: torch.dtype, direction: float) -> torch.Tensor:
     """Round float32 ``x`` to ``dtype`` towards ``direction`` (-inf: down, +inf: up)."""
     h = x.to(dtype)
     if not torch.isfinite(h).all():

@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 
 from ..core.errors import SuperweightError
-from .codes import NF4_LEVELS, _to_dtype
+from .codes import NF4_LEVELS, to_dtype
 
 SHRINK = (1.0, 0.9, 0.8, 0.7, 0.6, 0.5)  # fractions of the min/max range
 LS_ROUNDS = 4
@@ -55,11 +55,11 @@ class UniformGrid:
     def minmax(self, lo: torch.Tensor, hi: torch.Tensor) -> Params:
         """Plain RTN: zero rounded down, scale up (the range still covers every value). ``lo + 0``
         turns a -0 minimum into +0, so the stored zero never depends on which zero a reduction kept."""
-        zero = _to_dtype(lo + 0.0, self.dtype, -_INF)
-        return _positive(_to_dtype((hi - zero.float()) / self.qmax, self.dtype, _INF)), zero
+        zero = to_dtype(lo + 0.0, self.dtype, -_INF)
+        return _positive(to_dtype((hi - zero.float()) / self.qmax, self.dtype, _INF)), zero
 
     def from_affine(self, s: torch.Tensor, z: torch.Tensor) -> Params:
-        return _positive(_to_dtype(s, self.dtype, _INF)), _to_dtype(z, self.dtype, -_INF)
+        return _positive(to_dtype(s, self.dtype, _INF)), to_dtype(z, self.dtype, -_INF)
 
     def from_range(self, lo: torch.Tensor, hi: torch.Tensor) -> Params:
         return self.from_affine((hi - lo) / self.qmax, lo)
@@ -80,7 +80,7 @@ class UniformInt8Zero(UniformGrid):
     """``x_hat = (q - zq) * scale``: float16 scale, integer zero point ``zq`` stored as int8."""
 
     def from_affine(self, s: torch.Tensor, z: torch.Tensor) -> Params:
-        scale = _positive(_to_dtype(s, self.dtype, _INF))
+        scale = _positive(to_dtype(s, self.dtype, _INF))
         return scale, (-z / scale.float()).round().clamp(-128, 127).to(torch.int8)
 
     def minmax(self, lo: torch.Tensor, hi: torch.Tensor) -> Params:
@@ -110,7 +110,7 @@ class UniformFix8Zero(UniformInt8Zero):
         self.unit = 2.0 ** -max(0, 7 - bits)
 
     def from_affine(self, s: torch.Tensor, z: torch.Tensor) -> Params:
-        scale = _positive(_to_dtype(s, self.dtype, _INF))
+        scale = _positive(to_dtype(s, self.dtype, _INF))
         return scale, (-z / scale.float() / self.unit).round().clamp(-128, 127).to(torch.int8)
 
     def codes(self, x3: torch.Tensor, p: Params, out: torch.Tensor | None = None) -> torch.Tensor:
@@ -130,7 +130,7 @@ class NF4Grid:
         self.dtype = dtype
 
     def minmax(self, lo: torch.Tensor, hi: torch.Tensor) -> Params:
-        return (_positive(_to_dtype(torch.maximum(lo.abs(), hi.abs()), self.dtype, _INF)),)
+        return (_positive(to_dtype(torch.maximum(lo.abs(), hi.abs()), self.dtype, _INF)),)
 
     def from_range(self, lo: torch.Tensor, hi: torch.Tensor) -> Params:
         return self.minmax(lo, hi)
@@ -148,11 +148,11 @@ class NF4Grid:
         num, den = (m3 * x3 * lv).sum(-1, keepdim=True), (m3 * lv * lv).sum(-1, keepdim=True)
         s = num / den.clamp_min(1e-300)
         ok = (den > 0) & (s > 0)
-        return (_positive(_to_dtype(torch.where(ok, s, p[0].double()).float(), self.dtype, _INF)),)
+        return (_positive(to_dtype(torch.where(ok, s, p[0].double()).float(), self.dtype, _INF)),)
 
 
 def _nearest(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``x`` rounded to the nearest ``dtype`` value; an overflow is refused as ``_to_dtype`` refuses it."""
+    """``x`` rounded to the nearest ``dtype`` value; an overflow is refused as ``to_dtype`` refuses it."""
     h = x.to(dtype)
     if not torch.isfinite(h).all():
         raise SuperweightError(f"quantization parameters overflow {dtype}: the tensor holds values too large for it")

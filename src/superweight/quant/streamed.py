@@ -26,11 +26,11 @@ from typing import Callable, Iterable, Iterator
 import torch
 
 from ..core.errors import SuperweightError
-from .artifact import ArtifactWriter, _untouched, finish_artifact, int8_embeddings
+from .artifact import ArtifactWriter, untouched_tensors, finish_artifact, int8_embeddings
 from ..core.files import staged_dir
 from .api import DEFAULT_EXCLUDE, quantize, target_weights
 from .config import RTN, Ternary
-from ..stream.model import StreamedModel
+from ..model.streamed import StreamedModel, load_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -54,7 +54,7 @@ def stream_quantize(
     sm = StreamedModel(path, dtype=dtype, device=device or "cpu")
     try:
         model, arch = sm.model, sm.arch
-        tokenizer = _tokenizer(sm.ckpt.folder)
+        tokenizer = load_tokenizer(sm.ckpt.folder, required=False)  # none: the artifact has none either
         inside = f"{arch.layers}."
         with staged_dir(out) as tmp:
             writer = ArtifactWriter(tmp, param_dtype, untouched_dtype, int8_embeddings(model, embeddings))
@@ -63,7 +63,7 @@ def stream_quantize(
                 prefix = f"{inside}{i}."
                 result = quantize(model, config, keep, include, exclude, arch, param_dtype, write_back=False, within=prefix)
                 writer.add_quantized(result)
-                writer.add_untouched(*_untouched(model, set(result.tensors), lambda n, p=prefix: n.startswith(p)))
+                writer.add_untouched(*untouched_tensors(model, set(result.tensors), lambda n, p=prefix: n.startswith(p)))
                 log.debug("layer %d/%d quantized", i + 1, sm.num_layers)
 
             acts = None
@@ -79,7 +79,7 @@ def stream_quantize(
                 if outside is not None:
                     writer.add_quantized(outside)
                 skip = set(outside.tensors) if outside is not None else set()
-                writer.add_untouched(*_untouched(model, skip, lambda n: not n.startswith(inside)))
+                writer.add_untouched(*untouched_tensors(model, skip, lambda n: not n.startswith(inside)))
             return finish_artifact(writer, tmp, model, tokenizer, config, str(path), notes, acts, sharded=sharded)
     finally:
         sm.close()
@@ -131,11 +131,3 @@ def streamed_activations(sm: StreamedModel, tokenizer, include: str | None = Non
                                   for ids in calib])
     return activation_spec(list(modules), held_of(recorded.maxima, recorded.medians, ratio), experts=list(experts))
 
-
-def _tokenizer(folder: Path):
-    from transformers import AutoTokenizer
-
-    try:
-        return AutoTokenizer.from_pretrained(folder)
-    except Exception:  # a checkpoint without a tokenizer: the artifact has none either
-        return None

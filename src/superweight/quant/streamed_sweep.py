@@ -37,7 +37,7 @@ from .sweep import (
     point_result,
 )
 from .w8a8 import W8A8Stats, default_calibration, recording_inputs, simulate_w8a8
-from ..stream.model import StreamedModel, _tokenizer
+from ..model.streamed import StreamedModel, load_tokenizer
 
 
 class RecordedInputs:
@@ -124,7 +124,7 @@ def stream_sweep(
     start = time.perf_counter()
     sm = StreamedModel(path, dtype, device)
     try:
-        tokenizer = tokenizer or _tokenizer(sm.ckpt.folder)
+        tokenizer = tokenizer or load_tokenizer(sm.ckpt.folder)
         ids, spans, seq_len, stride = perplexity_windows(sm.model, tokenizer, text, seq_len, max_tokens)
         smooths = any(isinstance(p.config, W8A8) and p.config.method == "smoothquant" for p in grid)
         targets = target_modules(sm.model, None, DEFAULT_EXCLUDE, sm.arch, required=False)

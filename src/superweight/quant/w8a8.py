@@ -28,7 +28,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import nn
 
-from .api import DEFAULT_EXCLUDE, _arch_of, out_in, target_modules
+from .api import DEFAULT_EXCLUDE, arch_of, out_in, target_modules
 from .config import RTN, W8A8
 from ..model.arch import expert_params
 from ..model.edits import HookSet, edited_weights
@@ -249,7 +249,7 @@ def w8a8_targets(model: nn.Module, include: str | None = None, exclude: str | No
                  arch=None) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
     """(linear modules, experts modules) W8A8 takes, by name: those whose weights ``quantize`` would take
     (a model with experts may have no linear target)."""
-    arch = arch or _arch_of(model)
+    arch = arch or arch_of(model)
     experts = _experts_modules(model, arch, include, exclude)
     return target_modules(model, include, exclude, arch, required=not experts), experts
 
@@ -264,7 +264,7 @@ def simulate_w8a8(
     ``within`` (a name prefix, e.g. ``model.layers.3.``) simulates only the modules under it, as
     ``quantize``'s does (a streamed model's layer being read). SmoothQuant's input maxima are measured
     on ``calib`` unless given by module name in ``act_max`` (measured already, e.g. while streaming)."""
-    arch = _arch_of(model)
+    arch = arch_of(model)
     modules, experts = w8a8_targets(model, include, exclude, arch)
     if within is not None:
         experts = {n: m for n, m in experts.items() if n.startswith(within)}

@@ -25,7 +25,7 @@ from ..model.device import input_device
 from ..core.version import __version__
 from ..prove.ablate import zeroed_weights
 from ..model.arch import ArchSpec
-from ..model.capture import _first_tensor
+from ..model.capture import first_tensor
 from ..find.loop import DetectionResult, SpikeRule, encode_prompt
 from ..model.edits import HookSet
 from ..core.errors import SuperweightError
@@ -102,7 +102,7 @@ def _residual_hook(i: int, channel: int, token: int, out: dict):
 
 def _record(i: int, output, channel: int, token: int, out: dict) -> None:
     """|residual[token, channel]| and max |residual| of a layer's output into ``out`` ("sa", "max")."""
-    h = _first_tensor(output).detach()
+    h = first_tensor(output).detach()
     h = h.reshape(-1, h.shape[-2], h.shape[-1])[0].float()
     out.setdefault("sa", {})[i] = abs(float(h[token, channel]))
     out.setdefault("max", {})[i] = float(h.abs().max())
@@ -143,12 +143,12 @@ def streamed_residual_trace(path: str | Path, detection: DetectionResult, dtype:
                             device: str | torch.device | None = None, tokenizer=None) -> ResidualTrace:
     """``residual_trace`` of a checkpoint read layer by layer: both runs (with and without the super
     weights) through each layer while it is read once; the same numbers as in memory."""
-    from ..stream.model import StreamedModel, _tokenizer
+    from ..model.streamed import StreamedModel, load_tokenizer
 
     channel, token = super_activation_site(detection)
     sm = StreamedModel(path, dtype, device)
     try:
-        tokenizer = tokenizer or _tokenizer(sm.ckpt.folder)
+        tokenizer = tokenizer or load_tokenizer(sm.ckpt.folder)
         ids = encode_prompt(tokenizer, detection.prompts[0])["input_ids"][0]
         seen: list[dict] = [{}, {}]
         edits = [lambda i: contextlib.nullcontext(), zeroing(sm, detection.super_weights)]

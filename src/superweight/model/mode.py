@@ -13,9 +13,9 @@ from pathlib import Path
 
 import torch
 
-from ..model.checkpoint import is_artifact, open_checkpoint
+from .checkpoint import is_artifact, open_checkpoint
 from ..core.errors import SuperweightError
-from ..model.loaded import parse_dtype
+from .loaded import parse_dtype
 
 log = logging.getLogger(__name__)
 
@@ -83,13 +83,13 @@ def check_gguf_disk(name: str, cache_dir: str | Path | None = None) -> None:
     import shutil
 
     from ..core.files import check_output
-    from ..model.load import _gguf_cache_folder, default_cache_dir, resolve
+    from .load import gguf_cache_folder, default_cache_dir, resolve
 
     kind, where = resolve(name)
     if kind != "gguf":
         return
     root = Path(cache_dir) if cache_dir else default_cache_dir()
-    cached = (_gguf_cache_folder(where, root) / "model.safetensors").is_file()
+    cached = (gguf_cache_folder(where, root) / "model.safetensors").is_file()
     if not cached:  # a cache folder that cannot be written: said first, and before any conversion
         check_output(root, "the GGUF cache (--cache-dir or SUPERWEIGHT_CACHE)", folder=True)
     need = GGUF_EXPANSION * os.path.getsize(where)
@@ -108,7 +108,7 @@ GGUF_EXPANSION = 8  # float32 bytes per GGUF byte, at most (4-bit blocks: 32 / 4
 def _streaming() -> str:
     """"stream", once the streamed passes' memory budget (``SUPERWEIGHT_HELD_GB``) reads well: a bad value
     fails before any work."""
-    from .model import held_budget
+    from .streamed import held_budget
 
     held_budget()
     return "stream"
@@ -157,7 +157,7 @@ def choose_mode(
 
 def _room_for_model(host_available: int, device: str | None) -> int:
     """Bytes free where an in-memory model would live: the GPU's for a CUDA device, else the host's."""
-    from ..model.device import resolve_device
+    from .device import resolve_device
 
     dev = resolve_device(device) if device is not None else None
     if dev is None or dev.type != "cuda":

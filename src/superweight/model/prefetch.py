@@ -16,7 +16,7 @@ from typing import Hashable, Mapping
 
 import torch
 
-from ..model.checkpoint import TensorInfo
+from .checkpoint import TensorInfo
 from ..core.errors import SuperweightError
 
 Wanted = Mapping[str, tuple[TensorInfo, torch.dtype]]  # name -> (where it is, the dtype it must have)

@@ -28,15 +28,15 @@ from typing import Callable, Iterator, Sequence
 import torch
 from torch import nn
 
-from ..model.arch import ArchSpec, architecture_name, check_causal_name
-from ..model.arch_infer import get_arch
-from ..model.capture import ActivationCapture, LayerStats, _first_tensor
-from ..model.checkpoint import Checkpoint, open_checkpoint
-from ..model.device import resolve_device
+from .arch import ArchSpec, architecture_name, check_causal_name
+from .arch_infer import get_arch
+from .capture import ActivationCapture, LayerStats, first_tensor
+from .checkpoint import Checkpoint, open_checkpoint
+from .device import resolve_device
 from ..core.errors import SuperweightError
-from ..model.keymap import checkpoint_keys, tied_names
+from .keymap import checkpoint_keys, tied_names
 from .prefetch import LayerPrefetcher
-from ..model.loaded import parse_dtype
+from .loaded import parse_dtype
 
 log = logging.getLogger(__name__)
 
@@ -106,14 +106,14 @@ class _Replay(_StandIn):
         return self.__dict__["_output"]
 
 
-def _with_hidden(call: Call, hidden: torch.Tensor) -> Call:
+def with_hidden(call: Call, hidden: torch.Tensor) -> Call:
     args, kwargs = call
     if args:
         return (hidden, *args[1:]), kwargs
     return args, {**kwargs, "hidden_states": hidden}
 
 
-def _hidden_of(call: Call) -> torch.Tensor:
+def hidden_of(call: Call) -> torch.Tensor:
     args, kwargs = call
     return args[0] if args else kwargs["hidden_states"]
 
@@ -350,7 +350,7 @@ class StreamedModel:
         ``each(layer, run, output)`` sees every layer's output as it comes; ``after_layer(i)`` runs once
         layer ``i`` has been let go."""
         calls = [self.layer_calls({"input_ids": _as_batch(ids).to(self.device)}) for ids in windows]
-        hidden = [_hidden_of(calls[w][0]) for w, _ in runs]
+        hidden = [hidden_of(calls[w][0]) for w, _ in runs]
         last: list = [None] * len(runs)
         sharing: dict[Edit, list[int]] = {}
         for r, (_, edit) in enumerate(runs):
@@ -360,9 +360,9 @@ class StreamedModel:
                 for edit, group in sharing.items():
                     with edit(i):
                         for r in group:
-                            args, kwargs = _with_hidden(calls[runs[r][0]][i], hidden[r])
+                            args, kwargs = with_hidden(calls[runs[r][0]][i], hidden[r])
                             last[r] = self.layers[i](*args, **kwargs)
-                            hidden[r] = _first_tensor(last[r])
+                            hidden[r] = first_tensor(last[r])
                             if each is not None:
                                 each(i, r, last[r])
             if after_layer is not None:
@@ -429,11 +429,14 @@ def _as_batch(ids: torch.Tensor) -> torch.Tensor:
     return ids if ids.dim() == 2 else ids[None]
 
 
-def _tokenizer(folder: Path):
+def load_tokenizer(folder: Path, required: bool = True):
+    """The tokenizer saved beside a checkpoint; without one, a one-line error (or None when not ``required``)."""
     from transformers import AutoTokenizer
 
     try:
         return AutoTokenizer.from_pretrained(folder)
     except Exception as exc:
+        if not required:
+            return None
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SuperweightError(f"cannot load the tokenizer of {folder}: {first}") from None
