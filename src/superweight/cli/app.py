@@ -16,6 +16,11 @@ import typer
 from rich.console import Console
 
 from ..core.errors import SuperweightError
+from ..model.device import resolve_device
+from ..core.progress import configure, step
+from ..core.files import check_output, write_json_atomic
+from ..model import load
+from ..find.loop import DEFAULT_PROMPT, detect as run_detect
 
 app = typer.Typer(
     help="Find, prove and use the super weights of causal language models (Yu et al., 2024).\n\n"
@@ -47,8 +52,6 @@ MaxTokensOpt = typer.Option(
 SeqLenOpt = typer.Option(None, "--seq-len", help="Perplexity window (default min(2048, model max)).")
 def _check_device(value: str) -> str:
     """Fail on a device this machine lacks before anything is loaded."""
-    from ..model.device import resolve_device
-
     resolve_device(value)
     return value
 
@@ -64,7 +67,6 @@ DeviceMapOpt = typer.Option(
 def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
     logging.basicConfig(level=level, format="%(message)s", stream=sys.stderr)
-    from ..core.progress import configure
 
     configure(quiet=quiet)  # progress bars: terminal only, never with --quiet
     import transformers
@@ -77,8 +79,6 @@ def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
 def check_json_out(path: Optional[Path]) -> None:
     """Before any work: ``--json PATH`` can be written; ``--json -`` means stdout, so everything else the
     command prints goes to stderr from now on (stdout holds the JSON alone)."""
-    from ..core.files import check_output
-
     if path is None:
         return
     if str(path) == "-":
@@ -91,7 +91,6 @@ def write_json_out(path: Optional[Path], data: dict) -> None:
     """``data`` as JSON to ``--json PATH`` (atomically; "wrote PATH" is printed) or, for ``-``, to stdout."""
     import json
 
-    from ..core.files import write_json_atomic
 
     if path is None:
         return
@@ -114,19 +113,13 @@ def load_lm(
     dequantize: bool = False,
 ):
     """The model a command runs; a quantized artifact packed, or dense with ``dequantize``."""
-    from ..model.load import load_model
-
-    lm = load_model(model, dtype=dtype, cache_dir=cache_dir, device_map=device_map, device=device, dequantize=dequantize)
+    lm = load.load_model(model, dtype=dtype, cache_dir=cache_dir, device_map=device_map, device=device, dequantize=dequantize)
     for note in lm.notes:
         err_console.print(f"[yellow]note:[/] {note}")
     return lm
 
 
 def detect_default(lm, prompts: Optional[List[str]] = None):
-    from ..find.loop import DEFAULT_PROMPT
-    from ..find.loop import detect as run_detect
-    from ..core.progress import step
-
     with step("detecting super weights"):
         result = run_detect(lm.model, lm.tokenizer, list(prompts or [DEFAULT_PROMPT]), model_name=lm.name, arch=lm.arch)
     result.notes = [*lm.notes, *result.notes]  # the load's caveats, then detection's own (the fallback's)

@@ -27,6 +27,12 @@ from .app import (
     setup_logging,
 )
 from .console import print_layers, print_magnitude, print_super_weights, print_tables, print_verdict
+from ..find.loop import DEFAULT_PROMPT, SpikeRule
+from ..find.api import FindConfig, find_super_weights
+from ..find.trace import TraceRule
+from ..eval.text import load_text
+from ..find.catalog import Catalog, model_names, verify as run_verify
+from ..quant import llama_cpp
 
 
 @app.command()
@@ -66,10 +72,6 @@ def detect(
     quiet: bool = QuietOpt,
 ) -> None:
     """Find the super weights of MODEL (default: the built-in SmolLM2-135M), and what zeroing each costs."""
-    from ..find.loop import DEFAULT_PROMPT, SpikeRule
-    from ..find.api import FindConfig, find_super_weights
-    from ..find.trace import TraceRule
-
     setup_logging(verbose, quiet)
     check_prompts(prompt)
     config = FindConfig(
@@ -92,8 +94,6 @@ def detect(
 
 
 def _verdict_text(source: str) -> str:
-    from ..eval.text import load_text
-
     try:
         return load_text(source)
     except SuperweightError as exc:
@@ -118,7 +118,6 @@ def catalog_cmd(
     """List the published super weight coordinates and where each comes from."""
     import json
 
-    from ..find.catalog import Catalog
 
     setup_logging(verbose, quiet)
     cat = Catalog.load(catalog_path)
@@ -158,9 +157,6 @@ def verify(
 
     Prints agree / differ / not in catalog. Exit code: 0 agree, 1 differ, 0 not in catalog.
     """
-    from ..find.catalog import Catalog, model_names
-    from ..find.catalog import verify as run_verify
-
     setup_logging(verbose, quiet)
     check_prompts(prompt)
     check_json_out(json_path)
@@ -200,8 +196,6 @@ def llama_cpp_overrides(
     """
     import json
 
-    from ..quant import llama_cpp
-    from ..find.catalog import Catalog
 
     setup_logging(verbose, quiet)
     if fmt not in ("args", "file", "json"):

@@ -33,6 +33,12 @@ from .app import (
     setup_logging,
 )
 from .console import print_ablation_table, print_stopwords, print_tables
+from ..eval.tasks import parse_tasks
+from ..prove.experiments import AblationConfig, run_ablation, run_eval
+from ..core.progress import step
+from ..prove.streamed import stream_eval, stream_ablation
+from ..find.streamed import stream_detect
+from ..model.mode import choose_mode
 
 
 def _items(values: Optional[List[str]]) -> list[str]:
@@ -42,8 +48,6 @@ def _items(values: Optional[List[str]]) -> list[str]:
 
 def _task_list(values: Optional[List[str]], default: Optional[list[str]]) -> Optional[list[str]]:
     """``--tasks a --tasks b,c`` -> validated names; ``none`` -> []; not given -> ``default``."""
-    from ..eval.tasks import parse_tasks
-
     if not values:
         return default
     names = _items(values)
@@ -54,9 +58,6 @@ def _task_list(values: Optional[List[str]], default: Optional[list[str]]) -> Opt
 
 def _eval_config(ppl: str, tasks: Optional[List[str]], limit: Optional[int], max_tokens: Optional[int],
                  seq_len: Optional[int], **kw):
-    from ..eval.tasks import parse_tasks
-    from ..prove.experiments import AblationConfig
-
     ppl_source = None if ppl.lower() in ("none", "") else ppl
     check_text_source(ppl_source)  # before the model loads: a wrong --ppl costs nothing
     task_list = _task_list(tasks, parse_tasks("all"))
@@ -65,9 +66,6 @@ def _eval_config(ppl: str, tasks: Optional[List[str]], limit: Optional[int], max
 
 def _streamed_eval(model: str, config, dtype: str, device: str):
     """``eval`` of a model streamed layer by layer (``stream_ablate.stream_eval``): the in-memory numbers."""
-    from ..core.progress import step
-    from ..prove.streamed import stream_eval
-
     with step("evaluation (streamed: every window and request batch through each layer read)"):
         return stream_eval(model, config, dtype=dtype, device=device, model_name=model)
 
@@ -75,10 +73,6 @@ def _streamed_eval(model: str, config, dtype: str, device: str):
 def _streamed_ablation(model: str, det, origin: Optional[Path], config, dtype: str, device: str):
     """``ablate`` of a model streamed layer by layer (``stream_ablate.stream_ablation``): detection
     streamed too unless a JSON gives the super weights."""
-    from ..core.progress import step
-    from ..prove.streamed import stream_ablation
-    from ..find.streamed import stream_detect
-
     detected = None
     if det is None:
         with step("detecting super weights (streamed)"):
@@ -145,9 +139,6 @@ def ablate(
     quiet: bool = QuietOpt,
 ) -> None:
     """Prove the super weights matter: zero, scale and restore them; paper Table 1, Fig. 5 and Fig. 6."""
-    from ..prove.experiments import run_ablation
-    from ..model.mode import choose_mode
-
     setup_logging(verbose, quiet)
     sweep_tasks = _task_list(scale_tasks, None)
     config = _eval_config(
@@ -195,9 +186,6 @@ def eval_cmd(
     quiet: bool = QuietOpt,
 ) -> None:
     """Perplexity and zero-shot accuracy (lm-eval semantics, 95% bootstrap CI) of one model."""
-    from ..prove.experiments import run_eval
-    from ..model.mode import choose_mode
-
     setup_logging(verbose, quiet)
     config = _eval_config(ppl, tasks, limit, max_tokens, seq_len)
     check_seq_len(seq_len, model, cache_dir)

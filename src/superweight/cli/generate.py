@@ -7,6 +7,7 @@ from typing import Optional
 import typer
 
 from .app import CacheOpt, DequantizeOpt, DeviceMapOpt, DeviceOpt, DtypeOpt, ModelArg, QuietOpt, VerboseOpt, app, err_console, load_lm, setup_logging
+from ..eval.generate import DEFAULT_PROMPT, generate
 
 
 @app.command("generate")
@@ -30,8 +31,6 @@ def generate_cmd(
     Example: `superweight generate smollm2-135m --prompt "Name three colours."`; a quantized artifact runs
     with its weights packed: `superweight generate smol-int4 --max-new-tokens 32`.
     """
-    from ..eval.generate import DEFAULT_PROMPT, generate
-
     setup_logging(verbose, quiet)
     lm = load_lm(model, dtype, cache_dir, device_map, device, dequantize)
     result = generate(lm, prompt if prompt is not None else DEFAULT_PROMPT, max_new_tokens, temperature, raw, stream=True,

@@ -12,6 +12,13 @@ from typing import Sequence
 
 from ..core.errors import SuperweightError
 from ..model.arch import checked_against
+from ..eval.text import check_text
+from ..find.loop import DetectionResult
+from ..model.arch_infer import get_arch
+from ..model.load import config_skeleton
+from ..eval.perplexity import model_max_length
+from ..prove.experiments import AblationResult
+from ..quant.sweep import SweepResult
 
 EXAMPLE_PROMPT = "Apple Inc. is a worldwide tech company."
 
@@ -27,7 +34,6 @@ def check_text_source(source: str | None) -> None:
     """A ``--ppl`` / ``--text`` source is available and long enough (``none`` skips perplexity)."""
     if source is None or source.lower() in ("none", ""):
         return
-    from ..eval.text import check_text
 
     check_text(source)
 
@@ -44,8 +50,6 @@ def _coordinate(sw, i: int, path: str | Path) -> tuple[int, int, int]:
 
 def read_super_weights(path: str | Path):
     """A detection JSON (``superweight detect --json``) whose coordinates are integers: a ``DetectionResult``."""
-    from ..find.loop import DetectionResult
-
     try:
         det = DetectionResult.load(path)
     except SuperweightError:
@@ -70,9 +74,6 @@ def check_super_weights_early(det, model: str, origin: str | Path, cache_dir: Pa
     """``det`` checked against MODEL's config before any weight loads (``load.config_skeleton``: same
     architecture, every layer, expert, row and column in range); with ``to_ablate`` an empty list is
     refused too. Where the config needs the weights (an uncached hub id) the check after loading runs alone."""
-    from ..model.arch_infer import get_arch
-    from ..model.load import config_skeleton
-
     if to_ablate and not det.super_weights:
         raise SuperweightError(f"{origin} lists no super weight, so there is nothing to ablate: leave out --super-weights "
                                f"to detect them now, or pass a detection that found some")
@@ -84,9 +85,6 @@ def check_super_weights_early(det, model: str, origin: str | Path, cache_dir: Pa
 def check_seq_len(seq_len: int | None, model: str, cache_dir: Path | None = None) -> None:
     """``--seq-len`` holds at least 2 tokens and no more than MODEL's positions (read from its config,
     ``load.config_skeleton``), before any weight loads."""
-    from ..eval.perplexity import model_max_length
-    from ..model.load import config_skeleton
-
     if seq_len is None:
         return
     if seq_len < 2:
@@ -106,8 +104,5 @@ def check_super_weights(det, lm, origin: str | Path) -> list:
 def read_results(ablation: Path | None = None, sweep: Path | None = None):
     """``(AblationResult | None, SweepResult | None)`` read from the files given, each through its own
     validation (kind, version, fields), so that a wrong file fails before any model loads."""
-    from ..prove.experiments import AblationResult
-    from ..quant.sweep import SweepResult
-
     return (AblationResult.load(ablation) if ablation is not None else None,
             SweepResult.load(sweep) if sweep is not None else None)

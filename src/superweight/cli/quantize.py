@@ -28,6 +28,17 @@ from .app import (
     setup_logging,
 )
 from .console import print_tables
+from ..core.progress import step
+from ..model.streamed import StreamedModel
+from ..find.streamed import stream_detect
+from ..quant.streamed import stream_quantize
+from ..quant.w8a8 import CALIBRATION, w8a8_activations
+from ..quant.gguf_codec import check_type
+from ..quant.gguf_export import export_gguf
+from ..model.loaded import parse_dtype
+from ..quant.config import scheme_config
+from ..quant.artifact import Manifest, export_artifact
+from ..model.mode import choose_mode
 
 
 def parse_size(text: str) -> Optional[int]:
@@ -68,10 +79,6 @@ def _held(result) -> list:
 def streamed_keep(model: str, super_weights: Optional[Path], dtype: str, device: str) -> list:
     """The super weights of a model that streams: from ``--super-weights`` (checked against the model's
     meta skeleton: its architecture and every index, no weight read) or detected now, streamed as well."""
-    from ..core.progress import step
-    from ..model.streamed import StreamedModel
-    from ..find.streamed import stream_detect
-
     if super_weights is not None:
         det = read_super_weights(super_weights)
         sm = StreamedModel(model, dtype, device)
@@ -87,9 +94,6 @@ def _streamed(model: str, config, keep_super_weights: bool, super_weights: Optio
               include: Optional[str], exclude: str, dtype: str, device: str, activations: bool, storage: dict) -> dict:
     """A local safetensors model quantized layer by layer (``stream_quantize``); the super weights from
     ``streamed_keep``."""
-    from ..core.progress import step
-    from ..quant.streamed import stream_quantize
-
     keep = streamed_keep(model, super_weights, dtype, device) if keep_super_weights else []
     with step("quantizing layer by layer (streamed)"):
         return stream_quantize(model, config, keep, out, include, exclude, dtype=dtype, device=device, force=force,
@@ -98,9 +102,6 @@ def _streamed(model: str, config, keep_super_weights: bool, super_weights: Optio
 
 def _activations(lm, include: Optional[str], exclude: str) -> dict:
     """The W8A8 artifact's activations entry, found on calibration text before the weights change."""
-    from ..core.progress import step
-    from ..quant.w8a8 import CALIBRATION, w8a8_activations
-
     with step(f"finding the super activations' input channels ({CALIBRATION})"):
         return w8a8_activations(lm.model, lm.tokenizer, include, exclude)
 
@@ -108,10 +109,6 @@ def _activations(lm, include: Optional[str], exclude: str) -> dict:
 def _gguf(model: str, scheme: str, search: str, keep_super_weights: bool, super_weights: Optional[Path], out: Path,
           force: bool, json_path: Optional[Path], layout_options: tuple, dtype: str, cache_dir, device: str) -> None:
     """``--format gguf``: one GGUF file, the super weights' tensors in F16 (``quant.gguf_export``)."""
-    from ..core.progress import step
-    from ..quant.gguf_codec import check_type
-    from ..quant.gguf_export import export_gguf
-
     check_type(scheme)
     if any(o is not None for o in layout_options):
         raise SuperweightError("--format gguf takes its layout from the llama.cpp type (--scheme): drop --block, --group, "
@@ -134,8 +131,6 @@ def _gguf(model: str, scheme: str, search: str, keep_super_weights: bool, super_
 
 def _storage(untouched_dtype: str, embeddings: str) -> dict:
     """``--untouched-dtype`` and ``--embeddings`` as ``save_quantized``'s keywords, checked before any load."""
-    from ..model.loaded import parse_dtype
-
     if embeddings not in ("float", "int8"):
         raise SuperweightError(f"bad --embeddings {embeddings!r}: use float or int8")
     if untouched_dtype not in ("auto", "float16", "bfloat16", "float32"):
@@ -190,13 +185,10 @@ def quantize_cmd(
     `--block 16384 --clip-z 9`), then
     `superweight.load_quantized("smol-int4")` (or any command with MODEL = smol-int4).
     """
-    from ..quant.config import scheme_config
-
     setup_logging(verbose, quiet)
     if super_weights is not None and keep_super_weights:  # a bad file fails now, not after loading the model
         check_super_weights_early(read_super_weights(super_weights), model, super_weights, cache_dir)
     check_json_out(json_path)
-    from ..quant.artifact import Manifest, export_artifact
 
     if out_format not in ("artifact", "gguf"):
         raise SuperweightError(f"unknown --format {out_format!r}: use artifact or gguf")
@@ -211,7 +203,6 @@ def quantize_cmd(
     check_output(out, "--out", folder=True)
     config = scheme_config(scheme, block, group, clip_z, topk, per_channel, oversize,
                            search=search, zero_point=zero_point, outliers=outliers, sa_weight=sa_weight)
-    from ..model.mode import choose_mode
 
     storage = _storage(untouched_dtype, embeddings)
     w8a8 = scheme == "w8a8"

@@ -23,21 +23,21 @@ from .app import (
     load_lm,
     setup_logging,
 )
+from ..report import page as rep
+from ..find.loop import DEFAULT_PROMPT
+from ..prove.experiments import AblationConfig
+from ..core.progress import step
+from ..quant.sweep import default_grid
+from ..prove.streamed import stream_ablation
+from ..find.streamed import stream_detect
+from ..quant.streamed_sweep import stream_sweep
+from ..model.mode import choose_mode
 
 
 def _streamed_inputs(model: str, detection, ablation, sweep, run_ablation: bool, run_sweep: bool, limit: int, prompt,
                      command: str, dtype: str, device: str):
     """The report's inputs for a model read layer by layer: detection (unless given), the Fig. 4 trace, the
     ablation (``--run-ablation``) and the sweep (``--run-sweep``) streamed."""
-    from ..report import page as rep
-    from ..find.loop import DEFAULT_PROMPT
-    from ..prove.experiments import AblationConfig
-    from ..core.progress import step
-    from ..quant.sweep import default_grid
-    from ..prove.streamed import stream_ablation
-    from ..find.streamed import stream_detect
-    from ..quant.streamed_sweep import stream_sweep
-
     if detection is None:
         with step("detecting super weights (streamed)"):
             detection = stream_detect(model, list(prompt or [DEFAULT_PROMPT]), model_name=model, dtype=dtype, device=device)
@@ -89,9 +89,6 @@ def report(
     quiet: bool = QuietOpt,
 ) -> None:
     """Write a one-page report (HTML with embedded figures, Markdown + PNGs) of MODEL's super weights."""
-    from ..report import page as rep
-    from ..model.mode import choose_mode
-
     setup_logging(verbose, quiet)
     rep.check_out_dir(out, force)
     check_output(out, "--out", folder=True)

@@ -7,7 +7,9 @@ from typing import List, Optional
 import typer
 
 from .inputs import check_seq_len, check_super_weights_early, check_text_source, read_super_weights
-from ..quant.sweep import DEFAULT_BITS, DEFAULT_CLIP_Z, DEFAULT_GROUPS, DEFAULT_MAX_TOKENS, DEFAULT_SIZES
+from ..quant.sweep import (
+    DEFAULT_BITS, DEFAULT_CLIP_Z, DEFAULT_GROUPS, DEFAULT_MAX_TOKENS, DEFAULT_SIZES, default_grid, run_sweep,
+)
 from .app import (
     check_json_out,
     write_json_out,
@@ -26,11 +28,12 @@ from .app import (
 )
 from .console import print_sweep_tables
 from .quantize import keep_for, parse_size, streamed_keep
+from ..core.progress import step
+from ..quant.streamed_sweep import stream_sweep
+from ..model.mode import choose_mode
 
 
 def _grid(bits: List[int], size: List[str], group: List[int], clip_z: float):
-    from ..quant.sweep import default_grid
-
     sizes = tuple(parse_size(s) for t in size for s in t.split(",") if s) if size else DEFAULT_SIZES
     return default_grid(tuple(bits or DEFAULT_BITS), sizes, clip_z, tuple(group or DEFAULT_GROUPS))
 
@@ -38,9 +41,6 @@ def _grid(bits: List[int], size: List[str], group: List[int], clip_z: float):
 def _streamed_sweep(model: str, super_weights: Optional[Path], grid, text: str, max_tokens: int, seq_len: Optional[int],
                     dtype: str, device: str):
     """``sweep`` of a model read layer by layer (``stream_sweep``): every grid point, in one pass."""
-    from ..core.progress import step
-    from ..quant.streamed_sweep import stream_sweep
-
     keep = streamed_keep(model, super_weights, dtype, device)
     with step(f"sweep (streamed: {len(grid)} points through each layer read)"):
         return stream_sweep(model, keep, grid, text_name=text, max_tokens=max_tokens, seq_len=seq_len, dtype=dtype,
@@ -75,9 +75,6 @@ def sweep_cmd(
     Example: `superweight sweep --super-weights sw.json --json sweep.json`, then
     `superweight report --super-weights sw.json --sweep sweep.json --out rep`.
     """
-    from ..model.mode import choose_mode
-    from ..quant.sweep import run_sweep
-
     setup_logging(verbose, quiet)
     if super_weights is not None:  # a bad file fails now, not after loading the model
         check_super_weights_early(read_super_weights(super_weights), model, super_weights, cache_dir)

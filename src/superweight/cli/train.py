@@ -8,6 +8,10 @@ import typer
 
 from ..core.errors import SuperweightError
 from .app import QuietOpt, VerboseOpt, app, console, setup_logging
+from ..find.loop import DetectionResult
+from ..train.loop import TrainConfig, train as run_train, TrainResult
+from ..train.emergence import emergence as run_emergence
+from ..report.emergence_plots import run_figure, write_png
 
 
 def parse_coord(text: str, option: str = "--keep") -> list[int]:
@@ -21,8 +25,6 @@ def parse_coord(text: str, option: str = "--keep") -> list[int]:
 def keep_coords(keep: List[str], keep_file: Optional[Path]) -> list[list[int]]:
     coords = [parse_coord(k) for k in keep or []]
     if keep_file is not None:
-        from ..find.loop import DetectionResult
-
         coords += [list(c) for c in DetectionResult.load(keep_file).coords]
     return coords
 
@@ -31,8 +33,6 @@ def zero_coords(zero: List[str], zero_file: Optional[Path]) -> list[list[int]]:
     """``--zero`` coordinates, plus the creating weights (role "creates") of a detection JSON."""
     coords = [parse_coord(z, "--zero") for z in zero or []]
     if zero_file is not None:
-        from ..find.loop import DetectionResult
-
         coords += [[sw.layer, sw.row, sw.col] for sw in DetectionResult.load(zero_file).super_weights if sw.role == "creates"]
     return coords
 
@@ -75,8 +75,6 @@ def train(
     `superweight detect --json sw.json && superweight train --init smollm2-135m --bitnet --keep-file sw.json --device auto --out runs/q`"""
     import torch
 
-    from ..train.loop import TrainConfig
-    from ..train.loop import train as run_train
 
     setup_logging(verbose, quiet)
     if out.exists() and any(out.iterdir()) and not force:
@@ -116,9 +114,6 @@ def emergence(
     quiet: bool = QuietOpt,
 ) -> None:
     """Run detection at every checkpoint: largest residual activation, its creator, and whether zeroing hurts."""
-    from ..train.emergence import emergence as run_emergence
-    from ..report.emergence_plots import run_figure, write_png
-
     setup_logging(verbose, quiet)
 
     def show(i: int, n: int, p) -> None:
@@ -142,8 +137,6 @@ def emergence(
 
 def _train_losses(paths: List[Path]) -> list:
     """The training-loss curve when a single `superweight train --out` folder was given."""
-    from ..train.loop import TrainResult
-
     if len(paths) == 1 and (paths[0] / "train_log.json").is_file():
         return TrainResult.load(paths[0] / "train_log.json").losses
     return []

@@ -16,6 +16,7 @@ import torch
 
 from ..core.errors import SuperweightError
 from ..model.loaded import LoadedModel
+from ..model.load import load_model
 
 DEFAULT_PROMPT = "What is the capital of France?"
 
@@ -82,7 +83,6 @@ def generate(model: str | LoadedModel, prompt: str = DEFAULT_PROMPT, max_new_tok
     all ``max_new_tokens`` (a speed measurement)."""
     from transformers import TextStreamer
 
-    from ..model.load import load_model
 
     lm = model if isinstance(model, LoadedModel) else load_model(model, **load)
     if max_new_tokens < 1:

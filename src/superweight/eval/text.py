@@ -18,6 +18,8 @@ import os
 from pathlib import Path
 
 from ..core.errors import SuperweightError
+from ..model.hub import unavailable_reason
+from .tasks import load_items
 
 WIKITEXT_ENV = "SUPERWEIGHT_WIKITEXT"
 WIKITEXT_RELATIVE = Path("shared") / "data" / "wikitext-2-raw" / "wiki.test.raw"
@@ -45,8 +47,6 @@ def wikitext_candidates() -> list[Path]:
 
 
 def _wikitext_from_hub() -> str | None:
-    from ..model.hub import unavailable_reason
-
     if importlib.util.find_spec("datasets") is None or unavailable_reason() is not None:
         return None  # no retries when offline: report the local options at once
     try:
@@ -92,8 +92,6 @@ def load_wiki_intros() -> str:
 
 def load_lambada() -> str:
     """The LAMBADA passages (context + target word), blank-line separated, in the request file's order."""
-    from .tasks import load_items
-
     return "\n\n".join(item.contexts[0] + item.continuations[0] for item in load_items("lambada"))
 
 

@@ -12,9 +12,13 @@ from pathlib import Path
 
 from .loop import DEFAULT_PROMPT, DetectionResult, SpikeRule, detect
 from ..core.errors import SuperweightError
-from .magnitude import MagnitudeResult, magnitude_scan
+from .magnitude import MagnitudeResult, magnitude_scan, stream_magnitude_scan
 from ..model.mode import choose_mode
 from .trace import TraceRule
+from ..core.progress import step
+from .streamed import stream_detect
+from ..model.load import load_model
+from .verdict import judge
 
 METHODS = {"default": "trace", "trace": "trace", "paper": "paper", "activation": "paper", "magnitude": "trace", "both": "trace"}
 
@@ -63,10 +67,6 @@ def _kw(config: FindConfig) -> dict:
 
 
 def _streamed(path: str, config: FindConfig, dtype: str, device: str | None):
-    from ..core.progress import step
-    from .magnitude import stream_magnitude_scan
-    from .streamed import stream_detect
-
     with step("detecting super weights (streamed, layer by layer)"):
         result = stream_detect(path, list(config.prompts), config.rule, config.max_iter, model_name=path, dtype=dtype,
                                device=device, verdict_text=config.verdict_text, verdict_tokens=config.verdict_tokens,
@@ -81,9 +81,6 @@ def _streamed(path: str, config: FindConfig, dtype: str, device: str | None):
 
 
 def _in_memory(model_ref: str, config: FindConfig, dtype: str, cache_dir, device, device_map):
-    from ..model.load import load_model
-    from ..core.progress import step
-
     lm = load_model(model_ref, dtype=dtype, cache_dir=cache_dir, device_map=device_map, device=device,
                     dequantize=True)  # detection reads the weights
     with step("detecting super weights"):
@@ -91,8 +88,6 @@ def _in_memory(model_ref: str, config: FindConfig, dtype: str, cache_dir, device
                         arch=lm.arch, **_kw(config))
     result.notes = [*lm.notes, *result.notes]
     if config.verdict_text is not None and result.super_weights:
-        from .verdict import judge
-
         with step("verdict: zeroing each finding"):
             judge(lm.model, lm.arch, lm.tokenizer, result, config.verdict_text, config.verdict_tokens,
                   full=config.verdict_full)

@@ -26,6 +26,8 @@ from typing import ClassVar, Iterable, Sequence
 from ..core.coords import Coord
 from ..core.errors import SuperweightError
 from ..core.results import Versioned
+from ..core.files import read_json
+from .loop import write_json_atomic
 
 SCHEMA_VERSION = 1
 SOURCE_KINDS = ("paper", "authors_code", "measured")
@@ -113,13 +115,10 @@ class Catalog:
         if path is None:
             text = resources.files("superweight").joinpath("find/catalog.json").read_text()
             return cls.from_dict(json.loads(text), "superweight/find/catalog.json")
-        from ..core.files import read_json
 
         return cls.from_dict(read_json(path, "catalog"), str(path))
 
     def save(self, path: str | Path) -> None:
-        from .loop import write_json_atomic
-
         validate(self.to_dict(), str(path))
         write_json_atomic(path, self.to_dict())
 

@@ -18,6 +18,7 @@ from torch import nn
 from ..model.streamed import StreamedModel
 from ..model.arch import ArchSpec, expert_params
 from ..core.results import Versioned
+from ..core.coords import as_keys
 
 
 @dataclass
@@ -166,8 +167,6 @@ def rank_super_weights(
 ) -> None:
     """Append where each weight (layer, row, col[, expert]) ranks among the scan's flags;
     ``matrix_of(layer, expert)`` is its ``[out, in]`` down-projection."""
-    from ..core.coords import as_keys
-
     threshold = result.threshold
     for (layer, row, col), expert in as_keys(super_weights):
         w = matrix_of(layer, expert)

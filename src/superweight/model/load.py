@@ -21,12 +21,14 @@ from pathlib import Path
 import torch
 
 from .arch import SUPPORTED, architecture_name, check_causal_name
-from .arch_infer import get_arch, inferred_note
+from .arch_infer import get_arch, inferred_note, candidate_specs
 from .checkpoint import check_safetensors, is_artifact
 from ..core.errors import SuperweightError
 from ..core.files import check_output, default_cache_dir, staged_dir, write_text_atomic  # noqa: F401  (default_cache_dir re-exported)
 from .loaded import DTYPES, LoadedModel, parse_dtype  # noqa: F401  (re-exported: load.LoadedModel)
-from ..core.progress import step
+from ..core.progress import step, enabled
+from . import hub
+from .device import device_map_for
 
 log = logging.getLogger(__name__)
 
@@ -186,7 +188,6 @@ def _check_causal_config(folder_or_id: str, **kw) -> str:
     name = architecture_name(config)
     check_causal_name(name)
     if name not in SUPPORTED:  # read its structure from an empty skeleton before any weight is loaded
-        from .arch_infer import candidate_specs
 
         candidate_specs(_skeleton(config))
     return name
@@ -220,8 +221,6 @@ def config_skeleton(name: str, cache_dir: str | os.PathLike | None = None):
         else:
             where, kw = os.path.dirname(where) or ".", {"gguf_file": os.path.basename(where)}
     elif kind == "hub":
-        from . import hub
-
         if not hub.cached(where):
             return None
         kw = {"local_files_only": True}
@@ -269,8 +268,6 @@ def hub_options(repo_id: str) -> dict:
     A cached model loads from the cache (``local_files_only`` when the hub is not usable); an
     uncached one needs the hub: offline or unreachable, that is a one-line error at once.
     """
-    from . import hub
-
     reason = hub.unavailable_reason()
     if reason is None:
         return {}
@@ -286,8 +283,6 @@ def hub_options(repo_id: str) -> dict:
 def _gguf_bar() -> Iterator[None]:
     """transformers draws its GGUF conversion bar with tqdm itself: show it only where our bars
     show (a terminal, no --quiet, SUPERWEIGHT_PROGRESS unset)."""
-    from ..core.progress import enabled
-
     try:
         import transformers.modeling_gguf_pytorch_utils as gguf_utils
     except ImportError:
@@ -417,8 +412,6 @@ def load_model(
     ``device`` (``auto``, ``cpu``, ``cuda``, ``cuda:N``) puts the whole model there; ``device_map``
     lets accelerate place the layers instead (GPUs, CPU, disk). Neither: the CPU.
     """
-    from .device import device_map_for
-
     torch_dtype = parse_dtype(dtype)
     device_map = device_map_for(device, device_map)
     kind, where = resolve(name)

@@ -16,6 +16,10 @@ import torch
 from .checkpoint import is_artifact, open_checkpoint
 from ..core.errors import SuperweightError
 from .loaded import parse_dtype
+from ..core.files import check_output
+from .load import gguf_cache_folder, default_cache_dir, resolve
+from .streamed import held_budget
+from .device import resolve_device
 
 log = logging.getLogger(__name__)
 
@@ -82,8 +86,6 @@ def check_gguf_disk(name: str, cache_dir: str | Path | None = None) -> None:
     """A first GGUF load writes a float32 copy to the cache: refuse early when the disk cannot hold it."""
     import shutil
 
-    from ..core.files import check_output
-    from .load import gguf_cache_folder, default_cache_dir, resolve
 
     kind, where = resolve(name)
     if kind != "gguf":
@@ -108,8 +110,6 @@ GGUF_EXPANSION = 8  # float32 bytes per GGUF byte, at most (4-bit blocks: 32 / 4
 def _streaming() -> str:
     """"stream", once the streamed passes' memory budget (``SUPERWEIGHT_HELD_GB``) reads well: a bad value
     fails before any work."""
-    from .streamed import held_budget
-
     held_budget()
     return "stream"
 
@@ -157,8 +157,6 @@ def choose_mode(
 
 def _room_for_model(host_available: int, device: str | None) -> int:
     """Bytes free where an in-memory model would live: the GPU's for a CUDA device, else the host's."""
-    from .device import resolve_device
-
     dev = resolve_device(device) if device is not None else None
     if dev is None or dev.type != "cuda":
         return host_available

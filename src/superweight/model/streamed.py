@@ -37,6 +37,7 @@ from ..core.errors import SuperweightError
 from .keymap import checkpoint_keys, tied_names
 from .prefetch import LayerPrefetcher
 from .loaded import parse_dtype
+from ..core import progress
 
 log = logging.getLogger(__name__)
 
@@ -300,9 +301,7 @@ class StreamedModel:
 
     def layer(self, i: int) -> contextlib.AbstractContextManager:
         """Decoder layer ``i`` read for the block (the next one read ahead); a running spinner shows it."""
-        from ..core.progress import note
-
-        note(f"layer {i + 1}/{self.num_layers}")
+        progress.note(f"layer {i + 1}/{self.num_layers}")
         return self.materialised(self.layer_names(i), layer=i)
 
     def prefetch_layer(self, i: int) -> None:

@@ -30,7 +30,7 @@ from .ablate import (
     DEFAULT_SCALES, DEFAULT_TOP_N, random_coords, restored_super_activation, scaled_weights, sw_layers,
     top_magnitude_coords, weight_item, zeroed_entries,
 )
-from ..core.coords import Coord, as_key, as_keys
+from ..core.coords import Coord, as_key, as_keys, as_coords
 from ..core.errors import SuperweightError
 from ..core.progress import note, step
 from ..eval.perplexity import default_seq_len, evaluate_perplexity, perplexity_windows
@@ -134,8 +134,6 @@ class AblationResult(Versioned):
 
     @property
     def coords(self) -> list[Coord]:
-        from ..core.coords import as_coords
-
         return as_coords(self.super_weights)
 
     @property

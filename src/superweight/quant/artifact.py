@@ -24,21 +24,24 @@ import torch
 from torch import nn
 
 from ..core.version import __version__
-from ..model.checkpoint import read_header
+from ..model.checkpoint import (
+    read_header, ARTIFACT_MANIFEST, is_artifact, INDEX, open_checkpoint, index_parts, join_safetensors,
+)
 from ..model.device import resolve_device
 from ..core.errors import SuperweightError
 from ..core.files import staged_dir
 from ..core.results import Table, Versioned
 from .manifest import check_against_model, check_manifest
 from ..model.loaded import LoadedModel, parse_dtype
-from .api import QuantResult
-from .config import describe, to_dict
+from .api import QuantResult, DEFAULT_EXCLUDE, quantize
+from .config import describe, to_dict, EMBEDDING_INT8
 from .layout import Layout
-from ..model.checkpoint import ARTIFACT_MANIFEST, is_artifact  # noqa: F401  (is_artifact: the artifact check)
 from ..model.load import register_artifact_loader
 from .schemes import handler
-from .primitives import QuantizedTensor, predicted_bytes, sparse_bytes, sparse_dtype
+from .primitives import QuantizedTensor, predicted_bytes, sparse_bytes, sparse_dtype, quantize_tensor
 from .runtime import KERNELS, replace_linear
+from ..model.arch_infer import get_arch
+from .w8a8 import attach_activation_quant
 
 MANIFEST = ARTIFACT_MANIFEST
 WEIGHTS = "model.safetensors"
@@ -161,9 +164,6 @@ class ArtifactWriter:
             self.untouched_bytes += t.numel() * t.element_size()
 
     def _add_int8(self, name: str, t: torch.Tensor) -> None:
-        from .config import EMBEDDING_INT8
-        from .primitives import quantize_tensor
-
         qt = quantize_tensor(t, EMBEDDING_INT8, param_dtype=torch.float16, packed=True)
         self._pending.update(pack_tensor(name, qt, torch.float16))
         self.entries[name] = _tensor_entry(qt, False) | {"embedding": True}
@@ -183,8 +183,6 @@ class ArtifactWriter:
         """The weights files in ``folder`` (the staging folder: the publishing rename is ``staged_dir``'s):
         one ``model.safetensors``, the parts joined, or with ``sharded`` the parts themselves and an index
         (a single part is always renamed to ``model.safetensors``). Returns the files."""
-        from ..model.checkpoint import index_parts, join_safetensors
-
         self.flush()
         if len(self._parts) == 1:
             self._parts[0].rename(folder / WEIGHTS)
@@ -329,8 +327,6 @@ def export_artifact(
     and skips the write-back and the SQNR (the same file, two passes fewer per weight). ``activations``:
     a W8A8 artifact's entry (``quant.w8a8.w8a8_activations``, found before the weights change).
     ``untouched_dtype``, ``embeddings``: how the unquantized tensors are stored (``save_quantized``)."""
-    from .api import DEFAULT_EXCLUDE, quantize
-
     if Path(out).exists() and not force:
         raise SuperweightError(f"{out} already exists: pick another --out or pass --force to replace it")
     result = quantize(lm.model, config, keep=keep, include=include,
@@ -401,8 +397,6 @@ def read_weights(path: str | os.PathLike, manifest: dict, dtype: torch.dtype, pa
                  ) -> tuple[dict[str, torch.Tensor], dict[str, QuantizedTensor]]:
     """``(state, packed tensors)``: the untouched tensors and the dequantized weights by name, and with
     ``packed`` the weights that ``stays_packed`` as ``QuantizedTensor``s holding their stored codes instead."""
-    from ..model.checkpoint import INDEX, open_checkpoint
-
     path = Path(path)
     if not (path / WEIGHTS).is_file() and not (path / INDEX).is_file():
         raise SuperweightError(f"{path / WEIGHTS} is missing: the artifact is incomplete, re-export it")
@@ -466,7 +460,6 @@ def load_quantized(
     The model then moves to ``device`` (``auto``: CUDA when available)."""
     from transformers import AutoTokenizer
 
-    from ..model.arch_infer import get_arch
 
     if kernel not in KERNELS:
         raise SuperweightError(f"unknown kernel {kernel!r}: one of {', '.join(KERNELS)}")
@@ -485,8 +478,6 @@ def load_quantized(
         raise SuperweightError(f"{path} lacks {meta[0]} (and {len(meta) - 1} more): re-export it")
     model.to(target).eval()
     if manifest.get("activations"):
-        from .w8a8 import attach_activation_quant
-
         attach_activation_quant(model, manifest["activations"])
     tokenizer = AutoTokenizer.from_pretrained(str(path)) if (path / "tokenizer_config.json").is_file() else None
     notes = list(manifest.get("notes", [])) + [f"quantized artifact: {manifest['scheme']}, {manifest['size']['bits_per_weight']:.3f} bits per quantized weight"]

@@ -18,8 +18,11 @@ import re
 from dataclasses import asdict, dataclass, field
 from typing import Iterator, Sequence
 
-from ..model.arch import spec_for_name
+from ..model.arch import spec_for_name, architecture_name
 from ..core.errors import SuperweightError
+from ..core.coords import as_keys
+from ..model.load import resolve
+from ..model.edits import edited_weights
 
 # Hugging Face class name -> gguf.MODEL_ARCH member (convert_hf_to_gguf.py registers Mistral as LLAMA).
 GGUF_ARCH: dict[str, str] = {
@@ -138,8 +141,6 @@ def overrides_for(
 
     ``num_layers`` bounds-checks the layers; None (catalog entries) trusts them.
     """
-    from ..core.coords import as_keys
-
     _check_bridged(architecture)
     spec = spec_for_name(architecture)
     type_name = ggml_type_name(type_name)
@@ -191,8 +192,6 @@ def gguf_arch_name(architecture: str) -> str:
 def model_identity(model: str) -> tuple[str, int]:
     """``(llama.cpp architecture name, layer count)`` of a model argument, read from its metadata
     only (a GGUF header or a config.json): no weights are loaded."""
-    from ..model.load import resolve
-
     kind, where = resolve(model)
     if kind == "gguf":
         from gguf import GGUFReader
@@ -207,7 +206,6 @@ def model_identity(model: str) -> tuple[str, int]:
         where = str(where)
     from transformers import AutoConfig
 
-    from ..model.arch import architecture_name
 
     try:
         config = AutoConfig.from_pretrained(where)
@@ -271,7 +269,6 @@ def simulated_quantize(model, architecture: str, base_type: str, overrides: Sequ
     import torch
     from torch import nn
 
-    from ..model.edits import edited_weights
 
     spec = spec_for_name(architecture)
     types = {o.hf_module: o.type for o in overrides}

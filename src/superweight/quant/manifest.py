@@ -16,6 +16,8 @@ from torch import nn
 
 from ..core.errors import SuperweightError
 from .schemes import kinds as scheme_kinds
+from .config import from_dict, EMBEDDING_INT8
+from .layout import make_layout
 
 KINDS = scheme_kinds()  # every registered scheme handler (quant/schemes.py)
 DTYPE_NAMES = ("float32", "float16", "bfloat16")
@@ -86,8 +88,6 @@ def _check_entry(key: str, e: Any, path: str | Path) -> None:
 
 def check_manifest(m: dict, path: str | Path) -> dict:
     """``m`` when every field the loader reads is present and well typed; else a one-line error."""
-    from .config import from_dict
-
     _check_fields(m, path)
     try:
         config = from_dict(m.get("config"))
@@ -105,9 +105,6 @@ def check_manifest(m: dict, path: str | Path) -> dict:
 def _check_scheme(key: str, e: dict, config, path: str | Path) -> None:
     """The entry is what ``config`` makes of a tensor of its shape: kind, bits and layout (a layout
     with other groups but as many of them would otherwise dequantize silently wrong)."""
-    from .config import EMBEDDING_INT8
-    from .layout import make_layout
-
     if e.get("embedding"):  # an 8-bit embedding (``embeddings="int8"``), whatever the weights' scheme
         config = EMBEDDING_INT8
     kind = getattr(config, "kind", None)  # the scheme handler the config stores with (quant/schemes.py)

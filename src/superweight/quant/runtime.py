@@ -30,6 +30,8 @@ from torch import nn
 from ..core.errors import SuperweightError
 from .layout import Layout
 from .primitives import QuantizedTensor
+from .search import UniformGrid
+from .schemes import handler
 
 CHUNK = 1 << 20  # dequantized weights per step of the fused path
 INT4_GROUPS = (32, 64, 128, 256)
@@ -42,8 +44,6 @@ class PackedWeightError(SuperweightError, AttributeError):
 
 def int4_fits(qt: QuantizedTensor, out_features: int) -> str | None:
     """Why the int4 kernel cannot run ``qt`` (None when it can)."""
-    from .search import UniformGrid
-
     L = qt.layout
     if qt.bits != 4 or qt.zero is None or not isinstance(qt.handler.grid(4, qt.scale.dtype), UniformGrid):
         return f"{qt.handler.label(qt.bits)} codes (it runs asymmetric int4: codes times a scale plus a zero point)"
@@ -135,8 +135,6 @@ class PackedLinear(nn.Module):
 
     def dense_rows(self, r0: int, r1: int) -> torch.Tensor:
         """Rows ``r0:r1`` of the dequantized codes (float32, before the sparse part)."""
-        from .schemes import handler
-
         h, K = handler(self.kind), self.in_features
         n = (r1 - r0) * K
         b0, b1 = (r0 * K // 5, -(-r1 * K // 5)) if self.kind == "ternary" else (r0 * K * self.bits // 8, -(-r1 * K * self.bits // 8))

@@ -31,6 +31,8 @@ from ..core.files import staged_dir
 from .api import DEFAULT_EXCLUDE, quantize, target_weights
 from .config import RTN, Ternary
 from ..model.streamed import StreamedModel, load_tokenizer
+from .w8a8 import activation_spec, default_calibration, held_of, recording_inputs, w8a8_targets
+from .streamed_sweep import RecordedInputs
 
 log = logging.getLogger(__name__)
 
@@ -104,9 +106,6 @@ def streamed_activations(sm: StreamedModel, tokenizer, include: str | None = Non
     outside the layers (an ``--include``d head) read theirs as the head runs. ``each_layer(i)`` runs once
     the batches have gone through layer ``i``, while it is still in memory (``stream_quantize`` exports it
     there), and ``flush()`` after it has been let go."""
-    from .w8a8 import activation_spec, default_calibration, held_of, recording_inputs, w8a8_targets
-    from .streamed_sweep import RecordedInputs
-
     if tokenizer is None:
         raise SuperweightError(f"{sm.ckpt.folder} has no tokenizer: a W8A8 artifact calibrates its activations on text")
     modules, experts = w8a8_targets(sm.model, include, exclude, sm.arch)

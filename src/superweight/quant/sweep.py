@@ -24,6 +24,10 @@ from ..core.version import __version__
 from .api import DEFAULT_EXCLUDE, quantize, target_weights
 from .config import RTN, W8A8, Ternary, ZScore, describe, to_dict
 from .w8a8 import default_calibration, simulate_w8a8
+from .primitives import predicted_bytes
+from ..core.coords import as_keys
+from ..eval.perplexity import evaluate_perplexity
+from ..eval.text import load_text
 
 log = logging.getLogger(__name__)
 
@@ -148,8 +152,6 @@ class WeightSnapshot(Snapshot):
 
 
 def _bits_per_weight(result) -> float:
-    from .primitives import predicted_bytes
-
     return 8.0 * sum(predicted_bytes(t) for t in result.tensors.values()) / result.quantized_weights
 
 
@@ -178,8 +180,6 @@ def point_result(point: GridPoint, ppl, bits_per_weight: float | None, seconds: 
 
 def kept_list(keep: Sequence) -> list[list[int]]:
     """The sweep file's super weights: ``[layer, row, col]``, an MoE weight's with its expert appended."""
-    from ..core.coords import as_keys
-
     return [[*c, e] if e is not None else list(c) for c, e in as_keys(keep)]
 
 
@@ -194,9 +194,6 @@ def run_sweep(
     SmoothQuant's token batches (default: 4 x 256 tokens of ``wiki-intros``, not the test text).
     The model's weights are bitwise restored afterwards.
     """
-    from ..eval.perplexity import evaluate_perplexity
-    from ..eval.text import load_text
-
     keep = list(getattr(keep, "super_weights", keep) or [])
     grid = default_grid() if grid is None else grid
     text = load_text(text_name) if text is None else text

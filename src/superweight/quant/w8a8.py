@@ -34,6 +34,8 @@ from ..model.arch import expert_params
 from ..model.edits import HookSet, edited_weights
 from ..core.errors import SuperweightError
 from .primitives import fake_quantize, holdout_quantize, quantize_per_token
+from ..eval.perplexity import tokenize_stream
+from ..eval.text import load_text
 
 
 @dataclass
@@ -300,16 +302,12 @@ CALIBRATION = "wiki-intros, 4 x 256 tokens"
 def calibration_batches(tokenizer, text: str, n: int = 4, length: int = 256) -> list[torch.Tensor]:
     """``n`` consecutive ``length``-token samples of ``text`` (SmoothQuant's calibration set, and the W8A8
     artifact's)."""
-    from ..eval.perplexity import tokenize_stream
-
     ids = tokenize_stream(tokenizer, text, n * length)
     return [ids[i * length:(i + 1) * length] for i in range(n) if ids[i * length:(i + 1) * length].numel() > 1]
 
 
 def default_calibration(tokenizer) -> list[torch.Tensor]:
     """``calibration_batches`` of the built-in calibration text (``CALIBRATION``)."""
-    from ..eval.text import load_text
-
     return calibration_batches(tokenizer, load_text(CALIBRATION_TEXT))
 
 

@@ -29,11 +29,17 @@ from ..model.capture import first_tensor
 from ..find.loop import DetectionResult, SpikeRule, encode_prompt
 from ..model.edits import HookSet
 from ..core.errors import SuperweightError
+from ..prove import experiments
 from ..prove.experiments import AblationResult, ConditionResult
 from ..core.files import staged_dir
+from ..quant import sweep as quant_sweep
 from ..quant.sweep import SweepResult
 from ..core.results import Table
 from ..eval.streamed import zeroing
+from ..model.streamed import StreamedModel, load_tokenizer
+from ..quant import llama_cpp
+from ..find.catalog import verify, model_names
+from ..core.progress import counter, step
 
 log = logging.getLogger(__name__)
 
@@ -143,8 +149,6 @@ def streamed_residual_trace(path: str | Path, detection: DetectionResult, dtype:
                             device: str | torch.device | None = None, tokenizer=None) -> ResidualTrace:
     """``residual_trace`` of a checkpoint read layer by layer: both runs (with and without the super
     weights) through each layer while it is read once; the same numbers as in memory."""
-    from ..model.streamed import StreamedModel, load_tokenizer
-
     channel, token = super_activation_site(detection)
     sm = StreamedModel(path, dtype, device)
     try:
@@ -394,9 +398,6 @@ def text_sources(inputs: ReportInputs) -> list[str]:
 
 def findings(names: Sequence[str], detection: DetectionResult) -> list[str]:
     """One line each: the catalog verdict and the llama-quantize arguments that keep the super weights."""
-    from ..quant import llama_cpp
-    from ..find.catalog import verify
-
     v = verify(names, detection.super_weights)
     lines = [f"Catalog: {v.status}" + (f" (entry {v.entry}, source: {v.source.get('kind')})" if v.entry else "")]
     if v.missing or v.extra:
@@ -538,22 +539,16 @@ def report_summary(inputs: ReportInputs, figs: Sequence[Figure]) -> dict:
 # ---------------------------------------------------------------- orchestration
 
 
-def run_ablation(loaded, detection: DetectionResult, limit: int) -> AblationResult:
+def measure_ablation(loaded, detection: DetectionResult, limit: int) -> AblationResult:
     """The ablation of ``superweight ablate``, run now with ``limit`` items per task."""
-    from ..prove.experiments import run_ablation as _run
-
-    return _run(loaded, detection, limit=limit)
+    return experiments.run_ablation(loaded, detection, limit=limit)
 
 
-def run_sweep(loaded, detection: DetectionResult) -> SweepResult:
+def measure_sweep(loaded, detection: DetectionResult) -> SweepResult:
     """The quantization sweep of ``superweight sweep`` on its default grid."""
-    from ..core.progress import counter
-    from ..quant.sweep import default_grid
-    from ..quant.sweep import run_sweep as _run
-
-    grid = default_grid()
+    grid = quant_sweep.default_grid()
     with counter(len(grid), "quantization sweep", "point") as tick:
-        return _run(loaded, detection, grid=grid, progress=tick)
+        return quant_sweep.run_sweep(loaded, detection, grid=grid, progress=tick)
 
 
 def _optional(label: str, fn, missing: list[str]):
@@ -570,7 +565,6 @@ def _trace(loaded, detection: DetectionResult, missing: list[str]) -> ResidualTr
         missing.append("Super activation with and without the super weights (Fig. 4): needs a forward pass of the "
                        "model, which a report built from JSON files alone does not load (drop --super-weights to draw it).")
         return None
-    from ..core.progress import step
 
     with step("tracing the super activation"):
         return residual_trace(loaded.model, loaded.tokenizer, loaded.arch, detection)
@@ -581,7 +575,7 @@ def _ablation_part(inputs: ReportInputs, loaded, ablation, do: bool, limit: int)
         data = ablation if isinstance(ablation, AblationResult) else AblationResult.load(ablation)
         inputs.ablation, inputs.ablation_source = data, "" if isinstance(ablation, AblationResult) else Path(ablation).name
     elif do and loaded is not None:
-        inputs.ablation = _optional("Ablation", lambda: run_ablation(loaded, inputs.detection, limit), inputs.missing)
+        inputs.ablation = _optional("Ablation", lambda: measure_ablation(loaded, inputs.detection, limit), inputs.missing)
         inputs.ablation_source = f"run by this report (--limit {limit})" if inputs.ablation else ""
     else:
         inputs.missing.append("Ablation, stopwords, scaling (Fig. 5-6): pass --ablation JSON or --run-ablation.")
@@ -592,7 +586,7 @@ def _sweep_part(inputs: ReportInputs, loaded, sweep, do: bool) -> None:
         data = sweep if isinstance(sweep, SweepResult) else SweepResult.load(sweep)
         inputs.sweep, inputs.sweep_source = data, "" if isinstance(sweep, SweepResult) else Path(sweep).name
     elif do and loaded is not None:
-        inputs.sweep = _optional("Quantization sweep", lambda: run_sweep(loaded, inputs.detection), inputs.missing)
+        inputs.sweep = _optional("Quantization sweep", lambda: measure_sweep(loaded, inputs.detection), inputs.missing)
         inputs.sweep_source = "run by this report" if inputs.sweep else ""
     else:
         inputs.missing.append("Perplexity vs block size (Fig. 7): pass --sweep JSON or --run-sweep.")
@@ -606,8 +600,6 @@ def gather(
     """Everything the report shows: read from result files (or objects), or measured on ``loaded``
     (a ``LoadedModel``; ``None`` builds the report from the results alone, without Fig. 4 unless
     ``trace`` is given: a streamed model's, ``streamed_residual_trace``)."""
-    from ..find.catalog import model_names
-
     name = loaded.name if loaded is not None else detection.model
     inputs = ReportInputs(
         model=name, architecture=detection.architecture, detection=detection, command=command,

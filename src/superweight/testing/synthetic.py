@@ -17,6 +17,11 @@ from torch import nn
 from ..model.arch import ArchSpec
 from ..model.arch_infer import get_arch
 from ..model.edits import HookSet
+from ..model.capture import TraceCapture
+from ..prove.ablate import zeroed_weights
+from ..find.loop import DEFAULT_PROMPT
+from ..find.runner import encode_prompt
+from ..find.trace import TraceRule
 
 TINY = dict(hidden=64, intermediate=128, layers=4, heads=4, kv_heads=2, vocab=320, positions=256, experts=4)
 
@@ -383,13 +388,6 @@ class HardCase:
         peak of at least 20 (``floor``) on its row, a cancelling one must have removed at least a
         tenth. Empty: the answer holds. (The builders aim at pre-norm models; a post-norm model's
         FFN norm bounds what one weight adds, so some of its plants fall short.)"""
-        from ..prove.ablate import zeroed_weights
-        from ..model.capture import TraceCapture
-        from ..find.loop import DEFAULT_PROMPT
-        from ..find.runner import encode_prompt
-
-        from ..find.trace import TraceRule
-
         arch, rule = get_arch(self.model), TraceRule()
         enc = encode_prompt(tokenizer, prompt or DEFAULT_PROMPT)
 
@@ -420,8 +418,6 @@ def _unit(dim: int, channel: int) -> torch.Tensor:
 
 
 def _down_input_maxima(model: nn.Module) -> list[float]:
-    from ..model.capture import TraceCapture
-
     arch = get_arch(model)
     ids = _calibration_ids(model, 48, 0)
     with TraceCapture(model, arch) as cap, torch.no_grad():

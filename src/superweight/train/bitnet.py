@@ -34,6 +34,9 @@ from ..core.errors import SuperweightError
 from ..quant.layout import make_layout
 from ..quant.primitives import ternary_codes
 from ..core.results import Versioned
+from ..quant.api import keep_indices, quantize
+from ..quant.artifact import save_quantized
+from ..quant.config import Ternary
 
 EPS = 1e-5
 
@@ -138,8 +141,6 @@ def convert(model: nn.Module, config: BitNetConfig | None = None, arch: ArchSpec
 
     Returns the kept flat ``[out, in]`` indices per module name.
     """
-    from ..quant.api import keep_indices
-
     config = config or BitNetConfig()
     arch = arch or get_arch(model)
     if arch.transposed:
@@ -187,10 +188,6 @@ def export_ternary(model: nn.Module, tokenizer, out: str | Path, source: str = "
     float16 gamma), kept weights as exact sparse values. The model is left as plain linears holding
     those weights (activations are no longer quantized): reload the checkpoint to train on.
     """
-    from ..quant.artifact import save_quantized
-    from ..quant.api import quantize
-    from ..quant.config import Ternary
-
     arch = get_arch(model)
     keeps = kept_indices(model)
     names = list(bit_targets(model, arch))

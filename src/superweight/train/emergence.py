@@ -26,6 +26,16 @@ from torch import nn
 from ..prove.ablate import zeroed_weights
 from ..core.errors import SuperweightError
 from ..core.results import Versioned
+from ..find.loop import DEFAULT_PROMPT, detect
+from ..find.trace import TraceRule
+from ..find.verdict import judge
+from ..model.edits import HookSet
+from .bitnet import restore, effective_weights
+from ..model.load import load_model
+from .loop import (
+    bos_id, checkpoint_step, eval_windows, heldout_loss, token_stream, checkpoint_folders, CHARS_PER_TOKEN_BOUND,
+)
+from ..eval.text import load_text
 
 log = logging.getLogger(__name__)
 
@@ -101,10 +111,6 @@ def detect_checkpoint(model: nn.Module, tokenizer, arch, prompt: str | None = No
     Emergence is read against the calibrated rule alone (2000x its layer's median): the rule's
     fallback (``trace.threshold``) would accept the largest activation at any checkpoint from 100x,
     and the step at which detection first accepts one would then mean something else."""
-    from ..find.loop import DEFAULT_PROMPT, detect
-    from ..find.trace import TraceRule
-    from ..find.verdict import judge
-
     result = detect(model, tokenizer, [prompt or DEFAULT_PROMPT], arch=arch, trace_rule=TraceRule(fallback_ratio=0.0))
     if result.super_weights and text:
         judge(model, arch, tokenizer, result, text, tokens=1024, draws=2)
@@ -126,9 +132,6 @@ def top_creator(model: nn.Module, arch, layers) -> tuple[tuple[int, int, int], f
 @torch.no_grad()
 def typical_residual(model: nn.Module, arch, tokenizer, layer: int, prompt: str | None = None) -> float:
     """Median |h| over tokens and channels of the residual stream after decoder ``layer`` on the prompt."""
-    from ..find.loop import DEFAULT_PROMPT
-    from ..model.edits import HookSet
-
     seen: list[torch.Tensor] = []
     device = next(model.parameters()).device
     ids = tokenizer(prompt or DEFAULT_PROMPT, return_tensors="pt")["input_ids"].to(device)
@@ -140,9 +143,6 @@ def typical_residual(model: nn.Module, arch, tokenizer, layer: int, prompt: str 
 
 def load_checkpoint(path: Path):
     """A checkpoint as a ``LoadedModel``; a BitNet QAT checkpoint gets its ternary forward back."""
-    from .bitnet import restore
-    from ..model.load import load_model
-
     lm = load_model(str(path))
     restore(lm.model)
     return lm
@@ -151,8 +151,6 @@ def load_checkpoint(path: Path):
 def activation_state(model: nn.Module, tokenizer, arch, prompt: str | None = None, text: str = "") -> tuple[object, dict]:
     """Detection's result and the activation fields of a ``CheckpointPoint`` (no losses) for a model
     as it is now; a BitNet model is read through the weights its forward uses."""
-    from .bitnet import effective_weights
-
     with effective_weights(model):
         result = detect_checkpoint(model, tokenizer, arch, prompt, text)
         layers = result.layers
@@ -172,8 +170,6 @@ def activation_state(model: nn.Module, tokenizer, arch, prompt: str | None = Non
 
 def measure(path: Path, text: str, eval_tokens: int, prompt: str | None = None) -> CheckpointPoint:
     """Everything one checkpoint shows (see the module docstring)."""
-    from .loop import bos_id, checkpoint_step, eval_windows, heldout_loss, token_stream
-
     lm = load_checkpoint(path)
     model, arch = lm.model.eval(), lm.arch
     seq_len = min(getattr(model.config, "max_position_embeddings", 128) or 128, 512)
@@ -195,13 +191,9 @@ def emergence(
     prompt: str | None = None, label: str = "", progress=None,
 ) -> EmergenceResult:
     """Measure every checkpoint (folders, or ``superweight train`` outputs holding ``step-*``)."""
-    from ..eval.text import load_text
-    from .loop import checkpoint_folders
-
     folders = checkpoint_folders(list(checkpoints))
     if not folders:
         raise SuperweightError("no checkpoints given: pass checkpoint folders or a `superweight train --out` folder")
-    from .loop import CHARS_PER_TOKEN_BOUND
 
     body = load_text(text)[: (eval_tokens + 1024) * CHARS_PER_TOKEN_BOUND]  # only what the windows use
     points = []

@@ -30,8 +30,13 @@ from torch import nn
 
 from ..model.device import resolve_device
 from ..core.errors import SuperweightError
-from ..core.files import write_json_atomic
+from ..core.files import write_json_atomic, staged_dir
 from ..core.results import Versioned
+from ..eval.text import load_text, wikitext_candidates, load_wikitext2
+from ..model.load import load_model
+from ..model.arch_infer import get_arch
+from ..prove.ablate import random_coords
+from .bitnet import whole_lines, BitNetConfig, convert
 
 log = logging.getLogger(__name__)
 
@@ -94,8 +99,6 @@ class TrainConfig(Versioned):
 
 def training_text(source: str) -> str:
     """The training text behind ``source`` (see the module docstring)."""
-    from ..eval.text import load_text, wikitext_candidates
-
     if source == "wikitext2-train":
         for test in wikitext_candidates():
             train = test.with_name("wiki.train.raw")
@@ -111,8 +114,6 @@ def heldout_text(train_text: str, source: str = "wikitext2") -> tuple[str, str, 
     """``(training text, held-out text, its name)``. ``source``: ``wikitext2`` (the WikiText-2 test
     text, or the split below when it is not found), ``split`` (the last 5% of the training text, kept
     out of training) or a text file."""
-    from ..eval.text import load_text, load_wikitext2
-
     if source not in ("wikitext2", "split"):
         return train_text, load_text(source), source
     if source == "wikitext2":
@@ -144,7 +145,6 @@ def train_bpe(text: str, vocab: int):
 def make_tokenizer(config: TrainConfig, text: str):
     if config.tokenizer == "bpe":
         return train_bpe(text, config.vocab)
-    from ..model.load import load_model
 
     return load_model(config.tokenizer).tokenizer
 
@@ -229,8 +229,6 @@ def make_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Optimiz
 
 def save_checkpoint(model: nn.Module, tokenizer, out: Path, step: int, config: TrainConfig, state: dict) -> Path:
     """``out/step-NNNNNN``: a ``save_pretrained`` folder + tokenizer + ``train_state.json``."""
-    from ..core.files import staged_dir
-
     target = out / f"step-{step:06d}"
     with staged_dir(target) as tmp:
         model.save_pretrained(tmp)
@@ -275,15 +273,11 @@ def _with_kept(model: nn.Module, config: TrainConfig) -> TrainConfig:
     in the same layers), or the whole rows and columns of the given entries."""
     if not config.keep or not (config.keep_random or config.keep_lines):
         return config
-    from ..model.arch_infer import get_arch
 
     if config.keep_random and config.keep_lines:
         raise SuperweightError("keep_random and keep_lines exclude each other: pick one control")
     if config.keep_lines:
-        from .bitnet import whole_lines
-
         return dataclasses.replace(config, keep=[list(c) for c in whole_lines(model, get_arch(model), config.keep)])
-    from ..prove.ablate import random_coords
 
     layers = sorted({c[0] for c in config.keep})
     coords = random_coords(model, get_arch(model), layers, len(config.keep), config.keep, seed=config.seed)
@@ -293,8 +287,6 @@ def _with_kept(model: nn.Module, config: TrainConfig) -> TrainConfig:
 def _zero_then_train(model: nn.Module, config: TrainConfig) -> None:
     """Zero ``config.zero`` for good (training may grow them back), and freeze the embedding if asked."""
     if config.zero:
-        from ..model.arch_infer import get_arch
-
         arch = get_arch(model)
         with torch.no_grad():
             for layer, row, col in config.zero:
@@ -318,7 +310,6 @@ def _initial(config: TrainConfig):
     """``(model, tokenizer)`` to continue training from ``config.init``, or ``(None, None)``."""
     if not config.init:
         return None, None
-    from ..model.load import load_model
 
     torch.manual_seed(config.seed)
     lm = load_model(config.init, dequantize=True)  # training edits the weights
@@ -338,7 +329,6 @@ def train(config: TrainConfig, out: str | Path, progress=None, measure=None) -> 
     _zero_then_train(model, config)
     if config.bitnet:
         config = _with_kept(model, config)
-        from .bitnet import BitNetConfig, convert
 
         convert(model, BitNetConfig(keep=[tuple(c) for c in config.keep]))
     model.to(device).train()

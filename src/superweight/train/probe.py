@@ -17,12 +17,16 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..model.arch_infer import get_arch
+from ..eval.text import load_lambada
+from .loop import bos_id, token_stream
+from .bitnet import effective_weights
+from ..find.loop import DEFAULT_PROMPT
+from ..model.edits import HookSet
+from .emergence import activation_state
 
 
 def lambada_passages(n: int) -> list[str]:
     """The first ``n`` LAMBADA test passages (context and target word: the ``lambada`` text source)."""
-    from ..eval.text import load_lambada
-
     return load_lambada().split("\n\n")[:n]
 
 
@@ -44,8 +48,6 @@ class Probe:
 
     def __init__(self, tokenizer, wikitext: str, lambada: Sequence[str], wikitext_tokens: int = 1024,
                  seq_len: int = 128, watch: Sequence[Sequence[int]] = (), channels: Sequence[int] = ()) -> None:
-        from .loop import bos_id, token_stream
-
         bos = torch.tensor([bos_id(tokenizer)])
         stream = token_stream(tokenizer, wikitext[: wikitext_tokens * 12])[:wikitext_tokens]
         step = seq_len - 1
@@ -64,8 +66,6 @@ class Probe:
 
     def watched(self, model: nn.Module) -> list[float]:
         """The forward's value of each watched coordinate (a BitNet model's ternary one)."""
-        from .bitnet import effective_weights
-
         arch = get_arch(model)
         with effective_weights(model):
             return [float(arch.weight_matrix(model, layer).detach()[row, col]) for layer, row, col in self.watch]
@@ -73,9 +73,6 @@ class Probe:
     @torch.no_grad()
     def channel_peaks(self, model: nn.Module, tokenizer) -> list[list[float]]:
         """Per watched channel: ``[max |h| over tokens and layers, its layer, its token]`` on the paper's prompt."""
-        from ..find.loop import DEFAULT_PROMPT
-        from ..model.edits import HookSet
-
         arch = get_arch(model)
         outs: list[torch.Tensor] = []
         ids = tokenizer(DEFAULT_PROMPT, return_tensors="pt")["input_ids"].to(next(model.parameters()).device)
@@ -91,8 +88,6 @@ class Probe:
         return peaks
 
     def __call__(self, model: nn.Module, tokenizer, step: int | None = None) -> dict:
-        from .emergence import activation_state
-
         _, state = activation_state(model, tokenizer, get_arch(model))
         keys = ("residual_max", "residual_layer", "residual_channel", "residual_token", "residual_typical", "top",
                 "top_value", "top_share", "top_output", "top_input", "detected", "residual_per_layer")
