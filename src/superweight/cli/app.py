@@ -91,7 +91,6 @@ def write_json_out(path: Optional[Path], data: dict) -> None:
     """``data`` as JSON to ``--json PATH`` (atomically; "wrote PATH" is printed) or, for ``-``, to stdout."""
     import json
 
-
     if path is None:
         return
     if str(path) == "-":

@@ -118,7 +118,6 @@ def catalog_cmd(
     """List the published super weight coordinates and where each comes from."""
     import json
 
-
     setup_logging(verbose, quiet)
     cat = Catalog.load(catalog_path)
     if json_out:
@@ -195,7 +194,6 @@ def llama_cpp_overrides(
     llama-quantize --tensor-type-file <(superweight llama-cpp-overrides sw.json --format file) in.gguf out.gguf Q4_K_M
     """
     import json
-
 
     setup_logging(verbose, quiet)
     if fmt not in ("args", "file", "json"):

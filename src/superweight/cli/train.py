@@ -75,7 +75,6 @@ def train(
     `superweight detect --json sw.json && superweight train --init smollm2-135m --bitnet --keep-file sw.json --device auto --out runs/q`"""
     import torch
 
-
     setup_logging(verbose, quiet)
     if out.exists() and any(out.iterdir()) and not force:
         raise SuperweightError(f"{out} is not empty: pick another --out or pass --force")

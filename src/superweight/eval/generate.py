@@ -83,7 +83,6 @@ def generate(model: str | LoadedModel, prompt: str = DEFAULT_PROMPT, max_new_tok
     all ``max_new_tokens`` (a speed measurement)."""
     from transformers import TextStreamer
 
-
     lm = model if isinstance(model, LoadedModel) else load_model(model, **load)
     if max_new_tokens < 1:
         raise SuperweightError(f"max_new_tokens must be >= 1, got {max_new_tokens}")

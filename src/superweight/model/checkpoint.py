@@ -83,7 +83,6 @@ class TensorInfo:
     shape: tuple[int, ...]
     offset: int = 0  # byte offset of the data in the file
 
-
     @property
     def numel(self) -> int:
         return math.prod(self.shape)

@@ -86,7 +86,6 @@ def check_gguf_disk(name: str, cache_dir: str | Path | None = None) -> None:
     """A first GGUF load writes a float32 copy to the cache: refuse early when the disk cannot hold it."""
     import shutil
 
-
     kind, where = resolve(name)
     if kind != "gguf":
         return

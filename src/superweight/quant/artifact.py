@@ -460,7 +460,6 @@ def load_quantized(
     The model then moves to ``device`` (``auto``: CUDA when available)."""
     from transformers import AutoTokenizer
 
-
     if kernel not in KERNELS:
         raise SuperweightError(f"unknown kernel {kernel!r}: one of {', '.join(KERNELS)}")
     path = Path(path)

@@ -206,7 +206,6 @@ def model_identity(model: str) -> tuple[str, int]:
         where = str(where)
     from transformers import AutoConfig
 
-
     try:
         config = AutoConfig.from_pretrained(where)
     except Exception as exc:
@@ -268,7 +267,6 @@ def simulated_quantize(model, architecture: str, base_type: str, overrides: Sequ
     """
     import torch
     from torch import nn
-
 
     spec = spec_for_name(architecture)
     types = {o.hf_module: o.type for o in overrides}

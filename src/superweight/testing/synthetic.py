@@ -380,7 +380,6 @@ class HardCase:
     first_token: bool | None = None  # whether they sit on the first token (None: wherever the direction falls)
     note: str = ""
 
-
     def as_designed(self, tokenizer, prompt: str | None = None) -> list[str]:
         """Where the plant did not do what the answer says, measured by zeroing each planted weight
         on ``prompt`` (detection's default) and reading the residual stream after its layer, in the
