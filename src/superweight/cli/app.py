@@ -16,10 +16,10 @@ import typer
 from rich.console import Console
 
 from ..core.errors import SuperweightError
-from ..model.device import resolve_device
 from ..core.progress import configure, step
 from ..core.files import check_output, write_json_atomic
 from ..model import load
+from .options import ModelOptions
 from ..find.loop import DEFAULT_PROMPT, detect as run_detect
 
 app = typer.Typer(
@@ -31,38 +31,6 @@ app = typer.Typer(
 )
 console = Console(width=None if sys.stdout.isatty() else 120)
 err_console = Console(stderr=True)
-
-ModelArg = typer.Argument("smollm2-135m", help="Hub id, local model folder, .gguf file or built-in name.")
-CacheOpt = typer.Option(None, "--cache-dir", help="Where converted GGUF models are cached (env SUPERWEIGHT_CACHE).")
-DtypeOpt = typer.Option("float32", "--dtype", help="float32, bfloat16 or float16.")
-VerboseOpt = typer.Option(False, "--verbose", "-v")
-QuietOpt = typer.Option(False, "--quiet", "-q")
-DequantizeOpt = typer.Option(
-    False, "--dequantize", help="A quantized artifact as a dense float model (its weights are otherwise held packed; "
-    "studies that edit weights need this).")
-PplOpt = typer.Option("wikitext2", "--ppl", help="Perplexity text: wikitext2, wiki-intros, a file, or none.")
-TasksOpt = typer.Option(
-    None, "--tasks", help="Repeat (or comma-separate): piqa, arc_easy, arc_challenge, hellaswag, winogrande, sciq, "
-    "lambada; all (the default); none.",
-)
-LimitOpt = typer.Option(100, "--limit", min=1, help="First N documents per task (lm-eval's --limit).")
-MaxTokensOpt = typer.Option(
-    20000, "--max-tokens", min=64, help="Tokens of the perplexity text to score (at least 64: eval.perplexity.MIN_TOKENS)."
-)
-SeqLenOpt = typer.Option(None, "--seq-len", help="Perplexity window (default min(2048, model max)).")
-def _check_device(value: str) -> str:
-    """Fail on a device this machine lacks before anything is loaded."""
-    resolve_device(value)
-    return value
-
-
-DeviceOpt = typer.Option(
-    "auto", "--device", callback=_check_device, help="auto (CUDA when available, else CPU), cpu, cuda or cuda:N."
-)
-DeviceMapOpt = typer.Option(
-    None, "--device-map", help="Instead of --device: passed to transformers/accelerate (auto: GPUs, CPU and disk offload)."
-)
-
 
 def setup_logging(verbose: bool = False, quiet: bool = False) -> None:
     level = logging.DEBUG if verbose else logging.WARNING if quiet else logging.INFO
@@ -107,12 +75,10 @@ def print_notes(notes, shown=()) -> None:
         console.print(f"note: {note}", highlight=False)
 
 
-def load_lm(
-    model: str, dtype: str, cache_dir: Optional[Path], device_map: Optional[str] = None, device: Optional[str] = "auto",
-    dequantize: bool = False,
-):
-    """The model a command runs; a quantized artifact packed, or dense with ``dequantize``."""
-    lm = load.load_model(model, dtype=dtype, cache_dir=cache_dir, device_map=device_map, device=device, dequantize=dequantize)
+def load_lm(model: str, opts: ModelOptions, dequantize: bool = False):
+    """The model a command runs, loaded as ``opts`` say; a quantized artifact packed, or dense with ``dequantize``."""
+    lm = load.load_model(model, dtype=opts.dtype, cache_dir=opts.cache_dir, device_map=opts.device_map, device=opts.device,
+                         dequantize=dequantize)
     for note in lm.notes:
         err_console.print(f"[yellow]note:[/] {note}")
     return lm

@@ -9,23 +9,8 @@ from rich.table import Table
 
 from ..core.errors import SuperweightError
 from .inputs import check_prompts, read_super_weights
-from .app import (
-    check_json_out,
-    write_json_out,
-    CacheOpt,
-    DeviceMapOpt,
-    DeviceOpt,
-    DtypeOpt,
-    ModelArg,
-    QuietOpt,
-    VerboseOpt,
-    app,
-    console,
-    detect_default,
-    err_console,
-    load_lm,
-    setup_logging,
-)
+from .app import check_json_out, write_json_out, app, console, detect_default, err_console, load_lm, setup_logging
+from .options import ModelArg, ModelOptions, QuietOpt, grouped
 from .console import print_layers, print_magnitude, print_super_weights, print_tables, print_verdict
 from ..find.loop import DEFAULT_PROMPT, SpikeRule
 from ..find.api import FindConfig, find_super_weights
@@ -36,6 +21,7 @@ from ..quant import llama_cpp
 
 
 @app.command()
+@grouped
 def detect(
     model: str = ModelArg,
     prompt: List[str] = typer.Option(None, "--prompt", "-p", help="Prompt(s); repeat to compare. Default: the paper's."),
@@ -61,18 +47,13 @@ def detect(
     verdict_text: str = typer.Option("wiki-intros", "--verdict-text", help="wiki-intros, wikitext2 or a text file."),
     z_threshold: float = typer.Option(3.0, "--z-threshold", help="Magnitude method: mean + z * std of |W|."),
     all_linear: bool = typer.Option(False, "--all-linear", help="Magnitude method: scan every linear layer."),
-    dtype: str = DtypeOpt,
-    cache_dir: Optional[Path] = CacheOpt,
     stream: bool = typer.Option(
         False, "--stream", help="Read a local safetensors model one layer at a time (automatic when it does not fit in memory)."
     ),
-    device: str = DeviceOpt,
-    device_map: Optional[str] = DeviceMapOpt,
-    verbose: bool = typer.Option(False, "--verbose", "-v", help="Also print the per-layer maxima."),
-    quiet: bool = QuietOpt,
+    opts: ModelOptions = ModelOptions(),
 ) -> None:
     """Find the super weights of MODEL (default: the built-in SmolLM2-135M), and what zeroing each costs."""
-    setup_logging(verbose, quiet)
+    setup_logging(opts.verbose, opts.quiet)
     check_prompts(prompt)
     config = FindConfig(
         method=method, prompts=tuple(prompt or [DEFAULT_PROMPT]), rule=SpikeRule(floor=floor, ratio=ratio),
@@ -80,7 +61,7 @@ def detect(
         verdict_tokens=verdict_tokens, verdict_full=verdict_full, z_threshold=z_threshold, scope="all_linear" if all_linear else "down_proj",
     )
     check_json_out(json_path)
-    result, mag = find_super_weights(model, config, stream or "auto", dtype, cache_dir, device, device_map)
+    result, mag = find_super_weights(model, config, stream or "auto", opts.dtype, opts.cache_dir, opts.device, opts.device_map)
     for note in result.notes:
         err_console.print(f"[yellow]note:[/] {note}")
     if method != "magnitude":
@@ -88,7 +69,7 @@ def detect(
         print_activations(result)
     if mag is not None:
         print_magnitude(mag)
-    if verbose:
+    if opts.verbose:
         print_layers(result)
     write_json_out(json_path, result.to_dict())
 
@@ -140,27 +121,23 @@ def catalog_cmd(
 
 
 @app.command()
+@grouped
 def verify(
     model: str = ModelArg,
     catalog_path: Optional[Path] = typer.Option(None, "--catalog", help="A catalog JSON file (default: the shipped one)."),
     prompt: List[str] = typer.Option(None, "--prompt", "-p", help="Detection prompt(s). Default: the paper's."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the verdict here."),
-    dtype: str = DtypeOpt,
-    cache_dir: Optional[Path] = CacheOpt,
-    device: str = DeviceOpt,
-    device_map: Optional[str] = DeviceMapOpt,
-    verbose: bool = VerboseOpt,
-    quiet: bool = QuietOpt,
+    opts: ModelOptions = ModelOptions(),
 ) -> None:
     """Detect MODEL's super weights and compare them with its catalog entry.
 
     Prints agree / differ / not in catalog. Exit code: 0 agree, 1 differ, 0 not in catalog.
     """
-    setup_logging(verbose, quiet)
+    setup_logging(opts.verbose, opts.quiet)
     check_prompts(prompt)
     check_json_out(json_path)
     cat = Catalog.load(catalog_path)
-    lm = load_lm(model, dtype, cache_dir, device_map, device, dequantize=True)
+    lm = load_lm(model, opts, dequantize=True)
     result = detect_default(lm, prompt)
     verdict = run_verify(model_names(model, lm.model, lm.source), result.super_weights, cat)
     print_verdict(verdict)
@@ -169,6 +146,7 @@ def verify(
 
 
 @app.command("llama-cpp-overrides")
+@grouped
 def llama_cpp_overrides(
     source: str = typer.Argument(
         "smollm2-135m", help="A model (detection runs), a detect.json file, or with --from-catalog a catalog id or hub id."
@@ -180,12 +158,7 @@ def llama_cpp_overrides(
         None, "--model", help="The model (.gguf, folder, built-in name) the overrides are for: refuse coordinates of another architecture."
     ),
     catalog_path: Optional[Path] = typer.Option(None, "--catalog", help="A catalog JSON file (default: the shipped one)."),
-    dtype: str = DtypeOpt,
-    cache_dir: Optional[Path] = CacheOpt,
-    device: str = DeviceOpt,
-    device_map: Optional[str] = DeviceMapOpt,
-    verbose: bool = typer.Option(False, "--verbose", "-v"),
-    quiet: bool = typer.Option(False, "--quiet", "-q", help="Print only the arguments."),
+    opts: ModelOptions = ModelOptions(),
 ) -> None:
     """Print llama-quantize --tensor-type arguments that keep super-weight tensors at --type.
 
@@ -195,7 +168,7 @@ def llama_cpp_overrides(
     """
     import json
 
-    setup_logging(verbose, quiet)
+    setup_logging(opts.verbose, opts.quiet)
     if fmt not in ("args", "file", "json"):
         raise SuperweightError(f"unknown --format {fmt!r}: use args, file or json")
     if from_catalog:
@@ -209,17 +182,17 @@ def llama_cpp_overrides(
         det = read_super_weights(source)
         arch, n_layers, coords, origin = det.architecture, det.num_layers, det.super_weights, source
     else:
-        det = detect_default(load_lm(source, dtype, cache_dir, device_map, device, dequantize=True))
+        det = detect_default(load_lm(source, opts, dequantize=True))
         arch, n_layers, coords, origin = det.architecture, det.num_layers, det.super_weights, f"detection on {source}"
     if not coords:
         raise SuperweightError(f"{origin}: no super weight, so nothing to keep: llama-quantize needs no override")
     if for_model is not None:
         llama_cpp.check_model_matches(arch, n_layers, for_model, origin)
     overrides = llama_cpp.overrides_for(arch, n_layers, coords, type_name)
-    if for_model is None and not quiet:
+    if for_model is None and not opts.quiet:
         err_console.print(f"note: these overrides are for a {arch}: pass --model in.gguf to check that the model you quantize is one",
                           highlight=False)
-    if not quiet:
+    if not opts.quiet:
         for o in overrides:
             err_console.print(f"{o.tensor} <- {o.hf_module}: super weights {o.super_weights} ({origin})", highlight=False)
     if fmt == "json":

@@ -9,29 +9,8 @@ import typer
 from ..prove.ablate import DEFAULT_SCALES, DEFAULT_TOP_N
 from ..core.errors import SuperweightError
 from .inputs import check_seq_len, check_super_weights, check_super_weights_early, check_text_source, read_super_weights
-from .app import (
-    check_json_out,
-    write_json_out,
-    CacheOpt,
-    DequantizeOpt,
-    DeviceMapOpt,
-    DeviceOpt,
-    DtypeOpt,
-    LimitOpt,
-    MaxTokensOpt,
-    ModelArg,
-    PplOpt,
-    QuietOpt,
-    SeqLenOpt,
-    TasksOpt,
-    VerboseOpt,
-    app,
-    console,
-    detect_default,
-    load_lm,
-    print_notes,
-    setup_logging,
-)
+from .app import check_json_out, write_json_out, app, console, detect_default, load_lm, print_notes, setup_logging
+from .options import DequantizeOpt, LimitOpt, MaxTokensOpt, ModelArg, ModelOptions, PplOpt, SeqLenOpt, TasksOpt, grouped
 from .console import print_ablation_table, print_stopwords, print_tables
 from ..eval.tasks import parse_tasks
 from ..prove.experiments import AblationConfig, run_ablation, run_eval
@@ -107,6 +86,7 @@ def _parse_scales(values: Optional[List[str]]) -> tuple[float, ...]:
 
 
 @app.command()
+@grouped
 def ablate(
     model: str = ModelArg,
     super_weights: Optional[Path] = typer.Option(None, "--super-weights", help="A detection JSON; default: detect now."),
@@ -130,30 +110,25 @@ def ablate(
         False, "--stream", help="Ablate a local safetensors model read one layer at a time, every condition through each "
         "layer read (automatic when it does not fit in memory)."
     ),
-    dtype: str = DtypeOpt,
-    cache_dir: Optional[Path] = CacheOpt,
-    device: str = DeviceOpt,
-    device_map: Optional[str] = DeviceMapOpt,
     dequantize: bool = DequantizeOpt,
-    verbose: bool = VerboseOpt,
-    quiet: bool = QuietOpt,
+    opts: ModelOptions = ModelOptions(),
 ) -> None:
     """Prove the super weights matter: zero, scale and restore them; paper Table 1, Fig. 5 and Fig. 6."""
-    setup_logging(verbose, quiet)
+    setup_logging(opts.verbose, opts.quiet)
     sweep_tasks = _task_list(scale_tasks, None)
     config = _eval_config(
         ppl, tasks, limit, max_tokens, seq_len, top_n=top_n, random_n=random_n, scales=_parse_scales(scales),
         scale_tasks=sweep_tasks, stopword_prompts=stopword_prompts, seed=seed,
     )
-    check_seq_len(seq_len, model, cache_dir)
+    check_seq_len(seq_len, model, opts.cache_dir)
     det = read_super_weights(super_weights) if super_weights else None
     if det is not None:  # checked against the config now, not after loading the model
-        check_super_weights_early(det, model, super_weights, cache_dir, to_ablate=True)
+        check_super_weights_early(det, model, super_weights, opts.cache_dir, to_ablate=True)
     check_json_out(json_path)
-    if choose_mode(model, dtype, stream, device_map, cache_dir, device) == "stream":
-        result, shown = _streamed_ablation(model, det, super_weights, config, dtype, device), []
+    if choose_mode(model, opts.dtype, stream, opts.device_map, opts.cache_dir, opts.device) == "stream":
+        result, shown = _streamed_ablation(model, det, super_weights, config, opts.dtype, opts.device), []
     else:
-        lm = load_lm(model, dtype, cache_dir, device_map, device, dequantize)
+        lm = load_lm(model, opts, dequantize)
         detected = None if det else detect_default(lm)
         found = check_super_weights(det, lm, super_weights) if det else detected.super_weights
         _print_found(found)
@@ -165,6 +140,7 @@ def ablate(
 
 
 @app.command("eval")
+@grouped
 def eval_cmd(
     model: str = ModelArg,
     ppl: str = PplOpt,
@@ -177,23 +153,18 @@ def eval_cmd(
         False, "--stream", help="Evaluate a local safetensors model read one layer at a time (automatic when it "
         "does not fit in memory)."
     ),
-    dtype: str = DtypeOpt,
-    cache_dir: Optional[Path] = CacheOpt,
-    device: str = DeviceOpt,
-    device_map: Optional[str] = DeviceMapOpt,
     dequantize: bool = DequantizeOpt,
-    verbose: bool = VerboseOpt,
-    quiet: bool = QuietOpt,
+    opts: ModelOptions = ModelOptions(),
 ) -> None:
     """Perplexity and zero-shot accuracy (lm-eval semantics, 95% bootstrap CI) of one model."""
-    setup_logging(verbose, quiet)
+    setup_logging(opts.verbose, opts.quiet)
     config = _eval_config(ppl, tasks, limit, max_tokens, seq_len)
-    check_seq_len(seq_len, model, cache_dir)
+    check_seq_len(seq_len, model, opts.cache_dir)
     check_json_out(json_path)
-    if choose_mode(model, dtype, stream, device_map, cache_dir, device) == "stream":
-        result, shown = _streamed_eval(model, config, dtype, device), []
+    if choose_mode(model, opts.dtype, stream, opts.device_map, opts.cache_dir, opts.device) == "stream":
+        result, shown = _streamed_eval(model, config, opts.dtype, opts.device), []
     else:
-        lm = load_lm(model, dtype, cache_dir, device_map, device, dequantize)
+        lm = load_lm(model, opts, dequantize)
         result, shown = run_eval(lm, config), lm.notes
     print_tables(result.tables())
     print_notes(result.notes, shown=shown)

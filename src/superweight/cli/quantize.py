@@ -10,23 +10,8 @@ from ..core.errors import SuperweightError
 from ..core.files import check_output
 from ..model.arch import checked_against
 from .inputs import check_super_weights, check_super_weights_early, read_super_weights
-from .app import (
-    check_json_out,
-    write_json_out,
-    CacheOpt,
-    DeviceMapOpt,
-    DeviceOpt,
-    DtypeOpt,
-    ModelArg,
-    QuietOpt,
-    VerboseOpt,
-    app,
-    console,
-    detect_default,
-    err_console,
-    load_lm,
-    setup_logging,
-)
+from .app import check_json_out, write_json_out, app, console, detect_default, err_console, load_lm, setup_logging
+from .options import ModelArg, ModelOptions, grouped
 from .console import print_tables
 from ..core.progress import step
 from ..model.streamed import StreamedModel
@@ -139,6 +124,7 @@ def _storage(untouched_dtype: str, embeddings: str) -> dict:
 
 
 @app.command("quantize")
+@grouped
 def quantize_cmd(
     model: str = ModelArg,
     scheme: str = typer.Option(
@@ -171,12 +157,7 @@ def quantize_cmd(
     out_format: str = typer.Option("artifact", "--format", help="artifact (a packed folder) or gguf (one file llama.cpp runs; "
                                    "--scheme is then a llama.cpp type: q4_0, q4_1, q5_0, q5_1, q4_k, q5_k, q6_k, q8_0, tq2_0 ...)."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the manifest here."),
-    dtype: str = DtypeOpt,
-    cache_dir: Optional[Path] = CacheOpt,
-    device: str = DeviceOpt,
-    device_map: Optional[str] = DeviceMapOpt,
-    verbose: bool = VerboseOpt,
-    quiet: bool = QuietOpt,
+    opts: ModelOptions = ModelOptions(),
 ) -> None:
     """Quantize MODEL into a packed artifact (--out); `superweight sweep` compares schemes by perplexity.
 
@@ -185,9 +166,9 @@ def quantize_cmd(
     `--block 16384 --clip-z 9`), then
     `superweight.load_quantized("smol-int4")` (or any command with MODEL = smol-int4).
     """
-    setup_logging(verbose, quiet)
+    setup_logging(opts.verbose, opts.quiet)
     if super_weights is not None and keep_super_weights:  # a bad file fails now, not after loading the model
-        check_super_weights_early(read_super_weights(super_weights), model, super_weights, cache_dir)
+        check_super_weights_early(read_super_weights(super_weights), model, super_weights, opts.cache_dir)
     check_json_out(json_path)
 
     if out_format not in ("artifact", "gguf"):
@@ -196,7 +177,7 @@ def quantize_cmd(
         raise SuperweightError("pass --out DIR to write an artifact (or run `superweight sweep` to compare schemes)")
     if out_format == "gguf":
         return _gguf(model, scheme, search or "mse", keep_super_weights, super_weights, out, force, json_path,
-                     (block, group, clip_z, topk or None, outliers or None, include), dtype, cache_dir, device)
+                     (block, group, clip_z, topk or None, outliers or None, include), opts.dtype, opts.cache_dir, opts.device)
     search = search or "minmax"
     if out.exists() and not force:
         raise SuperweightError(f"{out} already exists: pick another --out or pass --force to replace it")
@@ -206,11 +187,11 @@ def quantize_cmd(
 
     storage = _storage(untouched_dtype, embeddings)
     w8a8 = scheme == "w8a8"
-    if choose_mode(model, dtype, stream, device_map, cache_dir, device) == "stream":
-        manifest = _streamed(model, config, keep_super_weights, super_weights, out, force, include, exclude, dtype, device,
+    if choose_mode(model, opts.dtype, stream, opts.device_map, opts.cache_dir, opts.device) == "stream":
+        manifest = _streamed(model, config, keep_super_weights, super_weights, out, force, include, exclude, opts.dtype, opts.device,
                              w8a8, storage)
     else:
-        lm = load_lm(model, dtype, cache_dir, device_map, device, dequantize=True)
+        lm = load_lm(model, opts, dequantize=True)
         keep = keep_for(lm, keep_super_weights, super_weights)
         acts = _activations(lm, include, exclude) if w8a8 else None
         manifest = export_artifact(lm, config, keep, out, force, include, exclude, write_back=False,  # only the file is used

@@ -9,20 +9,8 @@ import typer
 from ..core.files import check_output
 from .inputs import check_prompts, check_super_weights, check_super_weights_early, read_results, read_super_weights
 
-from .app import (
-    CacheOpt,
-    DeviceMapOpt,
-    DeviceOpt,
-    DtypeOpt,
-    ModelArg,
-    QuietOpt,
-    VerboseOpt,
-    app,
-    console,
-    detect_default,
-    load_lm,
-    setup_logging,
-)
+from .app import app, console, detect_default, load_lm, setup_logging
+from .options import ModelArg, ModelOptions, grouped
 from ..report import page as rep
 from ..find.loop import DEFAULT_PROMPT
 from ..prove.experiments import AblationConfig
@@ -63,6 +51,7 @@ def _streamed_inputs(model: str, detection, ablation, sweep, run_ablation: bool,
 
 
 @app.command()
+@grouped
 def report(
     model: str = ModelArg,
     out: Path = typer.Option(..., "--out", help="Folder for report.html, report.md and the PNGs (written all or nothing)."),
@@ -81,15 +70,10 @@ def report(
         False, "--stream", help="Read a local safetensors model one layer at a time (automatic when it does not fit in "
         "memory): detection, the Fig. 4 trace, --run-ablation and --run-sweep stream."
     ),
-    dtype: str = DtypeOpt,
-    cache_dir: Optional[Path] = CacheOpt,
-    device: str = DeviceOpt,
-    device_map: Optional[str] = DeviceMapOpt,
-    verbose: bool = VerboseOpt,
-    quiet: bool = QuietOpt,
+    opts: ModelOptions = ModelOptions(),
 ) -> None:
     """Write a one-page report (HTML with embedded figures, Markdown + PNGs) of MODEL's super weights."""
-    setup_logging(verbose, quiet)
+    setup_logging(opts.verbose, opts.quiet)
     rep.check_out_dir(out, force)
     check_output(out, "--out", folder=True)
     check_prompts(prompt)
@@ -97,16 +81,16 @@ def report(
     read_results(ablation, sweep)  # a wrong path or file costs nothing
     needs_model = detection is None or run_ablation or run_sweep
     if detection is not None and needs_model:
-        check_super_weights_early(detection, model, super_weights, cache_dir, to_ablate=run_ablation)
+        check_super_weights_early(detection, model, super_weights, opts.cache_dir, to_ablate=run_ablation)
     flags = [f"--super-weights {super_weights}" if super_weights else "",
              f"--ablation {ablation}" if ablation else "", f"--sweep {sweep}" if sweep else "",
              f"--run-ablation --limit {limit}" if run_ablation else "", "--run-sweep" if run_sweep else ""]
     command = " ".join(x for x in ["superweight report", model, f"--out {out}", *flags, *(f"-p {p!r}" for p in prompt or [])] if x)
-    if needs_model and choose_mode(model, dtype, stream, device_map, cache_dir, device) == "stream":
-        inputs = _streamed_inputs(model, detection, ablation, sweep, run_ablation, run_sweep, limit, prompt, command, dtype,
-                                  device)
+    if needs_model and choose_mode(model, opts.dtype, stream, opts.device_map, opts.cache_dir, opts.device) == "stream":
+        inputs = _streamed_inputs(model, detection, ablation, sweep, run_ablation, run_sweep, limit, prompt, command, opts.dtype,
+                                  opts.device)
     else:
-        lm = load_lm(model, dtype, cache_dir, device_map, device, dequantize=True) if needs_model else None
+        lm = load_lm(model, opts, dequantize=True) if needs_model else None
         if lm is not None and detection is not None:
             check_super_weights(detection, lm, super_weights)
         detection = detection or detect_default(lm, prompt)

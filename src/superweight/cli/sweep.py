@@ -10,22 +10,8 @@ from .inputs import check_seq_len, check_super_weights_early, check_text_source,
 from ..quant.sweep import (
     DEFAULT_BITS, DEFAULT_CLIP_Z, DEFAULT_GROUPS, DEFAULT_MAX_TOKENS, DEFAULT_SIZES, default_grid, run_sweep,
 )
-from .app import (
-    check_json_out,
-    write_json_out,
-    CacheOpt,
-    DeviceMapOpt,
-    DeviceOpt,
-    DtypeOpt,
-    ModelArg,
-    QuietOpt,
-    VerboseOpt,
-    app,
-    console,
-    err_console,
-    load_lm,
-    setup_logging,
-)
+from .app import check_json_out, write_json_out, app, console, err_console, load_lm, setup_logging
+from .options import ModelArg, ModelOptions, grouped
 from .console import print_sweep_tables
 from .quantize import keep_for, parse_size, streamed_keep
 from ..core.progress import step
@@ -48,6 +34,7 @@ def _streamed_sweep(model: str, super_weights: Optional[Path], grid, text: str, 
 
 
 @app.command("sweep")
+@grouped
 def sweep_cmd(
     model: str = ModelArg,
     super_weights: Optional[Path] = typer.Option(None, "--super-weights", help="A `superweight detect --json` file (default: detect now)."),
@@ -63,29 +50,24 @@ def sweep_cmd(
         False, "--stream", help="Read a local safetensors model one layer at a time, every grid point through each layer "
         "read (automatic when it does not fit in memory)."
     ),
-    dtype: str = DtypeOpt,
-    cache_dir: Optional[Path] = CacheOpt,
-    device: str = DeviceOpt,
-    device_map: Optional[str] = DeviceMapOpt,
-    verbose: bool = VerboseOpt,
-    quiet: bool = QuietOpt,
+    opts: ModelOptions = ModelOptions(),
 ) -> None:
     """Perplexity of MODEL over a grid of schemes: RTN naive / +SW / clip / clip+SW by block size, W8A8, ternary.
 
     Example: `superweight sweep --super-weights sw.json --json sweep.json`, then
     `superweight report --super-weights sw.json --sweep sweep.json --out rep`.
     """
-    setup_logging(verbose, quiet)
+    setup_logging(opts.verbose, opts.quiet)
     if super_weights is not None:  # a bad file fails now, not after loading the model
-        check_super_weights_early(read_super_weights(super_weights), model, super_weights, cache_dir)
+        check_super_weights_early(read_super_weights(super_weights), model, super_weights, opts.cache_dir)
     check_json_out(json_path)
     check_text_source(text)
-    check_seq_len(seq_len, model, cache_dir)
+    check_seq_len(seq_len, model, opts.cache_dir)
     grid = _grid(bits, size, group, clip_z)
-    if choose_mode(model, dtype, stream, device_map, cache_dir, device) == "stream":
-        result = _streamed_sweep(model, super_weights, grid, text, max_tokens, seq_len, dtype, device)
+    if choose_mode(model, opts.dtype, stream, opts.device_map, opts.cache_dir, opts.device) == "stream":
+        result = _streamed_sweep(model, super_weights, grid, text, max_tokens, seq_len, opts.dtype, opts.device)
     else:
-        lm = load_lm(model, dtype, cache_dir, device_map, device, dequantize=True)
+        lm = load_lm(model, opts, dequantize=True)
         keep = keep_for(lm, True, super_weights)
         result = run_sweep(
             lm, keep, grid, text_name=text, max_tokens=max_tokens, seq_len=seq_len,

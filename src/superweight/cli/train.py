@@ -7,7 +7,8 @@ from typing import List, Optional
 import typer
 
 from ..core.errors import SuperweightError
-from .app import QuietOpt, VerboseOpt, app, console, setup_logging
+from .app import app, console, setup_logging
+from .options import QuietOpt, VerboseOpt
 from ..find.loop import DetectionResult
 from ..train.loop import TrainConfig, train as run_train, TrainResult
 from ..train.emergence import emergence as run_emergence
