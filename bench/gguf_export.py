@@ -201,10 +201,12 @@ def score(model: str, paths: list[Path], args) -> None:
     """``--score``: measure these files only (the cache beside each), e.g. in parallel processes."""
     from transformers import AutoTokenizer
 
-    from superweight.model.load import gguf_cache_folder, default_cache_dir, resolve
+    from superweight.core.files import default_cache_dir
+    from superweight.model.load import gguf_cache_folder
+    from superweight.model.source import ModelSource, SourceKind
 
-    kind, where = resolve(model)
-    folder = gguf_cache_folder(where, default_cache_dir()) if kind == "gguf" else where
+    src = ModelSource.of(model)
+    folder = gguf_cache_folder(src.path, default_cache_dir()) if src.kind is SourceKind.GGUF else src.path
     tokenizer = AutoTokenizer.from_pretrained(folder)
     for path in paths:
         for text in args.texts:

@@ -57,7 +57,7 @@ def _median_time(fn, repeats: int, before=None) -> float:
 
 def _load(name: str, dtype: str = "float32"):
     from superweight import load_model
-    from superweight.model.load import LoadedModel
+    from superweight.model.loaded import LoadedModel
     from superweight.testing.synthetic import byte_tokenizer, tiny_model
 
     if name != "tiny":

@@ -137,7 +137,8 @@ def synthetic_model(folder: Path) -> Path:
     from transformers import AutoTokenizer
 
     from superweight.core.files import default_cache_dir
-    from superweight.model.load import gguf_cache_folder, builtin_path
+    from superweight.model.load import gguf_cache_folder
+    from superweight.model.source import builtin_path
 
     tokenizer = AutoTokenizer.from_pretrained(str(gguf_cache_folder(builtin_path("smollm2-135m"), default_cache_dir())))
     with torch.device("meta"):

@@ -21,7 +21,8 @@ MODELS = ("smollm2-135m", "gemma3-270m")
 def run(name: str, tokens: int) -> dict:
     import superweight as sw
     from superweight.eval.text import load_text
-    from superweight.model.load import gguf_cache_folder, default_cache_dir
+    from superweight.core.files import default_cache_dir
+    from superweight.model.load import gguf_cache_folder
     from superweight.find.streamed import stream_detect
     from superweight.find.verdict import judge
 

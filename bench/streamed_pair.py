@@ -16,7 +16,8 @@ T = TypeVar("T")
 def in_memory_and_streamed(lm, in_memory: Callable[[], T], streamed: Callable[[str], T]) -> tuple[T, T, dict]:
     """``in_memory()``, then ``streamed(folder)`` on ``lm``'s converted safetensors folder: (both results,
     their times and the streamed / in-memory ratio)."""
-    from superweight.model.load import gguf_cache_folder, default_cache_dir
+    from superweight.core.files import default_cache_dir
+    from superweight.model.load import gguf_cache_folder
 
     t0 = time.perf_counter()
     mem = in_memory()

@@ -39,7 +39,8 @@ def run(name: str, text_name: str, tokens: int, seq_len: int) -> dict:
     from superweight.eval.perplexity import evaluate_perplexity
     from superweight.eval.text import load_text
     from superweight.quant.artifact import MANIFEST, export_artifact, load_quantized
-    from superweight.model.load import gguf_cache_folder, default_cache_dir
+    from superweight.core.files import default_cache_dir
+    from superweight.model.load import gguf_cache_folder
     from superweight.quant.config import RTN
     from superweight.quant.w8a8 import w8a8_activations
     from superweight.quant.streamed import stream_quantize

@@ -71,7 +71,8 @@ def test_streamed_ablation_of_the_real_model_is_the_in_memory_one(smollm2, detec
     """``ablate --stream``'s numbers on the real SmolLM2 (its safetensors copy read layer by layer):
     every condition's perplexity, task results and the stopword shift, bit for bit."""
     from superweight.prove.experiments import AblationConfig, run_ablation
-    from superweight.model.load import gguf_cache_folder, default_cache_dir
+    from superweight.core.files import default_cache_dir
+    from superweight.model.load import gguf_cache_folder
     from superweight.prove.streamed import stream_ablation
 
     def config():

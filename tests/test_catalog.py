@@ -229,7 +229,7 @@ def test_overrides_cli_from_catalog_and_detection_file(tmp_path):
 def test_override_tensors_exist_in_the_real_gguf_file():
     from gguf import GGUFReader
 
-    from superweight.model.load import builtin_path
+    from superweight.model.source import builtin_path
 
     names = {t.name for t in GGUFReader(str(builtin_path("smollm2-135m"))).tensors}
     entry = Catalog.load().find(["smollm2-135m"])[0]

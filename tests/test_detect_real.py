@@ -5,7 +5,9 @@ import pytest
 import torch
 
 import superweight as sw
-from superweight.model.load import gguf_cache_folder, builtin_path, default_cache_dir
+from superweight.core.files import default_cache_dir
+from superweight.model.load import gguf_cache_folder
+from superweight.model.source import builtin_path
 
 pytestmark = pytest.mark.slow
 
@@ -174,7 +176,8 @@ def test_smollm2_streamed_verdict_is_the_in_memory_one(smollm2):
     text = load_text("wiki-intros")
     mem = sw.detect(smollm2.model, smollm2.tokenizer, arch=smollm2.arch)
     judge(smollm2.model, smollm2.arch, smollm2.tokenizer, mem, text, 1024, full=True)
-    from superweight.model.load import gguf_cache_folder, default_cache_dir
+    from superweight.core.files import default_cache_dir
+    from superweight.model.load import gguf_cache_folder
 
     folder = gguf_cache_folder(smollm2.source, default_cache_dir())  # the safetensors copy loading wrote
     streamed = stream_detect(folder, verdict_text=text, verdict_tokens=1024, verdict_full=True)
@@ -186,7 +189,8 @@ def test_smollm2_streamed_verdict_is_the_in_memory_one(smollm2):
 def test_streamed_fig4_trace_of_the_real_model_is_the_in_memory_one(smollm2):
     """``report --stream``'s Fig. 4 on the real SmolLM2 (its safetensors copy read layer by layer)."""
     from superweight.report import page as report
-    from superweight.model.load import gguf_cache_folder, default_cache_dir
+    from superweight.core.files import default_cache_dir
+    from superweight.model.load import gguf_cache_folder
 
     det = sw.detect(smollm2.model, smollm2.tokenizer, arch=smollm2.arch)
     mem = report.residual_trace(smollm2.model, smollm2.tokenizer, smollm2.arch, det)

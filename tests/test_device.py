@@ -121,18 +121,14 @@ def test_prefetcher_reads_ahead_and_raises_in_the_caller(folder, tmp_path):
     pf.close()
 
 
-def test_streaming_prefetches_the_next_layer_and_agrees_without_it(folder, monkeypatch):
-    import functools
-
-    import superweight.find.streamed as sd
-
+def test_streaming_prefetches_the_next_layer_and_agrees_without_it(folder):
     sm = StreamedModel(folder, "float32", device="cpu")
     with sm.layer(0):
         assert sm._prefetcher.pending(1)
     sm.close()
     with_prefetch = stream_detect(folder, model_name="m", device="cpu")
-    monkeypatch.setattr(sd, "StreamedModel", functools.partial(StreamedModel, prefetch=False))
-    without = stream_detect(folder, model_name="m", device="cpu")
+    with StreamedModel(folder, "float32", device="cpu", prefetch=False) as sm:
+        without = stream_detect(sm, model_name="m", device="cpu")
     assert PLANT in with_prefetch.coords
     assert with_prefetch.to_dict() == without.to_dict()
 

@@ -12,7 +12,8 @@ import torch
 
 from superweight.core.errors import SuperweightError
 from superweight.quant.artifact import MANIFEST, WEIGHTS, load_quantized, read_manifest, save_quantized
-from superweight.model.load import load_model, resolve
+from superweight.model.load import load_model
+from superweight.model.source import ModelSource, SourceKind
 from superweight.quant import RTN, Ternary, ZScore, describe, quantize
 from superweight.testing.synthetic import byte_tokenizer, plant_super_weight, tiny_model
 
@@ -135,7 +136,8 @@ def test_packed_codes_are_dense(tmp_path):
 def test_loaded_artifact_generates_and_loads_through_load_model(tmp_path):
     model, result = _quantized("LlamaForCausalLM", RTN(bits=4, group=32))
     save_quantized(model, byte_tokenizer(), result, tmp_path / "art", source="tiny", notes=["a caveat"])
-    assert resolve(str(tmp_path / "art")) == ("quantized", str(tmp_path / "art"))
+    src = ModelSource.of(str(tmp_path / "art"))
+    assert (src.kind, src.path) == (SourceKind.ARTIFACT, str(tmp_path / "art"))
     lm = load_model(str(tmp_path / "art"), dequantize=True)
     assert "a caveat" in lm.notes and any("bits per quantized weight" in n for n in lm.notes)
     ids = lm.tokenizer("hello", return_tensors="pt")["input_ids"]

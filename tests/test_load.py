@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 import superweight as sw
-from superweight.model.load import builtin_path, check_safetensors, load_model, resolve
+from superweight.model.checkpoint import check_safetensors
+from superweight.model.load import load_model
+from superweight.model.source import ModelSource, SourceKind, builtin_path
 from superweight.testing.synthetic import plant_super_weight, tiny_model
 
 PLANT = (1, 5, 17)
@@ -50,13 +52,15 @@ def test_dtype_is_selectable(tiny_folder):
 
 
 def test_resolve_kinds(tiny_folder, tmp_path):
-    assert resolve(str(tiny_folder)) == ("dir", str(tiny_folder))
-    assert resolve("org/some-model") == ("hub", "org/some-model")
+    src = ModelSource.of(str(tiny_folder))
+    assert (src.kind, src.path) == (SourceKind.FOLDER, str(tiny_folder))
+    src = ModelSource.of("org/some-model")
+    assert (src.kind, src.path) == (SourceKind.HUB, "org/some-model")
     with pytest.raises(sw.SuperweightError, match="no such file or folder"):
-        resolve(str(tmp_path / "missing"))
+        ModelSource.of(str(tmp_path / "missing"))
     (tmp_path / "notes.txt").write_text("hi")
     with pytest.raises(sw.SuperweightError, match="not a model"):
-        resolve(str(tmp_path / "notes.txt"))
+        ModelSource.of(str(tmp_path / "notes.txt"))
 
 
 def test_folder_without_config_is_not_a_model(tmp_path):

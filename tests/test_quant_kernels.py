@@ -175,7 +175,7 @@ def test_write_back_false_leaves_the_weights_and_gives_the_same_codes(native_on)
 
 def _tiny_lm():
     from superweight.model.arch_infer import get_arch
-    from superweight.model.load import LoadedModel
+    from superweight.model.loaded import LoadedModel
     from superweight.testing.synthetic import byte_tokenizer, plant_super_weight, tiny_model
 
     model = tiny_model("LlamaForCausalLM", vocab=320)

@@ -65,7 +65,8 @@ def test_smollm2_streamed_export_is_the_in_memory_one(smollm2, super_weights, tm
     import json
 
     from superweight.quant.artifact import MANIFEST, export_artifact
-    from superweight.model.load import gguf_cache_folder, default_cache_dir
+    from superweight.core.files import default_cache_dir
+    from superweight.model.load import gguf_cache_folder
     from superweight.quant.config import RTN
     from superweight.quant.streamed import stream_quantize
     from test_stream_quantize import same_artifact
@@ -82,7 +83,8 @@ def test_smollm2_streamed_w8a8_artifact_is_the_in_memory_one(smollm2, super_weig
     same held-out input channels, which include the super weights' columns in their down-projections
     (the super activations they read)."""
     from superweight.quant.artifact import export_artifact
-    from superweight.model.load import gguf_cache_folder, default_cache_dir
+    from superweight.core.files import default_cache_dir
+    from superweight.model.load import gguf_cache_folder
     from superweight.quant.config import RTN
     from superweight.quant.w8a8 import w8a8_activations
     from superweight.quant.streamed import stream_quantize

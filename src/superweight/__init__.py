@@ -10,7 +10,9 @@ from .core.version import __version__
 from .core.errors import SuperweightError
 from .model.arch import ArchSpec, SUPPORTED
 from .model.arch_infer import get_arch
-from .model.load import LoadedModel, load_model, DEFAULT_MODEL
+from .model.load import load_model
+from .model.loaded import LoadedModel
+from .model.source import DEFAULT_MODEL, ModelSource, SourceKind
 from .model.capture import ActivationCapture
 from .find.loop import DetectionResult, SpikeRule, SuperWeight, detect
 from .find.api import FindConfig, find_super_weights
@@ -20,7 +22,7 @@ from .eval.generate import Generation, generate
 
 __all__ = [
     "__version__", "SuperweightError", "ArchSpec", "get_arch", "SUPPORTED", "LoadedModel", "load_model",
-    "DEFAULT_MODEL", "ActivationCapture", "DetectionResult", "SpikeRule", "SuperWeight", "detect",
+    "DEFAULT_MODEL", "ModelSource", "SourceKind", "ActivationCapture", "DetectionResult", "SpikeRule", "SuperWeight", "detect",
     "FindConfig", "find_super_weights",
     "scaled_weights", "zeroed_weights",
     "load_quantized", "save_quantized", "generate", "Generation",

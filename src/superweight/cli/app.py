@@ -20,6 +20,8 @@ from ..core.progress import configure, step
 from ..core.files import check_output, write_json_atomic
 from ..model import load
 from .options import ModelOptions
+from ..model.mode import Mode, choose_mode
+from ..model.source import ModelSource
 from ..find.loop import DEFAULT_PROMPT, detect as run_detect
 
 app = typer.Typer(
@@ -82,6 +84,11 @@ def load_lm(model: str, opts: ModelOptions, dequantize: bool = False):
     for note in lm.notes:
         err_console.print(f"[yellow]note:[/] {note}")
     return lm
+
+
+def mode_of(model: str | ModelSource, stream: bool, opts: ModelOptions) -> Mode:
+    """Memory or stream for MODEL under ``opts`` (``--stream`` forces streaming; ``model.mode.choose_mode``)."""
+    return choose_mode(model, opts.dtype, stream, opts.device_map, opts.cache_dir, opts.device)
 
 
 def detect_default(lm, prompts: Optional[List[str]] = None):

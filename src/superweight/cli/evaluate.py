@@ -9,7 +9,7 @@ import typer
 from ..prove.ablate import DEFAULT_SCALES, DEFAULT_TOP_N
 from ..core.errors import SuperweightError
 from .inputs import check_seq_len, check_super_weights, check_super_weights_early, check_text_source, read_super_weights
-from .app import check_json_out, write_json_out, app, console, detect_default, load_lm, print_notes, setup_logging
+from .app import check_json_out, write_json_out, app, console, detect_default, load_lm, mode_of, print_notes, setup_logging
 from .options import DequantizeOpt, LimitOpt, MaxTokensOpt, ModelArg, ModelOptions, PplOpt, SeqLenOpt, TasksOpt, grouped
 from .console import print_ablation_table, print_stopwords, print_tables
 from ..eval.tasks import parse_tasks
@@ -17,7 +17,8 @@ from ..prove.experiments import AblationConfig, run_ablation, run_eval
 from ..core.progress import step
 from ..prove.streamed import stream_eval, stream_ablation
 from ..find.streamed import stream_detect
-from ..model.mode import choose_mode
+from ..model.mode import Mode
+from ..model.source import ModelSource
 
 
 def _items(values: Optional[List[str]]) -> list[str]:
@@ -120,15 +121,16 @@ def ablate(
         ppl, tasks, limit, max_tokens, seq_len, top_n=top_n, random_n=random_n, scales=_parse_scales(scales),
         scale_tasks=sweep_tasks, stopword_prompts=stopword_prompts, seed=seed,
     )
-    check_seq_len(seq_len, model, opts.cache_dir)
+    source = ModelSource.of(model)  # resolved once: the checks, the mode and the load share it
+    check_seq_len(seq_len, source, opts.cache_dir)
     det = read_super_weights(super_weights) if super_weights else None
     if det is not None:  # checked against the config now, not after loading the model
-        check_super_weights_early(det, model, super_weights, opts.cache_dir, to_ablate=True)
+        check_super_weights_early(det, source, super_weights, opts.cache_dir, to_ablate=True)
     check_json_out(json_path)
-    if choose_mode(model, opts.dtype, stream, opts.device_map, opts.cache_dir, opts.device) == "stream":
-        result, shown = _streamed_ablation(model, det, super_weights, config, opts.dtype, opts.device), []
+    if mode_of(source, stream, opts) is Mode.STREAM:
+        result, shown = _streamed_ablation(source, det, super_weights, config, opts.dtype, opts.device), []
     else:
-        lm = load_lm(model, opts, dequantize)
+        lm = load_lm(source, opts, dequantize)
         detected = None if det else detect_default(lm)
         found = check_super_weights(det, lm, super_weights) if det else detected.super_weights
         _print_found(found)
@@ -159,12 +161,13 @@ def eval_cmd(
     """Perplexity and zero-shot accuracy (lm-eval semantics, 95% bootstrap CI) of one model."""
     setup_logging(opts.verbose, opts.quiet)
     config = _eval_config(ppl, tasks, limit, max_tokens, seq_len)
-    check_seq_len(seq_len, model, opts.cache_dir)
+    source = ModelSource.of(model)  # resolved once: the checks, the mode and the load share it
+    check_seq_len(seq_len, source, opts.cache_dir)
     check_json_out(json_path)
-    if choose_mode(model, opts.dtype, stream, opts.device_map, opts.cache_dir, opts.device) == "stream":
-        result, shown = _streamed_eval(model, config, opts.dtype, opts.device), []
+    if mode_of(source, stream, opts) is Mode.STREAM:
+        result, shown = _streamed_eval(source, config, opts.dtype, opts.device), []
     else:
-        lm = load_lm(model, opts, dequantize)
+        lm = load_lm(source, opts, dequantize)
         result, shown = run_eval(lm, config), lm.notes
     print_tables(result.tables())
     print_notes(result.notes, shown=shown)

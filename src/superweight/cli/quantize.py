@@ -1,6 +1,7 @@
 """The quantize command: packed artifacts (the perplexity sweep of schemes is `superweight sweep`)."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
@@ -10,8 +11,8 @@ from ..core.errors import SuperweightError
 from ..core.files import check_output
 from ..model.arch import checked_against
 from .inputs import check_super_weights, check_super_weights_early, read_super_weights
-from .app import check_json_out, write_json_out, app, console, detect_default, err_console, load_lm, setup_logging
-from .options import ModelArg, ModelOptions, grouped
+from .app import app, check_json_out, console, detect_default, err_console, load_lm, mode_of, setup_logging, write_json_out
+from .options import ModelArg, ModelOptions, cli, grouped
 from .console import print_tables
 from ..core.progress import step
 from ..model.streamed import StreamedModel
@@ -21,9 +22,10 @@ from ..quant.w8a8 import CALIBRATION, w8a8_activations
 from ..quant.gguf_codec import check_type
 from ..quant.gguf_export import export_gguf
 from ..model.loaded import parse_dtype
-from ..quant.config import scheme_config
+from ..quant.config import RTN, Ternary, scheme_config
 from ..quant.artifact import Manifest, export_artifact
-from ..model.mode import choose_mode
+from ..model.mode import Mode
+from ..model.source import ModelSource
 
 
 def parse_size(text: str) -> Optional[int]:
@@ -61,28 +63,23 @@ def _held(result) -> list:
     return result.super_weights
 
 
-def streamed_keep(model: str, super_weights: Optional[Path], dtype: str, device: str) -> list:
+def streamed_keep(sm: StreamedModel, super_weights: Optional[Path]) -> list:
     """The super weights of a model that streams: from ``--super-weights`` (checked against the model's
     meta skeleton: its architecture and every index, no weight read) or detected now, streamed as well."""
     if super_weights is not None:
-        det = read_super_weights(super_weights)
-        sm = StreamedModel(model, dtype, device)
-        try:
-            return checked_against(det, sm.arch, sm.model, model, super_weights)
-        finally:
-            sm.close()
+        return checked_against(read_super_weights(super_weights), sm.arch, sm.model, sm.source.ref, super_weights)
     with step("detecting super weights (streamed)"):
-        return _held(stream_detect(model, model_name=model, dtype=dtype, device=device))
+        return _held(stream_detect(sm, model_name=sm.source.ref))
 
 
-def _streamed(model: str, config, keep_super_weights: bool, super_weights: Optional[Path], out: Path, force: bool,
-              include: Optional[str], exclude: str, dtype: str, device: str, activations: bool, storage: dict) -> dict:
-    """A local safetensors model quantized layer by layer (``stream_quantize``); the super weights from
-    ``streamed_keep``."""
-    keep = streamed_keep(model, super_weights, dtype, device) if keep_super_weights else []
-    with step("quantizing layer by layer (streamed)"):
-        return stream_quantize(model, config, keep, out, include, exclude, dtype=dtype, device=device, force=force,
-                               activations=activations, **storage)
+def _streamed(source: ModelSource, config, keep_super_weights: bool, super_weights: Optional[Path], out: Path, force: bool,
+              include: Optional[str], exclude: str, opts: ModelOptions, activations: bool, storage: dict) -> dict:
+    """A local safetensors model quantized layer by layer (``stream_quantize``), the super weights from
+    ``streamed_keep``: one ``StreamedModel`` for both."""
+    with StreamedModel(source, opts.dtype, opts.device) as sm:
+        keep = streamed_keep(sm, super_weights) if keep_super_weights else []
+        with step("quantizing layer by layer (streamed)"):
+            return stream_quantize(sm, config, keep, out, include, exclude, force=force, activations=activations, **storage)
 
 
 def _activations(lm, include: Optional[str], exclude: str) -> dict:
@@ -91,20 +88,22 @@ def _activations(lm, include: Optional[str], exclude: str) -> dict:
         return w8a8_activations(lm.model, lm.tokenizer, include, exclude)
 
 
-def _gguf(model: str, scheme: str, search: str, keep_super_weights: bool, super_weights: Optional[Path], out: Path,
-          force: bool, json_path: Optional[Path], layout_options: tuple, dtype: str, cache_dir, device: str) -> None:
+def _gguf(source: ModelSource, scheme: SchemeOptions, keep_super_weights: bool, super_weights: Optional[Path], out: Path,
+          force: bool, json_path: Optional[Path], include: Optional[str], opts: ModelOptions) -> None:
     """``--format gguf``: one GGUF file, the super weights' tensors in F16 (``quant.gguf_export``)."""
-    check_type(scheme)
-    if any(o is not None for o in layout_options):
+    search = scheme.search or "mse"
+    check_type(scheme.scheme)
+    if any(o is not None for o in (scheme.block, scheme.group, scheme.clip_z, scheme.topk or None, scheme.outliers or None,
+                                   include)):
         raise SuperweightError("--format gguf takes its layout from the llama.cpp type (--scheme): drop --block, --group, "
                                "--clip-z, --topk, --outliers and --include")
     if out.exists() and not force:
         raise SuperweightError(f"{out} already exists: pick another --out or pass --force to replace it")
     check_output(out, "--out")
-    lm = load_lm(model, dtype, cache_dir, None, device, dequantize=True)
+    lm = load_lm(source, opts, dequantize=True)
     keep = keep_for(lm, keep_super_weights, super_weights)
-    with step(f"writing {out} ({scheme}, {'our range search' if search == 'mse' else 'reference'} block parameters)"):
-        summary = export_gguf(lm, scheme, search, keep, out)
+    with step(f"writing {out} ({scheme.scheme}, {'our range search' if search == 'mse' else 'reference'} block parameters)"):
+        summary = export_gguf(lm, scheme.scheme, search, keep, out)
     types: dict[str, int] = {}
     for row in summary["tensors"].values():
         types[row["type"]] = types.get(row["type"], 0) + 1
@@ -123,28 +122,46 @@ def _storage(untouched_dtype: str, embeddings: str) -> dict:
     return {"untouched_dtype": None if untouched_dtype == "auto" else parse_dtype(untouched_dtype), "embeddings": embeddings}
 
 
+@dataclass(frozen=True)
+class SchemeOptions:
+    """How ``quantize`` quantizes: the scheme, its layout and its range search (an option group)."""
+
+    scheme: str = cli(typer.Option(
+        "int4", "--scheme", help="int2, int3, int4, int8, nf4, ternary, or w8a8 (int8 weights per tensor by default, "
+        "8-bit per-token inputs with the super activations' channels held out, found on calibration text)."))
+    block: Optional[int] = cli(typer.Option(None, "--block", help="Paper's blocks: runs of B elements of the flattened tensor."))
+    group: Optional[int] = cli(typer.Option(None, "--group", help="Groups of G along the input dimension of each row."))
+    per_channel: bool = cli(typer.Option(False, "--per-channel", help="One scale per output channel."))
+    clip_z: Optional[float] = cli(typer.Option(None, "--clip-z", help="Clip weights at mean +- Z std before quantizing."))
+    topk: int = cli(typer.Option(0, "--topk", min=0, help="Ternary: also keep the K largest other weights per matrix in FP16."))
+    search: Optional[str] = cli(typer.Option(
+        None, "--search", help="int*/nf4 range per group: minmax (default), mse (least-squares range search, never worse "
+        "than minmax) or hqq (HQQ's solver, int*); --format gguf: mse (default) or minmax (llama.cpp's reference quantizers)."))
+    zero_point: str = cli(typer.Option(
+        "float", "--zero-point", help="int*: float (float16), int8 (integer steps) or fix8 (8-bit fixed point)."))
+    outliers: float = cli(typer.Option(
+        0.0, "--outliers", min=0.0, help="int*/nf4: bits per weight spent on the largest other weights, held out exact."))
+    sa_weight: float = cli(typer.Option(
+        1.0, "--sa-weight", min=1.0, help="With --search mse: fit weight of the columns that read the super activation."))
+    oversize: str = cli(typer.Option(
+        "error", "--oversize", help="A tensor smaller than --block/--group: error, or tensor (quantize it per tensor)."))
+
+    def config(self) -> RTN | Ternary:
+        """The quantization config these options name (``quant.config.scheme_config``)."""
+        return scheme_config(self.scheme, self.block, self.group, self.clip_z, self.topk, self.per_channel, self.oversize,
+                             search=self.search or "minmax", zero_point=self.zero_point, outliers=self.outliers,
+                             sa_weight=self.sa_weight)
+
+
 @app.command("quantize")
 @grouped
 def quantize_cmd(
     model: str = ModelArg,
-    scheme: str = typer.Option(
-        "int4", "--scheme", help="int2, int3, int4, int8, nf4, ternary, or w8a8 (int8 weights per tensor by default, "
-        "8-bit per-token inputs with the super activations' channels held out, found on calibration text)."
-    ),
-    block: Optional[int] = typer.Option(None, "--block", help="Paper's blocks: runs of B elements of the flattened tensor."),
-    group: Optional[int] = typer.Option(None, "--group", help="Groups of G along the input dimension of each row."),
-    per_channel: bool = typer.Option(False, "--per-channel", help="One scale per output channel."),
-    clip_z: Optional[float] = typer.Option(None, "--clip-z", help="Clip weights at mean +- Z std before quantizing."),
-    topk: int = typer.Option(0, "--topk", min=0, help="Ternary: also keep the K largest other weights per matrix in FP16."),
-    search: Optional[str] = typer.Option(None, "--search", help="int*/nf4 range per group: minmax (default), mse (least-squares range search, never worse than minmax) or hqq (HQQ's solver, int*); --format gguf: mse (default) or minmax (llama.cpp's reference quantizers)."),
-    zero_point: str = typer.Option("float", "--zero-point", help="int*: float (float16), int8 (integer steps) or fix8 (8-bit fixed point)."),
-    outliers: float = typer.Option(0.0, "--outliers", min=0.0, help="int*/nf4: bits per weight spent on the largest other weights, held out exact."),
-    sa_weight: float = typer.Option(1.0, "--sa-weight", min=1.0, help="With --search mse: fit weight of the columns that read the super activation."),
+    scheme: SchemeOptions = SchemeOptions(),
     keep_super_weights: bool = typer.Option(True, "--keep-super-weights/--no-keep-super-weights", help="Hold the super weights out (exact)."),
     super_weights: Optional[Path] = typer.Option(None, "--super-weights", help="A `superweight detect --json` file (default: detect now)."),
     include: Optional[str] = typer.Option(None, "--include", help="Regex: quantize only linear modules whose name matches."),
     exclude: str = typer.Option(r"(^|\.)lm_head$", "--exclude", help="Regex of linear modules to leave untouched."),
-    oversize: str = typer.Option("error", "--oversize", help="A tensor smaller than --block/--group: error, or tensor (quantize it per tensor)."),
     out: Optional[Path] = typer.Option(None, "--out", help="Artifact folder to write (written to a temp folder, then renamed)."),
     force: bool = typer.Option(False, "--force", help="Replace an existing --out folder."),
     untouched_dtype: str = typer.Option(
@@ -167,34 +184,37 @@ def quantize_cmd(
     `superweight.load_quantized("smol-int4")` (or any command with MODEL = smol-int4).
     """
     setup_logging(opts.verbose, opts.quiet)
-    if super_weights is not None and keep_super_weights:  # a bad file fails now, not after loading the model
-        check_super_weights_early(read_super_weights(super_weights), model, super_weights, opts.cache_dir)
+    det = read_super_weights(super_weights) if super_weights is not None and keep_super_weights else None
+    source = ModelSource.of(model)  # resolved once: the checks, the mode and the load share it
+    if det is not None:  # a bad file fails now, not after loading the model
+        check_super_weights_early(det, source, super_weights, opts.cache_dir)
     check_json_out(json_path)
-
-    if out_format not in ("artifact", "gguf"):
-        raise SuperweightError(f"unknown --format {out_format!r}: use artifact or gguf")
-    if out is None:
-        raise SuperweightError("pass --out DIR to write an artifact (or run `superweight sweep` to compare schemes)")
+    out = _checked_out(out, out_format, force)
     if out_format == "gguf":
-        return _gguf(model, scheme, search or "mse", keep_super_weights, super_weights, out, force, json_path,
-                     (block, group, clip_z, topk or None, outliers or None, include), opts.dtype, opts.cache_dir, opts.device)
-    search = search or "minmax"
-    if out.exists() and not force:
-        raise SuperweightError(f"{out} already exists: pick another --out or pass --force to replace it")
-    check_output(out, "--out", folder=True)
-    config = scheme_config(scheme, block, group, clip_z, topk, per_channel, oversize,
-                           search=search, zero_point=zero_point, outliers=outliers, sa_weight=sa_weight)
-
-    storage = _storage(untouched_dtype, embeddings)
-    w8a8 = scheme == "w8a8"
-    if choose_mode(model, opts.dtype, stream, opts.device_map, opts.cache_dir, opts.device) == "stream":
-        manifest = _streamed(model, config, keep_super_weights, super_weights, out, force, include, exclude, opts.dtype, opts.device,
-                             w8a8, storage)
+        return _gguf(source, scheme, keep_super_weights, super_weights, out, force, json_path, include, opts)
+    config, storage = scheme.config(), _storage(untouched_dtype, embeddings)
+    w8a8 = scheme.scheme == "w8a8"
+    if mode_of(source, stream, opts) is Mode.STREAM:
+        manifest = _streamed(source, config, keep_super_weights, super_weights, out, force, include, exclude, opts, w8a8,
+                             storage)
     else:
-        lm = load_lm(model, opts, dequantize=True)
+        lm = load_lm(source, opts, dequantize=True)
         keep = keep_for(lm, keep_super_weights, super_weights)
         acts = _activations(lm, include, exclude) if w8a8 else None
         manifest = export_artifact(lm, config, keep, out, force, include, exclude, write_back=False,  # only the file is used
                                    activations=acts, **storage)
     print_tables(Manifest.from_dict(manifest).tables(out))
     write_json_out(json_path, manifest)
+
+
+def _checked_out(out: Optional[Path], out_format: str, force: bool) -> Path:
+    """``--out`` and ``--format`` checked before any work: a known format, a path given, not there (or --force)."""
+    if out_format not in ("artifact", "gguf"):
+        raise SuperweightError(f"unknown --format {out_format!r}: use artifact or gguf")
+    if out is None:
+        raise SuperweightError("pass --out DIR to write an artifact (or run `superweight sweep` to compare schemes)")
+    if out_format == "artifact":  # the GGUF path checks its file after its own option checks
+        if out.exists() and not force:
+            raise SuperweightError(f"{out} already exists: pick another --out or pass --force to replace it")
+        check_output(out, "--out", folder=True)
+    return out

@@ -9,7 +9,7 @@ import typer
 from ..core.files import check_output
 from .inputs import check_prompts, check_super_weights, check_super_weights_early, read_results, read_super_weights
 
-from .app import app, console, detect_default, load_lm, setup_logging
+from .app import app, console, detect_default, load_lm, mode_of, setup_logging
 from .options import ModelArg, ModelOptions, grouped
 from ..report import page as rep
 from ..find.loop import DEFAULT_PROMPT
@@ -19,7 +19,8 @@ from ..quant.sweep import default_grid
 from ..prove.streamed import stream_ablation
 from ..find.streamed import stream_detect
 from ..quant.streamed_sweep import stream_sweep
-from ..model.mode import choose_mode
+from ..model.mode import Mode
+from ..model.source import ModelSource
 
 
 def _streamed_inputs(model: str, detection, ablation, sweep, run_ablation: bool, run_sweep: bool, limit: int, prompt,
@@ -80,17 +81,18 @@ def report(
     detection = read_super_weights(super_weights) if super_weights else None  # before the model loads:
     read_results(ablation, sweep)  # a wrong path or file costs nothing
     needs_model = detection is None or run_ablation or run_sweep
+    source = ModelSource.of(model) if needs_model else None  # resolved once, and only when it is used
     if detection is not None and needs_model:
-        check_super_weights_early(detection, model, super_weights, opts.cache_dir, to_ablate=run_ablation)
+        check_super_weights_early(detection, source, super_weights, opts.cache_dir, to_ablate=run_ablation)
     flags = [f"--super-weights {super_weights}" if super_weights else "",
              f"--ablation {ablation}" if ablation else "", f"--sweep {sweep}" if sweep else "",
              f"--run-ablation --limit {limit}" if run_ablation else "", "--run-sweep" if run_sweep else ""]
     command = " ".join(x for x in ["superweight report", model, f"--out {out}", *flags, *(f"-p {p!r}" for p in prompt or [])] if x)
-    if needs_model and choose_mode(model, opts.dtype, stream, opts.device_map, opts.cache_dir, opts.device) == "stream":
-        inputs = _streamed_inputs(model, detection, ablation, sweep, run_ablation, run_sweep, limit, prompt, command, opts.dtype,
+    if needs_model and mode_of(source, stream, opts) is Mode.STREAM:
+        inputs = _streamed_inputs(source, detection, ablation, sweep, run_ablation, run_sweep, limit, prompt, command, opts.dtype,
                                   opts.device)
     else:
-        lm = load_lm(model, opts, dequantize=True) if needs_model else None
+        lm = load_lm(source, opts, dequantize=True) if needs_model else None
         if lm is not None and detection is not None:
             check_super_weights(detection, lm, super_weights)
         detection = detection or detect_default(lm, prompt)

@@ -10,13 +10,14 @@ from .inputs import check_seq_len, check_super_weights_early, check_text_source,
 from ..quant.sweep import (
     DEFAULT_BITS, DEFAULT_CLIP_Z, DEFAULT_GROUPS, DEFAULT_MAX_TOKENS, DEFAULT_SIZES, default_grid, run_sweep,
 )
-from .app import check_json_out, write_json_out, app, console, err_console, load_lm, setup_logging
+from .app import check_json_out, write_json_out, app, console, err_console, load_lm, mode_of, setup_logging
 from .options import ModelArg, ModelOptions, grouped
 from .console import print_sweep_tables
 from .quantize import keep_for, parse_size, streamed_keep
 from ..core.progress import step
 from ..quant.streamed_sweep import stream_sweep
-from ..model.mode import choose_mode
+from ..model.mode import Mode
+from ..model.source import ModelSource
 
 
 def _grid(bits: List[int], size: List[str], group: List[int], clip_z: float):
@@ -62,12 +63,13 @@ def sweep_cmd(
         check_super_weights_early(read_super_weights(super_weights), model, super_weights, opts.cache_dir)
     check_json_out(json_path)
     check_text_source(text)
-    check_seq_len(seq_len, model, opts.cache_dir)
+    source = ModelSource.of(model)  # resolved once: the checks, the mode and the load share it
+    check_seq_len(seq_len, source, opts.cache_dir)
     grid = _grid(bits, size, group, clip_z)
-    if choose_mode(model, opts.dtype, stream, opts.device_map, opts.cache_dir, opts.device) == "stream":
-        result = _streamed_sweep(model, super_weights, grid, text, max_tokens, seq_len, opts.dtype, opts.device)
+    if mode_of(source, stream, opts) is Mode.STREAM:
+        result = _streamed_sweep(source, super_weights, grid, text, max_tokens, seq_len, opts.dtype, opts.device)
     else:
-        lm = load_lm(model, opts, dequantize=True)
+        lm = load_lm(source, opts, dequantize=True)
         keep = keep_for(lm, True, super_weights)
         result = run_sweep(
             lm, keep, grid, text_name=text, max_tokens=max_tokens, seq_len=seq_len,

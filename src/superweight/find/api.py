@@ -13,7 +13,9 @@ from pathlib import Path
 from .loop import DEFAULT_PROMPT, DetectionResult, SpikeRule, detect
 from ..core.errors import SuperweightError
 from .magnitude import MagnitudeResult, magnitude_scan, stream_magnitude_scan
-from ..model.mode import choose_mode
+from ..model.mode import Mode, choose_mode
+from ..model.source import ModelSource
+from ..model.streamed import StreamedModel
 from .trace import TraceRule
 from ..core.progress import step
 from .streamed import stream_detect
@@ -48,7 +50,7 @@ class FindConfig:
 
 
 def find_super_weights(
-    model_ref: str | Path, config: FindConfig = FindConfig(), stream: bool | str = "auto", dtype: str = "float32",
+    model_ref: str | Path | ModelSource, config: FindConfig = FindConfig(), stream: bool | str = "auto", dtype: str = "float32",
     cache_dir: str | Path | None = None, device: str | None = None, device_map: str | None = None,
 ) -> tuple[DetectionResult, MagnitudeResult | None]:
     """Detection (and, per ``config``, the verdict and the magnitude scan) of ``model_ref``.
@@ -56,35 +58,36 @@ def find_super_weights(
     ``stream``: "auto" streams a local safetensors checkpoint only when it does not fit in memory,
     True always streams it, False always loads it.
     """
-    mode = "memory" if stream is False else choose_mode(str(model_ref), dtype, stream is True, device_map, cache_dir, device)
-    if mode == "stream":
-        return _streamed(str(model_ref), config, dtype, device)
-    return _in_memory(str(model_ref), config, dtype, cache_dir, device, device_map)
+    source = ModelSource.of(model_ref)  # resolved once: the mode, the loader and the streamed model share it
+    mode = Mode.MEMORY if stream is False else choose_mode(source, dtype, stream is True, device_map, cache_dir, device)
+    if mode is Mode.STREAM:
+        return _streamed(source, config, dtype, device)
+    return _in_memory(source, config, dtype, cache_dir, device, device_map)
 
 
 def _kw(config: FindConfig) -> dict:
     return dict(method=METHODS[config.method], trace_rule=config.trace_rule)
 
 
-def _streamed(path: str, config: FindConfig, dtype: str, device: str | None):
-    with step("detecting super weights (streamed, layer by layer)"):
-        result = stream_detect(path, list(config.prompts), config.rule, config.max_iter, model_name=path, dtype=dtype,
-                               device=device, verdict_text=config.verdict_text, verdict_tokens=config.verdict_tokens,
-                               verdict_full=config.verdict_full, **_kw(config))
-    mag = None
-    if config.magnitude:
-        with step("magnitude scan (streamed)"):
-            mag = stream_magnitude_scan(path, config.z_threshold, config.scope, result.super_weights, dtype=dtype,
-                                        device=device)
-        result.magnitude = mag.to_dict()
+def _streamed(source: ModelSource, config: FindConfig, dtype: str, device: str | None):
+    with StreamedModel(source, dtype, device) as sm:  # one for detection, the verdict and the magnitude scan
+        with step("detecting super weights (streamed, layer by layer)"):
+            result = stream_detect(sm, list(config.prompts), config.rule, config.max_iter, model_name=source.ref,
+                                   verdict_text=config.verdict_text, verdict_tokens=config.verdict_tokens,
+                                   verdict_full=config.verdict_full, **_kw(config))
+        mag = None
+        if config.magnitude:
+            with step("magnitude scan (streamed)"):
+                mag = stream_magnitude_scan(sm, config.z_threshold, config.scope, result.super_weights)
+            result.magnitude = mag.to_dict()
     return result, mag
 
 
-def _in_memory(model_ref: str, config: FindConfig, dtype: str, cache_dir, device, device_map):
-    lm = load_model(model_ref, dtype=dtype, cache_dir=cache_dir, device_map=device_map, device=device,
+def _in_memory(source: ModelSource, config: FindConfig, dtype: str, cache_dir, device, device_map):
+    lm = load_model(source, dtype=dtype, cache_dir=cache_dir, device_map=device_map, device=device,
                     dequantize=True)  # detection reads the weights
     with step("detecting super weights"):
-        result = detect(lm.model, lm.tokenizer, list(config.prompts), config.rule, config.max_iter, model_name=model_ref,
+        result = detect(lm.model, lm.tokenizer, list(config.prompts), config.rule, config.max_iter, model_name=source.ref,
                         arch=lm.arch, **_kw(config))
     result.notes = [*lm.notes, *result.notes]
     if config.verdict_text is not None and result.super_weights:

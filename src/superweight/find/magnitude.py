@@ -15,7 +15,8 @@ from typing import Any, Callable, ClassVar, Iterable, Iterator
 import torch
 from torch import nn
 
-from ..model.streamed import StreamedModel
+from ..model.source import ModelSource
+from ..model.streamed import StreamedModel, streamed
 from ..model.arch import ArchSpec, expert_params
 from ..core.results import Versioned
 from ..core.coords import as_keys
@@ -192,17 +193,18 @@ def iter_streamed_matrices(sm: StreamedModel, scope: str = "down_proj") -> Itera
 
 
 def stream_magnitude_scan(
-    path: str | Path, threshold: float = 3.0, scope: str = "down_proj", super_weights=(), top_k: int = 10,
+    path: str | Path | ModelSource | StreamedModel, threshold: float = 3.0, scope: str = "down_proj", super_weights=(), top_k: int = 10,
     dtype: str | torch.dtype = "float32", device: str | torch.device | None = None,
 ):
-    """``magnitude.magnitude_scan`` for a checkpoint on disk, one tensor in memory at a time."""
-    sm = StreamedModel(path, dtype, device, prefetch=False)
-    result, flagged_z = scan_matrices(iter_streamed_matrices(sm, scope), threshold, top_k, scope)
+    """``magnitude.magnitude_scan`` for a checkpoint on disk (or a ``StreamedModel`` already built), one
+    tensor in memory at a time."""
+    with streamed(path, dtype, device, prefetch=False) as sm:
+        result, flagged_z = scan_matrices(iter_streamed_matrices(sm, scope), threshold, top_k, scope)
 
-    def matrix_of(layer: int, expert: int | None) -> torch.Tensor:
-        names = sm.down_proj_names(layer) if expert is None else [f"{sm.arch.experts_name(layer)}.down_proj"]
-        with sm.materialised(names):
-            return sm.arch.expert_matrix(sm.model, layer, expert).detach().clone()
+        def matrix_of(layer: int, expert: int | None) -> torch.Tensor:
+            names = sm.down_proj_names(layer) if expert is None else [f"{sm.arch.experts_name(layer)}.down_proj"]
+            with sm.materialised(names):
+                return sm.arch.expert_matrix(sm.model, layer, expert).detach().clone()
 
-    rank_super_weights(result, flagged_z, super_weights, matrix_of)
-    return result
+        rank_super_weights(result, flagged_z, super_weights, matrix_of)
+        return result

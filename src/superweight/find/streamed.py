@@ -27,7 +27,8 @@ from ..model.capture import LayerTrace, TraceCapture
 from .loop import DEFAULT_METHOD, DEFAULT_PROMPT, DetectionResult, SpikeRule, assemble, encode_prompt, propose, run_detection
 from ..core.errors import SuperweightError
 from .runner import zeroed
-from ..model.streamed import Call, StreamedModel, first_tensor, hidden_of, load_tokenizer, with_hidden
+from ..model.source import ModelSource
+from ..model.streamed import Call, StreamedModel, first_tensor, hidden_of, load_tokenizer, streamed, with_hidden
 from .trace import TraceRule
 from .verdict import JudgeBase, judge_with
 from ..eval.streamed import window_token_nlls
@@ -196,7 +197,7 @@ class StreamedRunner:
 
 
 def stream_detect(
-    path: str | Path,
+    path: str | Path | ModelSource | StreamedModel,
     prompts: Sequence[str] | str = (DEFAULT_PROMPT,),
     rule: SpikeRule | None = None,
     max_iter: int = 10,
@@ -213,25 +214,23 @@ def stream_detect(
     """``superweight.find.loop.detect`` for a local safetensors checkpoint, streamed layer by layer.
 
     The same ``DetectionResult`` as loading the model and calling ``detect`` (bit for bit on the
-    same dtype and device); peak memory is about the embeddings plus two decoder layers.
+    same dtype and device); peak memory is about the embeddings plus two decoder layers. ``path``
+    may be a ``StreamedModel`` already built (then left open).
     """
     prompts = [prompts] if isinstance(prompts, str) else list(prompts)
     if not prompts:
         raise SuperweightError("no prompt given: pass at least one --prompt")
-    sm = StreamedModel(path, dtype, device)
-    try:
+    with streamed(path, dtype, device) as sm:
         tokenizer = tokenizer or load_tokenizer(sm.ckpt.folder)
         encoded = [encode_prompt(tokenizer, p) for p in prompts]
         runner = StreamedRunner(sm, lambda r, traces, ws, proposed: propose(method, r, traces, ws, proposed, rule, trace_rule),
                                 depth=max_iter - 1)
         states = run_detection(runner, encoded, method, rule, trace_rule, max_iter)
         log.info("streamed %d layers: %d layer reads in %d pass(es)", sm.num_layers, runner.layers_read, runner.passes)
-        result = assemble(states, runner, prompts, model_name or str(path), method, rule, trace_rule)
+        result = assemble(states, runner, prompts, model_name or sm.source.ref, method, rule, trace_rule)
         if verdict_text is not None and result.super_weights:
             judge_with(StreamedJudge(sm, tokenizer, verdict_text, verdict_tokens), result, full=verdict_full)
         return result
-    finally:
-        sm.close()
 
 
 class StreamedJudge(JudgeBase):

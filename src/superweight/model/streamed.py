@@ -19,7 +19,6 @@ Detection itself lives once, in ``superweight.find.loop``; ``superweight.find.st
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 import os
 from pathlib import Path
@@ -30,8 +29,9 @@ from torch import nn
 
 from .arch import ArchSpec, architecture_name, check_causal_name
 from .arch_infer import get_arch
-from .capture import ActivationCapture, LayerStats, first_tensor
-from .checkpoint import Checkpoint, open_checkpoint
+from .capture import first_tensor
+from .checkpoint import Checkpoint
+from .source import ModelSource
 from .device import resolve_device
 from ..core.errors import SuperweightError
 from .keymap import checkpoint_keys, tied_names
@@ -158,15 +158,17 @@ class StreamedModel:
     """A causal LM on the meta device whose layers are read from safetensors one at a time."""
 
     def __init__(
-        self, path: str | Path, dtype: str | torch.dtype = "float32", device: str | torch.device | None = None,
+        self, path: str | Path | ModelSource, dtype: str | torch.dtype = "float32", device: str | torch.device | None = None,
         prefetch: bool = True,
     ):
-        """``device``: where layers run (``auto``: CUDA when available; default the CPU). ``prefetch``:
+        """``path``: a local safetensors model folder (or its ``ModelSource``, whose parsed headers are
+        reused). ``device``: where layers run (``auto``: CUDA when available; default the CPU). ``prefetch``:
         read the next layer on a background thread while the current one runs (pinned for CUDA)."""
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM
 
-        self.ckpt: Checkpoint = open_checkpoint(path)
+        self.source = ModelSource.of(path)
+        self.ckpt: Checkpoint = self.source.checkpoint
         self.dtype = parse_dtype(dtype)
         self.device = resolve_device(device or "cpu")
         self._prefetcher = LayerPrefetcher(self.device, prefetch)
@@ -317,6 +319,12 @@ class StreamedModel:
         """Stop the background reader (it also stops with the process)."""
         self._prefetcher.close()
 
+    def __enter__(self) -> "StreamedModel":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
     def down_proj_names(self, i: int) -> list[str]:
         return [f"{self.arch.down_proj_name(i, self.model)}.weight"]
 
@@ -439,3 +447,17 @@ def load_tokenizer(folder: Path, required: bool = True):
             return None
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SuperweightError(f"cannot load the tokenizer of {folder}: {first}") from None
+
+
+@contextlib.contextmanager
+def streamed(
+    model: "str | Path | ModelSource | StreamedModel", dtype: str | torch.dtype = "float32",
+    device: str | torch.device | None = None, prefetch: bool = True,
+) -> Iterator[StreamedModel]:
+    """``model`` as a ``StreamedModel``: the one given (its owner closes it), or one built now and closed
+    after the block. A command builds one and passes it to every streamed pass it runs."""
+    if isinstance(model, StreamedModel):
+        yield model
+        return
+    with StreamedModel(model, dtype, device, prefetch) as sm:
+        yield sm

@@ -21,7 +21,7 @@ from typing import Iterator, Sequence
 from ..model.arch import spec_for_name, architecture_name
 from ..core.errors import SuperweightError
 from ..core.coords import as_keys
-from ..model.load import resolve
+from ..model.source import ModelSource, SourceKind
 from ..model.edits import edited_weights
 
 # Hugging Face class name -> gguf.MODEL_ARCH member (convert_hf_to_gguf.py registers Mistral as LLAMA).
@@ -189,11 +189,12 @@ def gguf_arch_name(architecture: str) -> str:
     return gguf.MODEL_ARCH_NAMES[getattr(gguf.MODEL_ARCH, GGUF_ARCH[architecture])]
 
 
-def model_identity(model: str) -> tuple[str, int]:
+def model_identity(model: str | ModelSource) -> tuple[str, int]:
     """``(llama.cpp architecture name, layer count)`` of a model argument, read from its metadata
     only (a GGUF header or a config.json): no weights are loaded."""
-    kind, where = resolve(model)
-    if kind == "gguf":
+    src = ModelSource.of(model)
+    where = src.path
+    if src.kind is SourceKind.GGUF:
         from gguf import GGUFReader
 
         try:
@@ -202,14 +203,12 @@ def model_identity(model: str) -> tuple[str, int]:
             return str(arch), int(reader.fields[f"{arch}.block_count"].contents())
         except Exception as exc:  # the reader raises many kinds on a bad file
             raise SuperweightError(f"{where}: no architecture in its GGUF metadata ({type(exc).__name__}: {exc})") from None
-    if kind == "quantized":
-        where = str(where)
     from transformers import AutoConfig
 
     try:
         config = AutoConfig.from_pretrained(where)
     except Exception as exc:
-        raise SuperweightError(f"cannot read the config of {model}: {exc}".splitlines()[0]) from None
+        raise SuperweightError(f"cannot read the config of {src.ref}: {exc}".splitlines()[0]) from None
     return gguf_arch_name(architecture_name(config)), int(config.num_hidden_layers)
 
 

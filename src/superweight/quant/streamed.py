@@ -30,7 +30,8 @@ from .artifact import ArtifactWriter, untouched_tensors, finish_artifact, int8_e
 from ..core.files import staged_dir
 from .api import DEFAULT_EXCLUDE, quantize, target_weights
 from .config import RTN, Ternary
-from ..model.streamed import StreamedModel, load_tokenizer
+from ..model.source import ModelSource
+from ..model.streamed import StreamedModel, load_tokenizer, streamed
 from .w8a8 import activation_spec, default_calibration, held_of, recording_inputs, w8a8_targets
 from .streamed_sweep import RecordedInputs
 
@@ -38,13 +39,13 @@ log = logging.getLogger(__name__)
 
 
 def stream_quantize(
-    path: str | os.PathLike, config: RTN | Ternary, keep: Iterable | dict | None = None, out: str | os.PathLike = "",
+    path: str | os.PathLike | ModelSource | StreamedModel, config: RTN | Ternary, keep: Iterable | dict | None = None, out: str | os.PathLike = "",
     include: str | None = None, exclude: str | None = DEFAULT_EXCLUDE, param_dtype: torch.dtype = torch.float16,
     dtype: str = "float32", device: str | None = None, force: bool = False, notes: list[str] | None = None,
     sharded: bool = True, activations: bool = False, untouched_dtype: torch.dtype | None = None,
     embeddings: str = "float",
 ) -> dict:
-    """Write the artifact of the local safetensors model at ``path`` quantized under ``config``, keeping
+    """Write the artifact of the local safetensors model at ``path`` (or a ``StreamedModel`` of it) quantized under ``config``, keeping
     ``keep`` exact, reading one decoder layer at a time; returns the manifest. ``sharded``: a file per
     layer and an index (False: one ``model.safetensors``, as the in-memory export writes, one more copy).
     ``activations``: a W8A8 artifact (``config`` 8-bit; inputs quantized per token when loaded, the super
@@ -53,8 +54,7 @@ def stream_quantize(
     out = Path(out)
     if out.exists() and not force:
         raise SuperweightError(f"{out} already exists: pick another --out or pass --force to replace it")
-    sm = StreamedModel(path, dtype=dtype, device=device or "cpu")
-    try:
+    with streamed(path, dtype, device or "cpu") as sm:
         model, arch = sm.model, sm.arch
         tokenizer = load_tokenizer(sm.ckpt.folder, required=False)  # none: the artifact has none either
         inside = f"{arch.layers}."
@@ -82,9 +82,7 @@ def stream_quantize(
                     writer.add_quantized(outside)
                 skip = set(outside.tensors) if outside is not None else set()
                 writer.add_untouched(*untouched_tensors(model, skip, lambda n: not n.startswith(inside)))
-            return finish_artifact(writer, tmp, model, tokenizer, config, str(path), notes, acts, sharded=sharded)
-    finally:
-        sm.close()
+            return finish_artifact(writer, tmp, model, tokenizer, config, sm.source.ref, notes, acts, sharded=sharded)
 
 
 def _outside_targets(model, config, keep, include, exclude, arch, param_dtype, inside: str):
