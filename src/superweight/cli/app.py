@@ -22,6 +22,7 @@ from ..model import load
 from .options import ModelOptions
 from ..model.mode import Mode, choose_mode
 from ..model.source import ModelSource
+from ..model.streamed import StreamedModel
 from ..find.loop import DEFAULT_PROMPT, detect as run_detect
 
 app = typer.Typer(
@@ -89,6 +90,11 @@ def load_lm(model: str, opts: ModelOptions, dequantize: bool = False):
 def mode_of(model: str | ModelSource, stream: bool, opts: ModelOptions) -> Mode:
     """Memory or stream for MODEL under ``opts`` (``--stream`` forces streaming; ``model.mode.choose_mode``)."""
     return choose_mode(model, opts.dtype, stream, opts.device_map, opts.cache_dir, opts.device)
+
+
+def open_streamed(source: str | ModelSource, opts: ModelOptions) -> StreamedModel:
+    """The one ``StreamedModel`` a streamed command runs every pass on, as ``opts`` say (``--held-gb`` too)."""
+    return StreamedModel(source, opts.dtype, opts.device, held_bytes=opts.held_bytes)
 
 
 def detect_default(lm, prompts: Optional[List[str]] = None):

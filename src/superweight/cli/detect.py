@@ -61,7 +61,8 @@ def detect(
         verdict_tokens=verdict_tokens, verdict_full=verdict_full, z_threshold=z_threshold, scope="all_linear" if all_linear else "down_proj",
     )
     check_json_out(json_path)
-    result, mag = find_super_weights(model, config, stream or "auto", opts.dtype, opts.cache_dir, opts.device, opts.device_map)
+    result, mag = find_super_weights(model, config, stream or "auto", opts.dtype, opts.cache_dir, opts.device, opts.device_map,
+                                     opts.held_bytes)
     for note in result.notes:
         err_console.print(f"[yellow]note:[/] {note}")
     if method != "magnitude":

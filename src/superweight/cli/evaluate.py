@@ -9,7 +9,7 @@ import typer
 from ..prove.ablate import DEFAULT_SCALES, DEFAULT_TOP_N
 from ..core.errors import SuperweightError
 from .inputs import check_seq_len, check_super_weights, check_super_weights_early, check_text_source, read_super_weights
-from .app import check_json_out, write_json_out, app, console, detect_default, load_lm, mode_of, print_notes, setup_logging
+from .app import check_json_out, write_json_out, app, console, detect_default, load_lm, mode_of, open_streamed, print_notes, setup_logging
 from .options import DequantizeOpt, LimitOpt, MaxTokensOpt, ModelArg, ModelOptions, PplOpt, SeqLenOpt, TasksOpt, grouped
 from .console import print_ablation_table, print_stopwords, print_tables
 from ..eval.tasks import parse_tasks
@@ -19,6 +19,7 @@ from ..prove.streamed import stream_eval, stream_ablation
 from ..find.streamed import stream_detect
 from ..model.mode import Mode
 from ..model.source import ModelSource
+from ..model.streamed import StreamedModel
 
 
 def _items(values: Optional[List[str]]) -> list[str]:
@@ -44,24 +45,23 @@ def _eval_config(ppl: str, tasks: Optional[List[str]], limit: Optional[int], max
     return AblationConfig(ppl=ppl_source, tasks=task_list, limit=limit, max_tokens=max_tokens, seq_len=seq_len, **kw)
 
 
-def _streamed_eval(model: str, config, dtype: str, device: str):
+def _streamed_eval(sm: StreamedModel, config):
     """``eval`` of a model streamed layer by layer (``stream_ablate.stream_eval``): the in-memory numbers."""
     with step("evaluation (streamed: every window and request batch through each layer read)"):
-        return stream_eval(model, config, dtype=dtype, device=device, model_name=model)
+        return stream_eval(sm, config, model_name=sm.source.ref)
 
 
-def _streamed_ablation(model: str, det, origin: Optional[Path], config, dtype: str, device: str):
+def _streamed_ablation(sm: StreamedModel, det, origin: Optional[Path], config):
     """``ablate`` of a model streamed layer by layer (``stream_ablate.stream_ablation``): detection
     streamed too unless a JSON gives the super weights."""
     detected = None
     if det is None:
         with step("detecting super weights (streamed)"):
-            det = detected = stream_detect(model, model_name=model, dtype=dtype, device=device)
+            det = detected = stream_detect(sm, model_name=sm.source.ref)
         origin = None
     _print_found(det.super_weights)
     with step("ablation (streamed: every condition through each layer read)"):
-        result = stream_ablation(model, det, config, dtype=dtype, device=device, model_name=model,
-                                 origin=None if origin is None else str(origin))
+        result = stream_ablation(sm, det, config, model_name=sm.source.ref, origin=None if origin is None else str(origin))
     return _with_notes_of(result, detected)
 
 
@@ -128,7 +128,8 @@ def ablate(
         check_super_weights_early(det, source, super_weights, opts.cache_dir, to_ablate=True)
     check_json_out(json_path)
     if mode_of(source, stream, opts) is Mode.STREAM:
-        result, shown = _streamed_ablation(source, det, super_weights, config, opts.dtype, opts.device), []
+        with open_streamed(source, opts) as sm:
+            result, shown = _streamed_ablation(sm, det, super_weights, config), []
     else:
         lm = load_lm(source, opts, dequantize)
         detected = None if det else detect_default(lm)
@@ -165,7 +166,8 @@ def eval_cmd(
     check_seq_len(seq_len, source, opts.cache_dir)
     check_json_out(json_path)
     if mode_of(source, stream, opts) is Mode.STREAM:
-        result, shown = _streamed_eval(source, config, opts.dtype, opts.device), []
+        with open_streamed(source, opts) as sm:
+            result, shown = _streamed_eval(sm, config), []
     else:
         lm = load_lm(source, opts, dequantize)
         result, shown = run_eval(lm, config), lm.notes

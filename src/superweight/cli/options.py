@@ -72,8 +72,16 @@ class ModelOptions:
     cache_dir: Optional[Path] = cli(CacheOpt)
     device: str = cli(DeviceOpt)
     device_map: Optional[str] = cli(DeviceMapOpt)
+    held_gb: Optional[float] = cli(typer.Option(
+        None, "--held-gb", min=0.001, help="Streamed passes: GiB of residual streams one pass over the layers holds "
+        "(default 2, or SUPERWEIGHT_HELD_GB); more memory, fewer passes."))
     verbose: bool = cli(VerboseOpt)
     quiet: bool = cli(QuietOpt)
+
+    @property
+    def held_bytes(self) -> Optional[int]:
+        """``--held-gb`` in bytes (None: the default budget)."""
+        return None if self.held_gb is None else int(self.held_gb * (1 << 30))
 
 
 def _is_group(t: Any) -> bool:

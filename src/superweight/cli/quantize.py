@@ -11,7 +11,7 @@ from ..core.errors import SuperweightError
 from ..core.files import check_output
 from ..model.arch import checked_against
 from .inputs import check_super_weights, check_super_weights_early, read_super_weights
-from .app import app, check_json_out, console, detect_default, err_console, load_lm, mode_of, setup_logging, write_json_out
+from .app import app, check_json_out, console, detect_default, err_console, load_lm, mode_of, open_streamed, setup_logging, write_json_out
 from .options import ModelArg, ModelOptions, cli, grouped
 from .console import print_tables
 from ..core.progress import step
@@ -76,7 +76,7 @@ def _streamed(source: ModelSource, config, keep_super_weights: bool, super_weigh
               include: Optional[str], exclude: str, opts: ModelOptions, activations: bool, storage: dict) -> dict:
     """A local safetensors model quantized layer by layer (``stream_quantize``), the super weights from
     ``streamed_keep``: one ``StreamedModel`` for both."""
-    with StreamedModel(source, opts.dtype, opts.device) as sm:
+    with open_streamed(source, opts) as sm:
         keep = streamed_keep(sm, super_weights) if keep_super_weights else []
         with step("quantizing layer by layer (streamed)"):
             return stream_quantize(sm, config, keep, out, include, exclude, force=force, activations=activations, **storage)

@@ -9,7 +9,7 @@ import typer
 from ..core.files import check_output
 from .inputs import check_prompts, check_super_weights, check_super_weights_early, read_results, read_super_weights
 
-from .app import app, console, detect_default, load_lm, mode_of, setup_logging
+from .app import app, console, detect_default, load_lm, mode_of, open_streamed, setup_logging
 from .options import ModelArg, ModelOptions, grouped
 from ..report import page as rep
 from ..find.loop import DEFAULT_PROMPT
@@ -21,28 +21,28 @@ from ..find.streamed import stream_detect
 from ..quant.streamed_sweep import stream_sweep
 from ..model.mode import Mode
 from ..model.source import ModelSource
+from ..model.streamed import StreamedModel
 
 
-def _streamed_inputs(model: str, detection, ablation, sweep, run_ablation: bool, run_sweep: bool, limit: int, prompt,
-                     command: str, dtype: str, device: str):
+def _streamed_inputs(sm: StreamedModel, detection, ablation, sweep, run_ablation: bool, run_sweep: bool, limit: int,
+                     prompt, command: str):
     """The report's inputs for a model read layer by layer: detection (unless given), the Fig. 4 trace, the
     ablation (``--run-ablation``) and the sweep (``--run-sweep``) streamed."""
     if detection is None:
         with step("detecting super weights (streamed)"):
-            detection = stream_detect(model, list(prompt or [DEFAULT_PROMPT]), model_name=model, dtype=dtype, device=device)
+            detection = stream_detect(sm, list(prompt or [DEFAULT_PROMPT]), model_name=sm.source.ref)
     with step("tracing the super activation (streamed)"):
-        trace = rep.streamed_residual_trace(model, detection, dtype, device)
+        trace = rep.streamed_residual_trace(sm, detection)
     note = []
     if run_ablation and ablation is None:
         with step("ablation (streamed: every condition through each layer read)"):
-            ablation = stream_ablation(model, detection, AblationConfig(limit=limit), dtype=dtype, device=device,
-                                       model_name=model)
+            ablation = stream_ablation(sm, detection, AblationConfig(limit=limit), model_name=sm.source.ref)
         note = ["streamed: the ablation ran every condition through each layer read"]
     swept = run_sweep and sweep is None
     if swept:
         grid = default_grid()
         with step(f"sweep (streamed: {len(grid)} points through each layer read)"):
-            sweep = stream_sweep(model, detection, grid, dtype=dtype, device=device, model_name=model)
+            sweep = stream_sweep(sm, detection, grid, model_name=sm.source.ref)
     inputs = rep.gather(None, detection, ablation, sweep, False, False, command=command, trace=trace, notes=note)
     if note:
         inputs.ablation_source = "run by this report (streamed)"
@@ -89,8 +89,8 @@ def report(
              f"--run-ablation --limit {limit}" if run_ablation else "", "--run-sweep" if run_sweep else ""]
     command = " ".join(x for x in ["superweight report", model, f"--out {out}", *flags, *(f"-p {p!r}" for p in prompt or [])] if x)
     if needs_model and mode_of(source, stream, opts) is Mode.STREAM:
-        inputs = _streamed_inputs(source, detection, ablation, sweep, run_ablation, run_sweep, limit, prompt, command, opts.dtype,
-                                  opts.device)
+        with open_streamed(source, opts) as sm:
+            inputs = _streamed_inputs(sm, detection, ablation, sweep, run_ablation, run_sweep, limit, prompt, command)
     else:
         lm = load_lm(source, opts, dequantize=True) if needs_model else None
         if lm is not None and detection is not None:

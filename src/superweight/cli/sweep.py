@@ -10,7 +10,7 @@ from .inputs import check_seq_len, check_super_weights_early, check_text_source,
 from ..quant.sweep import (
     DEFAULT_BITS, DEFAULT_CLIP_Z, DEFAULT_GROUPS, DEFAULT_MAX_TOKENS, DEFAULT_SIZES, default_grid, run_sweep,
 )
-from .app import check_json_out, write_json_out, app, console, err_console, load_lm, mode_of, setup_logging
+from .app import check_json_out, write_json_out, app, console, err_console, load_lm, mode_of, open_streamed, setup_logging
 from .options import ModelArg, ModelOptions, grouped
 from .console import print_sweep_tables
 from .quantize import keep_for, parse_size, streamed_keep
@@ -18,6 +18,7 @@ from ..core.progress import step
 from ..quant.streamed_sweep import stream_sweep
 from ..model.mode import Mode
 from ..model.source import ModelSource
+from ..model.streamed import StreamedModel
 
 
 def _grid(bits: List[int], size: List[str], group: List[int], clip_z: float):
@@ -25,13 +26,13 @@ def _grid(bits: List[int], size: List[str], group: List[int], clip_z: float):
     return default_grid(tuple(bits or DEFAULT_BITS), sizes, clip_z, tuple(group or DEFAULT_GROUPS))
 
 
-def _streamed_sweep(model: str, super_weights: Optional[Path], grid, text: str, max_tokens: int, seq_len: Optional[int],
-                    dtype: str, device: str):
+def _streamed_sweep(sm: StreamedModel, super_weights: Optional[Path], grid, text: str, max_tokens: int,
+                    seq_len: Optional[int]):
     """``sweep`` of a model read layer by layer (``stream_sweep``): every grid point, in one pass."""
-    keep = streamed_keep(model, super_weights, dtype, device)
+    keep = streamed_keep(sm, super_weights)
     with step(f"sweep (streamed: {len(grid)} points through each layer read)"):
-        return stream_sweep(model, keep, grid, text_name=text, max_tokens=max_tokens, seq_len=seq_len, dtype=dtype,
-                            device=device, model_name=model)
+        return stream_sweep(sm, keep, grid, text_name=text, max_tokens=max_tokens, seq_len=seq_len,
+                            model_name=sm.source.ref)
 
 
 @app.command("sweep")
@@ -67,7 +68,8 @@ def sweep_cmd(
     check_seq_len(seq_len, source, opts.cache_dir)
     grid = _grid(bits, size, group, clip_z)
     if mode_of(source, stream, opts) is Mode.STREAM:
-        result = _streamed_sweep(source, super_weights, grid, text, max_tokens, seq_len, opts.dtype, opts.device)
+        with open_streamed(source, opts) as sm:
+            result = _streamed_sweep(sm, super_weights, grid, text, max_tokens, seq_len)
     else:
         lm = load_lm(source, opts, dequantize=True)
         keep = keep_for(lm, True, super_weights)

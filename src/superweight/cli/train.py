@@ -1,14 +1,17 @@
 """Commands that study super weights across training: train, emergence."""
 from __future__ import annotations
 
+import dataclasses
+from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
+import torch
 import typer
 
 from ..core.errors import SuperweightError
 from .app import app, console, setup_logging
-from .options import QuietOpt, VerboseOpt
+from .options import QuietOpt, VerboseOpt, cli, grouped
 from ..find.loop import DetectionResult
 from ..train.loop import TrainConfig, train as run_train, TrainResult
 from ..train.emergence import emergence as run_emergence
@@ -38,31 +41,62 @@ def zero_coords(zero: List[str], zero_file: Optional[Path]) -> list[list[int]]:
     return coords
 
 
+@dataclass(frozen=True)
+class Schedule:
+    """The run's size and schedule: each None takes the preset's value (an option group)."""
+
+    steps: Optional[int] = cli(typer.Option(None, "--steps", min=1))
+    save_every: Optional[int] = cli(typer.Option(None, "--save-every", min=1, help="Checkpoint every N steps."))
+    seed: int = cli(typer.Option(0, "--seed", help="Initialisation and data-order seed."))
+    layers: Optional[int] = cli(typer.Option(None, "--layers", min=1))
+    hidden: Optional[int] = cli(typer.Option(None, "--hidden", min=8))
+    intermediate: Optional[int] = cli(typer.Option(None, "--intermediate", min=8))
+    heads: Optional[int] = cli(typer.Option(None, "--heads", min=1))
+    seq_len: Optional[int] = cli(typer.Option(None, "--seq-len", min=8))
+    batch: Optional[int] = cli(typer.Option(None, "--batch", min=1))
+    lr: Optional[float] = cli(typer.Option(None, "--lr"))
+
+
+@dataclass(frozen=True)
+class Keeping:
+    """BitNet b1.58 QAT and which weights it keeps in full precision or zeroes first (an option group)."""
+
+    bitnet: bool = cli(typer.Option(False, "--bitnet", help="BitNet b1.58 QAT: ternary weights, 8-bit activations, STE."))
+    keep: List[str] = cli(typer.Option(
+        None, "--keep", help="With --bitnet: a down_proj weight LAYER:ROW:COL kept in full precision (repeat)."))
+    keep_file: Optional[Path] = cli(typer.Option(
+        None, "--keep-file", help="With --bitnet: keep the super weights of a detection JSON."))
+    keep_random: bool = cli(typer.Option(
+        False, "--keep-random", help="Control: keep as many random weights of the same layers instead."))
+    keep_lines: bool = cli(typer.Option(
+        False, "--keep-lines", help="Keep the whole down_proj row and column of every kept weight instead."))
+    zero: List[str] = cli(typer.Option(
+        None, "--zero", help="Zero this down_proj weight LAYER:ROW:COL before step 1, then train on (repeat)."))
+    zero_file: Optional[Path] = cli(typer.Option(
+        None, "--zero-file", help="Zero the creating super weights of a detection JSON before step 1."))
+
+    def config(self) -> dict:
+        """``TrainConfig`` keywords, the combinations checked: keeping needs --bitnet, and a weight to start from."""
+        coords = keep_coords(self.keep, self.keep_file)
+        if (coords or self.keep_random or self.keep_lines) and not self.bitnet:
+            raise SuperweightError("--keep, --keep-file, --keep-random and --keep-lines only apply with --bitnet")
+        if (self.keep_random or self.keep_lines) and not coords:
+            raise SuperweightError("--keep-random and --keep-lines need --keep or --keep-file: they start from those weights")
+        return dict(bitnet=self.bitnet, keep=coords, keep_random=self.keep_random, keep_lines=self.keep_lines,
+                    zero=zero_coords(self.zero, self.zero_file))
+
+
 @app.command()
+@grouped
 def train(
     out: Path = typer.Option(..., "--out", help="Folder for step-NNNNNN checkpoints and train_log.json."),
     preset: str = typer.Option("cpu", "--preset", help="test (seconds), cpu (minutes on 2 cores) or gpu."),
-    steps: Optional[int] = typer.Option(None, "--steps", min=1),
-    save_every: Optional[int] = typer.Option(None, "--save-every", min=1, help="Checkpoint every N steps."),
-    seed: int = typer.Option(0, "--seed", help="Initialisation and data-order seed."),
-    layers: Optional[int] = typer.Option(None, "--layers", min=1),
-    hidden: Optional[int] = typer.Option(None, "--hidden", min=8),
-    intermediate: Optional[int] = typer.Option(None, "--intermediate", min=8),
-    heads: Optional[int] = typer.Option(None, "--heads", min=1),
-    seq_len: Optional[int] = typer.Option(None, "--seq-len", min=8),
-    batch: Optional[int] = typer.Option(None, "--batch", min=1),
-    lr: Optional[float] = typer.Option(None, "--lr"),
+    schedule: Schedule = Schedule(),
     text: str = typer.Option("wiki-intros", "--text", help="wiki-intros, wikitext2-train or a text file."),
     tokenizer: str = typer.Option("bpe", "--tokenizer", help="bpe (trained on the text here) or a model whose tokenizer to reuse, e.g. smollm2-135m."),
     device: str = typer.Option("cpu", "--device", help="cpu, cuda, cuda:N or auto."),
     init: str = typer.Option("", "--init", help="Continue training this Llama model (e.g. smollm2-135m) instead of starting from scratch."),
-    bitnet: bool = typer.Option(False, "--bitnet", help="BitNet b1.58 QAT: ternary weights, 8-bit activations, STE."),
-    keep: List[str] = typer.Option(None, "--keep", help="With --bitnet: a down_proj weight LAYER:ROW:COL kept in full precision (repeat)."),
-    keep_file: Optional[Path] = typer.Option(None, "--keep-file", help="With --bitnet: keep the super weights of a detection JSON."),
-    keep_random: bool = typer.Option(False, "--keep-random", help="Control: keep as many random weights of the same layers instead."),
-    keep_lines: bool = typer.Option(False, "--keep-lines", help="Keep the whole down_proj row and column of every kept weight instead."),
-    zero: List[str] = typer.Option(None, "--zero", help="Zero this down_proj weight LAYER:ROW:COL before step 1, then train on (repeat)."),
-    zero_file: Optional[Path] = typer.Option(None, "--zero-file", help="Zero the creating super weights of a detection JSON before step 1."),
+    keeping: Keeping = Keeping(),
     freeze_embeddings: bool = typer.Option(False, "--freeze-embeddings", help="Do not train the (tied) embedding."),
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for torch."),
     force: bool = typer.Option(False, "--force", help="Train into an existing --out folder."),
@@ -74,25 +108,14 @@ def train(
     Quick start: `superweight train --out runs/s0 --steps 800 --save-every 50` (~15 min on 2 idle cores).
     BitNet QAT of SmolLM2 keeping its super weights (needs a GPU to be useful):
     `superweight detect --json sw.json && superweight train --init smollm2-135m --bitnet --keep-file sw.json --device auto --out runs/q`"""
-    import torch
-
     setup_logging(verbose, quiet)
     if out.exists() and any(out.iterdir()) and not force:
         raise SuperweightError(f"{out} is not empty: pick another --out or pass --force")
-    coords = keep_coords(keep, keep_file)
-    if (coords or keep_random or keep_lines) and not bitnet:
-        raise SuperweightError("--keep, --keep-file, --keep-random and --keep-lines only apply with --bitnet")
-    if (keep_random or keep_lines) and not coords:
-        raise SuperweightError("--keep-random and --keep-lines need --keep or --keep-file: they start from those weights")
-    zeroed = zero_coords(zero, zero_file)
+    kept = keeping.config()
     if threads:
         torch.set_num_threads(threads)
-    config = TrainConfig.preset(
-        preset, steps=steps, save_every=save_every, seed=seed, layers=layers, hidden=hidden, intermediate=intermediate,
-        heads=heads, seq_len=seq_len, batch=batch, lr=lr, text=text, tokenizer=tokenizer, device=device,
-        bitnet=bitnet, keep=coords, keep_random=keep_random, init=init, keep_lines=keep_lines, zero=zeroed,
-        freeze_embeddings=freeze_embeddings,
-    )
+    config = TrainConfig.preset(preset, **dataclasses.asdict(schedule), text=text, tokenizer=tokenizer, device=device,
+                                init=init, freeze_embeddings=freeze_embeddings, **kept)
     result = run_train(config, out)
     last = result.evals[-1]
     console.print(

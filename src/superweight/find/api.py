@@ -52,16 +52,18 @@ class FindConfig:
 def find_super_weights(
     model_ref: str | Path | ModelSource, config: FindConfig = FindConfig(), stream: bool | str = "auto", dtype: str = "float32",
     cache_dir: str | Path | None = None, device: str | None = None, device_map: str | None = None,
+    held_bytes: int | None = None,
 ) -> tuple[DetectionResult, MagnitudeResult | None]:
     """Detection (and, per ``config``, the verdict and the magnitude scan) of ``model_ref``.
 
     ``stream``: "auto" streams a local safetensors checkpoint only when it does not fit in memory,
-    True always streams it, False always loads it.
+    True always streams it, False always loads it. ``held_bytes``: the streamed passes' memory budget
+    (``StreamedModel``).
     """
     source = ModelSource.of(model_ref)  # resolved once: the mode, the loader and the streamed model share it
     mode = Mode.MEMORY if stream is False else choose_mode(source, dtype, stream is True, device_map, cache_dir, device)
     if mode is Mode.STREAM:
-        return _streamed(source, config, dtype, device)
+        return _streamed(StreamedModel(source, dtype, device, held_bytes=held_bytes), config)
     return _in_memory(source, config, dtype, cache_dir, device, device_map)
 
 
@@ -69,10 +71,10 @@ def _kw(config: FindConfig) -> dict:
     return dict(method=METHODS[config.method], trace_rule=config.trace_rule)
 
 
-def _streamed(source: ModelSource, config: FindConfig, dtype: str, device: str | None):
-    with StreamedModel(source, dtype, device) as sm:  # one for detection, the verdict and the magnitude scan
+def _streamed(sm: StreamedModel, config: FindConfig):
+    with sm:  # one for detection, the verdict and the magnitude scan
         with step("detecting super weights (streamed, layer by layer)"):
-            result = stream_detect(sm, list(config.prompts), config.rule, config.max_iter, model_name=source.ref,
+            result = stream_detect(sm, list(config.prompts), config.rule, config.max_iter, model_name=sm.source.ref,
                                    verdict_text=config.verdict_text, verdict_tokens=config.verdict_tokens,
                                    verdict_full=config.verdict_full, **_kw(config))
         mag = None

@@ -9,7 +9,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 
 import torch
@@ -25,7 +25,7 @@ from .device import resolve_device
 log = logging.getLogger(__name__)
 
 
-class Mode(str, Enum):
+class Mode(StrEnum):
     """How a command holds its model: all of it in memory, or one decoder layer at a time."""
 
     MEMORY = "memory"

@@ -12,14 +12,14 @@ import importlib.util
 import os
 import re
 from dataclasses import dataclass
-from enum import Enum
+from enum import StrEnum
 from pathlib import Path
 
 from ..core.errors import SuperweightError
 from .checkpoint import Checkpoint, is_artifact, open_checkpoint
 
 
-class SourceKind(str, Enum):
+class SourceKind(StrEnum):
     """What a model reference names."""
 
     GGUF = "gguf"  # a .gguf file (or a built-in name, which is one)

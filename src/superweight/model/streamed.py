@@ -159,15 +159,19 @@ class StreamedModel:
 
     def __init__(
         self, path: str | Path | ModelSource, dtype: str | torch.dtype = "float32", device: str | torch.device | None = None,
-        prefetch: bool = True,
+        prefetch: bool = True, held_bytes: int | None = None,
     ):
         """``path``: a local safetensors model folder (or its ``ModelSource``, whose parsed headers are
-        reused). ``device``: where layers run (``auto``: CUDA when available; default the CPU). ``prefetch``:
+        reused). ``held_bytes``: the residual streams one pass of ``run_heads`` may hold (default
+        ``held_budget()``: 2 GiB, or ``SUPERWEIGHT_HELD_GB``). ``device``: where layers run (``auto``: CUDA when available; default the CPU). ``prefetch``:
         read the next layer on a background thread while the current one runs (pinned for CUDA)."""
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM
 
         self.source = ModelSource.of(path)
+        self.held_bytes = held_budget() if held_bytes is None else held_bytes
+        if not self.held_bytes > 0:
+            raise SuperweightError(f"the streamed passes' memory budget must be positive, got {held_bytes} bytes")
         self.ckpt: Checkpoint = self.source.checkpoint
         self.dtype = parse_dtype(dtype)
         self.device = resolve_device(device or "cpu")
@@ -391,10 +395,10 @@ class StreamedModel:
     def run_heads(self, windows: Sequence[torch.Tensor], runs: Sequence[tuple[int, Edit]], fns: Sequence,
                   held_bytes: int | None = None, together: int = 0) -> list:
         """``through_head(last_outputs(...))`` of every run, with the runs' residual streams held at once
-        kept under ``held_bytes`` (default ``held_budget()``; about tokens x hidden size x dtype bytes
+        kept under ``held_bytes`` (default ``self.held_bytes``; about tokens x hidden size x dtype bytes
         each): runs that do not fit one pass go to the next, each pass reading the layers once more. The
         first ``together`` runs are never split (the first pass holds them all, whatever their size)."""
-        held_bytes = held_budget() if held_bytes is None else held_bytes
+        held_bytes = self.held_bytes if held_bytes is None else held_bytes
         width = self.model.get_input_embeddings().weight.shape[-1] * self.dtype.itemsize
         out, group, size = [], [], 0
         for r, (w, _) in enumerate(runs):
@@ -452,12 +456,12 @@ def load_tokenizer(folder: Path, required: bool = True):
 @contextlib.contextmanager
 def streamed(
     model: "str | Path | ModelSource | StreamedModel", dtype: str | torch.dtype = "float32",
-    device: str | torch.device | None = None, prefetch: bool = True,
+    device: str | torch.device | None = None, prefetch: bool = True, held_bytes: int | None = None,
 ) -> Iterator[StreamedModel]:
     """``model`` as a ``StreamedModel``: the one given (its owner closes it), or one built now and closed
     after the block. A command builds one and passes it to every streamed pass it runs."""
     if isinstance(model, StreamedModel):
         yield model
         return
-    with StreamedModel(model, dtype, device, prefetch) as sm:
+    with StreamedModel(model, dtype, device, prefetch, held_bytes) as sm:
         yield sm

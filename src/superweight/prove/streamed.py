@@ -54,7 +54,7 @@ from .experiments import (
     stopword_result,
     super_weight_dicts,
 )
-from ..model.streamed import StreamedModel, load_tokenizer
+from ..model.streamed import StreamedModel, load_tokenizer, streamed
 
 
 log = logging.getLogger(__name__)
@@ -79,11 +79,10 @@ def stream_ablation(
     read from a file (``origin``) is checked against the checkpoint's architecture first."""
     config, sws, coords = ablation_inputs(super_weights, config, overrides)
     start = time.perf_counter()
-    sm = StreamedModel(path, dtype, device)
-    try:
+    with streamed(path, dtype, device) as sm:
         tokenizer = tokenizer or load_tokenizer(sm.ckpt.folder)
         if origin is not None:
-            checked_against(super_weights, sm.arch, sm.model, model_name or str(path), origin)
+            checked_against(super_weights, sm.arch, sm.model, model_name or sm.source.ref, origin)
         checked_keys(sm.model, sm.arch, coords)
         names = [n for layer in sw_layers(coords) for n in sm.layer_names(layer)]
         with sm.materialised(names):  # the null baselines read the super weights' layers
@@ -105,11 +104,9 @@ def stream_ablation(
         note = (f"streamed: every condition through each layer read, {sm.passes} pass(es) over the checkpoint "
                 f"in {seconds:.0f} s")
         return AblationResult(
-            model=model_name or str(path), architecture=sm.arch.name, super_weights=super_weight_dicts(sws),
+            model=model_name or sm.source.ref, architecture=sm.arch.name, super_weights=super_weight_dicts(sws),
             config=config, conditions=conditions, stopwords=stop, top5=top5, notes=[note],
         )
-    finally:
-        sm.close()
 
 
 def stream_eval(
@@ -120,8 +117,7 @@ def stream_eval(
     and zero-shot tasks, every window and request batch through each layer read."""
     config = configured(config, overrides)
     start = time.perf_counter()
-    sm = StreamedModel(path, dtype, device)
-    try:
+    with streamed(path, dtype, device) as sm:
         tokenizer = tokenizer or load_tokenizer(sm.ckpt.folder)
         original = Condition("original", "as it is", lambda coords: contextlib.nullcontext(), [])
         ppl, tasks, _, _ = _measure(sm, tokenizer, config, [original], stopwords=False)
@@ -129,10 +125,8 @@ def stream_eval(
         scores = tasks["original"]
         seconds = time.perf_counter() - start
         note = f"streamed: each layer read once per pass, {sm.passes} pass(es) over the checkpoint in {seconds:.0f} s"
-        return EvalResult(model_name or str(path), config, value, tokens, average_accuracy(scores) if scores else None,
+        return EvalResult(model_name or sm.source.ref, config, value, tokens, average_accuracy(scores) if scores else None,
                           scores, [note], seconds)
-    finally:
-        sm.close()
 
 
 class _Runs:

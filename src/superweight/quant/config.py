@@ -9,11 +9,34 @@ from __future__ import annotations
 
 import difflib
 from dataclasses import asdict, dataclass, fields
+from enum import StrEnum
 from typing import Union
 
 from ..core.errors import SuperweightError
 
 CONFIG_VERSION = 1
+
+
+class Levels(StrEnum):
+    UNIFORM = "uniform"  # asymmetric INT-N
+    NF4 = "nf4"  # QLoRA NormalFloat4, absmax scale
+
+
+class Oversize(StrEnum):
+    ERROR = "error"  # a tensor smaller than the block or group is refused
+    TENSOR = "tensor"  # ... or quantized per tensor
+
+
+class Search(StrEnum):
+    MINMAX = "minmax"  # each group's range
+    MSE = "mse"  # least-squares range search (quant/search.py)
+    HQQ = "hqq"  # HQQ's half-quadratic solver
+
+
+class ZeroPoint(StrEnum):
+    FLOAT = "float"  # float16
+    INT8 = "int8"  # integer steps
+    FIX8 = "fix8"  # 8-bit fixed point, 2^-(7-bits) steps
 
 
 @dataclass(frozen=True)
@@ -49,6 +72,13 @@ def _check_size(name: str, value: int | None) -> None:
         raise SuperweightError(f"{name} must be a positive integer, got {value!r}")
 
 
+def _coerce(config, name: str, kind: type[StrEnum]) -> None:
+    """``config.name`` as a member of ``kind`` (a config built from strings or JSON), or a one-line error."""
+    value = getattr(config, name)
+    _check_choice(name, value, tuple(m.value for m in kind))
+    object.__setattr__(config, name, kind(value))
+
+
 def _check_choice(name: str, value: str, choices: tuple[str, ...]) -> None:
     if value not in choices:
         raise SuperweightError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
@@ -77,10 +107,10 @@ class RTN:
     block: int | None = None
     per_channel: bool = False
     clip: Clip | None = None
-    levels: str = "uniform"  # "uniform" (asymmetric INT-N) or "nf4" (QLoRA NormalFloat4, absmax scale)
-    oversize: str = "error"  # "error" or "tensor"
-    search: str = "minmax"  # "minmax" (each group's range), "mse" (range search) or "hqq" (HQQ's solver), see quant/search.py
-    zero_point: str = "float"  # "float" (float16), "int8" (integer steps) or "fix8" (8-bit fixed point, 2^-(7-bits) steps)
+    levels: Levels = Levels.UNIFORM
+    oversize: Oversize = Oversize.ERROR
+    search: Search = Search.MINMAX
+    zero_point: ZeroPoint = ZeroPoint.FLOAT
     outliers: float = 0.0  # sparse-part budget in bits per weight for the largest other weights of each matrix
     sa_weight: float = 1.0  # fit weight of the elements that read the super activation's channel (mse only)
 
@@ -88,14 +118,14 @@ class RTN:
         if not isinstance(self.bits, int) or not 2 <= self.bits <= 8:
             raise SuperweightError(f"bits must be an integer from 2 to 8, got {self.bits!r}")
         _check_granularity(self.group, self.block, self.per_channel)
-        _check_choice("levels", self.levels, ("uniform", "nf4"))
+        _coerce(self, "levels", Levels)
         if self.levels == "nf4" and self.bits != 4:
             raise SuperweightError("NF4 levels need bits=4")
-        _check_choice("oversize", self.oversize, ("error", "tensor"))
-        _check_choice("search", self.search, ("minmax", "mse", "hqq"))
+        _coerce(self, "oversize", Oversize)
+        _coerce(self, "search", Search)
         if self.search == "hqq" and self.levels == "nf4":
             raise SuperweightError("search='hqq' moves a zero point, which NF4 has not: use search='mse'")
-        _check_choice("zero_point", self.zero_point, ("float", "int8", "fix8"))
+        _coerce(self, "zero_point", ZeroPoint)
         if self.zero_point != "float" and self.levels == "nf4":
             raise SuperweightError("NF4 has no zero point: drop zero_point='int8'")
         if not 0 <= self.outliers < 8:
@@ -127,13 +157,13 @@ class Ternary:
     block: int | None = None
     topk: int = 0
     eps: float = 1e-5
-    oversize: str = "error"
+    oversize: Oversize = Oversize.ERROR
 
     def __post_init__(self) -> None:
         _check_granularity(self.group, self.block, False)
         if not isinstance(self.topk, int) or self.topk < 0:
             raise SuperweightError(f"topk must be a non-negative integer, got {self.topk!r}")
-        _check_choice("oversize", self.oversize, ("error", "tensor"))
+        _coerce(self, "oversize", Oversize)
 
     @property
     def kind(self) -> str:

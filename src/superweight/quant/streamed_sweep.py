@@ -37,7 +37,7 @@ from .sweep import (
     point_result,
 )
 from .w8a8 import W8A8Stats, default_calibration, recording_inputs, simulate_w8a8
-from ..model.streamed import StreamedModel, load_tokenizer
+from ..model.streamed import StreamedModel, load_tokenizer, streamed
 
 
 class RecordedInputs:
@@ -122,8 +122,7 @@ def stream_sweep(
     grid = default_grid() if grid is None else list(grid)
     text = load_text(text_name) if text is None else text
     start = time.perf_counter()
-    sm = StreamedModel(path, dtype, device)
-    try:
+    with streamed(path, dtype, device) as sm:
         tokenizer = tokenizer or load_tokenizer(sm.ckpt.folder)
         ids, spans, seq_len, stride = perplexity_windows(sm.model, tokenizer, text, seq_len, max_tokens)
         smooths = any(isinstance(p.config, W8A8) and p.config.method == "smoothquant" for p in grid)
@@ -136,10 +135,8 @@ def stream_sweep(
         nlls = edited_nlls(sm, [(ids[b:e], f - b) for b, e, f in spans], edits, first)  # [window][point]
         seconds = (time.perf_counter() - start) / len(grid)
         rows = [e.row(perplexity_result([n[k] for n in nlls], spans, seq_len, stride), seconds) for k, e in enumerate(edits)]
-        passes = sm.passes
-    finally:
-        sm.close()
+        passes, ref = sm.passes, sm.source.ref
     note = (f"streamed: every grid point through each layer read, {passes} pass(es) over the checkpoint in "
             f"{time.perf_counter() - start:.0f} s (seconds per point: the pass's share)")
-    return SweepResult(model=model_name or str(path), source=str(path), text=text_name, max_tokens=max_tokens,
+    return SweepResult(model=model_name or ref, source=ref, text=text_name, max_tokens=max_tokens,
                        seq_len=seq_len, super_weights=kept_list(keep), rows=rows, notes=[note])

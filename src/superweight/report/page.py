@@ -36,7 +36,7 @@ from ..quant import sweep as quant_sweep
 from ..quant.sweep import SweepResult
 from ..core.results import Table
 from ..eval.streamed import zeroing
-from ..model.streamed import StreamedModel, load_tokenizer
+from ..model.streamed import load_tokenizer, streamed
 from ..quant import llama_cpp
 from ..find.catalog import verify, model_names
 from ..core.progress import counter, step
@@ -150,15 +150,12 @@ def streamed_residual_trace(path: str | Path, detection: DetectionResult, dtype:
     """``residual_trace`` of a checkpoint read layer by layer: both runs (with and without the super
     weights) through each layer while it is read once; the same numbers as in memory."""
     channel, token = super_activation_site(detection)
-    sm = StreamedModel(path, dtype, device)
-    try:
+    with streamed(path, dtype, device) as sm:
         tokenizer = tokenizer or load_tokenizer(sm.ckpt.folder)
         ids = encode_prompt(tokenizer, detection.prompts[0])["input_ids"][0]
         seen: list[dict] = [{}, {}]
         edits = [lambda i: contextlib.nullcontext(), zeroing(sm, detection.super_weights)]
         sm.last_outputs([ids], [(0, e) for e in edits], lambda i, r, out: _record(i, out, channel, token, seen[r]))
-    finally:
-        sm.close()
     (sa_with, max_with), (sa_without, max_without) = (_series(s, sm.num_layers) for s in seen)
     return ResidualTrace(channel, token, sa_with, sa_without, max_with, max_without)
 
