@@ -78,7 +78,8 @@ def bench_loads() -> dict:
 def bench_iteration(reps: int) -> dict:
     import torch
 
-    from superweight.find.loop import DEFAULT_PROMPT, encode_prompt, run_detection
+    from superweight.find.loop import DEFAULT_PROMPT, run_detection
+    from superweight.find.runner import encode_prompt
     from superweight.model.load import load_model
     from superweight.find.runner import InMemoryRunner
 
@@ -236,7 +237,7 @@ def bench_streamed_verdict_cost(folder: Path, reps: int = 3) -> dict:
 
 def write_verdict_cost(out: Path, phase: str, name: str, entry: dict, command: str) -> None:
     """Merge one model's figures into ``out`` under ``phase`` (before / after)."""
-    from superweight.find.loop import write_json_atomic
+    from superweight.core.files import write_json_atomic
 
     data = json.loads(out.read_text()) if out.exists() else {}
     data.setdefault(phase, {})[name] = {**entry, "command": command, "torch_threads": __import__("torch").get_num_threads(),
@@ -297,7 +298,7 @@ def main(argv: list[str] | None = None) -> dict:
     result["targets"] = {"iteration_ratio": TARGET_ITER, "load_ratio": TARGET_LOAD}
     result["machine"] = {"cpus": os.cpu_count(), "loadavg_1m": os.getloadavg()[0]}
     result["command"] = "python bench/detect.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    from superweight.find.loop import write_json_atomic
+    from superweight.core.files import write_json_atomic
 
     write_json_atomic(args.out, result)
     keys = ("forward_s", "iteration_s", "iteration_ratio", "iteration_ratio_paired_median", "load_ratio")

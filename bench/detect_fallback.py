@@ -40,7 +40,7 @@ def channel_peaks(lm, zero=()) -> list[dict]:
 
 def real_model(name: str) -> dict:
     import superweight as sw
-    from superweight.find.runner import zeroed as zeroing
+    from superweight.model.edits import zeroed as zeroing
 
     lm = sw.load_model(name)
     found = sw.detect(lm.model, lm.tokenizer, arch=lm.arch)

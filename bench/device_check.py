@@ -296,7 +296,8 @@ def in_memory_timings(folder: Path, device: torch.device, planted: list[int], re
     """Detection iteration / plain forward and quantize+pack / device copy, on ``device``."""
     import stream as bench_stream
     import superweight as sw
-    from superweight.find.loop import DEFAULT_PROMPT, encode_prompt
+    from superweight.find.loop import DEFAULT_PROMPT
+    from superweight.find.runner import encode_prompt
 
     t0 = time.perf_counter()
     lm = sw.load_model(str(folder), dtype="bfloat16", device=device)

@@ -18,7 +18,8 @@ from pathlib import Path
 import torch
 
 from superweight.quant import llama_cpp
-from superweight.find.loop import detect, write_json_atomic
+from superweight.core.files import write_json_atomic
+from superweight.find.loop import detect
 from superweight.eval.perplexity import evaluate_perplexity
 from superweight.eval.text import load_text
 from superweight.model.load import load_model

@@ -152,7 +152,7 @@ def write_row(path: Path, key: str, row: int, values: torch.Tensor) -> None:
 @torch.no_grad()
 def mlp_input_token0(folder: Path, layer: int, prompt: str) -> torch.Tensor:
     """h = the MLP input of ``layer`` at token 0, by streaming layers 0..layer of the checkpoint."""
-    from superweight.find.loop import encode_prompt
+    from superweight.find.runner import encode_prompt
     from superweight.model.capture import first_tensor
     from superweight.model.streamed import StreamedModel, hidden_of, with_hidden
     from superweight.testing.synthetic import byte_tokenizer

@@ -198,7 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)
     result["command"] = "python bench/stream.py " + " ".join(argv if argv is not None else sys.argv[1:])
-    from superweight.find.loop import write_json_atomic
+    from superweight.core.files import write_json_atomic
 
     write_json_atomic(args.out, result)
     print(json.dumps({k: result[k] for k in ("checkpoint_bytes", "read_s", "stream_s", "peak_rss", "rss_ratio",

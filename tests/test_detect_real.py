@@ -76,7 +76,8 @@ def test_gemma3_super_activations_rise_through_the_post_ffn_norm(gemma):
     such a weight removes its layer's rise (layer 3: +10,428 -> +463 after it): a creating weight."""
     from superweight.prove.ablate import zeroed_weights
     from superweight.model.capture import TraceCapture
-    from superweight.find.loop import DEFAULT_PROMPT, encode_prompt
+    from superweight.find.loop import DEFAULT_PROMPT
+    from superweight.find.runner import encode_prompt
 
     result = sw.detect(gemma.model, gemma.tokenizer, arch=gemma.arch)
     channels = {a.channel: a for a in result.activations}
@@ -203,7 +204,7 @@ def test_with_their_creating_weights_zeroed_the_real_models_leave_a_crowd_not_a_
     """The fallback (trace.threshold) takes channels standing 5x above the rest. Zeroing the real
     models' creating weights leaves their largest channels a crowd (no step over 2.4x among the top
     nine, docs/detect.md): nothing is traced, and the note says why, with the numbers."""
-    from superweight.find.runner import zeroed
+    from superweight.model.edits import zeroed
 
     lm = request.getfixturevalue(model_name)
     found = sw.detect(lm.model, lm.tokenizer, arch=lm.arch)

@@ -61,7 +61,8 @@ def test_streaming_equals_in_memory_bit_for_bit(arch, tmp_path):
 @pytest.mark.parametrize("method", ["trace", "paper"])
 def test_second_iteration_restreams_from_the_zeroed_layer_and_agrees(method, tmp_path):
     from superweight.find.streamed import StreamedRunner
-    from superweight.find.loop import assemble, encode_prompt, run_detection
+    from superweight.find.loop import assemble, run_detection
+    from superweight.find.runner import encode_prompt
 
     folder = tmp_path / "m"
     model = tiny_model("GPT2LMHeadModel", layers=6)
@@ -83,7 +84,8 @@ def test_second_iteration_restreams_from_the_zeroed_layer_and_agrees(method, tmp
 
 def test_streaming_reads_each_layer_once_per_iteration_for_all_prompts(tmp_path):
     from superweight.find.streamed import StreamedRunner
-    from superweight.find.loop import encode_prompt, run_detection
+    from superweight.find.loop import run_detection
+    from superweight.find.runner import encode_prompt
 
     folder = planted("LlamaForCausalLM", tmp_path / "m")
     runner = StreamedRunner(StreamedModel(folder))
@@ -102,7 +104,8 @@ def _speculating_runner(folder: Path, method: str, guess=None):
 
 
 def _streamed(runner, method: str, prompts=PROMPTS):
-    from superweight.find.loop import assemble, encode_prompt, run_detection
+    from superweight.find.loop import assemble, run_detection
+    from superweight.find.runner import encode_prompt
 
     states = run_detection(runner, [encode_prompt(byte_tokenizer(), p) for p in prompts], method)
     return states, assemble(states, runner, list(prompts), "m", method, None, None)

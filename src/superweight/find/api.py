@@ -10,7 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .loop import DEFAULT_PROMPT, DetectionResult, SpikeRule, detect
+from .loop import DEFAULT_PROMPT, DetectionResult, Method, SpikeRule, detect
 from ..core.errors import SuperweightError
 from .magnitude import MagnitudeResult, magnitude_scan, stream_magnitude_scan
 from ..model.mode import Mode, choose_mode
@@ -22,7 +22,10 @@ from .streamed import stream_detect
 from ..model.load import load_model
 from .verdict import judge
 
-METHODS = {"default": "trace", "trace": "trace", "paper": "paper", "activation": "paper", "magnitude": "trace", "both": "trace"}
+# the CLI's --method names: the detection method each runs (``magnitude`` runs detection too: the scan
+# ranks the super weights it finds among the large weights), and whether the magnitude scan runs
+METHODS = {"default": Method.TRACE, "trace": Method.TRACE, "paper": Method.PAPER, "activation": Method.PAPER,
+           "magnitude": Method.TRACE, "both": Method.TRACE}
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from ..core.coords import Coord
 from ..core.errors import SuperweightError
 from ..core.results import Versioned
 from ..core.files import read_json
-from .loop import write_json_atomic
+from ..core.files import write_json_atomic
 
 SCHEMA_VERSION = 1
 SOURCE_KINDS = ("paper", "authors_code", "measured")

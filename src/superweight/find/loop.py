@@ -21,6 +21,7 @@ impact (``superweight.find.verdict``) can then say which findings the model depe
 from __future__ import annotations
 
 import statistics
+from enum import StrEnum
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, Sequence
 
@@ -32,16 +33,21 @@ from ..model.arch_infer import get_arch
 from .attribute import CANCELS, CREATES, Source, Term, attribute
 from ..model.capture import LayerStats, LayerTrace, stats_of
 from ..core.errors import SuperweightError
-from ..core.files import read_json, write_json_atomic  # noqa: F401  (write_json_atomic: re-exported)
 from ..core.results import Table, Versioned
-from .runner import InMemoryRunner, Runner, encode_prompt  # noqa: F401  (encode_prompt: re-exported)
+from .runner import InMemoryRunner, Runner, encode_prompt
 from .trace import Largest, SuperActivation, TraceRule, find_activations, largest, threshold
 from .verdict import Verdict
 
 SCHEMA_VERSION = 2
 DEFAULT_PROMPT = "Apple Inc. is a worldwide tech company."
-METHODS = ("trace", "paper")
-DEFAULT_METHOD = "trace"
+class Method(StrEnum):
+    """How detection finds a super activation: trace it (the default) or the paper's spike rule."""
+
+    TRACE = "trace"  # trace the super activation through the residual stream, attribute every rise
+    PAPER = "paper"  # the paper's exact rule: a down-projection's input and output both spike
+
+
+DEFAULT_METHOD = Method.TRACE
 
 
 @dataclass
@@ -388,8 +394,9 @@ def run_detection(
     trace_rule: TraceRule | None = None, max_iter: int = 10,
 ) -> list[PromptState]:
     """Iterate find -> zero -> rerun for every prompt (in lockstep: one ``runner.run`` per iteration)."""
-    if method not in METHODS:
-        raise SuperweightError(f"unknown detection method {method!r}: use one of {', '.join(METHODS)}")
+    if method not in tuple(Method):
+        raise SuperweightError(f"unknown detection method {method!r}: use one of {', '.join(Method)}")
+    method = Method(method)
     rule, trace_rule = rule or SpikeRule(), trace_rule or TraceRule()
     states = [PromptState(p) for p in range(len(encoded))]
     for it in range(max_iter):

@@ -9,14 +9,14 @@ a time. Zeroing goes through ``edits.edited_entries``: weights are restored bit 
 from __future__ import annotations
 
 import contextlib
-from typing import Iterable, Iterator, Protocol, Sequence
+from typing import Protocol, Sequence
 
 import torch
 from torch import nn
 
 from ..model.arch import ArchSpec
 from ..model.capture import LayerTrace, TraceCapture
-from ..model.edits import weight_entries, zeroed  # noqa: F401  (the Runner protocol's zeroing)
+from ..model.edits import zeroed
 from ..core.errors import SuperweightError
 
 

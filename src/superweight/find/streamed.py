@@ -24,9 +24,10 @@ from typing import Callable, Iterator, Sequence
 import torch
 
 from ..model.capture import LayerTrace, TraceCapture
-from .loop import DEFAULT_METHOD, DEFAULT_PROMPT, DetectionResult, SpikeRule, assemble, encode_prompt, propose, run_detection
+from .loop import DEFAULT_METHOD, DEFAULT_PROMPT, DetectionResult, SpikeRule, assemble, propose, run_detection
+from .runner import encode_prompt
 from ..core.errors import SuperweightError
-from .runner import zeroed
+from ..model.edits import zeroed
 from ..model.source import ModelSource
 from ..model.streamed import Call, StreamedModel, first_tensor, hidden_of, load_tokenizer, streamed, with_hidden
 from .trace import TraceRule

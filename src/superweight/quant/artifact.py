@@ -25,7 +25,7 @@ from torch import nn
 
 from ..core.version import __version__
 from ..model.checkpoint import (
-    read_header, ARTIFACT_MANIFEST, is_artifact, INDEX, open_checkpoint, index_parts, join_safetensors,
+    read_header, ARTIFACT_MANIFEST, INDEX, open_checkpoint, index_parts, join_safetensors,
 )
 from ..model.device import resolve_device
 from ..core.errors import SuperweightError

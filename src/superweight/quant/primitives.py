@@ -18,7 +18,6 @@ import torch
 
 from ..core.errors import SuperweightError
 from .config import RTN, Percentile, Ternary, ZScore
-from .codes import NF4_LEVELS, to_dtype, ternary_codes  # noqa: F401  (re-exported)
 from . import native
 from .layout import Layout, make_layout
 from .schemes import handler

@@ -26,7 +26,8 @@ from ..core.version import __version__
 from ..prove.ablate import zeroed_weights
 from ..model.arch import ArchSpec
 from ..model.capture import first_tensor
-from ..find.loop import DetectionResult, SpikeRule, encode_prompt
+from ..find.loop import DetectionResult, SpikeRule
+from ..find.runner import encode_prompt
 from ..model.edits import HookSet
 from ..core.errors import SuperweightError
 from ..prove import experiments

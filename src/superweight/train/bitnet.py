@@ -4,7 +4,7 @@ Forward pass of a ``BitLinear`` (Ma et al. 2024, "The Era of 1-bit LLMs", and th
 "Training Tips, Code and FAQ"):
 
 - weights: ``gamma = mean|W|`` per tensor, ``W_q = clip(round(W / (gamma + eps)), -1, 1) * gamma``,
-  computed by the project's ternary primitive (``quant.primitives.ternary_codes``, gamma stored in
+  computed by the project's ternary primitive (``quant.codes.ternary_codes``, gamma stored in
   float16), so a trained model packs into the project's ternary artifact with the very weights it
   was trained with;
 - activations: 8-bit absmax per token, ``x_q = clip(round(x * 127 / max|x|), -128, 127) * max|x| / 127``;
@@ -32,7 +32,7 @@ from ..model.arch import ArchSpec
 from ..model.arch_infer import get_arch
 from ..core.errors import SuperweightError
 from ..quant.layout import make_layout
-from ..quant.primitives import ternary_codes
+from ..quant.codes import ternary_codes
 from ..core.results import Versioned
 from ..quant.api import keep_indices, quantize
 from ..quant.artifact import save_quantized
