@@ -41,7 +41,6 @@ from ..core import progress
 
 log = logging.getLogger(__name__)
 
-Coord = tuple[int, int, int]
 Call = tuple[tuple, dict]  # the positional and keyword arguments the model passes one layer
 Edit = Callable[[int], contextlib.AbstractContextManager]  # changes layer i's weights inside the block
 HELD_BYTES = 2 << 30  # residual streams one pass of ``StreamedModel.run_heads`` holds at most by default

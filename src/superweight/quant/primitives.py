@@ -75,13 +75,12 @@ class QuantizedTensor:
     def write_into(self, w: torch.Tensor) -> float:
         """Overwrite ``w`` (the quantized weight, any shape with ``numel`` elements) with
         ``dequantize(w.dtype)`` and return the SQNR (dB) of the new values against the old. One native
-        pass for float32 and bfloat16 RTN weights on the CPU (``native.rtn_write_back``), else
+        pass where the handler has one (RTN: ``native.rtn_write_back``, float32 and bfloat16 on the CPU), else
         dequantize + ``sqnr`` + copy."""
         sums, keep = None, None
-        if self.kind == "rtn" and w.is_contiguous():
+        if w.is_contiguous():
             keep = w.detach().reshape(-1)[self.sparse_idx.to(w.device)].clone() if self.sparse_idx.numel() else None
-            sums = native.rtn_write_back(self.layout.view(w.detach()), self.layout.view(self.codes), self.layout.size,
-                                         self.scale, self.zero)
+            sums = self.handler.write_back(self.layout.view(w.detach()), self.codes, self.layout, self.scale, self.zero)
         if sums is None:
             w_hat = self.dequantize(w.dtype)
             db = sqnr(w, w_hat)

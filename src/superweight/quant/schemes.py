@@ -37,6 +37,13 @@ class Scheme:
     def label(self, bits: int) -> str:
         return f"int{bits}"
 
+    def write_back(self, w: torch.Tensor, codes: torch.Tensor, layout: Layout, scale: torch.Tensor,
+                   zero: torch.Tensor | None) -> tuple[float, float] | None:
+        """Overwrite ``w`` (``[rows, row_len]``, contiguous) with the dequantized ``codes`` in one native
+        pass and return ``(signal, noise)`` sums; None where this kind has no such pass (the caller then
+        dequantizes and copies)."""
+        return None
+
     def quantize(self, x: torch.Tensor, layout: Layout, config, fit_weights: torch.Tensor | None,
                  param_dtype: torch.dtype, bounds: torch.Tensor | None = None,
                  ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -148,6 +155,9 @@ class Uniform(Scheme):
         if fit_weights is not None or config.search != "minmax" or not 1 <= config.bits <= 7:
             return None
         return native.rtn_minmax(layout.view(x), layout.size, 2**config.bits - 1, param_dtype, bounds, config.bits)
+
+    def write_back(self, w, codes, layout, scale, zero):
+        return native.rtn_write_back(w, layout.view(codes), layout.size, scale, zero)
 
 
 class UniformZ8(Scheme):
