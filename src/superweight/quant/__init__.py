@@ -4,11 +4,13 @@
 >>> result = quantize(model, RTN(bits=4, block=128 * 128, clip=ZScore(9)), keep=detection.super_weights)
 """
 from .config import (  # noqa: F401
-    CONFIG_VERSION, RTN, SCHEMES, W8A8, Percentile, Ternary, ZScore, describe, from_dict, scheme_config, to_dict,
+    CONFIG_VERSION, RTN, SCHEMES, W8A8, Levels, Oversize, Percentile, Search, Ternary, ZeroPoint, ZScore, describe,
+    from_dict, scheme_config, to_dict,
 )
 from .layout import Layout, make_layout  # noqa: F401
+from .codes import NF4_LEVELS  # noqa: F401
 from .primitives import (  # noqa: F401
-    NF4_LEVELS, QuantizedTensor, clip_tensor, fake_quantize, holdout_quantize, quantize_per_token,
+    QuantizedTensor, clip_tensor, fake_quantize, holdout_quantize, quantize_per_token,
     quantize_tensor, sqnr,
 )
 from .pack import pack_bits, pack_ternary, packed_bytes, unpack_bits, unpack_ternary  # noqa: F401
