@@ -248,7 +248,7 @@ def write_verdict_cost(out: Path, phase: str, name: str, entry: dict, command: s
 def summarize(out: Path) -> dict:
     """``summary`` of ``out`` from its phases: each model's tokens over the text and detect + verdict over
     one forward in each phase, and whether every phase gave every finding the same label."""
-    from superweight.find.loop import write_json_atomic
+    from superweight.core.files import write_json_atomic
 
     data = json.loads(out.read_text())
     phases = [k for k, v in data.items() if k not in ("code", "summary") and isinstance(v, dict)]

@@ -39,13 +39,13 @@ def dump(name: str, big_dir: Path) -> dict:
     if name == "big-llama-1b":  # streamed, as bench/detect.py runs it (float32 in memory did not fit)
         import detect as bench_detect
         from superweight.find.streamed import StreamedJudge, stream_detect
-        from superweight.stream.model import StreamedModel, _tokenizer
+        from superweight.model.streamed import StreamedModel, load_tokenizer
 
         folder = bench_detect.big_model(big_dir)
         sm = StreamedModel(folder, "float32")
         try:
             result = stream_detect(folder, model_name=name)
-            j = StreamedJudge(sm, _tokenizer(sm.ckpt.folder), text, 1024)
+            j = StreamedJudge(sm, load_tokenizer(sm.ckpt.folder), text, 1024)
             plan = plan_verdicts(j, result)
             base, *nlls = j.token_nlls([[], *[t.weights for t in plan.tracks]], j.per_pass)
         finally:
@@ -121,7 +121,7 @@ def replay(d: dict, policy: str, full: bool = False, z: float = 4.0, fpc: bool =
 
 def drift(d: dict) -> list[dict]:
     """Each set's damage on its first 128, 256, ... tokens: mean, plain and corrected standard errors."""
-    from superweight.find.verdict import CHUNK
+    from superweight.find.verdict_labels import CHUNK
     from superweight.find.verdict_rounds import estimate
 
     out = []
@@ -158,7 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    from superweight.find.loop import write_json_atomic
+    from superweight.core.files import write_json_atomic
 
     data: dict = {}
     args.cache.mkdir(parents=True, exist_ok=True)

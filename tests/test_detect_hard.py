@@ -6,7 +6,8 @@ import torch
 
 import superweight as sw
 from superweight.testing.synthetic import HARD_CASES, hard_case
-from superweight.find.verdict import CANCELLING, judge
+from superweight.find.verdict import judge
+from superweight.find.verdict_labels import CANCELLING
 
 TEXT = (
     "The history of the city begins with a small harbour on the river, where traders from the north met "

@@ -11,7 +11,8 @@ import torch
 
 import superweight as sw
 from superweight.eval.text import load_text
-from superweight.find.verdict import CHUNK, JOINT, SUPER_WEIGHT, SURVIVES, Judge, judge
+from superweight.find.verdict import Judge, judge
+from superweight.find.verdict_labels import CHUNK, JOINT, SUPER_WEIGHT, SURVIVES
 from superweight.find.verdict_rounds import decide
 from superweight.testing.synthetic import tiny_model
 
@@ -160,7 +161,8 @@ def test_a_near_line_set_stops_before_the_end_where_only_the_corrected_bound_dec
 def test_a_cancelling_weight_is_not_zeroed_unless_the_verdict_is_full(model, byte_tokenizer):
     """A late / cancelling weight's label asks nothing: the early verdict labels it without zeroing it
     (no verdict row, no tokens); ``full`` zeroes it on the whole text as before."""
-    from superweight.find.verdict import CANCELLING, judge_with
+    from superweight.find.verdict import judge_with
+    from superweight.find.verdict_labels import CANCELLING
 
     out = {}
     for full in (False, True):

@@ -36,7 +36,7 @@ from ..core.errors import SuperweightError
 from ..core.results import Table, Versioned
 from .runner import InMemoryRunner, Runner, encode_prompt
 from .trace import Largest, SuperActivation, TraceRule, find_activations, largest, threshold
-from .verdict import Verdict
+from .verdict_labels import Verdict
 
 SCHEMA_VERSION = 2
 DEFAULT_PROMPT = "Apple Inc. is a worldwide tech company."

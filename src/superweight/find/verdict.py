@@ -37,67 +37,20 @@ from __future__ import annotations
 
 import logging
 import random
-from dataclasses import dataclass, field
-from typing import ClassVar, Sequence
+from typing import Sequence
 
 import torch
 from torch import nn
 
 from ..model.arch import ArchSpec
-from ..core.results import Versioned
+from ..core.progress import note
+from ..eval.perplexity import perplexity_windows
+from .runner import InMemoryRunner, encode_prompt
+from ..model.edits import zeroed
+from .verdict_labels import CHUNK, COLLAPSE, weight_key
+from .verdict_rounds import Scoring, plan_verdicts, verdicts_of
 
 log = logging.getLogger(__name__)
-
-SUPER_WEIGHT = "super weight"
-JOINT = "super weight (jointly)"
-SURVIVES = "super activation source, model survives"
-CANCELLING = "late / cancelling"
-COLLAPSE = 2.0  # perplexity ratio that counts as the model collapsing
-CHUNK = 128  # tokens a set is first scored on; each later round doubles them up to the whole text
-BLOCK = 16  # tokens per block: the bound's spread is the spread of block means (neighbouring tokens correlate)
-Z = 4.0  # the bound: mean +- Z standard errors of the block means
-
-
-@dataclass
-class Verdict(Versioned):
-    """What zeroing one weight, or one super activation's creating weights, costs."""
-
-    KIND: ClassVar[str] = "verdict"
-    target: str  # "weight" or "activation"
-    weights: list[list]  # [layer, row, col, expert] of each weight zeroed
-    channel: int  # the super activation's channel (= the weights' row)
-    label: str
-    nll_base: float
-    nll_zeroed: float
-    ppl_ratio: float  # exp(nll_zeroed - nll_base)
-    null_ppl_ratios: list[float] = field(default_factory=list)  # as many random weights of the same matrices
-    activation_before: float = 0.0  # the super activation's |peak| on the prompt, unmodified
-    activation_after: float = 0.0  # the same (token, channel, layer) with the weights zeroed
-    tokens: int = 0  # the verdict text's length in tokens
-    scored: int = 0  # the tokens this set was scored on (it stops once its label is decided)
-    null_scored: list[int] = field(default_factory=list)  # the same for each null draw
-
-
-def _key(w) -> list:
-    return [w.layer, w.row, w.col, getattr(w, "expert", None)]
-
-
-def null_draw(model: nn.Module, arch: ArchSpec, weights: Sequence, rng: random.Random, avoid: Sequence = ()) -> list:
-    """As many random entries as ``weights``, each in the same matrix (never one of them nor of ``avoid``)."""
-    from types import SimpleNamespace
-
-    taken = {tuple(_key(w)) for w in (*weights, *avoid)}
-    out = []
-    for w in weights:
-        rows, cols = arch.expert_matrix(model, w.layer, getattr(w, "expert", None)).shape
-        while True:
-            cand = (w.layer, rng.randrange(rows), rng.randrange(cols), getattr(w, "expert", None))
-            if cand not in taken:
-                taken.add(cand)
-                out.append(SimpleNamespace(layer=cand[0], row=cand[1], col=cand[2], expert=cand[3]))
-                break
-    return out
-
 
 class JudgeBase:
     """What every judge shares (``judge_with`` asks it ``token_nlls`` and ``activations_after``): the
@@ -105,8 +58,6 @@ class JudgeBase:
     the null draws' generator, the prefixes a round scores and the tokens scored so far."""
 
     def __init__(self, model: nn.Module, arch: ArchSpec, tokenizer, text: str, tokens: int = 1024, seed: int = 0):
-        from ..eval.perplexity import perplexity_windows
-
         self.model, self.arch, self.tokenizer = model, arch, tokenizer
         self.ids, self.spans, _, _ = perplexity_windows(model, tokenizer, text, max_tokens=tokens)
         self.tokens, self.rng = len(self.ids), random.Random(seed)
@@ -155,7 +106,6 @@ class Judge(JudgeBase):
     def __init__(self, model: nn.Module, arch: ArchSpec, tokenizer, text: str, tokens: int = 1024, seed: int = 0):
         import inspect
 
-        from .runner import InMemoryRunner
 
         super().__init__(model, arch, tokenizer, text, tokens, seed)
         self.ids = self.ids.to(next(model.parameters()).device)
@@ -177,7 +127,7 @@ class Judge(JudgeBase):
 
     @staticmethod
     def key(weights: Sequence) -> frozenset:
-        return frozenset(tuple(_key(w)) for w in weights)
+        return frozenset(tuple(weight_key(w)) for w in weights)
 
     def _window(self, w: int, start: int, stop: int, key: frozenset, keep: bool) -> torch.Tensor:
         """The NLL of scored tokens ``start:stop`` of window ``w``. From 0, the window's first ``stop``
@@ -230,8 +180,6 @@ class Judge(JudgeBase):
 
     def token_nlls(self, sets: Sequence[Sequence], upto: int, starts: Sequence[int] | None = None) -> list[torch.Tensor]:
         """``nll`` with each set zeroed in turn (restored after each), from ``starts[i]`` (default 0)."""
-        from .runner import zeroed
-
         self.upto, out = upto, []
         for weights, start in zip(sets, starts or [0] * len(sets)):
             with torch.no_grad(), zeroed(self.model, self.arch, weights):
@@ -245,8 +193,6 @@ class Judge(JudgeBase):
 
     def activations_after(self, requests: Sequence[tuple]) -> list[float]:
         """``h[token, channel]`` after the peak layer for each ``(prompt, activation, weights zeroed)``."""
-        from .runner import encode_prompt
-
         out = []
         for prompt, sa, weights in requests:
             enc = encode_prompt(self.tokenizer, prompt, next(self.model.parameters()).device)
@@ -269,8 +215,6 @@ def judge_with(j, result, draws: int = 2, full: bool = False, collapse: float = 
     """``judge`` with any judge (in memory, streamed): every zeroed set and null draw is planned first, in
     one order (so the draws are the same however the NLLs are measured), then scored round by round
     (``verdict_rounds.Scoring``, the base beside them) until each label is decided."""
-    from .verdict_rounds import plan_verdicts, verdicts_of
-
     plan = plan_verdicts(j, result, draws, collapse)
     score_plan(j, plan, full)
     activation = {a.channel: a for a in result.activations}
@@ -282,9 +226,6 @@ def judge_with(j, result, draws: int = 2, full: bool = False, collapse: float = 
 def score_plan(j, plan, full: bool = False) -> None:
     """Score the plan's tracks round by round until every question is answered (``full``: every track
     on the whole text in one round), each round as far as the judge's ``ends`` says."""
-    from ..core.progress import note
-    from .verdict_rounds import Scoring
-
     scoring = Scoring(plan.tracks, plan.questions, j.per_pass, every=full)
     while todo := scoring.todo():
         ends = j.ends([t.scored for t in todo], full)

@@ -18,7 +18,7 @@ from typing import Sequence
 
 import torch
 
-from .verdict import BLOCK, CANCELLING, COLLAPSE, JOINT, SUPER_WEIGHT, SURVIVES, Z, Verdict, _key, null_draw
+from .verdict_labels import BLOCK, CANCELLING, COLLAPSE, JOINT, SUPER_WEIGHT, SURVIVES, Z, Verdict, null_draw, weight_key
 
 _EMPTY = torch.zeros(0, dtype=torch.float64, device="cpu")  # a placeholder: record() replaces it whole
 
@@ -181,7 +181,7 @@ class _Planner:
         self.questions: dict[tuple, Question] = {}
 
     def track(self, weights: Sequence) -> Track:
-        key = frozenset(tuple(_key(w)) for w in weights)
+        key = frozenset(tuple(weight_key(w)) for w in weights)
         return self.tracks.setdefault(key, Track(list(weights)))
 
     def nulls(self, weights: Sequence, n: int) -> list[Track]:
@@ -226,7 +226,7 @@ def verdicts_of(plan: Plan, activation: dict, after: Sequence[float], tokens: in
         if not t.scored:  # a label that asks nothing (late / cancelling): not zeroed, no verdict row
             e.weight.verdict = CANCELLING
             continue
-        v = Verdict(e.kind, [_key(w) for w in t.weights], e.channel, "", t.mean(t.base), t.mean(t.nlls), t.ratio(),
+        v = Verdict(e.kind, [weight_key(w) for w in t.weights], e.channel, "", t.mean(t.base), t.mean(t.nlls), t.ratio(),
                     [n.ratio() for n in nulls], tokens=tokens, scored=t.scored, null_scored=[n.scored for n in nulls])
         if e.channel in activation:
             v.activation_before, v.activation_after = activation[e.channel].peak, next(after_it)
