@@ -43,7 +43,7 @@ import torch
 from torch import nn
 
 from ..model.arch import ArchSpec
-from ..core.progress import note
+from ..core import progress
 from ..eval.perplexity import perplexity_windows
 from .runner import InMemoryRunner, encode_prompt
 from ..model.edits import zeroed
@@ -233,7 +233,7 @@ def score_plan(j, plan, full: bool = False) -> None:
             todo, ends = [scoring.base, *todo], [max(ends), *ends]
         for end in sorted(set(ends)):
             group = [t for t, e in zip(todo, ends) if e == end]
-            note(f"{len(group)} zeroed set(s) to {end} tokens")
+            progress.note(f"{len(group)} zeroed set(s) to {end} tokens")
             log.info("verdict: %d zeroed set(s) (the base may be one) to %d of %d tokens", len(group), end, j.per_pass)
             scoring.record(group, j.token_nlls([t.weights for t in group], end, [t.scored for t in group]))
         scoring.ask()

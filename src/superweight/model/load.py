@@ -25,7 +25,8 @@ from .source import DEFAULT_MODEL, BUILTIN_MODELS, ModelSource, SourceKind
 from ..core.errors import SuperweightError
 from ..core.files import check_output, default_cache_dir, staged_dir, write_text_atomic
 from .loaded import LoadedModel, parse_dtype
-from ..core.progress import step, enabled
+from ..core import progress
+from ..core.progress import step
 from . import hub
 from .device import device_map_for
 
@@ -219,7 +220,7 @@ def _gguf_bar() -> Iterator[None]:
     except ImportError:
         gguf_utils = None
     original = getattr(gguf_utils, "tqdm", None)
-    if enabled() or original is None:
+    if progress.enabled() or original is None:
         yield
         return
     gguf_utils.tqdm = functools.partial(original, disable=True)

@@ -32,7 +32,8 @@ from .ablate import (
 )
 from ..core.coords import Coord, as_key, as_keys, as_coords
 from ..core.errors import SuperweightError
-from ..core.progress import note, step
+from ..core import progress
+from ..core.progress import step
 from ..eval.perplexity import default_seq_len, evaluate_perplexity, perplexity_windows
 from ..eval.stopwords import SEASON_PROMPT, lambada_prompts, stopword_stats, top_next_tokens
 from ..eval.tasks import PreparedTask, TaskResult, average_accuracy, evaluate_prepared, parse_tasks, prepare_task
@@ -218,7 +219,7 @@ def evaluate_condition(
     ppl = tokens = None
     start = time.perf_counter()
     if work.text is not None:
-        note(f"{where}perplexity ({work.ppl_tokens:,} tokens)")
+        progress.note(f"{where}perplexity ({work.ppl_tokens:,} tokens)")
         r = evaluate_perplexity(model, tokenizer, work.text, seq_len=config.seq_len, max_tokens=config.max_tokens)
         ppl, tokens = r.ppl, r.tokens
         if estimate:
@@ -226,7 +227,7 @@ def evaluate_condition(
     names = list(work.tasks) if tasks is None else [t for t in tasks if t in work.tasks]
     results = {}
     for i, t in enumerate(names, 1):
-        note(f"{where}task {i}/{len(names)}: {t} ({len(work.tasks[t].items)} items)")
+        progress.note(f"{where}task {i}/{len(names)}: {t} ({len(work.tasks[t].items)} items)")
         results[t] = evaluate_prepared(model, work.tasks[t])
         if estimate:
             estimate.first(t, time.perf_counter() - start)
@@ -351,7 +352,7 @@ def run_ablation(loaded, super_weights, config: AblationConfig | None = None, **
                                                   f"condition {i}/{len(conds)} ({cond.name}): ")
             if cond is ran[0]:
                 estimate.first(cond.name, conditions[cond.name].seconds)
-        note("stopword statistics")
+        progress.note("stopword statistics")
         stop, top5 = stopword_block(model, tokenizer, arch, coords, config)
     return AblationResult(
         model=loaded.name, architecture=arch.name, super_weights=super_weight_dicts(sws), config=config,
