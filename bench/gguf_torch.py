@@ -152,6 +152,23 @@ def compare(rows: dict, types: list[str], texts: list[str]) -> list[dict]:
     return out
 
 
+def merge(sources: list[Path], into: Path) -> None:
+    """Each model's torch rows (``sources``: this script's JSONs) into ``bench/gguf_export.py``'s JSON, under
+    ``models[MODEL]["torch_dequantized"]``, beside the rows llama.cpp measured (kept as they are)."""
+    result = json.loads(into.read_text())
+    for src in sources:
+        got = json.loads(src.read_text())
+        for model, entry in got["models"].items():
+            result["models"].setdefault(model, {})["torch_dequantized"] = {
+                "source": str(src.relative_to(ROOT)) if src.is_absolute() and ROOT in src.parents else str(src),
+                "measured_with": got["measured_with"], "seq_len": got["seq_len"], "windows": got["windows"],
+                "commands": got["commands"], "ours_objective": got.get("ours_objective"), **entry}
+    result["ours_rows_note"] = ("the llama.cpp-measured 'ours' rows were written by the writer of git ee56b79 (range search "
+                                "with the flat squared error, gguf_codec objective 'flat'); the torch_dequantized 'ours' rows "
+                                "by the writer with gguf_codec.OBJECTIVE = abs (the default since git cba69f9)")
+    write_json_atomic(into, result)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--models", nargs="+", default=["smollm2-135m"])
@@ -165,12 +182,18 @@ def main() -> None:
     ap.add_argument("--override-types", nargs="+", default=None, help="the types measured + overrides (default: all)")
     ap.add_argument("--rerun", action="store_true", help="measure rows the JSON already holds again")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gguf_torch.json")
+    ap.add_argument("--merge", nargs="+", type=Path, default=None,
+                    help="only copy these JSONs' models into --merge-into (bench/gguf_export.py's JSON)")
+    ap.add_argument("--merge-into", type=Path, default=ROOT / "bench" / "results" / "gguf_export.json")
     args = ap.parse_args()
+    if args.merge:
+        return merge([p.resolve() for p in args.merge], args.merge_into)
     command = "python bench/gguf_torch.py " + " ".join(sys.argv[1:])
     result = json.loads(args.out.read_text()) if args.out.is_file() else {"models": {}}
     if result.get("seq_len", args.seq_len) != args.seq_len or result.get("windows", args.windows) != args.windows:
         raise SystemExit(f"{args.out} was measured on other windows: pass --out NEW.json")
     result.update({"seq_len": args.seq_len, "windows": args.windows, "embedding_type": EMBED_TYPE,
+                   "ours_objective": gguf_codec.OBJECTIVE,
                    "measured_with": "torch float32 model with each tensor's dequantized GGUF values (eval.perplexity)"})
     result.setdefault("commands", []).append(command)
     for model in args.models:
