@@ -116,7 +116,7 @@ def run_model(model: str, args, result: dict) -> None:
         print(f"{model:14s} {label:32s} " + "  ".join(f"{t} {v['ppl']:.3f}" for t, v in row["ppl"].items())
               + f"  mse {summary.get('weight_mse', 0):.3e}", flush=True)
 
-    if "float (F32)" not in rows or args.rerun:
+    if "float (F32)" not in rows:
         score("float (F32)", {})
     for t in args.types:
         for suffix, ovr in (("", {}), (" + overrides", overrides)):
@@ -180,7 +180,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--no-overrides", dest="overrides", action="store_false")
     ap.add_argument("--override-types", nargs="+", default=None, help="the types measured + overrides (default: all)")
-    ap.add_argument("--rerun", action="store_true", help="measure rows the JSON already holds again")
+    ap.add_argument("--rerun", action="store_true", help="measure the --variants' rows the JSON already holds again")
     ap.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "gguf_torch.json")
     ap.add_argument("--merge", nargs="+", type=Path, default=None,
                     help="only copy these JSONs' models into --merge-into (bench/gguf_export.py's JSON)")

@@ -8,20 +8,24 @@
   Q4_0, Q4_1, Q5_0, Q5_1, TQ1_0, TQ2_0).
 - ``search=True``: Q4_0/Q5_0 (one signed float16 scale per 32 weights: ``SymmetricGrid``),
   Q4_1/Q5_1 (float16 scale and minimum: ``UniformGrid``) take ``search_params``' parameters for the
-  objective ``sum m (x - x_hat)^2`` with ``m = rms(block) + |x|`` (``OBJECTIVE = "abs"``, ``fit_weights``:
-  the weighting llama.cpp's own ``quantize_row_q4_K_ref`` gives each weight). The reference's choice is
-  the search's first candidate, so no block's objective is higher than with the reference's scale.
+  objective ``sum m (x - x_hat)^2`` with ``m = sqrt(rms^2 + x^2)``, ``rms`` the block's
+  (``OBJECTIVE = "sigma"``, ``fit_weights``: the weighting llama.cpp's ``quantize_row_q4_0_impl`` gives
+  each weight with an importance matrix, there with the row's rms, here without the matrix). The
+  reference's choice is the search's first candidate, so no block's objective is higher than with the
+  reference's scale.
   Why not the flat squared error (``m = 1``)? It lowers every block's squared error against the
   reference's absmax scale by clipping each block's largest weights, and measured higher perplexity
-  than llama.cpp's reference Q4_0 on SmolLM2 (WikiText-2 and LAMBADA); ``abs`` (and ``sigma``,
-  ``sqrt(rms^2 + x^2)``, llama.cpp's imatrix weighting without the imatrix) measured lower than the
-  reference on both, pinning each block's largest weight (``max``) measured as the reference did
-  (bench/gguf_torch.py, bench/results/gguf_torch_objectives.json).
+  than llama.cpp's reference Q4_0 on SmolLM2 (WikiText-2 and LAMBADA). ``sigma`` and ``abs``
+  (``rms + |x|``, llama.cpp's ``quantize_row_q4_K_ref`` weighting) measured lower than the reference
+  on both texts on SmolLM2; on Gemma-3-270M both win WikiText-2 and lose LAMBADA, ``sigma`` by 0.7%,
+  ``abs`` by 6%; pinning each block's largest weight (``max``) measured as the reference does
+  (bench/gguf_torch.py, bench/results/gguf_torch_objectives*.json).
   The k-quants are written here, gguf-py only reads them: Q4_K/Q5_K (8 sub-blocks of 32 with a
-  6-bit scale and minimum each, times the super-block's float16 ``d`` and ``dmin``) and Q6_K (16 sub-blocks of 16 with an int8 scale times ``d``): each sub-block's range
-  comes from ``search_params``, the 6/8-bit sub-block scales are rounded against ``d``, then each
-  sub-block's scale codes move by one step where that lowers its error, and ``d``/``dmin`` are refitted by
-  least squares (kept only where the super-block's error drops); their objective is still the flat
+  6-bit scale and minimum each, times the super-block's float16 ``d`` and ``dmin``) and Q6_K (16
+  sub-blocks of 16 with an int8 scale times ``d``): each sub-block's range comes from
+  ``search_params``, the 6/8-bit sub-block scales are rounded against ``d``, then each sub-block's
+  scale codes move by one step where that lowers its error, and ``d``/``dmin`` are refitted by least
+  squares (kept only where the super-block's error drops); their objective is still the flat
   squared error (``objective`` is not applied to them: not measured against llama.cpp's k-quants).
 
 Rows whose length is not a multiple of a k-quant's 256 fall back the way llama.cpp's quantizer
@@ -41,7 +45,7 @@ SEARCHED = ("q4_0", "q4_1", "q5_0", "q5_1", "q4_k", "q5_k", "q6_k")
 TYPES = tuple(sorted(set(REFERENCE) | set(SEARCHED)))
 # llama-quant.cpp: a row that is not a multiple of the type's block takes this type instead
 OBJECTIVES = ("flat", "x2", "x4", "abs", "sigma", "max", "x2max")
-OBJECTIVE = "abs"
+OBJECTIVE = "sigma"
 FALLBACK = {"q4_k": "q5_0", "q5_k": "q5_1", "q6_k": "q8_0", "tq1_0": "q4_0", "tq2_0": "q4_0"}
 
 
