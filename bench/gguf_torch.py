@@ -166,7 +166,7 @@ def merge(sources: list[Path], into: Path) -> None:
                 "commands": got["commands"], "ours_objective": got.get("ours_objective"), **entry}
     result["ours_rows_note"] = ("the llama.cpp-measured 'ours' rows were written by the writer of git ee56b79 (range search "
                                 "with the flat squared error, gguf_codec objective 'flat'); the torch_dequantized 'ours' rows "
-                                "by the writer with gguf_codec.OBJECTIVE = abs (the default since git cba69f9)")
+                                "by the writer with the gguf_codec.OBJECTIVE their ours_objective names (sigma, the default since git 8fb3af9)")
     write_json_atomic(into, result)
 
 
