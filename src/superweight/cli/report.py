@@ -15,7 +15,7 @@ from ..report import page as rep
 from ..find.loop import DEFAULT_PROMPT
 from ..prove.experiments import AblationConfig
 from ..core.progress import step
-from ..quant.sweep import default_grid
+from ..quant import sweep as quant_sweep
 from ..prove.streamed import stream_ablation
 from ..find.streamed import stream_detect
 from ..quant.streamed_sweep import stream_sweep
@@ -40,7 +40,7 @@ def _streamed_inputs(sm: StreamedModel, detection, ablation, sweep, run_ablation
         note = ["streamed: the ablation ran every condition through each layer read"]
     swept = run_sweep and sweep is None
     if swept:
-        grid = default_grid()
+        grid = quant_sweep.default_grid()  # through the module: a test narrows the grid there
         with step(f"sweep (streamed: {len(grid)} points through each layer read)"):
             sweep = stream_sweep(sm, detection, grid, model_name=sm.source.ref)
     inputs = rep.gather(None, detection, ablation, sweep, False, False, command=command, trace=trace, notes=note)
