@@ -1,6 +1,7 @@
 """Commands that measure: ablate (the paper's Table 1, Fig. 5, Fig. 6) and eval."""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
@@ -10,7 +11,7 @@ from ..prove.ablate import DEFAULT_SCALES, DEFAULT_TOP_N
 from ..core.errors import SuperweightError
 from .inputs import check_seq_len, check_super_weights, check_super_weights_early, check_text_source, read_super_weights
 from .app import check_json_out, write_json_out, app, console, detect_default, load_lm, mode_of, open_streamed, print_notes, setup_logging
-from .options import DequantizeOpt, LimitOpt, MaxTokensOpt, ModelArg, ModelOptions, PplOpt, SeqLenOpt, TasksOpt, grouped
+from .options import DequantizeOpt, LimitOpt, MaxTokensOpt, ModelArg, ModelOptions, PplOpt, SeqLenOpt, TasksOpt, cli, grouped
 from .console import print_ablation_table, print_stopwords, print_tables
 from ..eval.tasks import parse_tasks
 from ..prove.experiments import AblationConfig, run_ablation, run_eval
@@ -37,12 +38,24 @@ def _task_list(values: Optional[List[str]], default: Optional[list[str]]) -> Opt
     return parse_tasks("all" if names == ["all"] else names)
 
 
-def _eval_config(ppl: str, tasks: Optional[List[str]], limit: Optional[int], max_tokens: Optional[int],
-                 seq_len: Optional[int], **kw):
-    ppl_source = None if ppl.lower() in ("none", "") else ppl
-    check_text_source(ppl_source)  # before the model loads: a wrong --ppl costs nothing
-    task_list = _task_list(tasks, parse_tasks("all"))
-    return AblationConfig(ppl=ppl_source, tasks=task_list, limit=limit, max_tokens=max_tokens, seq_len=seq_len, **kw)
+@dataclass(frozen=True)
+class Measured:
+    """What ``ablate`` and ``eval`` measure: the perplexity text and its window, the tasks and how many
+    items of each (an option group)."""
+
+    ppl: str = cli(PplOpt)
+    tasks: Optional[List[str]] = cli(TasksOpt)
+    limit: Optional[int] = cli(LimitOpt)
+    max_tokens: Optional[int] = cli(MaxTokensOpt)
+    seq_len: Optional[int] = cli(SeqLenOpt)
+
+    def config(self, **kw) -> AblationConfig:
+        """The measurement's config (``kw``: the ablation's own settings); a wrong --ppl or task fails now."""
+        ppl_source = None if self.ppl.lower() in ("none", "") else self.ppl
+        check_text_source(ppl_source)  # before the model loads: a wrong --ppl costs nothing
+        task_list = _task_list(self.tasks, parse_tasks("all"))
+        return AblationConfig(ppl=ppl_source, tasks=task_list, limit=self.limit, max_tokens=self.max_tokens,
+                              seq_len=self.seq_len, **kw)
 
 
 def _streamed_eval(sm: StreamedModel, config):
@@ -91,11 +104,7 @@ def _parse_scales(values: Optional[List[str]]) -> tuple[float, ...]:
 def ablate(
     model: str = ModelArg,
     super_weights: Optional[Path] = typer.Option(None, "--super-weights", help="A detection JSON; default: detect now."),
-    ppl: str = PplOpt,
-    tasks: Optional[List[str]] = TasksOpt,
-    limit: Optional[int] = LimitOpt,
-    max_tokens: Optional[int] = MaxTokensOpt,
-    seq_len: Optional[int] = SeqLenOpt,
+    measured: Measured = Measured(),
     top_n: int = typer.Option(DEFAULT_TOP_N, "--top-n", min=1, help="zero_top_non_super: how many of the largest other weights."),
     random_n: Optional[int] = typer.Option(None, "--random-n", min=1, help="zero_random: how many (default: as many as super weights)."),
     scales: Optional[List[str]] = typer.Option(
@@ -117,12 +126,10 @@ def ablate(
     """Prove the super weights matter: zero, scale and restore them; paper Table 1, Fig. 5 and Fig. 6."""
     setup_logging(opts.verbose, opts.quiet)
     sweep_tasks = _task_list(scale_tasks, None)
-    config = _eval_config(
-        ppl, tasks, limit, max_tokens, seq_len, top_n=top_n, random_n=random_n, scales=_parse_scales(scales),
-        scale_tasks=sweep_tasks, stopword_prompts=stopword_prompts, seed=seed,
-    )
+    config = measured.config(top_n=top_n, random_n=random_n, scales=_parse_scales(scales), scale_tasks=sweep_tasks,
+                             stopword_prompts=stopword_prompts, seed=seed)
     source = ModelSource.of(model)  # resolved once: the checks, the mode and the load share it
-    check_seq_len(seq_len, source, opts.cache_dir)
+    check_seq_len(measured.seq_len, source, opts.cache_dir)
     det = read_super_weights(super_weights) if super_weights else None
     if det is not None:  # checked against the config now, not after loading the model
         check_super_weights_early(det, source, super_weights, opts.cache_dir, to_ablate=True)
@@ -146,11 +153,7 @@ def ablate(
 @grouped
 def eval_cmd(
     model: str = ModelArg,
-    ppl: str = PplOpt,
-    tasks: Optional[List[str]] = TasksOpt,
-    limit: Optional[int] = LimitOpt,
-    max_tokens: Optional[int] = MaxTokensOpt,
-    seq_len: Optional[int] = SeqLenOpt,
+    measured: Measured = Measured(),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write the versioned result here."),
     stream: bool = typer.Option(
         False, "--stream", help="Evaluate a local safetensors model read one layer at a time (automatic when it "
@@ -161,9 +164,9 @@ def eval_cmd(
 ) -> None:
     """Perplexity and zero-shot accuracy (lm-eval semantics, 95% bootstrap CI) of one model."""
     setup_logging(opts.verbose, opts.quiet)
-    config = _eval_config(ppl, tasks, limit, max_tokens, seq_len)
+    config = measured.config()
     source = ModelSource.of(model)  # resolved once: the checks, the mode and the load share it
-    check_seq_len(seq_len, source, opts.cache_dir)
+    check_seq_len(measured.seq_len, source, opts.cache_dir)
     check_json_out(json_path)
     if mode_of(source, stream, opts) is Mode.STREAM:
         with open_streamed(source, opts) as sm:
