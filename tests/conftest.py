@@ -17,6 +17,17 @@ SHARED = ROOT.parent / "shared"
 WIKITEXT = SHARED / "data" / "wikitext-2-raw" / "wiki.test.raw"
 
 
+@pytest.fixture(autouse=True)
+def _progress_as_at_start():
+    """A command run in-process with --quiet turns progress off for the whole process
+    (``progress.configure``): each test starts, and leaves, with it on."""
+    from superweight.core import progress
+
+    progress.configure(quiet=False)
+    yield
+    progress.configure(quiet=False)
+
+
 @pytest.fixture(scope="session")
 def smollm2():
     """The built-in SmolLM2-135M (float weights dequantized from a Q4_1 GGUF), loaded once."""
