@@ -3,6 +3,8 @@
 Bounds (``u``: unit roundoff, 2^-24 for float32, 2^-8 for bfloat16):
 - the fused dequantize-then-matmul computes in float32 what the dense model computes, in another order:
   ``max |logits - dense logits| <= u32 * K * L * max |dense logits|`` (K the widest reduction, L layers);
+- the native int4 kernel computes in float32, per group ``scale * sum q x + zero * sum x``: one layer within
+  ``2 u32 * K * (|x| @ (|W| + 15 |s| + |z|)^T)``, the model within the fused path's bound;
 - one int4-kernel layer rounds its input, scale and shifted zero point (``z + 8 s``) and its output to
   bfloat16 and accumulates in float32: ``|y - y_dense| <= 4 u16 * (|x| @ (|W| + 8|s| + |z + 8 s|)^T)``;
   through the model: ``max |logits - dense logits| <= 16 u16 * L * max |dense logits|``.
@@ -13,7 +15,7 @@ import pytest
 import torch
 
 from superweight.core.errors import SuperweightError
-from superweight.quant import RTN, Ternary, ZScore, quantize
+from superweight.quant import RTN, Ternary, ZScore, native, quantize
 from superweight.quant.artifact import load_quantized, save_quantized
 from superweight.quant.layout import make_layout
 from superweight.quant.primitives import quantize_tensor
@@ -25,7 +27,7 @@ U32, U16 = 2.0**-24, 2.0**-8
 SCHEMES = [
     RTN(bits=4, group=32), RTN(bits=3, group=24), RTN(bits=4, block=1000, clip=ZScore(4)), RTN(bits=8),
     RTN(bits=4, levels="nf4", group=32), Ternary(group=16), RTN(bits=4, group=32, zero_point="int8"),
-    RTN(bits=2, per_channel=True), RTN(bits=4, group=32, outliers=0.5),
+    RTN(bits=2, per_channel=True), RTN(bits=4, group=32, outliers=0.5), RTN(bits=4, group=64, zero_point="fix8", outliers=0.5),
 ]
 CASES = [("LlamaForCausalLM", c) for c in SCHEMES] + [
     (a, c) for a in ("Gemma3ForCausalLM", "GPT2LMHeadModel", "MixtralForCausalLM") for c in SCHEMES[:2] + SCHEMES[5:6]]
@@ -37,6 +39,12 @@ def _artifact(tmp_path, arch: str, config):
     plant_super_weight(model, *PLANT, weight=2.5, **({"expert": 1} if moe else {}))
     save_quantized(model, byte_tokenizer(), quantize(model, config, keep=[(*PLANT, 1) if moe else PLANT]), tmp_path / "a")
     return tmp_path / "a", model
+
+
+def _auto_kernels(config) -> set[str]:
+    if not (config.kind.startswith("rtn") and config.bits == 4 and config.group):
+        return {"fused"}
+    return {"native"} if config.group % 64 == 0 and native.library() is not None else {"int4"}
 
 
 def _logits(model, ids) -> torch.Tensor:
@@ -57,8 +65,9 @@ def test_packed_logits_are_the_dequantized_ones(tmp_path, arch, config):
     assert (_logits(fused.model, ids) - ref).abs().max() <= U32 * width * layers * ref.abs().max()
     auto = load_quantized(folder)
     kernels = {m.kernel for m in auto.model.modules() if isinstance(m, PackedLinear)}
-    assert kernels == ({"int4"} if config.kind.startswith("rtn") and config.bits == 4 and config.group else {"fused"})
-    assert (_logits(auto.model, ids) - ref).abs().max() <= 16 * U16 * layers * ref.abs().max()
+    assert kernels == _auto_kernels(config)
+    bound = U32 * width * layers if kernels != {"int4"} else 16 * U16 * layers
+    assert (_logits(auto.model, ids) - ref).abs().max() <= bound * ref.abs().max()
     assert packed_bytes(auto.model) < packed_bytes(dense)
     if arch == "MixtralForCausalLM":
         assert any("experts weights loaded dense" in n for n in auto.notes)
@@ -82,6 +91,38 @@ def test_one_int4_kernel_layer_within_its_bfloat16_bound(in_features):
     with torch.no_grad():
         got = layer(x)
     assert ((got - ref).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("rows", [1, 3, 40])  # up to NATIVE_DECODE_ROWS the codes are read straight; beyond, dequantized
+@pytest.mark.parametrize("zero_point", ["float", "fix8"])
+def test_one_native_layer_within_its_float32_bound(rows, zero_point):
+    if native.library() is None:
+        pytest.skip("no native library (no C compiler, or SUPERWEIGHT_NATIVE=0): layers run torch's int4 kernel")
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(96, 192, generator=g) * 0.05 - 0.01
+    w[7, 100] = 4.0
+    qt = quantize_tensor(w, RTN(bits=4, group=128, zero_point=zero_point), keep=[7 * 192 + 100])  # a short last group of 64
+    layer = PackedLinear(qt, bias=None)
+    assert layer.kernel == "native" and layer.native_codes.numel() * 4 * 2 == w.numel()
+    x = torch.randn(rows, 192, generator=g)
+    w_hat = qt.dequantize()
+    L = make_layout(tuple(w.shape), group=128)
+    s = L.unpad(layer.native_scale.repeat_interleave(128, 1).reshape(96, -1, 128))
+    z = L.unpad(layer.native_zero.repeat_interleave(128, 1).reshape(96, -1, 128))
+    bound = 2 * U32 * 192 * (x.abs() @ (w_hat.abs() + 15 * s.abs() + z.abs()).t())
+    with torch.no_grad():
+        got = layer(x)
+    assert ((got - x @ w_hat.t()).abs() <= bound).all()
+
+
+def test_native_dequantization_is_bitwise_the_artifacts():
+    if native.library() is None:
+        pytest.skip("no native library (no C compiler, or SUPERWEIGHT_NATIVE=0)")
+    w = torch.randn(48, 320, generator=torch.Generator().manual_seed(3))
+    qt = quantize_tensor(w, RTN(bits=4, group=64, zero_point="int8"))
+    layer = PackedLinear(qt, bias=None, kernel="native")
+    dense = native.int4_dense(layer.native_codes, layer.native_scale, layer.native_zero, 64, 8, 48)
+    assert torch.equal(dense, qt.dequantize()[8:48])
 
 
 def test_the_sparse_part_adds_the_exact_super_weight():
@@ -112,6 +153,8 @@ def test_kernel_choice_errors_are_one_line(tmp_path):
     with pytest.raises(SuperweightError, match="the int4 kernel cannot run int3") as exc:
         load_quantized(folder, kernel="int4")
     assert "\n" not in str(exc.value)
+    with pytest.raises(SuperweightError, match="the native kernel cannot run int3"):
+        load_quantized(folder, kernel="native")
     with pytest.raises(SuperweightError, match="unknown kernel"):
         load_quantized(folder, kernel="marlin")
     lm = load_quantized(folder)

@@ -453,9 +453,10 @@ def load_quantized(
 ):
     """Rebuild a working transformers model (and tokenizer) from an artifact: a ``LoadedModel``.
 
-    The quantized linear layers stay packed (``quant.runtime.PackedLinear``: ``kernel`` ``auto`` runs
-    torch's int4 kernel where the layout fits and the fused dequantize-then-matmul elsewhere, ``int4``
-    requires the kernel for every layer, ``fused`` never uses it); 8-bit embeddings and fused MoE experts
+    The quantized linear layers stay packed (``quant.runtime.PackedLinear``: ``kernel`` ``auto`` runs each
+    layer on the first of the native int4 kernel (CPU, float32), torch's int4 kernel (bfloat16) and the fused
+    dequantize-then-matmul that fits its layout; ``native`` or ``int4`` requires that kernel for every layer,
+    ``fused`` uses no kernel); 8-bit embeddings and fused MoE experts
     load dense. ``dequantize=True``: every weight dense, as a float model (what editing weights needs).
     The model then moves to ``device`` (``auto``: CUDA when available)."""
     from transformers import AutoTokenizer
@@ -518,8 +519,9 @@ def _packed_notes(manifest: dict, kernels: list[str], dequantize: bool) -> list[
         return ["weights dequantized to a dense float model (dequantize=True)"]
     notes = []
     if kernels:
-        notes.append(f"weights held packed: {kernels.count('int4')} layers on the int4 kernel, "
-                     f"{kernels.count('fused')} on the fused dequantize-then-matmul")
+        notes.append(f"weights held packed: {kernels.count('native')} layers on the native int4 kernel, "
+                     f"{kernels.count('int4')} on torch's int4 kernel, {kernels.count('fused')} on the fused "
+                     "dequantize-then-matmul")
     experts = [k for k, e in manifest["tensors"].items() if e.get("view")]
     if experts:
         notes.append(f"{len(experts)} fused MoE experts weights loaded dense (no packed experts module)")

@@ -477,3 +477,108 @@ void sw_rtn_write_back_bf16(uint16_t *w, const uint8_t *codes, int64_t rows, int
     }
     add_run_sums(run_sums, total, sums);
 }
+
+/* ---------------------------------------------------------------- 4-bit group-wise linear layers
+ * A packed int4 layer (quant/runtime.py, kernel "native") holds its codes as [N, K / 8] 32-bit words in chunks
+ * of 64 weights (8 words): bits 4j..4j+3 of word i hold weight 8j + i, so shifting a chunk's 8 words right by
+ * 4j and masking gives weights 8j..8j+7 in order, with no shuffle (the AVX2 loop reads a chunk as one vector);
+ * scale and zero are float32 per [N, runs] run of `size` weights along the row (the last run may be
+ * shorter); weight = q * scale + zero. K and `size` are multiples of 64. */
+
+/* The codes of rows of K weights, one per byte, into that layout. */
+void sw_int4_pack(const uint8_t *codes, int64_t rows, int64_t K, uint32_t *out, int threads) {
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t r = 0; r < rows; r++) {
+        const uint8_t *q = codes + r * K;
+        uint32_t *o = out + r * (K / 8);
+        for (int64_t c = 0; c < K; c += 64)
+            for (int i = 0; i < 8; i++) {
+                uint32_t w = 0;
+                for (int j = 0; j < 8; j++) w |= (uint32_t)(q[c + 8 * j + i] & 15) << (4 * j);
+                o[c / 8 + i] = w;
+            }
+    }
+}
+
+#if defined(__AVX2__) && defined(__FMA__)
+static inline float hsum256(__m256 a) {
+    __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
+    s = _mm_add_ps(s, _mm_movehl_ps(s, s));
+    s = _mm_add_ss(s, _mm_movehdup_ps(s));
+    return _mm_cvtss_f32(s);
+}
+
+/* sum_k w[k] x[k] over one row: per run, scale * (sum q x) + zero * xsum. */
+static float row_dot(const uint32_t *row, const float *x, const float *xsum, const float *scale, const float *zero,
+                     int64_t K, int64_t size, int64_t runs) {
+    const __m256i m = _mm256_set1_epi32(15);
+    __m256 acc = _mm256_setzero_ps();
+    float zacc = 0.0f;
+    for (int64_t g = 0; g < runs; g++) {
+        const int64_t k0 = g * size, k1 = k0 + size < K ? k0 + size : K;
+        __m256 d0 = _mm256_setzero_ps(), d1 = _mm256_setzero_ps();
+        for (int64_t k = k0; k < k1; k += 64) {
+            const __m256i v = _mm256_loadu_si256((const __m256i *)(row + k / 8));
+            const float *xk = x + k;
+#define SW_Q(j) _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(v, 4 * (j)), m))
+            d0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, m)), _mm256_loadu_ps(xk), d0);
+            d1 = _mm256_fmadd_ps(SW_Q(1), _mm256_loadu_ps(xk + 8), d1);
+            d0 = _mm256_fmadd_ps(SW_Q(2), _mm256_loadu_ps(xk + 16), d0);
+            d1 = _mm256_fmadd_ps(SW_Q(3), _mm256_loadu_ps(xk + 24), d1);
+            d0 = _mm256_fmadd_ps(SW_Q(4), _mm256_loadu_ps(xk + 32), d0);
+            d1 = _mm256_fmadd_ps(SW_Q(5), _mm256_loadu_ps(xk + 40), d1);
+            d0 = _mm256_fmadd_ps(SW_Q(6), _mm256_loadu_ps(xk + 48), d0);
+            d1 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_srli_epi32(v, 28)), _mm256_loadu_ps(xk + 56), d1);
+#undef SW_Q
+        }
+        acc = _mm256_fmadd_ps(_mm256_set1_ps(scale[g]), _mm256_add_ps(d0, d1), acc);
+        zacc += zero[g] * xsum[g];
+    }
+    return hsum256(acc) + zacc;
+}
+#else
+static float row_dot(const uint32_t *row, const float *x, const float *xsum, const float *scale, const float *zero,
+                     int64_t K, int64_t size, int64_t runs) {
+    float acc = 0.0f;
+    for (int64_t g = 0; g < runs; g++) {
+        const int64_t k0 = g * size, k1 = k0 + size < K ? k0 + size : K;
+        float d[8] = {0};
+        for (int64_t k = k0; k < k1; k += 64)
+            for (int j = 0; j < 8; j++)
+                for (int i = 0; i < 8; i++) d[i] += (float)((row[k / 8 + i] >> (4 * j)) & 15) * x[k + 8 * j + i];
+        const float dg = ((d[0] + d[4]) + (d[1] + d[5])) + ((d[2] + d[6]) + (d[3] + d[7]));
+        acc += scale[g] * dg + zero[g] * xsum[g];
+    }
+    return acc;
+}
+#endif
+
+/* y[m, n] = sum_k x[m, k] w[n, k] for m < M (xsum: the [M, runs] sums of x per run, computed once by the
+ * caller). Rows are split between the threads; each y[m, n] is summed by one thread in one order, so the
+ * result is the same for any thread count. */
+void sw_int4_mm(const float *x, const float *xsum, int64_t M, int64_t K, const uint32_t *codes, const float *scale,
+                const float *zero, int64_t N, int64_t size, float *y, int threads) {
+    const int64_t runs = (K + size - 1) / size;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = 0; n < N; n++)
+        for (int64_t m = 0; m < M; m++)
+            y[m * N + n] = row_dot(codes + n * (K / 8), x + m * K, xsum + m * runs, scale + n * runs, zero + n * runs,
+                                   K, size, runs);
+}
+
+/* Rows r0..r1 of the dequantized weights (q * scale + zero in float32, a multiply then an add: bitwise
+ * sw_rtn_dense and search.UniformGrid.levels_), into out [r1 - r0, K]. */
+void sw_int4_dense(const uint32_t *codes, const float *scale, const float *zero, int64_t r0, int64_t r1, int64_t K,
+                   int64_t size, float *out, int threads) {
+    const int64_t runs = (K + size - 1) / size;
+#pragma omp parallel for num_threads(threads) schedule(static)
+    for (int64_t n = r0; n < r1; n++) {
+        const uint32_t *row = codes + n * (K / 8);
+        float *o = out + (n - r0) * K;
+        for (int64_t k = 0; k < K; k += 64) {
+            const float s = scale[n * runs + k / size], z = zero[n * runs + k / size];
+            for (int j = 0; j < 8; j++)
+                for (int i = 0; i < 8; i++) o[k + 8 * j + i] = (float)((row[k / 8 + i] >> (4 * j)) & 15) * s + z;
+        }
+    }
+}

@@ -117,6 +117,10 @@ def load(flags: tuple[str, ...] = FLAGS) -> ctypes.CDLL:
     lib.sw_rtn_write_back.restype = None
     lib.sw_rtn_write_back_bf16.argtypes = lib.sw_rtn_write_back.argtypes
     lib.sw_rtn_write_back_bf16.restype = None
+    lib.sw_int4_pack.argtypes = [ptr, i64, i64, ptr, i32]
+    lib.sw_int4_mm.argtypes = [ptr, ptr, i64, i64, ptr, ptr, ptr, i64, i64, ptr, i32]
+    lib.sw_int4_dense.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, ptr, i32]
+    lib.sw_int4_pack.restype = lib.sw_int4_mm.restype = lib.sw_int4_dense.restype = None
     lib.sw_rtn_minmax.restype = lib.sw_pack_bits.restype = ctypes.c_int
     lib.sw_sum_squares.restype = lib.sw_rtn_dense.restype = lib.sw_sqnr_sums.restype = None
     return lib
@@ -279,3 +283,44 @@ def rtn_write_back(w2: torch.Tensor, codes2: torch.Tensor, size: int, scale: tor
     fn(w2.data_ptr(), c.data_ptr(), c.shape[0], c.shape[1], size, int(s.dtype == torch.float16),
        s.data_ptr(), z.data_ptr(), run_sums.data_ptr(), sums.data_ptr(), _threads(c.numel()))
     return float(sums[0]), float(sums[1])
+
+
+# ---------------------------------------------------------------- 4-bit linear layers (quant/runtime.py)
+
+
+def int4_pack(codes2: torch.Tensor) -> torch.Tensor | None:
+    """``[N, K]`` 4-bit codes (one per byte, ``K`` a multiple of 64) as ``[N, K / 8]`` int32 words in the layout
+    of ``int4_mm`` (each chunk of 64: bits ``4j..4j+3`` of word ``i`` hold weight ``8j + i``), or None when the
+    native path does not apply."""
+    lib = library()
+    if lib is None or codes2.dim() != 2 or codes2.shape[1] % 64 or codes2.dtype != torch.uint8 or codes2.device.type != "cpu":
+        return None
+    c = codes2.contiguous()
+    out = torch.empty((c.shape[0], c.shape[1] // 8), dtype=torch.int32)
+    lib.sw_int4_pack(c.data_ptr(), c.shape[0], c.shape[1], out.data_ptr(), _threads(c.numel()))
+    return out
+
+
+def int4_mm(x2: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, size: int) -> torch.Tensor:
+    """``x2 @ W^T`` (float32 ``[M, K]``) for ``W = q * scale + zero`` held as ``int4_pack`` codes and float32
+    ``[N, runs]`` parameters; per run ``scale * sum q x + zero * sum x``. The caller checks ``library()``."""
+    lib = library()
+    M, K = x2.shape
+    N, runs = scale.shape
+    x2 = x2.contiguous()
+    xsum = torch.nn.functional.pad(x2, (0, runs * size - K)).view(M, runs, size).sum(-1)
+    y = torch.empty((M, N), dtype=torch.float32)
+    lib.sw_int4_mm(x2.data_ptr(), xsum.data_ptr(), M, K, codes.data_ptr(), scale.data_ptr(), zero.data_ptr(), N, size,
+                   y.data_ptr(), _threads(N * K))
+    return y
+
+
+def int4_dense(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, size: int, r0: int, r1: int) -> torch.Tensor:
+    """Rows ``r0:r1`` of ``q * scale + zero`` (float32 ``[r1 - r0, K]``, bitwise ``rtn_dense``) from ``int4_pack``
+    codes. The caller checks ``library()``."""
+    lib = library()
+    K = codes.shape[1] * 8
+    out = torch.empty((r1 - r0, K), dtype=torch.float32)
+    lib.sw_int4_dense(codes.data_ptr(), scale.data_ptr(), zero.data_ptr(), r0, r1, K, size, out.data_ptr(),
+                      _threads((r1 - r0) * K))
+    return out

@@ -3,8 +3,15 @@
 A ``PackedLinear`` holds one quantized matrix as the artifact stores it (codes, scales, zero points) and its
 held-out sparse part (super weights, outliers) as flat indices with the *difference* between each exact
 value and what the codes give there, so ``y = x W_q^T + x S^T (+ bias)`` equals the dequantized layer.
-Two ways to compute ``x W_q^T``, chosen per layer (``kernel="auto"``):
+Three ways to compute ``x W_q^T``, chosen per layer (``kernel="auto"``: the first that runs the layout):
 
+- ``native`` (a CPU with the native library, ``quant/native.c``): asymmetric 4-bit codes in groups of a multiple
+  of 64 along rows of a multiple of 64 inputs, computed in **float32**. The codes are held 4 bits each (eight to
+  an int32 word, arranged so an AVX2 lane unpacks them with shifts alone), the scale and zero point as float32
+  per group; per group ``scale * sum q x + zero * sum x``. At a few input rows (decode) the kernel reads the codes
+  straight; for more (prefill, perplexity) it dequantizes about ``CHUNK`` weights at a time (bitwise the
+  dequantized load's values) and multiplies them in torch. torch's int4 kernel below computes in bfloat16 only,
+  and on an AVX2 CPU (no bfloat16 instructions) it ran no faster than a float32 matmul.
 - ``int4``: torch's group-wise INT4 kernel (``aten._weight_int4pack_mm_for_cpu`` on a CPU, tinygemm
   ``aten._weight_int4pack_mm`` on CUDA) for asymmetric 4-bit codes (float, int8 or fix8 zero points: each
   is ``w = q * s + z`` per group, ``grid.affine``) in groups of 32, 64, 128 or 256 along the input and a
@@ -28,6 +35,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..core.errors import SuperweightError
+from . import native
 from .layout import Layout
 from .primitives import QuantizedTensor
 from .search import UniformGrid
@@ -35,7 +43,8 @@ from .schemes import handler
 
 CHUNK = 1 << 20  # dequantized weights per step of the fused path
 INT4_GROUPS = (32, 64, 128, 256)
-KERNELS = ("auto", "int4", "fused")
+KERNELS = ("auto", "native", "int4", "fused")
+NATIVE_DECODE_ROWS = 8  # up to this many input rows the native kernel reads the codes; beyond, dequantize + matmul
 
 
 class PackedWeightError(SuperweightError, AttributeError):
@@ -52,6 +61,16 @@ def int4_fits(qt: QuantizedTensor, out_features: int) -> str | None:
     if out_features % 16:
         return f"{out_features} output rows (it needs a multiple of 16)"
     return None
+
+
+def native_fits(qt: QuantizedTensor, out_features: int, in_features: int, device: torch.device) -> str | None:
+    """Why the native kernel cannot run ``qt`` on ``device`` (None when it can)."""
+    if device.type != "cpu" or native.library() is None:
+        return f"on {device} (it runs on a CPU where superweight's native library builds)"
+    why = int4_fits(qt, out_features)
+    if why is None and (qt.layout.size % 64 or in_features % 64):
+        why = f"groups of {qt.layout.size} over {in_features} inputs (it runs groups and rows of a multiple of 64)"
+    return why
 
 
 def _int4_weight(codes2: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -72,18 +91,29 @@ class PackedLinear(nn.Module):
         device = torch.device(device)
         self.out_features, self.in_features = qt.shape
         self.kind, self.bits, self.layout = qt.kind, qt.bits, qt.layout
-        why = int4_fits(qt, self.out_features)
-        if kernel == "int4" and why:
-            raise SuperweightError(f"the int4 kernel cannot run {why}: load with kernel 'auto' or 'fused'")
-        self.kernel = "int4" if kernel != "fused" and why is None else "fused"
+        self.kernel = self._choose(qt, kernel, device)
         self.bias = None if bias is None else nn.Parameter(bias.detach().to(device), requires_grad=False)
         self._sparse(qt, device)
-        if self.kernel == "int4":
+        if self.kernel == "native":
+            self._pack_native(qt)
+        elif self.kernel == "int4":
             self._pack_int4(qt, device)
         else:
             self.register_buffer("codes", qt.packed_codes().to(device))
             self.register_buffer("scale", qt.scale.to(device))
             self.register_buffer("zero", None if qt.zero is None else qt.zero.to(device))
+
+    def _choose(self, qt: QuantizedTensor, kernel: str, device: torch.device) -> str:
+        """The kernel that runs this layer: ``kernel``, or under ``auto`` the first of native, int4, fused that fits."""
+        if kernel == "fused":
+            return "fused"
+        checks = {"native": lambda: native_fits(qt, self.out_features, self.in_features, device),
+                  "int4": lambda: int4_fits(qt, self.out_features)}
+        if kernel != "auto":
+            if why := checks[kernel]():
+                raise SuperweightError(f"the {kernel} kernel cannot run {why}: load with kernel 'auto' or 'fused'")
+            return kernel
+        return next((k for k, check in checks.items() if check() is None), "fused")
 
     def _sparse(self, qt: QuantizedTensor, device: torch.device) -> None:
         """The held-out entries as (row, column, exact value minus the codes' value)."""
@@ -107,16 +137,35 @@ class PackedLinear(nn.Module):
         self.register_buffer("int4_weight", _int4_weight(codes2, device))
         self.register_buffer("int4_scale_zero", sz.to(device=device, dtype=torch.bfloat16))
 
+    def _pack_native(self, qt: QuantizedTensor) -> None:
+        scale, zero = qt.handler.grid(4, qt.scale.dtype).affine((qt.scale, qt.zero))  # w = q * scale + zero, float32
+        self.group = qt.layout.size
+        self.register_buffer("native_codes", native.int4_pack(qt.layout.view(qt.codes).cpu()))
+        self.register_buffer("native_scale", scale.float().cpu().contiguous())
+        self.register_buffer("native_zero", zero.float().cpu().contiguous())
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        y = self._int4(x2) if self.kernel == "int4" else self._fused(x2)
+        y = {"native": self._native, "int4": self._int4, "fused": self._fused}[self.kernel](x2)
         if self.sparse_delta.numel():
             contrib = x2[:, self.sparse_cols].to(y.dtype) * self.sparse_delta.to(y.dtype)
             y = y.index_add(1, self.sparse_rows, contrib)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*shape, self.out_features)
+
+    def _native(self, x2: torch.Tensor) -> torch.Tensor:
+        xf = x2.float().contiguous()
+        parts = (self.native_codes, self.native_scale, self.native_zero, self.group)
+        if xf.shape[0] <= NATIVE_DECODE_ROWS:
+            return native.int4_mm(xf, *parts).to(x2.dtype)
+        y = xf.new_empty((xf.shape[0], self.out_features))
+        step = max(8, CHUNK // self.in_features)
+        for r0 in range(0, self.out_features, step):
+            r1 = min(r0 + step, self.out_features)
+            y[:, r0:r1] = xf @ native.int4_dense(*parts, r0, r1).t()
+        return y.to(x2.dtype)
 
     def _int4(self, x2: torch.Tensor) -> torch.Tensor:
         xb = x2.to(torch.bfloat16)
