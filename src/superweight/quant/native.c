@@ -553,12 +553,19 @@ static float row_dot(const uint32_t *row, const float *x, const float *xsum, con
 }
 #endif
 
-/* y[m, n] = sum_k x[m, k] w[n, k] for m < M (xsum: the [M, runs] sums of x per run, computed once by the
- * caller). Rows are split between the threads; each y[m, n] is summed by one thread in one order, so the
- * result is the same for any thread count. */
-void sw_int4_mm(const float *x, const float *xsum, int64_t M, int64_t K, const uint32_t *codes, const float *scale,
+/* y[m, n] = sum_k x[m, k] w[n, k] for m < M. xsum: room for the [M, runs] sums of x per run, computed here
+ * once. Rows are split between the threads; each y[m, n] is summed by one thread in one order, so the result
+ * is the same for any thread count. */
+void sw_int4_mm(const float *x, float *xsum, int64_t M, int64_t K, const uint32_t *codes, const float *scale,
                 const float *zero, int64_t N, int64_t size, float *y, int threads) {
     const int64_t runs = (K + size - 1) / size;
+    for (int64_t m = 0; m < M; m++)
+        for (int64_t g = 0; g < runs; g++) {
+            const int64_t k1 = (g + 1) * size < K ? (g + 1) * size : K;
+            float t = 0.0f;
+            for (int64_t k = g * size; k < k1; k++) t += x[m * K + k];
+            xsum[m * runs + g] = t;
+        }
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t n = 0; n < N; n++)
         for (int64_t m = 0; m < M; m++)

@@ -308,7 +308,7 @@ def int4_mm(x2: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: to
     M, K = x2.shape
     N, runs = scale.shape
     x2 = x2.contiguous()
-    xsum = torch.nn.functional.pad(x2, (0, runs * size - K)).view(M, runs, size).sum(-1)
+    xsum = torch.empty((M, runs), dtype=torch.float32)  # the kernel's per-run sums of x
     y = torch.empty((M, N), dtype=torch.float32)
     lib.sw_int4_mm(x2.data_ptr(), xsum.data_ptr(), M, K, codes.data_ptr(), scale.data_ptr(), zero.data_ptr(), N, size,
                    y.data_ptr(), _threads(N * K))

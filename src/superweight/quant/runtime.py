@@ -44,7 +44,7 @@ from .schemes import handler
 CHUNK = 1 << 20  # dequantized weights per step of the fused path
 INT4_GROUPS = (32, 64, 128, 256)
 KERNELS = ("auto", "native", "int4", "fused")
-NATIVE_DECODE_ROWS = 8  # up to this many input rows the native kernel reads the codes; beyond, dequantize + matmul
+NATIVE_DECODE_ROWS = 16  # up to this many input rows the native kernel reads the codes; beyond, dequantize + matmul
 
 
 class PackedWeightError(SuperweightError, AttributeError):
