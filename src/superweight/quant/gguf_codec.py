@@ -25,8 +25,10 @@
   sub-blocks of 16 with an int8 scale times ``d``): each sub-block's range comes from
   ``search_params``, the 6/8-bit sub-block scales are rounded against ``d``, then each sub-block's
   scale codes move by one step where that lowers its error, and ``d``/``dmin`` are refitted by least
-  squares (kept only where the super-block's error drops); their objective is still the flat
-  squared error (``objective`` is not applied to them: not measured against llama.cpp's k-quants).
+  squares (kept only where the super-block's objective drops). Their objective is the same weighted one,
+  ``rms`` the super-block's (``quantize_row_q4_K_ref`` weighs each weight by the super-block's rms plus
+  ``|x|``); it was the flat squared error before git ef3fd18's successor (measured against llama.cpp's
+  k-quant quantizer in bench/gguf_export.py).
 
 Rows whose length is not a multiple of a k-quant's 256 fall back the way llama.cpp's quantizer
 falls back (``FALLBACK``), so a file matches ``llama-quantize``'s type for type.
@@ -189,11 +191,11 @@ class _KSpec:
         safe = torch.where(s != 0, s, torch.ones_like(s))
         return torch.where(s != 0, (x3 + m) / safe, torch.zeros_like(x3)).round_().clamp_(0, self.qmax)
 
-    def error(self, x3, d, sc, dmin, mn) -> tuple[torch.Tensor, torch.Tensor]:
-        """Each sub-block's squared error and codes, for these parameters."""
+    def error(self, x3, m3, d, sc, dmin, mn) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each sub-block's objective ``sum m3 (x - x_hat)^2`` and codes, for these parameters."""
         s, m = self.scales(d, sc, dmin, mn)
         q = self.codes(x3, s, m)
-        return (s * q - m - x3).square().sum(-1, keepdim=True, dtype=torch.float64), q
+        return (m3 * (s * q - m - x3).square()).sum(-1, keepdim=True, dtype=torch.float64), q
 
 
 def _round_scales(values: torch.Tensor, top: int, lo: int, hi: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -209,7 +211,8 @@ def _round_scales(values: torch.Tensor, top: int, lo: int, hi: int) -> tuple[tor
 def _kquant(x: torch.Tensor, name: str, objective: str = OBJECTIVE) -> tuple[np.ndarray, torch.Tensor]:
     spec = _KSpec(name)
     x3 = x.reshape(x.shape[0], QK_K // spec.sub, spec.sub)
-    p = search_params(spec.grid(), x3, torch.ones_like(x3))
+    m3 = fit_weights(x, objective).reshape(x3.shape)  # the super-block's rms, as quantize_row_q4_K_ref weighs
+    p = search_params(spec.grid(), x3, m3)
     lo, hi = spec.sc_range
     if spec.symmetric:
         d, sc = _round_scales(p[0], lo, lo, hi)
@@ -218,18 +221,18 @@ def _kquant(x: torch.Tensor, name: str, objective: str = OBJECTIVE) -> tuple[np.
         d, sc = _round_scales(p[0], hi, lo, hi)
         dmin, mn = _round_scales((-p[1]).clamp_min(0), hi, lo, hi)
     for _ in range(2):
-        sc, mn = _nudge(spec, x3, d, sc, dmin, mn)
-        d, dmin = _refit_factors(spec, x3, d, sc, dmin, mn)
-    err, q = spec.error(x3, d, sc, dmin, mn)
+        sc, mn = _nudge(spec, x3, m3, d, sc, dmin, mn)
+        d, dmin = _refit_factors(spec, x3, m3, d, sc, dmin, mn)
+    _, q = spec.error(x3, m3, d, sc, dmin, mn)
     s, m = spec.scales(d, sc, dmin, mn)
     values = (s * q - m).reshape(x.shape)
     return _pack_k(name, d, dmin, sc, mn, q.reshape(x.shape[0], QK_K)), values
 
 
-def _nudge(spec: _KSpec, x3, d, sc, dmin, mn):
-    """Each sub-block's scale (and min) code moved by -1, 0 or +1, whichever gives the lowest error."""
+def _nudge(spec: _KSpec, x3, m3, d, sc, dmin, mn):
+    """Each sub-block's scale (and min) code moved by -1, 0 or +1, whichever gives the lowest objective."""
     lo, hi = spec.sc_range
-    best_e, _ = spec.error(x3, d, sc, dmin, mn)
+    best_e, _ = spec.error(x3, m3, d, sc, dmin, mn)
     best_sc, best_mn = sc, mn
     steps = (-1, 0, 1)
     for a in steps:
@@ -237,7 +240,7 @@ def _nudge(spec: _KSpec, x3, d, sc, dmin, mn):
             if a == 0 and b == 0:
                 continue
             c_sc, c_mn = (sc + a).clamp(lo, hi), (mn + b).clamp(lo, hi)
-            e, _ = spec.error(x3, d, c_sc, dmin, c_mn)
+            e, _ = spec.error(x3, m3, d, c_sc, dmin, c_mn)
             take = e < best_e
             best_e = torch.where(take, e, best_e)
             best_sc = torch.where(take.squeeze(-1), c_sc.squeeze(-1), best_sc.squeeze(-1)).unsqueeze(-1)
@@ -245,20 +248,20 @@ def _nudge(spec: _KSpec, x3, d, sc, dmin, mn):
     return best_sc, best_mn
 
 
-def _refit_factors(spec: _KSpec, x3, d, sc, dmin, mn):
-    """Least squares of ``x`` on ``sc (q - half)`` and ``-mn`` per super-block (codes fixed): new float16
-    ``d`` and ``dmin``, kept where the super-block's error (codes re-rounded) is lower."""
-    e0, q = spec.error(x3, d, sc, dmin, mn)
+def _refit_factors(spec: _KSpec, x3, m3, d, sc, dmin, mn):
+    """Least squares of ``x`` on ``sc (q - half)`` and ``-mn`` per super-block, weighted by ``m3`` (codes
+    fixed): new float16 ``d`` and ``dmin``, kept where the super-block's objective (codes re-rounded) is lower."""
+    e0, q = spec.error(x3, m3, d, sc, dmin, mn)
     a = (sc * (q - spec.half)).double().flatten(1)
-    x = x3.double().flatten(1)
+    x, w = x3.double().flatten(1), m3.double().flatten(1)
     if spec.symmetric:
-        den = (a * a).sum(1, keepdim=True)
-        nd = torch.where(den > 0, (a * x).sum(1, keepdim=True) / den.clamp_min(1e-300), d.double().squeeze(-1))
+        den = (w * a * a).sum(1, keepdim=True)
+        nd = torch.where(den > 0, (w * a * x).sum(1, keepdim=True) / den.clamp_min(1e-300), d.double().squeeze(-1))
         nmin = dmin.double().squeeze(-1)
     else:
         b = (-mn).double().expand_as(q).flatten(1)
-        aa, ab, bb = (a * a).sum(1), (a * b).sum(1), (b * b).sum(1)
-        ax, bx = (a * x).sum(1), (b * x).sum(1)
+        aa, ab, bb = (w * a * a).sum(1), (w * a * b).sum(1), (w * b * b).sum(1)
+        ax, bx = (w * a * x).sum(1), (w * b * x).sum(1)
         det = aa * bb - ab * ab
         ok = det > 1e-12 * (aa * bb).clamp_min(1e-300)
         safe = torch.where(ok, det, torch.ones_like(det))
@@ -267,7 +270,7 @@ def _refit_factors(spec: _KSpec, x3, d, sc, dmin, mn):
     nd, nmin = nd.unsqueeze(-1).to(torch.float16), nmin.unsqueeze(-1).to(torch.float16)
     nd = torch.where(torch.isfinite(nd) & (nd != 0), nd, d)
     nmin = torch.where(torch.isfinite(nmin), nmin, dmin)
-    e1, _ = spec.error(x3, nd, sc, nmin, mn)
+    e1, _ = spec.error(x3, m3, nd, sc, nmin, mn)
     take = e1.sum(1, keepdim=True) < e0.sum(1, keepdim=True)
     return torch.where(take, nd, d), torch.where(take, nmin, dmin)
 

@@ -500,6 +500,12 @@ void sw_int4_pack(const uint8_t *codes, int64_t rows, int64_t K, uint32_t *out, 
     }
 }
 
+/* The AVX2 loop skips the shifts: word & (15 << 4j) converted to float is exactly q * 16^j (a 4-bit integer
+ * times a power of two) for j < 7, so it multiplies x scaled by 16^-j (exact, a power of two), which the caller
+ * prepares once per call (xs); j = 7 (the sign bit) is shifted down. Each product q * x is then the same float
+ * as unscaled, so both loops compute the same sums in the same order up to the lanes' grouping. */
+static inline float x_scale(int64_t k) { const int j = (int)(k % 64) / 8; return j == 7 ? 1.0f : 1.0f / (float)(1 << (4 * j)); }
+
 #if defined(__AVX2__) && defined(__FMA__)
 static inline float hsum256(__m256 a) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
@@ -508,10 +514,9 @@ static inline float hsum256(__m256 a) {
     return _mm_cvtss_f32(s);
 }
 
-/* sum_k w[k] x[k] over one row: per run, scale * (sum q x) + zero * xsum. */
-static float row_dot(const uint32_t *row, const float *x, const float *xsum, const float *scale, const float *zero,
+/* sum_k w[k] x[k] over one row: per run, scale * (sum q x) + zero * xsum (xs: x scaled as above). */
+static float row_dot(const uint32_t *row, const float *xs, const float *xsum, const float *scale, const float *zero,
                      int64_t K, int64_t size, int64_t runs) {
-    const __m256i m = _mm256_set1_epi32(15);
     __m256 acc = _mm256_setzero_ps();
     float zacc = 0.0f;
     for (int64_t g = 0; g < runs; g++) {
@@ -519,9 +524,9 @@ static float row_dot(const uint32_t *row, const float *x, const float *xsum, con
         __m256 d0 = _mm256_setzero_ps(), d1 = _mm256_setzero_ps();
         for (int64_t k = k0; k < k1; k += 64) {
             const __m256i v = _mm256_loadu_si256((const __m256i *)(row + k / 8));
-            const float *xk = x + k;
-#define SW_Q(j) _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srli_epi32(v, 4 * (j)), m))
-            d0 = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_and_si256(v, m)), _mm256_loadu_ps(xk), d0);
+            const float *xk = xs + k;
+#define SW_Q(j) _mm256_cvtepi32_ps(_mm256_and_si256(v, _mm256_set1_epi32(15 << (4 * (j)))))
+            d0 = _mm256_fmadd_ps(SW_Q(0), _mm256_loadu_ps(xk), d0);
             d1 = _mm256_fmadd_ps(SW_Q(1), _mm256_loadu_ps(xk + 8), d1);
             d0 = _mm256_fmadd_ps(SW_Q(2), _mm256_loadu_ps(xk + 16), d0);
             d1 = _mm256_fmadd_ps(SW_Q(3), _mm256_loadu_ps(xk + 24), d1);
@@ -537,7 +542,7 @@ static float row_dot(const uint32_t *row, const float *x, const float *xsum, con
     return hsum256(acc) + zacc;
 }
 #else
-static float row_dot(const uint32_t *row, const float *x, const float *xsum, const float *scale, const float *zero,
+static float row_dot(const uint32_t *row, const float *xs, const float *xsum, const float *scale, const float *zero,
                      int64_t K, int64_t size, int64_t runs) {
     float acc = 0.0f;
     for (int64_t g = 0; g < runs; g++) {
@@ -545,7 +550,8 @@ static float row_dot(const uint32_t *row, const float *x, const float *xsum, con
         float d[8] = {0};
         for (int64_t k = k0; k < k1; k += 64)
             for (int j = 0; j < 8; j++)
-                for (int i = 0; i < 8; i++) d[i] += (float)((row[k / 8 + i] >> (4 * j)) & 15) * x[k + 8 * j + i];
+                for (int i = 0; i < 8; i++)
+                    d[i] += (float)((row[k / 8 + i] >> (4 * j)) & 15) * (xs[k + 8 * j + i] / x_scale(8 * j));
         const float dg = ((d[0] + d[4]) + (d[1] + d[5])) + ((d[2] + d[6]) + (d[3] + d[7]));
         acc += scale[g] * dg + zero[g] * xsum[g];
     }
@@ -553,24 +559,34 @@ static float row_dot(const uint32_t *row, const float *x, const float *xsum, con
 }
 #endif
 
-/* y[m, n] = sum_k x[m, k] w[n, k] for m < M. xsum: room for the [M, runs] sums of x per run, computed here
- * once. Rows are split between the threads; each y[m, n] is summed by one thread in one order, so the result
- * is the same for any thread count. */
-void sw_int4_mm(const float *x, float *xsum, int64_t M, int64_t K, const uint32_t *codes, const float *scale,
-                const float *zero, int64_t N, int64_t size, float *y, int threads) {
+/* y[m, n] = sum_k x[m, k] w[n, k] + sum_j val[j] x[m, col[j]] for m < M, the second sum over row n's held-out
+ * entries (ptr[n]..ptr[n + 1]; ptr NULL: none). work: room for M * (K + runs) floats (x scaled, and its
+ * per-run sums), filled here once. Rows are split between the threads; each y[m, n] is summed by one thread
+ * in one order, so the result is the same for any thread count. */
+void sw_int4_mm(const float *x, float *work, int64_t M, int64_t K, const uint32_t *codes, const float *scale,
+                const float *zero, int64_t N, int64_t size, const int64_t *ptr, const int32_t *col, const float *val,
+                float *y, int threads) {
     const int64_t runs = (K + size - 1) / size;
-    for (int64_t m = 0; m < M; m++)
+    float *xs = work, *xsum = work + M * K;
+    for (int64_t m = 0; m < M; m++) {
+        for (int64_t k = 0; k < K; k++) xs[m * K + k] = x[m * K + k] * x_scale(k);
         for (int64_t g = 0; g < runs; g++) {
             const int64_t k1 = (g + 1) * size < K ? (g + 1) * size : K;
             float t = 0.0f;
             for (int64_t k = g * size; k < k1; k++) t += x[m * K + k];
             xsum[m * runs + g] = t;
         }
+    }
 #pragma omp parallel for num_threads(threads) schedule(static)
     for (int64_t n = 0; n < N; n++)
-        for (int64_t m = 0; m < M; m++)
-            y[m * N + n] = row_dot(codes + n * (K / 8), x + m * K, xsum + m * runs, scale + n * runs, zero + n * runs,
-                                   K, size, runs);
+        for (int64_t m = 0; m < M; m++) {
+            const float *xm = x + m * K;
+            float t = row_dot(codes + n * (K / 8), xs + m * K, xsum + m * runs, scale + n * runs, zero + n * runs, K,
+                              size, runs);
+            if (ptr)
+                for (int64_t j = ptr[n]; j < ptr[n + 1]; j++) t += val[j] * xm[col[j]];
+            y[m * N + n] = t;
+        }
 }
 
 /* Rows r0..r1 of the dequantized weights (q * scale + zero in float32, a multiply then an add: bitwise

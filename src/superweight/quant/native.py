@@ -118,7 +118,7 @@ def load(flags: tuple[str, ...] = FLAGS) -> ctypes.CDLL:
     lib.sw_rtn_write_back_bf16.argtypes = lib.sw_rtn_write_back.argtypes
     lib.sw_rtn_write_back_bf16.restype = None
     lib.sw_int4_pack.argtypes = [ptr, i64, i64, ptr, i32]
-    lib.sw_int4_mm.argtypes = [ptr, ptr, i64, i64, ptr, ptr, ptr, i64, i64, ptr, i32]
+    lib.sw_int4_mm.argtypes = [ptr, ptr, i64, i64, ptr, ptr, ptr, i64, i64, ptr, ptr, ptr, ptr, i32]
     lib.sw_int4_dense.argtypes = [ptr, ptr, ptr, i64, i64, i64, i64, ptr, i32]
     lib.sw_int4_pack.restype = lib.sw_int4_mm.restype = lib.sw_int4_dense.restype = None
     lib.sw_rtn_minmax.restype = lib.sw_pack_bits.restype = ctypes.c_int
@@ -301,17 +301,21 @@ def int4_pack(codes2: torch.Tensor) -> torch.Tensor | None:
     return out
 
 
-def int4_mm(x2: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, size: int) -> torch.Tensor:
+def int4_mm(x2: torch.Tensor, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, size: int,
+            sparse: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """``x2 @ W^T`` (float32 ``[M, K]``) for ``W = q * scale + zero`` held as ``int4_pack`` codes and float32
-    ``[N, runs]`` parameters; per run ``scale * sum q x + zero * sum x``. The caller checks ``library()``."""
+    ``[N, runs]`` parameters (per run ``scale * sum q x + zero * sum x``), plus the held-out entries ``sparse``:
+    ``(ptr int64 [N + 1], col int32, val float32)``, row ``n``'s at ``ptr[n]:ptr[n + 1]``. The caller checks
+    ``library()``."""
     lib = library()
     M, K = x2.shape
     N, runs = scale.shape
     x2 = x2.contiguous()
-    xsum = torch.empty((M, runs), dtype=torch.float32)  # the kernel's per-run sums of x
+    work = torch.empty(M * (K + runs), dtype=torch.float32)  # the kernel's scaled x and per-run sums
     y = torch.empty((M, N), dtype=torch.float32)
-    lib.sw_int4_mm(x2.data_ptr(), xsum.data_ptr(), M, K, codes.data_ptr(), scale.data_ptr(), zero.data_ptr(), N, size,
-                   y.data_ptr(), _threads(N * K))
+    ptr, col, val = (t.data_ptr() for t in sparse) if sparse is not None else (None, None, None)
+    lib.sw_int4_mm(x2.data_ptr(), work.data_ptr(), M, K, codes.data_ptr(), scale.data_ptr(), zero.data_ptr(), N, size,
+                   ptr, col, val, y.data_ptr(), _threads(N * K))
     return y
 
 

@@ -116,14 +116,20 @@ class PackedLinear(nn.Module):
         return next((k for k, check in checks.items() if check() is None), "fused")
 
     def _sparse(self, qt: QuantizedTensor, device: torch.device) -> None:
-        """The held-out entries as (row, column, exact value minus the codes' value)."""
+        """The held-out entries, in row order, as (column, exact value minus the codes' value) and their rows:
+        a row index each, or for the native kernel where each row's entries start (``sparse_ptr``, CSR)."""
         idx = qt.sparse_idx.long()
         delta = torch.zeros(0, device=idx.device)
         if idx.numel():
             delta = qt.sparse_val.float() - qt.dense().reshape(-1)[idx.to(qt.scale.device)].to(idx.device)
-        self.register_buffer("sparse_rows", (idx // self.in_features).to(device))
-        self.register_buffer("sparse_cols", (idx % self.in_features).to(device))
-        self.register_buffer("sparse_delta", delta.to(device))
+        idx, order = torch.sort(idx)
+        rows, csr = idx // self.in_features, self.kernel == "native"
+        self.register_buffer("sparse_cols", (idx % self.in_features).to(device, torch.int32 if csr else torch.int64))
+        self.register_buffer("sparse_delta", delta[order].to(device).contiguous())
+        self.register_buffer("sparse_rows", None if csr else rows.to(device))
+        ptr = torch.zeros(self.out_features + 1, dtype=torch.int64)
+        ptr[1:] = torch.cumsum(torch.bincount(rows.cpu(), minlength=self.out_features), 0)
+        self.register_buffer("sparse_ptr", ptr if csr else None)
 
     def _pack_int4(self, qt: QuantizedTensor, device: torch.device) -> None:
         L = qt.layout
@@ -144,13 +150,17 @@ class PackedLinear(nn.Module):
         self.register_buffer("native_scale", scale.float().cpu().contiguous())
         self.register_buffer("native_zero", zero.float().cpu().contiguous())
 
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
         y = {"native": self._native, "int4": self._int4, "fused": self._fused}[self.kernel](x2)
-        if self.sparse_delta.numel():
-            contrib = x2[:, self.sparse_cols].to(y.dtype) * self.sparse_delta.to(y.dtype)
-            y = y.index_add(1, self.sparse_rows, contrib)
+        in_kernel = self.kernel == "native" and x2.shape[0] <= NATIVE_DECODE_ROWS  # the kernel added it
+        if self.sparse_delta.numel() and not in_kernel:
+            rows = self.sparse_rows if self.sparse_rows is not None else torch.repeat_interleave(
+                torch.arange(self.out_features), self.sparse_ptr.diff())
+            contrib = x2[:, self.sparse_cols.long()].to(y.dtype) * self.sparse_delta.to(y.dtype)
+            y = y.index_add(1, rows.to(y.device), contrib)
         if self.bias is not None:
             y = y + self.bias.to(y.dtype)
         return y.reshape(*shape, self.out_features)
@@ -159,7 +169,8 @@ class PackedLinear(nn.Module):
         xf = x2.float().contiguous()
         parts = (self.native_codes, self.native_scale, self.native_zero, self.group)
         if xf.shape[0] <= NATIVE_DECODE_ROWS:
-            return native.int4_mm(xf, *parts).to(x2.dtype)
+            sparse = (self.sparse_ptr, self.sparse_cols, self.sparse_delta) if self.sparse_delta.numel() else None
+            return native.int4_mm(xf, *parts, sparse=sparse).to(x2.dtype)
         y = xf.new_empty((xf.shape[0], self.out_features))
         step = max(8, CHUNK // self.in_features)
         for r0 in range(0, self.out_features, step):
