@@ -471,7 +471,10 @@ def load_quantized(
     state, held = read_weights(path, manifest, torch_dtype, packed=not dequantize)
     _assign(model, {k: v.to(torch_dtype) if v.is_floating_point() else v for k, v in state.items()}, manifest, held, path)
     target = resolve_device(device)
-    kernels = [replace_linear(model, key, qt, kernel, target).kernel for key, qt in held.items()]
+    kernels = []
+    while held:  # each layer's unpacked codes are freed once it is packed: the load holds one layer's, not all
+        key, qt = held.popitem()
+        kernels.append(replace_linear(model, key, qt, kernel, target).kernel)
     model.tie_weights()
     meta = [n for n, p in model.named_parameters() if p.is_meta]
     if meta:
