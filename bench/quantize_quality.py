@@ -237,6 +237,12 @@ def grid(which: str, lm) -> list[Row]:
                      Row("mse + int8 zero + SW/outliers held out + SA-channel care", "ours", b, g, ours(best(lm, b, g)))]
         return rows + [Row("hqq solver + fix8 zero + SW held out (no outliers)", "ours", 4, 64,
                            ours(RTN(bits=4, group=64, search="hqq", zero_point="fix8")))]
+    if which == "two-texts-claims":  # the two cells of each "beats HQQ" claim (g64, g128), on both texts
+        rows = [fp]
+        for b, g in ((4, 64), (4, 128)):
+            rows += [Row("HQQ (hqq 0.2.8, pytorch backend)", "peer", b, g, hqq(b, g)),
+                     Row("hqq solver + fix8 zero + SW/outliers held out", "ours", b, g, ours(hqq_best(lm, b, g)))]
+        return rows
     if which == "two-texts-g128":  # the g128 cells on both texts, and the g64 control with HQQ's float16 zero point
         return [fp, Row("HQQ (hqq 0.2.8, pytorch backend)", "peer", 4, 128, hqq(4, 128)),
                 Row("hqq solver + fix8 zero + SW/outliers held out", "ours", 4, 128, ours(hqq_best(lm, 4, 128))),
@@ -320,7 +326,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m", help="smollm2-135m, gemma3-270m, or any load_model name/path")
     ap.add_argument("--windows", type=int, default=8)
     ap.add_argument("--seq-len", type=int, default=1024)
-    ap.add_argument("--rows", choices=["all", "core", "first", "hqq-solver", "hqq-plain", "confirm", "key", "key128", "key3", "int2", "hqq16", "torchao", "peers", "nf4", "two-texts", "two-texts-g128", "two-texts-int3"], default="all")
+    ap.add_argument("--rows", choices=["all", "core", "first", "hqq-solver", "hqq-plain", "confirm", "key", "key128", "key3", "int2", "hqq16", "torchao", "peers", "nf4", "two-texts", "two-texts-claims", "two-texts-g128", "two-texts-int3"], default="all")
     ap.add_argument("--only", default=None, help="run only rows whose name contains this text (plus the unquantized one)")
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--texts", nargs="+", default=["wikitext2", "lambada"],
