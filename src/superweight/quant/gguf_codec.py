@@ -27,7 +27,7 @@
   scale codes move by one step where that lowers its error, and ``d``/``dmin`` are refitted by least
   squares (kept only where the super-block's objective drops). Their objective is the same weighted one,
   ``rms`` the super-block's (``quantize_row_q4_K_ref`` weighs each weight by the super-block's rms plus
-  ``|x|``); it was the flat squared error before git ef3fd18's successor (measured against llama.cpp's
+  ``|x|``); it was the flat squared error before git 7371735 (measured against llama.cpp's
   k-quant quantizer in bench/gguf_export.py).
 
 Rows whose length is not a multiple of a k-quant's 256 fall back the way llama.cpp's quantizer
