@@ -127,9 +127,11 @@ class PackedLinear(nn.Module):
         self.register_buffer("sparse_cols", (idx % self.in_features).to(device, torch.int32 if csr else torch.int64))
         self.register_buffer("sparse_delta", delta[order].to(device).contiguous())
         self.register_buffer("sparse_rows", None if csr else rows.to(device))
-        ptr = torch.zeros(self.out_features + 1, dtype=torch.int64)
-        ptr[1:] = torch.cumsum(torch.bincount(rows.cpu(), minlength=self.out_features), 0)
-        self.register_buffer("sparse_ptr", ptr if csr else None)
+        ptr = None
+        if csr:  # the native kernel runs on a CPU only
+            ptr = torch.zeros(self.out_features + 1, dtype=torch.int64, device=device)
+            ptr[1:] = torch.cumsum(torch.bincount(rows.to(device), minlength=self.out_features), 0)
+        self.register_buffer("sparse_ptr", ptr)
 
     def _pack_int4(self, qt: QuantizedTensor, device: torch.device) -> None:
         L = qt.layout
