@@ -7,7 +7,7 @@ Three ways to compute ``x W_q^T``, chosen per layer (``kernel="auto"``: the firs
 
 - ``native`` (a CPU with the native library, ``quant/native.c``): asymmetric 4-bit codes in groups of a multiple
   of 64 along rows of a multiple of 64 inputs, computed in **float32**. The codes are held 4 bits each (eight to
-  an int32 word, arranged so an AVX2 lane unpacks them with shifts alone), the scale and zero point as float32
+  an int32 word, arranged so an AVX2 register unpacks them with masks, no shuffles), the scale and zero point as float32
   per group; per group ``scale * sum q x + zero * sum x``. At a few input rows (decode) the kernel reads the codes
   straight; for more (prefill, perplexity) it dequantizes about ``CHUNK`` weights at a time (bitwise the
   dequantized load's values) and multiplies them in torch. torch's int4 kernel below computes in bfloat16 only,
@@ -152,7 +152,6 @@ class PackedLinear(nn.Module):
         self.register_buffer("native_scale", scale.float().cpu().contiguous())
         self.register_buffer("native_zero", zero.float().cpu().contiguous())
 
-
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
@@ -160,7 +159,7 @@ class PackedLinear(nn.Module):
         in_kernel = self.kernel == "native" and x2.shape[0] <= NATIVE_DECODE_ROWS  # the kernel added it
         if self.sparse_delta.numel() and not in_kernel:
             rows = self.sparse_rows if self.sparse_rows is not None else torch.repeat_interleave(
-                torch.arange(self.out_features), self.sparse_ptr.diff())
+                torch.arange(self.out_features, device=self.sparse_ptr.device), self.sparse_ptr.diff())
             contrib = x2[:, self.sparse_cols.long()].to(y.dtype) * self.sparse_delta.to(y.dtype)
             y = y.index_add(1, rows.to(y.device), contrib)
         if self.bias is not None:
