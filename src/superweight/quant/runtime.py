@@ -11,7 +11,8 @@ Three ways to compute ``x W_q^T``, chosen per layer (``kernel="auto"``: the firs
   per group; per group ``scale * sum q x + zero * sum x``. At a few input rows (decode) the kernel reads the codes
   straight; for more (prefill, perplexity) it dequantizes about ``CHUNK`` weights at a time (bitwise the
   dequantized load's values) and multiplies them in torch. torch's int4 kernel below computes in bfloat16 only,
-  and on an AVX2 CPU (no bfloat16 instructions) it ran no faster than a float32 matmul.
+  and on an AVX2 CPU (no bfloat16 instructions) it took 2.3x the native kernel's time at one input row, one thread
+  (bench/results/int4_kernels.json).
 - ``int4``: torch's group-wise INT4 kernel (``aten._weight_int4pack_mm_for_cpu`` on a CPU, tinygemm
   ``aten._weight_int4pack_mm`` on CUDA) for asymmetric 4-bit codes (float, int8 or fix8 zero points: each
   is ``w = q * s + z`` per group, ``grid.affine``) in groups of 32, 64, 128 or 256 along the input and a
