@@ -239,21 +239,28 @@ def assemble(model: str, args) -> dict:
     return {"assembled": True, "overrides": overrides, "rows": rows, "comparison": comparison, "missing": missing}
 
 
-def compare(rows: dict, types: dict, type_names: list[str]) -> list[dict]:
-    """Ours against llama.cpp, type by type, with and without the overrides, on each text both were measured on."""
+def against_reference(rows: dict, type_names: list[str], ref: str, fields) -> list[dict]:
+    """Ours against the ``ref`` rows (``"llama.cpp"`` here, ``"reference"`` in bench/gguf_torch.py), type by
+    type, with and without the overrides, on each text both were measured on; ``fields(name, ours, other)``
+    adds each pair's own entries (``name``: ours' row name)."""
     out = []
     for t in type_names:
         for suffix in ("", " + overrides"):
-            ours, ref = rows.get(f"ours {t}{suffix}"), rows.get(f"llama.cpp {t}{suffix}")
-            if ours is None or ref is None:
+            ours, other = rows.get(f"ours {t}{suffix}"), rows.get(f"{ref} {t}{suffix}")
+            if ours is None or other is None:
                 continue
-            entry = {"type": t, "overrides": bool(suffix), "size_ratio": ours["bytes"] / ref["bytes"],
-                     "same_types": types[f"ours {t}{suffix}"] == types[f"llama.cpp {t}{suffix}"]}
-            for text in set(ours["ppl"]) & set(ref["ppl"]):
-                entry[text] = {"ours": ours["ppl"][text]["ppl"], "llama.cpp": ref["ppl"][text]["ppl"],
-                               "ours_lower": ours["ppl"][text]["ppl"] < ref["ppl"][text]["ppl"]}
+            entry = {"type": t, "overrides": bool(suffix), **fields(f"{t}{suffix}", ours, other)}
+            for text in (x for x in ours["ppl"] if x in other["ppl"]):
+                o, r = ours["ppl"][text]["ppl"], other["ppl"][text]["ppl"]
+                entry[text] = {"ours": o, ref: r, "ours_lower": o < r}
             out.append(entry)
     return out
+
+
+def compare(rows: dict, types: dict, type_names: list[str]) -> list[dict]:
+    """Ours against llama.cpp's quantizer, with the size ratio and whether the tensor types match."""
+    return against_reference(rows, type_names, "llama.cpp", lambda name, ours, other: {
+        "size_ratio": ours["bytes"] / other["bytes"], "same_types": types[f"ours {name}"] == types[f"llama.cpp {name}"]})
 
 
 def main() -> None:

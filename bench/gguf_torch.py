@@ -42,6 +42,7 @@ from superweight.eval.text import load_text  # noqa: E402
 from superweight.model.load import load_model  # noqa: E402
 from superweight.quant import gguf_codec  # noqa: E402
 from superweight.quant.gguf_export import EMBED_TYPE, GGUFPlan, _name_map  # noqa: E402
+from gguf_export import against_reference  # noqa: E402  (bench/gguf_export.py, beside this script)
 
 TEXTS = ("wikitext2", "lambada")
 
@@ -133,24 +134,14 @@ def run_model(model: str, args, result: dict) -> None:
                 if k in originals:
                     p.copy_(originals[k])
     measured = sorted({label.split()[1] for label in rows if label != "float (F32)"})  # every type in the JSON
-    entry["comparison"] = compare(rows, measured, args.texts)
+    entry["comparison"] = compare(rows, measured)
     write_json_atomic(args.out, result)
 
 
-def compare(rows: dict, types: list[str], texts: list[str]) -> list[dict]:
-    out = []
-    for t in types:
-        for suffix in ("", " + overrides"):
-            ours, ref = rows.get(f"ours {t}{suffix}"), rows.get(f"reference {t}{suffix}")
-            if ours is None or ref is None:
-                continue
-            entry = {"type": t, "overrides": bool(suffix), "same_types": ours["type_counts"] == ref["type_counts"]}
-            for text in texts:
-                if text in ours["ppl"] and text in ref["ppl"]:
-                    o, r = ours["ppl"][text]["ppl"], ref["ppl"][text]["ppl"]
-                    entry[text] = {"ours": o, "reference": r, "ours_lower": o < r}
-            out.append(entry)
-    return out
+def compare(rows: dict, types: list[str]) -> list[dict]:
+    """Ours against gguf-py's reference quantizer (``gguf_export.against_reference``)."""
+    return against_reference(rows, types, "reference",
+                             lambda name, ours, other: {"same_types": ours["type_counts"] == other["type_counts"]})
 
 
 def merge(sources: list[Path], into: Path) -> None:
