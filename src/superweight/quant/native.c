@@ -501,12 +501,13 @@ void sw_int4_pack(const uint8_t *codes, int64_t rows, int64_t K, uint32_t *out, 
 }
 
 /* The AVX2 loop skips the shifts: word & (15 << 4j) converted to float is exactly q * 16^j (a 4-bit integer
- * times a power of two) for j < 7, so it multiplies x scaled by 16^-j (exact, a power of two), which the caller
+ * times a power of two) for j < 7, so it multiplies x scaled by 16^-j (exact, a power of two), which sw_int4_mm
  * prepares once per call (xs); j = 7 (the sign bit) is shifted down. Each product q * x is then the same float
- * as unscaled, so both loops compute the same sums in the same order up to the lanes' grouping. */
+ * as unscaled. The portable loop shifts and reads x as it is (SW_SCALED_X 0). */
+#if defined(__AVX2__) && defined(__FMA__)
+#define SW_SCALED_X 1
 static inline float x_scale(int64_t k) { const int j = (int)(k % 64) / 8; return j == 7 ? 1.0f : 1.0f / (float)(1 << (4 * j)); }
 
-#if defined(__AVX2__) && defined(__FMA__)
 static inline float hsum256(__m256 a) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(a), _mm256_extractf128_ps(a, 1));
     s = _mm_add_ps(s, _mm_movehl_ps(s, s));
@@ -542,7 +543,8 @@ static float row_dot(const uint32_t *row, const float *xs, const float *xsum, co
     return hsum256(acc) + zacc;
 }
 #else
-static float row_dot(const uint32_t *row, const float *xs, const float *xsum, const float *scale, const float *zero,
+#define SW_SCALED_X 0
+static float row_dot(const uint32_t *row, const float *x, const float *xsum, const float *scale, const float *zero,
                      int64_t K, int64_t size, int64_t runs) {
     float acc = 0.0f;
     for (int64_t g = 0; g < runs; g++) {
@@ -551,7 +553,7 @@ static float row_dot(const uint32_t *row, const float *xs, const float *xsum, co
         for (int64_t k = k0; k < k1; k += 64)
             for (int j = 0; j < 8; j++)
                 for (int i = 0; i < 8; i++)
-                    d[i] += (float)((row[k / 8 + i] >> (4 * j)) & 15) * (xs[k + 8 * j + i] / x_scale(8 * j));
+                    d[i] += (float)((row[k / 8 + i] >> (4 * j)) & 15) * x[k + 8 * j + i];
         const float dg = ((d[0] + d[4]) + (d[1] + d[5])) + ((d[2] + d[6]) + (d[3] + d[7]));
         acc += scale[g] * dg + zero[g] * xsum[g];
     }
@@ -560,16 +562,19 @@ static float row_dot(const uint32_t *row, const float *xs, const float *xsum, co
 #endif
 
 /* y[m, n] = sum_k x[m, k] w[n, k] + sum_j val[j] x[m, col[j]] for m < M, the second sum over row n's held-out
- * entries (ptr[n]..ptr[n + 1]; ptr NULL: none). work: room for M * (K + runs) floats (x scaled, and its
- * per-run sums), filled here once. Rows are split between the threads; each y[m, n] is summed by one thread
+ * entries (ptr[n]..ptr[n + 1]; ptr NULL: none). work: room for M * (K + runs) floats (x scaled, where the loop
+ * reads it scaled, and its per-run sums), filled here once. Rows are split between the threads; each y[m, n] is summed by one thread
  * in one order, so the result is the same for any thread count. */
 void sw_int4_mm(const float *x, float *work, int64_t M, int64_t K, const uint32_t *codes, const float *scale,
                 const float *zero, int64_t N, int64_t size, const int64_t *ptr, const int32_t *col, const float *val,
                 float *y, int threads) {
     const int64_t runs = (K + size - 1) / size;
-    float *xs = work, *xsum = work + M * K;
+    const float *xs = SW_SCALED_X ? work : x;  /* what row_dot reads */
+    float *xsum = work + M * K;
     for (int64_t m = 0; m < M; m++) {
-        for (int64_t k = 0; k < K; k++) xs[m * K + k] = x[m * K + k] * x_scale(k);
+#if SW_SCALED_X
+        for (int64_t k = 0; k < K; k++) work[m * K + k] = x[m * K + k] * x_scale(k);
+#endif
         for (int64_t g = 0; g < runs; g++) {
             const int64_t k1 = (g + 1) * size < K ? (g + 1) * size : K;
             float t = 0.0f;

@@ -156,7 +156,7 @@ class PackedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        y = {"native": self._native, "int4": self._int4, "fused": self._fused}[self.kernel](x2)
+        y = getattr(self, f"_{self.kernel}")(x2)
         in_kernel = self.kernel == "native" and x2.shape[0] <= NATIVE_DECODE_ROWS  # the kernel added it
         if self.sparse_delta.numel() and not in_kernel:
             rows = self.sparse_rows if self.sparse_rows is not None else torch.repeat_interleave(
@@ -173,12 +173,8 @@ class PackedLinear(nn.Module):
         if xf.shape[0] <= NATIVE_DECODE_ROWS:
             sparse = (self.sparse_ptr, self.sparse_cols, self.sparse_delta) if self.sparse_delta.numel() else None
             return native.int4_mm(xf, *parts, sparse=sparse).to(x2.dtype)
-        y = xf.new_empty((xf.shape[0], self.out_features))
         step = max(8, CHUNK // self.in_features)
-        for r0 in range(0, self.out_features, step):
-            r1 = min(r0 + step, self.out_features)
-            y[:, r0:r1] = xf @ native.int4_dense(*parts, r0, r1).t()
-        return y.to(x2.dtype)
+        return self._by_chunks(xf, step, lambda r0, r1: native.int4_dense(*parts, r0, r1)).to(x2.dtype)
 
     def _int4(self, x2: torch.Tensor) -> torch.Tensor:
         xb = x2.to(torch.bfloat16)
@@ -188,11 +184,15 @@ class PackedLinear(nn.Module):
         return mm(xb.contiguous(), self.int4_weight, self.group, self.int4_scale_zero).to(x2.dtype)
 
     def _fused(self, x2: torch.Tensor) -> torch.Tensor:
+        return self._by_chunks(x2, chunk_rows(self.layout, self.in_features, self.out_features), self.dense_rows)
+
+    def _by_chunks(self, x2: torch.Tensor, step: int, rows_of) -> torch.Tensor:
+        """``x2 @ W^T`` with ``W`` dequantized ``step`` output rows at a time (``rows_of(r0, r1)``): the dense
+        matrix never exists."""
         y = x2.new_empty((x2.shape[0], self.out_features))
-        step = chunk_rows(self.layout, self.in_features, self.out_features)
         for r0 in range(0, self.out_features, step):
             r1 = min(r0 + step, self.out_features)
-            y[:, r0:r1] = x2 @ self.dense_rows(r0, r1).to(x2.dtype).t()
+            y[:, r0:r1] = x2 @ rows_of(r0, r1).to(x2.dtype).t()
         return y
 
     def dense_rows(self, r0: int, r1: int) -> torch.Tensor:
