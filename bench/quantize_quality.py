@@ -229,24 +229,18 @@ def grid(which: str, lm) -> list[Row]:
                 Row("NF4 absmax", "ours", 4, 64, ours(RTN(bits=4, group=64, levels="nf4"), keep_sw=False))]
     if which == "int2":
         return [fp] + int2
+    def hqq_and_ours(b: int, g: int, mse: bool = False) -> list[Row]:  # HQQ against our g64/g128 recipe (and the mse one)
+        return [Row("HQQ (hqq 0.2.8, pytorch backend)", "peer", b, g, hqq(b, g)),
+                Row("hqq solver + fix8 zero + SW/outliers held out", "ours", b, g, ours(hqq_best(lm, b, g)))] + (
+            [Row("mse + int8 zero + SW/outliers held out + SA-channel care", "ours", b, g, ours(best(lm, b, g)))] if mse else [])
     if which == "two-texts":  # the cells behind every "beats HQQ" claim, and the g64 sparse part with and without outliers
-        rows = [fp]
-        for b, g in ((4, 64), (4, 128)):
-            rows += [Row("HQQ (hqq 0.2.8, pytorch backend)", "peer", b, g, hqq(b, g)),
-                     Row("hqq solver + fix8 zero + SW/outliers held out", "ours", b, g, ours(hqq_best(lm, b, g))),
-                     Row("mse + int8 zero + SW/outliers held out + SA-channel care", "ours", b, g, ours(best(lm, b, g)))]
-        return rows + [Row("hqq solver + fix8 zero + SW held out (no outliers)", "ours", 4, 64,
-                           ours(RTN(bits=4, group=64, search="hqq", zero_point="fix8")))]
+        return [fp, *hqq_and_ours(4, 64, mse=True), *hqq_and_ours(4, 128, mse=True),
+                Row("hqq solver + fix8 zero + SW held out (no outliers)", "ours", 4, 64,
+                    ours(RTN(bits=4, group=64, search="hqq", zero_point="fix8")))]
     if which == "two-texts-claims":  # the two cells of each "beats HQQ" claim (g64, g128), on both texts
-        rows = [fp]
-        for b, g in ((4, 64), (4, 128)):
-            rows += [Row("HQQ (hqq 0.2.8, pytorch backend)", "peer", b, g, hqq(b, g)),
-                     Row("hqq solver + fix8 zero + SW/outliers held out", "ours", b, g, ours(hqq_best(lm, b, g)))]
-        return rows
+        return [fp, *hqq_and_ours(4, 64), *hqq_and_ours(4, 128)]
     if which == "two-texts-g128":  # the g128 cells on both texts, and the g64 control with HQQ's float16 zero point
-        return [fp, Row("HQQ (hqq 0.2.8, pytorch backend)", "peer", 4, 128, hqq(4, 128)),
-                Row("hqq solver + fix8 zero + SW/outliers held out", "ours", 4, 128, ours(hqq_best(lm, 4, 128))),
-                Row("mse + int8 zero + SW/outliers held out + SA-channel care", "ours", 4, 128, ours(best(lm, 4, 128))),
+        return [fp, *hqq_and_ours(4, 128, mse=True),
                 Row("hqq solver + SW held out (float16 zero)", "ours", 4, 64, ours(RTN(bits=4, group=64, search="hqq")))]
     if which == "two-texts-int3":  # the INT3 g64 claim on both texts
         return [fp, Row("HQQ (hqq 0.2.8, pytorch backend)", "peer", 3, 64, hqq(3, 64)),
